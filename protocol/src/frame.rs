@@ -1,0 +1,134 @@
+//! Length-prefixed postcard frames.
+//!
+//! A frame is a 4-byte big-endian body length followed by the postcard encoding of one
+//! message. A body longer than [`MAX_FRAME_LEN`] is refused before a byte of it is read,
+//! so a hostile peer cannot make the other side buffer more than that.
+
+use serde::{Serialize, de::DeserializeOwned};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::limits::{LENGTH_PREFIX_LEN, MAX_FRAME_LEN};
+
+/// Why a frame could not be encoded, decoded, read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// More bytes are needed before the frame is complete; not an error of the peer.
+    #[error("incomplete frame: {needed} more bytes needed")]
+    Incomplete {
+        /// How many more bytes the frame needs at least.
+        needed: usize,
+    },
+    /// The length prefix announces a body larger than the limit.
+    #[error("frame of {len} bytes exceeds the {max}-byte limit")]
+    TooLarge {
+        /// The announced length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The body does not decode as the expected message.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    /// The stream ended in the middle of a frame.
+    #[error("stream ended inside a frame")]
+    Truncated,
+    /// Reading or writing the stream failed.
+    #[error("frame i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl FrameError {
+    /// The error code a peer is closed with for this error.
+    pub fn code(&self) -> crate::ErrorCode {
+        match self {
+            FrameError::TooLarge { .. } => crate::ErrorCode::FrameTooLarge,
+            _ => crate::ErrorCode::Protocol,
+        }
+    }
+}
+
+/// Encodes `msg` as one frame (length prefix + body).
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
+    let mut out = vec![0u8; LENGTH_PREFIX_LEN];
+    out = postcard::to_extend(msg, out).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let len = out.len() - LENGTH_PREFIX_LEN;
+    if len > MAX_FRAME_LEN {
+        return Err(FrameError::TooLarge { len, max: MAX_FRAME_LEN });
+    }
+    let prefix =
+        u32::try_from(len).map_err(|_| FrameError::TooLarge { len, max: MAX_FRAME_LEN })?;
+    out[..LENGTH_PREFIX_LEN].copy_from_slice(&prefix.to_be_bytes());
+    Ok(out)
+}
+
+/// Reads the length prefix at the start of `buf`, checking it against the limit.
+fn body_len(buf: &[u8]) -> Result<usize, FrameError> {
+    let Some(prefix) = buf.get(..LENGTH_PREFIX_LEN) else {
+        return Err(FrameError::Incomplete { needed: LENGTH_PREFIX_LEN - buf.len() });
+    };
+    let mut raw = [0u8; LENGTH_PREFIX_LEN];
+    raw.copy_from_slice(prefix);
+    let len = u32::from_be_bytes(raw) as usize;
+    if len > MAX_FRAME_LEN {
+        return Err(FrameError::TooLarge { len, max: MAX_FRAME_LEN });
+    }
+    Ok(len)
+}
+
+/// Decodes a message body (without prefix); trailing bytes make it malformed.
+fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+    let (msg, rest) =
+        postcard::take_from_bytes::<T>(body).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(FrameError::Malformed(format!("{} trailing bytes", rest.len())));
+    }
+    Ok(msg)
+}
+
+/// Decodes one frame from the front of `buf`, returning the message and the bytes used.
+///
+/// [`FrameError::Incomplete`] means "call again with more bytes"; every other error means
+/// the peer sent something wrong.
+pub fn decode<T: DeserializeOwned>(buf: &[u8]) -> Result<(T, usize), FrameError> {
+    let len = body_len(buf)?;
+    let total = LENGTH_PREFIX_LEN + len;
+    let Some(body) = buf.get(LENGTH_PREFIX_LEN..total) else {
+        return Err(FrameError::Incomplete { needed: total - buf.len() });
+    };
+    Ok((decode_body(body)?, total))
+}
+
+/// Reads one frame from a stream. `Ok(None)` means the stream ended cleanly between frames.
+pub async fn read_frame<T, R>(reader: &mut R) -> Result<Option<T>, FrameError>
+where
+    T: DeserializeOwned,
+    R: AsyncRead + Unpin,
+{
+    let mut prefix = [0u8; LENGTH_PREFIX_LEN];
+    let mut got = 0;
+    while got < LENGTH_PREFIX_LEN {
+        let n = reader.read(&mut prefix[got..]).await?;
+        if n == 0 {
+            return if got == 0 { Ok(None) } else { Err(FrameError::Truncated) };
+        }
+        got += n;
+    }
+    let len = body_len(&prefix)?;
+    let mut body = vec![0u8; len];
+    reader.read_exact(&mut body).await.map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => FrameError::Truncated,
+        _ => FrameError::Io(e),
+    })?;
+    decode_body(&body).map(Some)
+}
+
+/// Encodes `msg` and writes it as one frame.
+pub async fn write_frame<T, W>(writer: &mut W, msg: &T) -> Result<(), FrameError>
+where
+    T: Serialize,
+    W: AsyncWrite + Unpin,
+{
+    let bytes = encode(msg)?;
+    writer.write_all(&bytes).await?;
+    Ok(())
+}

@@ -1,0 +1,104 @@
+//! Job streams: the broker opens one bidirectional stream per job.
+//! It sends [`BrokerJobFrame::Job`] and may later send [`BrokerJobFrame::Cancel`]; the
+//! runner answers with any number of [`RunnerJobFrame::Output`] and exactly one
+//! [`RunnerJobFrame::Result`].
+
+use serde::{Deserialize, Serialize};
+
+/// The work itself.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRequest {
+    /// Broker-assigned job id.
+    pub job_id: String,
+    /// Which handler runs it (`exec` is built in).
+    pub kind: String,
+    /// Handler-specific payload; for `exec` a postcard [`ExecSpec`].
+    pub payload: Vec<u8>,
+    /// Run-time limit; the runner kills the job when it passes.
+    pub timeout_ms: u64,
+}
+
+impl std::fmt::Debug for JobRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Payloads may carry tenant data: never print them.
+        f.debug_struct("JobRequest")
+            .field("job_id", &self.job_id)
+            .field("kind", &self.kind)
+            .field("payload_len", &self.payload.len())
+            .field("timeout_ms", &self.timeout_ms)
+            .finish()
+    }
+}
+
+/// Payload of the built-in `exec` kind.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExecSpec {
+    /// Program to run (looked up in `PATH`).
+    pub program: String,
+    /// Its arguments.
+    pub args: Vec<String>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+    /// Working directory.
+    pub cwd: Option<String>,
+}
+
+/// Frames the broker sends on a job stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum BrokerJobFrame {
+    /// The job (first frame, exactly once).
+    Job(JobRequest),
+    /// Stop the job now.
+    Cancel,
+}
+
+/// Which output stream a chunk came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OutputStream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// How a job ended on the runner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobOutcome {
+    /// Ran and exited with status 0.
+    Succeeded,
+    /// Ran and failed (non-zero exit, signal, could not start).
+    Failed,
+    /// Stopped by a cancel.
+    Cancelled,
+    /// Stopped because its run time passed.
+    TimedOut,
+    /// Refused without running (draining, full, unknown kind, bad payload).
+    Rejected,
+}
+
+/// The final frame of a job stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobResult {
+    /// How it ended.
+    pub outcome: JobOutcome,
+    /// The process exit code, where there was one.
+    pub exit_code: Option<i32>,
+    /// Detail for humans ("exit status 2", "killed by signal 9").
+    pub message: String,
+    /// True when output passed the runner's cap and was cut.
+    pub output_truncated: bool,
+}
+
+/// Frames the runner sends on a job stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum RunnerJobFrame {
+    /// A chunk of output, at most [`crate::limits::MAX_OUTPUT_CHUNK`] bytes.
+    Output {
+        /// Which stream.
+        stream: OutputStream,
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// The end.
+    Result(JobResult),
+}

@@ -1,0 +1,11 @@
+//! Limits both sides enforce. A peer that exceeds one is closed with a protocol error.
+
+/// Largest encoded frame body (after the 4-byte length prefix) either side accepts.
+/// Output is streamed in chunks well below this; a job request carries its payload inline.
+pub const MAX_FRAME_LEN: usize = 1024 * 1024;
+
+/// Largest output chunk a runner sends in one `Output` frame.
+pub const MAX_OUTPUT_CHUNK: usize = 32 * 1024;
+
+/// Length of the big-endian length prefix in front of every frame.
+pub const LENGTH_PREFIX_LEN: usize = 4;

@@ -1,0 +1,33 @@
+//! Protocol versions and ALPN identifiers.
+
+/// The protocol version this build speaks best.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// The oldest protocol version this build still speaks.
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+
+/// ALPN of a paired runner's connection (mutual TLS with a runner certificate).
+pub const ALPN_RUNNER: &[u8] = b"runnel/1";
+
+/// ALPN of an enrollment connection (server-authenticated TLS only).
+pub const ALPN_ENROLL: &[u8] = b"runnel-enroll/1";
+
+/// Picks the highest version both sides speak, given the peer's inclusive range.
+pub fn negotiate(peer_min: u16, peer_max: u16) -> Option<u16> {
+    let hi = peer_max.min(PROTOCOL_VERSION);
+    let lo = peer_min.max(MIN_PROTOCOL_VERSION);
+    (lo <= hi).then_some(hi)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn negotiates_highest_common_version() {
+        assert_eq!(negotiate(1, 1), Some(1));
+        assert_eq!(negotiate(1, 9), Some(PROTOCOL_VERSION));
+        assert_eq!(negotiate(PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 3), None);
+        assert_eq!(negotiate(3, 2), None);
+    }
+}

@@ -1,0 +1,176 @@
+//! Every message round-trips; truncated, oversized and garbage input errors without panics.
+#![allow(missing_docs)]
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+use runnel_protocol::limits::{LENGTH_PREFIX_LEN, MAX_FRAME_LEN};
+use runnel_protocol::*;
+
+fn roundtrip<T>(msg: T)
+where
+    T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+{
+    let bytes = encode(&msg).expect("encode");
+    let (back, used): (T, usize) = decode(&bytes).expect("decode");
+    assert_eq!(used, bytes.len());
+    assert_eq!(back, msg);
+    // Every strict prefix is incomplete, never malformed and never a panic.
+    for cut in 0..bytes.len() {
+        match decode::<T>(&bytes[..cut]) {
+            Err(FrameError::Incomplete { needed }) => assert!(needed > 0),
+            other => panic!("prefix of {cut} bytes gave {other:?}"),
+        }
+    }
+}
+
+fn hello() -> Hello {
+    Hello {
+        min_version: 1,
+        max_version: 1,
+        runner_version: "0.1.0".into(),
+        labels: BTreeMap::from([("os".into(), "linux".into())]),
+        capacity: 4,
+        kinds: vec!["exec".into()],
+    }
+}
+
+#[test]
+fn control_messages_round_trip() {
+    roundtrip(ClientControl::Hello(hello()));
+    roundtrip(ClientControl::Heartbeat(Heartbeat { in_flight: 3, load_milli: 1500 }));
+    roundtrip(ClientControl::RenewCert { csr_pem: "-----BEGIN".into() });
+    roundtrip(ClientControl::Draining);
+    roundtrip(ServerControl::Welcome(Welcome {
+        version: 1,
+        runner_id: "r1".into(),
+        tenant: "t".into(),
+        owner: "o".into(),
+        heartbeat_interval_ms: 5000,
+    }));
+    roundtrip(ServerControl::RenewedCert { cert_pem: "pem".into(), not_after_unix: 1_900_000_000 });
+    roundtrip(ServerControl::RenewRefused { code: ErrorCode::Revoked, message: "no".into() });
+    roundtrip(ServerControl::GoAway(GoAway { reason: "drain".into(), reconnect_after_ms: 500 }));
+    roundtrip(ServerControl::Redirect(Redirect { addr: "10.0.0.2:7443".into() }));
+    roundtrip(ServerControl::Error { code: ErrorCode::UnsupportedVersion, message: "v9".into() });
+}
+
+#[test]
+fn job_messages_round_trip() {
+    let spec = ExecSpec {
+        program: "echo".into(),
+        args: vec!["hello".into()],
+        env: vec![("A".into(), "B".into())],
+        cwd: Some("/tmp".into()),
+    };
+    let payload = postcard::to_allocvec(&spec).expect("spec");
+    roundtrip(BrokerJobFrame::Job(JobRequest {
+        job_id: "j1".into(),
+        kind: "exec".into(),
+        payload,
+        timeout_ms: 1000,
+    }));
+    roundtrip(BrokerJobFrame::Cancel);
+    roundtrip(RunnerJobFrame::Output { stream: OutputStream::Stderr, data: b"oops\n".to_vec() });
+    for outcome in [
+        JobOutcome::Succeeded,
+        JobOutcome::Failed,
+        JobOutcome::Cancelled,
+        JobOutcome::TimedOut,
+        JobOutcome::Rejected,
+    ] {
+        roundtrip(RunnerJobFrame::Result(JobResult {
+            outcome,
+            exit_code: Some(2),
+            message: "exit status 2".into(),
+            output_truncated: true,
+        }));
+    }
+}
+
+#[test]
+fn enroll_messages_round_trip_and_debug_hides_the_token() {
+    let req = EnrollRequest { version: 1, token: "rt_secret_value".into(), csr_pem: "csr".into() };
+    assert!(!format!("{req:?}").contains("secret"));
+    roundtrip(req);
+    roundtrip(EnrollResponse::Ok(Enrolled {
+        cert_pem: "c".into(),
+        ca_pem: "ca".into(),
+        runner_id: "r".into(),
+        tenant: "t".into(),
+        owner: "o".into(),
+    }));
+    roundtrip(EnrollResponse::Refused { code: ErrorCode::TokenConsumed, message: "used".into() });
+}
+
+#[test]
+fn oversized_length_prefix_is_refused_before_reading_the_body() {
+    let len = (MAX_FRAME_LEN as u32 + 1).to_be_bytes();
+    match decode::<ClientControl>(&len) {
+        Err(FrameError::TooLarge { len, max }) => assert!(len > max),
+        other => panic!("{other:?}"),
+    }
+    let big = ClientControl::RenewCert { csr_pem: "x".repeat(MAX_FRAME_LEN + 10) };
+    assert!(matches!(encode(&big), Err(FrameError::TooLarge { .. })));
+}
+
+#[test]
+fn trailing_bytes_inside_a_frame_are_malformed() {
+    let mut bytes = encode(&ClientControl::Draining).expect("encode");
+    bytes.push(0xff);
+    let len = (bytes.len() - LENGTH_PREFIX_LEN) as u32;
+    bytes[..LENGTH_PREFIX_LEN].copy_from_slice(&len.to_be_bytes());
+    assert!(matches!(decode::<ClientControl>(&bytes), Err(FrameError::Malformed(_))));
+}
+
+#[tokio::test]
+async fn stream_reader_distinguishes_clean_end_truncation_and_size() {
+    let frame = encode(&ClientControl::Draining).expect("encode");
+    let mut two = frame.clone();
+    two.extend_from_slice(&frame);
+    let mut r = &two[..];
+    assert_eq!(
+        read_frame::<ClientControl, _>(&mut r).await.expect("1"),
+        Some(ClientControl::Draining)
+    );
+    assert_eq!(
+        read_frame::<ClientControl, _>(&mut r).await.expect("2"),
+        Some(ClientControl::Draining)
+    );
+    assert_eq!(read_frame::<ClientControl, _>(&mut r).await.expect("eof"), None);
+
+    let mut cut = &frame[..frame.len() - 1];
+    assert!(matches!(read_frame::<ClientControl, _>(&mut cut).await, Err(FrameError::Truncated)));
+    let mut half_prefix = &frame[..2];
+    assert!(matches!(
+        read_frame::<ClientControl, _>(&mut half_prefix).await,
+        Err(FrameError::Truncated)
+    ));
+
+    let huge = u32::MAX.to_be_bytes();
+    let mut r = &huge[..];
+    let err = read_frame::<ClientControl, _>(&mut r).await.expect_err("too large");
+    assert_eq!(err.code(), ErrorCode::FrameTooLarge);
+}
+
+proptest! {
+    #[test]
+    fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+        let _ = decode::<ClientControl>(&bytes);
+        let _ = decode::<ServerControl>(&bytes);
+        let _ = decode::<BrokerJobFrame>(&bytes);
+        let _ = decode::<RunnerJobFrame>(&bytes);
+        let _ = decode::<EnrollRequest>(&bytes);
+        let _ = decode::<EnrollResponse>(&bytes);
+    }
+
+    #[test]
+    fn garbage_bodies_with_a_valid_prefix_error_cleanly(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let mut bytes = (body.len() as u32).to_be_bytes().to_vec();
+        bytes.extend_from_slice(&body);
+        match decode::<ClientControl>(&bytes) {
+            Ok((_, used)) => prop_assert_eq!(used, bytes.len()),
+            Err(e) => prop_assert!(matches!(e, FrameError::Malformed(_))),
+        }
+    }
+}
