@@ -1,0 +1,356 @@
+//! RunnerConnection: one per live QUIC connection of a paired runner.
+//!
+//! It owns the control stream (Welcome, heartbeats, renewal, drain) and opens one
+//! bidirectional stream per job. It stops when the connection closes for any reason; its
+//! TenantActor then fails whatever jobs were still on it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use runnel_certs::RunnerIdentity;
+use runnel_protocol::{
+    BrokerJobFrame, ClientControl, ErrorCode, FrameError, JobOutcome, JobRequest, RunnerJobFrame,
+    ServerControl, Welcome, read_frame, write_frame,
+};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::tenant::{Attach, TenantMsg};
+use crate::dispatch::ConnId;
+use crate::jobs::{Finish, JobEntry, JobState};
+use crate::records::{AuditEvent, RunnerState, now_unix};
+use crate::shared::Shared;
+
+/// How long after its run-time limit a job may take to report before the broker gives up.
+const RESULT_GRACE: Duration = Duration::from_secs(5);
+/// How long a runner has to confirm a cancel.
+const CANCEL_GRACE: Duration = Duration::from_secs(5);
+/// Control messages queued for the writer.
+const CONTROL_QUEUE: usize = 16;
+
+/// The connection actor.
+#[derive(Debug)]
+pub struct RunnerConnection;
+
+/// Arguments of [`RunnerConnection`].
+#[derive(Debug)]
+pub struct ConnectionArgs {
+    /// Id of this connection within the tenant.
+    pub conn_id: ConnId,
+    /// The connection and its Hello.
+    pub attach: Attach,
+    /// The supervising tenant.
+    pub tenant: ActorRef<TenantMsg>,
+    /// Shared state.
+    pub shared: Arc<Shared>,
+}
+
+/// Messages to [`RunnerConnection`].
+#[derive(Debug)]
+pub enum ConnectionMsg {
+    /// Run a job on this runner.
+    StartJob(Arc<JobEntry>),
+    /// A control message from the runner.
+    Control(ClientControl),
+}
+
+/// State of [`RunnerConnection`].
+#[derive(Debug)]
+pub struct ConnectionState {
+    conn_id: ConnId,
+    conn: quinn::Connection,
+    identity: RunnerIdentity,
+    tenant: ActorRef<TenantMsg>,
+    shared: Arc<Shared>,
+    control: mpsc::Sender<ServerControl>,
+    tasks: Vec<JoinHandle<()>>,
+    span: tracing::Span,
+}
+
+fn close(conn: &quinn::Connection, code: ErrorCode, reason: &str) {
+    conn.close(code.as_u32().into(), reason.as_bytes());
+}
+
+impl Actor for RunnerConnection {
+    type Msg = ConnectionMsg;
+    type State = ConnectionState;
+    type Arguments = ConnectionArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: ConnectionArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let Attach { conn, identity, version, control: (mut send, mut recv), .. } = args.attach;
+        let span = tracing::info_span!(
+            "runner_conn",
+            tenant = %identity.tenant,
+            owner = %identity.owner,
+            runner = %identity.runner,
+            remote = %conn.remote_address(),
+        );
+        let (tx, mut rx) = mpsc::channel::<ServerControl>(CONTROL_QUEUE);
+        let welcome = ServerControl::Welcome(Welcome {
+            version,
+            runner_id: identity.runner.clone(),
+            tenant: identity.tenant.clone(),
+            owner: identity.owner.clone(),
+            heartbeat_interval_ms: args.shared.config.heartbeat_interval.as_millis() as u32,
+        });
+        // Writer: Welcome first, then whatever the actor queues.
+        let wconn = conn.clone();
+        let writer = tokio::spawn(async move {
+            let mut next = Some(welcome);
+            while let Some(msg) = next {
+                if write_frame(&mut send, &msg).await.is_err() {
+                    close(&wconn, ErrorCode::Protocol, "control stream write failed");
+                    return;
+                }
+                next = rx.recv().await;
+            }
+        });
+        // Reader: every control frame becomes a message; a bad frame closes the connection.
+        let rconn = conn.clone();
+        let me = myself.clone();
+        let reader = tokio::spawn(async move {
+            loop {
+                match read_frame::<ClientControl, _>(&mut recv).await {
+                    Ok(Some(msg)) => {
+                        if me.cast(ConnectionMsg::Control(msg)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => {
+                        close(&rconn, ErrorCode::Ok, "control stream closed");
+                        return;
+                    }
+                    Err(FrameError::Io(_) | FrameError::Truncated) => {
+                        close(&rconn, ErrorCode::Protocol, "control stream broken");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "bad control frame from runner; closing");
+                        close(&rconn, e.code(), "bad control frame");
+                        return;
+                    }
+                }
+            }
+        });
+        // Watcher: the actor lives exactly as long as the connection.
+        let cconn = conn.clone();
+        let me = myself.clone();
+        let watcher = tokio::spawn(async move {
+            let reason = cconn.closed().await;
+            me.stop(Some(format!("connection closed: {reason}")));
+        });
+        let now = now_unix();
+        args.shared.index.update_presence(&identity.runner, |e| {
+            e.connections += 1;
+            e.last_seen = Some(now);
+            e.draining = false;
+        });
+        span.in_scope(|| tracing::info!("runner connected"));
+        Ok(ConnectionState {
+            conn_id: args.conn_id,
+            conn,
+            identity,
+            tenant: args.tenant,
+            shared: args.shared,
+            control: tx,
+            tasks: vec![writer, reader, watcher],
+            span,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: ConnectionMsg,
+        state: &mut ConnectionState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ConnectionMsg::StartJob(job) => {
+                let conn = state.conn.clone();
+                let shared = state.shared.clone();
+                let tenant = state.tenant.clone();
+                let conn_id = state.conn_id;
+                let span = tracing::info_span!(parent: &state.span, "job", job = %job.id, kind = %job.spec.kind);
+                tokio::spawn(tracing::Instrument::instrument(
+                    async move {
+                        let finish = drive_job(&conn, &job).await;
+                        tracing::info!(state = finish.state.name(), "job ended");
+                        shared.jobs.finish(&job, finish);
+                        let _ = tenant
+                            .cast(TenantMsg::JobDone { conn: conn_id, job_id: job.id.clone() });
+                    },
+                    span,
+                ));
+            }
+            ConnectionMsg::Control(ctl) => state.control_message(ctl).await,
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut ConnectionState,
+    ) -> Result<(), ActorProcessingErr> {
+        close(&state.conn, ErrorCode::GoingAway, "connection actor stopped");
+        for t in &state.tasks {
+            t.abort();
+        }
+        let now = now_unix();
+        state.shared.index.update_presence(&state.identity.runner, |e| {
+            e.connections = e.connections.saturating_sub(1);
+            e.last_seen = Some(now);
+        });
+        state.span.in_scope(|| tracing::info!("runner disconnected"));
+        Ok(())
+    }
+}
+
+impl ConnectionState {
+    async fn control_message(&mut self, ctl: ClientControl) {
+        match ctl {
+            ClientControl::Heartbeat(hb) => {
+                let now = now_unix();
+                self.shared.index.update_presence(&self.identity.runner, |e| {
+                    e.last_seen = Some(now);
+                    e.load_milli = hb.load_milli;
+                    e.in_flight = hb.in_flight;
+                });
+            }
+            ClientControl::Draining => {
+                self.shared.index.update_presence(&self.identity.runner, |e| e.draining = true);
+                let _ = self.tenant.cast(TenantMsg::Draining(self.conn_id));
+            }
+            ClientControl::RenewCert { csr_pem } => {
+                let reply = self.renew(&csr_pem).await;
+                let _ = self.control.try_send(reply);
+            }
+            ClientControl::Hello(_) => {
+                close(&self.conn, ErrorCode::Protocol, "second Hello");
+            }
+        }
+    }
+
+    /// Issues a new certificate for the same identity, over the live connection.
+    async fn renew(&self, csr_pem: &str) -> ServerControl {
+        let refuse =
+            |code: ErrorCode, message: String| ServerControl::RenewRefused { code, message };
+        let lifetime = self.shared.config.runner_cert_validity;
+        let issued = match self.shared.ca.issue_runner_cert(csr_pem, &self.identity, lifetime) {
+            Ok(i) => i,
+            Err(e) => return refuse(ErrorCode::BadRequest, e.to_string()),
+        };
+        let not_after = issued.validity.not_after.unix_timestamp();
+        let serial = issued.serial_hex.clone();
+        let id = &self.identity;
+        let updated = self
+            .shared
+            .registry
+            .update_runner(&id.tenant, &id.runner, |r| {
+                if r.state != RunnerState::Paired {
+                    return false;
+                }
+                r.cert_serial = Some(serial.clone());
+                r.cert_not_after = Some(not_after);
+                true
+            })
+            .await;
+        match updated {
+            Ok(Some(_)) => {
+                let _ = self
+                    .shared
+                    .registry
+                    .audit(AuditEvent {
+                        at: now_unix(),
+                        event: "renewed".into(),
+                        actor: format!("runner:{}", id.runner),
+                        tenant: Some(id.tenant.clone()),
+                        runner_id: Some(id.runner.clone()),
+                        detail: format!("serial {}", issued.serial_hex),
+                    })
+                    .await;
+                ServerControl::RenewedCert { cert_pem: issued.cert_pem, not_after_unix: not_after }
+            }
+            Ok(None) => refuse(ErrorCode::Revoked, "runner is not paired".into()),
+            Err(e) => refuse(ErrorCode::Internal, e.to_string()),
+        }
+    }
+}
+
+fn outcome_state(o: JobOutcome) -> JobState {
+    match o {
+        JobOutcome::Succeeded => JobState::Succeeded,
+        JobOutcome::Failed => JobState::Failed,
+        JobOutcome::Cancelled => JobState::Cancelled,
+        JobOutcome::TimedOut => JobState::TimedOut,
+        JobOutcome::Rejected => JobState::Rejected,
+    }
+}
+
+/// Runs one job over its own stream and says how it ended.
+async fn drive_job(conn: &quinn::Connection, job: &JobEntry) -> Finish {
+    let lost = |m: String| Finish::new(JobState::RunnerLost, m);
+    let (mut send, recv) = match conn.open_bi().await {
+        Ok(s) => s,
+        Err(e) => return lost(format!("could not open job stream: {e}")),
+    };
+    let request = BrokerJobFrame::Job(JobRequest {
+        job_id: job.id.clone(),
+        kind: job.spec.kind.clone(),
+        payload: job.spec.payload.clone(),
+        timeout_ms: job.spec.timeout.as_millis() as u64,
+    });
+    if let Err(e) = write_frame(&mut send, &request).await {
+        return lost(format!("could not send job: {e}"));
+    }
+    // A stream of frames, so that waiting for the next one is cancel-safe inside select!.
+    let frames = futures::stream::unfold(recv, |mut r| async move {
+        let next = read_frame::<RunnerJobFrame, _>(&mut r).await;
+        Some((next, r))
+    });
+    tokio::pin!(frames);
+    let mut deadline = tokio::time::Instant::now() + job.spec.timeout + RESULT_GRACE;
+    let mut cancel_sent = false;
+    loop {
+        tokio::select! {
+            next = frames.next() => match next {
+                Some(Ok(Some(RunnerJobFrame::Output { data, .. }))) => job.append_output(&data),
+                Some(Ok(Some(RunnerJobFrame::Result(r)))) => {
+                    return Finish {
+                        state: outcome_state(r.outcome),
+                        exit_code: r.exit_code,
+                        message: r.message,
+                        output_truncated: r.output_truncated,
+                    };
+                }
+                Some(Ok(None)) | None => return lost("job stream ended without a result".into()),
+                Some(Err(FrameError::Io(e))) => return lost(format!("job stream: {e}")),
+                Some(Err(FrameError::Truncated)) => return lost("job stream cut mid-frame".into()),
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "bad job frame from runner; closing");
+                    close(conn, e.code(), "bad job frame");
+                    return lost(format!("runner sent a bad frame: {e}"));
+                }
+            },
+            _ = job.cancel.cancelled(), if !cancel_sent => {
+                cancel_sent = true;
+                let _ = write_frame(&mut send, &BrokerJobFrame::Cancel).await;
+                deadline = deadline.min(tokio::time::Instant::now() + CANCEL_GRACE);
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                let _ = send.reset(ErrorCode::Timeout.as_u32().into());
+                return if cancel_sent {
+                    Finish::new(JobState::Cancelled, "runner did not confirm the cancel in time")
+                } else {
+                    Finish::new(JobState::TimedOut, "no result within the run timeout")
+                };
+            }
+        }
+    }
+}

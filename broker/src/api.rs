@@ -1,0 +1,53 @@
+//! The HTTP API (axum, JSON). The tenant of every call comes from the API key, never from
+//! the path or the body; another tenant's resources answer 404.
+//!
+//! | route | who |
+//! |---|---|
+//! | `POST/GET /v1/tenants` | operator |
+//! | `POST /v1/tenants/{t}/keys` | operator, or admin of `t` |
+//! | `POST /v1/runners`, `DELETE /v1/runners/{id}` | admin |
+//! | `GET /v1/runners[/{id}]` | admin, dispatcher, member (own owner) |
+//! | `POST/GET /v1/jobs`, `GET /v1/jobs/{id}[/output]`, `POST /v1/jobs/{id}/cancel` | admin, dispatcher, member (own owner) |
+//! | `GET /v1/audit` | operator (cluster events), admin (tenant events) |
+//! | `GET /healthz`, `GET /readyz` | anyone |
+
+mod auth;
+mod error;
+mod health;
+mod jobs;
+mod keys;
+mod runners;
+mod tenants;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+
+pub use auth::Caller;
+pub use error::{ApiError, ApiJson};
+
+use crate::shared::Shared;
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 512 * 1024;
+
+/// The router.
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v1/tenants", post(tenants::create).get(tenants::list))
+        .route("/v1/tenants/{tenant}/keys", post(keys::create))
+        .route("/v1/runners", post(runners::create).get(runners::list))
+        .route("/v1/runners/{id}", get(runners::get).delete(runners::revoke))
+        .route("/v1/jobs", post(jobs::create).get(jobs::list))
+        .route("/v1/jobs/{id}", get(jobs::get))
+        .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/v1/jobs/{id}/output", get(jobs::output))
+        .route("/v1/audit", get(tenants::audit))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(shared)
+}

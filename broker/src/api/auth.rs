@@ -1,0 +1,82 @@
+//! `Authorization: Bearer <key>` → [`Caller`]. Keys are checked against salted hashes in
+//! constant time; the plaintext is never logged.
+
+use std::sync::Arc;
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+
+use super::ApiError;
+use crate::records::Role;
+use crate::secret::{KEY_PREFIX, split};
+use crate::shared::Shared;
+
+/// Who is calling, from a verified API key.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// Key id (for the audit log).
+    pub key_id: String,
+    /// Role.
+    pub role: Role,
+    /// Tenant (None for operators).
+    pub tenant: Option<String>,
+    /// Owner (members only).
+    pub owner: Option<String>,
+}
+
+impl Caller {
+    /// The caller's tenant; operators have none and are refused.
+    pub fn tenant(&self) -> Result<&str, ApiError> {
+        self.tenant
+            .as_deref()
+            .ok_or_else(|| ApiError::forbidden("operator keys are cluster-wide; use a tenant key"))
+    }
+
+    /// Refuses unless the caller has one of `roles`.
+    pub fn require(&self, roles: &[Role]) -> Result<(), ApiError> {
+        if roles.contains(&self.role) {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(format!("a {:?} key cannot do this", self.role).to_lowercase()))
+        }
+    }
+
+    /// Whether the caller may see things of `owner` (members see only their own).
+    pub fn sees_owner(&self, owner: &str) -> bool {
+        match self.role {
+            Role::Member => self.owner.as_deref() == Some(owner),
+            _ => true,
+        }
+    }
+
+    /// `actor` string for audit events.
+    pub fn audit_actor(&self) -> String {
+        format!("key:{}", self.key_id)
+    }
+}
+
+impl FromRequestParts<Arc<Shared>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, shared: &Arc<Shared>) -> Result<Self, ApiError> {
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <key>"))?;
+        let value = header.to_str().map_err(|_| ApiError::unauthorized("invalid API key"))?;
+        let presented = value
+            .strip_prefix("Bearer ")
+            .ok_or_else(|| ApiError::unauthorized("expected Authorization: Bearer <key>"))?;
+        let (id, random) = split(KEY_PREFIX, presented.trim())
+            .ok_or_else(|| ApiError::unauthorized("invalid API key"))?;
+        let rec = shared
+            .keys
+            .get(id)
+            .map(|r| r.clone())
+            .ok_or_else(|| ApiError::unauthorized("invalid API key"))?;
+        if !rec.secret.verify(random) {
+            return Err(ApiError::unauthorized("invalid API key"));
+        }
+        Ok(Caller { key_id: rec.id, role: rec.role, tenant: rec.tenant, owner: rec.owner })
+    }
+}

@@ -1,0 +1,29 @@
+//! Liveness and readiness.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use serde_json::{Value, json};
+
+use super::ApiError;
+use crate::shared::Shared;
+
+/// `GET /healthz`: the process answers.
+pub(super) async fn healthz() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// `GET /readyz`: the store answers and the actor tree is up.
+pub(super) async fn readyz(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, ApiError> {
+    if shared.root.get().is_none() {
+        return Err(ApiError::unavailable("actor tree not started"));
+    }
+    shared
+        .registry
+        .store()
+        .get("meta/cluster")
+        .await
+        .map_err(|e| ApiError::unavailable(format!("store: {e}")))?;
+    Ok(Json(json!({ "status": "ready", "runners_known": shared.index.len() })))
+}

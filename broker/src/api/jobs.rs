@@ -1,0 +1,245 @@
+//! Jobs: dispatch (optionally waiting), get, list, cancel, and streamed output.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{ApiError, ApiJson, Caller};
+use crate::actors::{DispatchRefusal, TenantMsg};
+use crate::config::MAX_JOB_TIMEOUT;
+use crate::jobs::{JobEntry, JobSpec, JobView};
+use crate::records::Role;
+use crate::shared::{ACTOR_CALL_TIMEOUT, Shared};
+
+/// Largest encoded job payload (it must fit one frame with room to spare).
+pub(super) const MAX_PAYLOAD: usize = 256 * 1024;
+/// Longest a `wait` may hold a request open.
+const MAX_WAIT: Duration = Duration::from_secs(300);
+
+/// The `exec` part of a job body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ExecBody {
+    program: String,
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    cwd: Option<String>,
+}
+
+/// Body of `POST /v1/jobs`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CreateJob {
+    owner: Option<String>,
+    runner_id: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    kind: String,
+    exec: Option<ExecBody>,
+    /// Payload of a custom kind (UTF-8 text; handlers define its format).
+    payload: Option<String>,
+    timeout_ms: Option<u64>,
+    queue_timeout_ms: Option<u64>,
+    /// Hold the request until the job ends (up to its timeouts, at most 5 minutes).
+    #[serde(default)]
+    wait: bool,
+}
+
+fn job_payload(body: &CreateJob) -> Result<Vec<u8>, ApiError> {
+    let payload = match (body.kind.as_str(), &body.exec, &body.payload) {
+        ("exec", Some(e), None) => {
+            if e.program.is_empty() {
+                return Err(ApiError::bad_request("exec.program must not be empty"));
+            }
+            let spec = runnel_protocol::ExecSpec {
+                program: e.program.clone(),
+                args: e.args.clone(),
+                env: e.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                cwd: e.cwd.clone(),
+            };
+            postcard::to_allocvec(&spec).map_err(|e| ApiError::bad_request(e.to_string()))?
+        }
+        ("exec", _, _) => {
+            return Err(ApiError::bad_request("kind exec needs an exec object and no payload"));
+        }
+        (_, Some(_), _) => return Err(ApiError::bad_request("exec is only for kind exec")),
+        (_, None, p) => p.clone().unwrap_or_default().into_bytes(),
+    };
+    if payload.len() > MAX_PAYLOAD {
+        return Err(ApiError::bad_request(format!("job payload exceeds {MAX_PAYLOAD} bytes")));
+    }
+    Ok(payload)
+}
+
+fn millis(v: Option<u64>, default: Duration, what: &str) -> Result<Duration, ApiError> {
+    match v {
+        None => Ok(default),
+        Some(0) => Err(ApiError::bad_request(format!("{what} must be positive"))),
+        Some(ms) if Duration::from_millis(ms) > MAX_JOB_TIMEOUT => {
+            Err(ApiError::bad_request(format!("{what} must be at most 24h")))
+        }
+        Some(ms) => Ok(Duration::from_millis(ms)),
+    }
+}
+
+/// `POST /v1/jobs`: one message to exactly one TenantActor, the caller's.
+pub(super) async fn create(
+    State(shared): State<Arc<Shared>>,
+    caller: Caller,
+    ApiJson(body): ApiJson<CreateJob>,
+) -> Result<Response, ApiError> {
+    caller.require(&[Role::Admin, Role::Dispatcher, Role::Member])?;
+    let tenant = caller.tenant()?.to_owned();
+    let owner = match (&caller.role, &body.owner, &caller.owner) {
+        (Role::Member, Some(o), Some(mine)) if o != mine => {
+            return Err(ApiError::forbidden("a member key dispatches only to its own owner"));
+        }
+        (Role::Member, _, Some(mine)) => mine.clone(),
+        (_, Some(o), _) => o.clone(),
+        _ => return Err(ApiError::bad_request("owner is required")),
+    };
+    runnel_certs::identity::validate_segment("owner", &owner)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    runnel_certs::identity::validate_segment("kind", &body.kind)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    super::runners::validate_labels(&body.labels)?;
+    let payload = job_payload(&body)?;
+    let spec = JobSpec {
+        owner,
+        runner_id: body.runner_id.clone(),
+        labels: body.labels.clone(),
+        kind: body.kind.clone(),
+        payload,
+        timeout: millis(body.timeout_ms, shared.config.job_timeout, "timeout_ms")?,
+        queue_timeout: millis(
+            body.queue_timeout_ms,
+            shared.config.queue_timeout,
+            "queue_timeout_ms",
+        )?,
+    };
+    let actor = shared.tenant_actor(&tenant).await.map_err(ApiError::unavailable)?;
+    let job = shared.jobs.create(&tenant, spec);
+    let verdict =
+        actor.call(|reply| TenantMsg::Dispatch(job.clone(), reply), Some(ACTOR_CALL_TIMEOUT)).await;
+    let refusal = match verdict {
+        Ok(ractor::rpc::CallResult::Success(Ok(()))) => None,
+        Ok(ractor::rpc::CallResult::Success(Err(r))) => Some(match r {
+            DispatchRefusal::QueueFull => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "queue_full",
+                "the tenant's job queue is full; retry later",
+            ),
+            DispatchRefusal::NoRunner(m) => ApiError::conflict("no_runner", m),
+            DispatchRefusal::UnknownRunner => ApiError::not_found("no such runner"),
+        }),
+        _ => Some(ApiError::unavailable("tenant actor did not answer")),
+    };
+    if let Some(err) = refusal {
+        shared.jobs.discard(&job.id);
+        return Err(err);
+    }
+    if body.wait {
+        let limit =
+            (job.spec.queue_timeout + job.spec.timeout + Duration::from_secs(10)).min(MAX_WAIT);
+        job.wait_terminal(limit).await;
+    }
+    let view = job.view();
+    let status = if view.state.is_terminal() { StatusCode::OK } else { StatusCode::CREATED };
+    Ok((status, Json(view)).into_response())
+}
+
+/// A job the caller may see, or 404.
+fn visible(shared: &Shared, caller: &Caller, id: &str) -> Result<Arc<JobEntry>, ApiError> {
+    let tenant = caller.tenant()?;
+    shared
+        .jobs
+        .get(tenant, id)
+        .filter(|j| caller.sees_owner(&j.spec.owner))
+        .ok_or_else(|| ApiError::not_found("no such job"))
+}
+
+/// `GET /v1/jobs/{id}`.
+pub(super) async fn get(
+    State(shared): State<Arc<Shared>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
+    Ok(Json(visible(&shared, &caller, &id)?.view()))
+}
+
+/// `GET /v1/jobs[?owner=o&limit=n]`: newest first.
+pub(super) async fn list(
+    State(shared): State<Arc<Shared>>,
+    caller: Caller,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = caller.tenant()?;
+    let owner = match (&caller.role, q.get("owner")) {
+        (Role::Member, _) => caller.owner.clone(),
+        (_, o) => o.cloned(),
+    };
+    let limit = match q.get("limit") {
+        Some(l) => {
+            l.parse::<usize>().map_err(|_| ApiError::bad_request("limit must be a number"))?
+        }
+        None => 100,
+    };
+    let jobs = shared.jobs.list(tenant, owner.as_deref(), limit.min(10_000));
+    Ok(Json(json!({ "jobs": jobs })))
+}
+
+/// `POST /v1/jobs/{id}/cancel`: idempotent; answers the job as it stands.
+pub(super) async fn cancel(
+    State(shared): State<Arc<Shared>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<JobView>), ApiError> {
+    let job = visible(&shared, &caller, &id)?;
+    if !job.state().is_terminal() {
+        job.cancel.cancel();
+        if let Some(t) = shared.tenants.get(&job.tenant).map(|t| t.clone()) {
+            let _ = t.cast(TenantMsg::Cancel(job.id.clone()));
+        }
+    }
+    Ok((StatusCode::ACCEPTED, Json(job.view())))
+}
+
+/// `GET /v1/jobs/{id}/output`: the output so far, then live until the job ends.
+pub(super) async fn output(
+    State(shared): State<Arc<Shared>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let job = visible(&shared, &caller, &id)?;
+    let rx = job.subscribe();
+    let stream = futures::stream::unfold((job, rx, 0usize), |(job, mut rx, offset)| async move {
+        loop {
+            let (chunk, finished) = job.output_since(offset);
+            if !chunk.is_empty() {
+                let next = offset + chunk.len();
+                return Some((
+                    Ok::<_, std::convert::Infallible>(Bytes::from(chunk)),
+                    (job, rx, next),
+                ));
+            }
+            if finished {
+                return None;
+            }
+            if rx.changed().await.is_err() {
+                return None;
+            }
+        }
+    });
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], Body::from_stream(stream))
+        .into_response())
+}

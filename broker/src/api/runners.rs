@@ -1,0 +1,279 @@
+//! Runners: create (one-time token), list, get, revoke.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::{ApiError, ApiJson, Caller};
+use crate::actors::TenantMsg;
+use crate::records::{AuditEvent, Role, RunnerRecord, RunnerState, TokenRecord, now_unix};
+use crate::secret::{TOKEN_PREFIX, mint, new_id};
+use crate::shared::{ACTOR_CALL_TIMEOUT, Shared};
+
+/// Most labels on one runner or job.
+pub(super) const MAX_LABELS: usize = 32;
+/// Longest runner name.
+pub(super) const MAX_NAME_LEN: usize = 128;
+/// Shortest and longest enrollment token lifetime a caller may ask for.
+const TOKEN_TTL_RANGE: (u64, u64) = (1, 7 * 24 * 3600);
+
+/// Body of `POST /v1/runners`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CreateRunner {
+    owner: String,
+    name: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    /// Token lifetime in seconds (default: the broker's `token-ttl`).
+    token_ttl_secs: Option<u64>,
+}
+
+/// Checks a label map (keys and values follow the identity segment rule).
+pub(super) fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    if labels.len() > MAX_LABELS {
+        return Err(ApiError::bad_request(format!("at most {MAX_LABELS} labels")));
+    }
+    for (k, v) in labels {
+        runnel_certs::identity::validate_segment("label key", k)
+            .and_then(|_| runnel_certs::identity::validate_segment("label value", v))
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// How a runner looks through the API.
+#[derive(Debug, Serialize)]
+pub(super) struct RunnerView {
+    id: String,
+    owner: String,
+    name: String,
+    labels: BTreeMap<String, String>,
+    /// `pending`, `online`, `offline`, `draining` or `revoked`.
+    status: &'static str,
+    created_at: i64,
+    enrolled_at: Option<i64>,
+    revoked_at: Option<i64>,
+    last_seen: Option<i64>,
+    connections: u32,
+    in_flight: u32,
+    load: f64,
+    cert_not_after: Option<i64>,
+}
+
+fn view(shared: &Shared, r: RunnerRecord) -> RunnerView {
+    let live = shared.index.get(&r.id);
+    let (connections, draining, last_seen, in_flight, load_milli) = live
+        .map(|e| (e.connections, e.draining, e.last_seen, e.in_flight, e.load_milli))
+        .unwrap_or((0, false, r.last_seen, 0, 0));
+    let status = match r.state {
+        RunnerState::Pending => "pending",
+        RunnerState::Revoked => "revoked",
+        RunnerState::Paired if connections == 0 => "offline",
+        RunnerState::Paired if draining => "draining",
+        RunnerState::Paired => "online",
+    };
+    RunnerView {
+        id: r.id,
+        owner: r.owner,
+        name: r.name,
+        labels: r.labels,
+        status,
+        created_at: r.created_at,
+        enrolled_at: r.enrolled_at,
+        revoked_at: r.revoked_at,
+        last_seen: last_seen.or(r.last_seen),
+        connections,
+        in_flight,
+        load: f64::from(load_milli) / 1000.0,
+        cert_not_after: r.cert_not_after,
+    }
+}
+
+/// A runner the caller may see, or 404.
+async fn visible(shared: &Shared, caller: &Caller, id: &str) -> Result<RunnerRecord, ApiError> {
+    let tenant = caller.tenant()?;
+    match shared.registry.runner(tenant, id).await? {
+        Some(r) if caller.sees_owner(&r.owner) => Ok(r),
+        _ => Err(ApiError::not_found("no such runner")),
+    }
+}
+
+/// `POST /v1/runners`: admin creates a runner and gets its one-time enrollment token.
+pub(super) async fn create(
+    State(shared): State<Arc<Shared>>,
+    caller: Caller,
+    ApiJson(body): ApiJson<CreateRunner>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    caller.require(&[Role::Admin])?;
+    let tenant = caller.tenant()?.to_owned();
+    runnel_certs::identity::validate_segment("owner", &body.owner)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if body.name.is_empty()
+        || body.name.len() > MAX_NAME_LEN
+        || body.name.chars().any(char::is_control)
+    {
+        return Err(ApiError::bad_request(format!(
+            "name must be 1-{MAX_NAME_LEN} printable characters"
+        )));
+    }
+    validate_labels(&body.labels)?;
+    let ttl = match body.token_ttl_secs {
+        Some(s) if !(TOKEN_TTL_RANGE.0..=TOKEN_TTL_RANGE.1).contains(&s) => {
+            return Err(ApiError::bad_request("token_ttl_secs must be between 1 and 604800"));
+        }
+        Some(s) => Duration::from_secs(s),
+        None => shared.config.token_ttl,
+    };
+    let now = now_unix();
+    let record = RunnerRecord {
+        id: new_id("r"),
+        tenant: tenant.clone(),
+        owner: body.owner,
+        name: body.name,
+        labels: body.labels,
+        state: RunnerState::Pending,
+        created_at: now,
+        enrolled_at: None,
+        revoked_at: None,
+        cert_serial: None,
+        cert_not_after: None,
+        last_seen: None,
+    };
+    let minted = mint(TOKEN_PREFIX);
+    let expires_at = now + ttl.as_secs() as i64;
+    let token = TokenRecord {
+        id: minted.id.clone(),
+        runner_id: record.id.clone(),
+        tenant: tenant.clone(),
+        owner: record.owner.clone(),
+        secret: minted.hashed,
+        expires_at,
+        consumed_at: None,
+    };
+    shared.registry.put_runner(&record).await?;
+    shared.registry.put_token(&token).await?;
+    shared.index.apply(&record);
+    shared
+        .registry
+        .audit(AuditEvent {
+            at: now,
+            event: "runner_created".into(),
+            actor: caller.audit_actor(),
+            tenant: Some(tenant),
+            runner_id: Some(record.id.clone()),
+            detail: format!("owner {} name {:?}", record.owner, record.name),
+        })
+        .await?;
+    let enroll_command = format!(
+        "runnel-runner enroll --broker {} --ca-fingerprint {} --token {} --state-dir ./runnel-runner",
+        shared.advertise,
+        shared.ca.fingerprint(),
+        minted.plaintext
+    );
+    let expires_rfc3339 = time::OffsetDateTime::from_unix_timestamp(expires_at)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok());
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "runner_id": record.id,
+            "token": minted.plaintext,
+            "expires_at": expires_rfc3339,
+            "expires_at_unix": expires_at,
+            "enroll_command": enroll_command,
+        })),
+    ))
+}
+
+/// Query of `GET /v1/runners`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ListQuery {
+    owner: Option<String>,
+}
+
+/// `GET /v1/runners[?owner=o]`.
+pub(super) async fn list(
+    State(shared): State<Arc<Shared>>,
+    caller: Caller,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = caller.tenant()?;
+    let runners: Vec<RunnerView> = shared
+        .registry
+        .runners(Some(tenant))
+        .await?
+        .into_iter()
+        .filter(|r| caller.sees_owner(&r.owner) && q.owner.as_ref().is_none_or(|o| *o == r.owner))
+        .map(|r| view(&shared, r))
+        .collect();
+    Ok(Json(json!({ "runners": runners })))
+}
+
+/// `GET /v1/runners/{id}`.
+pub(super) async fn get(
+    State(shared): State<Arc<Shared>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<RunnerView>, ApiError> {
+    let r = visible(&shared, &caller, &id).await?;
+    Ok(Json(view(&shared, r)))
+}
+
+/// `DELETE /v1/runners/{id}`: revoke. The index is updated before the live connections
+/// are closed, so a reconnect racing with this call is refused in its handshake.
+pub(super) async fn revoke(
+    State(shared): State<Arc<Shared>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let r = visible(&shared, &caller, &id).await?;
+    caller.require(&[Role::Admin])?;
+    let now = now_unix();
+    shared
+        .registry
+        .update_runner(&r.tenant, &id, |rec| {
+            if rec.state == RunnerState::Revoked {
+                return false;
+            }
+            rec.state = RunnerState::Revoked;
+            rec.revoked_at = Some(now);
+            true
+        })
+        .await?;
+    shared.index.revoke(&id);
+    let closed = match shared.tenants.get(&r.tenant).map(|t| t.clone()) {
+        Some(tenant) => match tenant
+            .call(|reply| TenantMsg::Revoke(id.clone(), reply), Some(ACTOR_CALL_TIMEOUT))
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(n)) => n,
+            _ => {
+                return Err(ApiError::unavailable(
+                    "tenant actor did not answer; the runner is revoked but may still be connected",
+                ));
+            }
+        },
+        None => 0,
+    };
+    shared
+        .registry
+        .audit(AuditEvent {
+            at: now,
+            event: "revoked".into(),
+            actor: caller.audit_actor(),
+            tenant: Some(r.tenant.clone()),
+            runner_id: Some(id.clone()),
+            detail: format!("{closed} live connection(s) closed"),
+        })
+        .await?;
+    tracing::info!(tenant = %r.tenant, runner = %id, closed, "runner revoked");
+    Ok(Json(json!({ "revoked": true, "connections_closed": closed })))
+}

@@ -1,0 +1,75 @@
+//! Tenants (operator) and the audit log.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{ApiError, ApiJson, Caller};
+use crate::records::{AuditEvent, Role, Tenant, now_unix};
+use crate::shared::Shared;
+
+/// Body of `POST /v1/tenants`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CreateTenant {
+    id: String,
+}
+
+/// `POST /v1/tenants`.
+pub(super) async fn create(
+    State(shared): State<Arc<Shared>>,
+    caller: Caller,
+    ApiJson(body): ApiJson<CreateTenant>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    caller.require(&[Role::Operator])?;
+    runnel_certs::identity::validate_segment("tenant id", &body.id)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let tenant = Tenant { id: body.id, created_at: now_unix() };
+    if !shared.registry.create_tenant(&tenant).await? {
+        return Err(ApiError::conflict("exists", format!("tenant {:?} already exists", tenant.id)));
+    }
+    shared
+        .registry
+        .audit(AuditEvent {
+            at: tenant.created_at,
+            event: "tenant_created".into(),
+            actor: caller.audit_actor(),
+            tenant: None,
+            runner_id: None,
+            detail: tenant.id.clone(),
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(json!({ "id": tenant.id, "created_at": tenant.created_at }))))
+}
+
+/// `GET /v1/tenants`.
+pub(super) async fn list(
+    State(shared): State<Arc<Shared>>,
+    caller: Caller,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(&[Role::Operator])?;
+    let tenants = shared.registry.tenants(10_000).await?;
+    Ok(Json(json!({ "tenants": tenants })))
+}
+
+/// `GET /v1/audit?limit=N`: the caller's tenant (admin) or the cluster (operator).
+pub(super) async fn audit(
+    State(shared): State<Arc<Shared>>,
+    caller: Caller,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(&[Role::Operator, Role::Admin])?;
+    let limit = match q.get("limit") {
+        Some(l) => {
+            l.parse::<usize>().map_err(|_| ApiError::bad_request("limit must be a number"))?
+        }
+        None => 1000,
+    };
+    let events = shared.registry.audit_log(caller.tenant.as_deref(), limit.min(10_000)).await?;
+    Ok(Json(json!({ "events": events })))
+}

@@ -1,0 +1,250 @@
+//! [`Broker::spawn`]: builds everything from a [`Config`] and returns a [`BrokerHandle`]
+//! with the bound addresses and `shutdown()`. The binary, every integration test and the
+//! bench harness start brokers through this one function.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use ractor::Actor;
+use runnel_certs::pem;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::actors::{BrokerRoot, RootArgs, RootMsg};
+use crate::config::Config;
+use crate::index::RunnerIndex;
+use crate::records::{AuditEvent, Registry, RunnerRecord, now_unix};
+use crate::shared::Shared;
+use crate::store::WatchEvent;
+use crate::verifier::{Denial, PairingVerifier};
+
+/// Denials waiting to be written to the audit log before new ones are dropped.
+const DENIAL_QUEUE: usize = 1024;
+
+/// Entry point.
+#[derive(Debug)]
+pub struct Broker;
+
+/// A running broker.
+pub struct BrokerHandle {
+    quic_addr: SocketAddr,
+    http_addr: SocketAddr,
+    /// The operator key, on the first start of a data dir only.
+    pub first_operator_key: Option<String>,
+    shared: Arc<Shared>,
+    endpoint: quinn::Endpoint,
+    root: ractor::ActorRef<RootMsg>,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for BrokerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerHandle")
+            .field("quic_addr", &self.quic_addr)
+            .field("http_addr", &self.http_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The DNS names and IPs the server certificate carries.
+fn server_names(config: &Config) -> (Vec<String>, Vec<IpAddr>) {
+    let mut dns = vec!["localhost".to_string()];
+    let mut ips: Vec<IpAddr> = vec![[127, 0, 0, 1].into(), std::net::Ipv6Addr::LOCALHOST.into()];
+    let advertised_host =
+        config.advertise.as_deref().and_then(|a| a.rsplit_once(':')).map(|(h, _)| h);
+    let listen_ip =
+        (!config.quic_listen.ip().is_unspecified()).then(|| config.quic_listen.ip().to_string());
+    for name in config
+        .server_names
+        .iter()
+        .map(String::as_str)
+        .chain(advertised_host)
+        .chain(listen_ip.as_deref())
+    {
+        let name = name.trim_start_matches('[').trim_end_matches(']');
+        match name.parse::<IpAddr>() {
+            Ok(ip) if !ips.contains(&ip) => ips.push(ip),
+            Ok(_) => {}
+            Err(_) if !dns.iter().any(|d| d == name) => dns.push(name.to_owned()),
+            Err(_) => {}
+        }
+    }
+    (dns, ips)
+}
+
+impl Broker {
+    /// Opens the data dir, binds both listeners and starts serving.
+    pub async fn spawn(config: Config) -> anyhow::Result<BrokerHandle> {
+        config.validate().map_err(anyhow::Error::msg)?;
+        let opened = crate::data_dir::open(&config.data_dir, &config.cluster).await?;
+        let registry = Registry::new(opened.store.clone());
+        let index = Arc::new(RunnerIndex::new());
+        for r in registry.runners(None).await? {
+            index.apply(&r);
+        }
+
+        let (dns, ips) = server_names(&config);
+        let (server_cert, server_key) = opened.ca.issue_server_cert(&dns, &ips)?;
+        let chain = vec![server_cert.cert_der.clone(), opened.ca.cert_der().clone()];
+        let key = pem::private_key_from_pem(&server_key)?;
+        let (denial_tx, denial_rx) = mpsc::channel(DENIAL_QUEUE);
+        let verifier = Arc::new(PairingVerifier::new(
+            opened.ca.cert_der(),
+            opened.ca.cluster(),
+            index.clone(),
+            Some(denial_tx),
+        )?);
+        let server_config =
+            crate::endpoint::server_config(chain, key, verifier, config.idle_timeout)?;
+        let endpoint = quinn::Endpoint::server(server_config, config.quic_listen)
+            .with_context(|| format!("binding QUIC on {}", config.quic_listen))?;
+        let quic_addr = endpoint.local_addr()?;
+        let listener = tokio::net::TcpListener::bind(config.http_listen)
+            .await
+            .with_context(|| format!("binding HTTP on {}", config.http_listen))?;
+        let http_addr = listener.local_addr()?;
+
+        let advertise = config.advertised(quic_addr);
+        let shared =
+            Arc::new(Shared::new(config, registry.clone(), index.clone(), opened.ca, advertise));
+        for k in registry.keys().await? {
+            shared.keys.insert(k.id.clone(), k);
+        }
+        let (root, _) = Actor::spawn(None, BrokerRoot, RootArgs { shared: shared.clone() })
+            .await
+            .context("starting the actor tree")?;
+        let _ = shared.root.set(root.clone());
+
+        let shutdown = CancellationToken::new();
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(crate::endpoint::accept_loop(
+            endpoint.clone(),
+            shared.clone(),
+            shutdown.clone(),
+        )));
+        tasks.push(tokio::spawn(audit_denials(registry.clone(), denial_rx)));
+        tasks.push(tokio::spawn(sync_index(registry.clone(), index)));
+        let app = crate::api::router(shared.clone());
+        let stop = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            let serve = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        }));
+        tracing::info!(%quic_addr, %http_addr, advertise = %shared.advertise, ca = %shared.ca.fingerprint(), "broker started");
+        Ok(BrokerHandle {
+            quic_addr,
+            http_addr,
+            first_operator_key: opened.first_operator_key,
+            shared,
+            endpoint,
+            root,
+            shutdown,
+            tasks,
+        })
+    }
+}
+
+/// Writes handshake denials to the audit log, off the handshake path.
+async fn audit_denials(registry: Registry, mut rx: mpsc::Receiver<Denial>) {
+    while let Some(d) = rx.recv().await {
+        let (tenant, runner, who) = match &d.claimed {
+            Some(c) => (
+                Some(c.tenant.clone()),
+                Some(c.runner.clone()),
+                format!("claimed runner {}", c.runner),
+            ),
+            None => (None, None, "no readable identity".to_string()),
+        };
+        // A foreign certificate's claims are not proof; record them at cluster level.
+        let tenant =
+            if d.reason == crate::verifier::HandshakeRefusal::ForeignCa { None } else { tenant };
+        let ev = AuditEvent {
+            at: now_unix(),
+            event: "denied".into(),
+            actor: "anonymous".into(),
+            tenant,
+            runner_id: runner,
+            detail: format!("handshake refused ({}): {who}", d.reason.name()),
+        };
+        if let Err(e) = registry.audit(ev).await {
+            tracing::warn!(error = %e, "could not write audit event");
+        }
+    }
+}
+
+/// Keeps the index in step with runner records written by anyone (another node, later).
+async fn sync_index(registry: Registry, index: Arc<RunnerIndex>) {
+    let mut watch = registry.store().watch();
+    loop {
+        match watch.recv().await {
+            Ok(WatchEvent::Put { key, value }) if key.starts_with("runners/") => {
+                if let Ok(r) = serde_json::from_slice::<RunnerRecord>(&value) {
+                    index.apply(&r);
+                }
+            }
+            Ok(_) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                if let Ok(all) = registry.runners(None).await {
+                    all.iter().for_each(|r| index.apply(r));
+                }
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+impl BrokerHandle {
+    /// Bound QUIC address.
+    pub fn quic_addr(&self) -> SocketAddr {
+        self.quic_addr
+    }
+
+    /// Bound HTTP address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// `http://<http addr>`.
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.http_addr)
+    }
+
+    /// `sha256:<hex>` of the cluster CA.
+    pub fn ca_fingerprint(&self) -> String {
+        self.shared.ca.fingerprint()
+    }
+
+    /// The address written into enroll commands.
+    pub fn advertise(&self) -> &str {
+        &self.shared.advertise
+    }
+
+    /// Makes a tenant's actor fail, to exercise supervision (tests only).
+    #[cfg(feature = "fault-injection")]
+    pub fn crash_tenant(&self, tenant: &str) -> bool {
+        self.shared
+            .tenants
+            .get(tenant)
+            .is_some_and(|t| t.cast(crate::actors::TenantMsg::Crash).is_ok())
+    }
+
+    /// Stops accepting, tells runners to go away, stops the actor tree and waits (bounded)
+    /// for connections to close.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.endpoint
+            .close(runnel_protocol::ErrorCode::GoingAway.as_u32().into(), b"broker shutting down");
+        self.root.stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(10))).await.ok();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.endpoint.wait_idle()).await;
+        for t in self.tasks {
+            t.abort();
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! The `runnel-broker` command line.
+//!
+//! `main` does five things: set up tracing, load and validate config (exit 64 on a bad
+//! one), build, log the bound addresses, and wait for a signal, then drain.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Config, FileConfig, parse_duration};
+use crate::{Broker, BrokerHandle};
+
+/// Exit status for a bad configuration (EX_USAGE).
+pub const EXIT_CONFIG: u8 = 64;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "runnel-broker",
+    version,
+    about = "runnel broker: runners dial out over QUIC, jobs reach exactly one of them"
+)]
+struct Cli {
+    /// Log format: pretty or json (RUST_LOG sets the level).
+    #[arg(long, global = true, env = "RUNNEL_LOG_FORMAT", default_value = "pretty")]
+    log_format: String,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the broker (the default).
+    Serve(ServeArgs),
+}
+
+/// Flags of `serve`; each can also come from `RUNNEL_<NAME>` or the config file.
+#[derive(Debug, Default, Args)]
+struct ServeArgs {
+    /// TOML config file (keys as the long flags: data-dir = "...").
+    #[arg(long, env = "RUNNEL_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory (CA, store). Default ./runnel-data.
+    #[arg(long, env = "RUNNEL_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// UDP address for runners (QUIC). Default 0.0.0.0:7443.
+    #[arg(long, env = "RUNNEL_QUIC_LISTEN")]
+    quic_listen: Option<SocketAddr>,
+    /// TCP address of the HTTP API. Default 127.0.0.1:7480.
+    #[arg(long, env = "RUNNEL_HTTP_LISTEN")]
+    http_listen: Option<SocketAddr>,
+    /// host:port written into enroll commands (and the server certificate).
+    #[arg(long, env = "RUNNEL_ADVERTISE")]
+    advertise: Option<String>,
+    /// Cluster name (trust domain of identities). Default runnel.
+    #[arg(long, env = "RUNNEL_CLUSTER")]
+    cluster: Option<String>,
+    /// Extra DNS names / IPs for the server certificate (repeatable).
+    #[arg(long = "server-name", env = "RUNNEL_SERVER_NAMES", value_delimiter = ',')]
+    server_names: Vec<String>,
+    /// Enrollment token lifetime (e.g. 1h).
+    #[arg(long, env = "RUNNEL_TOKEN_TTL")]
+    token_ttl: Option<String>,
+    /// Runner certificate lifetime (e.g. 30d).
+    #[arg(long, env = "RUNNEL_RUNNER_CERT_VALIDITY")]
+    runner_cert_validity: Option<String>,
+    /// Per-tenant queue limit.
+    #[arg(long, env = "RUNNEL_QUEUE_LIMIT")]
+    queue_limit: Option<usize>,
+    /// Default queue-wait limit of a job (e.g. 30s).
+    #[arg(long, env = "RUNNEL_QUEUE_TIMEOUT")]
+    queue_timeout: Option<String>,
+    /// Default run-time limit of a job (e.g. 10m).
+    #[arg(long, env = "RUNNEL_JOB_TIMEOUT")]
+    job_timeout: Option<String>,
+    /// QUIC idle timeout: how fast a silent runner counts as lost (e.g. 15s).
+    #[arg(long, env = "RUNNEL_IDLE_TIMEOUT")]
+    idle_timeout: Option<String>,
+    /// Heartbeat interval asked of runners (e.g. 5s).
+    #[arg(long, env = "RUNNEL_HEARTBEAT_INTERVAL")]
+    heartbeat_interval: Option<String>,
+}
+
+fn dur(
+    flag: Option<String>,
+    file: Option<String>,
+    name: &str,
+) -> Result<Option<std::time::Duration>, String> {
+    flag.or(file).map(|s| parse_duration(&s).map_err(|e| format!("{name}: {e}"))).transpose()
+}
+
+impl ServeArgs {
+    fn resolve(self) -> Result<Config, String> {
+        let file = match &self.config {
+            Some(p) => FileConfig::load(p)?,
+            None => FileConfig::default(),
+        };
+        let d = Config::default();
+        let server_names = if self.server_names.is_empty() {
+            file.server_names.unwrap_or_default()
+        } else {
+            self.server_names
+        };
+        let config = Config {
+            data_dir: self.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
+            quic_listen: self.quic_listen.or(file.quic_listen).unwrap_or(d.quic_listen),
+            http_listen: self.http_listen.or(file.http_listen).unwrap_or(d.http_listen),
+            advertise: self.advertise.or(file.advertise),
+            cluster: self.cluster.or(file.cluster).unwrap_or(d.cluster),
+            server_names,
+            token_ttl: dur(self.token_ttl, file.token_ttl, "token-ttl")?.unwrap_or(d.token_ttl),
+            runner_cert_validity: dur(
+                self.runner_cert_validity,
+                file.runner_cert_validity,
+                "runner-cert-validity",
+            )?
+            .unwrap_or(d.runner_cert_validity),
+            queue_limit: self.queue_limit.or(file.queue_limit).unwrap_or(d.queue_limit),
+            queue_timeout: dur(self.queue_timeout, file.queue_timeout, "queue-timeout")?
+                .unwrap_or(d.queue_timeout),
+            job_timeout: dur(self.job_timeout, file.job_timeout, "job-timeout")?
+                .unwrap_or(d.job_timeout),
+            idle_timeout: dur(self.idle_timeout, file.idle_timeout, "idle-timeout")?
+                .unwrap_or(d.idle_timeout),
+            heartbeat_interval: dur(
+                self.heartbeat_interval,
+                file.heartbeat_interval,
+                "heartbeat-interval",
+            )?
+            .unwrap_or(d.heartbeat_interval),
+            ..d
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// Sets up `tracing`: `RUST_LOG` for levels (default info), pretty or JSON lines.
+pub fn init_tracing(format: &str) -> Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        "pretty" => builder.try_init().map_err(|e| e.to_string()),
+        "json" => builder.json().try_init().map_err(|e| e.to_string()),
+        other => Err(format!("unknown log format {other:?} (use pretty or json)")),
+    }
+}
+
+fn print_banner(h: &BrokerHandle) {
+    println!("runnel broker ready");
+    println!("  QUIC (runners):  {}   advertised as {}", h.quic_addr(), h.advertise());
+    println!("  HTTP API:        {}", h.http_url());
+    println!("  CA fingerprint:  {}", h.ca_fingerprint());
+    if let Some(key) = &h.first_operator_key {
+        println!();
+        println!("  Operator API key (shown once, only its hash is stored):");
+        println!("    {key}");
+        println!("  export RUNNEL_URL={} RUNNEL_KEY={key}", h.http_url());
+    }
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+        }
+        Err(_) => {
+            let _ = ctrl_c.await;
+        }
+    }
+}
+
+/// Runs the command line; returns the process exit status.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = init_tracing(&cli.log_format) {
+        eprintln!("runnel-broker: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let Some(Command::Serve(args)) = cli.command.or(Some(Command::Serve(ServeArgs::default())))
+    else {
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let config = match args.resolve() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("runnel-broker: invalid configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("runnel-broker: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let handle = match Broker::spawn(config).await {
+            Ok(h) => h,
+            Err(e) => {
+                eprintln!("runnel-broker: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        };
+        print_banner(&handle);
+        wait_for_signal().await;
+        tracing::info!("signal received; shutting down");
+        handle.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,253 @@
+//! Broker configuration: flags, then `RUNNEL_*` environment variables, then a TOML file,
+//! then defaults (first wins). Every value is validated before anything starts; a bad
+//! config exits with status 64 and a one-line reason.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Default UDP address of the QUIC endpoint runners dial.
+pub const DEFAULT_QUIC_LISTEN: &str = "0.0.0.0:7443";
+/// Default TCP address of the HTTP API (loopback: put a TLS proxy in front to expose it).
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:7480";
+/// Default data directory.
+pub const DEFAULT_DATA_DIR: &str = "./runnel-data";
+/// Default cluster name (SPIFFE trust domain of identities).
+pub const DEFAULT_CLUSTER: &str = "runnel";
+/// Default lifetime of an enrollment token.
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
+/// Default per-tenant queue limit; beyond it dispatch answers 429.
+pub const DEFAULT_QUEUE_LIMIT: usize = 1024;
+/// Default time a job may wait for a free runner.
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default run-time limit of a job.
+pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(600);
+/// Largest run-time limit a job may ask for.
+pub const MAX_JOB_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// Default QUIC idle timeout; a runner silent this long (killed, unplugged) is lost.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Default heartbeat interval asked of runners.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+/// Default number of finished jobs kept for `GET /v1/jobs/{id}`.
+pub const DEFAULT_JOB_RETENTION: usize = 10_000;
+/// Default age after which finished jobs are forgotten.
+pub const DEFAULT_JOB_RETENTION_AGE: Duration = Duration::from_secs(3600);
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the CA, the database and the server certificate live.
+    pub data_dir: PathBuf,
+    /// UDP address of the QUIC endpoint.
+    pub quic_listen: SocketAddr,
+    /// TCP address of the HTTP API.
+    pub http_listen: SocketAddr,
+    /// `host:port` written into enroll commands (and into the server certificate).
+    pub advertise: Option<String>,
+    /// Cluster name.
+    pub cluster: String,
+    /// Extra DNS names or IPs for the server certificate.
+    pub server_names: Vec<String>,
+    /// Enrollment token lifetime.
+    pub token_ttl: Duration,
+    /// Runner certificate lifetime.
+    pub runner_cert_validity: Duration,
+    /// Per-tenant queue limit.
+    pub queue_limit: usize,
+    /// Default queue-wait limit.
+    pub queue_timeout: Duration,
+    /// Default run-time limit.
+    pub job_timeout: Duration,
+    /// QUIC idle timeout.
+    pub idle_timeout: Duration,
+    /// Heartbeat interval asked of runners.
+    pub heartbeat_interval: Duration,
+    /// Finished jobs kept.
+    pub job_retention: usize,
+    /// Age after which finished jobs are dropped.
+    pub job_retention_age: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: DEFAULT_DATA_DIR.into(),
+            quic_listen: parse_addr(DEFAULT_QUIC_LISTEN),
+            http_listen: parse_addr(DEFAULT_HTTP_LISTEN),
+            advertise: None,
+            cluster: DEFAULT_CLUSTER.into(),
+            server_names: Vec::new(),
+            token_ttl: DEFAULT_TOKEN_TTL,
+            runner_cert_validity: runnel_certs::ca::DEFAULT_RUNNER_VALIDITY,
+            queue_limit: DEFAULT_QUEUE_LIMIT,
+            queue_timeout: DEFAULT_QUEUE_TIMEOUT,
+            job_timeout: DEFAULT_JOB_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            heartbeat_interval: DEFAULT_HEARTBEAT,
+            job_retention: DEFAULT_JOB_RETENTION,
+            job_retention_age: DEFAULT_JOB_RETENTION_AGE,
+        }
+    }
+}
+
+fn parse_addr(s: &str) -> SocketAddr {
+    // Only used on the constants above, which are valid.
+    s.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
+impl Config {
+    /// A config for tests: everything on loopback ephemeral ports in `data_dir`.
+    pub fn for_tests(data_dir: &Path) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            quic_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            idle_timeout: Duration::from_secs(3),
+            heartbeat_interval: Duration::from_secs(1),
+            ..Self::default()
+        }
+    }
+
+    /// The address runners should dial, as written into enroll commands.
+    pub fn advertised(&self, bound_quic: SocketAddr) -> String {
+        if let Some(a) = &self.advertise {
+            return a.clone();
+        }
+        if bound_quic.ip().is_unspecified() {
+            format!("127.0.0.1:{}", bound_quic.port())
+        } else {
+            bound_quic.to_string()
+        }
+    }
+
+    /// Checks cross-field rules.
+    pub fn validate(&self) -> Result<(), String> {
+        runnel_certs::identity::validate_segment("cluster", &self.cluster)
+            .map_err(|e| e.to_string())?;
+        if self.queue_limit == 0 {
+            return Err("queue-limit must be at least 1".into());
+        }
+        if self.idle_timeout < Duration::from_secs(1) {
+            return Err("idle-timeout must be at least 1s".into());
+        }
+        if self.heartbeat_interval >= self.idle_timeout {
+            return Err("heartbeat-interval must be shorter than idle-timeout".into());
+        }
+        if self.job_timeout > MAX_JOB_TIMEOUT || self.job_timeout.is_zero() {
+            return Err("job-timeout must be between 1ms and 24h".into());
+        }
+        if self.runner_cert_validity < Duration::from_secs(60) {
+            return Err("runner-cert-validity must be at least 60s".into());
+        }
+        if let Some(a) = &self.advertise {
+            let (host, port) =
+                a.rsplit_once(':').ok_or_else(|| format!("advertise {a:?} must be host:port"))?;
+            if host.is_empty() || port.parse::<u16>().is_err() {
+                return Err(format!("advertise {a:?} must be host:port"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses `250ms`, `30s`, `5m`, `1h`, `7d` (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?} (try 30s, 5m, 1h)"))?;
+    let secs = |mult: u64| {
+        n.checked_mul(mult)
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("duration {s:?} too large"))
+    };
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => secs(1),
+        "m" => secs(60),
+        "h" => secs(3600),
+        "d" => secs(86_400),
+        _ => Err(format!("invalid duration unit in {s:?} (use ms, s, m, h or d)")),
+    }
+}
+
+/// The `[broker]`-less TOML file: every key optional, unknown keys refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    /// See [`Config::data_dir`].
+    pub data_dir: Option<PathBuf>,
+    /// See [`Config::quic_listen`].
+    pub quic_listen: Option<SocketAddr>,
+    /// See [`Config::http_listen`].
+    pub http_listen: Option<SocketAddr>,
+    /// See [`Config::advertise`].
+    pub advertise: Option<String>,
+    /// See [`Config::cluster`].
+    pub cluster: Option<String>,
+    /// See [`Config::server_names`].
+    pub server_names: Option<Vec<String>>,
+    /// See [`Config::token_ttl`].
+    pub token_ttl: Option<String>,
+    /// See [`Config::runner_cert_validity`].
+    pub runner_cert_validity: Option<String>,
+    /// See [`Config::queue_limit`].
+    pub queue_limit: Option<usize>,
+    /// See [`Config::queue_timeout`].
+    pub queue_timeout: Option<String>,
+    /// See [`Config::job_timeout`].
+    pub job_timeout: Option<String>,
+    /// See [`Config::idle_timeout`].
+    pub idle_timeout: Option<String>,
+    /// See [`Config::heartbeat_interval`].
+    pub heartbeat_interval: Option<String>,
+}
+
+impl FileConfig {
+    /// Reads and parses a TOML config file.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| format!("config {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_and_bad_ones_explain() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("99999999999999999999d").is_err());
+    }
+
+    #[test]
+    fn validation_catches_inconsistent_values() {
+        assert!(Config::default().validate().is_ok());
+        let bad = Config { heartbeat_interval: Duration::from_secs(60), ..Config::default() };
+        assert!(bad.validate().is_err());
+        let bad = Config { advertise: Some("nohost".into()), ..Config::default() };
+        assert!(bad.validate().is_err());
+        let bad = Config { cluster: "a/b".into(), ..Config::default() };
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn file_config_refuses_unknown_keys() {
+        let dir = tempfile::tempdir().expect("dir");
+        let p = dir.path().join("runnel.toml");
+        std::fs::write(&p, "quic-listen = \"127.0.0.1:9\"\nbogus = 1\n").expect("write");
+        assert!(FileConfig::load(&p).expect_err("unknown").contains("bogus"));
+        std::fs::write(&p, "quic-listen = \"127.0.0.1:9\"\nqueue-limit = 5\n").expect("write");
+        let f = FileConfig::load(&p).expect("ok");
+        assert_eq!(f.queue_limit, Some(5));
+    }
+}

@@ -1,0 +1,77 @@
+//! The data directory: created on first start, reused after.
+//!
+//! ```text
+//! <data-dir>/            0700
+//!   ca.pem               cluster CA certificate
+//!   ca.key               cluster CA private key (0600)
+//!   runnel.redb          the store
+//! ```
+//! The broker's server certificate is issued fresh at every start from the CA, for the
+//! names configured now; runners pin the CA, not the leaf.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use runnel_certs::{ClusterCa, pem};
+
+use crate::records::{ApiKey, Registry, Role, now_unix};
+use crate::secret::{KEY_PREFIX, mint};
+use crate::store::{RedbStore, Store};
+
+/// What opening the data dir yields.
+pub struct Opened {
+    /// The cluster CA.
+    pub ca: ClusterCa,
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// The operator key, only on the very first start (shown once, stored hashed).
+    pub first_operator_key: Option<String>,
+}
+
+/// Opens the data dir, creating it and its contents on first start.
+pub async fn open(dir: &Path, cluster: &str) -> anyhow::Result<Opened> {
+    fs::create_dir_all(dir).with_context(|| format!("creating data dir {}", dir.display()))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("securing data dir {}", dir.display()))?;
+    let (ca_pem, ca_key) = (dir.join("ca.pem"), dir.join("ca.key"));
+    let ca = match (ca_pem.exists(), ca_key.exists()) {
+        (true, true) => ClusterCa::from_pem(cluster, &pem::read(&ca_pem)?, &pem::read(&ca_key)?)
+            .context("loading the cluster CA")?,
+        (false, false) => {
+            let ca = ClusterCa::generate(cluster)?;
+            pem::write_private(&ca_key, &ca.key_pem())?;
+            pem::write_public(&ca_pem, ca.cert_pem())?;
+            ca
+        }
+        _ => bail!("{} has only one of ca.pem and ca.key; restore both or neither", dir.display()),
+    };
+    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.join("runnel.redb"))?);
+    match store.get("meta/cluster").await? {
+        Some(stored) if stored != cluster.as_bytes() => bail!(
+            "data dir belongs to cluster {:?}, not {cluster:?}",
+            String::from_utf8_lossy(&stored)
+        ),
+        Some(_) => {}
+        None => store.put("meta/cluster", cluster.as_bytes().to_vec()).await?,
+    }
+    let first_operator_key = if store.get("meta/operator-key-issued").await?.is_none() {
+        let minted = mint(KEY_PREFIX);
+        let rec = ApiKey {
+            id: minted.id,
+            role: Role::Operator,
+            tenant: None,
+            owner: None,
+            secret: minted.hashed,
+            created_at: now_unix(),
+        };
+        Registry::new(store.clone()).put_key(&rec).await?;
+        store.put("meta/operator-key-issued", b"1".to_vec()).await?;
+        Some(minted.plaintext)
+    } else {
+        None
+    };
+    Ok(Opened { ca, store, first_operator_key })
+}

@@ -1,0 +1,179 @@
+//! The QUIC endpoint: TLS setup and the accept loop (which stays outside the actor tree).
+//!
+//! Each incoming connection is handshaken (the [`PairingVerifier`] runs inside), then
+//! routed by ALPN: `runnel-enroll/1` to [`crate::enroll`], `runnel/1` to the tenant named
+//! by the verified certificate, after the runner's Hello.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{HandshakeData, QuicServerConfig};
+use runnel_certs::{Identity, RunnerIdentity, parse_cert};
+use runnel_protocol::{
+    ALPN_ENROLL, ALPN_RUNNER, ClientControl, ErrorCode, ServerControl, read_frame, version,
+    write_frame,
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_util::sync::CancellationToken;
+
+use crate::actors::{Attach, TenantMsg};
+use crate::shared::Shared;
+use crate::verifier::PairingVerifier;
+
+/// Time a peer has to finish the handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a runner has to open its control stream and send Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Streams a runner may open towards the broker (its control stream, with headroom).
+const MAX_RUNNER_STREAMS: u32 = 4;
+/// Per-stream receive window: frames are small; job output is the largest traffic.
+const STREAM_WINDOW: u32 = 64 * 1024;
+/// Per-connection receive window.
+const CONN_WINDOW: u32 = 256 * 1024;
+/// Per-connection send window.
+const SEND_WINDOW: u64 = 256 * 1024;
+
+/// Builds the endpoint's QUIC server config.
+pub fn server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    verifier: Arc<PairingVerifier>,
+    idle_timeout: Duration,
+) -> anyhow::Result<quinn::ServerConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)?;
+    tls.alpn_protocols = vec![ALPN_RUNNER.to_vec(), ALPN_ENROLL.to_vec()];
+    let crypto = QuicServerConfig::try_from(tls)?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(MAX_RUNNER_STREAMS.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .stream_receive_window(STREAM_WINDOW.into())
+        .receive_window(CONN_WINDOW.into())
+        .send_window(SEND_WINDOW)
+        .max_idle_timeout(Some(idle_timeout.try_into()?));
+    server.transport_config(Arc::new(transport));
+    Ok(server)
+}
+
+/// Accepts connections until `shutdown` fires.
+pub async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => i,
+            _ = shutdown.cancelled() => return,
+        };
+        let Some(incoming) = incoming else { return };
+        let shared = shared.clone();
+        tokio::spawn(async move { handle_incoming(incoming, shared).await });
+    }
+}
+
+async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>) {
+    let remote = incoming.remote_address();
+    let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            tracing::debug!(%remote, error = %e, "handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%remote, "handshake timed out");
+            return;
+        }
+    };
+    let alpn = conn
+        .handshake_data()
+        .and_then(|d| d.downcast::<HandshakeData>().ok())
+        .and_then(|d| d.protocol);
+    match alpn.as_deref() {
+        Some(p) if p == ALPN_ENROLL => crate::enroll::serve(conn, shared).await,
+        Some(p) if p == ALPN_RUNNER => runner_intake(conn, remote, shared).await,
+        _ => conn.close(ErrorCode::Protocol.as_u32().into(), b"unknown ALPN"),
+    }
+}
+
+/// The verified identity of a `runnel/1` peer (the verifier already accepted the cert).
+fn peer_identity(conn: &quinn::Connection) -> Option<RunnerIdentity> {
+    let certs = conn.peer_identity()?.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    match parse_cert(certs.first()?).ok()?.identity {
+        Identity::Runner(r) => Some(r),
+        Identity::Node(_) => None,
+    }
+}
+
+fn refuse(conn: &quinn::Connection, code: ErrorCode, why: &str) {
+    conn.close(code.as_u32().into(), why.as_bytes());
+}
+
+async fn runner_intake(conn: quinn::Connection, remote: SocketAddr, shared: Arc<Shared>) {
+    let Some(identity) = peer_identity(&conn) else {
+        // runnel/1 without a client certificate: nothing is read from it.
+        return refuse(&conn, ErrorCode::Unauthenticated, "client certificate required");
+    };
+    let hello = async {
+        let (mut send, mut recv) =
+            conn.accept_bi().await.map_err(|e| (ErrorCode::Protocol, e.to_string()))?;
+        let msg = read_frame::<ClientControl, _>(&mut recv)
+            .await
+            .map_err(|e| (e.code(), e.to_string()))?;
+        let Some(ClientControl::Hello(hello)) = msg else {
+            return Err((ErrorCode::Protocol, "expected Hello".to_string()));
+        };
+        let Some(v) = version::negotiate(hello.min_version, hello.max_version) else {
+            let message = format!(
+                "no common protocol version (runner {}..={}, broker {}..={})",
+                hello.min_version,
+                hello.max_version,
+                version::MIN_PROTOCOL_VERSION,
+                version::PROTOCOL_VERSION
+            );
+            let _ = write_frame(
+                &mut send,
+                &ServerControl::Error {
+                    code: ErrorCode::UnsupportedVersion,
+                    message: message.clone(),
+                },
+            )
+            .await;
+            let _ = send.finish();
+            return Err((ErrorCode::UnsupportedVersion, message));
+        };
+        if hello.capacity == 0 || hello.kinds.is_empty() {
+            return Err((ErrorCode::Protocol, "Hello needs capacity >= 1 and a job kind".into()));
+        }
+        Ok((hello, v, send, recv))
+    };
+    let (hello, version, send, recv) = match tokio::time::timeout(HELLO_TIMEOUT, hello).await {
+        Ok(Ok(x)) => x,
+        Ok(Err((code, why))) => {
+            tracing::info!(%remote, runner = %identity.runner, error = %why, "runner refused before Welcome");
+            // Give a version error frame a moment to leave before closing.
+            if code == ErrorCode::UnsupportedVersion {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            return refuse(&conn, code, &why);
+        }
+        Err(_) => return refuse(&conn, ErrorCode::Timeout, "no Hello in time"),
+    };
+    let tenant = match shared.tenant_actor(&identity.tenant).await {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(error = %e, "no tenant actor");
+            return refuse(&conn, ErrorCode::Internal, "broker busy");
+        }
+    };
+    let attach = Attach { conn: conn.clone(), identity, hello, version, control: (send, recv) };
+    if tenant.cast(TenantMsg::Attach(Box::new(attach))).is_err() {
+        refuse(&conn, ErrorCode::TenantRestart, "tenant restarting");
+    }
+}

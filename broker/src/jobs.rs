@@ -1,0 +1,447 @@
+//! The job table: every accepted job, its state, its buffered output, and who is waiting.
+//!
+//! Delivery is at most once and every accepted job ends in exactly one terminal state:
+//! [`JobTable::finish`] is the only way to a terminal state and it wins only once, however
+//! many paths (runner result, stream error, connection loss, cancel, timeout) race for it.
+//! Finished jobs are kept for `GET`, bounded in count and age.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// Output kept per job in the broker; later output is dropped and the job marked truncated.
+pub const MAX_BUFFERED_OUTPUT: usize = 1024 * 1024;
+
+/// Job lifecycle: `queued → running → succeeded | failed | cancelled | timed_out |
+/// runner_lost | rejected`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Waiting for a runner.
+    Queued,
+    /// Sent to a runner.
+    Running,
+    /// Exited 0.
+    Succeeded,
+    /// Ran and failed.
+    Failed,
+    /// Cancelled by a caller.
+    Cancelled,
+    /// Ran past its run-time limit or waited past its queue limit.
+    TimedOut,
+    /// Its runner's connection was lost mid-job.
+    RunnerLost,
+    /// Refused by the runner without running.
+    Rejected,
+}
+
+impl JobState {
+    /// Whether the job is over.
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, JobState::Queued | JobState::Running)
+    }
+
+    /// Short lowercase name.
+    pub fn name(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+            JobState::TimedOut => "timed_out",
+            JobState::RunnerLost => "runner_lost",
+            JobState::Rejected => "rejected",
+        }
+    }
+}
+
+/// What a job asks of its runner (fixed at creation).
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    /// Owner whose runners may take it.
+    pub owner: String,
+    /// Optional explicit runner.
+    pub runner_id: Option<String>,
+    /// Labels the runner must carry.
+    pub labels: BTreeMap<String, String>,
+    /// Handler kind.
+    pub kind: String,
+    /// Handler payload.
+    pub payload: Vec<u8>,
+    /// Run-time limit.
+    pub timeout: Duration,
+    /// Queue-wait limit.
+    pub queue_timeout: Duration,
+}
+
+#[derive(Debug)]
+struct JobInner {
+    state: JobState,
+    runner_id: Option<String>,
+    exit_code: Option<i32>,
+    message: String,
+    started_at: Option<i64>,
+    finished_at: Option<i64>,
+    output: Vec<u8>,
+    output_truncated: bool,
+}
+
+/// One job.
+#[derive(Debug)]
+pub struct JobEntry {
+    /// Job id.
+    pub id: String,
+    /// Tenant (from the dispatching key).
+    pub tenant: String,
+    /// What it asks.
+    pub spec: JobSpec,
+    /// Creation time, unix milliseconds.
+    pub created_at_ms: i64,
+    /// When it was accepted (for queue-wait and latency).
+    pub accepted: Instant,
+    /// Fired by `POST /v1/jobs/{id}/cancel`.
+    pub cancel: CancellationToken,
+    inner: Mutex<JobInner>,
+    changed: watch::Sender<u64>,
+}
+
+/// A point-in-time view of a job, as the API returns it.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobView {
+    /// Job id.
+    pub id: String,
+    /// Owner.
+    pub owner: String,
+    /// Kind.
+    pub kind: String,
+    /// State.
+    pub state: JobState,
+    /// Runner that took it.
+    pub runner_id: Option<String>,
+    /// Exit code, where the process exited.
+    pub exit_code: Option<i32>,
+    /// Detail.
+    pub message: String,
+    /// Creation time (unix ms).
+    pub created_at_ms: i64,
+    /// Start (unix ms).
+    pub started_at_ms: Option<i64>,
+    /// End (unix ms).
+    pub finished_at_ms: Option<i64>,
+    /// Output so far (UTF-8, lossy).
+    pub output: String,
+    /// Whether output was cut.
+    pub output_truncated: bool,
+}
+
+fn now_ms() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+impl JobEntry {
+    fn lock(&self) -> MutexGuard<'_, JobInner> {
+        // A panic while holding this lock would be a bug; keep serving the data anyway.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Current state.
+    pub fn state(&self) -> JobState {
+        self.lock().state
+    }
+
+    /// Queued → running on `runner_id`; false if the job is no longer queued.
+    pub fn mark_running(&self, runner_id: &str) -> bool {
+        let mut g = self.lock();
+        if g.state != JobState::Queued {
+            return false;
+        }
+        g.state = JobState::Running;
+        g.runner_id = Some(runner_id.into());
+        g.started_at = Some(now_ms());
+        drop(g);
+        self.bump();
+        true
+    }
+
+    /// Appends output, up to [`MAX_BUFFERED_OUTPUT`].
+    pub fn append_output(&self, data: &[u8]) {
+        let mut g = self.lock();
+        if g.state.is_terminal() {
+            return;
+        }
+        let room = MAX_BUFFERED_OUTPUT.saturating_sub(g.output.len());
+        if data.len() > room {
+            g.output_truncated = true;
+        }
+        let take = data.len().min(room);
+        g.output.extend_from_slice(&data[..take]);
+        drop(g);
+        self.bump();
+    }
+
+    /// Output from `offset` on, and whether the job is over.
+    pub fn output_since(&self, offset: usize) -> (Vec<u8>, bool) {
+        let g = self.lock();
+        let chunk = g.output.get(offset..).map(<[u8]>::to_vec).unwrap_or_default();
+        (chunk, g.state.is_terminal())
+    }
+
+    /// A change counter to wait on.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Waits until the job is over or `limit` passes; returns whether it is over.
+    pub async fn wait_terminal(&self, limit: Duration) -> bool {
+        let mut rx = self.subscribe();
+        let wait = async {
+            loop {
+                if self.state().is_terminal() {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(limit, wait).await;
+        self.state().is_terminal()
+    }
+
+    /// The API view.
+    pub fn view(&self) -> JobView {
+        let g = self.lock();
+        JobView {
+            id: self.id.clone(),
+            owner: self.spec.owner.clone(),
+            kind: self.spec.kind.clone(),
+            state: g.state,
+            runner_id: g.runner_id.clone(),
+            exit_code: g.exit_code,
+            message: g.message.clone(),
+            created_at_ms: self.created_at_ms,
+            started_at_ms: g.started_at,
+            finished_at_ms: g.finished_at,
+            output: String::from_utf8_lossy(&g.output).into_owned(),
+            output_truncated: g.output_truncated,
+        }
+    }
+}
+
+/// The terminal facts of a job.
+#[derive(Debug, Clone)]
+pub struct Finish {
+    /// Terminal state.
+    pub state: JobState,
+    /// Exit code.
+    pub exit_code: Option<i32>,
+    /// Detail.
+    pub message: String,
+    /// Whether the runner cut output.
+    pub output_truncated: bool,
+}
+
+impl Finish {
+    /// A finish with only a state and message.
+    pub fn new(state: JobState, message: impl Into<String>) -> Self {
+        Self { state, exit_code: None, message: message.into(), output_truncated: false }
+    }
+}
+
+/// All jobs.
+#[derive(Debug)]
+pub struct JobTable {
+    jobs: DashMap<String, Arc<JobEntry>>,
+    finished: Mutex<VecDeque<(Instant, String)>>,
+    retention: usize,
+    retention_age: Duration,
+}
+
+impl JobTable {
+    /// A table keeping `retention` finished jobs for at most `retention_age`.
+    pub fn new(retention: usize, retention_age: Duration) -> Self {
+        Self {
+            jobs: DashMap::new(),
+            finished: Mutex::new(VecDeque::new()),
+            retention,
+            retention_age,
+        }
+    }
+
+    /// Creates and registers a queued job.
+    pub fn create(&self, tenant: &str, spec: JobSpec) -> Arc<JobEntry> {
+        let (changed, _) = watch::channel(0);
+        let entry = Arc::new(JobEntry {
+            id: crate::secret::new_id("job"),
+            tenant: tenant.into(),
+            spec,
+            created_at_ms: now_ms(),
+            accepted: Instant::now(),
+            cancel: CancellationToken::new(),
+            inner: Mutex::new(JobInner {
+                state: JobState::Queued,
+                runner_id: None,
+                exit_code: None,
+                message: String::new(),
+                started_at: None,
+                finished_at: None,
+                output: Vec::new(),
+                output_truncated: false,
+            }),
+            changed,
+        });
+        self.jobs.insert(entry.id.clone(), entry.clone());
+        entry
+    }
+
+    /// Forgets a job that was never accepted (its dispatch was refused).
+    pub fn discard(&self, id: &str) {
+        self.jobs.remove(id);
+    }
+
+    /// A job of `tenant`; another tenant's job is simply not found.
+    pub fn get(&self, tenant: &str, id: &str) -> Option<Arc<JobEntry>> {
+        self.jobs.get(id).filter(|e| e.tenant == tenant).map(|e| e.clone())
+    }
+
+    /// Jobs of a tenant (optionally one owner), newest first, at most `limit`.
+    pub fn list(&self, tenant: &str, owner: Option<&str>, limit: usize) -> Vec<JobView> {
+        let mut v: Vec<JobView> = self
+            .jobs
+            .iter()
+            .filter(|e| e.tenant == tenant && owner.is_none_or(|o| o == e.spec.owner))
+            .map(|e| e.view())
+            .collect();
+        v.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms));
+        v.truncate(limit);
+        v
+    }
+
+    /// Non-terminal jobs of a tenant (used when its actor restarts).
+    pub fn unfinished(&self, tenant: &str) -> Vec<Arc<JobEntry>> {
+        self.jobs
+            .iter()
+            .filter(|e| e.tenant == tenant && !e.state().is_terminal())
+            .map(|e| e.clone())
+            .collect()
+    }
+
+    /// Moves a job to a terminal state. Only the first call for a job wins; it returns true.
+    pub fn finish(&self, entry: &JobEntry, f: Finish) -> bool {
+        debug_assert!(f.state.is_terminal());
+        let mut g = entry.lock();
+        if g.state.is_terminal() {
+            return false;
+        }
+        g.state = f.state;
+        g.exit_code = f.exit_code;
+        g.message = f.message;
+        g.output_truncated |= f.output_truncated;
+        g.finished_at = Some(now_ms());
+        drop(g);
+        entry.bump();
+        tracing::debug!(job = %entry.id, state = f.state.name(), "job finished");
+        self.retire(&entry.id);
+        true
+    }
+
+    fn retire(&self, id: &str) {
+        let now = Instant::now();
+        let mut q = self.finished.lock().unwrap_or_else(|p| p.into_inner());
+        q.push_back((now, id.to_owned()));
+        while let Some((at, old)) = q.front() {
+            if q.len() > self.retention || now.duration_since(*at) > self.retention_age {
+                self.jobs.remove(old);
+                q.pop_front();
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// Jobs in the table (all states).
+    pub fn len(&self) -> usize {
+        self.jobs.len()
+    }
+
+    /// True when the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> JobSpec {
+        JobSpec {
+            owner: "o".into(),
+            runner_id: None,
+            labels: BTreeMap::new(),
+            kind: "exec".into(),
+            payload: vec![],
+            timeout: Duration::from_secs(1),
+            queue_timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn only_the_first_terminal_transition_wins() {
+        let t = JobTable::new(10, Duration::from_secs(60));
+        let j = t.create("t", spec());
+        assert!(j.mark_running("r1"));
+        assert!(!j.mark_running("r2"));
+        assert!(t.finish(&j, Finish::new(JobState::Succeeded, "")));
+        assert!(!t.finish(&j, Finish::new(JobState::RunnerLost, "late")));
+        assert_eq!(j.view().state, JobState::Succeeded);
+        assert_eq!(j.view().runner_id.as_deref(), Some("r1"));
+    }
+
+    #[test]
+    fn other_tenants_jobs_are_not_found() {
+        let t = JobTable::new(10, Duration::from_secs(60));
+        let j = t.create("a", spec());
+        assert!(t.get("a", &j.id).is_some());
+        assert!(t.get("b", &j.id).is_none());
+        assert!(t.list("b", None, 10).is_empty());
+    }
+
+    #[test]
+    fn retention_bounds_finished_jobs_but_never_unfinished_ones() {
+        let t = JobTable::new(2, Duration::from_secs(60));
+        let running = t.create("t", spec());
+        let ids: Vec<_> = (0..5)
+            .map(|_| {
+                let j = t.create("t", spec());
+                t.finish(&j, Finish::new(JobState::Failed, "x"));
+                j.id.clone()
+            })
+            .collect();
+        assert!(t.get("t", &running.id).is_some());
+        assert!(t.get("t", &ids[0]).is_none());
+        assert!(t.get("t", &ids[4]).is_some());
+        assert_eq!(t.len(), 3);
+    }
+
+    #[test]
+    fn output_is_capped_and_marked() {
+        let t = JobTable::new(2, Duration::from_secs(60));
+        let j = t.create("t", spec());
+        j.append_output(&vec![b'a'; MAX_BUFFERED_OUTPUT - 1]);
+        j.append_output(b"bcd");
+        let v = j.view();
+        assert_eq!(v.output.len(), MAX_BUFFERED_OUTPUT);
+        assert!(v.output_truncated);
+    }
+}

@@ -1,0 +1,5 @@
+//! `runnel-broker`: see [`runnel_broker::cli`].
+
+fn main() -> std::process::ExitCode {
+    runnel_broker::cli::main()
+}

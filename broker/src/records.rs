@@ -1,0 +1,327 @@
+//! The durable records and the typed registry over the [`Store`].
+//!
+//! | key                         | record          |
+//! |-----------------------------|-----------------|
+//! | `tenants/<t>`               | [`Tenant`]      |
+//! | `keys/<key id>`             | [`ApiKey`]      |
+//! | `runners/<t>/<runner id>`   | [`RunnerRecord`]|
+//! | `tokens/<token id>`         | [`TokenRecord`] |
+//! | `audit/<t or @cluster>/<ts>`| [`AuditEvent`]  |
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::secret::HashedSecret;
+use crate::store::{Store, StoreError};
+
+/// Seconds since the Unix epoch.
+pub fn now_unix() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// A tenant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tenant {
+    /// Tenant id.
+    pub id: String,
+    /// Creation time (unix seconds).
+    pub created_at: i64,
+}
+
+/// What an API key may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Cluster-wide: tenants and their first keys.
+    Operator,
+    /// One tenant: runners, tokens, keys, jobs, audit.
+    Admin,
+    /// One tenant: jobs for any owner; reads runners.
+    Dispatcher,
+    /// One owner of one tenant: its jobs and runners.
+    Member,
+}
+
+/// An API key record (the secret itself is only hashed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApiKey {
+    /// Public key id.
+    pub id: String,
+    /// Role.
+    pub role: Role,
+    /// Tenant (None for operator keys).
+    pub tenant: Option<String>,
+    /// Owner (member keys only).
+    pub owner: Option<String>,
+    /// Salted hash of the secret.
+    pub secret: HashedSecret,
+    /// Creation time.
+    pub created_at: i64,
+}
+
+/// Lifecycle of a runner record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunnerState {
+    /// Created, token issued, not enrolled yet.
+    Pending,
+    /// Enrolled; holds a certificate.
+    Paired,
+    /// Revoked; refused in the handshake forever.
+    Revoked,
+}
+
+/// A runner record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunnerRecord {
+    /// Runner id.
+    pub id: String,
+    /// Tenant.
+    pub tenant: String,
+    /// Owner.
+    pub owner: String,
+    /// Display name.
+    pub name: String,
+    /// Labels set by the admin; jobs select on them (with the runner's own).
+    pub labels: BTreeMap<String, String>,
+    /// Lifecycle state.
+    pub state: RunnerState,
+    /// Creation time.
+    pub created_at: i64,
+    /// Enrollment time.
+    pub enrolled_at: Option<i64>,
+    /// Revocation time.
+    pub revoked_at: Option<i64>,
+    /// Serial of the newest certificate issued.
+    pub cert_serial: Option<String>,
+    /// Expiry of the newest certificate issued.
+    pub cert_not_after: Option<i64>,
+    /// Last time the runner connected or disconnected (heartbeats update memory only).
+    pub last_seen: Option<i64>,
+}
+
+/// An enrollment token record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// Token id.
+    pub id: String,
+    /// Runner the token enrolls.
+    pub runner_id: String,
+    /// Tenant.
+    pub tenant: String,
+    /// Owner.
+    pub owner: String,
+    /// Salted hash of the secret.
+    pub secret: HashedSecret,
+    /// Expiry (unix seconds).
+    pub expires_at: i64,
+    /// Set once, atomically, when used.
+    pub consumed_at: Option<i64>,
+}
+
+/// One audit log entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEvent {
+    /// When (unix seconds).
+    pub at: i64,
+    /// What: `tenant_created`, `key_created`, `runner_created`, `enrolled`, `renewed`,
+    /// `revoked`, `denied`.
+    pub event: String,
+    /// Who did it (`key:<id>`, `runner:<id>`, `anonymous`).
+    pub actor: String,
+    /// Tenant concerned (None for cluster-level events).
+    pub tenant: Option<String>,
+    /// Runner concerned.
+    pub runner_id: Option<String>,
+    /// Detail.
+    pub detail: String,
+}
+
+/// Store key prefix of the cluster-level audit log.
+const CLUSTER_AUDIT: &str = "@cluster";
+
+/// Typed access to records.
+#[derive(Clone)]
+pub struct Registry {
+    store: Arc<dyn Store>,
+    audit_seq: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").finish_non_exhaustive()
+    }
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    // Serializing our own plain structs to JSON cannot fail.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| StoreError::Corrupt { key: key.into(), message: e.to_string() })
+}
+
+/// Outcome of consuming an enrollment token.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Consume {
+    /// Consumed now; enroll this runner.
+    Ok(TokenRecord),
+    /// No such token, or the secret does not match.
+    Unknown,
+    /// Past its expiry.
+    Expired,
+    /// Already used.
+    Replayed,
+}
+
+impl Registry {
+    /// Wraps a store.
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self { store, audit_seq: Arc::new(AtomicU64::new(0)) }
+    }
+
+    /// The store underneath.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
+        match self.store.get(key).await? {
+            Some(bytes) => Ok(Some(decode(key, &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn scan<T: DeserializeOwned>(
+        &self,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<T>, StoreError> {
+        self.store
+            .scan_prefix(prefix, limit)
+            .await?
+            .into_iter()
+            .map(|(k, v)| decode(&k, &v))
+            .collect()
+    }
+
+    /// Creates a tenant; false if it exists already.
+    pub async fn create_tenant(&self, tenant: &Tenant) -> Result<bool, StoreError> {
+        let key = format!("tenants/{}", tenant.id);
+        self.store.compare_and_swap(&key, None, Some(encode(tenant))).await
+    }
+
+    /// A tenant.
+    pub async fn tenant(&self, id: &str) -> Result<Option<Tenant>, StoreError> {
+        self.get(&format!("tenants/{id}")).await
+    }
+
+    /// All tenants.
+    pub async fn tenants(&self, limit: usize) -> Result<Vec<Tenant>, StoreError> {
+        self.scan("tenants/", limit).await
+    }
+
+    /// Stores an API key record.
+    pub async fn put_key(&self, key: &ApiKey) -> Result<(), StoreError> {
+        self.store.put(&format!("keys/{}", key.id), encode(key)).await
+    }
+
+    /// All API key records.
+    pub async fn keys(&self) -> Result<Vec<ApiKey>, StoreError> {
+        self.scan("keys/", usize::MAX).await
+    }
+
+    /// Stores a runner record.
+    pub async fn put_runner(&self, r: &RunnerRecord) -> Result<(), StoreError> {
+        self.store.put(&format!("runners/{}/{}", r.tenant, r.id), encode(r)).await
+    }
+
+    /// A runner of `tenant`.
+    pub async fn runner(&self, tenant: &str, id: &str) -> Result<Option<RunnerRecord>, StoreError> {
+        self.get(&format!("runners/{tenant}/{id}")).await
+    }
+
+    /// Runners of one tenant (`Some`) or of all tenants (`None`).
+    pub async fn runners(&self, tenant: Option<&str>) -> Result<Vec<RunnerRecord>, StoreError> {
+        match tenant {
+            Some(t) => self.scan(&format!("runners/{t}/"), usize::MAX).await,
+            None => self.scan("runners/", usize::MAX).await,
+        }
+    }
+
+    /// Stores a new token record.
+    pub async fn put_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
+        self.store.put(&format!("tokens/{}", t.id), encode(t)).await
+    }
+
+    /// Consumes a token atomically: of any number of concurrent callers presenting the
+    /// same valid token, exactly one gets [`Consume::Ok`].
+    pub async fn consume_token(&self, id: &str, random: &str) -> Result<Consume, StoreError> {
+        let key = format!("tokens/{id}");
+        let Some(raw) = self.store.get(&key).await? else { return Ok(Consume::Unknown) };
+        let mut rec: TokenRecord = decode(&key, &raw)?;
+        // Check the secret before saying anything about the token's state.
+        if !rec.secret.verify(random) {
+            return Ok(Consume::Unknown);
+        }
+        if rec.consumed_at.is_some() {
+            return Ok(Consume::Replayed);
+        }
+        if now_unix() >= rec.expires_at {
+            return Ok(Consume::Expired);
+        }
+        rec.consumed_at = Some(now_unix());
+        if self.store.compare_and_swap(&key, Some(&raw), Some(encode(&rec))).await? {
+            Ok(Consume::Ok(rec))
+        } else {
+            // Someone else changed it between our read and our swap: they won.
+            Ok(Consume::Replayed)
+        }
+    }
+
+    /// Appends an audit event.
+    pub async fn audit(&self, ev: AuditEvent) -> Result<(), StoreError> {
+        let scope = ev.tenant.clone().unwrap_or_else(|| CLUSTER_AUDIT.into());
+        let nanos = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
+        let seq = self.audit_seq.fetch_add(1, Ordering::Relaxed);
+        self.store.put(&format!("audit/{scope}/{nanos:024}-{seq:08}"), encode(&ev)).await
+    }
+
+    /// Audit events of a tenant (`Some`) or of the cluster (`None`), oldest first.
+    pub async fn audit_log(
+        &self,
+        tenant: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<AuditEvent>, StoreError> {
+        self.scan(&format!("audit/{}/", tenant.unwrap_or(CLUSTER_AUDIT)), limit).await
+    }
+}
+
+impl Registry {
+    /// Read-modify-write of a runner record with compare-and-swap, retried on conflict.
+    /// `f` returns false to leave the record alone. Returns the record as written, or
+    /// `None` if it does not exist or `f` declined.
+    pub async fn update_runner(
+        &self,
+        tenant: &str,
+        id: &str,
+        mut f: impl FnMut(&mut RunnerRecord) -> bool,
+    ) -> Result<Option<RunnerRecord>, StoreError> {
+        let key = format!("runners/{tenant}/{id}");
+        loop {
+            let Some(raw) = self.store.get(&key).await? else { return Ok(None) };
+            let mut rec: RunnerRecord = decode(&key, &raw)?;
+            if !f(&mut rec) {
+                return Ok(None);
+            }
+            if self.store.compare_and_swap(&key, Some(&raw), Some(encode(&rec))).await? {
+                return Ok(Some(rec));
+            }
+        }
+    }
+}

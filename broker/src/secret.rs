@@ -1,0 +1,102 @@
+//! Secrets: API keys and enrollment tokens.
+//!
+//! A secret is `<prefix>_<id>_<random>`: the id (64 bits, public) finds the record, the
+//! random part (256 bits) proves possession. Only `SHA-256(salt || random)` with a
+//! per-secret 128-bit salt is stored, and the comparison is constant-time.
+
+use rand::RngCore;
+use subtle::ConstantTimeEq;
+
+/// Prefix of API keys.
+pub const KEY_PREFIX: &str = "rk";
+/// Prefix of enrollment tokens.
+pub const TOKEN_PREFIX: &str = "rt";
+
+/// A freshly minted secret: the plaintext (shown once) and what is stored.
+pub struct Minted {
+    /// Public id of the secret (the record key).
+    pub id: String,
+    /// The full plaintext secret. Never log or store it.
+    pub plaintext: String,
+    /// What the store keeps.
+    pub hashed: HashedSecret,
+}
+
+/// The stored form of a secret.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HashedSecret {
+    /// Hex salt.
+    pub salt: String,
+    /// Hex `SHA-256(salt || secret)`.
+    pub sha256: String,
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    rand::rng().fill_bytes(&mut buf);
+    hex::encode(buf)
+}
+
+/// A random id with a readable prefix, for runners and jobs.
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}-{}", random_hex(8))
+}
+
+fn digest(salt: &[u8], secret: &[u8]) -> Vec<u8> {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(salt);
+    ctx.update(secret);
+    ctx.finish().as_ref().to_vec()
+}
+
+/// Mints a new secret with the given prefix.
+pub fn mint(prefix: &str) -> Minted {
+    let id = random_hex(8);
+    let random = random_hex(32);
+    let salt = random_hex(16);
+    let sha256 = hex::encode(digest(salt.as_bytes(), random.as_bytes()));
+    Minted {
+        plaintext: format!("{prefix}_{id}_{random}"),
+        id,
+        hashed: HashedSecret { salt, sha256 },
+    }
+}
+
+/// Splits a presented secret into `(id, random)` if it has the expected shape.
+pub fn split<'a>(prefix: &str, presented: &'a str) -> Option<(&'a str, &'a str)> {
+    let rest = presented.strip_prefix(prefix)?.strip_prefix('_')?;
+    let (id, random) = rest.split_once('_')?;
+    let hex_ok = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
+    (hex_ok(id, 16) && hex_ok(random, 64)).then_some((id, random))
+}
+
+impl HashedSecret {
+    /// Constant-time check of the random part of a presented secret.
+    pub fn verify(&self, random: &str) -> bool {
+        let Ok(expected) = hex::decode(&self.sha256) else { return false };
+        let actual = digest(self.salt.as_bytes(), random.as_bytes());
+        expected.ct_eq(&actual).into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minted_secret_verifies_and_nothing_else_does() {
+        let m = mint(KEY_PREFIX);
+        let (id, random) = split(KEY_PREFIX, &m.plaintext).expect("shape");
+        assert_eq!(id, m.id);
+        assert!(m.hashed.verify(random));
+        let mut wrong = random.to_string();
+        wrong.replace_range(0..1, if wrong.starts_with('0') { "1" } else { "0" });
+        assert!(!m.hashed.verify(&wrong));
+        assert!(!m.hashed.sha256.contains(random));
+        assert!(split(TOKEN_PREFIX, &m.plaintext).is_none());
+        assert!(split(KEY_PREFIX, "rk_short_x").is_none());
+        assert!(split(KEY_PREFIX, "").is_none());
+        // Same secret, different salts, different hashes.
+        assert_ne!(mint(KEY_PREFIX).hashed.salt, m.hashed.salt);
+    }
+}

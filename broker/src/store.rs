@@ -1,0 +1,82 @@
+//! The durable store behind the broker: a small KV with prefix scans, compare-and-swap and
+//! watch. The default engine is an embedded redb file ([`RedbStore`]); a cluster will put
+//! etcd behind the same trait (leases and linearizable transactions map onto it).
+//!
+//! Keys are `/`-separated strings; values are opaque bytes (the registry stores JSON).
+
+mod redb;
+
+use async_trait::async_trait;
+use tokio::sync::broadcast;
+
+pub use self::redb::RedbStore;
+
+/// Store failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The engine failed (I/O, corruption, closed database).
+    #[error("store: {0}")]
+    Engine(String),
+    /// A stored value does not decode.
+    #[error("store: corrupt value at {key}: {message}")]
+    Corrupt {
+        /// The key.
+        key: String,
+        /// What failed.
+        message: String,
+    },
+}
+
+/// One change, as seen by [`Store::watch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchEvent {
+    /// `key` now holds `value`.
+    Put {
+        /// The key.
+        key: String,
+        /// The new value.
+        value: Vec<u8>,
+    },
+    /// `key` was deleted.
+    Delete {
+        /// The key.
+        key: String,
+    },
+}
+
+impl WatchEvent {
+    /// The key the event is about.
+    pub fn key(&self) -> &str {
+        match self {
+            WatchEvent::Put { key, .. } | WatchEvent::Delete { key } => key,
+        }
+    }
+}
+
+/// A KV store. Every write is durable when the call returns.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The value at `key`.
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Sets `key` to `value`.
+    async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError>;
+    /// Deletes `key`; true if it existed.
+    async fn delete(&self, key: &str) -> Result<bool, StoreError>;
+    /// All `(key, value)` pairs whose key starts with `prefix`, in key order, at most `limit`.
+    async fn scan_prefix(
+        &self,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// Atomically replaces the value at `key` with `new` (None deletes) if and only if it is
+    /// currently `expected` (None: absent). Returns whether the swap happened.
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: Option<Vec<u8>>,
+    ) -> Result<bool, StoreError>;
+    /// A stream of every committed change from now on. A receiver that lags loses events
+    /// (`RecvError::Lagged`) and must rescan.
+    fn watch(&self) -> broadcast::Receiver<WatchEvent>;
+}

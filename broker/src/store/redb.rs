@@ -1,0 +1,239 @@
+//! The embedded default: one redb file in the data dir, zero setup.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use ::redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use async_trait::async_trait;
+use tokio::sync::broadcast;
+
+use super::{Store, StoreError, WatchEvent};
+
+const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
+/// How many unconsumed watch events a slow watcher may fall behind by.
+const WATCH_BUFFER: usize = 1024;
+
+fn engine<E: std::fmt::Display>(e: E) -> StoreError {
+    StoreError::Engine(e.to_string())
+}
+
+/// A [`Store`] in a redb file. redb is synchronous; calls run on the blocking pool.
+#[derive(Clone)]
+pub struct RedbStore {
+    db: Arc<Database>,
+    events: broadcast::Sender<WatchEvent>,
+}
+
+impl std::fmt::Debug for RedbStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedbStore").finish_non_exhaustive()
+    }
+}
+
+impl RedbStore {
+    /// Opens (or creates) the database file at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path).map_err(engine)?;
+        let txn = db.begin_write().map_err(engine)?;
+        txn.open_table(KV).map_err(engine)?;
+        txn.commit().map_err(engine)?;
+        let (events, _) = broadcast::channel(WATCH_BUFFER);
+        Ok(Self { db: Arc::new(db), events })
+    }
+
+    async fn blocking<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db)).await.map_err(engine)?
+    }
+
+    fn notify(&self, event: WatchEvent) {
+        // No watcher is fine.
+        let _ = self.events.send(event);
+    }
+}
+
+#[async_trait]
+impl Store for RedbStore {
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = key.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(engine)?;
+            let table = txn.open_table(KV).map_err(engine)?;
+            Ok(table.get(key.as_str()).map_err(engine)?.map(|v| v.value().to_vec()))
+        })
+        .await
+    }
+
+    async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
+        let k = key.to_owned();
+        let v = value.clone();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(engine)?;
+            txn.open_table(KV).map_err(engine)?.insert(k.as_str(), v.as_slice()).map_err(engine)?;
+            txn.commit().map_err(engine)
+        })
+        .await?;
+        self.notify(WatchEvent::Put { key: key.to_owned(), value });
+        Ok(())
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool, StoreError> {
+        let k = key.to_owned();
+        let existed = self
+            .blocking(move |db| {
+                let txn = db.begin_write().map_err(engine)?;
+                let existed = txn
+                    .open_table(KV)
+                    .map_err(engine)?
+                    .remove(k.as_str())
+                    .map_err(engine)?
+                    .is_some();
+                txn.commit().map_err(engine)?;
+                Ok(existed)
+            })
+            .await?;
+        if existed {
+            self.notify(WatchEvent::Delete { key: key.to_owned() });
+        }
+        Ok(existed)
+    }
+
+    async fn scan_prefix(
+        &self,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let prefix = prefix.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(engine)?;
+            let table = txn.open_table(KV).map_err(engine)?;
+            let mut out = Vec::new();
+            for item in table.range(prefix.as_str()..).map_err(engine)? {
+                let (k, v) = item.map_err(engine)?;
+                if !k.value().starts_with(prefix.as_str()) || out.len() >= limit {
+                    break;
+                }
+                out.push((k.value().to_owned(), v.value().to_vec()));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: Option<Vec<u8>>,
+    ) -> Result<bool, StoreError> {
+        let k = key.to_owned();
+        let expected = expected.map(<[u8]>::to_vec);
+        let n = new.clone();
+        let swapped = self
+            .blocking(move |db| {
+                // redb has one writer at a time, so read-compare-write inside one write
+                // transaction is atomic.
+                let txn = db.begin_write().map_err(engine)?;
+                let swapped = {
+                    let mut table = txn.open_table(KV).map_err(engine)?;
+                    let current =
+                        table.get(k.as_str()).map_err(engine)?.map(|v| v.value().to_vec());
+                    if current != expected {
+                        false
+                    } else {
+                        match &n {
+                            Some(v) => {
+                                table.insert(k.as_str(), v.as_slice()).map_err(engine)?;
+                            }
+                            None => {
+                                table.remove(k.as_str()).map_err(engine)?;
+                            }
+                        }
+                        true
+                    }
+                };
+                if swapped {
+                    txn.commit().map_err(engine)?;
+                } else {
+                    txn.abort().map_err(engine)?;
+                }
+                Ok(swapped)
+            })
+            .await?;
+        if swapped {
+            self.notify(match new {
+                Some(value) => WatchEvent::Put { key: key.to_owned(), value },
+                None => WatchEvent::Delete { key: key.to_owned() },
+            });
+        }
+        Ok(swapped)
+    }
+
+    fn watch(&self) -> broadcast::Receiver<WatchEvent> {
+        self.events.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn kv_scan_cas_watch_and_reopen() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("db.redb");
+        let store = RedbStore::open(&path).expect("open");
+        let mut watch = store.watch();
+
+        store.put("runners/a/1", b"one".to_vec()).await.expect("put");
+        store.put("runners/a/2", b"two".to_vec()).await.expect("put");
+        store.put("runners/b/1", b"other".to_vec()).await.expect("put");
+        let scan = store.scan_prefix("runners/a/", 100).await.expect("scan");
+        assert_eq!(scan.len(), 2);
+        assert_eq!(scan[0], ("runners/a/1".to_string(), b"one".to_vec()));
+        assert_eq!(store.scan_prefix("runners/", 1).await.expect("scan").len(), 1);
+
+        assert!(!store.compare_and_swap("runners/a/1", Some(b"nope"), None).await.expect("cas"));
+        assert!(
+            store
+                .compare_and_swap("runners/a/1", Some(b"one"), Some(b"1".to_vec()))
+                .await
+                .expect("cas")
+        );
+        assert!(store.compare_and_swap("new", None, Some(b"x".to_vec())).await.expect("cas"));
+        assert!(!store.compare_and_swap("new", None, Some(b"y".to_vec())).await.expect("cas"));
+        assert!(store.delete("runners/b/1").await.expect("delete"));
+        assert!(!store.delete("runners/b/1").await.expect("delete"));
+
+        assert_eq!(watch.recv().await.expect("ev").key(), "runners/a/1");
+        drop(store);
+
+        let reopened = RedbStore::open(&path).expect("reopen");
+        assert_eq!(reopened.get("runners/a/1").await.expect("get"), Some(b"1".to_vec()));
+        assert_eq!(reopened.get("runners/b/1").await.expect("get"), None);
+        assert_eq!(reopened.get("new").await.expect("get"), Some(b"x".to_vec()));
+    }
+
+    #[tokio::test]
+    async fn concurrent_cas_has_exactly_one_winner() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = RedbStore::open(&dir.path().join("db.redb")).expect("open");
+        store.put("token", b"fresh".to_vec()).await.expect("put");
+        let mut tasks = Vec::new();
+        for i in 0..16u8 {
+            let s = store.clone();
+            tasks.push(tokio::spawn(async move {
+                s.compare_and_swap("token", Some(b"fresh"), Some(vec![i])).await.expect("cas")
+            }));
+        }
+        let mut winners = 0;
+        for t in tasks {
+            winners += usize::from(t.await.expect("join"));
+        }
+        assert_eq!(winners, 1);
+    }
+}
