@@ -1,0 +1,159 @@
+//! The `runnel-runner` command line: `enroll` once, then `run`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::{Runner, RunnerError, StateDir, enroll};
+
+/// Exit status for bad flags (EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+/// Exit status when the broker refuses this runner for good (revoked): re-enroll.
+const EXIT_REFUSED: u8 = 3;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "runnel-runner",
+    version,
+    about = "runnel runner: dials out to a broker and runs jobs"
+)]
+struct Cli {
+    /// Log format: pretty or json (RUST_LOG sets the level).
+    #[arg(long, global = true, env = "RUNNEL_LOG_FORMAT", default_value = "pretty")]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Pair this machine with a broker using a one-time token.
+    Enroll {
+        /// Broker host:port.
+        #[arg(long, env = "RUNNEL_BROKER")]
+        broker: String,
+        /// sha256:<hex> of the cluster CA (from the enroll command).
+        #[arg(long, env = "RUNNEL_CA_FINGERPRINT")]
+        ca_fingerprint: String,
+        /// The one-time enrollment token.
+        #[arg(long, env = "RUNNEL_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Where to keep the key and certificate.
+        #[arg(long, env = "RUNNEL_STATE_DIR", default_value = "./runnel-runner")]
+        state_dir: PathBuf,
+    },
+    /// Connect and serve jobs until SIGTERM/SIGINT (which drain: running jobs finish).
+    Run {
+        /// The enrolled state dir.
+        #[arg(long, env = "RUNNEL_STATE_DIR", default_value = "./runnel-runner")]
+        state_dir: PathBuf,
+        /// Jobs run at once (default: number of CPUs).
+        #[arg(long, env = "RUNNEL_CAPACITY")]
+        capacity: Option<u32>,
+        /// Label key=value advertised to the broker (repeatable).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Override the broker host:port saved at enrollment.
+        #[arg(long, env = "RUNNEL_BROKER")]
+        broker: Option<String>,
+    },
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("label {s:?} must be key=value"))?;
+    if k.is_empty() {
+        return Err(format!("label {s:?} has an empty key"));
+    }
+    Ok((k.to_owned(), v.to_owned()))
+}
+
+fn init_tracing(format: &str) -> Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        "pretty" => b.try_init().map_err(|e| e.to_string()),
+        "json" => b.json().try_init().map_err(|e| e.to_string()),
+        other => Err(format!("unknown log format {other:?} (use pretty or json)")),
+    }
+}
+
+async fn drain_on_signal(handle: &crate::RunnerHandle) {
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("signal received: draining");
+    handle.drain();
+}
+
+/// Runs the command line; returns the exit status.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = init_tracing(&cli.log_format) {
+        eprintln!("runnel-runner: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("runnel-runner: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        match cli.command {
+            Command::Enroll { broker, ca_fingerprint, token, state_dir } => {
+                match enroll(&broker, &ca_fingerprint, &token, &StateDir::new(&state_dir)).await {
+                    Ok(e) => {
+                        println!("enrolled runner {} (tenant {}, owner {})", e.runner_id, e.tenant, e.owner);
+                        println!("start it with: runnel-runner run --state-dir {}", state_dir.display());
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("runnel-runner: enrollment failed: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            Command::Run { state_dir, capacity, labels, broker } => {
+                let mut b = Runner::builder(StateDir::new(&state_dir)).labels(labels.into_iter().collect::<BTreeMap<_, _>>());
+                if let Some(c) = capacity {
+                    b = b.capacity(c);
+                }
+                if let Some(addr) = broker {
+                    b = b.broker(addr);
+                }
+                let handle = match b.spawn() {
+                    Ok(h) => h,
+                    Err(e) => {
+                        eprintln!("runnel-runner: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                let watch = handle.watch();
+                tokio::select! {
+                    _ = drain_on_signal(&handle) => {}
+                    _ = async { let mut w = watch; let _ = w.wait_for(|s| matches!(s, crate::RunnerStatus::Stopped { .. })).await; } => {}
+                }
+                match handle.join().await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(RunnerError::Refused(why)) => {
+                        eprintln!("runnel-runner: {why}; enroll again with a new token");
+                        ExitCode::from(EXIT_REFUSED)
+                    }
+                    Err(e) => {
+                        eprintln!("runnel-runner: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+        }
+    })
+}

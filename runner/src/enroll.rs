@@ -1,0 +1,75 @@
+//! `runnel-runner enroll`: generate a key here, trade the one-time token and a CSR for a
+//! certificate, and save everything in the state dir.
+
+use runnel_certs::{key, parse_fingerprint, pem};
+use runnel_protocol::{
+    EnrollRequest, EnrollResponse, Enrolled, PROTOCOL_VERSION, read_frame, write_frame,
+};
+
+use crate::RunnerError;
+use crate::state::{RunnerInfo, StateDir};
+use crate::tls::{client_endpoint, enroll_config, resolve};
+
+fn conn_err(e: impl std::fmt::Display) -> RunnerError {
+    RunnerError::Connection(e.to_string())
+}
+
+/// Enrolls a new runner into `state`. The private key never leaves this machine.
+pub async fn enroll(
+    broker: &str,
+    ca_fingerprint: &str,
+    token: &str,
+    state: &StateDir,
+) -> Result<Enrolled, RunnerError> {
+    if state.is_enrolled() {
+        return Err(RunnerError::State(format!(
+            "{} already holds an enrolled runner; use another --state-dir",
+            state.path().display()
+        )));
+    }
+    let pin = parse_fingerprint(ca_fingerprint)?;
+    let (addr, server_name) = resolve(broker).await?;
+    let key = key::generate_key()?;
+    let csr = key::csr_pem(&key)?;
+
+    let endpoint = client_endpoint(addr)?;
+    let conn = endpoint
+        .connect_with(enroll_config(pin)?, addr, &server_name)
+        .map_err(conn_err)?
+        .await
+        .map_err(conn_err)?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(conn_err)?;
+    let req =
+        EnrollRequest { version: PROTOCOL_VERSION, token: token.trim().to_owned(), csr_pem: csr };
+    write_frame(&mut send, &req).await.map_err(conn_err)?;
+    send.finish().map_err(conn_err)?;
+    let resp = read_frame::<EnrollResponse, _>(&mut recv).await.map_err(conn_err)?;
+    conn.close(0u32.into(), b"enrolled");
+    endpoint.wait_idle().await;
+    let enrolled = match resp {
+        Some(EnrollResponse::Ok(e)) => e,
+        Some(EnrollResponse::Refused { code, message }) => {
+            return Err(RunnerError::EnrollRefused { code, message });
+        }
+        None => return Err(RunnerError::Connection("broker closed without answering".into())),
+    };
+    // The CA the broker returns must be the one we pinned.
+    let ca_der = pem::certs_from_pem(&enrolled.ca_pem)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| RunnerError::Tls("no CA in response".into()))?;
+    if ring::digest::digest(&ring::digest::SHA256, &ca_der).as_ref() != pin {
+        return Err(RunnerError::Tls("broker returned a CA that does not match the pin".into()));
+    }
+    state.create()?;
+    pem::write_private(&state.key_path(), &key.serialize_pem())?;
+    pem::write_public(&state.cert_path(), &enrolled.cert_pem)?;
+    pem::write_public(&state.ca_path(), &enrolled.ca_pem)?;
+    state.write_info(&RunnerInfo {
+        broker: broker.to_owned(),
+        runner_id: enrolled.runner_id.clone(),
+        tenant: enrolled.tenant.clone(),
+        owner: enrolled.owner.clone(),
+    })?;
+    Ok(enrolled)
+}

@@ -1,0 +1,5 @@
+//! `runnel-runner`: see [`runnel_runner::cli`].
+
+fn main() -> std::process::ExitCode {
+    runnel_runner::cli::main()
+}
