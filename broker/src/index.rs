@@ -33,6 +33,8 @@ pub struct IndexEntry {
     pub load_milli: u32,
     /// Last reported jobs in flight.
     pub in_flight: u32,
+    /// Labels the runner advertised in its last Hello (None: not seen since start).
+    pub advertised: Option<BTreeMap<String, String>>,
 }
 
 /// Why the index refuses a runner.
@@ -70,6 +72,7 @@ impl RunnerIndex {
             last_seen: rec.last_seen,
             load_milli: 0,
             in_flight: 0,
+            advertised: None,
         });
         // Revocation is final, whatever order updates arrive in.
         if entry.state != RunnerState::Revoked {
@@ -127,7 +130,15 @@ impl RunnerIndex {
                 && e.owner == owner
                 && e.state == RunnerState::Paired
                 && runner_id.is_none_or(|want| want == id)
-                && labels.iter().all(|(k, v)| e.labels.get(k).is_none_or(|have| have == v))
+                && labels.iter().all(|(k, v)| {
+                    // Admin labels win over advertised ones. A runner not seen since start
+                    // may advertise anything, so only its admin labels can rule it out.
+                    match (e.labels.get(k), &e.advertised) {
+                        (Some(have), _) => have == v,
+                        (None, Some(adv)) => adv.get(k) == Some(v),
+                        (None, None) => true,
+                    }
+                })
         };
         match runner_id {
             Some(id) => self.map.get(id).is_some_and(|e| fits(id, &e)),
@@ -192,6 +203,12 @@ mod tests {
         let mac = BTreeMap::from([("os".to_string(), "mac".to_string())]);
         assert!(idx.any_could_match("t", "o", None, &linux));
         assert!(!idx.any_could_match("t", "o", None, &mac));
+        let gpu = BTreeMap::from([("gpu".to_string(), "yes".to_string())]);
+        assert!(idx.any_could_match("t", "o", None, &gpu), "never seen: it may advertise gpu");
+        idx.update_presence("r1", |e| e.advertised = Some(BTreeMap::new()));
+        assert!(!idx.any_could_match("t", "o", None, &gpu), "seen without gpu");
+        idx.update_presence("r1", |e| e.advertised = Some(gpu.clone()));
+        assert!(idx.any_could_match("t", "o", None, &gpu));
         assert!(!idx.any_could_match("t", "x", None, &linux));
         assert!(idx.any_could_match("t", "o", Some("r1"), &BTreeMap::new()));
         assert!(!idx.any_could_match("t", "o", Some("r2"), &BTreeMap::new()));

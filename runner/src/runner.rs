@@ -606,8 +606,10 @@ async fn serve_job(inner: &Arc<Inner>, mut send: quinn::SendStream, mut recv: qu
         result.outcome = JobOutcome::TimedOut;
         result.message = format!("run timeout of {timeout:?} passed; process group killed");
     }
+    // Free the slot before the broker can see the Result: the broker counts the job done
+    // when the Result arrives and may send the next one at once.
+    drop(permit);
     let _ = frames_tx.send(RunnerJobFrame::Result(result)).await;
     drop(frames_tx);
     let _ = writer.await;
-    drop(permit);
 }

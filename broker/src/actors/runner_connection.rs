@@ -83,7 +83,7 @@ impl Actor for RunnerConnection {
         myself: ActorRef<Self::Msg>,
         args: ConnectionArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let Attach { conn, identity, version, control: (mut send, mut recv), .. } = args.attach;
+        let Attach { conn, identity, version, hello, control: (mut send, mut recv) } = args.attach;
         let span = tracing::info_span!(
             "runner_conn",
             tenant = %identity.tenant,
@@ -150,6 +150,7 @@ impl Actor for RunnerConnection {
             e.connections += 1;
             e.last_seen = Some(now);
             e.draining = false;
+            e.advertised = Some(hello.labels.clone());
         });
         span.in_scope(|| tracing::info!("runner connected"));
         Ok(ConnectionState {

@@ -1,0 +1,153 @@
+//! Cancel, run timeout, runner loss, full queue, streamed output, drain.
+#![allow(missing_docs)]
+
+use std::time::{Duration, Instant};
+
+use runnel_tests::{TestBroker, runner_bin, spawn_runner_process, wait_for, wait_runner_status};
+use serde_json::{Value, json};
+
+async fn start_job(b: &TestBroker, key: &str, script: &str, extra: Value) -> String {
+    let mut body = json!({ "owner": "alice", "kind": "exec", "exec": { "program": "sh", "args": ["-c", script] } });
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    let (s, v) = b.api.post("/v1/jobs", key, body).await;
+    assert_eq!(s, 201, "{v}");
+    v["id"].as_str().unwrap().to_owned()
+}
+
+fn alive(pid: i32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+async fn read_pid(path: &std::path::Path) -> i32 {
+    wait_for(Duration::from_secs(10), "the job to write its pid", || async {
+        std::fs::read_to_string(path).ok().and_then(|s| s.trim().parse().ok())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn cancel_kills_the_process_group_and_timeouts_end_as_timed_out() {
+    let b = TestBroker::start().await;
+    let admin = b.tenant("acme").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, _h) = b.runner(&admin, "alice", &dir.path().join("r"), 4).await;
+
+    // A shell that starts a child sleeper: cancel must kill both (the whole group).
+    let pidfile = dir.path().join("pid");
+    let script = format!("sleep 60 & echo $! > {}; echo started; wait", pidfile.display());
+    let id = start_job(&b, &admin, &script, json!({})).await;
+    let sleeper = read_pid(&pidfile).await;
+    assert!(alive(sleeper));
+    let (s, v) = b.api.post(&format!("/v1/jobs/{id}/cancel"), &admin, json!({})).await;
+    assert_eq!(s, 202, "{v}");
+    let v = b.job_end(&admin, &id, Duration::from_secs(10)).await;
+    assert_eq!(v["state"], "cancelled", "{v}");
+    assert_eq!(v["output"], "started\n");
+    wait_for(Duration::from_secs(5), "the sleeper to die", || async {
+        (!alive(sleeper)).then_some(())
+    })
+    .await;
+    // Cancelling again is harmless.
+    assert_eq!(
+        b.api.post(&format!("/v1/jobs/{id}/cancel"), &admin, json!({})).await.1["state"],
+        "cancelled"
+    );
+
+    // Run timeout.
+    let t0 = Instant::now();
+    let id = start_job(&b, &admin, "sleep 30", json!({ "timeout_ms": 300 })).await;
+    let v = b.job_end(&admin, &id, Duration::from_secs(10)).await;
+    assert_eq!(v["state"], "timed_out", "{v}");
+    assert!(t0.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn killing_a_runner_mid_job_gives_runner_lost_within_seconds() {
+    let b = TestBroker::start().await;
+    let admin = b.tenant("acme").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (id, state) = b.enrolled(&admin, "alice", &dir.path().join("r")).await;
+    let mut child = spawn_runner_process(runner_bin!(), state.path(), 2);
+    wait_runner_status(&b, &admin, &id, "online").await;
+    let pidfile = dir.path().join("pid");
+    let job =
+        start_job(&b, &admin, &format!("echo $$ > {}; sleep 60", pidfile.display()), json!({}))
+            .await;
+    read_pid(&pidfile).await;
+    let t0 = Instant::now();
+    child.start_kill().unwrap(); // SIGKILL: no goodbye on the wire
+    child.wait().await.unwrap();
+    let v = b.job_end(&admin, &job, Duration::from_secs(15)).await;
+    assert_eq!(v["state"], "runner_lost", "{v}");
+    let took = t0.elapsed();
+    eprintln!("SIGKILL → runner_lost in {took:?}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    wait_runner_status(&b, &admin, &id, "offline").await;
+}
+
+#[tokio::test]
+async fn a_full_tenant_queue_answers_429_and_loses_nothing_it_accepted() {
+    let b = TestBroker::start_with(|c| c.queue_limit = 2).await;
+    let admin = b.tenant("acme").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, _h) = b.runner(&admin, "alice", &dir.path().join("r"), 1).await;
+    let running = start_job(&b, &admin, "sleep 1", json!({})).await;
+    let q1 = start_job(&b, &admin, "echo q1", json!({})).await;
+    let q2 = start_job(&b, &admin, "echo q2", json!({})).await;
+    let (s, v) = b.run(&admin, "alice", "true", &[]).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (429, Some("queue_full")), "{v}");
+    // Every accepted job still ends.
+    for (id, out) in [(running, ""), (q1, "q1\n"), (q2, "q2\n")] {
+        let v = b.job_end(&admin, &id, Duration::from_secs(15)).await;
+        assert_eq!(v["state"], "succeeded", "{v}");
+        assert_eq!(v["output"], out);
+    }
+}
+
+#[tokio::test]
+async fn output_streams_live_and_draining_runners_finish_but_take_nothing_new() {
+    let b = TestBroker::start().await;
+    let admin = b.tenant("acme").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (id, h) = b.runner(&admin, "alice", &dir.path().join("r"), 2).await;
+    let job = start_job(&b, &admin, "echo one; sleep 1; echo two", json!({})).await;
+    // The stream shows "one" before the job ends.
+    let resp = reqwest::Client::new()
+        .get(format!("{}/v1/jobs/{job}/output", b.api.base()))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    let mut stream = resp.bytes_stream();
+    use futures::StreamExt;
+    let first = stream.next().await.unwrap().unwrap();
+    assert_eq!(&first[..], b"one\n");
+    let (_, v) = b.api.get(&format!("/v1/jobs/{job}"), &admin).await;
+    assert_eq!(v["state"], "running");
+    let mut rest = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        rest.extend_from_slice(&chunk.unwrap());
+    }
+    assert_eq!(rest, b"two\n");
+
+    // Drain while a job runs: it finishes; the runner takes nothing new and then leaves.
+    let long = start_job(&b, &admin, "sleep 1; echo done", json!({})).await;
+    wait_for(Duration::from_secs(5), "job to start", || async {
+        let (_, v) = b.api.get(&format!("/v1/jobs/{long}"), &admin).await;
+        (v["state"] == "running").then_some(())
+    })
+    .await;
+    h.drain();
+    wait_runner_status(&b, &admin, &id, "draining").await;
+    let queued = start_job(&b, &admin, "echo never", json!({ "queue_timeout_ms": 1500 })).await;
+    let v = b.job_end(&admin, &long, Duration::from_secs(10)).await;
+    assert_eq!((v["state"].as_str(), v["output"].as_str()), (Some("succeeded"), Some("done\n")));
+    tokio::time::timeout(Duration::from_secs(10), h.join()).await.unwrap().unwrap();
+    let v = b.job_end(&admin, &queued, Duration::from_secs(10)).await;
+    assert_eq!(v["state"], "timed_out", "a draining runner took a new job: {v}");
+}
