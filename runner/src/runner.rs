@@ -137,18 +137,24 @@ impl RunnerBuilder {
             stop: stop.clone(),
             status: status_tx,
         });
-        let task = tokio::spawn(run_loop(inner));
+        let task = Some(tokio::spawn(run_loop(inner)));
         Ok(RunnerHandle { status, drain, stop, task })
     }
 }
 
-/// A running runner.
+/// A running runner. Dropping the handle stops the runner (running jobs are cancelled).
 #[derive(Debug)]
 pub struct RunnerHandle {
     status: watch::Receiver<RunnerStatus>,
     drain: CancellationToken,
     stop: CancellationToken,
-    task: JoinHandle<Result<(), RunnerError>>,
+    task: Option<JoinHandle<Result<(), RunnerError>>>,
+}
+
+impl Drop for RunnerHandle {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 impl RunnerHandle {
@@ -191,8 +197,11 @@ impl RunnerHandle {
 
     /// Waits for the runner to stop by itself (after [`RunnerHandle::drain`] or a fatal
     /// refusal).
-    pub async fn join(self) -> Result<(), RunnerError> {
-        self.task.await.map_err(|e| RunnerError::Connection(e.to_string()))?
+    pub async fn join(mut self) -> Result<(), RunnerError> {
+        match self.task.take() {
+            Some(t) => t.await.map_err(|e| RunnerError::Connection(e.to_string()))?,
+            None => Ok(()),
+        }
     }
 }
 

@@ -1,0 +1,120 @@
+//! A peer with a valid certificate that sends garbage is disconnected with a protocol error;
+//! the broker and the other runners carry on.
+#![allow(missing_docs)]
+
+use std::time::Duration;
+
+use runnel_certs::pem;
+use runnel_protocol::{ClientControl, ErrorCode, Hello, ServerControl, read_frame, write_frame};
+use runnel_tests::TestBroker;
+
+async fn connect_as(b: &TestBroker, state: &runnel_runner::StateDir) -> quinn::Connection {
+    let ca = pem::certs_from_pem(b.ca().cert_pem()).unwrap().remove(0);
+    let chain = pem::certs_from_pem(&std::fs::read_to_string(state.cert_path()).unwrap()).unwrap();
+    let key =
+        pem::private_key_from_pem(&std::fs::read_to_string(state.key_path()).unwrap()).unwrap();
+    let cfg = runnel_runner::tls::runner_config(ca, chain, key, Duration::from_secs(1), 8).unwrap();
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.connect_with(cfg, b.handle().quic_addr(), "localhost").unwrap().await.unwrap()
+}
+
+fn hello() -> ClientControl {
+    ClientControl::Hello(Hello {
+        min_version: 1,
+        max_version: 1,
+        runner_version: "evil".into(),
+        labels: Default::default(),
+        capacity: 1,
+        kinds: vec!["exec".into()],
+    })
+}
+
+async fn closed_with(conn: &quinn::Connection) -> u32 {
+    match tokio::time::timeout(Duration::from_secs(5), conn.closed()).await.unwrap() {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            u32::try_from(c.error_code.into_inner()).unwrap()
+        }
+        other => panic!("unexpected close: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn garbage_and_oversized_frames_close_only_the_offender() {
+    let b = TestBroker::start().await;
+    let admin = b.tenant("acme").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, good) = b.runner(&admin, "alice", &dir.path().join("good"), 2).await;
+    let (_, evil) = b.enrolled(&admin, "alice", &dir.path().join("evil")).await;
+
+    // Garbage instead of Hello.
+    let conn = connect_as(&b, &evil).await;
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    send.write_all(&[0, 0, 0, 3, 0xff, 0xff, 0xff]).await.unwrap();
+    assert_eq!(closed_with(&conn).await, ErrorCode::Protocol.as_u32());
+
+    // An oversized length prefix instead of Hello.
+    let conn = connect_as(&b, &evil).await;
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    send.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+    assert_eq!(closed_with(&conn).await, ErrorCode::FrameTooLarge.as_u32());
+
+    // A proper session that turns hostile after Welcome.
+    let conn = connect_as(&b, &evil).await;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    write_frame(&mut send, &hello()).await.unwrap();
+    assert!(matches!(
+        read_frame::<ServerControl, _>(&mut recv).await,
+        Ok(Some(ServerControl::Welcome(_)))
+    ));
+    send.write_all(&[0, 0, 0, 2, 0xee, 0xee]).await.unwrap();
+    assert_eq!(closed_with(&conn).await, ErrorCode::Protocol.as_u32());
+
+    // A session that answers a job with garbage: the job is lost, the connection closed.
+    let conn = connect_as(&b, &evil).await;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    write_frame(&mut send, &hello()).await.unwrap();
+    assert!(matches!(
+        read_frame::<ServerControl, _>(&mut recv).await,
+        Ok(Some(ServerControl::Welcome(_)))
+    ));
+    good.shutdown().await.unwrap(); // only the evil runner is online for this job
+    let api = b.api.clone();
+    let admin2 = admin.clone();
+    let job = tokio::spawn(async move {
+        api.post("/v1/jobs", &admin2, serde_json::json!({ "owner": "alice", "kind": "exec", "exec": { "program": "true" }, "wait": true })).await
+    });
+    let (mut jsend, _jrecv) =
+        tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await.unwrap().unwrap();
+    jsend.write_all(&[0, 0, 0, 1, 0x99]).await.unwrap();
+    let (_, v) = job.await.unwrap();
+    assert_eq!(v["state"], "runner_lost", "{v}");
+    assert_eq!(closed_with(&conn).await, ErrorCode::Protocol.as_u32());
+
+    // A second Hello is out of order.
+    let conn = connect_as(&b, &evil).await;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    write_frame(&mut send, &hello()).await.unwrap();
+    let _ = read_frame::<ServerControl, _>(&mut recv).await;
+    write_frame(&mut send, &hello()).await.unwrap();
+    assert_eq!(closed_with(&conn).await, ErrorCode::Protocol.as_u32());
+
+    // An unsupported protocol version gets an Error frame, not a hang.
+    let conn = connect_as(&b, &evil).await;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let ClientControl::Hello(mut h) = hello() else { unreachable!() };
+    h.min_version = 99;
+    h.max_version = 100;
+    write_frame(&mut send, &ClientControl::Hello(h)).await.unwrap();
+    match read_frame::<ServerControl, _>(&mut recv).await {
+        Ok(Some(ServerControl::Error { code, .. })) => {
+            assert_eq!(code, ErrorCode::UnsupportedVersion)
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // Through all of it, the broker keeps serving other runners.
+    let (_, h2) = b.runner(&admin, "alice", &dir.path().join("good2"), 2).await;
+    let (s, v) = b.run(&admin, "alice", "echo", &["still fine"]).await;
+    assert_eq!((s, v["output"].as_str()), (200, Some("still fine\n")), "{v}");
+    drop(h2);
+}

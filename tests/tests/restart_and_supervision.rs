@@ -1,0 +1,99 @@
+//! Broker restart keeps registrations; a crashed tenant actor is restarted without touching
+//! other tenants; certificates renew over the live connection.
+#![allow(missing_docs)]
+
+use std::time::Duration;
+
+use runnel_runner::{Runner, RunnerError, RunnerStatus};
+use runnel_tests::{TestBroker, wait_for, wait_runner_status};
+
+#[tokio::test]
+async fn after_a_restart_paired_runners_reconnect_and_revoked_ones_stay_out() {
+    let mut b = TestBroker::start().await;
+    let admin = b.tenant("acme").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (kept, kept_state) = b.enrolled(&admin, "alice", &dir.path().join("kept")).await;
+    let (gone, gone_state) = b.enrolled(&admin, "alice", &dir.path().join("gone")).await;
+    let kept_runner = Runner::builder(kept_state).capacity(2).spawn().unwrap();
+    kept_runner.wait_connected(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(b.api.delete(&format!("/v1/runners/{gone}"), &admin).await.0, 200);
+
+    b.restart().await;
+
+    // Keys, runners and states survived; the paired runner came back by itself.
+    let mut watch = kept_runner.watch();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        watch.wait_for(|s| matches!(s, RunnerStatus::Connected { session, .. } if *session >= 2)),
+    )
+    .await
+    .expect("runner reconnected after restart")
+    .unwrap();
+    wait_runner_status(&b, &admin, &kept, "online").await;
+    let (s, v) = b.run(&admin, "alice", "echo", &["after restart"]).await;
+    assert_eq!((s, v["runner_id"].as_str()), (200, Some(kept.as_str())), "{v}");
+    let (_, v) = b.api.get(&format!("/v1/runners/{gone}"), &admin).await;
+    assert_eq!(v["status"], "revoked");
+    let revoked_runner = Runner::builder(gone_state).spawn().unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), revoked_runner.join()).await.unwrap() {
+        Err(RunnerError::Refused(_)) => {}
+        other => panic!("revoked runner got in after restart: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_crashed_tenant_actor_restarts_without_touching_other_tenants() {
+    let b = TestBroker::start().await;
+    let a = b.tenant("a").await;
+    let other = b.tenant("other").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, ha) = b.runner(&a, "alice", &dir.path().join("a"), 2).await;
+    let (_, ho) = b.runner(&other, "olga", &dir.path().join("o"), 2).await;
+    assert!(b.handle().crash_tenant("a"));
+
+    // Tenant a's runner is dropped and comes back to the restarted actor.
+    let mut watch = ha.watch();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        watch.wait_for(|s| matches!(s, RunnerStatus::Connected { session, .. } if *session >= 2)),
+    )
+    .await
+    .expect("tenant a's runner reconnected")
+    .unwrap();
+    let (_, v) = b.run(&a, "alice", "echo", &["a ok"]).await;
+    assert_eq!(v["output"], "a ok\n", "{v}");
+    // The other tenant's runner never noticed: still its first session.
+    assert!(matches!(ho.status(), RunnerStatus::Connected { session: 1, .. }), "{:?}", ho.status());
+    let (_, v) = b.run(&other, "olga", "echo", &["other ok"]).await;
+    assert_eq!(v["output"], "other ok\n");
+}
+
+#[tokio::test]
+async fn certificates_renew_over_the_live_connection() {
+    let b = TestBroker::start_with(|c| c.runner_cert_validity = Duration::from_secs(3)).await;
+    let admin = b.tenant("acme").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (id, state) = b.enrolled(&admin, "alice", dir.path()).await;
+    let first = std::fs::read_to_string(state.cert_path()).unwrap();
+    let (_, v) = b.api.get(&format!("/v1/runners/{id}"), &admin).await;
+    let first_expiry = v["cert_not_after"].as_i64().unwrap();
+    let h = Runner::builder(state.clone()).capacity(1).spawn().unwrap();
+    h.wait_connected(Duration::from_secs(10)).await.unwrap();
+    // After 2/3 of 3 s the runner asks for a new certificate, without reconnecting.
+    wait_for(Duration::from_secs(10), "a renewed certificate", || async {
+        let (_, v) = b.api.get(&format!("/v1/runners/{id}"), &admin).await;
+        (v["cert_not_after"].as_i64() > Some(first_expiry)).then_some(())
+    })
+    .await;
+    wait_for(Duration::from_secs(5), "the new cert on disk", || async {
+        (std::fs::read_to_string(state.cert_path()).unwrap() != first).then_some(())
+    })
+    .await;
+    assert!(matches!(h.status(), RunnerStatus::Connected { session: 1, .. }), "{:?}", h.status());
+    let (_, audit) = b.api.get("/v1/audit", &admin).await;
+    assert!(audit.to_string().contains("\"renewed\""));
+    // Well past the first certificate's expiry, a reconnect uses the renewed one.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let h2 = Runner::builder(state).capacity(1).spawn().unwrap();
+    h2.wait_connected(Duration::from_secs(10)).await.unwrap();
+}
