@@ -107,9 +107,13 @@ mod tests {
     fn respects_capacity_draining_labels_kind_and_explicit_id() {
         let none = BTreeMap::new();
         let mut slots = HashMap::from([(1, slot("a", "alice", 2)), (2, slot("b", "alice", 0))]);
-        slots.get_mut(&2).map(|s| s.draining = true);
+        if let Some(s) = slots.get_mut(&2) {
+            s.draining = true;
+        }
         assert_eq!(pick(&slots, &needs("alice", &none)), None, "full and draining");
-        slots.get_mut(&2).map(|s| s.draining = false);
+        if let Some(s) = slots.get_mut(&2) {
+            s.draining = false;
+        }
         let mac = BTreeMap::from([("os".to_string(), "mac".to_string())]);
         assert_eq!(pick(&slots, &needs("alice", &mac)), None, "label mismatch");
         let other_kind = Needs { kind: "docker", ..needs("alice", &none) };
@@ -124,8 +128,12 @@ mod tests {
     fn equal_runners_take_turns() {
         let none = BTreeMap::new();
         let mut slots = HashMap::from([(1, slot("a", "alice", 0)), (2, slot("b", "alice", 0))]);
-        slots.get_mut(&1).map(|s| s.last_assigned = 5);
-        slots.get_mut(&2).map(|s| s.last_assigned = 4);
+        if let Some(s) = slots.get_mut(&1) {
+            s.last_assigned = 5;
+        }
+        if let Some(s) = slots.get_mut(&2) {
+            s.last_assigned = 4;
+        }
         assert_eq!(pick(&slots, &needs("alice", &none)), Some(2));
     }
 }

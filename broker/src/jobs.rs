@@ -322,7 +322,7 @@ impl JobTable {
             .filter(|e| e.tenant == tenant && owner.is_none_or(|o| o == e.spec.owner))
             .map(|e| e.view())
             .collect();
-        v.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms));
+        v.sort_by_key(|j| std::cmp::Reverse(j.created_at_ms));
         v.truncate(limit);
         v
     }

@@ -1,5 +1,5 @@
 //! The CA issues what it should, and ignores what a CSR asks for.
-#![allow(missing_docs)]
+#![allow(missing_docs, clippy::unwrap_used)]
 
 use std::time::Duration;
 

@@ -1,5 +1,5 @@
 //! Every message round-trips; truncated, oversized and garbage input errors without panics.
-#![allow(missing_docs)]
+#![allow(missing_docs, clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
 

@@ -1,6 +1,6 @@
 //! The quickstart, end to end, with the real runner binary driven by the exact enroll
 //! command the API hands out.
-#![allow(missing_docs)]
+#![allow(missing_docs, clippy::unwrap_used)]
 
 use std::time::Duration;
 

@@ -1,6 +1,6 @@
 //! A peer with a valid certificate that sends garbage is disconnected with a protocol error;
 //! the broker and the other runners carry on.
-#![allow(missing_docs)]
+#![allow(missing_docs, clippy::unwrap_used)]
 
 use std::time::Duration;
 

@@ -1,6 +1,6 @@
 //! Tenant and owner isolation through the API: another tenant's things are 404, a member
 //! reaches only its own owner.
-#![allow(missing_docs)]
+#![allow(missing_docs, clippy::unwrap_used)]
 
 use runnel_tests::TestBroker;
 use serde_json::json;

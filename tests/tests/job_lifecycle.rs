@@ -1,5 +1,5 @@
 //! Cancel, run timeout, runner loss, full queue, streamed output, drain.
-#![allow(missing_docs)]
+#![allow(missing_docs, clippy::unwrap_used)]
 
 use std::time::{Duration, Instant};
 

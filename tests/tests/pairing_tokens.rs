@@ -1,5 +1,5 @@
 //! Enrollment tokens: single use, expiring, unguessable; bad requests lose nothing.
-#![allow(missing_docs)]
+#![allow(missing_docs, clippy::unwrap_used)]
 
 use runnel_protocol::{EnrollRequest, EnrollResponse, ErrorCode, PROTOCOL_VERSION, read_frame};
 use runnel_runner::{RunnerError, StateDir, enroll};

@@ -1,6 +1,6 @@
 //! Broker restart keeps registrations; a crashed tenant actor is restarted without touching
 //! other tenants; certificates renew over the live connection.
-#![allow(missing_docs)]
+#![allow(missing_docs, clippy::unwrap_used)]
 
 use std::time::Duration;
 

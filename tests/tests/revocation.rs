@@ -1,6 +1,6 @@
 //! Revocation closes the live connection at once, reconnects fail in the handshake, and the
 //! audit log has it all.
-#![allow(missing_docs)]
+#![allow(missing_docs, clippy::unwrap_used)]
 
 use std::time::{Duration, Instant};
 

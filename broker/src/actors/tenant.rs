@@ -307,13 +307,14 @@ impl Actor for TenantActor {
             }
             TenantMsg::Cancel(job_id) => {
                 // Running jobs see the cancel token on their stream; queued ones end here.
-                if let Some(pos) = state.queue.iter().position(|j| j.id == job_id) {
-                    if let Some(job) = state.queue.remove(pos) {
-                        state.shared.jobs.finish(
-                            &job,
-                            Finish::new(JobState::Cancelled, "cancelled while queued"),
-                        );
-                    }
+                if let Some(job) = state
+                    .queue
+                    .iter()
+                    .position(|j| j.id == job_id)
+                    .and_then(|pos| state.queue.remove(pos))
+                {
+                    let f = Finish::new(JobState::Cancelled, "cancelled while queued");
+                    state.shared.jobs.finish(&job, f);
                 }
             }
             TenantMsg::Draining(conn) => {
