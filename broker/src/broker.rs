@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::actors::{BrokerRoot, RootArgs, RootMsg};
 use crate::config::Config;
 use crate::index::RunnerIndex;
-use crate::records::{AuditEvent, Registry, RunnerRecord, now_unix};
+use crate::records::{AuditEvent, Registry, RunnerRecord};
 use crate::shared::Shared;
 use crate::store::WatchEvent;
 use crate::verifier::{Denial, PairingVerifier};
@@ -165,17 +165,10 @@ async fn audit_denials(registry: Registry, mut rx: mpsc::Receiver<Denial>) {
         // A foreign certificate's claims are not proof; record them at cluster level.
         let tenant =
             if d.reason == crate::verifier::HandshakeRefusal::ForeignCa { None } else { tenant };
-        let ev = AuditEvent {
-            at: now_unix(),
-            event: "denied".into(),
-            actor: "anonymous".into(),
-            tenant,
-            runner_id: runner,
-            detail: format!("handshake refused ({}): {who}", d.reason.name()),
-        };
-        if let Err(e) = registry.audit(ev).await {
-            tracing::warn!(error = %e, "could not write audit event");
-        }
+        let detail = format!("handshake refused ({}): {who}", d.reason.name());
+        let ev =
+            AuditEvent::now("denied", "anonymous", tenant.as_deref(), runner.as_deref(), detail);
+        registry.audit_best_effort(ev).await;
     }
 }
 

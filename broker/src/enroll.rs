@@ -49,18 +49,9 @@ fn refused(code: ErrorCode, message: impl Into<String>) -> EnrollResponse {
     EnrollResponse::Refused { code, message: message.into() }
 }
 
-async fn audit_denied(reg: &Registry, tenant: Option<String>, runner: Option<String>, why: &str) {
-    let ev = AuditEvent {
-        at: now_unix(),
-        event: "denied".into(),
-        actor: "anonymous".into(),
-        tenant,
-        runner_id: runner,
-        detail: format!("enrollment refused: {why}"),
-    };
-    if let Err(e) = reg.audit(ev).await {
-        tracing::warn!(error = %e, "could not write audit event");
-    }
+async fn audit_denied(reg: &Registry, tenant: Option<&str>, runner: Option<&str>, why: &str) {
+    let detail = format!("enrollment refused: {why}");
+    reg.audit_best_effort(AuditEvent::now("denied", "anonymous", tenant, runner, detail)).await;
 }
 
 /// Decides one enrollment request.
@@ -98,8 +89,7 @@ pub async fn enroll(shared: &Shared, req: EnrollRequest) -> EnrollResponse {
         Ok(i) => i,
         Err(e) => return refused(ErrorCode::BadRequest, format!("bad CSR: {e}")),
     };
-    let tenant = Some(peek.tenant.clone());
-    let runner = Some(peek.runner_id.clone());
+    let (tenant, runner) = (Some(peek.tenant.as_str()), Some(peek.runner_id.as_str()));
     match reg.consume_token(token_id, random).await {
         Ok(Consume::Ok(_)) => {}
         Ok(Consume::Unknown) => {
@@ -140,16 +130,10 @@ pub async fn enroll(shared: &Shared, req: EnrollRequest) -> EnrollResponse {
         Err(e) => return refused(ErrorCode::Internal, e.to_string()),
     };
     shared.index.apply(&record);
-    let _ = reg
-        .audit(AuditEvent {
-            at: now,
-            event: "enrolled".into(),
-            actor: format!("runner:{}", record.id),
-            tenant: Some(record.tenant.clone()),
-            runner_id: Some(record.id.clone()),
-            detail: format!("certificate serial {}", issued.serial_hex),
-        })
-        .await;
+    let detail = format!("certificate serial {}", issued.serial_hex);
+    let actor = format!("runner:{}", record.id);
+    let ev = AuditEvent::now("enrolled", actor, Some(&record.tenant), Some(&record.id), detail);
+    reg.audit_best_effort(ev).await;
     tracing::info!(tenant = %record.tenant, owner = %record.owner, runner = %record.id, "runner enrolled");
     EnrollResponse::Ok(Enrolled {
         cert_pem: issued.cert_pem,

@@ -140,6 +140,26 @@ pub struct AuditEvent {
     pub detail: String,
 }
 
+impl AuditEvent {
+    /// An event happening now.
+    pub fn now(
+        event: &str,
+        actor: impl Into<String>,
+        tenant: Option<&str>,
+        runner_id: Option<&str>,
+        detail: impl Into<String>,
+    ) -> Self {
+        Self {
+            at: now_unix(),
+            event: event.into(),
+            actor: actor.into(),
+            tenant: tenant.map(str::to_owned),
+            runner_id: runner_id.map(str::to_owned),
+            detail: detail.into(),
+        }
+    }
+}
+
 /// Store key prefix of the cluster-level audit log.
 const CLUSTER_AUDIT: &str = "@cluster";
 
@@ -290,6 +310,15 @@ impl Registry {
         let nanos = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
         let seq = self.audit_seq.fetch_add(1, Ordering::Relaxed);
         self.store.put(&format!("audit/{scope}/{nanos:024}-{seq:08}"), encode(&ev)).await
+    }
+
+    /// Appends an audit event where a failure must not fail the caller (the event is
+    /// logged as lost instead).
+    pub async fn audit_best_effort(&self, ev: AuditEvent) {
+        let event = ev.event.clone();
+        if let Err(e) = self.audit(ev).await {
+            tracing::warn!(error = %e, %event, "could not write audit event");
+        }
     }
 
     /// Audit events of a tenant (`Some`) or of the cluster (`None`), oldest first.

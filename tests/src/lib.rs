@@ -246,3 +246,39 @@ pub async fn wait_runner_status(b: &TestBroker, key: &str, id: &str, status: &st
 pub fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
+
+/// A Hello as a well-behaved runner sends it.
+pub fn hello() -> runnel_protocol::ClientControl {
+    runnel_protocol::ClientControl::Hello(runnel_protocol::Hello {
+        min_version: runnel_protocol::version::MIN_PROTOCOL_VERSION,
+        max_version: runnel_protocol::PROTOCOL_VERSION,
+        runner_version: "test".into(),
+        labels: BTreeMap::new(),
+        capacity: 1,
+        kinds: vec!["exec".into()],
+    })
+}
+
+/// Opens a raw `runnel/1` connection presenting `cert_pem`/`key_pem` (for tests that speak
+/// the protocol by hand). With TLS 1.3 this can succeed even when the broker then refuses
+/// the certificate; the refusal shows on the first read.
+pub async fn connect_with_cert(
+    b: &TestBroker,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<quinn::Connection, quinn::ConnectionError> {
+    use runnel_certs::pem;
+    let ca = pem::certs_from_pem(b.ca().cert_pem()).unwrap().remove(0);
+    let chain = pem::certs_from_pem(cert_pem).unwrap();
+    let key = pem::private_key_from_pem(key_pem).unwrap();
+    let cfg = runnel_runner::tls::runner_config(ca, chain, key, Duration::from_secs(1), 8).unwrap();
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.connect_with(cfg, b.handle().quic_addr(), "localhost").unwrap().await
+}
+
+/// [`connect_with_cert`] with an enrolled runner's own files.
+pub async fn connect_as(b: &TestBroker, state: &StateDir) -> quinn::Connection {
+    let cert = std::fs::read_to_string(state.cert_path()).unwrap();
+    let key = std::fs::read_to_string(state.key_path()).unwrap();
+    connect_with_cert(b, &cert, &key).await.unwrap()
+}

@@ -4,29 +4,20 @@
 
 use std::time::Duration;
 
-use runnel_certs::pem;
-use runnel_protocol::{ClientControl, ErrorCode, Hello, ServerControl, read_frame, write_frame};
-use runnel_tests::TestBroker;
+use runnel_protocol::{ClientControl, ErrorCode, ServerControl, read_frame, write_frame};
+use runnel_tests::{TestBroker, connect_as, hello};
 
-async fn connect_as(b: &TestBroker, state: &runnel_runner::StateDir) -> quinn::Connection {
-    let ca = pem::certs_from_pem(b.ca().cert_pem()).unwrap().remove(0);
-    let chain = pem::certs_from_pem(&std::fs::read_to_string(state.cert_path()).unwrap()).unwrap();
-    let key =
-        pem::private_key_from_pem(&std::fs::read_to_string(state.key_path()).unwrap()).unwrap();
-    let cfg = runnel_runner::tls::runner_config(ca, chain, key, Duration::from_secs(1), 8).unwrap();
-    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.connect_with(cfg, b.handle().quic_addr(), "localhost").unwrap().await.unwrap()
-}
-
-fn hello() -> ClientControl {
-    ClientControl::Hello(Hello {
-        min_version: 1,
-        max_version: 1,
-        runner_version: "evil".into(),
-        labels: Default::default(),
-        capacity: 1,
-        kinds: vec!["exec".into()],
-    })
+/// A session that got its Welcome; returns the connection and its control send stream.
+async fn welcomed(
+    b: &TestBroker,
+    state: &runnel_runner::StateDir,
+) -> (quinn::Connection, quinn::SendStream) {
+    let conn = connect_as(b, state).await;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    write_frame(&mut send, &hello()).await.unwrap();
+    let welcome = read_frame::<ServerControl, _>(&mut recv).await;
+    assert!(matches!(welcome, Ok(Some(ServerControl::Welcome(_)))), "{welcome:?}");
+    (conn, send)
 }
 
 async fn closed_with(conn: &quinn::Connection) -> u32 {
@@ -59,24 +50,12 @@ async fn garbage_and_oversized_frames_close_only_the_offender() {
     assert_eq!(closed_with(&conn).await, ErrorCode::FrameTooLarge.as_u32());
 
     // A proper session that turns hostile after Welcome.
-    let conn = connect_as(&b, &evil).await;
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    write_frame(&mut send, &hello()).await.unwrap();
-    assert!(matches!(
-        read_frame::<ServerControl, _>(&mut recv).await,
-        Ok(Some(ServerControl::Welcome(_)))
-    ));
+    let (conn, mut send) = welcomed(&b, &evil).await;
     send.write_all(&[0, 0, 0, 2, 0xee, 0xee]).await.unwrap();
     assert_eq!(closed_with(&conn).await, ErrorCode::Protocol.as_u32());
 
     // A session that answers a job with garbage: the job is lost, the connection closed.
-    let conn = connect_as(&b, &evil).await;
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    write_frame(&mut send, &hello()).await.unwrap();
-    assert!(matches!(
-        read_frame::<ServerControl, _>(&mut recv).await,
-        Ok(Some(ServerControl::Welcome(_)))
-    ));
+    let (conn, _control) = welcomed(&b, &evil).await;
     good.shutdown().await.unwrap(); // only the evil runner is online for this job
     let api = b.api.clone();
     let admin2 = admin.clone();
@@ -91,10 +70,7 @@ async fn garbage_and_oversized_frames_close_only_the_offender() {
     assert_eq!(closed_with(&conn).await, ErrorCode::Protocol.as_u32());
 
     // A second Hello is out of order.
-    let conn = connect_as(&b, &evil).await;
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    write_frame(&mut send, &hello()).await.unwrap();
-    let _ = read_frame::<ServerControl, _>(&mut recv).await;
+    let (conn, mut send) = welcomed(&b, &evil).await;
     write_frame(&mut send, &hello()).await.unwrap();
     assert_eq!(closed_with(&conn).await, ErrorCode::Protocol.as_u32());
 

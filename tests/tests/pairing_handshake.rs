@@ -5,35 +5,15 @@
 use std::time::Duration;
 
 use runnel_certs::{ClusterCa, RunnerIdentity, key, pem};
-use runnel_protocol::{ClientControl, Hello, ServerControl, read_frame, write_frame};
-use runnel_tests::TestBroker;
-use rustls_pki_types::CertificateDer;
+use runnel_protocol::{ServerControl, read_frame, write_frame};
+use runnel_tests::{TestBroker, connect_with_cert, hello};
 
-/// Connects with `cert_pem` + the key in `key_pem`, sends Hello, and returns what happened:
-/// Ok(Welcome) or Err(reason the connection closed).
+/// Connects with `cert_pem` + `key_pem`, sends Hello, and says whether Welcome came back
+/// (Err: why the connection closed).
 async fn try_session(b: &TestBroker, cert_pem: &str, key_pem: &str) -> Result<(), String> {
-    let ca: CertificateDer<'static> = pem::certs_from_pem(b.ca().cert_pem()).unwrap().remove(0);
-    let chain = pem::certs_from_pem(cert_pem).unwrap();
-    let keyder = pem::private_key_from_pem(key_pem).unwrap();
-    let cfg =
-        runnel_runner::tls::runner_config(ca, chain, keyder, Duration::from_secs(1), 8).unwrap();
-    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    // With TLS 1.3 the client's connect may succeed before the broker refuses the cert.
-    let conn = ep
-        .connect_with(cfg, b.handle().quic_addr(), "localhost")
-        .unwrap()
-        .await
-        .map_err(|e| e.to_string())?;
+    let conn = connect_with_cert(b, cert_pem, key_pem).await.map_err(|e| e.to_string())?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    let hello = ClientControl::Hello(Hello {
-        min_version: 1,
-        max_version: 1,
-        runner_version: "t".into(),
-        labels: Default::default(),
-        capacity: 1,
-        kinds: vec!["exec".into()],
-    });
-    write_frame(&mut send, &hello).await.map_err(|e| e.to_string())?;
+    write_frame(&mut send, &hello()).await.map_err(|e| e.to_string())?;
     match read_frame::<ServerControl, _>(&mut recv).await {
         Ok(Some(ServerControl::Welcome(_))) => Ok(()),
         other => Err(format!("{other:?} / {:?}", conn.close_reason())),

@@ -264,18 +264,11 @@ impl ConnectionState {
             .await;
         match updated {
             Ok(Some(_)) => {
-                let _ = self
-                    .shared
-                    .registry
-                    .audit(AuditEvent {
-                        at: now_unix(),
-                        event: "renewed".into(),
-                        actor: format!("runner:{}", id.runner),
-                        tenant: Some(id.tenant.clone()),
-                        runner_id: Some(id.runner.clone()),
-                        detail: format!("serial {}", issued.serial_hex),
-                    })
-                    .await;
+                let detail = format!("serial {}", issued.serial_hex);
+                let actor = format!("runner:{}", id.runner);
+                let ev =
+                    AuditEvent::now("renewed", actor, Some(&id.tenant), Some(&id.runner), detail);
+                self.shared.registry.audit_best_effort(ev).await;
                 ServerControl::RenewedCert { cert_pem: issued.cert_pem, not_after_unix: not_after }
             }
             Ok(None) => refuse(ErrorCode::Revoked, "runner is not paired".into()),

@@ -65,17 +65,9 @@ pub(super) async fn create(
     };
     shared.registry.put_key(&rec).await?;
     shared.keys.insert(rec.id.clone(), rec.clone());
-    shared
-        .registry
-        .audit(AuditEvent {
-            at: rec.created_at,
-            event: "key_created".into(),
-            actor: caller.audit_actor(),
-            tenant: Some(tenant.clone()),
-            runner_id: None,
-            detail: format!("key {} role {:?}", rec.id, rec.role).to_lowercase(),
-        })
-        .await?;
+    let detail = format!("key {} role {:?}", rec.id, rec.role).to_lowercase();
+    let ev = AuditEvent::now("key_created", caller.audit_actor(), Some(&tenant), None, detail);
+    shared.registry.audit_best_effort(ev).await;
     Ok((
         StatusCode::CREATED,
         Json(json!({

@@ -160,17 +160,15 @@ pub(super) async fn create(
     shared.registry.put_runner(&record).await?;
     shared.registry.put_token(&token).await?;
     shared.index.apply(&record);
-    shared
-        .registry
-        .audit(AuditEvent {
-            at: now,
-            event: "runner_created".into(),
-            actor: caller.audit_actor(),
-            tenant: Some(tenant),
-            runner_id: Some(record.id.clone()),
-            detail: format!("owner {} name {:?}", record.owner, record.name),
-        })
-        .await?;
+    let detail = format!("owner {} name {:?}", record.owner, record.name);
+    let ev = AuditEvent::now(
+        "runner_created",
+        caller.audit_actor(),
+        Some(&tenant),
+        Some(&record.id),
+        detail,
+    );
+    shared.registry.audit_best_effort(ev).await;
     let enroll_command = format!(
         "runnel-runner enroll --broker {} --ca-fingerprint {} --token {} --state-dir ./runnel-runner",
         shared.advertise,
@@ -263,17 +261,9 @@ pub(super) async fn revoke(
         },
         None => 0,
     };
-    shared
-        .registry
-        .audit(AuditEvent {
-            at: now,
-            event: "revoked".into(),
-            actor: caller.audit_actor(),
-            tenant: Some(r.tenant.clone()),
-            runner_id: Some(id.clone()),
-            detail: format!("{closed} live connection(s) closed"),
-        })
-        .await?;
+    let detail = format!("{closed} live connection(s) closed");
+    let ev = AuditEvent::now("revoked", caller.audit_actor(), Some(&r.tenant), Some(&id), detail);
+    shared.registry.audit_best_effort(ev).await;
     tracing::info!(tenant = %r.tenant, runner = %id, closed, "runner revoked");
     Ok(Json(json!({ "revoked": true, "connections_closed": closed })))
 }

@@ -33,17 +33,8 @@ pub(super) async fn create(
     if !shared.registry.create_tenant(&tenant).await? {
         return Err(ApiError::conflict("exists", format!("tenant {:?} already exists", tenant.id)));
     }
-    shared
-        .registry
-        .audit(AuditEvent {
-            at: tenant.created_at,
-            event: "tenant_created".into(),
-            actor: caller.audit_actor(),
-            tenant: None,
-            runner_id: None,
-            detail: tenant.id.clone(),
-        })
-        .await?;
+    let ev = AuditEvent::now("tenant_created", caller.audit_actor(), None, None, tenant.id.clone());
+    shared.registry.audit_best_effort(ev).await;
     Ok((StatusCode::CREATED, Json(json!({ "id": tenant.id, "created_at": tenant.created_at }))))
 }
 
