@@ -1,0 +1,114 @@
+//! A real `runnel-broker` child process on loopback, and its resource usage from /proc.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use anyhow::{Context, bail};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// Clock ticks per second of /proc/<pid>/stat times (USER_HZ, 100 on Linux).
+const CLK_TCK: f64 = 100.0;
+
+pub(crate) struct BrokerProc {
+    child: Child,
+    _dir: tempfile::TempDir,
+    pub(crate) http: String,
+    pub(crate) quic: String,
+    pub(crate) operator_key: String,
+    pub(crate) fingerprint: String,
+}
+
+/// CPU and memory of the broker at one moment.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Usage {
+    pub(crate) cpu_secs: f64,
+    pub(crate) rss_kib: u64,
+    pub(crate) peak_rss_kib: u64,
+}
+
+fn default_bin() -> anyhow::Result<PathBuf> {
+    let me = std::env::current_exe()?;
+    let dir = me.parent().context("no parent dir")?;
+    let bin = dir.join("runnel-broker");
+    if !bin.exists() {
+        bail!("{} not found: build it (cargo build --release -p runnel-broker) or pass --broker-bin", bin.display());
+    }
+    Ok(bin)
+}
+
+impl BrokerProc {
+    pub(crate) async fn start(bin: Option<&Path>) -> anyhow::Result<Self> {
+        let bin = match bin {
+            Some(b) => b.to_owned(),
+            None => default_bin()?,
+        };
+        let dir = tempfile::tempdir()?;
+        let mut child = Command::new(&bin)
+            .args(["serve", "--quic-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+            .args(["--queue-limit", "100000", "--idle-timeout", "60s", "--heartbeat-interval", "20s"])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let (mut http, mut quic, mut key, mut fp) = (None, None, None, None);
+        while let Some(line) = lines.next_line().await? {
+            let t = line.trim();
+            if let Some(rest) = t.strip_prefix("QUIC (runners):") {
+                quic = rest.split_whitespace().next().map(str::to_owned);
+            } else if let Some(rest) = t.strip_prefix("HTTP API:") {
+                http = Some(rest.trim().to_owned());
+            } else if let Some(rest) = t.strip_prefix("CA fingerprint:") {
+                fp = Some(rest.trim().to_owned());
+            } else if t.starts_with("rk_") {
+                key = Some(t.to_owned());
+            }
+            if key.is_some() && http.is_some() && quic.is_some() && fp.is_some() {
+                break;
+            }
+        }
+        // Keep draining stdout so the broker never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Self {
+            child,
+            _dir: dir,
+            http: http.context("no HTTP address in banner")?,
+            quic: quic.context("no QUIC address in banner")?,
+            operator_key: key.context("no operator key in banner")?,
+            fingerprint: fp.context("no fingerprint in banner")?,
+        })
+    }
+
+    pub(crate) fn usage(&self) -> anyhow::Result<Usage> {
+        let pid = self.child.id().context("broker exited")?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // Fields after the command name (which may contain spaces) start after ')'.
+        let after = stat.rsplit_once(')').context("bad stat")?.1;
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let ticks: f64 = f.get(11).context("utime")?.parse::<f64>()? + f.get(12).context("stime")?.parse::<f64>()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let kib = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        Ok(Usage { cpu_secs: ticks / CLK_TCK, rss_kib: kib("VmRSS:"), peak_rss_kib: kib("VmHWM:") })
+    }
+
+    pub(crate) async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await;
+        }
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), self.child.wait()).await;
+        let _ = self.child.kill().await;
+    }
+}

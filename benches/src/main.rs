@@ -1,0 +1,128 @@
+//! `runnel-bench`: load harness. See `runnel-bench --help` and BENCHMARKS.md.
+//!
+//! Every run starts a real `runnel-broker` process (release build next to this binary, or
+//! `--broker-bin`) on loopback with a fresh data dir, so its CPU time and RSS can be read
+//! from `/proc`. Runners are simulated in-process but are real QUIC clients holding real
+//! certificates obtained through the real enrollment flow, sharing a few quinn endpoints.
+
+mod broker_proc;
+mod report;
+mod sim;
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "runnel-bench", about = "runnel load harness")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// T tenants × R runners, C concurrent dispatchers for D seconds.
+    Load(LoadArgs),
+    /// N idle runners: handshake rate, RSS per runner, dispatch while all are connected.
+    Connect(ConnectArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+struct Common {
+    /// Path of the runnel-broker binary (default: next to this one).
+    #[arg(long)]
+    broker_bin: Option<std::path::PathBuf>,
+    /// Concurrent dispatchers.
+    #[arg(long, short = 'c', default_value_t = 64)]
+    concurrency: usize,
+    /// Dispatch phase length in seconds.
+    #[arg(long, short = 'd', default_value_t = 10)]
+    duration: u64,
+    /// Payload bytes per job.
+    #[arg(long, short = 'p', default_value_t = 256)]
+    payload: usize,
+    /// quinn client endpoints the simulated runners share.
+    #[arg(long, default_value_t = 4)]
+    endpoints: usize,
+    /// Capacity each simulated runner advertises.
+    #[arg(long, default_value_t = 8)]
+    runner_capacity: u32,
+}
+
+#[derive(Debug, Args)]
+struct LoadArgs {
+    /// Tenants.
+    #[arg(long, short = 't', default_value_t = 2)]
+    tenants: usize,
+    /// Runners per tenant.
+    #[arg(long, short = 'r', default_value_t = 4)]
+    runners: usize,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Debug, Args)]
+struct ConnectArgs {
+    /// Idle runners to connect.
+    #[arg(long, short = 'n', default_value_t = 20_000)]
+    runners: usize,
+    /// Handshakes in flight at once.
+    #[arg(long, default_value_t = 256)]
+    parallel: usize,
+    #[command(flatten)]
+    common: Common,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        match cli.command {
+            Command::Load(a) => load(a).await,
+            Command::Connect(a) => connect(a).await,
+        }
+    })
+}
+
+async fn load(a: LoadArgs) -> anyhow::Result<()> {
+    let broker = broker_proc::BrokerProc::start(a.common.broker_bin.as_deref()).await?;
+    let fleet = sim::Fleet::enroll(&broker, a.tenants, a.runners, 64).await?;
+    let connected = fleet.connect(a.common.endpoints, a.common.runner_capacity, 256).await?;
+    let before = broker.usage()?;
+    let d = sim::dispatch(&broker, &fleet, a.common.concurrency, Duration::from_secs(a.common.duration), a.common.payload).await;
+    let after = broker.usage()?;
+    report::print("load", &a_label(&a), &d, &before, &after, Some(&connected));
+    drop(connected);
+    broker.stop().await;
+    Ok(())
+}
+
+fn a_label(a: &LoadArgs) -> String {
+    format!(
+        "tenants={} runners/tenant={} c={} d={}s payload={}B",
+        a.tenants, a.runners, a.common.concurrency, a.common.duration, a.common.payload
+    )
+}
+
+async fn connect(a: ConnectArgs) -> anyhow::Result<()> {
+    let broker = broker_proc::BrokerProc::start(a.common.broker_bin.as_deref()).await?;
+    let fleet = sim::Fleet::enroll(&broker, 1, a.runners, 64).await?;
+    let idle = broker.usage()?;
+    let connected = fleet.connect(a.common.endpoints, a.common.runner_capacity, a.parallel).await?;
+    let with_all = broker.usage()?;
+    let d = sim::dispatch(&broker, &fleet, a.common.concurrency, Duration::from_secs(a.common.duration), a.common.payload).await;
+    let after = broker.usage()?;
+    report::connect(&a.runners, &connected, &idle, &with_all);
+    report::print(
+        "connect",
+        &format!("runners={} c={} d={}s payload={}B", a.runners, a.common.concurrency, a.common.duration, a.common.payload),
+        &d,
+        &with_all,
+        &after,
+        Some(&connected),
+    );
+    drop(connected);
+    broker.stop().await;
+    Ok(())
+}

@@ -1,0 +1,238 @@
+//! Simulated runners: real enrollment, real certificates, real QUIC connections (many per
+//! endpoint), answering an `echo` job kind.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use runnel_certs::pem;
+use runnel_protocol::{
+    BrokerJobFrame, ClientControl, Heartbeat, Hello, JobOutcome, JobResult, OutputStream,
+    RunnerJobFrame, ServerControl, read_frame, write_frame,
+};
+use serde_json::{Value, json};
+use tokio::task::JoinSet;
+
+use crate::broker_proc::BrokerProc;
+
+pub(crate) const OWNER: &str = "o";
+
+pub(crate) struct Identity {
+    cert_pem: String,
+    key_pem: String,
+}
+
+pub(crate) struct TenantFleet {
+    pub(crate) admin: String,
+    pub(crate) runners: Vec<Identity>,
+}
+
+pub(crate) struct Fleet {
+    pub(crate) tenants: Vec<TenantFleet>,
+    ca_pem: String,
+    quic: String,
+}
+
+async fn post(http: &reqwest::Client, url: &str, key: &str, body: Value) -> anyhow::Result<Value> {
+    let r = http.post(url).bearer_auth(key).json(&body).send().await?;
+    let status = r.status();
+    let v: Value = r.json().await?;
+    anyhow::ensure!(status.is_success(), "{url}: {status} {v}");
+    Ok(v)
+}
+
+impl Fleet {
+    /// Creates `tenants` tenants with `per_tenant` runners each, enrolled for real.
+    pub(crate) async fn enroll(b: &BrokerProc, tenants: usize, per_tenant: usize, parallel: usize) -> anyhow::Result<Self> {
+        let http = reqwest::Client::new();
+        let dir = tempfile::tempdir()?;
+        let t0 = Instant::now();
+        let mut out = Vec::new();
+        for t in 0..tenants {
+            let tenant = format!("t{t}");
+            post(&http, &format!("{}/v1/tenants", b.http), &b.operator_key, json!({ "id": tenant })).await?;
+            let admin = post(&http, &format!("{}/v1/tenants/{tenant}/keys", b.http), &b.operator_key, json!({ "role": "admin" }))
+                .await?["key"]
+                .as_str()
+                .context("key")?
+                .to_owned();
+            let runners = futures::stream::iter(0..per_tenant)
+                .map(|i| {
+                    let (http, admin, dir) = (http.clone(), admin.clone(), dir.path().join(format!("{t}-{i}")));
+                    async move {
+                        let v = post(&http, &format!("{}/v1/runners", b.http), &admin, json!({ "owner": OWNER, "name": format!("sim{i}") })).await?;
+                        let state = runnel_runner::StateDir::new(&dir);
+                        runnel_runner::enroll(&b.quic, &b.fingerprint, v["token"].as_str().context("token")?, &state).await?;
+                        Ok::<_, anyhow::Error>(Identity {
+                            cert_pem: std::fs::read_to_string(state.cert_path())?,
+                            key_pem: std::fs::read_to_string(state.key_path())?,
+                        })
+                    }
+                })
+                .buffer_unordered(parallel)
+                .collect::<Vec<_>>()
+                .await
+                .into_iter()
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            out.push(TenantFleet { admin, runners });
+        }
+        let n: usize = out.iter().map(|t| t.runners.len()).sum();
+        eprintln!("enrolled {n} runners in {:.1}s", t0.elapsed().as_secs_f64());
+        let ca_pem = std::fs::read_to_string(dir.path().join("0-0").join("ca.pem"))?;
+        Ok(Self { tenants: out, ca_pem, quic: b.quic.clone() })
+    }
+
+    /// Connects every runner (Hello → Welcome) over `endpoints` shared quinn endpoints.
+    pub(crate) async fn connect(&self, endpoints: usize, capacity: u32, parallel: usize) -> anyhow::Result<Connected> {
+        let eps = (0..endpoints.max(1))
+            .map(|_| quinn::Endpoint::client("127.0.0.1:0".parse()?).map_err(anyhow::Error::from))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let ca = pem::certs_from_pem(&self.ca_pem)?.remove(0);
+        let addr: std::net::SocketAddr = self.quic.parse()?;
+        let all: Vec<&Identity> = self.tenants.iter().flat_map(|t| t.runners.iter()).collect();
+        let t0 = Instant::now();
+        let mut tasks = JoinSet::new();
+        let conns = futures::stream::iter(all.into_iter().enumerate())
+            .map(|(i, id)| {
+                let ep = eps[i % eps.len()].clone();
+                let ca = ca.clone();
+                async move {
+                    let chain = pem::certs_from_pem(&id.cert_pem)?;
+                    let key = pem::private_key_from_pem(&id.key_pem)?;
+                    let cfg = runnel_runner::tls::runner_config(ca, chain, key, Duration::from_secs(10), capacity * 2 + 8)?;
+                    let conn = ep.connect_with(cfg, addr, "localhost")?.await?;
+                    let (mut send, mut recv) = conn.open_bi().await?;
+                    let hello = ClientControl::Hello(Hello {
+                        min_version: 1,
+                        max_version: runnel_protocol::PROTOCOL_VERSION,
+                        runner_version: "bench".into(),
+                        labels: Default::default(),
+                        capacity,
+                        kinds: vec!["echo".into()],
+                    });
+                    write_frame(&mut send, &hello).await?;
+                    match read_frame::<ServerControl, _>(&mut recv).await? {
+                        Some(ServerControl::Welcome(w)) => Ok::<_, anyhow::Error>((conn, send, w.heartbeat_interval_ms)),
+                        other => anyhow::bail!("no Welcome: {other:?}"),
+                    }
+                }
+            })
+            .buffer_unordered(parallel.max(1))
+            .collect::<Vec<_>>()
+            .await;
+        let took = t0.elapsed();
+        let mut live = Vec::new();
+        let mut failed = 0usize;
+        for c in conns {
+            match c {
+                Ok((conn, send, hb)) => {
+                    tasks.spawn(serve(conn.clone(), send, hb));
+                    live.push(conn);
+                }
+                Err(e) => {
+                    failed += 1;
+                    if failed <= 3 {
+                        eprintln!("connect failed: {e:#}");
+                    }
+                }
+            }
+        }
+        Ok(Connected { conns: live, failed, took, _tasks: tasks, _endpoints: eps })
+    }
+}
+
+/// Live simulated runners; dropping closes them.
+pub(crate) struct Connected {
+    pub(crate) conns: Vec<quinn::Connection>,
+    pub(crate) failed: usize,
+    pub(crate) took: Duration,
+    _tasks: JoinSet<()>,
+    _endpoints: Vec<quinn::Endpoint>,
+}
+
+async fn serve(conn: quinn::Connection, mut control: quinn::SendStream, heartbeat_ms: u32) {
+    let hb = async move {
+        let mut t = tokio::time::interval(Duration::from_millis(u64::from(heartbeat_ms.max(1000))));
+        loop {
+            t.tick().await;
+            let m = ClientControl::Heartbeat(Heartbeat { in_flight: 0, load_milli: 0 });
+            if write_frame(&mut control, &m).await.is_err() {
+                return;
+            }
+        }
+    };
+    let jobs = async {
+        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+            tokio::spawn(async move {
+                let Ok(Some(BrokerJobFrame::Job(job))) = read_frame::<BrokerJobFrame, _>(&mut recv).await else { return };
+                let out = RunnerJobFrame::Output { stream: OutputStream::Stdout, data: job.payload };
+                let res = RunnerJobFrame::Result(JobResult { outcome: JobOutcome::Succeeded, exit_code: Some(0), message: String::new(), output_truncated: false });
+                if write_frame(&mut send, &out).await.is_ok() && write_frame(&mut send, &res).await.is_ok() {
+                    let _ = send.finish();
+                    let _ = send.stopped().await;
+                }
+            });
+        }
+    };
+    tokio::select! { _ = hb => {}, _ = jobs => {} }
+}
+
+/// What a dispatch phase measured.
+pub(crate) struct Dispatched {
+    pub(crate) hist: Histogram<u64>,
+    pub(crate) ok: u64,
+    pub(crate) errors: std::collections::BTreeMap<String, u64>,
+    pub(crate) elapsed: Duration,
+}
+
+/// `concurrency` dispatchers, each in a loop of `POST /v1/jobs` with `wait`, for `len`.
+pub(crate) async fn dispatch(b: &BrokerProc, fleet: &Fleet, concurrency: usize, len: Duration, payload: usize) -> Dispatched {
+    let http = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build().unwrap_or_default();
+    let body = "x".repeat(payload);
+    let deadline = Instant::now() + len;
+    let ok = Arc::new(AtomicU64::new(0));
+    let t0 = Instant::now();
+    let mut workers = JoinSet::new();
+    for w in 0..concurrency {
+        let tenant = &fleet.tenants[w % fleet.tenants.len()];
+        let (http, url, key, body, ok) = (http.clone(), format!("{}/v1/jobs", b.http), tenant.admin.clone(), body.clone(), ok.clone());
+        workers.spawn(async move {
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds are valid");
+            let mut errors = std::collections::BTreeMap::new();
+            let req = json!({ "owner": OWNER, "kind": "echo", "payload": body, "wait": true });
+            while Instant::now() < deadline {
+                let s = Instant::now();
+                let r = http.post(&url).bearer_auth(&key).json(&req).send().await;
+                let kind = match r {
+                    Ok(resp) if resp.status().as_u16() == 200 => match resp.json::<Value>().await {
+                        Ok(v) if v["state"] == "succeeded" && v["output"].as_str().map(str::len) == Some(body.len()) => None,
+                        Ok(v) => Some(format!("state:{}", v["state"].as_str().unwrap_or("?"))),
+                        Err(_) => Some("bad_json".to_string()),
+                    },
+                    Ok(resp) => Some(format!("http:{}", resp.status().as_u16())),
+                    Err(_) => Some("transport".to_string()),
+                };
+                match kind {
+                    None => {
+                        let _ = hist.record(s.elapsed().as_micros() as u64);
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some(k) => *errors.entry(k).or_insert(0u64) += 1,
+                }
+            }
+            (hist, errors)
+        });
+    }
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds are valid");
+    let mut errors = std::collections::BTreeMap::new();
+    while let Some(Ok((h, e))) = workers.join_next().await {
+        let _ = hist.add(&h);
+        for (k, v) in e {
+            *errors.entry(k).or_insert(0) += v;
+        }
+    }
+    Dispatched { hist, ok: ok.load(Ordering::Relaxed), errors, elapsed: t0.elapsed() }
+}
