@@ -32,7 +32,10 @@ fn default_bin() -> anyhow::Result<PathBuf> {
     let dir = me.parent().context("no parent dir")?;
     let bin = dir.join("runnel-broker");
     if !bin.exists() {
-        bail!("{} not found: build it (cargo build --release -p runnel-broker) or pass --broker-bin", bin.display());
+        bail!(
+            "{} not found: build it (cargo build --release -p runnel-broker) or pass --broker-bin",
+            bin.display()
+        );
     }
     Ok(bin)
 }
@@ -46,7 +49,14 @@ impl BrokerProc {
         let dir = tempfile::tempdir()?;
         let mut child = Command::new(&bin)
             .args(["serve", "--quic-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
-            .args(["--queue-limit", "100000", "--idle-timeout", "60s", "--heartbeat-interval", "20s"])
+            .args([
+                "--queue-limit",
+                "100000",
+                "--idle-timeout",
+                "60s",
+                "--heartbeat-interval",
+                "20s",
+            ])
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .env("RUST_LOG", "warn")
@@ -91,7 +101,8 @@ impl BrokerProc {
         // Fields after the command name (which may contain spaces) start after ')'.
         let after = stat.rsplit_once(')').context("bad stat")?.1;
         let f: Vec<&str> = after.split_whitespace().collect();
-        let ticks: f64 = f.get(11).context("utime")?.parse::<f64>()? + f.get(12).context("stime")?.parse::<f64>()?;
+        let ticks: f64 = f.get(11).context("utime")?.parse::<f64>()?
+            + f.get(12).context("stime")?.parse::<f64>()?;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
         let kib = |name: &str| {
             status

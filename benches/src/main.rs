@@ -90,7 +90,14 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
     let fleet = sim::Fleet::enroll(&broker, a.tenants, a.runners, 64).await?;
     let connected = fleet.connect(a.common.endpoints, a.common.runner_capacity, 256).await?;
     let before = broker.usage()?;
-    let d = sim::dispatch(&broker, &fleet, a.common.concurrency, Duration::from_secs(a.common.duration), a.common.payload).await;
+    let d = sim::dispatch(
+        &broker,
+        &fleet,
+        a.common.concurrency,
+        Duration::from_secs(a.common.duration),
+        a.common.payload,
+    )
+    .await;
     let after = broker.usage()?;
     report::print("load", &a_label(&a), &d, &before, &after, Some(&connected));
     drop(connected);
@@ -111,12 +118,22 @@ async fn connect(a: ConnectArgs) -> anyhow::Result<()> {
     let idle = broker.usage()?;
     let connected = fleet.connect(a.common.endpoints, a.common.runner_capacity, a.parallel).await?;
     let with_all = broker.usage()?;
-    let d = sim::dispatch(&broker, &fleet, a.common.concurrency, Duration::from_secs(a.common.duration), a.common.payload).await;
+    let d = sim::dispatch(
+        &broker,
+        &fleet,
+        a.common.concurrency,
+        Duration::from_secs(a.common.duration),
+        a.common.payload,
+    )
+    .await;
     let after = broker.usage()?;
     report::connect(&a.runners, &connected, &idle, &with_all);
     report::print(
         "connect",
-        &format!("runners={} c={} d={}s payload={}B", a.runners, a.common.concurrency, a.common.duration, a.common.payload),
+        &format!(
+            "runners={} c={} d={}s payload={}B",
+            a.runners, a.common.concurrency, a.common.duration, a.common.payload
+        ),
         &d,
         &with_all,
         &after,

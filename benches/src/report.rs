@@ -9,10 +9,21 @@ fn ms(us: u64) -> f64 {
     us as f64 / 1000.0
 }
 
-pub(crate) fn print(kind: &str, label: &str, d: &Dispatched, before: &Usage, after: &Usage, c: Option<&Connected>) {
+pub(crate) fn print(
+    kind: &str,
+    label: &str,
+    d: &Dispatched,
+    before: &Usage,
+    after: &Usage,
+    c: Option<&Connected>,
+) {
     let secs = d.elapsed.as_secs_f64();
     let rate = d.ok as f64 / secs;
-    let (p50, p99, p999) = (d.hist.value_at_quantile(0.5), d.hist.value_at_quantile(0.99), d.hist.value_at_quantile(0.999));
+    let (p50, p99, p999) = (
+        d.hist.value_at_quantile(0.5),
+        d.hist.value_at_quantile(0.99),
+        d.hist.value_at_quantile(0.999),
+    );
     let cpu = after.cpu_secs - before.cpu_secs;
     println!("== runnel {kind}: {label}");
     println!("  jobs ok          {:>10}   ({rate:.0} jobs/s over {secs:.1}s)", d.ok);
@@ -33,10 +44,17 @@ pub(crate) fn print(kind: &str, label: &str, d: &Dispatched, before: &Usage, aft
 
 pub(crate) fn connect(n: &usize, c: &Connected, idle: &Usage, with_all: &Usage) {
     let took = c.took.as_secs_f64();
-    let per = (with_all.rss_kib.saturating_sub(idle.rss_kib)) as f64 * 1024.0 / c.conns.len().max(1) as f64;
+    let per = (with_all.rss_kib.saturating_sub(idle.rss_kib)) as f64 * 1024.0
+        / c.conns.len().max(1) as f64;
     println!("== runnel connect: {n} idle runners");
-    println!("  all online in    {took:.2}s  ({:.0} handshakes/s incl. Hello/Welcome)", c.conns.len() as f64 / took);
-    println!("  broker rss       {} KiB before, {} KiB with all connected", idle.rss_kib, with_all.rss_kib);
+    println!(
+        "  all online in    {took:.2}s  ({:.0} handshakes/s incl. Hello/Welcome)",
+        c.conns.len() as f64 / took
+    );
+    println!(
+        "  broker rss       {} KiB before, {} KiB with all connected",
+        idle.rss_kib, with_all.rss_kib
+    );
     println!("  rss per runner   {:.1} KiB", per / 1024.0);
     println!("  broker cpu       {:.2}s for the handshakes", with_all.cpu_secs - idle.cpu_secs);
     println!(

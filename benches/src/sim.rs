@@ -46,26 +46,55 @@ async fn post(http: &reqwest::Client, url: &str, key: &str, body: Value) -> anyh
 
 impl Fleet {
     /// Creates `tenants` tenants with `per_tenant` runners each, enrolled for real.
-    pub(crate) async fn enroll(b: &BrokerProc, tenants: usize, per_tenant: usize, parallel: usize) -> anyhow::Result<Self> {
+    pub(crate) async fn enroll(
+        b: &BrokerProc,
+        tenants: usize,
+        per_tenant: usize,
+        parallel: usize,
+    ) -> anyhow::Result<Self> {
         let http = reqwest::Client::new();
         let dir = tempfile::tempdir()?;
         let t0 = Instant::now();
         let mut out = Vec::new();
         for t in 0..tenants {
             let tenant = format!("t{t}");
-            post(&http, &format!("{}/v1/tenants", b.http), &b.operator_key, json!({ "id": tenant })).await?;
-            let admin = post(&http, &format!("{}/v1/tenants/{tenant}/keys", b.http), &b.operator_key, json!({ "role": "admin" }))
-                .await?["key"]
+            post(
+                &http,
+                &format!("{}/v1/tenants", b.http),
+                &b.operator_key,
+                json!({ "id": tenant }),
+            )
+            .await?;
+            let admin = post(
+                &http,
+                &format!("{}/v1/tenants/{tenant}/keys", b.http),
+                &b.operator_key,
+                json!({ "role": "admin" }),
+            )
+            .await?["key"]
                 .as_str()
                 .context("key")?
                 .to_owned();
             let runners = futures::stream::iter(0..per_tenant)
                 .map(|i| {
-                    let (http, admin, dir) = (http.clone(), admin.clone(), dir.path().join(format!("{t}-{i}")));
+                    let (http, admin, dir) =
+                        (http.clone(), admin.clone(), dir.path().join(format!("{t}-{i}")));
                     async move {
-                        let v = post(&http, &format!("{}/v1/runners", b.http), &admin, json!({ "owner": OWNER, "name": format!("sim{i}") })).await?;
+                        let v = post(
+                            &http,
+                            &format!("{}/v1/runners", b.http),
+                            &admin,
+                            json!({ "owner": OWNER, "name": format!("sim{i}") }),
+                        )
+                        .await?;
                         let state = runnel_runner::StateDir::new(&dir);
-                        runnel_runner::enroll(&b.quic, &b.fingerprint, v["token"].as_str().context("token")?, &state).await?;
+                        runnel_runner::enroll(
+                            &b.quic,
+                            &b.fingerprint,
+                            v["token"].as_str().context("token")?,
+                            &state,
+                        )
+                        .await?;
                         Ok::<_, anyhow::Error>(Identity {
                             cert_pem: std::fs::read_to_string(state.cert_path())?,
                             key_pem: std::fs::read_to_string(state.key_path())?,
@@ -86,7 +115,12 @@ impl Fleet {
     }
 
     /// Connects every runner (Hello → Welcome) over `endpoints` shared quinn endpoints.
-    pub(crate) async fn connect(&self, endpoints: usize, capacity: u32, parallel: usize) -> anyhow::Result<Connected> {
+    pub(crate) async fn connect(
+        &self,
+        endpoints: usize,
+        capacity: u32,
+        parallel: usize,
+    ) -> anyhow::Result<Connected> {
         let eps = (0..endpoints.max(1))
             .map(|_| quinn::Endpoint::client("127.0.0.1:0".parse()?).map_err(anyhow::Error::from))
             .collect::<anyhow::Result<Vec<_>>>()?;
@@ -102,7 +136,13 @@ impl Fleet {
                 async move {
                     let chain = pem::certs_from_pem(&id.cert_pem)?;
                     let key = pem::private_key_from_pem(&id.key_pem)?;
-                    let cfg = runnel_runner::tls::runner_config(ca, chain, key, Duration::from_secs(10), capacity * 2 + 8)?;
+                    let cfg = runnel_runner::tls::runner_config(
+                        ca,
+                        chain,
+                        key,
+                        Duration::from_secs(10),
+                        capacity * 2 + 8,
+                    )?;
                     let conn = ep.connect_with(cfg, addr, "localhost")?.await?;
                     let (mut send, mut recv) = conn.open_bi().await?;
                     let hello = ClientControl::Hello(Hello {
@@ -115,7 +155,9 @@ impl Fleet {
                     });
                     write_frame(&mut send, &hello).await?;
                     match read_frame::<ServerControl, _>(&mut recv).await? {
-                        Some(ServerControl::Welcome(w)) => Ok::<_, anyhow::Error>((conn, send, w.heartbeat_interval_ms)),
+                        Some(ServerControl::Welcome(w)) => {
+                            Ok::<_, anyhow::Error>((conn, send, w.heartbeat_interval_ms))
+                        }
                         other => anyhow::bail!("no Welcome: {other:?}"),
                     }
                 }
@@ -167,10 +209,22 @@ async fn serve(conn: quinn::Connection, mut control: quinn::SendStream, heartbea
     let jobs = async {
         while let Ok((mut send, mut recv)) = conn.accept_bi().await {
             tokio::spawn(async move {
-                let Ok(Some(BrokerJobFrame::Job(job))) = read_frame::<BrokerJobFrame, _>(&mut recv).await else { return };
-                let out = RunnerJobFrame::Output { stream: OutputStream::Stdout, data: job.payload };
-                let res = RunnerJobFrame::Result(JobResult { outcome: JobOutcome::Succeeded, exit_code: Some(0), message: String::new(), output_truncated: false });
-                if write_frame(&mut send, &out).await.is_ok() && write_frame(&mut send, &res).await.is_ok() {
+                let Ok(Some(BrokerJobFrame::Job(job))) =
+                    read_frame::<BrokerJobFrame, _>(&mut recv).await
+                else {
+                    return;
+                };
+                let out =
+                    RunnerJobFrame::Output { stream: OutputStream::Stdout, data: job.payload };
+                let res = RunnerJobFrame::Result(JobResult {
+                    outcome: JobOutcome::Succeeded,
+                    exit_code: Some(0),
+                    message: String::new(),
+                    output_truncated: false,
+                });
+                if write_frame(&mut send, &out).await.is_ok()
+                    && write_frame(&mut send, &res).await.is_ok()
+                {
                     let _ = send.finish();
                     let _ = send.stopped().await;
                 }
@@ -189,8 +243,15 @@ pub(crate) struct Dispatched {
 }
 
 /// `concurrency` dispatchers, each in a loop of `POST /v1/jobs` with `wait`, for `len`.
-pub(crate) async fn dispatch(b: &BrokerProc, fleet: &Fleet, concurrency: usize, len: Duration, payload: usize) -> Dispatched {
-    let http = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build().unwrap_or_default();
+pub(crate) async fn dispatch(
+    b: &BrokerProc,
+    fleet: &Fleet,
+    concurrency: usize,
+    len: Duration,
+    payload: usize,
+) -> Dispatched {
+    let http =
+        reqwest::Client::builder().pool_max_idle_per_host(concurrency).build().unwrap_or_default();
     let body = "x".repeat(payload);
     let deadline = Instant::now() + len;
     let ok = Arc::new(AtomicU64::new(0));
@@ -198,9 +259,16 @@ pub(crate) async fn dispatch(b: &BrokerProc, fleet: &Fleet, concurrency: usize, 
     let mut workers = JoinSet::new();
     for w in 0..concurrency {
         let tenant = &fleet.tenants[w % fleet.tenants.len()];
-        let (http, url, key, body, ok) = (http.clone(), format!("{}/v1/jobs", b.http), tenant.admin.clone(), body.clone(), ok.clone());
+        let (http, url, key, body, ok) = (
+            http.clone(),
+            format!("{}/v1/jobs", b.http),
+            tenant.admin.clone(),
+            body.clone(),
+            ok.clone(),
+        );
         workers.spawn(async move {
-            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds are valid");
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+                .expect("histogram bounds are valid");
             let mut errors = std::collections::BTreeMap::new();
             let req = json!({ "owner": OWNER, "kind": "echo", "payload": body, "wait": true });
             while Instant::now() < deadline {
@@ -208,7 +276,12 @@ pub(crate) async fn dispatch(b: &BrokerProc, fleet: &Fleet, concurrency: usize, 
                 let r = http.post(&url).bearer_auth(&key).json(&req).send().await;
                 let kind = match r {
                     Ok(resp) if resp.status().as_u16() == 200 => match resp.json::<Value>().await {
-                        Ok(v) if v["state"] == "succeeded" && v["output"].as_str().map(str::len) == Some(body.len()) => None,
+                        Ok(v)
+                            if v["state"] == "succeeded"
+                                && v["output"].as_str().map(str::len) == Some(body.len()) =>
+                        {
+                            None
+                        }
                         Ok(v) => Some(format!("state:{}", v["state"].as_str().unwrap_or("?"))),
                         Err(_) => Some("bad_json".to_string()),
                     },
@@ -226,7 +299,8 @@ pub(crate) async fn dispatch(b: &BrokerProc, fleet: &Fleet, concurrency: usize, 
             (hist, errors)
         });
     }
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds are valid");
+    let mut hist =
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds are valid");
     let mut errors = std::collections::BTreeMap::new();
     while let Some(Ok((h, e))) = workers.join_next().await {
         let _ = hist.add(&h);

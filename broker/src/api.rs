@@ -9,7 +9,7 @@
 //! | `GET /v1/runners[/{id}]` | admin, dispatcher, member (own owner) |
 //! | `POST/GET /v1/jobs`, `GET /v1/jobs/{id}[/output]`, `POST /v1/jobs/{id}/cancel` | admin, dispatcher, member (own owner) |
 //! | `GET /v1/audit` | operator (cluster events), admin (tenant events) |
-//! | `GET /healthz`, `GET /readyz` | anyone |
+//! | `GET /healthz`, `GET /readyz`, `GET /metrics` | anyone (keep the HTTP port private) |
 
 mod auth;
 mod error;
@@ -45,6 +45,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/output", get(jobs::output))
         .route("/v1/audit", get(tenants::audit))
+        .route("/metrics", get(health::metrics))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .fallback(|| async { ApiError::not_found("no such route") })

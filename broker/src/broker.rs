@@ -128,6 +128,15 @@ impl Broker {
         )));
         tasks.push(tokio::spawn(audit_denials(registry.clone(), denial_rx)));
         tasks.push(tokio::spawn(sync_index(registry.clone(), index)));
+        if let Some(handle) = shared.prometheus.clone() {
+            tasks.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(crate::metrics::UPKEEP_EVERY);
+                loop {
+                    tick.tick().await;
+                    handle.run_upkeep();
+                }
+            }));
+        }
         let app = crate::api::router(shared.clone());
         let stop = shutdown.clone();
         tasks.push(tokio::spawn(async move {

@@ -80,6 +80,9 @@ struct ServeArgs {
     /// Heartbeat interval asked of runners (e.g. 5s).
     #[arg(long, env = "RUNNEL_HEARTBEAT_INTERVAL")]
     heartbeat_interval: Option<String>,
+    /// Tenants with their own `tenant` metric label; later ones share `_other` (0: off).
+    #[arg(long, env = "RUNNEL_METRICS_TENANT_LABELS")]
+    metrics_tenant_labels: Option<usize>,
 }
 
 fn dur(
@@ -129,6 +132,10 @@ impl ServeArgs {
                 "heartbeat-interval",
             )?
             .unwrap_or(d.heartbeat_interval),
+            metrics_tenant_labels: self
+                .metrics_tenant_labels
+                .or(file.metrics_tenant_labels)
+                .unwrap_or(d.metrics_tenant_labels),
             ..d
         };
         config.validate()?;

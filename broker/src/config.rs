@@ -32,6 +32,8 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
 /// Default number of finished jobs kept for `GET /v1/jobs/{id}`.
 pub const DEFAULT_JOB_RETENTION: usize = 10_000;
+/// Default number of tenants with their own metric label.
+pub const DEFAULT_METRICS_TENANT_LABELS: usize = 100;
 /// Default age after which finished jobs are forgotten.
 pub const DEFAULT_JOB_RETENTION_AGE: Duration = Duration::from_secs(3600);
 
@@ -68,6 +70,8 @@ pub struct Config {
     pub job_retention: usize,
     /// Age after which finished jobs are dropped.
     pub job_retention_age: Duration,
+    /// Tenants that get their own `tenant` metric label (0: none; later ones: `_other`).
+    pub metrics_tenant_labels: usize,
 }
 
 impl Default for Config {
@@ -88,6 +92,7 @@ impl Default for Config {
             heartbeat_interval: DEFAULT_HEARTBEAT,
             job_retention: DEFAULT_JOB_RETENTION,
             job_retention_age: DEFAULT_JOB_RETENTION_AGE,
+            metrics_tenant_labels: DEFAULT_METRICS_TENANT_LABELS,
         }
     }
 }
@@ -205,6 +210,8 @@ pub struct FileConfig {
     pub idle_timeout: Option<String>,
     /// See [`Config::heartbeat_interval`].
     pub heartbeat_interval: Option<String>,
+    /// See [`Config::metrics_tenant_labels`].
+    pub metrics_tenant_labels: Option<usize>,
 }
 
 impl FileConfig {

@@ -28,7 +28,11 @@ pub async fn serve(conn: quinn::Connection, shared: Arc<Shared>) {
         let response = match read_frame::<EnrollRequest, _>(&mut recv).await {
             Ok(Some(req)) => enroll(&shared, req).await,
             Ok(None) => return Err("no enroll request".to_string()),
-            Err(e) => refused(ErrorCode::BadRequest, format!("malformed enroll request: {e}")),
+            Err(e) => {
+                metrics::counter!(crate::metrics::names::ENROLLMENTS, "result" => "bad_request")
+                    .increment(1);
+                refused(ErrorCode::BadRequest, format!("malformed enroll request: {e}"))
+            }
         };
         write_frame(&mut send, &response).await.map_err(|e| e.to_string())?;
         send.finish().map_err(|e| e.to_string())?;
@@ -54,8 +58,25 @@ async fn audit_denied(reg: &Registry, tenant: Option<&str>, runner: Option<&str>
     reg.audit_best_effort(AuditEvent::now("denied", "anonymous", tenant, runner, detail)).await;
 }
 
-/// Decides one enrollment request.
+/// Decides one enrollment request, counting the result.
 pub async fn enroll(shared: &Shared, req: EnrollRequest) -> EnrollResponse {
+    let resp = decide(shared, req).await;
+    let result = match &resp {
+        EnrollResponse::Ok(_) => "ok",
+        EnrollResponse::Refused { code, .. } => match code {
+            ErrorCode::TokenUnknown => "unknown",
+            ErrorCode::TokenExpired => "expired",
+            ErrorCode::TokenConsumed => "replayed",
+            ErrorCode::BadRequest | ErrorCode::UnsupportedVersion => "bad_request",
+            ErrorCode::Revoked => "revoked",
+            _ => "internal",
+        },
+    };
+    metrics::counter!(crate::metrics::names::ENROLLMENTS, "result" => result).increment(1);
+    resp
+}
+
+async fn decide(shared: &Shared, req: EnrollRequest) -> EnrollResponse {
     let reg = &shared.registry;
     if version::negotiate(req.version, req.version).is_none() {
         return refused(

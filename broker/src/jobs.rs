@@ -14,6 +14,8 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::names;
+
 /// Output kept per job in the broker; later output is dropped and the job marked truncated.
 pub const MAX_BUFFERED_OUTPUT: usize = 1024 * 1024;
 
@@ -169,6 +171,8 @@ impl JobEntry {
         g.runner_id = Some(runner_id.into());
         g.started_at = Some(now_ms());
         drop(g);
+        metrics::histogram!(names::QUEUE_WAIT).record(self.accepted.elapsed().as_secs_f64());
+        metrics::gauge!(names::JOBS_IN_FLIGHT).increment(1.0);
         self.bump();
         true
     }
@@ -343,6 +347,11 @@ impl JobTable {
         if g.state.is_terminal() {
             return false;
         }
+        if g.state == JobState::Running {
+            metrics::gauge!(names::JOBS_IN_FLIGHT).decrement(1.0);
+        }
+        metrics::counter!(names::DISPATCHES, "outcome" => f.state.name()).increment(1);
+        metrics::histogram!(names::DISPATCH_LATENCY).record(entry.accepted.elapsed().as_secs_f64());
         g.state = f.state;
         g.exit_code = f.exit_code;
         g.message = f.message;

@@ -12,6 +12,7 @@
 //!   handling).
 //! - [`dispatch`]: the runner-selection decision, as a plain function.
 //! - [`jobs`]: job table, states, output buffers, retention.
+//! - [`metrics`]: Prometheus metric names, buckets, the tenant-label cap.
 //! - [`store`] and [`records`]: the durable KV (redb) and the typed records on it.
 //! - [`secret`]: API keys and tokens (salted SHA-256, constant-time checks).
 //! - [`api`]: the HTTP API (axum).
@@ -29,6 +30,7 @@ pub mod endpoint;
 pub mod enroll;
 pub mod index;
 pub mod jobs;
+pub mod metrics;
 pub mod records;
 pub mod secret;
 pub mod shared;

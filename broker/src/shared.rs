@@ -37,6 +37,10 @@ pub struct Shared {
     pub keys: DashMap<String, ApiKey>,
     /// `host:port` runners dial.
     pub advertise: String,
+    /// The `tenant` metric label cap.
+    pub tenant_labels: crate::metrics::TenantLabels,
+    /// Renders `/metrics` (None when another recorder owns the process).
+    pub prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
     conn_seq: AtomicU64,
 }
 
@@ -56,7 +60,10 @@ impl Shared {
         advertise: String,
     ) -> Self {
         let jobs = JobTable::new(config.job_retention, config.job_retention_age);
+        let tenant_labels = crate::metrics::TenantLabels::new(config.metrics_tenant_labels);
         Self {
+            tenant_labels,
+            prometheus: crate::metrics::install(),
             config,
             registry,
             index,

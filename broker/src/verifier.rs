@@ -133,7 +133,10 @@ impl PairingVerifier {
             _ => return Err(self.deny(HandshakeRefusal::Malformed, None)),
         };
         match self.index.check(&identity.runner, &identity.tenant, &identity.owner) {
-            Ok(()) => Ok(identity),
+            Ok(()) => {
+                metrics::counter!(crate::metrics::names::HANDSHAKES, "result" => "ok").increment(1);
+                Ok(identity)
+            }
             Err(IndexRefusal::Revoked) => Err(self.deny(HandshakeRefusal::Revoked, Some(identity))),
             Err(IndexRefusal::Unknown | IndexRefusal::Pending) => {
                 Err(self.deny(HandshakeRefusal::Unknown, Some(identity)))
@@ -142,6 +145,8 @@ impl PairingVerifier {
     }
 
     fn deny(&self, reason: HandshakeRefusal, claimed: Option<RunnerIdentity>) -> HandshakeRefusal {
+        metrics::counter!(crate::metrics::names::HANDSHAKES, "result" => reason.name())
+            .increment(1);
         tracing::info!(reason = reason.name(), runner = ?claimed.as_ref().map(|c| &c.runner), "handshake refused");
         if let Some(tx) = &self.denials {
             // Never block the handshake: when the auditor lags, denials are dropped.

@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 use super::tenant::{Attach, TenantMsg};
 use crate::dispatch::ConnId;
 use crate::jobs::{Finish, JobEntry, JobState};
+use crate::metrics::names;
 use crate::records::{AuditEvent, RunnerState, now_unix};
 use crate::shared::Shared;
 
@@ -67,6 +68,10 @@ pub struct ConnectionState {
     control: mpsc::Sender<ServerControl>,
     tasks: Vec<JoinHandle<()>>,
     span: tracing::Span,
+    /// The `tenant` metric label.
+    label: String,
+    /// Lost packets already counted.
+    lost_counted: u64,
 }
 
 fn close(conn: &quinn::Connection, code: ErrorCode, reason: &str) {
@@ -153,6 +158,8 @@ impl Actor for RunnerConnection {
             e.advertised = Some(hello.labels.clone());
         });
         span.in_scope(|| tracing::info!("runner connected"));
+        let label = args.shared.tenant_labels.label(&identity.tenant);
+        metrics::gauge!(names::RUNNERS_CONNECTED, "tenant" => label.clone()).increment(1.0);
         Ok(ConnectionState {
             conn_id: args.conn_id,
             conn,
@@ -162,6 +169,8 @@ impl Actor for RunnerConnection {
             control: tx,
             tasks: vec![writer, reader, watcher],
             span,
+            label,
+            lost_counted: 0,
         })
     }
 
@@ -209,6 +218,7 @@ impl Actor for RunnerConnection {
             e.last_seen = Some(now);
         });
         state.span.in_scope(|| tracing::info!("runner disconnected"));
+        metrics::gauge!(names::RUNNERS_CONNECTED, "tenant" => state.label.clone()).decrement(1.0);
         Ok(())
     }
 }
@@ -217,6 +227,11 @@ impl ConnectionState {
     async fn control_message(&mut self, ctl: ClientControl) {
         match ctl {
             ClientControl::Heartbeat(hb) => {
+                metrics::histogram!(names::QUIC_RTT).record(self.conn.rtt().as_secs_f64());
+                let lost = self.conn.stats().path.lost_packets;
+                metrics::counter!(names::QUIC_LOST_PACKETS)
+                    .increment(lost.saturating_sub(self.lost_counted));
+                self.lost_counted = lost;
                 let now = now_unix();
                 self.shared.index.update_presence(&self.identity.runner, |e| {
                     e.last_seen = Some(now);

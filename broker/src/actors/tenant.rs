@@ -93,6 +93,8 @@ struct Live {
 /// State of [`TenantActor`].
 pub struct TenantState {
     tenant: String,
+    /// This tenant's value of the `tenant` metric label (capped).
+    label: String,
     shared: Arc<Shared>,
     slots: HashMap<ConnId, Slot>,
     live: HashMap<ConnId, Live>,
@@ -270,7 +272,9 @@ impl Actor for TenantActor {
         args: TenantArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         myself.send_interval(QUEUE_TICK, || TenantMsg::Tick);
+        let label = args.shared.tenant_labels.label(&args.tenant);
         Ok(TenantState {
+            label,
             tenant: args.tenant,
             shared: args.shared,
             slots: HashMap::new(),
@@ -343,6 +347,8 @@ impl Actor for TenantActor {
             #[cfg(feature = "fault-injection")]
             TenantMsg::Crash => return Err("fault injected".into()),
         }
+        metrics::gauge!(crate::metrics::names::QUEUE_DEPTH, "tenant" => state.label.clone())
+            .set(state.queue.len() as f64);
         Ok(())
     }
 

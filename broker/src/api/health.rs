@@ -27,3 +27,10 @@ pub(super) async fn readyz(State(shared): State<Arc<Shared>>) -> Result<Json<Val
         .map_err(|e| ApiError::unavailable(format!("store: {e}")))?;
     Ok(Json(json!({ "status": "ready", "runners_known": shared.index.len() })))
 }
+
+/// `GET /metrics`: Prometheus text format.
+pub(super) async fn metrics(State(shared): State<Arc<Shared>>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let body = shared.prometheus.as_ref().map(|h| h.render()).unwrap_or_default();
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}

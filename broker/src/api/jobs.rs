@@ -145,6 +145,7 @@ pub(super) async fn create(
         _ => Some(ApiError::unavailable("tenant actor did not answer")),
     };
     if let Some(err) = refusal {
+        metrics::counter!(crate::metrics::names::DISPATCHES, "outcome" => err.code).increment(1);
         shared.jobs.discard(&job.id);
         return Err(err);
     }

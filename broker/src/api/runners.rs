@@ -235,7 +235,7 @@ pub(super) async fn revoke(
     let r = visible(&shared, &caller, &id).await?;
     caller.require(&[Role::Admin])?;
     let now = now_unix();
-    shared
+    let newly = shared
         .registry
         .update_runner(&r.tenant, &id, |rec| {
             if rec.state == RunnerState::Revoked {
@@ -261,6 +261,10 @@ pub(super) async fn revoke(
         },
         None => 0,
     };
+    if newly.is_some() {
+        metrics::counter!(crate::metrics::names::REVOCATIONS).increment(1);
+    }
+    metrics::counter!(crate::metrics::names::REVOCATION_CLOSED).increment(closed as u64);
     let detail = format!("{closed} live connection(s) closed");
     let ev = AuditEvent::now("revoked", caller.audit_actor(), Some(&r.tenant), Some(&id), detail);
     shared.registry.audit_best_effort(ev).await;

@@ -41,13 +41,17 @@ impl RedbStore {
         Ok(Self { db: Arc::new(db), events })
     }
 
-    async fn blocking<T, F>(&self, f: F) -> Result<T, StoreError>
+    async fn blocking<T, F>(&self, op: &'static str, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
     {
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || f(&db)).await.map_err(engine)?
+        let started = std::time::Instant::now();
+        let r = tokio::task::spawn_blocking(move || f(&db)).await.map_err(engine)?;
+        metrics::histogram!(crate::metrics::names::STORE_OP, "op" => op)
+            .record(started.elapsed().as_secs_f64());
+        r
     }
 
     fn notify(&self, event: WatchEvent) {
@@ -60,7 +64,7 @@ impl RedbStore {
 impl Store for RedbStore {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let key = key.to_owned();
-        self.blocking(move |db| {
+        self.blocking("get", move |db| {
             let txn = db.begin_read().map_err(engine)?;
             let table = txn.open_table(KV).map_err(engine)?;
             Ok(table.get(key.as_str()).map_err(engine)?.map(|v| v.value().to_vec()))
@@ -71,7 +75,7 @@ impl Store for RedbStore {
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
         let k = key.to_owned();
         let v = value.clone();
-        self.blocking(move |db| {
+        self.blocking("put", move |db| {
             let txn = db.begin_write().map_err(engine)?;
             txn.open_table(KV).map_err(engine)?.insert(k.as_str(), v.as_slice()).map_err(engine)?;
             txn.commit().map_err(engine)
@@ -84,7 +88,7 @@ impl Store for RedbStore {
     async fn delete(&self, key: &str) -> Result<bool, StoreError> {
         let k = key.to_owned();
         let existed = self
-            .blocking(move |db| {
+            .blocking("delete", move |db| {
                 let txn = db.begin_write().map_err(engine)?;
                 let existed = txn
                     .open_table(KV)
@@ -108,7 +112,7 @@ impl Store for RedbStore {
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let prefix = prefix.to_owned();
-        self.blocking(move |db| {
+        self.blocking("scan", move |db| {
             let txn = db.begin_read().map_err(engine)?;
             let table = txn.open_table(KV).map_err(engine)?;
             let mut out = Vec::new();
@@ -134,7 +138,7 @@ impl Store for RedbStore {
         let expected = expected.map(<[u8]>::to_vec);
         let n = new.clone();
         let swapped = self
-            .blocking(move |db| {
+            .blocking("cas", move |db| {
                 // redb has one writer at a time, so read-compare-write inside one write
                 // transaction is atomic.
                 let txn = db.begin_write().map_err(engine)?;

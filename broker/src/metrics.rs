@@ -1,0 +1,172 @@
+//! Prometheus metrics (`metrics` + `metrics-exporter-prometheus`, served on `/metrics`).
+//!
+//! Latencies are real histograms with explicit buckets, so they aggregate across nodes.
+//! Every name is below; [`names`] is the single list the code, the dashboard and the
+//! alert rules use.
+//!
+//! **Label cardinality.** `result`, `outcome` and `op` take a fixed, small set of values.
+//! `tenant` is the only open-ended label: the first `--metrics-tenant-labels` tenants seen
+//! (default 100) get their own value, later ones share `_other`; `0` turns the per-tenant
+//! split off (`_all`). So a broker with thousands of tenants exports at most that many
+//! series per tenant-labelled metric.
+
+use std::collections::HashSet;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Metric names.
+pub mod names {
+    /// Gauge, `tenant`: runners with a live connection.
+    pub const RUNNERS_CONNECTED: &str = "runnel_runners_connected";
+    /// Counter, `result` (ok, revoked, unknown, expired, foreign_ca, malformed).
+    pub const HANDSHAKES: &str = "runnel_handshakes_total";
+    /// Counter, `result` (ok, unknown, expired, replayed, bad_request, revoked, internal).
+    pub const ENROLLMENTS: &str = "runnel_enrollments_total";
+    /// Counter, `outcome` (a terminal job state, or queue_full / no_runner / unknown_runner).
+    pub const DISPATCHES: &str = "runnel_dispatches_total";
+    /// Histogram: job accepted → terminal state, seconds.
+    pub const DISPATCH_LATENCY: &str = "runnel_dispatch_latency_seconds";
+    /// Histogram: job accepted → sent to a runner, seconds.
+    pub const QUEUE_WAIT: &str = "runnel_queue_wait_seconds";
+    /// Gauge, `tenant`: jobs waiting for a runner.
+    pub const QUEUE_DEPTH: &str = "runnel_queue_depth";
+    /// Gauge: jobs running on runners.
+    pub const JOBS_IN_FLIGHT: &str = "runnel_jobs_in_flight";
+    /// Counter: runners revoked.
+    pub const REVOCATIONS: &str = "runnel_revocations_total";
+    /// Counter: live connections closed by revocations.
+    pub const REVOCATION_CLOSED: &str = "runnel_revocation_connections_closed_total";
+    /// Histogram, `op` (get, put, delete, scan, cas): store operation latency, seconds.
+    pub const STORE_OP: &str = "runnel_store_op_seconds";
+    /// Histogram: QUIC round-trip time to runners, sampled at each heartbeat, seconds.
+    pub const QUIC_RTT: &str = "runnel_quic_rtt_seconds";
+    /// Counter: QUIC packets lost on runner connections.
+    pub const QUIC_LOST_PACKETS: &str = "runnel_quic_lost_packets_total";
+    /// Gauge, `version`: always 1.
+    pub const BUILD_INFO: &str = "runnel_build_info";
+}
+
+/// Buckets of job-level latencies (dispatch, queue wait): 0.5 ms … 10 min.
+pub const JOB_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 300.0, 600.0,
+];
+/// Buckets of store operations: 50 µs … 1 s.
+pub const STORE_BUCKETS: &[f64] =
+    &[0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
+/// Buckets of QUIC RTT: 100 µs … 2 s.
+pub const RTT_BUCKETS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0];
+/// How often the exporter's upkeep runs (drains histogram buffers).
+pub const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide recorder once and returns its handle. `None` when another
+/// recorder was installed first (an embedding program's): metrics then go there.
+pub fn install() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Full(names::DISPATCH_LATENCY.into()), JOB_BUCKETS)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(names::QUEUE_WAIT.into()), JOB_BUCKETS)
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(names::STORE_OP.into()), STORE_BUCKETS)
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(names::QUIC_RTT.into()), RTT_BUCKETS)
+                });
+            let recorder = match builder {
+                Ok(b) => b.build_recorder(),
+                Err(e) => {
+                    tracing::error!(error = %e, "metrics disabled: bad bucket configuration");
+                    return None;
+                }
+            };
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
+                return None;
+            }
+            describe();
+            metrics::gauge!(names::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            Some(handle)
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(names::RUNNERS_CONNECTED, "Runners with a live connection, by tenant.");
+    describe_counter!(names::HANDSHAKES, "Runner TLS handshakes by result.");
+    describe_counter!(names::ENROLLMENTS, "Enrollment attempts by result.");
+    describe_counter!(names::DISPATCHES, "Dispatched jobs by outcome.");
+    describe_histogram!(names::DISPATCH_LATENCY, Unit::Seconds, "Job accepted to terminal state.");
+    describe_histogram!(names::QUEUE_WAIT, Unit::Seconds, "Job accepted to sent to a runner.");
+    describe_gauge!(names::QUEUE_DEPTH, "Jobs waiting for a runner, by tenant.");
+    describe_gauge!(names::JOBS_IN_FLIGHT, "Jobs running on runners.");
+    describe_counter!(names::REVOCATIONS, "Runners revoked.");
+    describe_counter!(names::REVOCATION_CLOSED, "Live connections closed by revocations.");
+    describe_histogram!(names::STORE_OP, Unit::Seconds, "Store operation latency by op.");
+    describe_histogram!(
+        names::QUIC_RTT,
+        Unit::Seconds,
+        "QUIC RTT to runners, sampled per heartbeat."
+    );
+    describe_counter!(names::QUIC_LOST_PACKETS, "QUIC packets lost on runner connections.");
+    describe_gauge!(names::BUILD_INFO, "Build information.");
+}
+
+/// Caps the number of distinct `tenant` label values.
+#[derive(Debug)]
+pub struct TenantLabels {
+    cap: usize,
+    seen: Mutex<HashSet<String>>,
+}
+
+/// Label value of tenants past the cap.
+pub const OTHER_TENANTS: &str = "_other";
+/// Label value when per-tenant labels are off.
+pub const ALL_TENANTS: &str = "_all";
+
+impl TenantLabels {
+    /// At most `cap` tenants get their own label value.
+    pub fn new(cap: usize) -> Self {
+        Self { cap, seen: Mutex::new(HashSet::new()) }
+    }
+
+    /// The label value for `tenant`.
+    pub fn label(&self, tenant: &str) -> String {
+        if self.cap == 0 {
+            return ALL_TENANTS.into();
+        }
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.contains(tenant) {
+            return tenant.into();
+        }
+        if seen.len() < self.cap {
+            seen.insert(tenant.into());
+            return tenant.into();
+        }
+        OTHER_TENANTS.into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tenant_labels_are_capped() {
+        let l = TenantLabels::new(2);
+        assert_eq!(l.label("a"), "a");
+        assert_eq!(l.label("b"), "b");
+        assert_eq!(l.label("c"), OTHER_TENANTS);
+        assert_eq!(l.label("a"), "a");
+        assert_eq!(TenantLabels::new(0).label("a"), ALL_TENANTS);
+    }
+}

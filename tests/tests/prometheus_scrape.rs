@@ -1,0 +1,136 @@
+//! A real Prometheus scrapes a real broker: the dispatch counter and histogram arrive with
+//! the right values, and `promtool check metrics` accepts the exposition.
+//! (One test in this file: the metrics recorder is process-wide.)
+#![allow(missing_docs, clippy::unwrap_used)]
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use runnel_tests::{TestBroker, wait_for};
+use serde_json::Value;
+
+fn installed(bin: &str) -> bool {
+    std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {bin}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+async fn query(http: &reqwest::Client, base: &str, q: &str) -> Option<f64> {
+    let v: Value = http
+        .get(format!("{base}/api/v1/query"))
+        .query(&[("query", q)])
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+}
+
+#[tokio::test]
+async fn prometheus_scrapes_dispatch_counters_and_histograms() {
+    if !installed("prometheus") || !installed("promtool") {
+        // CI installs Debian's prometheus; a developer machine may not have it.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "prometheus/promtool missing in CI: .ci/run must install them"
+        );
+        eprintln!("SKIPPED: prometheus not installed (apt-get install prometheus)");
+        return;
+    }
+    let b = TestBroker::start().await;
+    let admin = b.tenant("acme").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, _runner) = b.runner(&admin, "alice", &dir.path().join("r"), 2).await;
+    for args in [&["0"][..], &["0"], &["3"]] {
+        let (s, _) = b.run(&admin, "alice", "sh", &["-c", &format!("exit {}", args[0])]).await;
+        assert_eq!(s, 200);
+    }
+    let (s, _) = b.run(&admin, "nobody", "true", &[]).await;
+    assert_eq!(s, 409);
+
+    // promtool accepts what we expose.
+    let body =
+        reqwest::get(format!("{}/metrics", b.api.base())).await.unwrap().text().await.unwrap();
+    for name in [
+        "runnel_dispatches_total",
+        "runnel_dispatch_latency_seconds_bucket",
+        "runnel_handshakes_total",
+        "runnel_build_info",
+    ] {
+        assert!(body.contains(name), "{name} missing from /metrics:\n{body}");
+    }
+    let mut check = tokio::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncWriteExt;
+    check.stdin.take().unwrap().write_all(body.as_bytes()).await.unwrap();
+    let out = check.wait_with_output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A real Prometheus on a loopback port, scraping every second.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let pdir = tempfile::tempdir().unwrap();
+    let cfg = pdir.path().join("prometheus.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: runnel\n    static_configs:\n      - targets: ['{}']\n",
+            b.handle().http_addr()
+        ),
+    )
+    .unwrap();
+    let mut prom = tokio::process::Command::new("prometheus")
+        .arg(format!("--config.file={}", cfg.display()))
+        .arg(format!("--storage.tsdb.path={}", pdir.path().join("data").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let succeeded =
+        wait_for(Duration::from_secs(60), "prometheus to scrape the broker", || async {
+            query(&http, &base, r#"runnel_dispatches_total{job="runnel",outcome="succeeded"}"#)
+                .await
+        })
+        .await;
+    assert_eq!(succeeded, 2.0);
+    assert_eq!(
+        query(&http, &base, r#"runnel_dispatches_total{outcome="failed"}"#).await,
+        Some(1.0)
+    );
+    assert_eq!(
+        query(&http, &base, r#"runnel_dispatches_total{outcome="no_runner"}"#).await,
+        Some(1.0)
+    );
+    assert_eq!(query(&http, &base, "runnel_dispatch_latency_seconds_count").await, Some(3.0));
+    // The histogram has real buckets: all three jobs took under a minute.
+    assert_eq!(
+        query(&http, &base, r#"runnel_dispatch_latency_seconds_bucket{le="60"}"#).await,
+        Some(3.0)
+    );
+    let p99 = query(
+        &http,
+        &base,
+        "histogram_quantile(0.99, sum(runnel_dispatch_latency_seconds_bucket) by (le))",
+    )
+    .await;
+    assert!(p99.is_some_and(|v| v > 0.0 && v < 60.0), "{p99:?}");
+    assert_eq!(query(&http, &base, r#"runnel_runners_connected{tenant="acme"}"#).await, Some(1.0));
+    assert_eq!(query(&http, &base, r#"runnel_handshakes_total{result="ok"}"#).await, Some(1.0));
+    prom.kill().await.unwrap();
+}
