@@ -32,7 +32,9 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the broker (the default).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// A self-contained tour: broker, two tenants, three real runners, jobs, revocation.
+    Demo,
 }
 
 /// Flags of `serve`; each can also come from `RUNNEL_<NAME>` or the config file.
@@ -144,9 +146,9 @@ impl ServeArgs {
 }
 
 /// Sets up `tracing`: `RUST_LOG` for levels (default info), pretty or JSON lines.
-pub fn init_tracing(format: &str) -> Result<(), String> {
+pub fn init_tracing(format: &str, default_level: &str) -> Result<(), String> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         "pretty" => builder.try_init().map_err(|e| e.to_string()),
@@ -180,16 +182,35 @@ async fn wait_for_signal() {
     }
 }
 
+fn run_demo() -> ExitCode {
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("runnel-broker: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(crate::demo::run()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("runnel-broker demo: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs the command line; returns the process exit status.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = init_tracing(&cli.log_format) {
+    // The demo narrates on stdout; its logs stay quiet unless RUST_LOG asks.
+    let level = if matches!(cli.command, Some(Command::Demo)) { "warn" } else { "info" };
+    if let Err(e) = init_tracing(&cli.log_format, level) {
         eprintln!("runnel-broker: {e}");
         return ExitCode::from(EXIT_CONFIG);
     }
-    let Some(Command::Serve(args)) = cli.command.or(Some(Command::Serve(ServeArgs::default())))
-    else {
-        return ExitCode::from(EXIT_CONFIG);
+    let args = match cli.command.unwrap_or(Command::Serve(Box::default())) {
+        Command::Serve(args) => args,
+        Command::Demo => return run_demo(),
     };
     let config = match args.resolve() {
         Ok(c) => c,

@@ -17,6 +17,7 @@
 //! - [`secret`]: API keys and tokens (salted SHA-256, constant-time checks).
 //! - [`api`]: the HTTP API (axum).
 //! - [`cli`]: the `runnel-broker` command line; `main.rs` only calls it.
+//! - [`ctl`]: `runnelctl`, the operator CLI over the HTTP API.
 #![deny(clippy::unwrap_used)]
 
 pub mod actors;
@@ -24,7 +25,9 @@ pub mod api;
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod ctl;
 pub mod data_dir;
+pub mod demo;
 pub mod dispatch;
 pub mod endpoint;
 pub mod enroll;

@@ -1,0 +1,5 @@
+//! `runnelctl`: see [`runnel_broker::ctl`].
+
+fn main() -> std::process::ExitCode {
+    runnel_broker::ctl::main()
+}

@@ -1,0 +1,425 @@
+//! Subcommands of `runnelctl`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::{Value, json};
+
+use super::table::{ago, render};
+use super::{Client, CtlError};
+use crate::records::now_unix;
+
+#[derive(Debug, Parser)]
+#[command(name = "runnelctl", version, about = "Operate a runnel broker through its HTTP API")]
+struct Cli {
+    /// Broker API URL.
+    #[arg(long, env = "RUNNEL_URL", global = true)]
+    url: Option<String>,
+    /// API key.
+    #[arg(long, env = "RUNNEL_KEY", hide_env_values = true, global = true)]
+    key: Option<String>,
+    /// Profile from profiles.toml (url and key).
+    #[arg(long, env = "RUNNEL_PROFILE", global = true)]
+    profile: Option<String>,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value = "table", global = true)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Tenants (operator key).
+    #[command(subcommand)]
+    Tenants(Tenants),
+    /// API keys.
+    #[command(subcommand)]
+    Keys(Keys),
+    /// Runners.
+    #[command(subcommand)]
+    Runners(Runners),
+    /// Jobs.
+    #[command(subcommand)]
+    Jobs(Jobs),
+    /// The audit log (tenant for admin keys, cluster for operator keys).
+    Audit {
+        /// Most events to show.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Tenants {
+    /// Create a tenant.
+    Create {
+        /// Tenant id.
+        id: String,
+    },
+    /// List tenants.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+enum Keys {
+    /// Create an API key (printed once).
+    Create {
+        /// Tenant.
+        #[arg(long)]
+        tenant: String,
+        /// admin, dispatcher or member.
+        #[arg(long)]
+        role: String,
+        /// Owner (member keys).
+        #[arg(long)]
+        owner: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Runners {
+    /// Create a runner; prints its one-time token and enroll command.
+    Create {
+        /// Owner the runner belongs to.
+        #[arg(long)]
+        owner: String,
+        /// Display name.
+        #[arg(long)]
+        name: String,
+        /// Label key=value (repeatable).
+        #[arg(long = "label", value_parser = parse_kv)]
+        labels: Vec<(String, String)>,
+        /// Token lifetime in seconds.
+        #[arg(long)]
+        token_ttl: Option<u64>,
+    },
+    /// List runners.
+    List {
+        /// Only this owner's.
+        #[arg(long)]
+        owner: Option<String>,
+    },
+    /// Show one runner.
+    Get {
+        /// Runner id.
+        id: String,
+    },
+    /// Revoke a runner: closes its connections, refuses it forever.
+    Revoke {
+        /// Runner id.
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Jobs {
+    /// Run a program on a runner, stream its output, exit with its exit code.
+    Run {
+        /// Owner whose runner runs it (members: their own, implied).
+        #[arg(long)]
+        owner: Option<String>,
+        /// A specific runner.
+        #[arg(long)]
+        runner: Option<String>,
+        /// Required label key=value (repeatable).
+        #[arg(long = "label", value_parser = parse_kv)]
+        labels: Vec<(String, String)>,
+        /// Run-time limit in milliseconds.
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+        /// Environment variable KEY=VALUE for the program (repeatable).
+        #[arg(long = "env", value_parser = parse_kv)]
+        env: Vec<(String, String)>,
+        /// Working directory on the runner.
+        #[arg(long)]
+        cwd: Option<String>,
+        /// Program and arguments (after --).
+        #[arg(required = true, trailing_var_arg = true)]
+        command: Vec<String>,
+    },
+    /// Show one job.
+    Get {
+        /// Job id.
+        id: String,
+    },
+    /// Recent jobs.
+    List {
+        /// Only this owner's.
+        #[arg(long)]
+        owner: Option<String>,
+        /// Most jobs to show.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Cancel a job.
+    Cancel {
+        /// Job id.
+        id: String,
+    },
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("{s:?} must be key=value"))?;
+    Ok((k.to_owned(), v.to_owned()))
+}
+
+fn profiles_path() -> PathBuf {
+    std::env::var_os("RUNNEL_CONFIG_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config/runnel")))
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("profiles.toml")
+}
+
+fn client(cli: &Cli) -> Result<Client, CtlError> {
+    let (mut url, mut key) = (cli.url.clone(), cli.key.clone());
+    if url.is_none() || key.is_none() || cli.profile.is_some() {
+        let name = cli.profile.clone().unwrap_or_else(|| "default".into());
+        let path = profiles_path();
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let all: BTreeMap<String, BTreeMap<String, String>> = toml::from_str(&text)
+                .map_err(|e| CtlError::Config(format!("{}: {e}", path.display())))?;
+            if let Some(p) = all.get(&name) {
+                url = url.or_else(|| p.get("url").cloned());
+                key = key.or_else(|| p.get("key").cloned());
+            } else if cli.profile.is_some() {
+                return Err(CtlError::Config(format!("no profile {name:?} in {}", path.display())));
+            }
+        } else if cli.profile.is_some() {
+            return Err(CtlError::Config(format!("cannot read {}", path.display())));
+        }
+    }
+    let url =
+        url.ok_or_else(|| CtlError::Config("set RUNNEL_URL (or --url, or a profile)".into()))?;
+    let key =
+        key.ok_or_else(|| CtlError::Config("set RUNNEL_KEY (or --key, or a profile)".into()))?;
+    Ok(Client::new(&url, &key))
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn labels(v: &Value) -> String {
+    v.as_object()
+        .map(|m| m.iter().map(|(k, v)| format!("{k}={}", s(v))).collect::<Vec<_>>().join(","))
+        .filter(|l| !l.is_empty())
+        .unwrap_or_else(|| "-".into())
+}
+
+fn runner_rows(list: &[Value]) -> String {
+    let now = now_unix();
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|r| {
+            vec![
+                s(&r["id"]),
+                s(&r["owner"]),
+                s(&r["name"]),
+                s(&r["status"]),
+                ago(r["last_seen"].as_i64(), now),
+                labels(&r["labels"]),
+                format!("{}/{:.2}", s(&r["in_flight"]), r["load"].as_f64().unwrap_or(0.0)),
+            ]
+        })
+        .collect();
+    render(&["ID", "OWNER", "NAME", "STATUS", "LAST SEEN", "LABELS", "JOBS/LOAD"], &rows)
+}
+
+fn job_rows(list: &[Value]) -> String {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|j| {
+            vec![
+                s(&j["id"]),
+                s(&j["owner"]),
+                s(&j["state"]),
+                s(&j["runner_id"]),
+                s(&j["exit_code"]),
+                s(&j["message"]),
+            ]
+        })
+        .collect();
+    render(&["ID", "OWNER", "STATE", "RUNNER", "EXIT", "MESSAGE"], &rows)
+}
+
+/// Exit status of `jobs run` when the job ended without an exit code of its own.
+fn job_exit(job: &Value) -> u8 {
+    if let Some(code) = job["exit_code"].as_i64() {
+        return u8::try_from(code.clamp(0, 255)).unwrap_or(1);
+    }
+    match job["state"].as_str() {
+        Some("succeeded") => 0,
+        Some("timed_out") => 124,
+        Some("cancelled") => 130,
+        _ => 1,
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode, CtlError> {
+    let c = client(&cli)?;
+    let json_out = cli.output == Output::Json;
+    let print = |v: &Value, human: String| {
+        if json_out {
+            println!("{v}");
+        } else {
+            println!("{human}");
+        }
+    };
+    match cli.command {
+        Command::Tenants(Tenants::Create { id }) => {
+            let v = c.post("/v1/tenants", json!({ "id": id })).await?;
+            print(&v, format!("created tenant {}", s(&v["id"])));
+        }
+        Command::Tenants(Tenants::List) => {
+            let v = c.get("/v1/tenants").await?;
+            let rows: Vec<Vec<String>> = v["tenants"]
+                .as_array()
+                .map(|a| a.iter().map(|t| vec![s(&t["id"]), s(&t["created_at"])]).collect())
+                .unwrap_or_default();
+            print(&v, render(&["ID", "CREATED"], &rows));
+        }
+        Command::Keys(Keys::Create { tenant, role, owner }) => {
+            let v = c
+                .post(
+                    &format!("/v1/tenants/{tenant}/keys"),
+                    json!({ "role": role, "owner": owner }),
+                )
+                .await?;
+            print(&v, format!("{}\n(shown once: store it now)", s(&v["key"])));
+        }
+        Command::Runners(Runners::Create { owner, name, labels, token_ttl }) => {
+            let labels: BTreeMap<_, _> = labels.into_iter().collect();
+            let v = c
+                .post("/v1/runners", json!({ "owner": owner, "name": name, "labels": labels, "token_ttl_secs": token_ttl }))
+                .await?;
+            print(
+                &v,
+                format!(
+                    "runner {} created; token expires {} (shown once)\n\non the runner machine:\n  {}",
+                    s(&v["runner_id"]),
+                    s(&v["expires_at"]),
+                    s(&v["enroll_command"])
+                ),
+            );
+        }
+        Command::Runners(Runners::List { owner }) => {
+            let q = owner.map(|o| format!("?owner={o}")).unwrap_or_default();
+            let v = c.get(&format!("/v1/runners{q}")).await?;
+            print(&v, runner_rows(v["runners"].as_array().map(Vec::as_slice).unwrap_or_default()));
+        }
+        Command::Runners(Runners::Get { id }) => {
+            let v = c.get(&format!("/v1/runners/{id}")).await?;
+            print(&v, runner_rows(std::slice::from_ref(&v)));
+        }
+        Command::Runners(Runners::Revoke { id }) => {
+            let v = c.delete(&format!("/v1/runners/{id}")).await?;
+            print(
+                &v,
+                format!("revoked {id}; closed {} live connection(s)", s(&v["connections_closed"])),
+            );
+        }
+        Command::Jobs(Jobs::Run { owner, runner, labels, timeout_ms, env, cwd, command }) => {
+            let (program, args) =
+                command.split_first().ok_or_else(|| CtlError::Config("no program given".into()))?;
+            let env: BTreeMap<_, _> = env.into_iter().collect();
+            let labels: BTreeMap<_, _> = labels.into_iter().collect();
+            let job = c
+                .post(
+                    "/v1/jobs",
+                    json!({ "owner": owner, "runner_id": runner, "labels": labels, "kind": "exec",
+                            "exec": { "program": program, "args": args, "env": env, "cwd": cwd },
+                            "timeout_ms": timeout_ms }),
+                )
+                .await?;
+            let id = s(&job["id"]);
+            if !json_out {
+                c.stream_output(&id, &mut tokio::io::stdout()).await?;
+            }
+            let mut done = c.get(&format!("/v1/jobs/{id}")).await?;
+            while matches!(done["state"].as_str(), Some("queued" | "running")) {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                done = c.get(&format!("/v1/jobs/{id}")).await?;
+            }
+            if json_out {
+                println!("{done}");
+            } else if done["state"] != "succeeded" {
+                eprintln!("runnelctl: job {id} {}: {}", s(&done["state"]), s(&done["message"]));
+            }
+            return Ok(ExitCode::from(job_exit(&done)));
+        }
+        Command::Jobs(Jobs::Get { id }) => {
+            let v = c.get(&format!("/v1/jobs/{id}")).await?;
+            print(
+                &v,
+                format!(
+                    "{}\n--- output ---\n{}",
+                    job_rows(std::slice::from_ref(&v)),
+                    s(&v["output"])
+                ),
+            );
+        }
+        Command::Jobs(Jobs::List { owner, limit }) => {
+            let q = owner.map(|o| format!("&owner={o}")).unwrap_or_default();
+            let v = c.get(&format!("/v1/jobs?limit={limit}{q}")).await?;
+            print(&v, job_rows(v["jobs"].as_array().map(Vec::as_slice).unwrap_or_default()));
+        }
+        Command::Jobs(Jobs::Cancel { id }) => {
+            let v = c.post(&format!("/v1/jobs/{id}/cancel"), json!({})).await?;
+            print(&v, format!("cancel requested; job {id} is {}", s(&v["state"])));
+        }
+        Command::Audit { limit } => {
+            let v = c.get(&format!("/v1/audit?limit={limit}")).await?;
+            let rows: Vec<Vec<String>> = v["events"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|e| {
+                            vec![
+                                s(&e["at"]),
+                                s(&e["event"]),
+                                s(&e["actor"]),
+                                s(&e["runner_id"]),
+                                s(&e["detail"]),
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            print(&v, render(&["AT", "EVENT", "ACTOR", "RUNNER", "DETAIL"], &rows));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Parses flags and runs one command.
+pub(super) fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("runnelctl: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("runnelctl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

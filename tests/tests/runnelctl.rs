@@ -1,0 +1,119 @@
+//! `runnelctl` against a real broker: every subcommand, JSON output, exit codes, errors.
+#![allow(missing_docs, clippy::unwrap_used)]
+
+use runnel_tests::{TestBroker, runner_bin, spawn_runner_process, wait_runner_status};
+use serde_json::Value;
+
+struct Ctl<'a> {
+    url: String,
+    key: &'a str,
+}
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Ctl<'_> {
+    async fn run(&self, args: &[&str]) -> Out {
+        let o = tokio::process::Command::new(env!("CARGO_BIN_EXE_ctl-under-test"))
+            .args(args)
+            .env("RUNNEL_URL", &self.url)
+            .env("RUNNEL_KEY", self.key)
+            .env("RUNNEL_CONFIG_DIR", "/nonexistent")
+            .output()
+            .await
+            .unwrap();
+        Out {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+
+    async fn json(&self, args: &[&str]) -> Value {
+        let mut a = vec!["-o", "json"];
+        a.extend_from_slice(args);
+        let o = self.run(&a).await;
+        assert_eq!(o.code, 0, "{args:?}: {}", o.stderr);
+        serde_json::from_str(o.stdout.trim()).unwrap()
+    }
+}
+
+#[tokio::test]
+async fn runnelctl_covers_the_api() {
+    let b = TestBroker::start().await;
+    let op = Ctl { url: b.api.base().to_owned(), key: &b.operator_key };
+    assert!(op.run(&["tenants", "create", "acme"]).await.stdout.contains("created tenant acme"));
+    assert!(op.run(&["tenants", "list"]).await.stdout.contains("acme"));
+    let admin = op.json(&["keys", "create", "--tenant", "acme", "--role", "admin"]).await["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let ctl = Ctl { url: b.api.base().to_owned(), key: &admin };
+
+    let created = ctl
+        .run(&["runners", "create", "--owner", "alice", "--name", "box", "--label", "os=linux"])
+        .await;
+    assert_eq!(created.code, 0, "{}", created.stderr);
+    let enroll_line = created
+        .stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("runnel-runner enroll"))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut words: Vec<String> = enroll_line.split_whitespace().map(str::to_owned).collect();
+    let sd = words.iter().position(|w| w == "--state-dir").unwrap();
+    words[sd + 1] = dir.path().join("r").display().to_string();
+    let out = tokio::process::Command::new(runner_bin!()).args(&words[1..]).output().await.unwrap();
+    assert!(out.status.success());
+    let list = ctl.json(&["runners", "list"]).await;
+    let id = list["runners"][0]["id"].as_str().unwrap().to_owned();
+    let _child = spawn_runner_process(runner_bin!(), &dir.path().join("r"), 2);
+    wait_runner_status(&b, &admin, &id, "online").await;
+    let table = ctl.run(&["runners", "list"]).await.stdout;
+    assert!(
+        table.starts_with("ID") && table.contains("online") && table.contains("os=linux"),
+        "{table}"
+    );
+    assert!(ctl.run(&["runners", "get", &id]).await.stdout.contains(&id));
+
+    // jobs run streams output and exits with the job's exit code.
+    let ok = ctl
+        .run(&["jobs", "run", "--owner", "alice", "--", "sh", "-c", "echo streamed; exit 0"])
+        .await;
+    assert_eq!((ok.code, ok.stdout.as_str()), (0, "streamed\n"), "{}", ok.stderr);
+    let bad = ctl
+        .run(&["jobs", "run", "--owner", "alice", "--", "sh", "-c", "echo nope >&2; exit 7"])
+        .await;
+    assert_eq!(bad.code, 7);
+    assert!(bad.stdout.contains("nope"));
+    let timed = ctl
+        .run(&["jobs", "run", "--owner", "alice", "--timeout-ms", "200", "--", "sleep", "10"])
+        .await;
+    assert_eq!(timed.code, 124, "{}", timed.stderr);
+    assert!(timed.stderr.contains("timed_out"));
+
+    let jobs = ctl.json(&["jobs", "list", "--owner", "alice"]).await;
+    let job_id = jobs["jobs"][0]["id"].as_str().unwrap().to_owned();
+    assert!(ctl.run(&["jobs", "get", &job_id]).await.stdout.contains(&job_id));
+    let c = ctl.json(&["jobs", "cancel", &job_id]).await;
+    assert_eq!(c["id"], job_id.as_str());
+
+    assert!(ctl.run(&["audit"]).await.stdout.contains("runner_created"));
+    let revoked = ctl.json(&["runners", "revoke", &id]).await;
+    assert_eq!(revoked["connections_closed"], 1);
+
+    // Errors: one line, non-zero exit.
+    let e = ctl.run(&["runners", "get", "r-nope"]).await;
+    assert_eq!(e.code, 1);
+    assert_eq!(e.stderr.trim().lines().count(), 1, "{}", e.stderr);
+    assert!(e.stderr.contains("not_found"));
+    let nokey = Ctl { url: b.api.base().to_owned(), key: "rk_bad" };
+    assert!(nokey.run(&["tenants", "list"]).await.stderr.contains("unauthorized"));
+    let unreachable = Ctl { url: "http://127.0.0.1:1".into(), key: "x" };
+    let u = unreachable.run(&["tenants", "list"]).await;
+    assert_eq!(u.code, 1);
+    assert!(u.stderr.contains("cannot reach"), "{}", u.stderr);
+}
