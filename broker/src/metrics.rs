@@ -46,6 +46,24 @@ pub mod names {
     pub const QUIC_LOST_PACKETS: &str = "runnel_quic_lost_packets_total";
     /// Gauge, `version`: always 1.
     pub const BUILD_INFO: &str = "runnel_build_info";
+
+    /// Every metric above (the dashboard and alert files are checked against this).
+    pub const ALL: &[&str] = &[
+        RUNNERS_CONNECTED,
+        HANDSHAKES,
+        ENROLLMENTS,
+        DISPATCHES,
+        DISPATCH_LATENCY,
+        QUEUE_WAIT,
+        QUEUE_DEPTH,
+        JOBS_IN_FLIGHT,
+        REVOCATIONS,
+        REVOCATION_CLOSED,
+        STORE_OP,
+        QUIC_RTT,
+        QUIC_LOST_PACKETS,
+        BUILD_INFO,
+    ];
 }
 
 /// Buckets of job-level latencies (dispatch, queue wait): 0.5 ms … 10 min.
