@@ -10,7 +10,7 @@ use runnel_certs::RunnerIdentity;
 use runnel_protocol::{ErrorCode, Hello};
 
 use super::runner_connection::{ConnectionArgs, ConnectionMsg, RunnerConnection};
-use crate::dispatch::{ConnId, Needs, Slot, pick};
+use crate::dispatch::{ConnId, Needs, Pool, Slot};
 use crate::jobs::{Finish, JobEntry, JobState};
 use crate::records::RunnerState;
 use crate::shared::Shared;
@@ -96,7 +96,7 @@ pub struct TenantState {
     /// This tenant's value of the `tenant` metric label (capped).
     label: String,
     shared: Arc<Shared>,
-    slots: HashMap<ConnId, Slot>,
+    pool: Pool,
     live: HashMap<ConnId, Live>,
     by_actor: HashMap<ActorId, ConnId>,
     queue: VecDeque<Arc<JobEntry>>,
@@ -107,7 +107,7 @@ impl std::fmt::Debug for TenantState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TenantState")
             .field("tenant", &self.tenant)
-            .field("runners", &self.slots.len())
+            .field("runners", &self.pool.len())
             .field("queued", &self.queue.len())
             .finish()
     }
@@ -134,7 +134,7 @@ impl TenantState {
                 return Err(DispatchRefusal::UnknownRunner);
             }
         }
-        let online_fit = self.slots.values().any(|s| s.fits(&Self::needs(job)));
+        let online_fit = self.pool.any_fits(&Self::needs(job));
         let could = online_fit
             || self.shared.index.any_could_match(
                 &self.tenant,
@@ -156,8 +156,8 @@ impl TenantState {
 
     /// Sends `job` to the best free runner; false when none is free now.
     fn try_assign(&mut self, job: &Arc<JobEntry>) -> bool {
-        let Some(conn) = pick(&self.slots, &Self::needs(job)) else { return false };
-        let (Some(slot), Some(live)) = (self.slots.get_mut(&conn), self.live.get_mut(&conn)) else {
+        let Some(conn) = self.pool.pick(&Self::needs(job)) else { return false };
+        let (Some(slot), Some(live)) = (self.pool.get(conn), self.live.get_mut(&conn)) else {
             return false;
         };
         if !job.mark_running(&slot.runner_id) {
@@ -165,8 +165,7 @@ impl TenantState {
             return true;
         }
         self.seq += 1;
-        slot.in_flight += 1;
-        slot.last_assigned = self.seq;
+        self.pool.assign(conn, self.seq);
         live.jobs.insert(job.id.clone(), job.clone());
         if live.actor.cast(ConnectionMsg::StartJob(job.clone())).is_err() {
             live.jobs.remove(&job.id);
@@ -208,7 +207,7 @@ impl TenantState {
 
     /// Removes a connection from the pool; its unfinished jobs are lost with it.
     fn remove_conn(&mut self, conn: ConnId, why: &str) {
-        self.slots.remove(&conn);
+        self.pool.remove(conn);
         if let Some(live) = self.live.remove(&conn) {
             self.by_actor.remove(&live.actor.get_id());
             for job in live.jobs.values() {
@@ -250,7 +249,7 @@ impl TenantState {
             Ok((actor, _)) => {
                 self.by_actor.insert(actor.get_id(), conn_id);
                 self.live.insert(conn_id, Live { actor, conn, jobs: HashMap::new() });
-                self.slots.insert(conn_id, slot);
+                self.pool.insert(conn_id, slot);
                 self.drain_queue();
             }
             Err(e) => {
@@ -277,7 +276,7 @@ impl Actor for TenantActor {
             label,
             tenant: args.tenant,
             shared: args.shared,
-            slots: HashMap::new(),
+            pool: Pool::new(),
             live: HashMap::new(),
             by_actor: HashMap::new(),
             queue: VecDeque::new(),
@@ -304,9 +303,7 @@ impl Actor for TenantActor {
                 if let Some(live) = state.live.get_mut(&conn) {
                     live.jobs.remove(&job_id);
                 }
-                if let Some(slot) = state.slots.get_mut(&conn) {
-                    slot.in_flight = slot.in_flight.saturating_sub(1);
-                }
+                state.pool.release(conn);
                 state.drain_queue();
             }
             TenantMsg::Cancel(job_id) => {
@@ -322,17 +319,10 @@ impl Actor for TenantActor {
                 }
             }
             TenantMsg::Draining(conn) => {
-                if let Some(slot) = state.slots.get_mut(&conn) {
-                    slot.draining = true;
-                }
+                state.pool.drain(conn);
             }
             TenantMsg::Revoke(runner_id, reply) => {
-                let conns: Vec<ConnId> = state
-                    .slots
-                    .iter()
-                    .filter(|(_, s)| s.runner_id == runner_id)
-                    .map(|(c, _)| *c)
-                    .collect();
+                let conns = state.pool.conns_of(&runner_id);
                 for c in &conns {
                     if let Some(live) = state.live.get(c) {
                         live.conn.close(ErrorCode::Revoked.as_u32().into(), b"revoked");
