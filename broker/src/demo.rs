@@ -5,7 +5,7 @@
 //! live output, shows that one tenant cannot see the other's runner, revokes a runner and
 //! shows its connection closing, points at `/metrics`, and cleans up.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -36,7 +36,6 @@ fn runner_binary() -> anyhow::Result<PathBuf> {
 }
 
 struct Demo {
-    api: Client,
     operator: Client,
     base: String,
     runner_bin: PathBuf,
@@ -139,7 +138,6 @@ pub async fn run() -> anyhow::Result<()> {
     let operator_key = broker.first_operator_key.clone().context("operator key")?;
     let base = broker.http_url();
     let mut demo = Demo {
-        api: Client::new(&base, &operator_key),
         operator: Client::new(&base, &operator_key),
         base: base.clone(),
         runner_bin,
@@ -157,7 +155,6 @@ pub async fn run() -> anyhow::Result<()> {
         let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
     }
     broker.shutdown().await;
-    drop(demo.api);
     result?;
     println!("\ndone. Run your own: cargo run --release -p runnel-broker -- serve (README.md)");
     Ok(())
@@ -248,6 +245,5 @@ async fn script(d: &mut Demo, broker: &crate::BrokerHandle) -> anyhow::Result<()
     }) {
         println!("    {l}");
     }
-    let _ = Path::new("");
     Ok(())
 }

@@ -7,17 +7,53 @@ use std::time::Duration;
 use runnel_protocol::{ClientControl, ErrorCode, ServerControl, read_frame, write_frame};
 use runnel_tests::{TestBroker, connect_as, hello};
 
-/// A session that got its Welcome; returns the connection and its control send stream.
-async fn welcomed(
+/// A session that got its Welcome; returns the connection and its control streams.
+async fn welcomed_full(
     b: &TestBroker,
     state: &runnel_runner::StateDir,
-) -> (quinn::Connection, quinn::SendStream) {
+) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
     let conn = connect_as(b, state).await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     write_frame(&mut send, &hello()).await.unwrap();
     let welcome = read_frame::<ServerControl, _>(&mut recv).await;
     assert!(matches!(welcome, Ok(Some(ServerControl::Welcome(_)))), "{welcome:?}");
+    (conn, send, recv)
+}
+
+/// [`welcomed_full`] without the receive side.
+async fn welcomed(
+    b: &TestBroker,
+    state: &runnel_runner::StateDir,
+) -> (quinn::Connection, quinn::SendStream) {
+    let (conn, send, _) = welcomed_full(b, state).await;
     (conn, send)
+}
+
+#[tokio::test]
+async fn renewal_floods_are_refused() {
+    let b = TestBroker::start().await;
+    let admin = b.tenant("acme").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, state) = b.enrolled(&admin, "alice", dir.path()).await;
+    let key = runnel_certs::key::key_from_pem(&std::fs::read_to_string(state.key_path()).unwrap())
+        .unwrap();
+    let csr_pem = runnel_certs::key::csr_pem(&key).unwrap();
+    let (_conn, mut send, mut recv) = welcomed_full(&b, &state).await;
+    for _ in 0..3 {
+        write_frame(&mut send, &ClientControl::RenewCert { csr_pem: csr_pem.clone() })
+            .await
+            .unwrap();
+    }
+    let first = read_frame::<ServerControl, _>(&mut recv).await.unwrap();
+    assert!(matches!(first, Some(ServerControl::RenewedCert { .. })), "{first:?}");
+    for _ in 0..2 {
+        let next = read_frame::<ServerControl, _>(&mut recv).await.unwrap();
+        assert!(matches!(next, Some(ServerControl::RenewRefused { .. })), "{next:?}");
+    }
+    let (_, audit) = b.api.get("/v1/audit", &admin).await;
+    let renewed =
+        audit["events"].as_array().unwrap().iter().filter(|e| e["event"] == "renewed").count();
+    assert_eq!(renewed, 1);
 }
 
 async fn closed_with(conn: &quinn::Connection) -> u32 {

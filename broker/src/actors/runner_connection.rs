@@ -28,6 +28,9 @@ use crate::shared::Shared;
 const RESULT_GRACE: Duration = Duration::from_secs(5);
 /// How long a runner has to confirm a cancel.
 const CANCEL_GRACE: Duration = Duration::from_secs(5);
+/// Least time between two certificate renewals on one connection (a runner renews at 2/3
+/// of its certificate's life; anything faster is a misbehaving or hostile peer).
+const MIN_RENEWAL_SPACING: Duration = Duration::from_secs(1);
 /// Control messages queued for the writer.
 const CONTROL_QUEUE: usize = 16;
 
@@ -72,6 +75,8 @@ pub struct ConnectionState {
     label: String,
     /// Lost packets already counted.
     lost_counted: u64,
+    /// When this connection last got a renewed certificate.
+    last_renewal: Option<std::time::Instant>,
 }
 
 fn close(conn: &quinn::Connection, code: ErrorCode, reason: &str) {
@@ -171,6 +176,7 @@ impl Actor for RunnerConnection {
             span,
             label,
             lost_counted: 0,
+            last_renewal: None,
         })
     }
 
@@ -244,7 +250,16 @@ impl ConnectionState {
                 let _ = self.tenant.cast(TenantMsg::Draining(self.conn_id));
             }
             ClientControl::RenewCert { csr_pem } => {
-                let reply = self.renew(&csr_pem).await;
+                let too_soon = self.last_renewal.is_some_and(|t| t.elapsed() < MIN_RENEWAL_SPACING);
+                let reply = if too_soon {
+                    ServerControl::RenewRefused {
+                        code: ErrorCode::Rejected,
+                        message: "renewal requested too soon after the last one".into(),
+                    }
+                } else {
+                    self.last_renewal = Some(std::time::Instant::now());
+                    self.renew(&csr_pem).await
+                };
                 let _ = self.control.try_send(reply);
             }
             ClientControl::Hello(_) => {
