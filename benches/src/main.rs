@@ -26,6 +26,18 @@ enum Command {
     Load(LoadArgs),
     /// N idle runners: handshake rate, RSS per runner, dispatch while all are connected.
     Connect(ConnectArgs),
+    /// Revoke N connected runners one by one: DELETE → the runner sees its connection close.
+    Revoke(RevokeArgs),
+}
+
+#[derive(Debug, Args)]
+struct RevokeArgs {
+    /// Runners to connect and then revoke.
+    #[arg(long, short = 'n', default_value_t = 500)]
+    runners: usize,
+    /// Path of the runnel-broker binary (default: next to this one).
+    #[arg(long)]
+    broker_bin: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -81,6 +93,7 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Load(a) => load(a).await,
             Command::Connect(a) => connect(a).await,
+            Command::Revoke(a) => revoke(a).await,
         }
     })
 }
@@ -139,6 +152,17 @@ async fn connect(a: ConnectArgs) -> anyhow::Result<()> {
         &after,
         Some(&connected),
     );
+    drop(connected);
+    broker.stop().await;
+    Ok(())
+}
+
+async fn revoke(a: RevokeArgs) -> anyhow::Result<()> {
+    let broker = broker_proc::BrokerProc::start(a.broker_bin.as_deref()).await?;
+    let fleet = sim::Fleet::enroll(&broker, 1, a.runners, 64).await?;
+    let connected = fleet.connect(4, 1, 256).await?;
+    let (hist, failed) = sim::revoke_all(&broker, &fleet, &connected).await;
+    report::revoke(&hist, failed);
     drop(connected);
     broker.stop().await;
     Ok(())

@@ -42,6 +42,16 @@ pub(crate) fn print(
     println!("{line}");
 }
 
+pub(crate) fn revoke(h: &hdrhistogram::Histogram<u64>, failed: usize) {
+    let (p50, p99, max) = (h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.max());
+    println!("== runnel revoke: DELETE /v1/runners/{{id}} -> runner sees its connection closed");
+    println!("  revoked          {} ({} failed or not closed within 10s)", h.len(), failed);
+    println!("  latency ms       p50 {:.2}  p99 {:.2}  max {:.2}", ms(p50), ms(p99), ms(max));
+    let line = json!({ "bench": "revoke", "revoked": h.len(), "failed": failed,
+                       "p50_ms": ms(p50), "p99_ms": ms(p99), "max_ms": ms(max) });
+    println!("{line}");
+}
+
 pub(crate) fn connect(n: &usize, c: &Connected, idle: &Usage, with_all: &Usage) {
     let took = c.took.as_secs_f64();
     let per = (with_all.rss_kib.saturating_sub(idle.rss_kib)) as f64 * 1024.0

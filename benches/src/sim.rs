@@ -21,6 +21,7 @@ use crate::broker_proc::BrokerProc;
 pub(crate) const OWNER: &str = "o";
 
 pub(crate) struct Identity {
+    pub(crate) runner_id: String,
     cert_pem: String,
     key_pem: String,
 }
@@ -96,6 +97,7 @@ impl Fleet {
                         )
                         .await?;
                         Ok::<_, anyhow::Error>(Identity {
+                            runner_id: v["runner_id"].as_str().context("runner_id")?.to_owned(),
                             cert_pem: std::fs::read_to_string(state.cert_path())?,
                             key_pem: std::fs::read_to_string(state.key_path())?,
                         })
@@ -126,11 +128,16 @@ impl Fleet {
             .collect::<anyhow::Result<Vec<_>>>()?;
         let ca = pem::certs_from_pem(&self.ca_pem)?.remove(0);
         let addr: std::net::SocketAddr = self.quic.parse()?;
-        let all: Vec<&Identity> = self.tenants.iter().flat_map(|t| t.runners.iter()).collect();
+        let all: Vec<(usize, &Identity)> = self
+            .tenants
+            .iter()
+            .enumerate()
+            .flat_map(|(t, f)| f.runners.iter().map(move |r| (t, r)))
+            .collect();
         let t0 = Instant::now();
         let mut tasks = JoinSet::new();
         let conns = futures::stream::iter(all.into_iter().enumerate())
-            .map(|(i, id)| {
+            .map(|(i, (tenant, id))| {
                 let ep = eps[i % eps.len()].clone();
                 let ca = ca.clone();
                 async move {
@@ -156,7 +163,8 @@ impl Fleet {
                     write_frame(&mut send, &hello).await?;
                     match read_frame::<ServerControl, _>(&mut recv).await? {
                         Some(ServerControl::Welcome(w)) => {
-                            Ok::<_, anyhow::Error>((conn, send, w.heartbeat_interval_ms))
+                            let hb = w.heartbeat_interval_ms;
+                            Ok::<_, anyhow::Error>((conn, send, hb, tenant, id.runner_id.clone()))
                         }
                         other => anyhow::bail!("no Welcome: {other:?}"),
                     }
@@ -170,9 +178,9 @@ impl Fleet {
         let mut failed = 0usize;
         for c in conns {
             match c {
-                Ok((conn, send, hb)) => {
+                Ok((conn, send, hb, tenant, runner_id)) => {
                     tasks.spawn(serve(conn.clone(), send, hb));
-                    live.push(conn);
+                    live.push(Live { conn, tenant, runner_id });
                 }
                 Err(e) => {
                     failed += 1;
@@ -186,9 +194,17 @@ impl Fleet {
     }
 }
 
+/// One connected simulated runner.
+pub(crate) struct Live {
+    pub(crate) conn: quinn::Connection,
+    /// Index of its tenant in [`Fleet::tenants`].
+    pub(crate) tenant: usize,
+    pub(crate) runner_id: String,
+}
+
 /// Live simulated runners; dropping closes them.
 pub(crate) struct Connected {
-    pub(crate) conns: Vec<quinn::Connection>,
+    pub(crate) conns: Vec<Live>,
     pub(crate) failed: usize,
     pub(crate) took: Duration,
     _tasks: JoinSet<()>,
@@ -309,4 +325,36 @@ pub(crate) async fn dispatch(
         }
     }
     Dispatched { hist, ok: ok.load(Ordering::Relaxed), errors, elapsed: t0.elapsed() }
+}
+
+/// Revokes every connected runner, one at a time, and measures DELETE sent → the runner's
+/// connection closed (as the runner sees it).
+pub(crate) async fn revoke_all(
+    b: &BrokerProc,
+    fleet: &Fleet,
+    connected: &Connected,
+) -> (Histogram<u64>, usize) {
+    let http = reqwest::Client::new();
+    let mut hist =
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds are valid");
+    let mut failed = 0;
+    for live in &connected.conns {
+        let admin = &fleet.tenants[live.tenant].admin;
+        let closed = live.conn.clone();
+        let t0 = Instant::now();
+        let waiter = tokio::spawn(async move {
+            closed.closed().await;
+            t0.elapsed()
+        });
+        let url = format!("{}/v1/runners/{}", b.http, live.runner_id);
+        let ok =
+            http.delete(&url).bearer_auth(admin).send().await.is_ok_and(|r| r.status().is_success());
+        match tokio::time::timeout(Duration::from_secs(10), waiter).await {
+            Ok(Ok(took)) if ok => {
+                let _ = hist.record(took.as_micros() as u64);
+            }
+            _ => failed += 1,
+        }
+    }
+    (hist, failed)
 }
