@@ -347,8 +347,12 @@ pub(crate) async fn revoke_all(
             t0.elapsed()
         });
         let url = format!("{}/v1/runners/{}", b.http, live.runner_id);
-        let ok =
-            http.delete(&url).bearer_auth(admin).send().await.is_ok_and(|r| r.status().is_success());
+        let ok = http
+            .delete(&url)
+            .bearer_auth(admin)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
         match tokio::time::timeout(Duration::from_secs(10), waiter).await {
             Ok(Ok(took)) if ok => {
                 let _ = hist.record(took.as_micros() as u64);
