@@ -62,6 +62,18 @@ struct Common {
     runner_capacity: u32,
 }
 
+impl Common {
+    /// The dispatch phase these flags describe.
+    async fn dispatch(
+        &self,
+        broker: &broker_proc::BrokerProc,
+        fleet: &sim::Fleet,
+    ) -> sim::Dispatched {
+        let len = Duration::from_secs(self.duration);
+        sim::dispatch(broker, fleet, self.concurrency, len, self.payload).await
+    }
+}
+
 #[derive(Debug, Args)]
 struct LoadArgs {
     /// Tenants.
@@ -103,22 +115,15 @@ async fn load(a: LoadArgs) -> anyhow::Result<()> {
     let fleet = sim::Fleet::enroll(&broker, a.tenants, a.runners, 64).await?;
     let connected = fleet.connect(a.common.endpoints, a.common.runner_capacity, 256).await?;
     let before = broker.usage()?;
-    let d = sim::dispatch(
-        &broker,
-        &fleet,
-        a.common.concurrency,
-        Duration::from_secs(a.common.duration),
-        a.common.payload,
-    )
-    .await;
+    let d = a.common.dispatch(&broker, &fleet).await;
     let after = broker.usage()?;
-    report::print("load", &a_label(&a), &d, &before, &after, Some(&connected));
+    report::print("load", &load_label(&a), &d, &before, &after, Some(&connected));
     drop(connected);
     broker.stop().await;
     Ok(())
 }
 
-fn a_label(a: &LoadArgs) -> String {
+fn load_label(a: &LoadArgs) -> String {
     format!(
         "tenants={} runners/tenant={} c={} d={}s payload={}B",
         a.tenants, a.runners, a.common.concurrency, a.common.duration, a.common.payload
@@ -131,14 +136,7 @@ async fn connect(a: ConnectArgs) -> anyhow::Result<()> {
     let idle = broker.usage()?;
     let connected = fleet.connect(a.common.endpoints, a.common.runner_capacity, a.parallel).await?;
     let with_all = broker.usage()?;
-    let d = sim::dispatch(
-        &broker,
-        &fleet,
-        a.common.concurrency,
-        Duration::from_secs(a.common.duration),
-        a.common.payload,
-    )
-    .await;
+    let d = a.common.dispatch(&broker, &fleet).await;
     let after = broker.usage()?;
     report::connect(&a.runners, &connected, &idle, &with_all);
     report::print(
