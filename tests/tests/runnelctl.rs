@@ -101,6 +101,30 @@ async fn runnelctl_covers_the_api() {
     let c = ctl.json(&["jobs", "cancel", &job_id]).await;
     assert_eq!(c["id"], job_id.as_str());
 
+    assert_eq!(
+        ctl.run(&["jobs", "output", &job_id]).await.stdout,
+        "",
+        "the timed-out sleep printed nothing"
+    );
+    let first = ctl.json(&["jobs", "list", "--limit", "10"]).await["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["output"] == "streamed\n")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(ctl.run(&["jobs", "output", &first]).await.stdout, "streamed\n");
+    let missing = ctl.run(&["jobs", "output", "job-nope"]).await;
+    assert_eq!(missing.code, 1);
+    assert!(missing.stderr.contains("not_found"), "{}", missing.stderr);
+    let st = ctl.run(&["status"]).await;
+    assert!(
+        st.stdout.contains("healthy: ok") && st.stdout.contains("ready: ready"),
+        "{}",
+        st.stdout
+    );
     assert!(ctl.run(&["audit"]).await.stdout.contains("runner_created"));
     let revoked = ctl.json(&["runners", "revoke", &id]).await;
     assert_eq!(revoked["connections_closed"], 1);

@@ -99,6 +99,15 @@ impl Client {
             .send()
             .await
             .map_err(|e| self.transport(e))?;
+        if !resp.status().is_success() {
+            let status = resp.status().as_u16();
+            let v: Value = resp.json().await.unwrap_or(Value::Null);
+            return Err(CtlError::Api {
+                status,
+                code: v["error"]["code"].as_str().unwrap_or("error").to_owned(),
+                message: v["error"]["message"].as_str().unwrap_or("").to_owned(),
+            });
+        }
         let mut body = resp.bytes_stream();
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| self.transport(e))?;

@@ -50,6 +50,8 @@ enum Command {
     /// Jobs.
     #[command(subcommand)]
     Jobs(Jobs),
+    /// Broker health and readiness (no key needed).
+    Status,
     /// The audit log (tenant for admin keys, cluster for operator keys).
     Audit {
         /// Most events to show.
@@ -162,6 +164,11 @@ enum Jobs {
     },
     /// Cancel a job.
     Cancel {
+        /// Job id.
+        id: String,
+    },
+    /// Stream a job's output (what it printed so far, then live until it ends).
+    Output {
         /// Job id.
         id: String,
     },
@@ -380,6 +387,24 @@ async fn run(cli: Cli) -> Result<ExitCode, CtlError> {
         Command::Jobs(Jobs::Cancel { id }) => {
             let v = c.post(&format!("/v1/jobs/{id}/cancel"), json!({})).await?;
             print(&v, format!("cancel requested; job {id} is {}", s(&v["state"])));
+        }
+        Command::Jobs(Jobs::Output { id }) => {
+            c.stream_output(&id, &mut tokio::io::stdout()).await?;
+        }
+        Command::Status => {
+            let health = c.get("/healthz").await?;
+            let ready = c.get("/readyz").await?;
+            let v = json!({ "health": health, "ready": ready });
+            print(
+                &v,
+                format!(
+                    "healthy: {}
+ready: {} ({} runners known)",
+                    s(&health["status"]),
+                    s(&ready["status"]),
+                    s(&ready["runners_known"])
+                ),
+            );
         }
         Command::Audit { limit } => {
             let v = c.get(&format!("/v1/audit?limit={limit}")).await?;
