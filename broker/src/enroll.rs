@@ -89,12 +89,13 @@ async fn decide(shared: &Shared, req: EnrollRequest) -> EnrollResponse {
         return refused(ErrorCode::TokenUnknown, "malformed enrollment token");
     };
     // Find which runner the token is for without consuming it, to check the CSR first.
-    let Ok(Some(raw)) = reg.store().get(&format!("tokens/{token_id}")).await else {
-        audit_denied(reg, None, None, "unknown token").await;
-        return refused(ErrorCode::TokenUnknown, "unknown enrollment token");
-    };
-    let Ok(peek) = serde_json::from_slice::<crate::records::TokenRecord>(&raw) else {
-        return refused(ErrorCode::Internal, "corrupt token record");
+    let peek = match reg.token(token_id).await {
+        Ok(Some(t)) => t,
+        Ok(None) => {
+            audit_denied(reg, None, None, "unknown token").await;
+            return refused(ErrorCode::TokenUnknown, "unknown enrollment token");
+        }
+        Err(e) => return refused(ErrorCode::Internal, e.to_string()),
     };
     let identity = match RunnerIdentity::new(
         shared.ca.cluster(),

@@ -279,6 +279,11 @@ impl Registry {
         self.store.put(&format!("tokens/{}", t.id), encode(t)).await
     }
 
+    /// A token record, without consuming it.
+    pub async fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        self.get(&format!("tokens/{id}")).await
+    }
+
     /// Consumes a token atomically: of any number of concurrent callers presenting the
     /// same valid token, exactly one gets [`Consume::Ok`].
     pub async fn consume_token(&self, id: &str, random: &str) -> Result<Consume, StoreError> {
