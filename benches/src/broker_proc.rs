@@ -1,4 +1,4 @@
-//! A real `runnel-broker` child process on loopback, and its resource usage from /proc.
+//! A real `runnel-broker` child process on loopback.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -7,8 +7,7 @@ use anyhow::{Context, bail};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-/// Clock ticks per second of /proc/<pid>/stat times (USER_HZ, 100 on Linux).
-const CLK_TCK: f64 = 100.0;
+use crate::proc_usage::{Usage, usage};
 
 pub(crate) struct BrokerProc {
     child: Child,
@@ -17,14 +16,6 @@ pub(crate) struct BrokerProc {
     pub(crate) quic: String,
     pub(crate) operator_key: String,
     pub(crate) fingerprint: String,
-}
-
-/// CPU and memory of the broker at one moment.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Usage {
-    pub(crate) cpu_secs: f64,
-    pub(crate) rss_kib: u64,
-    pub(crate) peak_rss_kib: u64,
 }
 
 fn default_bin() -> anyhow::Result<PathBuf> {
@@ -96,23 +87,7 @@ impl BrokerProc {
     }
 
     pub(crate) fn usage(&self) -> anyhow::Result<Usage> {
-        let pid = self.child.id().context("broker exited")?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        // Fields after the command name (which may contain spaces) start after ')'.
-        let after = stat.rsplit_once(')').context("bad stat")?.1;
-        let f: Vec<&str> = after.split_whitespace().collect();
-        let ticks: f64 = f.get(11).context("utime")?.parse::<f64>()?
-            + f.get(12).context("stime")?.parse::<f64>()?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let kib = |name: &str| {
-            status
-                .lines()
-                .find(|l| l.starts_with(name))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        Ok(Usage { cpu_secs: ticks / CLK_TCK, rss_kib: kib("VmRSS:"), peak_rss_kib: kib("VmHWM:") })
+        usage(self.child.id().context("broker exited")?)
     }
 
     pub(crate) async fn stop(mut self) {

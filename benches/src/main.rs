@@ -6,6 +6,9 @@
 //! certificates obtained through the real enrollment flow, sharing a few quinn endpoints.
 
 mod broker_proc;
+mod drive;
+mod nats;
+mod proc_usage;
 mod report;
 mod sim;
 
@@ -28,6 +31,17 @@ enum Command {
     Connect(ConnectArgs),
     /// Revoke N connected runners one by one: DELETE → the runner sees its connection close.
     Revoke(RevokeArgs),
+    /// `load`, then the same targeted request-reply through nats-server (TLS), and the ratio.
+    CompareNats(CompareArgs),
+}
+
+#[derive(Debug, Args)]
+struct CompareArgs {
+    #[command(flatten)]
+    load: LoadArgs,
+    /// Path of the nats-server binary (default: PATH, then /usr/sbin/nats-server).
+    #[arg(long)]
+    nats_bin: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -68,7 +82,7 @@ impl Common {
         &self,
         broker: &broker_proc::BrokerProc,
         fleet: &sim::Fleet,
-    ) -> sim::Dispatched {
+    ) -> drive::Dispatched {
         let len = Duration::from_secs(self.duration);
         sim::dispatch(broker, fleet, self.concurrency, len, self.payload).await
     }
@@ -106,20 +120,54 @@ fn main() -> anyhow::Result<()> {
             Command::Load(a) => load(a).await,
             Command::Connect(a) => connect(a).await,
             Command::Revoke(a) => revoke(a).await,
+            Command::CompareNats(a) => compare_nats(a).await,
         }
     })
 }
 
 async fn load(a: LoadArgs) -> anyhow::Result<()> {
+    load_row(&a).await.map(drop)
+}
+
+/// The runnel row: a fresh broker, `a.tenants × a.runners` enrolled runners, the dispatch phase.
+async fn load_row(a: &LoadArgs) -> anyhow::Result<report::Row> {
     let broker = broker_proc::BrokerProc::start(a.common.broker_bin.as_deref()).await?;
     let fleet = sim::Fleet::enroll(&broker, a.tenants, a.runners, 64).await?;
     let connected = fleet.connect(a.common.endpoints, a.common.runner_capacity, 256).await?;
     let before = broker.usage()?;
     let d = a.common.dispatch(&broker, &fleet).await;
     let after = broker.usage()?;
-    report::print("load", &load_label(&a), &d, &before, &after, Some(&connected));
+    let runners = Some((connected.conns.len(), connected.failed));
+    let row = report::print("runnel", "load", &load_label(a), &d, &before, &after, runners);
     drop(connected);
     broker.stop().await;
+    Ok(row)
+}
+
+async fn compare_nats(a: CompareArgs) -> anyhow::Result<()> {
+    let runnel = load_row(&a.load).await?;
+    let Some(bin) = nats::find_bin(a.nats_bin.as_deref())? else {
+        let why = "nats-server not found on PATH or in /usr/sbin (Debian: apt-get install \
+                   nats-server, or pass --nats-bin)";
+        report::compare(&runnel, Err(why));
+        return Ok(());
+    };
+    let (l, c) = (&a.load, &a.load.common);
+    let server = nats::NatsProc::start(&bin).await?;
+    let runners = nats::connect_runners(&server, l.tenants, l.runners).await?;
+    eprintln!(
+        "nats: {} runners subscribed in {:.1}s",
+        l.tenants * l.runners,
+        runners.took.as_secs_f64()
+    );
+    let before = server.usage()?;
+    let len = Duration::from_secs(c.duration);
+    let d = nats::dispatch(&server, l.tenants, l.runners, c.concurrency, len, c.payload).await?;
+    let after = server.usage()?;
+    let row = report::print("nats", "load", &load_label(l), &d, &before, &after, None);
+    drop(runners);
+    server.stop().await;
+    report::compare(&runnel, Ok(&row));
     Ok(())
 }
 
@@ -140,6 +188,7 @@ async fn connect(a: ConnectArgs) -> anyhow::Result<()> {
     let after = broker.usage()?;
     report::connect(&a.runners, &connected, &idle, &with_all);
     report::print(
+        "runnel",
         "connect",
         &format!(
             "runners={} c={} d={}s payload={}B",
@@ -148,7 +197,7 @@ async fn connect(a: ConnectArgs) -> anyhow::Result<()> {
         &d,
         &with_all,
         &after,
-        Some(&connected),
+        Some((connected.conns.len(), connected.failed)),
     );
     drop(connected);
     broker.stop().await;

@@ -2,21 +2,31 @@
 
 use serde_json::json;
 
-use crate::broker_proc::Usage;
-use crate::sim::{Connected, Dispatched};
+use crate::drive::Dispatched;
+use crate::proc_usage::Usage;
+use crate::sim::Connected;
 
 fn ms(us: u64) -> f64 {
     us as f64 / 1000.0
 }
 
+/// One measured row: a system under the closed-loop dispatch load.
+pub(crate) struct Row {
+    pub(crate) jobs_per_sec: f64,
+    pub(crate) p99_ms: f64,
+}
+
+/// Prints the human table and one JSON line for a dispatch phase of `system` (`runnel` or
+/// `nats`); `before`/`after` are that system's server process usage around the phase.
 pub(crate) fn print(
+    system: &str,
     kind: &str,
     label: &str,
     d: &Dispatched,
     before: &Usage,
     after: &Usage,
-    c: Option<&Connected>,
-) {
+    runners: Option<(usize, usize)>,
+) -> Row {
     let secs = d.elapsed.as_secs_f64();
     let rate = d.ok as f64 / secs;
     let (p50, p99, p999) = (
@@ -25,21 +35,45 @@ pub(crate) fn print(
         d.hist.value_at_quantile(0.999),
     );
     let cpu = after.cpu_secs - before.cpu_secs;
-    println!("== runnel {kind}: {label}");
+    println!("== {system} {kind}: {label}");
     println!("  jobs ok          {:>10}   ({rate:.0} jobs/s over {secs:.1}s)", d.ok);
     println!("  latency ms       p50 {:.2}  p99 {:.2}  p999 {:.2}", ms(p50), ms(p99), ms(p999));
     println!("  errors           {:?}", d.errors);
-    println!("  broker cpu       {cpu:.2}s ({:.0}% of one core)", 100.0 * cpu / secs);
-    println!("  broker rss       {} KiB (peak {} KiB)", after.rss_kib, after.peak_rss_kib);
-    if let Some(c) = c {
-        println!("  runners          {} connected, {} failed", c.conns.len(), c.failed);
+    println!("  server cpu       {cpu:.2}s ({:.0}% of one core)", 100.0 * cpu / secs);
+    println!("  server rss       {} KiB (peak {} KiB)", after.rss_kib, after.peak_rss_kib);
+    if let Some((ok, failed)) = runners {
+        println!("  runners          {ok} connected, {failed} failed");
     }
     let line = json!({
-        "bench": kind, "label": label, "jobs_ok": d.ok, "jobs_per_sec": rate,
+        "bench": kind, "system": system, "label": label, "jobs_ok": d.ok, "jobs_per_sec": rate,
         "p50_ms": ms(p50), "p99_ms": ms(p99), "p999_ms": ms(p999), "errors": d.errors,
-        "broker_cpu_secs": cpu, "broker_rss_kib": after.rss_kib, "broker_peak_rss_kib": after.peak_rss_kib,
+        "server_cpu_secs": cpu, "server_rss_kib": after.rss_kib, "server_peak_rss_kib": after.peak_rss_kib,
     });
     println!("{line}");
+    Row { jobs_per_sec: rate, p99_ms: ms(p99) }
+}
+
+/// The runnel/NATS ratios, or why there are none.
+pub(crate) fn compare(runnel: &Row, nats: Result<&Row, &str>) {
+    match nats {
+        Ok(n) => {
+            let tput = runnel.jobs_per_sec / n.jobs_per_sec.max(f64::MIN_POSITIVE);
+            let p99 = runnel.p99_ms / n.p99_ms.max(f64::MIN_POSITIVE);
+            println!("== runnel / nats");
+            println!("  throughput       {tput:.2}x   (>= 1.0 means runnel dispatches more)");
+            println!("  p99 latency      {p99:.2}x   (<= 1.0 means runnel's tail is shorter)");
+            println!(
+                "{}",
+                json!({ "bench": "compare_nats", "throughput_ratio": tput, "p99_ratio": p99,
+                        "runnel_jobs_per_sec": runnel.jobs_per_sec, "nats_jobs_per_sec": n.jobs_per_sec,
+                        "runnel_p99_ms": runnel.p99_ms, "nats_p99_ms": n.p99_ms })
+            );
+        }
+        Err(why) => {
+            println!("== runnel / nats: skipped: {why}");
+            println!("{}", json!({ "bench": "compare_nats", "skipped": why }));
+        }
+    }
 }
 
 pub(crate) fn revoke(h: &hdrhistogram::Histogram<u64>, failed: usize) {

@@ -2,7 +2,6 @@
 //! endpoint), answering an `echo` job kind.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -17,6 +16,7 @@ use serde_json::{Value, json};
 use tokio::task::JoinSet;
 
 use crate::broker_proc::BrokerProc;
+use crate::drive::{Dispatched, closed_loop, histogram};
 
 pub(crate) const OWNER: &str = "o";
 
@@ -250,14 +250,6 @@ async fn serve(conn: quinn::Connection, mut control: quinn::SendStream, heartbea
     tokio::select! { _ = hb => {}, _ = jobs => {} }
 }
 
-/// What a dispatch phase measured.
-pub(crate) struct Dispatched {
-    pub(crate) hist: Histogram<u64>,
-    pub(crate) ok: u64,
-    pub(crate) errors: std::collections::BTreeMap<String, u64>,
-    pub(crate) elapsed: Duration,
-}
-
 /// `concurrency` dispatchers, each in a loop of `POST /v1/jobs` with `wait`, for `len`.
 pub(crate) async fn dispatch(
     b: &BrokerProc,
@@ -269,62 +261,34 @@ pub(crate) async fn dispatch(
     let http =
         reqwest::Client::builder().pool_max_idle_per_host(concurrency).build().unwrap_or_default();
     let body = "x".repeat(payload);
-    let deadline = Instant::now() + len;
-    let ok = Arc::new(AtomicU64::new(0));
-    let t0 = Instant::now();
-    let mut workers = JoinSet::new();
-    for w in 0..concurrency {
-        let tenant = &fleet.tenants[w % fleet.tenants.len()];
-        let (http, url, key, body, ok) = (
-            http.clone(),
-            format!("{}/v1/jobs", b.http),
-            tenant.admin.clone(),
-            body.clone(),
-            ok.clone(),
-        );
-        workers.spawn(async move {
-            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
-                .expect("histogram bounds are valid");
-            let mut errors = std::collections::BTreeMap::new();
-            let req = json!({ "owner": OWNER, "kind": "echo", "payload": body, "wait": true });
-            while Instant::now() < deadline {
-                let s = Instant::now();
-                let r = http.post(&url).bearer_auth(&key).json(&req).send().await;
-                let kind = match r {
-                    Ok(resp) if resp.status().as_u16() == 200 => match resp.json::<Value>().await {
-                        Ok(v)
-                            if v["state"] == "succeeded"
-                                && v["output"].as_str().map(str::len) == Some(body.len()) =>
-                        {
-                            None
-                        }
-                        Ok(v) => Some(format!("state:{}", v["state"].as_str().unwrap_or("?"))),
-                        Err(_) => Some("bad_json".to_string()),
-                    },
-                    Ok(resp) => Some(format!("http:{}", resp.status().as_u16())),
-                    Err(_) => Some("transport".to_string()),
-                };
-                match kind {
-                    None => {
-                        let _ = hist.record(s.elapsed().as_micros() as u64);
-                        ok.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Some(k) => *errors.entry(k).or_insert(0u64) += 1,
-                }
+    let req = Arc::new(json!({ "owner": OWNER, "kind": "echo", "payload": body, "wait": true }));
+    let url: Arc<str> = format!("{}/v1/jobs", b.http).into();
+    let keys: Arc<[String]> = fleet.tenants.iter().map(|t| t.admin.clone()).collect();
+    closed_loop(concurrency, len, move |w, _| {
+        let (http, url, req, keys) = (http.clone(), url.clone(), req.clone(), keys.clone());
+        async move {
+            let key = &keys[w % keys.len()];
+            let resp = http
+                .post(&*url)
+                .bearer_auth(key)
+                .json(&*req)
+                .send()
+                .await
+                .map_err(|_| "transport".to_string())?;
+            if resp.status().as_u16() != 200 {
+                return Err(format!("http:{}", resp.status().as_u16()));
             }
-            (hist, errors)
-        });
-    }
-    let mut hist =
-        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds are valid");
-    let mut errors = std::collections::BTreeMap::new();
-    while let Some(Ok((h, e))) = workers.join_next().await {
-        let _ = hist.add(&h);
-        for (k, v) in e {
-            *errors.entry(k).or_insert(0) += v;
+            let v = resp.json::<Value>().await.map_err(|_| "bad_json".to_string())?;
+            if v["state"] != "succeeded" {
+                return Err(format!("state:{}", v["state"].as_str().unwrap_or("?")));
+            }
+            if v["output"].as_str().map(str::len) != Some(payload) {
+                return Err("wrong_output".to_string());
+            }
+            Ok(())
         }
-    }
-    Dispatched { hist, ok: ok.load(Ordering::Relaxed), errors, elapsed: t0.elapsed() }
+    })
+    .await
 }
 
 /// Revokes every connected runner, one at a time, and measures DELETE sent → the runner's
@@ -335,8 +299,7 @@ pub(crate) async fn revoke_all(
     connected: &Connected,
 ) -> (Histogram<u64>, usize) {
     let http = reqwest::Client::new();
-    let mut hist =
-        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds are valid");
+    let mut hist = histogram();
     let mut failed = 0;
     for live in &connected.conns {
         let admin = &fleet.tenants[live.tenant].admin;
