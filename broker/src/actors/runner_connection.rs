@@ -68,7 +68,7 @@ pub struct ConnectionState {
     identity: RunnerIdentity,
     tenant: ActorRef<TenantMsg>,
     shared: Arc<Shared>,
-    control: mpsc::Sender<ServerControl>,
+    control: mpsc::Sender<Box<ServerControl>>,
     tasks: Vec<JoinHandle<()>>,
     span: tracing::Span,
     /// The `tenant` metric label.
@@ -101,7 +101,9 @@ impl Actor for RunnerConnection {
             runner = %identity.runner,
             remote = %conn.remote_address(),
         );
-        let (tx, mut rx) = mpsc::channel::<ServerControl>(CONTROL_QUEUE);
+        // Boxed: tokio allocates a channel's first block of 32 slots up front, and a slot of
+        // `ServerControl` itself would cost ~3 KiB per idle connection.
+        let (tx, mut rx) = mpsc::channel::<Box<ServerControl>>(CONTROL_QUEUE);
         let welcome = ServerControl::Welcome(Welcome {
             version,
             runner_id: identity.runner.clone(),
@@ -112,7 +114,7 @@ impl Actor for RunnerConnection {
         // Writer: Welcome first, then whatever the actor queues.
         let wconn = conn.clone();
         let writer = tokio::spawn(async move {
-            let mut next = Some(welcome);
+            let mut next = Some(Box::new(welcome));
             while let Some(msg) = next {
                 if write_frame(&mut send, &msg).await.is_err() {
                     close(&wconn, ErrorCode::Protocol, "control stream write failed");
@@ -260,7 +262,7 @@ impl ConnectionState {
                     self.last_renewal = Some(std::time::Instant::now());
                     self.renew(&csr_pem).await
                 };
-                let _ = self.control.try_send(reply);
+                let _ = self.control.try_send(Box::new(reply));
             }
             ClientControl::Hello(_) => {
                 close(&self.conn, ErrorCode::Protocol, "second Hello");
