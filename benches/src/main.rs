@@ -16,6 +16,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+/// How long `connect` watches the broker with every runner connected and no jobs.
+const IDLE_WINDOW: Duration = Duration::from_secs(5);
+
 #[derive(Debug, Parser)]
 #[command(name = "runnel-bench", about = "runnel load harness")]
 struct Cli {
@@ -184,9 +187,13 @@ async fn connect(a: ConnectArgs) -> anyhow::Result<()> {
     let idle = broker.usage()?;
     let connected = fleet.connect(a.common.endpoints, a.common.runner_capacity, a.parallel).await?;
     let with_all = broker.usage()?;
+    // What the idle fleet alone costs the broker (heartbeats, keep-alives, timers).
+    tokio::time::sleep(IDLE_WINDOW).await;
+    let idle_after = broker.usage()?;
+    let idle_cpu = (idle_after.cpu_secs - with_all.cpu_secs) / IDLE_WINDOW.as_secs_f64();
     let d = a.common.dispatch(&broker, &fleet).await;
     let after = broker.usage()?;
-    report::connect(&a.runners, &connected, &idle, &with_all);
+    report::connect(&a.runners, &connected, &idle, &with_all, idle_cpu);
     report::print(
         "runnel",
         "connect",
@@ -195,7 +202,7 @@ async fn connect(a: ConnectArgs) -> anyhow::Result<()> {
             a.runners, a.common.concurrency, a.common.duration, a.common.payload
         ),
         &d,
-        &with_all,
+        &idle_after,
         &after,
         Some((connected.conns.len(), connected.failed)),
     );

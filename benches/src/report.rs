@@ -86,7 +86,7 @@ pub(crate) fn revoke(h: &hdrhistogram::Histogram<u64>, failed: usize) {
     println!("{line}");
 }
 
-pub(crate) fn connect(n: &usize, c: &Connected, idle: &Usage, with_all: &Usage) {
+pub(crate) fn connect(n: &usize, c: &Connected, idle: &Usage, with_all: &Usage, idle_cpu: f64) {
     let took = c.took.as_secs_f64();
     let per = (with_all.rss_kib.saturating_sub(idle.rss_kib)) as f64 * 1024.0
         / c.conns.len().max(1) as f64;
@@ -102,8 +102,13 @@ pub(crate) fn connect(n: &usize, c: &Connected, idle: &Usage, with_all: &Usage) 
     println!("  rss per runner   {:.1} KiB", per / 1024.0);
     println!("  broker cpu       {:.2}s for the handshakes", with_all.cpu_secs - idle.cpu_secs);
     println!(
+        "  idle broker cpu  {:.1}% of one core with all connected and no jobs",
+        100.0 * idle_cpu
+    );
+    println!(
         "{}",
         json!({ "bench": "connect_scale", "runners": c.conns.len(), "failed": c.failed, "online_secs": took,
-                "handshakes_per_sec": c.conns.len() as f64 / took, "rss_per_runner_bytes": per })
+                "handshakes_per_sec": c.conns.len() as f64 / took, "rss_per_runner_bytes": per,
+                "idle_cpu_cores": idle_cpu })
     );
 }

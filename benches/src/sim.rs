@@ -124,7 +124,7 @@ impl Fleet {
         parallel: usize,
     ) -> anyhow::Result<Connected> {
         let eps = (0..endpoints.max(1))
-            .map(|_| quinn::Endpoint::client("127.0.0.1:0".parse()?).map_err(anyhow::Error::from))
+            .map(|_| client_endpoint(endpoints))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let ca = pem::certs_from_pem(&self.ca_pem)?.remove(0);
         let addr: std::net::SocketAddr = self.quic.parse()?;
@@ -192,6 +192,18 @@ impl Fleet {
         }
         Ok(Connected { conns: live, failed, took, _tasks: tasks, _endpoints: eps })
     }
+}
+
+/// A client endpoint for a share of the simulated runners. Thousands of connections share
+/// its one UDP socket, so it gets large kernel buffers (capped by net.core.rmem_max), as the
+/// broker's socket does; with the default, the harness itself would drop packets.
+fn client_endpoint(endpoints: usize) -> anyhow::Result<quinn::Endpoint> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let per = (16 << 20) / endpoints.max(1);
+    socket2::SockRef::from(&socket).set_recv_buffer_size(per)?;
+    socket2::SockRef::from(&socket).set_send_buffer_size(per)?;
+    let runtime = Arc::new(quinn::TokioRuntime);
+    Ok(quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)?)
 }
 
 /// One connected simulated runner.

@@ -100,7 +100,7 @@ impl Broker {
         )?);
         let server_config =
             crate::endpoint::server_config(chain, key, verifier, config.idle_timeout)?;
-        let endpoint = quinn::Endpoint::server(server_config, config.quic_listen)
+        let endpoint = crate::endpoint::bind(config.quic_listen, server_config)
             .with_context(|| format!("binding QUIC on {}", config.quic_listen))?;
         let quic_addr = endpoint.local_addr()?;
         let listener = tokio::net::TcpListener::bind(config.http_listen)

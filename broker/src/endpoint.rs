@@ -34,6 +34,47 @@ const CONN_WINDOW: u32 = 256 * 1024;
 /// Per-connection send window.
 const SEND_WINDOW: u64 = 256 * 1024;
 
+/// Kernel buffer the broker asks for on its UDP socket, each direction. Every runner shares
+/// this one socket; with the Linux default (208 KiB) a burst of handshakes or keep-alives
+/// from tens of thousands of runners overflows it, and each dropped packet costs a QUIC
+/// retransmission timeout (BENCHMARKS.md: p999 of seconds at 20k runners).
+pub const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+
+/// Binds the runner-facing UDP socket with [`SOCKET_BUFFER`] buffers, and the endpoint on it.
+///
+/// The kernel caps the size at `net.core.rmem_max` / `wmem_max`; when it does, the broker
+/// still starts, and says which sysctl to raise.
+pub fn bind(addr: SocketAddr, server: quinn::ServerConfig) -> anyhow::Result<quinn::Endpoint> {
+    let (socket, recv, send) = udp_socket(addr)?;
+    if recv < SOCKET_BUFFER || send < SOCKET_BUFFER {
+        tracing::warn!(
+            wanted = SOCKET_BUFFER,
+            recv,
+            send,
+            "UDP socket buffers are smaller than wanted; under load packets will be dropped. \
+             Raise net.core.rmem_max and net.core.wmem_max to at least {SOCKET_BUFFER}"
+        );
+    }
+    let runtime = Arc::new(quinn::TokioRuntime);
+    Ok(quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime)?)
+}
+
+/// A UDP socket on `addr` with [`SOCKET_BUFFER`] asked for, and the receive and send sizes
+/// the kernel granted.
+fn udp_socket(addr: SocketAddr) -> std::io::Result<(std::net::UdpSocket, usize, usize)> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    let sock = socket2::SockRef::from(&socket);
+    let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
+    // Linux reports twice what it granted (it counts its bookkeeping).
+    let granted = |n: std::io::Result<usize>| {
+        let n = n.unwrap_or(0);
+        if cfg!(target_os = "linux") { n / 2 } else { n }
+    };
+    let (recv, send) = (granted(sock.recv_buffer_size()), granted(sock.send_buffer_size()));
+    Ok((socket, recv, send))
+}
+
 /// Builds the endpoint's QUIC server config.
 pub fn server_config(
     chain: Vec<CertificateDer<'static>>,
@@ -179,5 +220,28 @@ async fn runner_intake(conn: quinn::Connection, remote: SocketAddr, shared: Arc<
     let attach = Attach { conn: conn.clone(), identity, hello, version, control: (send, recv) };
     if tenant.cast(TenantMsg::Attach(Box::new(attach))).is_err() {
         refuse(&conn, ErrorCode::TenantRestart, "tenant restarting");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sysctl(name: &str) -> usize {
+        std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// The socket gets the large buffers, up to what the kernel allows; with the default
+    /// (~208 KiB) a 20k-runner broker drops packets.
+    #[test]
+    fn udp_socket_asks_for_large_buffers() {
+        let (_s, recv, send) = udp_socket("127.0.0.1:0".parse().unwrap()).unwrap();
+        let (rmax, wmax) = (sysctl("rmem_max"), sysctl("wmem_max"));
+        assert!(rmax > 0 && wmax > 0, "no /proc/sys/net/core on this machine");
+        assert!(recv >= SOCKET_BUFFER.min(rmax), "recv buffer {recv}, rmem_max {rmax}");
+        assert!(send >= SOCKET_BUFFER.min(wmax), "send buffer {send}, wmem_max {wmax}");
     }
 }

@@ -69,7 +69,8 @@ pub struct ConnectionState {
     tenant: ActorRef<TenantMsg>,
     shared: Arc<Shared>,
     control: mpsc::Sender<Box<ServerControl>>,
-    tasks: Vec<JoinHandle<()>>,
+    /// The connection's I/O task ([`connection_io`]).
+    io: JoinHandle<()>,
     span: tracing::Span,
     /// The `tenant` metric label.
     label: String,
@@ -93,7 +94,7 @@ impl Actor for RunnerConnection {
         myself: ActorRef<Self::Msg>,
         args: ConnectionArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let Attach { conn, identity, version, hello, control: (mut send, mut recv) } = args.attach;
+        let Attach { conn, identity, version, hello, control: (send, recv) } = args.attach;
         let span = tracing::info_span!(
             "runner_conn",
             tenant = %identity.tenant,
@@ -103,7 +104,7 @@ impl Actor for RunnerConnection {
         );
         // Boxed: tokio allocates a channel's first block of 32 slots up front, and a slot of
         // `ServerControl` itself would cost ~3 KiB per idle connection.
-        let (tx, mut rx) = mpsc::channel::<Box<ServerControl>>(CONTROL_QUEUE);
+        let (tx, rx) = mpsc::channel::<Box<ServerControl>>(CONTROL_QUEUE);
         let welcome = ServerControl::Welcome(Welcome {
             version,
             runner_id: identity.runner.clone(),
@@ -111,52 +112,8 @@ impl Actor for RunnerConnection {
             owner: identity.owner.clone(),
             heartbeat_interval_ms: args.shared.config.heartbeat_interval.as_millis() as u32,
         });
-        // Writer: Welcome first, then whatever the actor queues.
-        let wconn = conn.clone();
-        let writer = tokio::spawn(async move {
-            let mut next = Some(Box::new(welcome));
-            while let Some(msg) = next {
-                if write_frame(&mut send, &msg).await.is_err() {
-                    close(&wconn, ErrorCode::Protocol, "control stream write failed");
-                    return;
-                }
-                next = rx.recv().await;
-            }
-        });
-        // Reader: every control frame becomes a message; a bad frame closes the connection.
-        let rconn = conn.clone();
-        let me = myself.clone();
-        let reader = tokio::spawn(async move {
-            loop {
-                match read_frame::<ClientControl, _>(&mut recv).await {
-                    Ok(Some(msg)) => {
-                        if me.cast(ConnectionMsg::Control(msg)).is_err() {
-                            return;
-                        }
-                    }
-                    Ok(None) => {
-                        close(&rconn, ErrorCode::Ok, "control stream closed");
-                        return;
-                    }
-                    Err(FrameError::Io(_) | FrameError::Truncated) => {
-                        close(&rconn, ErrorCode::Protocol, "control stream broken");
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "bad control frame from runner; closing");
-                        close(&rconn, e.code(), "bad control frame");
-                        return;
-                    }
-                }
-            }
-        });
-        // Watcher: the actor lives exactly as long as the connection.
-        let cconn = conn.clone();
-        let me = myself.clone();
-        let watcher = tokio::spawn(async move {
-            let reason = cconn.closed().await;
-            me.stop(Some(format!("connection closed: {reason}")));
-        });
+        let io = connection_io(conn.clone(), send, recv, welcome, rx, myself.clone());
+        let io = tokio::spawn(tracing::Instrument::instrument(io, span.clone()));
         let now = now_unix();
         args.shared.index.update_presence(&identity.runner, |e| {
             e.connections += 1;
@@ -174,7 +131,7 @@ impl Actor for RunnerConnection {
             tenant: args.tenant,
             shared: args.shared,
             control: tx,
-            tasks: vec![writer, reader, watcher],
+            io,
             span,
             label,
             lost_counted: 0,
@@ -217,9 +174,7 @@ impl Actor for RunnerConnection {
         state: &mut ConnectionState,
     ) -> Result<(), ActorProcessingErr> {
         close(&state.conn, ErrorCode::GoingAway, "connection actor stopped");
-        for t in &state.tasks {
-            t.abort();
-        }
+        state.io.abort();
         let now = now_unix();
         state.shared.index.update_presence(&state.identity.runner, |e| {
             e.connections = e.connections.saturating_sub(1);
@@ -228,6 +183,73 @@ impl Actor for RunnerConnection {
         state.span.in_scope(|| tracing::info!("runner disconnected"));
         metrics::gauge!(names::RUNNERS_CONNECTED, "tenant" => state.label.clone()).decrement(1.0);
         Ok(())
+    }
+}
+
+/// The connection's one I/O task: writes Welcome and then whatever the actor queues, turns
+/// every control frame into a message (a bad frame closes the connection), and stops the
+/// actor when the connection closes, so the actor lives exactly as long as the connection.
+/// One task rather than a reader, a writer and a close watcher: idle runners are the common
+/// case and each task costs memory (BENCHMARKS.md).
+async fn connection_io(
+    conn: quinn::Connection,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    welcome: ServerControl,
+    mut outbox: mpsc::Receiver<Box<ServerControl>>,
+    me: ActorRef<ConnectionMsg>,
+) {
+    let mut writing = write_frame(&mut send, &welcome).await.is_ok();
+    if !writing {
+        close(&conn, ErrorCode::Protocol, "control stream write failed");
+    }
+    // A stream of frames, so that waiting for the next one is cancel-safe inside select!.
+    let frames = futures::stream::unfold(recv, |mut r| async move {
+        let next = read_frame::<ClientControl, _>(&mut r).await;
+        Some((next, r))
+    });
+    tokio::pin!(frames);
+    let closed = conn.closed();
+    tokio::pin!(closed);
+    let mut reading = true;
+    loop {
+        tokio::select! {
+            reason = &mut closed => {
+                me.stop(Some(format!("connection closed: {reason}")));
+                return;
+            }
+            msg = outbox.recv(), if writing => match msg {
+                Some(msg) => {
+                    if write_frame(&mut send, &msg).await.is_err() {
+                        close(&conn, ErrorCode::Protocol, "control stream write failed");
+                        writing = false;
+                    }
+                }
+                // The actor is gone (also when its tenant crashed and it was killed without
+                // post_stop): the connection goes with it, so the runner reconnects.
+                None => return close(&conn, ErrorCode::GoingAway, "connection actor stopped"),
+            },
+            next = frames.next(), if reading => match next {
+                Some(Ok(Some(msg))) => {
+                    if me.cast(ConnectionMsg::Control(msg)).is_err() {
+                        return close(&conn, ErrorCode::GoingAway, "connection actor stopped");
+                    }
+                }
+                Some(Ok(None)) | None => {
+                    close(&conn, ErrorCode::Ok, "control stream closed");
+                    reading = false;
+                }
+                Some(Err(FrameError::Io(_) | FrameError::Truncated)) => {
+                    close(&conn, ErrorCode::Protocol, "control stream broken");
+                    reading = false;
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "bad control frame from runner; closing");
+                    close(&conn, e.code(), "bad control frame");
+                    reading = false;
+                }
+            },
+        }
     }
 }
 
