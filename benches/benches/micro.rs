@@ -10,10 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use runnel_broker::dispatch::{Needs, Pool, Slot};
-use runnel_broker::index::RunnerIndex;
-use runnel_broker::records::{RunnerRecord, RunnerState};
-use runnel_broker::verifier::PairingVerifier;
+use runnel_broker::bench_internals::{
+    Needs, PairingVerifier, Pool, RunnerIndex, RunnerRecord, RunnerState, Slot,
+};
 use runnel_certs::{ClusterCa, RunnerIdentity, key};
 use runnel_protocol::{BrokerJobFrame, JobRequest, OutputStream, RunnerJobFrame, decode, encode};
 use rustls_pki_types::UnixTime;

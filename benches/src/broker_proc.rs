@@ -24,7 +24,7 @@ fn default_bin() -> anyhow::Result<PathBuf> {
     let bin = dir.join("runnel-broker");
     if !bin.exists() {
         bail!(
-            "{} not found: build it (cargo build --release -p runnel-broker) or pass --broker-bin",
+            "{} not found: build it (cargo build --release -p runnel-broker-cli) or pass --broker-bin",
             bin.display()
         );
     }

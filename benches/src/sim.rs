@@ -8,11 +8,12 @@ use anyhow::Context;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
 use runnel_certs::pem;
+use runnel_ctl::{Client, Method};
 use runnel_protocol::{
     BrokerJobFrame, ClientControl, Heartbeat, Hello, JobOutcome, JobResult, OutputStream,
     RunnerJobFrame, ServerControl, read_frame, write_frame,
 };
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::task::JoinSet;
 
 use crate::broker_proc::BrokerProc;
@@ -37,14 +38,6 @@ pub(crate) struct Fleet {
     quic: String,
 }
 
-async fn post(http: &reqwest::Client, url: &str, key: &str, body: Value) -> anyhow::Result<Value> {
-    let r = http.post(url).bearer_auth(key).json(&body).send().await?;
-    let status = r.status();
-    let v: Value = r.json().await?;
-    anyhow::ensure!(status.is_success(), "{url}: {status} {v}");
-    Ok(v)
-}
-
 impl Fleet {
     /// Creates `tenants` tenants with `per_tenant` runners each, enrolled for real.
     pub(crate) async fn enroll(
@@ -53,41 +46,30 @@ impl Fleet {
         per_tenant: usize,
         parallel: usize,
     ) -> anyhow::Result<Self> {
-        let http = reqwest::Client::new();
+        let operator = Client::new(&b.http, &b.operator_key);
         let dir = tempfile::tempdir()?;
         let t0 = Instant::now();
         let mut out = Vec::new();
         for t in 0..tenants {
             let tenant = format!("t{t}");
-            post(
-                &http,
-                &format!("{}/v1/tenants", b.http),
-                &b.operator_key,
-                json!({ "id": tenant }),
-            )
-            .await?;
-            let admin = post(
-                &http,
-                &format!("{}/v1/tenants/{tenant}/keys", b.http),
-                &b.operator_key,
-                json!({ "role": "admin" }),
-            )
-            .await?["key"]
+            operator.post("/v1/tenants", json!({ "id": tenant })).await?;
+            let admin = operator
+                .post(&format!("/v1/tenants/{tenant}/keys"), json!({ "role": "admin" }))
+                .await?["key"]
                 .as_str()
                 .context("key")?
                 .to_owned();
             let runners = futures::stream::iter(0..per_tenant)
                 .map(|i| {
-                    let (http, admin, dir) =
-                        (http.clone(), admin.clone(), dir.path().join(format!("{t}-{i}")));
+                    let (client, dir) =
+                        (operator.with_key(&admin), dir.path().join(format!("{t}-{i}")));
                     async move {
-                        let v = post(
-                            &http,
-                            &format!("{}/v1/runners", b.http),
-                            &admin,
-                            json!({ "owner": OWNER, "name": format!("sim{i}") }),
-                        )
-                        .await?;
+                        let v = client
+                            .post(
+                                "/v1/runners",
+                                json!({ "owner": OWNER, "name": format!("sim{i}") }),
+                            )
+                            .await?;
                         let state = runnel_runner::StateDir::new(&dir);
                         runnel_runner::enroll(
                             &b.quic,
@@ -270,27 +252,23 @@ pub(crate) async fn dispatch(
     len: Duration,
     payload: usize,
 ) -> Dispatched {
-    let http =
-        reqwest::Client::builder().pool_max_idle_per_host(concurrency).build().unwrap_or_default();
+    // One connection pool for all dispatchers, one client per tenant's admin key on it.
+    let base = Client::new(&b.http, "");
     let body = "x".repeat(payload);
     let req = Arc::new(json!({ "owner": OWNER, "kind": "echo", "payload": body, "wait": true }));
-    let url: Arc<str> = format!("{}/v1/jobs", b.http).into();
-    let keys: Arc<[String]> = fleet.tenants.iter().map(|t| t.admin.clone()).collect();
+    let clients: Arc<[Client]> = fleet.tenants.iter().map(|t| base.with_key(&t.admin)).collect();
     closed_loop(concurrency, len, move |w, _| {
-        let (http, url, req, keys) = (http.clone(), url.clone(), req.clone(), keys.clone());
+        let (req, clients) = (req.clone(), clients.clone());
         async move {
-            let key = &keys[w % keys.len()];
-            let resp = http
-                .post(&*url)
-                .bearer_auth(key)
-                .json(&*req)
-                .send()
+            let client = &clients[w % clients.len()];
+            let answer = client
+                .call(Method::POST, "/v1/jobs", Some(&req))
                 .await
                 .map_err(|_| "transport".to_string())?;
-            if resp.status().as_u16() != 200 {
-                return Err(format!("http:{}", resp.status().as_u16()));
+            if answer.status != 200 {
+                return Err(format!("http:{}", answer.status));
             }
-            let v = resp.json::<Value>().await.map_err(|_| "bad_json".to_string())?;
+            let v = answer.body;
             if v["state"] != "succeeded" {
                 return Err(format!("state:{}", v["state"].as_str().unwrap_or("?")));
             }
@@ -310,7 +288,7 @@ pub(crate) async fn revoke_all(
     fleet: &Fleet,
     connected: &Connected,
 ) -> (Histogram<u64>, usize) {
-    let http = reqwest::Client::new();
+    let base = Client::new(&b.http, "");
     let mut hist = histogram();
     let mut failed = 0;
     for live in &connected.conns {
@@ -321,13 +299,8 @@ pub(crate) async fn revoke_all(
             closed.closed().await;
             t0.elapsed()
         });
-        let url = format!("{}/v1/runners/{}", b.http, live.runner_id);
-        let ok = http
-            .delete(&url)
-            .bearer_auth(admin)
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success());
+        let ok =
+            base.with_key(admin).delete(&format!("/v1/runners/{}", live.runner_id)).await.is_ok();
         match tokio::time::timeout(Duration::from_secs(10), waiter).await {
             Ok(Ok(took)) if ok => {
                 let _ = hist.record(took.as_micros() as u64);

@@ -17,6 +17,5 @@ mod root;
 mod runner_connection;
 mod tenant;
 
-pub use root::{BrokerRoot, RootArgs, RootMsg};
-pub use runner_connection::{ConnectionArgs, ConnectionMsg, RunnerConnection};
-pub use tenant::{Attach, DispatchRefusal, TenantActor, TenantArgs, TenantMsg};
+pub(crate) use root::{BrokerRoot, RootArgs, RootMsg};
+pub(crate) use tenant::{Attach, DispatchRefusal, TenantMsg};

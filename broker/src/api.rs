@@ -25,16 +25,16 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 
-pub use auth::Caller;
-pub use error::{ApiError, ApiJson};
+pub(crate) use auth::Caller;
+pub(crate) use error::{ApiError, ApiJson};
 
 use crate::shared::Shared;
 
 /// Largest request body accepted.
-pub const MAX_BODY: usize = 512 * 1024;
+pub(crate) const MAX_BODY: usize = 512 * 1024;
 
 /// The router.
-pub fn router(shared: Arc<Shared>) -> Router {
+pub(crate) fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/tenants", post(tenants::create).get(tenants::list))
         .route("/v1/tenants/{tenant}/keys", post(keys::create))

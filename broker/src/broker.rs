@@ -6,27 +6,68 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use ractor::Actor;
-use runnel_certs::pem;
+use runnel_certs::{CertError, pem};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::actors::{BrokerRoot, RootArgs, RootMsg};
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
+use crate::data_dir::DataDirError;
 use crate::index::RunnerIndex;
 use crate::records::{AuditEvent, Registry, RunnerRecord};
 use crate::shared::Shared;
-use crate::store::WatchEvent;
+use crate::store::{StoreError, WatchEvent};
 use crate::verifier::{Denial, PairingVerifier};
 
 /// Denials waiting to be written to the audit log before new ones are dropped.
 const DENIAL_QUEUE: usize = 1024;
 
-/// Entry point.
+/// Starts brokers: [`Broker::spawn`] is the one way a broker process, a test or the bench
+/// harness gets a running broker.
 #[derive(Debug)]
 pub struct Broker;
+
+/// Why [`Broker::spawn`] could not start a broker. Nothing is left running when it fails.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// The configuration was refused.
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
+    /// The data dir (CA files, store, cluster name) could not be opened.
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
+    /// Loading runners or keys from the store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The server certificate could not be issued or loaded.
+    #[error("server certificate: {0}")]
+    Cert(#[from] CertError),
+    /// rustls refused the TLS configuration.
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    /// The rustls provider offers no cipher suite QUIC can use.
+    #[error("TLS configuration: no cipher suite usable for QUIC")]
+    NoQuicCipherSuite,
+    /// The idle timeout does not fit QUIC's varint.
+    #[error("idle-timeout {0:?} is too large for QUIC")]
+    IdleTimeoutTooLarge(Duration),
+    /// A listener could not be bound.
+    #[error("binding {what} on {addr}: {source}")]
+    Bind {
+        /// `QUIC` or `HTTP`.
+        what: &'static str,
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The actor tree did not start.
+    #[error("starting the actor tree: {0}")]
+    Actors(#[from] ractor::SpawnErr),
+}
 
 /// A running broker.
 pub struct BrokerHandle {
@@ -78,8 +119,8 @@ fn server_names(config: &Config) -> (Vec<String>, Vec<IpAddr>) {
 
 impl Broker {
     /// Opens the data dir, binds both listeners and starts serving.
-    pub async fn spawn(config: Config) -> anyhow::Result<BrokerHandle> {
-        config.validate().map_err(anyhow::Error::msg)?;
+    pub async fn spawn(config: Config) -> Result<BrokerHandle, SpawnError> {
+        config.validate()?;
         let opened = crate::data_dir::open(&config.data_dir, &config.cluster).await?;
         let registry = Registry::new(opened.store.clone());
         let index = Arc::new(RunnerIndex::new());
@@ -100,13 +141,16 @@ impl Broker {
         )?);
         let server_config =
             crate::endpoint::server_config(chain, key, verifier, config.idle_timeout)?;
-        let endpoint = crate::endpoint::bind(config.quic_listen, server_config)
-            .with_context(|| format!("binding QUIC on {}", config.quic_listen))?;
-        let quic_addr = endpoint.local_addr()?;
-        let listener = tokio::net::TcpListener::bind(config.http_listen)
-            .await
-            .with_context(|| format!("binding HTTP on {}", config.http_listen))?;
-        let http_addr = listener.local_addr()?;
+        let quic_bind =
+            |source| SpawnError::Bind { what: "QUIC", addr: config.quic_listen, source };
+        let endpoint =
+            crate::endpoint::bind(config.quic_listen, server_config).map_err(quic_bind)?;
+        let quic_addr = endpoint.local_addr().map_err(quic_bind)?;
+        let http_bind =
+            |source| SpawnError::Bind { what: "HTTP", addr: config.http_listen, source };
+        let listener =
+            tokio::net::TcpListener::bind(config.http_listen).await.map_err(http_bind)?;
+        let http_addr = listener.local_addr().map_err(http_bind)?;
 
         let advertise = config.advertised(quic_addr);
         let shared =
@@ -114,9 +158,7 @@ impl Broker {
         for k in registry.keys().await? {
             shared.keys.insert(k.id.clone(), k);
         }
-        let (root, _) = Actor::spawn(None, BrokerRoot, RootArgs { shared: shared.clone() })
-            .await
-            .context("starting the actor tree")?;
+        let (root, _) = Actor::spawn(None, BrokerRoot, RootArgs { shared: shared.clone() }).await?;
         let _ = shared.root.set(root.clone());
 
         let shutdown = CancellationToken::new();

@@ -9,33 +9,33 @@ use std::time::Duration;
 use serde::Deserialize;
 
 /// Default UDP address of the QUIC endpoint runners dial.
-pub const DEFAULT_QUIC_LISTEN: &str = "0.0.0.0:7443";
+pub(crate) const DEFAULT_QUIC_LISTEN: &str = "0.0.0.0:7443";
 /// Default TCP address of the HTTP API (loopback: put a TLS proxy in front to expose it).
-pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:7480";
+pub(crate) const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:7480";
 /// Default data directory.
-pub const DEFAULT_DATA_DIR: &str = "./runnel-data";
+pub(crate) const DEFAULT_DATA_DIR: &str = "./runnel-data";
 /// Default cluster name (SPIFFE trust domain of identities).
-pub const DEFAULT_CLUSTER: &str = "runnel";
+pub(crate) const DEFAULT_CLUSTER: &str = "runnel";
 /// Default lifetime of an enrollment token.
-pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
+pub(crate) const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
 /// Default per-tenant queue limit; beyond it dispatch answers 429.
-pub const DEFAULT_QUEUE_LIMIT: usize = 1024;
+pub(crate) const DEFAULT_QUEUE_LIMIT: usize = 1024;
 /// Default time a job may wait for a free runner.
-pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default run-time limit of a job.
-pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(600);
+pub(crate) const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(600);
 /// Largest run-time limit a job may ask for.
-pub const MAX_JOB_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const MAX_JOB_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// Default QUIC idle timeout; a runner silent this long (killed, unplugged) is lost.
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+pub(crate) const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Default heartbeat interval asked of runners.
-pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+pub(crate) const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
 /// Default number of finished jobs kept for `GET /v1/jobs/{id}`.
-pub const DEFAULT_JOB_RETENTION: usize = 10_000;
+pub(crate) const DEFAULT_JOB_RETENTION: usize = 10_000;
 /// Default number of tenants with their own metric label.
-pub const DEFAULT_METRICS_TENANT_LABELS: usize = 100;
+pub(crate) const DEFAULT_METRICS_TENANT_LABELS: usize = 100;
 /// Default age after which finished jobs are forgotten.
-pub const DEFAULT_JOB_RETENTION_AGE: Duration = Duration::from_secs(3600);
+pub(crate) const DEFAULT_JOB_RETENTION_AGE: Duration = Duration::from_secs(3600);
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
@@ -103,8 +103,9 @@ fn parse_addr(s: &str) -> SocketAddr {
 }
 
 impl Config {
-    /// A config for tests: everything on loopback ephemeral ports in `data_dir`.
-    pub fn for_tests(data_dir: &Path) -> Self {
+    /// Everything on loopback ephemeral ports in `data_dir`, with lost runners noticed in
+    /// seconds: what `runnel-broker demo`, the end-to-end tests and the bench harness run.
+    pub fn loopback(data_dir: &Path) -> Self {
         Self {
             data_dir: data_dir.into(),
             quic_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -127,36 +128,80 @@ impl Config {
         }
     }
 
-    /// Checks cross-field rules.
-    pub fn validate(&self) -> Result<(), String> {
-        runnel_certs::identity::validate_segment("cluster", &self.cluster)
-            .map_err(|e| e.to_string())?;
+    /// Checks every value and the rules between them.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field: &'static str, reason: &str| {
+            Err(ConfigError::Invalid { field, reason: reason.to_owned() })
+        };
+        if let Err(e) = runnel_certs::identity::validate_segment("cluster", &self.cluster) {
+            return invalid("cluster", &e.to_string());
+        }
         if self.queue_limit == 0 {
-            return Err("queue-limit must be at least 1".into());
+            return invalid("queue-limit", "must be at least 1");
         }
         if self.idle_timeout < Duration::from_secs(1) {
-            return Err("idle-timeout must be at least 1s".into());
+            return invalid("idle-timeout", "must be at least 1s");
         }
         if self.heartbeat_interval >= self.idle_timeout {
-            return Err("heartbeat-interval must be shorter than idle-timeout".into());
+            return invalid("heartbeat-interval", "must be shorter than idle-timeout");
         }
         if self.job_timeout > MAX_JOB_TIMEOUT || self.job_timeout.is_zero() {
-            return Err("job-timeout must be between 1ms and 24h".into());
+            return invalid("job-timeout", "must be between 1ms and 24h");
         }
         // Runners renew at 2/3 of the lifetime; anything under a minute is only useful in
         // tests, but it is not wrong.
         if self.runner_cert_validity < Duration::from_secs(1) {
-            return Err("runner-cert-validity must be at least 1s".into());
+            return invalid("runner-cert-validity", "must be at least 1s");
         }
         if let Some(a) = &self.advertise {
-            let (host, port) =
-                a.rsplit_once(':').ok_or_else(|| format!("advertise {a:?} must be host:port"))?;
-            if host.is_empty() || port.parse::<u16>().is_err() {
-                return Err(format!("advertise {a:?} must be host:port"));
+            let well_formed = a
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !well_formed {
+                return invalid("advertise", &format!("{a:?} must be host:port"));
             }
         }
         Ok(())
     }
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A value is out of range, malformed, or contradicts another.
+    #[error("{field}: {reason}")]
+    Invalid {
+        /// The flag / file key, as operators write it (`queue-limit`).
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A duration flag or key did not parse.
+    #[error("{field}: {reason}")]
+    Duration {
+        /// The flag / file key.
+        field: &'static str,
+        /// What [`parse_duration`] said.
+        reason: String,
+    },
+    /// The config file could not be read.
+    #[error("config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML of the expected shape (unknown keys included).
+    #[error("config {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the TOML parser said.
+        #[source]
+        source: toml::de::Error,
+    },
 }
 
 /// Parses `250ms`, `30s`, `5m`, `1h`, `7d` (a bare number is seconds).
@@ -216,10 +261,10 @@ pub struct FileConfig {
 
 impl FileConfig {
     /// Reads and parses a TOML config file.
-    pub fn load(path: &Path) -> Result<Self, String> {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| format!("config {}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })
     }
 }
 
@@ -254,7 +299,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let p = dir.path().join("runnel.toml");
         std::fs::write(&p, "quic-listen = \"127.0.0.1:9\"\nbogus = 1\n").expect("write");
-        assert!(FileConfig::load(&p).expect_err("unknown").contains("bogus"));
+        let err = FileConfig::load(&p).expect_err("unknown");
+        assert!(matches!(err, ConfigError::Parse { .. }) && err.to_string().contains("bogus"));
         std::fs::write(&p, "quic-listen = \"127.0.0.1:9\"\nqueue-limit = 5\n").expect("write");
         let f = FileConfig::load(&p).expect("ok");
         assert_eq!(f.queue_limit, Some(5));

@@ -11,18 +11,17 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context, bail};
-use runnel_certs::{ClusterCa, pem};
+use runnel_certs::{CertError, ClusterCa, pem};
 
 use crate::records::{ApiKey, Registry, Role, now_unix};
 use crate::secret::{KEY_PREFIX, mint};
-use crate::store::{RedbStore, Store};
+use crate::store::{RedbStore, Store, StoreError};
 
 /// What opening the data dir yields.
-pub struct Opened {
+pub(crate) struct Opened {
     /// The cluster CA.
     pub ca: ClusterCa,
     /// The store.
@@ -31,29 +30,61 @@ pub struct Opened {
     pub first_operator_key: Option<String>,
 }
 
+/// Why the data dir could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum DataDirError {
+    /// The directory could not be created or made private (0700).
+    #[error("data dir {dir}: {source}")]
+    Io {
+        /// The data dir.
+        dir: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The CA files could not be read, parsed, generated or written.
+    #[error("cluster CA: {0}")]
+    Ca(#[from] CertError),
+    /// Exactly one of `ca.pem` and `ca.key` exists.
+    #[error("{0} has only one of ca.pem and ca.key; restore both or neither")]
+    PartialCa(PathBuf),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The data dir was made for another cluster name.
+    #[error("data dir belongs to cluster {stored:?}, not {wanted:?}")]
+    WrongCluster {
+        /// The name recorded at first start.
+        stored: String,
+        /// The name configured now.
+        wanted: String,
+    },
+}
+
 /// Opens the data dir, creating it and its contents on first start.
-pub async fn open(dir: &Path, cluster: &str) -> anyhow::Result<Opened> {
-    fs::create_dir_all(dir).with_context(|| format!("creating data dir {}", dir.display()))?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("securing data dir {}", dir.display()))?;
+pub(crate) async fn open(dir: &Path, cluster: &str) -> Result<Opened, DataDirError> {
+    let io = |source| DataDirError::Io { dir: dir.into(), source };
+    fs::create_dir_all(dir).map_err(io)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io)?;
     let (ca_pem, ca_key) = (dir.join("ca.pem"), dir.join("ca.key"));
     let ca = match (ca_pem.exists(), ca_key.exists()) {
-        (true, true) => ClusterCa::from_pem(cluster, &pem::read(&ca_pem)?, &pem::read(&ca_key)?)
-            .context("loading the cluster CA")?,
+        (true, true) => ClusterCa::from_pem(cluster, &pem::read(&ca_pem)?, &pem::read(&ca_key)?)?,
         (false, false) => {
             let ca = ClusterCa::generate(cluster)?;
             pem::write_private(&ca_key, &ca.key_pem())?;
             pem::write_public(&ca_pem, ca.cert_pem())?;
             ca
         }
-        _ => bail!("{} has only one of ca.pem and ca.key; restore both or neither", dir.display()),
+        _ => return Err(DataDirError::PartialCa(dir.into())),
     };
     let store: Arc<dyn Store> = Arc::new(RedbStore::open(&dir.join("runnel.redb"))?);
     match store.get("meta/cluster").await? {
-        Some(stored) if stored != cluster.as_bytes() => bail!(
-            "data dir belongs to cluster {:?}, not {cluster:?}",
-            String::from_utf8_lossy(&stored)
-        ),
+        Some(stored) if stored != cluster.as_bytes() => {
+            return Err(DataDirError::WrongCluster {
+                stored: String::from_utf8_lossy(&stored).into_owned(),
+                wanted: cluster.to_owned(),
+            });
+        }
         Some(_) => {}
         None => store.put("meta/cluster", cluster.as_bytes().to_vec()).await?,
     }

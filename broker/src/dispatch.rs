@@ -5,11 +5,12 @@
 //! and is below its advertised capacity. Among eligible runners the one with the fewest
 //! jobs in flight wins; ties go to the one assigned least recently, so equal runners take
 //! turns.
+#![cfg_attr(not(feature = "bench-internals"), allow(unreachable_pub))] // `pub` items: see lib.rs `bench_internals`
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// Identifies one live connection inside a tenant (a runner may briefly have two).
-pub type ConnId = u64;
+pub(crate) type ConnId = u64;
 
 /// What the tenant knows of one connected runner.
 #[derive(Debug, Clone)]
@@ -47,7 +48,7 @@ pub struct Needs<'a> {
 
 impl Slot {
     /// Whether this runner could take the job at all (ignoring load).
-    pub fn fits(&self, needs: &Needs<'_>) -> bool {
+    pub(crate) fn fits(&self, needs: &Needs<'_>) -> bool {
         self.owner == needs.owner
             && needs.runner_id.is_none_or(|id| id == self.runner_id)
             && needs.labels.iter().all(|(k, v)| self.labels.get(k) == Some(v))
@@ -55,7 +56,7 @@ impl Slot {
     }
 
     /// Whether it can take one more job now.
-    pub fn available(&self) -> bool {
+    pub(crate) fn available(&self) -> bool {
         !self.draining && self.in_flight < self.capacity
     }
 }
@@ -97,7 +98,7 @@ impl Pool {
     }
 
     /// Removes a connection.
-    pub fn remove(&mut self, conn: ConnId) -> Option<Slot> {
+    pub(crate) fn remove(&mut self, conn: ConnId) -> Option<Slot> {
         let slot = self.slots.remove(&conn)?;
         if let Some(set) = self.free.get_mut(&slot.owner) {
             set.remove(&slot.rank(conn));
@@ -147,22 +148,22 @@ impl Pool {
     }
 
     /// Marks `conn` draining: it takes no new job.
-    pub fn drain(&mut self, conn: ConnId) {
+    pub(crate) fn drain(&mut self, conn: ConnId) {
         self.update(conn, |s| s.draining = true);
     }
 
     /// The slot of a connection.
-    pub fn get(&self, conn: ConnId) -> Option<&Slot> {
+    pub(crate) fn get(&self, conn: ConnId) -> Option<&Slot> {
         self.slots.get(&conn)
     }
 
     /// Connections of one runner.
-    pub fn conns_of(&self, runner_id: &str) -> Vec<ConnId> {
+    pub(crate) fn conns_of(&self, runner_id: &str) -> Vec<ConnId> {
         self.by_runner.get(runner_id).cloned().unwrap_or_default()
     }
 
     /// Whether any connected runner could take the job at all (ignoring load).
-    pub fn any_fits(&self, needs: &Needs<'_>) -> bool {
+    pub(crate) fn any_fits(&self, needs: &Needs<'_>) -> bool {
         match needs.runner_id {
             Some(id) => {
                 self.conns_of(id).iter().any(|c| self.slots.get(c).is_some_and(|s| s.fits(needs)))
@@ -190,13 +191,8 @@ impl Pool {
     }
 
     /// Number of connections.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.slots.len()
-    }
-
-    /// True when no runner is connected.
-    pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
     }
 }
 

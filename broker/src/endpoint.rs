@@ -18,6 +18,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_util::sync::CancellationToken;
 
 use crate::actors::{Attach, TenantMsg};
+use crate::broker::SpawnError;
 use crate::shared::Shared;
 use crate::verifier::PairingVerifier;
 
@@ -38,13 +39,16 @@ const SEND_WINDOW: u64 = 256 * 1024;
 /// this one socket; with the Linux default (208 KiB) a burst of handshakes or keep-alives
 /// from tens of thousands of runners overflows it, and each dropped packet costs a QUIC
 /// retransmission timeout (BENCHMARKS.md: p999 of seconds at 20k runners).
-pub const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+pub(crate) const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 
 /// Binds the runner-facing UDP socket with [`SOCKET_BUFFER`] buffers, and the endpoint on it.
 ///
 /// The kernel caps the size at `net.core.rmem_max` / `wmem_max`; when it does, the broker
 /// still starts, and says which sysctl to raise.
-pub fn bind(addr: SocketAddr, server: quinn::ServerConfig) -> anyhow::Result<quinn::Endpoint> {
+pub(crate) fn bind(
+    addr: SocketAddr,
+    server: quinn::ServerConfig,
+) -> std::io::Result<quinn::Endpoint> {
     let (socket, recv, send) = udp_socket(addr)?;
     if recv < SOCKET_BUFFER || send < SOCKET_BUFFER {
         tracing::warn!(
@@ -56,7 +60,7 @@ pub fn bind(addr: SocketAddr, server: quinn::ServerConfig) -> anyhow::Result<qui
         );
     }
     let runtime = Arc::new(quinn::TokioRuntime);
-    Ok(quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime)?)
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime)
 }
 
 /// A UDP socket on `addr` with [`SOCKET_BUFFER`] asked for, and the receive and send sizes
@@ -76,19 +80,19 @@ fn udp_socket(addr: SocketAddr) -> std::io::Result<(std::net::UdpSocket, usize, 
 }
 
 /// Builds the endpoint's QUIC server config.
-pub fn server_config(
+pub(crate) fn server_config(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     verifier: Arc<PairingVerifier>,
     idle_timeout: Duration,
-) -> anyhow::Result<quinn::ServerConfig> {
+) -> Result<quinn::ServerConfig, SpawnError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)?;
     tls.alpn_protocols = vec![ALPN_RUNNER.to_vec(), ALPN_ENROLL.to_vec()];
-    let crypto = QuicServerConfig::try_from(tls)?;
+    let crypto = QuicServerConfig::try_from(tls).map_err(|_| SpawnError::NoQuicCipherSuite)?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     transport
@@ -97,7 +101,9 @@ pub fn server_config(
         .stream_receive_window(STREAM_WINDOW.into())
         .receive_window(CONN_WINDOW.into())
         .send_window(SEND_WINDOW)
-        .max_idle_timeout(Some(idle_timeout.try_into()?))
+        .max_idle_timeout(Some(
+            idle_timeout.try_into().map_err(|_| SpawnError::IdleTimeoutTooLarge(idle_timeout))?,
+        ))
         // With GSO, quinn keeps a per-connection transmit buffer sized for a batch of up to
         // 10 datagrams (~13 KiB on every idle connection, heaptrack). Runner traffic is small
         // frames, so one datagram per send costs little and saves that memory.
@@ -107,7 +113,7 @@ pub fn server_config(
 }
 
 /// Accepts connections until `shutdown` fires.
-pub async fn accept_loop(
+pub(crate) async fn accept_loop(
     endpoint: quinn::Endpoint,
     shared: Arc<Shared>,
     shutdown: CancellationToken,

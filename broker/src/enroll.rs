@@ -21,7 +21,7 @@ use crate::shared::Shared;
 const ENROLL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves one enrollment connection.
-pub async fn serve(conn: quinn::Connection, shared: Arc<Shared>) {
+pub(crate) async fn serve(conn: quinn::Connection, shared: Arc<Shared>) {
     let remote = conn.remote_address();
     let exchange = async {
         let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
@@ -59,7 +59,7 @@ async fn audit_denied(reg: &Registry, tenant: Option<&str>, runner: Option<&str>
 }
 
 /// Decides one enrollment request, counting the result.
-pub async fn enroll(shared: &Shared, req: EnrollRequest) -> EnrollResponse {
+pub(crate) async fn enroll(shared: &Shared, req: EnrollRequest) -> EnrollResponse {
     let resp = decide(shared, req).await;
     let result = match &resp {
         EnrollResponse::Ok(_) => "ok",

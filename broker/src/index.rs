@@ -5,6 +5,7 @@
 //! runner id) and kept in sync with the store: loaded at start, updated by the API on every
 //! change, and by the store's watch stream for changes made elsewhere. Presence (live
 //! connections, load, last heartbeat) lives here too; it is memory-only by design.
+#![cfg_attr(not(feature = "bench-internals"), allow(unreachable_pub))] // `pub` items: see lib.rs `bench_internals`
 
 use std::collections::BTreeMap;
 
@@ -14,7 +15,7 @@ use crate::records::{RunnerRecord, RunnerState};
 
 /// What the index knows of one runner.
 #[derive(Debug, Clone, PartialEq)]
-pub struct IndexEntry {
+pub(crate) struct IndexEntry {
     /// Tenant.
     pub tenant: String,
     /// Owner.
@@ -39,7 +40,7 @@ pub struct IndexEntry {
 
 /// Why the index refuses a runner.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IndexRefusal {
+pub(crate) enum IndexRefusal {
     /// No such runner, or it names another tenant/owner than the record.
     Unknown,
     /// Revoked.
@@ -84,7 +85,7 @@ impl RunnerIndex {
     }
 
     /// Marks a runner revoked at once.
-    pub fn revoke(&self, runner_id: &str) {
+    pub(crate) fn revoke(&self, runner_id: &str) {
         if let Some(mut e) = self.map.get_mut(runner_id) {
             e.state = RunnerState::Revoked;
         }
@@ -92,7 +93,12 @@ impl RunnerIndex {
 
     /// The synchronous check the verifier makes: is this runner paired, for this tenant and
     /// owner?
-    pub fn check(&self, runner_id: &str, tenant: &str, owner: &str) -> Result<(), IndexRefusal> {
+    pub(crate) fn check(
+        &self,
+        runner_id: &str,
+        tenant: &str,
+        owner: &str,
+    ) -> Result<(), IndexRefusal> {
         let e = self.map.get(runner_id).ok_or(IndexRefusal::Unknown)?;
         if e.tenant != tenant || e.owner != owner {
             return Err(IndexRefusal::Unknown);
@@ -105,12 +111,12 @@ impl RunnerIndex {
     }
 
     /// A copy of one entry.
-    pub fn get(&self, runner_id: &str) -> Option<IndexEntry> {
+    pub(crate) fn get(&self, runner_id: &str) -> Option<IndexEntry> {
         self.map.get(runner_id).map(|e| e.clone())
     }
 
     /// Updates presence of a runner.
-    pub fn update_presence(&self, runner_id: &str, f: impl FnOnce(&mut IndexEntry)) {
+    pub(crate) fn update_presence(&self, runner_id: &str, f: impl FnOnce(&mut IndexEntry)) {
         if let Some(mut e) = self.map.get_mut(runner_id) {
             f(&mut e);
         }
@@ -118,7 +124,7 @@ impl RunnerIndex {
 
     /// Whether any paired runner of (tenant, owner) could ever take a job with these needs
     /// (ignoring whether it is online). Used to refuse at once jobs nobody can run.
-    pub fn any_could_match(
+    pub(crate) fn any_could_match(
         &self,
         tenant: &str,
         owner: &str,
@@ -147,13 +153,8 @@ impl RunnerIndex {
     }
 
     /// Number of runners known.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.map.len()
-    }
-
-    /// True when no runner is known.
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
     }
 }
 

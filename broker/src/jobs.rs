@@ -17,13 +17,13 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::names;
 
 /// Output kept per job in the broker; later output is dropped and the job marked truncated.
-pub const MAX_BUFFERED_OUTPUT: usize = 1024 * 1024;
+pub(crate) const MAX_BUFFERED_OUTPUT: usize = 1024 * 1024;
 
 /// Job lifecycle: `queued → running → succeeded | failed | cancelled | timed_out |
 /// runner_lost | rejected`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum JobState {
+pub(crate) enum JobState {
     /// Waiting for a runner.
     Queued,
     /// Sent to a runner.
@@ -44,12 +44,12 @@ pub enum JobState {
 
 impl JobState {
     /// Whether the job is over.
-    pub fn is_terminal(self) -> bool {
+    pub(crate) fn is_terminal(self) -> bool {
         !matches!(self, JobState::Queued | JobState::Running)
     }
 
     /// Short lowercase name.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             JobState::Queued => "queued",
             JobState::Running => "running",
@@ -65,7 +65,7 @@ impl JobState {
 
 /// What a job asks of its runner (fixed at creation).
 #[derive(Debug, Clone)]
-pub struct JobSpec {
+pub(crate) struct JobSpec {
     /// Owner whose runners may take it.
     pub owner: String,
     /// Optional explicit runner.
@@ -96,7 +96,7 @@ struct JobInner {
 
 /// One job.
 #[derive(Debug)]
-pub struct JobEntry {
+pub(crate) struct JobEntry {
     /// Job id.
     pub id: String,
     /// Tenant (from the dispatching key).
@@ -115,7 +115,7 @@ pub struct JobEntry {
 
 /// A point-in-time view of a job, as the API returns it.
 #[derive(Debug, Clone, Serialize)]
-pub struct JobView {
+pub(crate) struct JobView {
     /// Job id.
     pub id: String,
     /// Owner.
@@ -157,12 +157,12 @@ impl JobEntry {
     }
 
     /// Current state.
-    pub fn state(&self) -> JobState {
+    pub(crate) fn state(&self) -> JobState {
         self.lock().state
     }
 
     /// Queued → running on `runner_id`; false if the job is no longer queued.
-    pub fn mark_running(&self, runner_id: &str) -> bool {
+    pub(crate) fn mark_running(&self, runner_id: &str) -> bool {
         let mut g = self.lock();
         if g.state != JobState::Queued {
             return false;
@@ -178,7 +178,7 @@ impl JobEntry {
     }
 
     /// Appends output, up to [`MAX_BUFFERED_OUTPUT`].
-    pub fn append_output(&self, data: &[u8]) {
+    pub(crate) fn append_output(&self, data: &[u8]) {
         let mut g = self.lock();
         if g.state.is_terminal() {
             return;
@@ -194,19 +194,19 @@ impl JobEntry {
     }
 
     /// Output from `offset` on, and whether the job is over.
-    pub fn output_since(&self, offset: usize) -> (Vec<u8>, bool) {
+    pub(crate) fn output_since(&self, offset: usize) -> (Vec<u8>, bool) {
         let g = self.lock();
         let chunk = g.output.get(offset..).map(<[u8]>::to_vec).unwrap_or_default();
         (chunk, g.state.is_terminal())
     }
 
     /// A change counter to wait on.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
     }
 
     /// Waits until the job is over or `limit` passes; returns whether it is over.
-    pub async fn wait_terminal(&self, limit: Duration) -> bool {
+    pub(crate) async fn wait_terminal(&self, limit: Duration) -> bool {
         let mut rx = self.subscribe();
         let wait = async {
             loop {
@@ -223,7 +223,7 @@ impl JobEntry {
     }
 
     /// The API view.
-    pub fn view(&self) -> JobView {
+    pub(crate) fn view(&self) -> JobView {
         let g = self.lock();
         JobView {
             id: self.id.clone(),
@@ -244,7 +244,7 @@ impl JobEntry {
 
 /// The terminal facts of a job.
 #[derive(Debug, Clone)]
-pub struct Finish {
+pub(crate) struct Finish {
     /// Terminal state.
     pub state: JobState,
     /// Exit code.
@@ -257,14 +257,14 @@ pub struct Finish {
 
 impl Finish {
     /// A finish with only a state and message.
-    pub fn new(state: JobState, message: impl Into<String>) -> Self {
+    pub(crate) fn new(state: JobState, message: impl Into<String>) -> Self {
         Self { state, exit_code: None, message: message.into(), output_truncated: false }
     }
 }
 
 /// All jobs.
 #[derive(Debug)]
-pub struct JobTable {
+pub(crate) struct JobTable {
     jobs: DashMap<String, Arc<JobEntry>>,
     finished: Mutex<VecDeque<(Instant, String)>>,
     retention: usize,
@@ -273,7 +273,7 @@ pub struct JobTable {
 
 impl JobTable {
     /// A table keeping `retention` finished jobs for at most `retention_age`.
-    pub fn new(retention: usize, retention_age: Duration) -> Self {
+    pub(crate) fn new(retention: usize, retention_age: Duration) -> Self {
         Self {
             jobs: DashMap::new(),
             finished: Mutex::new(VecDeque::new()),
@@ -283,7 +283,7 @@ impl JobTable {
     }
 
     /// Creates and registers a queued job.
-    pub fn create(&self, tenant: &str, spec: JobSpec) -> Arc<JobEntry> {
+    pub(crate) fn create(&self, tenant: &str, spec: JobSpec) -> Arc<JobEntry> {
         let (changed, _) = watch::channel(0);
         let entry = Arc::new(JobEntry {
             id: crate::secret::new_id("job"),
@@ -309,17 +309,17 @@ impl JobTable {
     }
 
     /// Forgets a job that was never accepted (its dispatch was refused).
-    pub fn discard(&self, id: &str) {
+    pub(crate) fn discard(&self, id: &str) {
         self.jobs.remove(id);
     }
 
     /// A job of `tenant`; another tenant's job is simply not found.
-    pub fn get(&self, tenant: &str, id: &str) -> Option<Arc<JobEntry>> {
+    pub(crate) fn get(&self, tenant: &str, id: &str) -> Option<Arc<JobEntry>> {
         self.jobs.get(id).filter(|e| e.tenant == tenant).map(|e| e.clone())
     }
 
     /// Jobs of a tenant (optionally one owner), newest first, at most `limit`.
-    pub fn list(&self, tenant: &str, owner: Option<&str>, limit: usize) -> Vec<JobView> {
+    pub(crate) fn list(&self, tenant: &str, owner: Option<&str>, limit: usize) -> Vec<JobView> {
         let mut v: Vec<JobView> = self
             .jobs
             .iter()
@@ -332,7 +332,7 @@ impl JobTable {
     }
 
     /// Non-terminal jobs of a tenant (used when its actor restarts).
-    pub fn unfinished(&self, tenant: &str) -> Vec<Arc<JobEntry>> {
+    pub(crate) fn unfinished(&self, tenant: &str) -> Vec<Arc<JobEntry>> {
         self.jobs
             .iter()
             .filter(|e| e.tenant == tenant && !e.state().is_terminal())
@@ -341,7 +341,7 @@ impl JobTable {
     }
 
     /// Moves a job to a terminal state. Only the first call for a job wins; it returns true.
-    pub fn finish(&self, entry: &JobEntry, f: Finish) -> bool {
+    pub(crate) fn finish(&self, entry: &JobEntry, f: Finish) -> bool {
         debug_assert!(f.state.is_terminal());
         let mut g = entry.lock();
         if g.state.is_terminal() {
@@ -379,13 +379,9 @@ impl JobTable {
     }
 
     /// Jobs in the table (all states).
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.jobs.len()
-    }
-
-    /// True when the table is empty.
-    pub fn is_empty(&self) -> bool {
-        self.jobs.is_empty()
     }
 }
 

@@ -1,44 +1,55 @@
-//! runnel-broker: the server runners dial and platforms dispatch through.
+//! runnel-broker: the server runners dial and platforms dispatch through, as a library.
+//! The `runnel-broker` binary (package `runnel-broker-cli`) only parses flags and calls
+//! [`Broker::spawn`]; tests and the bench harness start brokers the same way.
 //!
 //! # Layout
-//! - [`broker`]: [`Broker::spawn`] wires everything and returns a [`BrokerHandle`].
-//! - [`config`]: flags, env, TOML file, defaults, validation.
-//! - [`data_dir`]: first-start initialisation (CA, store, operator key).
-//! - [`endpoint`]: QUIC/TLS setup and the accept loop (outside the actor tree).
-//! - [`verifier`]: the pairing check inside the TLS handshake.
-//! - [`index`]: the in-memory runner index the verifier reads (never the store).
-//! - [`enroll`]: `runnel-enroll/1`: one-time token + CSR → runner certificate.
-//! - [`actors`]: `BrokerRoot → TenantActor → RunnerConnection` (see its docs for failure
+//! - `broker`: [`Broker::spawn`] wires everything and returns a [`BrokerHandle`].
+//! - `config`: [`Config`], its defaults as named constants, validation, the TOML file.
+//! - `data_dir`: first-start initialisation (CA, store, operator key).
+//! - `endpoint`: QUIC/TLS setup and the accept loop (outside the actor tree).
+//! - `verifier`: the pairing check inside the TLS handshake.
+//! - `index`: the in-memory runner index the verifier reads (never the store).
+//! - `enroll`: `runnel-enroll/1`: one-time token + CSR → runner certificate.
+//! - `actors`: `BrokerRoot → TenantActor → RunnerConnection` (see its docs for failure
 //!   handling).
-//! - [`dispatch`]: the runner-selection decision, as a plain function.
-//! - [`jobs`]: job table, states, output buffers, retention.
+//! - `dispatch`: the runner-selection decision, as plain data structures.
+//! - `jobs`: job table, states, output buffers, retention.
 //! - [`metrics`]: Prometheus metric names, buckets, the tenant-label cap.
-//! - [`store`] and [`records`]: the durable KV (redb) and the typed records on it.
-//! - [`secret`]: API keys and tokens (salted SHA-256, constant-time checks).
-//! - [`api`]: the HTTP API (axum).
-//! - [`cli`]: the `runnel-broker` command line; `main.rs` only calls it.
-//! - [`ctl`]: `runnelctl`, the operator CLI over the HTTP API.
+//! - `store` and `records`: the durable KV (redb) and the typed records on it.
+//! - `secret`: API keys and tokens (salted SHA-256, constant-time checks).
+//! - `api`: the HTTP API (axum).
+//! - `shared`: the state every part of one process shares.
+//!
+//! Modules are private; this file re-exports the public API. The criterion benches reach a
+//! few internals through the `bench-internals` feature ([`bench_internals`]).
 #![deny(clippy::unwrap_used)]
 
-pub mod actors;
-pub mod api;
-pub mod broker;
-pub mod cli;
-pub mod config;
-pub mod ctl;
-pub mod data_dir;
-pub mod demo;
-pub mod dispatch;
-pub mod endpoint;
-pub mod enroll;
-pub mod index;
-pub mod jobs;
+mod actors;
+mod api;
+mod broker;
+mod config;
+mod data_dir;
+mod dispatch;
+mod endpoint;
+mod enroll;
+mod index;
+mod jobs;
 pub mod metrics;
-pub mod records;
-pub mod secret;
-pub mod shared;
-pub mod store;
-pub mod verifier;
+mod records;
+mod secret;
+mod shared;
+mod store;
+mod verifier;
 
-pub use broker::{Broker, BrokerHandle};
-pub use config::Config;
+pub use broker::{Broker, BrokerHandle, SpawnError};
+pub use config::{Config, ConfigError, FileConfig, parse_duration};
+
+/// Internals the micro-benchmarks measure in isolation (feature `bench-internals`; not a
+/// stable API).
+#[cfg(feature = "bench-internals")]
+pub mod bench_internals {
+    pub use crate::dispatch::{Needs, Pool, Slot};
+    pub use crate::index::RunnerIndex;
+    pub use crate::records::{RunnerRecord, RunnerState};
+    pub use crate::verifier::{Denial, HandshakeRefusal, PairingVerifier};
+}

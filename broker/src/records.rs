@@ -7,6 +7,7 @@
 //! | `runners/<t>/<runner id>`   | [`RunnerRecord`]|
 //! | `tokens/<token id>`         | [`TokenRecord`] |
 //! | `audit/<t or @cluster>/<ts>`| [`AuditEvent`]  |
+#![cfg_attr(not(feature = "bench-internals"), allow(unreachable_pub))] // `pub` items: see lib.rs `bench_internals`
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,13 +19,13 @@ use crate::secret::HashedSecret;
 use crate::store::{Store, StoreError};
 
 /// Seconds since the Unix epoch.
-pub fn now_unix() -> i64 {
+pub(crate) fn now_unix() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
 /// A tenant.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Tenant {
+pub(crate) struct Tenant {
     /// Tenant id.
     pub id: String,
     /// Creation time (unix seconds).
@@ -34,7 +35,7 @@ pub struct Tenant {
 /// What an API key may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Role {
+pub(crate) enum Role {
     /// Cluster-wide: tenants and their first keys.
     Operator,
     /// One tenant: runners, tokens, keys, jobs, audit.
@@ -47,7 +48,7 @@ pub enum Role {
 
 /// An API key record (the secret itself is only hashed).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ApiKey {
+pub(crate) struct ApiKey {
     /// Public key id.
     pub id: String,
     /// Role.
@@ -105,7 +106,7 @@ pub struct RunnerRecord {
 
 /// An enrollment token record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TokenRecord {
+pub(crate) struct TokenRecord {
     /// Token id.
     pub id: String,
     /// Runner the token enrolls.
@@ -124,7 +125,7 @@ pub struct TokenRecord {
 
 /// One audit log entry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AuditEvent {
+pub(crate) struct AuditEvent {
     /// When (unix seconds).
     pub at: i64,
     /// What: `tenant_created`, `key_created`, `runner_created`, `enrolled`, `renewed`,
@@ -142,7 +143,7 @@ pub struct AuditEvent {
 
 impl AuditEvent {
     /// An event happening now.
-    pub fn now(
+    pub(crate) fn now(
         event: &str,
         actor: impl Into<String>,
         tenant: Option<&str>,
@@ -165,7 +166,7 @@ const CLUSTER_AUDIT: &str = "@cluster";
 
 /// Typed access to records.
 #[derive(Clone)]
-pub struct Registry {
+pub(crate) struct Registry {
     store: Arc<dyn Store>,
     audit_seq: Arc<AtomicU64>,
 }
@@ -188,7 +189,7 @@ fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError>
 
 /// Outcome of consuming an enrollment token.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Consume {
+pub(crate) enum Consume {
     /// Consumed now; enroll this runner.
     Ok(TokenRecord),
     /// No such token, or the secret does not match.
@@ -201,12 +202,12 @@ pub enum Consume {
 
 impl Registry {
     /// Wraps a store.
-    pub fn new(store: Arc<dyn Store>) -> Self {
+    pub(crate) fn new(store: Arc<dyn Store>) -> Self {
         Self { store, audit_seq: Arc::new(AtomicU64::new(0)) }
     }
 
     /// The store underneath.
-    pub fn store(&self) -> &Arc<dyn Store> {
+    pub(crate) fn store(&self) -> &Arc<dyn Store> {
         &self.store
     }
 
@@ -231,43 +232,50 @@ impl Registry {
     }
 
     /// Creates a tenant; false if it exists already.
-    pub async fn create_tenant(&self, tenant: &Tenant) -> Result<bool, StoreError> {
+    pub(crate) async fn create_tenant(&self, tenant: &Tenant) -> Result<bool, StoreError> {
         let key = format!("tenants/{}", tenant.id);
         self.store.compare_and_swap(&key, None, Some(encode(tenant))).await
     }
 
     /// A tenant.
-    pub async fn tenant(&self, id: &str) -> Result<Option<Tenant>, StoreError> {
+    pub(crate) async fn tenant(&self, id: &str) -> Result<Option<Tenant>, StoreError> {
         self.get(&format!("tenants/{id}")).await
     }
 
     /// All tenants.
-    pub async fn tenants(&self, limit: usize) -> Result<Vec<Tenant>, StoreError> {
+    pub(crate) async fn tenants(&self, limit: usize) -> Result<Vec<Tenant>, StoreError> {
         self.scan("tenants/", limit).await
     }
 
     /// Stores an API key record.
-    pub async fn put_key(&self, key: &ApiKey) -> Result<(), StoreError> {
+    pub(crate) async fn put_key(&self, key: &ApiKey) -> Result<(), StoreError> {
         self.store.put(&format!("keys/{}", key.id), encode(key)).await
     }
 
     /// All API key records.
-    pub async fn keys(&self) -> Result<Vec<ApiKey>, StoreError> {
+    pub(crate) async fn keys(&self) -> Result<Vec<ApiKey>, StoreError> {
         self.scan("keys/", usize::MAX).await
     }
 
     /// Stores a runner record.
-    pub async fn put_runner(&self, r: &RunnerRecord) -> Result<(), StoreError> {
+    pub(crate) async fn put_runner(&self, r: &RunnerRecord) -> Result<(), StoreError> {
         self.store.put(&format!("runners/{}/{}", r.tenant, r.id), encode(r)).await
     }
 
     /// A runner of `tenant`.
-    pub async fn runner(&self, tenant: &str, id: &str) -> Result<Option<RunnerRecord>, StoreError> {
+    pub(crate) async fn runner(
+        &self,
+        tenant: &str,
+        id: &str,
+    ) -> Result<Option<RunnerRecord>, StoreError> {
         self.get(&format!("runners/{tenant}/{id}")).await
     }
 
     /// Runners of one tenant (`Some`) or of all tenants (`None`).
-    pub async fn runners(&self, tenant: Option<&str>) -> Result<Vec<RunnerRecord>, StoreError> {
+    pub(crate) async fn runners(
+        &self,
+        tenant: Option<&str>,
+    ) -> Result<Vec<RunnerRecord>, StoreError> {
         match tenant {
             Some(t) => self.scan(&format!("runners/{t}/"), usize::MAX).await,
             None => self.scan("runners/", usize::MAX).await,
@@ -275,18 +283,22 @@ impl Registry {
     }
 
     /// Stores a new token record.
-    pub async fn put_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
+    pub(crate) async fn put_token(&self, t: &TokenRecord) -> Result<(), StoreError> {
         self.store.put(&format!("tokens/{}", t.id), encode(t)).await
     }
 
     /// A token record, without consuming it.
-    pub async fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+    pub(crate) async fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
         self.get(&format!("tokens/{id}")).await
     }
 
     /// Consumes a token atomically: of any number of concurrent callers presenting the
     /// same valid token, exactly one gets [`Consume::Ok`].
-    pub async fn consume_token(&self, id: &str, random: &str) -> Result<Consume, StoreError> {
+    pub(crate) async fn consume_token(
+        &self,
+        id: &str,
+        random: &str,
+    ) -> Result<Consume, StoreError> {
         let key = format!("tokens/{id}");
         let Some(raw) = self.store.get(&key).await? else { return Ok(Consume::Unknown) };
         let mut rec: TokenRecord = decode(&key, &raw)?;
@@ -310,7 +322,7 @@ impl Registry {
     }
 
     /// Appends an audit event.
-    pub async fn audit(&self, ev: AuditEvent) -> Result<(), StoreError> {
+    pub(crate) async fn audit(&self, ev: AuditEvent) -> Result<(), StoreError> {
         let scope = ev.tenant.clone().unwrap_or_else(|| CLUSTER_AUDIT.into());
         let nanos = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
         let seq = self.audit_seq.fetch_add(1, Ordering::Relaxed);
@@ -319,7 +331,7 @@ impl Registry {
 
     /// Appends an audit event where a failure must not fail the caller (the event is
     /// logged as lost instead).
-    pub async fn audit_best_effort(&self, ev: AuditEvent) {
+    pub(crate) async fn audit_best_effort(&self, ev: AuditEvent) {
         let event = ev.event.clone();
         if let Err(e) = self.audit(ev).await {
             tracing::warn!(error = %e, %event, "could not write audit event");
@@ -327,7 +339,7 @@ impl Registry {
     }
 
     /// Audit events of a tenant (`Some`) or of the cluster (`None`), oldest first.
-    pub async fn audit_log(
+    pub(crate) async fn audit_log(
         &self,
         tenant: Option<&str>,
         limit: usize,
@@ -340,7 +352,7 @@ impl Registry {
     /// Read-modify-write of a runner record with compare-and-swap, retried on conflict.
     /// `f` returns false to leave the record alone. Returns the record as written, or
     /// `None` if it does not exist or `f` declined.
-    pub async fn update_runner(
+    pub(crate) async fn update_runner(
         &self,
         tenant: &str,
         id: &str,

@@ -8,12 +8,12 @@ use rand::RngCore;
 use subtle::ConstantTimeEq;
 
 /// Prefix of API keys.
-pub const KEY_PREFIX: &str = "rk";
+pub(crate) const KEY_PREFIX: &str = "rk";
 /// Prefix of enrollment tokens.
-pub const TOKEN_PREFIX: &str = "rt";
+pub(crate) const TOKEN_PREFIX: &str = "rt";
 
 /// A freshly minted secret: the plaintext (shown once) and what is stored.
-pub struct Minted {
+pub(crate) struct Minted {
     /// Public id of the secret (the record key).
     pub id: String,
     /// The full plaintext secret. Never log or store it.
@@ -24,7 +24,7 @@ pub struct Minted {
 
 /// The stored form of a secret.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct HashedSecret {
+pub(crate) struct HashedSecret {
     /// Hex salt.
     pub salt: String,
     /// Hex `SHA-256(salt || secret)`.
@@ -38,7 +38,7 @@ fn random_hex(bytes: usize) -> String {
 }
 
 /// A random id with a readable prefix, for runners and jobs.
-pub fn new_id(prefix: &str) -> String {
+pub(crate) fn new_id(prefix: &str) -> String {
     format!("{prefix}-{}", random_hex(8))
 }
 
@@ -50,7 +50,7 @@ fn digest(salt: &[u8], secret: &[u8]) -> Vec<u8> {
 }
 
 /// Mints a new secret with the given prefix.
-pub fn mint(prefix: &str) -> Minted {
+pub(crate) fn mint(prefix: &str) -> Minted {
     let id = random_hex(8);
     let random = random_hex(32);
     let salt = random_hex(16);
@@ -63,7 +63,7 @@ pub fn mint(prefix: &str) -> Minted {
 }
 
 /// Splits a presented secret into `(id, random)` if it has the expected shape.
-pub fn split<'a>(prefix: &str, presented: &'a str) -> Option<(&'a str, &'a str)> {
+pub(crate) fn split<'a>(prefix: &str, presented: &'a str) -> Option<(&'a str, &'a str)> {
     let rest = presented.strip_prefix(prefix)?.strip_prefix('_')?;
     let (id, random) = rest.split_once('_')?;
     let hex_ok = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
@@ -72,7 +72,7 @@ pub fn split<'a>(prefix: &str, presented: &'a str) -> Option<(&'a str, &'a str)>
 
 impl HashedSecret {
     /// Constant-time check of the random part of a presented secret.
-    pub fn verify(&self, random: &str) -> bool {
+    pub(crate) fn verify(&self, random: &str) -> bool {
         let Ok(expected) = hex::decode(&self.sha256) else { return false };
         let actual = digest(self.salt.as_bytes(), random.as_bytes());
         expected.ct_eq(&actual).into()

@@ -15,10 +15,10 @@ use crate::jobs::JobTable;
 use crate::records::{ApiKey, Registry};
 
 /// How long a call into an actor may take before the caller gives up.
-pub const ACTOR_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const ACTOR_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The shared state.
-pub struct Shared {
+pub(crate) struct Shared {
     /// Validated configuration.
     pub config: Config,
     /// Durable records.
@@ -52,7 +52,7 @@ impl std::fmt::Debug for Shared {
 
 impl Shared {
     /// Builds the shared state.
-    pub fn new(
+    pub(crate) fn new(
         config: Config,
         registry: Registry,
         index: Arc<RunnerIndex>,
@@ -78,12 +78,12 @@ impl Shared {
     }
 
     /// A fresh connection id.
-    pub fn next_conn_id(&self) -> u64 {
+    pub(crate) fn next_conn_id(&self) -> u64 {
         self.conn_seq.fetch_add(1, Ordering::Relaxed)
     }
 
     /// The tenant's actor, spawned on first use (through the root, so never twice).
-    pub async fn tenant_actor(&self, tenant: &str) -> Result<ActorRef<TenantMsg>, String> {
+    pub(crate) async fn tenant_actor(&self, tenant: &str) -> Result<ActorRef<TenantMsg>, String> {
         if let Some(a) = self.tenants.get(tenant) {
             return Ok(a.clone());
         }

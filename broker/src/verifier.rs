@@ -9,6 +9,7 @@
 //! Client certificates are *optional* at the TLS layer because enrollment connections
 //! (`runnel-enroll/1`) have none; a `runnel/1` connection without one is closed right after
 //! the handshake, before any stream is accepted.
+#![cfg_attr(not(feature = "bench-internals"), allow(unreachable_pub))] // `pub` items: see lib.rs `bench_internals`
 
 use std::sync::Arc;
 
@@ -39,7 +40,7 @@ pub enum HandshakeRefusal {
 
 impl HandshakeRefusal {
     /// Short lowercase name.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             HandshakeRefusal::Unknown => "unknown",
             HandshakeRefusal::Revoked => "revoked",

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use runnel_broker::{Broker, BrokerHandle, Config};
+use runnel_ctl::Method;
 use runnel_runner::{Runner, RunnerHandle, StateDir};
 use serde_json::{Value, json};
 
@@ -46,7 +47,7 @@ impl TestBroker {
     /// Starts a broker after `tweak` adjusts the config.
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = Config::for_tests(&dir.path().join("data"));
+        let mut config = Config::loopback(&dir.path().join("data"));
         tweak(&mut config);
         let handle = Broker::spawn(config.clone()).await.unwrap();
         let operator_key = handle.first_operator_key.clone().unwrap();
@@ -166,51 +167,52 @@ impl TestBroker {
     }
 }
 
-/// A small client for the HTTP API.
+/// The API as tests see it: `runnel_ctl::Client` (the one HTTP client of the project) with
+/// the key chosen per call, answering `(status, body)` so tests can check error statuses.
 #[derive(Clone)]
 pub struct Api {
-    base: String,
-    http: reqwest::Client,
+    client: runnel_ctl::Client,
 }
 
 impl Api {
     pub fn new(base: String) -> Self {
-        Self { base, http: reqwest::Client::new() }
+        Self { client: runnel_ctl::Client::new(&base, "") }
     }
 
-    async fn send(&self, req: reqwest::RequestBuilder) -> (u16, Value) {
-        let resp = req.send().await.unwrap();
-        let status = resp.status().as_u16();
-        let text = resp.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    /// The client for `key`.
+    pub fn as_key(&self, key: &str) -> runnel_ctl::Client {
+        self.client.with_key(key)
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        key: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let a = self.as_key(key).call(method, path, body.as_ref()).await.unwrap();
+        (a.status, a.body)
     }
 
     pub async fn post(&self, path: &str, key: &str, body: Value) -> (u16, Value) {
-        self.send(self.http.post(format!("{}{path}", self.base)).bearer_auth(key).json(&body)).await
+        self.call(Method::POST, path, key, Some(body)).await
     }
 
     pub async fn get(&self, path: &str, key: &str) -> (u16, Value) {
-        self.send(self.http.get(format!("{}{path}", self.base)).bearer_auth(key)).await
+        self.call(Method::GET, path, key, None).await
     }
 
     pub async fn delete(&self, path: &str, key: &str) -> (u16, Value) {
-        self.send(self.http.delete(format!("{}{path}", self.base)).bearer_auth(key)).await
+        self.call(Method::DELETE, path, key, None).await
     }
 
     pub async fn raw(&self, path: &str, key: &str) -> String {
-        self.http
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(key)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        self.as_key(key).text(path).await.unwrap()
     }
 
     pub fn base(&self) -> &str {
-        &self.base
+        self.client.url()
     }
 }
 

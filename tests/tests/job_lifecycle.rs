@@ -117,13 +117,7 @@ async fn output_streams_live_and_draining_runners_finish_but_take_nothing_new() 
     let (id, h) = b.runner(&admin, "alice", &dir.path().join("r"), 2).await;
     let job = start_job(&b, &admin, "echo one; sleep 1; echo two", json!({})).await;
     // The stream shows "one" before the job ends.
-    let resp = reqwest::Client::new()
-        .get(format!("{}/v1/jobs/{job}/output", b.api.base()))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap();
-    let mut stream = resp.bytes_stream();
+    let mut stream = Box::pin(b.api.as_key(&admin).output_stream(&job).await.unwrap());
     use futures::StreamExt;
     let first = stream.next().await.unwrap().unwrap();
     assert_eq!(&first[..], b"one\n");

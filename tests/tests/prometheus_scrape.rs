@@ -52,8 +52,7 @@ async fn prometheus_scrapes_dispatch_counters_and_histograms() {
     assert_eq!(s, 409);
 
     // promtool accepts what we expose.
-    let body =
-        reqwest::get(format!("{}/metrics", b.api.base())).await.unwrap().text().await.unwrap();
+    let body = b.api.raw("/metrics", "").await;
     for name in [
         "runnel_dispatches_total",
         "runnel_dispatch_latency_seconds_bucket",

@@ -15,25 +15,25 @@ const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 
 /// The root actor.
 #[derive(Debug)]
-pub struct BrokerRoot;
+pub(crate) struct BrokerRoot;
 
 /// Arguments of [`BrokerRoot`].
 #[derive(Debug)]
-pub struct RootArgs {
+pub(crate) struct RootArgs {
     /// Shared state.
     pub shared: Arc<Shared>,
 }
 
 /// Messages to [`BrokerRoot`].
 #[derive(Debug)]
-pub enum RootMsg {
+pub(crate) enum RootMsg {
     /// Find or spawn the actor of a tenant.
     Tenant(String, RpcReplyPort<Result<ActorRef<TenantMsg>, String>>),
 }
 
 /// State of [`BrokerRoot`].
 #[derive(Debug)]
-pub struct RootState {
+pub(crate) struct RootState {
     shared: Arc<Shared>,
     by_actor: HashMap<ActorId, String>,
 }

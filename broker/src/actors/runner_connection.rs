@@ -36,11 +36,11 @@ const CONTROL_QUEUE: usize = 16;
 
 /// The connection actor.
 #[derive(Debug)]
-pub struct RunnerConnection;
+pub(crate) struct RunnerConnection;
 
 /// Arguments of [`RunnerConnection`].
 #[derive(Debug)]
-pub struct ConnectionArgs {
+pub(crate) struct ConnectionArgs {
     /// Id of this connection within the tenant.
     pub conn_id: ConnId,
     /// The connection and its Hello.
@@ -53,7 +53,7 @@ pub struct ConnectionArgs {
 
 /// Messages to [`RunnerConnection`].
 #[derive(Debug)]
-pub enum ConnectionMsg {
+pub(crate) enum ConnectionMsg {
     /// Run a job on this runner.
     StartJob(Arc<JobEntry>),
     /// A control message from the runner.
@@ -62,7 +62,7 @@ pub enum ConnectionMsg {
 
 /// State of [`RunnerConnection`].
 #[derive(Debug)]
-pub struct ConnectionState {
+pub(crate) struct ConnectionState {
     conn_id: ConnId,
     conn: quinn::Connection,
     identity: RunnerIdentity,

@@ -20,11 +20,11 @@ const QUEUE_TICK: Duration = Duration::from_millis(100);
 
 /// The tenant actor.
 #[derive(Debug)]
-pub struct TenantActor;
+pub(crate) struct TenantActor;
 
 /// Arguments of [`TenantActor`].
 #[derive(Debug)]
-pub struct TenantArgs {
+pub(crate) struct TenantArgs {
     /// Tenant id.
     pub tenant: String,
     /// Shared state.
@@ -33,7 +33,7 @@ pub struct TenantArgs {
 
 /// A connection whose handshake and Hello are done, handed over by the accept loop.
 #[derive(Debug)]
-pub struct Attach {
+pub(crate) struct Attach {
     /// The QUIC connection.
     pub conn: quinn::Connection,
     /// Identity from the verified certificate.
@@ -48,7 +48,7 @@ pub struct Attach {
 
 /// Why a dispatch was refused (nothing was accepted; the caller gets an error status).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DispatchRefusal {
+pub(crate) enum DispatchRefusal {
     /// The tenant's queue is full (429).
     QueueFull,
     /// No paired runner of that owner could ever take the job (409).
@@ -59,7 +59,7 @@ pub enum DispatchRefusal {
 
 /// Messages to [`TenantActor`].
 #[derive(Debug)]
-pub enum TenantMsg {
+pub(crate) enum TenantMsg {
     /// A runner connected.
     Attach(Box<Attach>),
     /// Accept a job (queue it or send it).
@@ -91,7 +91,7 @@ struct Live {
 }
 
 /// State of [`TenantActor`].
-pub struct TenantState {
+pub(crate) struct TenantState {
     tenant: String,
     /// This tenant's value of the `tenant` metric label (capped).
     label: String,

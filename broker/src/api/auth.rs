@@ -13,7 +13,7 @@ use crate::shared::Shared;
 
 /// Who is calling, from a verified API key.
 #[derive(Debug, Clone)]
-pub struct Caller {
+pub(crate) struct Caller {
     /// Key id (for the audit log).
     pub key_id: String,
     /// Role.
@@ -26,14 +26,14 @@ pub struct Caller {
 
 impl Caller {
     /// The caller's tenant; operators have none and are refused.
-    pub fn tenant(&self) -> Result<&str, ApiError> {
+    pub(crate) fn tenant(&self) -> Result<&str, ApiError> {
         self.tenant
             .as_deref()
             .ok_or_else(|| ApiError::forbidden("operator keys are cluster-wide; use a tenant key"))
     }
 
     /// Refuses unless the caller has one of `roles`.
-    pub fn require(&self, roles: &[Role]) -> Result<(), ApiError> {
+    pub(crate) fn require(&self, roles: &[Role]) -> Result<(), ApiError> {
         if roles.contains(&self.role) {
             Ok(())
         } else {
@@ -42,7 +42,7 @@ impl Caller {
     }
 
     /// Whether the caller may see things of `owner` (members see only their own).
-    pub fn sees_owner(&self, owner: &str) -> bool {
+    pub(crate) fn sees_owner(&self, owner: &str) -> bool {
         match self.role {
             Role::Member => self.owner.as_deref() == Some(owner),
             _ => true,
@@ -50,7 +50,7 @@ impl Caller {
     }
 
     /// `actor` string for audit events.
-    pub fn audit_actor(&self) -> String {
+    pub(crate) fn audit_actor(&self) -> String {
         format!("key:{}", self.key_id)
     }
 }

@@ -19,7 +19,7 @@ fn engine<E: std::fmt::Display>(e: E) -> StoreError {
 
 /// A [`Store`] in a redb file. redb is synchronous; calls run on the blocking pool.
 #[derive(Clone)]
-pub struct RedbStore {
+pub(crate) struct RedbStore {
     db: Arc<Database>,
     events: broadcast::Sender<WatchEvent>,
 }
@@ -32,7 +32,7 @@ impl std::fmt::Debug for RedbStore {
 
 impl RedbStore {
     /// Opens (or creates) the database file at `path`.
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
+    pub(crate) fn open(path: &Path) -> Result<Self, StoreError> {
         let db = Database::create(path).map_err(engine)?;
         let txn = db.begin_write().map_err(engine)?;
         txn.open_table(KV).map_err(engine)?;

@@ -2,5 +2,5 @@
 //! start it as a child process (`CARGO_BIN_EXE_broker-under-test`).
 
 fn main() -> std::process::ExitCode {
-    runnel_broker::cli::main()
+    runnel_broker_cli::main()
 }

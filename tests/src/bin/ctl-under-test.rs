@@ -2,5 +2,5 @@
 //! it as a child process (`CARGO_BIN_EXE_ctl-under-test`).
 
 fn main() -> std::process::ExitCode {
-    runnel_broker::ctl::main()
+    runnel_ctl::main()
 }

@@ -7,9 +7,13 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
-use super::table::{ago, render};
-use super::{Client, CtlError};
-use crate::records::now_unix;
+use crate::table::{ago, render};
+use crate::{Client, CtlError};
+
+/// Seconds since the Unix epoch (for "… ago" columns).
+fn now_unix() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
 
 #[derive(Debug, Parser)]
 #[command(name = "runnelctl", version, about = "Operate a runnel broker through its HTTP API")]

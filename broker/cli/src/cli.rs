@@ -9,8 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{Config, FileConfig, parse_duration};
-use crate::{Broker, BrokerHandle};
+use runnel_broker::{Broker, BrokerHandle, Config, ConfigError, FileConfig, parse_duration};
 
 /// Exit status for a bad configuration (EX_USAGE).
 pub const EXIT_CONFIG: u8 = 64;
@@ -90,13 +89,15 @@ struct ServeArgs {
 fn dur(
     flag: Option<String>,
     file: Option<String>,
-    name: &str,
-) -> Result<Option<std::time::Duration>, String> {
-    flag.or(file).map(|s| parse_duration(&s).map_err(|e| format!("{name}: {e}"))).transpose()
+    field: &'static str,
+) -> Result<Option<std::time::Duration>, ConfigError> {
+    flag.or(file)
+        .map(|s| parse_duration(&s).map_err(|reason| ConfigError::Duration { field, reason }))
+        .transpose()
 }
 
 impl ServeArgs {
-    fn resolve(self) -> Result<Config, String> {
+    fn resolve(self) -> Result<Config, ConfigError> {
         let file = match &self.config {
             Some(p) => FileConfig::load(p)?,
             None => FileConfig::default(),
@@ -146,7 +147,7 @@ impl ServeArgs {
 }
 
 /// Sets up `tracing`: `RUST_LOG` for levels (default info), pretty or JSON lines.
-pub fn init_tracing(format: &str, default_level: &str) -> Result<(), String> {
+fn init_tracing(format: &str, default_level: &str) -> Result<(), String> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);

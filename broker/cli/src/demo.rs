@@ -13,8 +13,8 @@ use anyhow::{Context, bail};
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 
-use crate::ctl::Client;
-use crate::{Broker, Config};
+use runnel_broker::{Broker, BrokerHandle, Config};
+use runnel_ctl::Client;
 
 fn step(n: u32, what: &str) {
     println!("\n\x1b[1m[{n}] {what}\x1b[0m");
@@ -117,7 +117,7 @@ fn runners_table(v: &Value) {
 }
 
 /// Runs the demo.
-pub async fn run() -> anyhow::Result<()> {
+pub(crate) async fn run() -> anyhow::Result<()> {
     let runner_bin = runner_binary()?;
     let tmp = tempfile::tempdir()?;
     let config = Config {
@@ -125,7 +125,7 @@ pub async fn run() -> anyhow::Result<()> {
         http_listen: "127.0.0.1:0".parse()?,
         heartbeat_interval: Duration::from_secs(1),
         idle_timeout: Duration::from_secs(5),
-        ..Config::for_tests(&tmp.path().join("data"))
+        ..Config::loopback(&tmp.path().join("data"))
     };
     step(1, "start a broker on the embedded default (redb) in a temp dir");
     let broker = Broker::spawn(config).await?;
@@ -160,7 +160,7 @@ pub async fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn script(d: &mut Demo, broker: &crate::BrokerHandle) -> anyhow::Result<()> {
+async fn script(d: &mut Demo, broker: &BrokerHandle) -> anyhow::Result<()> {
     step(2, "two tenants, each with an admin key");
     let acme = d.tenant("acme").await?;
     let globex = d.tenant("globex").await?;
@@ -237,7 +237,7 @@ async fn script(d: &mut Demo, broker: &crate::BrokerHandle) -> anyhow::Result<()
 
     step(8, "metrics for Prometheus");
     println!("  scrape {}/metrics, e.g.:", broker.http_url());
-    let body = reqwest::get(format!("{}/metrics", broker.http_url())).await?.text().await?;
+    let body = Client::new(&broker.http_url(), "").text("/metrics").await?;
     for l in body.lines().filter(|l| {
         l.starts_with("runnel_dispatches_total")
             || l.starts_with("runnel_runners_connected")
