@@ -11,11 +11,18 @@
 //!   with backoff), fails its unfinished jobs, and starts a fresh TenantActor. No other
 //!   tenant notices.
 //! - The accept loop stays outside the tree: handshake → identity from the certificate →
-//!   find or spawn the tenant's actor → hand it the connection.
+//!   find or spawn the tenant's actor ([`Tenants`], the typed directory the root keeps) →
+//!   hand it the connection.
+//!
+//! Imports point down the tree: `root` → `tenant` → `runner_connection`. A connection
+//! reports upward only through `ConnectionEvent` (a ractor `DerivedActorRef`), and a
+//! connection's tasks (its I/O task, one per running job) are owned by its state, so a
+//! killed actor leaves none running.
 
 mod root;
 mod runner_connection;
 mod tenant;
 
-pub(crate) use root::{BrokerRoot, RootArgs, RootMsg};
-pub(crate) use tenant::{Attach, DispatchRefusal, TenantMsg};
+pub(crate) use root::{BrokerRoot, RootArgs, RootMsg, Tenants};
+pub(crate) use runner_connection::Attach;
+pub(crate) use tenant::{DispatchRefusal, TenantMsg};

@@ -22,19 +22,40 @@ mod tenants;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, FromRef};
 use axum::routing::{get, post};
 
 pub(crate) use auth::Caller;
 pub(crate) use error::{ApiError, ApiJson};
 
+use crate::actors::Tenants;
 use crate::shared::Shared;
+
+/// The router's state; handlers take the part they need (`State<Arc<Shared>>`,
+/// `State<Arc<Tenants>>`).
+#[derive(Debug, Clone)]
+pub(crate) struct App {
+    shared: Arc<Shared>,
+    tenants: Arc<Tenants>,
+}
+
+impl FromRef<App> for Arc<Shared> {
+    fn from_ref(app: &App) -> Self {
+        app.shared.clone()
+    }
+}
+
+impl FromRef<App> for Arc<Tenants> {
+    fn from_ref(app: &App) -> Self {
+        app.tenants.clone()
+    }
+}
 
 /// Largest request body accepted.
 pub(crate) const MAX_BODY: usize = 512 * 1024;
 
 /// The router.
-pub(crate) fn router(shared: Arc<Shared>) -> Router {
+pub(crate) fn router(shared: Arc<Shared>, tenants: Arc<Tenants>) -> Router {
     Router::new()
         .route("/v1/tenants", post(tenants::create).get(tenants::list))
         .route("/v1/tenants/{tenant}/keys", post(keys::create))
@@ -50,5 +71,5 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/readyz", get(health::readyz))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(shared)
+        .with_state(App { shared, tenants })
 }

@@ -9,10 +9,10 @@ use std::time::Duration;
 use ractor::Actor;
 use runnel_certs::{CertError, pem};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::actors::{BrokerRoot, RootArgs, RootMsg};
+use crate::actors::{BrokerRoot, RootArgs, Tenants};
 use crate::config::{Config, ConfigError};
 use crate::data_dir::DataDirError;
 use crate::index::RunnerIndex;
@@ -23,6 +23,13 @@ use crate::verifier::{Denial, PairingVerifier};
 
 /// Denials waiting to be written to the audit log before new ones are dropped.
 const DENIAL_QUEUE: usize = 1024;
+/// At shutdown, how long the actor tree gets to stop (tenants close their connections).
+const ROOT_STOP_WAIT: Duration = Duration::from_secs(10);
+/// At shutdown, how long runners get to acknowledge the endpoint's close.
+const ENDPOINT_IDLE_WAIT: Duration = Duration::from_secs(5);
+/// At shutdown, how long the accept loop and the HTTP server (finishing its requests) get
+/// before they are aborted.
+const TASKS_STOP_WAIT: Duration = Duration::from_secs(5);
 
 /// Starts brokers: [`Broker::spawn`] is the one way a broker process, a test or the bench
 /// harness gets a running broker.
@@ -77,9 +84,13 @@ pub struct BrokerHandle {
     pub first_operator_key: Option<String>,
     shared: Arc<Shared>,
     endpoint: quinn::Endpoint,
-    root: ractor::ActorRef<RootMsg>,
+    root: ractor::ActorRef<crate::actors::RootMsg>,
+    tenants: Arc<Tenants>,
     shutdown: CancellationToken,
-    tasks: Vec<JoinHandle<()>>,
+    /// The accept loop and the HTTP server: they end on `shutdown`, given time.
+    serving: JoinSet<()>,
+    /// Loops that only end when aborted (index sync, audit writer, metrics upkeep).
+    background: JoinSet<()>,
 }
 
 impl std::fmt::Debug for BrokerHandle {
@@ -158,36 +169,40 @@ impl Broker {
         for k in registry.keys().await? {
             shared.keys.insert(k.id.clone(), k);
         }
-        let (root, _) = Actor::spawn(None, BrokerRoot, RootArgs { shared: shared.clone() }).await?;
-        let _ = shared.root.set(root.clone());
+        let tenants = Arc::new(Tenants::new());
+        let root_args = RootArgs { shared: shared.clone(), tenants: tenants.clone() };
+        let (root, _) = Actor::spawn(None, BrokerRoot, root_args).await?;
+        tenants.set_root(root.clone());
 
         let shutdown = CancellationToken::new();
-        let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(crate::endpoint::accept_loop(
+        // Both sets abort what is left of them when the handle goes.
+        let (mut serving, mut background) = (JoinSet::new(), JoinSet::new());
+        serving.spawn(crate::endpoint::accept_loop(
             endpoint.clone(),
             shared.clone(),
+            tenants.clone(),
             shutdown.clone(),
-        )));
-        tasks.push(tokio::spawn(audit_denials(registry.clone(), denial_rx)));
-        tasks.push(tokio::spawn(sync_index(registry.clone(), index)));
+        ));
+        background.spawn(audit_denials(registry.clone(), denial_rx));
+        background.spawn(sync_index(registry.clone(), index));
         if let Some(handle) = shared.prometheus.clone() {
-            tasks.push(tokio::spawn(async move {
+            background.spawn(async move {
                 let mut tick = tokio::time::interval(crate::metrics::UPKEEP_EVERY);
                 loop {
                     tick.tick().await;
                     handle.run_upkeep();
                 }
-            }));
+            });
         }
-        let app = crate::api::router(shared.clone());
+        let app = crate::api::router(shared.clone(), tenants.clone());
         let stop = shutdown.clone();
-        tasks.push(tokio::spawn(async move {
+        serving.spawn(async move {
             let serve = axum::serve(listener, app)
                 .with_graceful_shutdown(async move { stop.cancelled().await });
             if let Err(e) = serve.await {
                 tracing::error!(error = %e, "HTTP server failed");
             }
-        }));
+        });
         tracing::info!(%quic_addr, %http_addr, advertise = %shared.advertise, ca = %shared.ca.fingerprint(), "broker started");
         Ok(BrokerHandle {
             quic_addr,
@@ -196,8 +211,10 @@ impl Broker {
             shared,
             endpoint,
             root,
+            tenants,
             shutdown,
-            tasks,
+            serving,
+            background,
         })
     }
 }
@@ -273,22 +290,23 @@ impl BrokerHandle {
     /// Makes a tenant's actor fail, to exercise supervision (tests only).
     #[cfg(feature = "fault-injection")]
     pub fn crash_tenant(&self, tenant: &str) -> bool {
-        self.shared
-            .tenants
-            .get(tenant)
-            .is_some_and(|t| t.cast(crate::actors::TenantMsg::Crash).is_ok())
+        self.tenants.get(tenant).is_some_and(|t| t.cast(crate::actors::TenantMsg::Crash).is_ok())
     }
 
-    /// Stops accepting, tells runners to go away, stops the actor tree and waits (bounded)
-    /// for connections to close.
-    pub async fn shutdown(self) {
+    /// Stops accepting, tells runners to go away, stops the actor tree and waits (bounded
+    /// by named limits) for connections to close and for the broker's tasks to end.
+    pub async fn shutdown(mut self) {
         self.shutdown.cancel();
         self.endpoint
             .close(runnel_protocol::ErrorCode::GoingAway.as_u32().into(), b"broker shutting down");
-        self.root.stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(10))).await.ok();
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.endpoint.wait_idle()).await;
-        for t in self.tasks {
-            t.abort();
-        }
+        self.root.stop_and_wait(Some("shutdown".into()), Some(ROOT_STOP_WAIT)).await.ok();
+        let _ = tokio::time::timeout(ENDPOINT_IDLE_WAIT, self.endpoint.wait_idle()).await;
+        let serving = &mut self.serving;
+        let _ = tokio::time::timeout(TASKS_STOP_WAIT, async {
+            while serving.join_next().await.is_some() {}
+        })
+        .await;
+        self.serving.abort_all();
+        self.background.abort_all();
     }
 }

@@ -17,7 +17,7 @@ use runnel_protocol::{
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_util::sync::CancellationToken;
 
-use crate::actors::{Attach, TenantMsg};
+use crate::actors::{Attach, TenantMsg, Tenants};
 use crate::broker::SpawnError;
 use crate::shared::Shared;
 use crate::verifier::PairingVerifier;
@@ -113,23 +113,36 @@ pub(crate) fn server_config(
 }
 
 /// Accepts connections until `shutdown` fires.
+/// How long, at shutdown, connections still in their handshake, Hello or enrollment get to
+/// finish before their tasks are aborted.
+pub(crate) const INTAKE_STOP_WAIT: Duration = Duration::from_secs(2);
+
+/// Accepts connections until `shutdown` fires. Each connection's intake (handshake, Hello
+/// or enrollment) runs in a task this loop owns; at shutdown they get [`INTAKE_STOP_WAIT`]
+/// and are then aborted.
 pub(crate) async fn accept_loop(
     endpoint: quinn::Endpoint,
     shared: Arc<Shared>,
+    tenants: Arc<Tenants>,
     shutdown: CancellationToken,
 ) {
+    let mut intakes = tokio::task::JoinSet::new();
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => i,
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => break,
         };
-        let Some(incoming) = incoming else { return };
-        let shared = shared.clone();
-        tokio::spawn(async move { handle_incoming(incoming, shared).await });
+        let Some(incoming) = incoming else { break };
+        while intakes.try_join_next().is_some() {}
+        intakes.spawn(handle_incoming(incoming, shared.clone(), tenants.clone()));
     }
+    let _ = tokio::time::timeout(INTAKE_STOP_WAIT, async {
+        while intakes.join_next().await.is_some() {}
+    })
+    .await;
 }
 
-async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>) {
+async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>, tenants: Arc<Tenants>) {
     let remote = incoming.remote_address();
     let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
         Ok(Ok(c)) => c,
@@ -148,7 +161,7 @@ async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>) {
         .and_then(|d| d.protocol);
     match alpn.as_deref() {
         Some(p) if p == ALPN_ENROLL => crate::enroll::serve(conn, shared).await,
-        Some(p) if p == ALPN_RUNNER => runner_intake(conn, remote, shared).await,
+        Some(p) if p == ALPN_RUNNER => runner_intake(conn, remote, tenants).await,
         _ => conn.close(ErrorCode::Protocol.as_u32().into(), b"unknown ALPN"),
     }
 }
@@ -166,7 +179,7 @@ fn refuse(conn: &quinn::Connection, code: ErrorCode, why: &str) {
     conn.close(code.as_u32().into(), why.as_bytes());
 }
 
-async fn runner_intake(conn: quinn::Connection, remote: SocketAddr, shared: Arc<Shared>) {
+async fn runner_intake(conn: quinn::Connection, remote: SocketAddr, tenants: Arc<Tenants>) {
     let Some(identity) = peer_identity(&conn) else {
         // runnel/1 without a client certificate: nothing is read from it.
         return refuse(&conn, ErrorCode::Unauthenticated, "client certificate required");
@@ -216,7 +229,7 @@ async fn runner_intake(conn: quinn::Connection, remote: SocketAddr, shared: Arc<
         }
         Err(_) => return refuse(&conn, ErrorCode::Timeout, "no Hello in time"),
     };
-    let tenant = match shared.tenant_actor(&identity.tenant).await {
+    let tenant = match tenants.actor(&identity.tenant).await {
         Ok(t) => t,
         Err(e) => {
             tracing::warn!(error = %e, "no tenant actor");

@@ -7,11 +7,21 @@
 //! connections, load, last heartbeat) lives here too; it is memory-only by design.
 #![cfg_attr(not(feature = "bench-internals"), allow(unreachable_pub))] // `pub` items: see lib.rs `bench_internals`
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use dashmap::DashMap;
 
+use crate::dispatch::Needs;
 use crate::records::{RunnerRecord, RunnerState};
+
+/// What a runner said of itself in its last Hello.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub(crate) struct Advertised {
+    /// Its own labels (admin-set labels win over these).
+    pub labels: BTreeMap<String, String>,
+    /// The job kinds it has handlers for.
+    pub kinds: Vec<String>,
+}
 
 /// What the index knows of one runner.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,8 +44,27 @@ pub(crate) struct IndexEntry {
     pub load_milli: u32,
     /// Last reported jobs in flight.
     pub in_flight: u32,
-    /// Labels the runner advertised in its last Hello (None: not seen since start).
-    pub advertised: Option<BTreeMap<String, String>>,
+    /// What the runner advertised in its last Hello (None: not seen since this broker
+    /// started, so it may advertise anything).
+    pub advertised: Option<Advertised>,
+}
+
+impl IndexEntry {
+    /// Whether this runner could ever take a job with `needs`, online or not: paired, the
+    /// right owner and id, and its labels and kinds fit. Admin labels win over advertised
+    /// ones; a runner not seen since start may advertise anything, so only its admin labels
+    /// can rule it out, while one that said Hello is judged by what it advertised.
+    fn could_take(&self, id: &str, needs: &Needs<'_>) -> bool {
+        self.owner == needs.owner
+            && self.state == RunnerState::Paired
+            && needs.runner_id.is_none_or(|want| want == id)
+            && needs.labels.iter().all(|(k, v)| match (self.labels.get(k), &self.advertised) {
+                (Some(have), _) => have == v,
+                (None, Some(adv)) => adv.labels.get(k) == Some(v),
+                (None, None) => true,
+            })
+            && self.advertised.as_ref().is_none_or(|adv| adv.kinds.iter().any(|k| k == needs.kind))
+    }
 }
 
 /// Why the index refuses a runner.
@@ -53,6 +82,9 @@ pub(crate) enum IndexRefusal {
 #[derive(Debug, Default)]
 pub struct RunnerIndex {
     map: DashMap<String, IndexEntry>,
+    /// Runner ids by (tenant, owner), so a question about one owner never walks the whole
+    /// cluster's runners. Runners are never removed (revoked ones stay, marked).
+    by_owner: DashMap<(String, String), BTreeSet<String>>,
 }
 
 impl RunnerIndex {
@@ -79,9 +111,21 @@ impl RunnerIndex {
         if entry.state != RunnerState::Revoked {
             entry.state = rec.state;
         }
+        let moved = (entry.tenant != rec.tenant || entry.owner != rec.owner)
+            .then(|| (entry.tenant.clone(), entry.owner.clone()));
         entry.tenant = rec.tenant.clone();
         entry.owner = rec.owner.clone();
         entry.labels = rec.labels.clone();
+        // Never hold a lock of one map while taking the other's (any_could_match holds
+        // `by_owner` while it reads `map`).
+        drop(entry);
+        if let Some(mut ids) = moved.and_then(|old| self.by_owner.get_mut(&old)) {
+            ids.remove(&rec.id);
+        }
+        self.by_owner
+            .entry((rec.tenant.clone(), rec.owner.clone()))
+            .or_default()
+            .insert(rec.id.clone());
     }
 
     /// Marks a runner revoked at once.
@@ -123,32 +167,18 @@ impl RunnerIndex {
     }
 
     /// Whether any paired runner of (tenant, owner) could ever take a job with these needs
-    /// (ignoring whether it is online). Used to refuse at once jobs nobody can run.
-    pub(crate) fn any_could_match(
-        &self,
-        tenant: &str,
-        owner: &str,
-        runner_id: Option<&str>,
-        labels: &BTreeMap<String, String>,
-    ) -> bool {
-        let fits = |id: &str, e: &IndexEntry| {
-            e.tenant == tenant
-                && e.owner == owner
-                && e.state == RunnerState::Paired
-                && runner_id.is_none_or(|want| want == id)
-                && labels.iter().all(|(k, v)| {
-                    // Admin labels win over advertised ones. A runner not seen since start
-                    // may advertise anything, so only its admin labels can rule it out.
-                    match (e.labels.get(k), &e.advertised) {
-                        (Some(have), _) => have == v,
-                        (None, Some(adv)) => adv.get(k) == Some(v),
-                        (None, None) => true,
-                    }
-                })
+    /// (whether or not it is online; see [`IndexEntry::could_take`]). Used to refuse at once
+    /// jobs nobody can run. Looks only at that owner's runners.
+    pub(crate) fn any_could_match(&self, tenant: &str, needs: &Needs<'_>) -> bool {
+        let fits = |id: &str| {
+            self.map.get(id).is_some_and(|e| e.tenant == tenant && e.could_take(id, needs))
         };
-        match runner_id {
-            Some(id) => self.map.get(id).is_some_and(|e| fits(id, &e)),
-            None => self.map.iter().any(|kv| fits(kv.key(), kv.value())),
+        match needs.runner_id {
+            Some(id) => fits(id),
+            None => self
+                .by_owner
+                .get(&(tenant.to_owned(), needs.owner.to_owned()))
+                .is_some_and(|ids| ids.iter().any(|id| fits(id))),
         }
     }
 
@@ -196,24 +226,84 @@ mod tests {
         assert_eq!(idx.check("r1", "t", "o"), Err(IndexRefusal::Revoked));
     }
 
+    fn needs<'a>(
+        owner: &'a str,
+        runner_id: Option<&'a str>,
+        labels: &'a BTreeMap<String, String>,
+        kind: &'a str,
+    ) -> Needs<'a> {
+        Needs { owner, runner_id, labels, kind }
+    }
+
+    fn advertise(labels: BTreeMap<String, String>, kinds: &[&str]) -> Option<Advertised> {
+        Some(Advertised { labels, kinds: kinds.iter().map(|k| k.to_string()).collect() })
+    }
+
     #[test]
     fn any_could_match_respects_owner_labels_and_id() {
         let idx = RunnerIndex::new();
         idx.apply(&rec("r1", RunnerState::Paired));
+        let none = BTreeMap::new();
         let linux = BTreeMap::from([("os".to_string(), "linux".to_string())]);
         let mac = BTreeMap::from([("os".to_string(), "mac".to_string())]);
-        assert!(idx.any_could_match("t", "o", None, &linux));
-        assert!(!idx.any_could_match("t", "o", None, &mac));
+        assert!(idx.any_could_match("t", &needs("o", None, &linux, "exec")));
+        assert!(!idx.any_could_match("t", &needs("o", None, &mac, "exec")));
         let gpu = BTreeMap::from([("gpu".to_string(), "yes".to_string())]);
-        assert!(idx.any_could_match("t", "o", None, &gpu), "never seen: it may advertise gpu");
-        idx.update_presence("r1", |e| e.advertised = Some(BTreeMap::new()));
-        assert!(!idx.any_could_match("t", "o", None, &gpu), "seen without gpu");
-        idx.update_presence("r1", |e| e.advertised = Some(gpu.clone()));
-        assert!(idx.any_could_match("t", "o", None, &gpu));
-        assert!(!idx.any_could_match("t", "x", None, &linux));
-        assert!(idx.any_could_match("t", "o", Some("r1"), &BTreeMap::new()));
-        assert!(!idx.any_could_match("t", "o", Some("r2"), &BTreeMap::new()));
+        assert!(
+            idx.any_could_match("t", &needs("o", None, &gpu, "exec")),
+            "never seen: it may advertise gpu"
+        );
+        idx.update_presence("r1", |e| e.advertised = advertise(BTreeMap::new(), &["exec"]));
+        assert!(!idx.any_could_match("t", &needs("o", None, &gpu, "exec")), "seen without gpu");
+        idx.update_presence("r1", |e| e.advertised = advertise(gpu.clone(), &["exec"]));
+        assert!(idx.any_could_match("t", &needs("o", None, &gpu, "exec")));
+        assert!(!idx.any_could_match("t", &needs("x", None, &linux, "exec")));
+        assert!(!idx.any_could_match("other", &needs("o", None, &linux, "exec")));
+        assert!(idx.any_could_match("t", &needs("o", Some("r1"), &none, "exec")));
+        assert!(!idx.any_could_match("t", &needs("o", Some("r2"), &none, "exec")));
+        assert!(!idx.any_could_match("other", &needs("o", Some("r1"), &none, "exec")));
         idx.revoke("r1");
-        assert!(!idx.any_could_match("t", "o", None, &linux));
+        assert!(!idx.any_could_match("t", &needs("o", None, &linux, "exec")));
+    }
+
+    #[test]
+    fn any_could_match_judges_kinds_by_the_last_hello() {
+        let idx = RunnerIndex::new();
+        idx.apply(&rec("r1", RunnerState::Paired));
+        let none = BTreeMap::new();
+        assert!(
+            idx.any_could_match("t", &needs("o", None, &none, "gpu-train")),
+            "never seen since start: it may advertise any kind"
+        );
+        idx.update_presence("r1", |e| e.advertised = advertise(BTreeMap::new(), &["exec"]));
+        assert!(idx.any_could_match("t", &needs("o", None, &none, "exec")));
+        assert!(!idx.any_could_match("t", &needs("o", None, &none, "gpu-train")));
+        assert!(!idx.any_could_match("t", &needs("o", Some("r1"), &none, "gpu-train")));
+        // A second runner of the owner that serves the kind makes it possible again.
+        idx.apply(&rec("r2", RunnerState::Paired));
+        idx.update_presence("r2", |e| e.advertised = advertise(BTreeMap::new(), &["gpu-train"]));
+        assert!(idx.any_could_match("t", &needs("o", None, &none, "gpu-train")));
+    }
+
+    #[test]
+    fn the_owner_index_follows_records() {
+        let idx = RunnerIndex::new();
+        for i in 0..50 {
+            let mut r = rec(&format!("r{i}"), RunnerState::Paired);
+            r.owner = format!("o{}", i % 5);
+            idx.apply(&r);
+        }
+        // Re-applying a record does not duplicate it; each owner has its 10 runners.
+        idx.apply(&{
+            let mut r = rec("r0", RunnerState::Paired);
+            r.owner = "o0".into();
+            r
+        });
+        for o in 0..5 {
+            let ids = idx.by_owner.get(&("t".to_string(), format!("o{o}"))).expect("owner");
+            assert_eq!(ids.len(), 10);
+            assert!(ids.iter().all(|id| idx.get(id).is_some_and(|e| e.owner == format!("o{o}"))));
+        }
+        assert!(idx.by_owner.get(&("t".to_string(), "nobody".to_string())).is_none());
     }
 }

@@ -1,14 +1,12 @@
 //! State every part of one broker process shares. Built once in [`crate::Broker::spawn`].
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use ractor::ActorRef;
 use runnel_certs::ClusterCa;
 
-use crate::actors::{RootMsg, TenantMsg};
 use crate::config::Config;
 use crate::index::RunnerIndex;
 use crate::jobs::JobTable;
@@ -29,10 +27,6 @@ pub(crate) struct Shared {
     pub ca: ClusterCa,
     /// All jobs.
     pub jobs: JobTable,
-    /// Tenant actors by tenant id (a typed map: no downcasting of untyped cells).
-    pub tenants: DashMap<String, ActorRef<TenantMsg>>,
-    /// The root actor, set once at start.
-    pub root: OnceLock<ActorRef<RootMsg>>,
     /// API key records by key id (mirror of the store, for auth without a store read).
     pub keys: DashMap<String, ApiKey>,
     /// `host:port` runners dial.
@@ -69,8 +63,6 @@ impl Shared {
             index,
             ca,
             jobs,
-            tenants: DashMap::new(),
-            root: OnceLock::new(),
             keys: DashMap::new(),
             advertise,
             conn_seq: AtomicU64::new(1),
@@ -80,19 +72,5 @@ impl Shared {
     /// A fresh connection id.
     pub(crate) fn next_conn_id(&self) -> u64 {
         self.conn_seq.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// The tenant's actor, spawned on first use (through the root, so never twice).
-    pub(crate) async fn tenant_actor(&self, tenant: &str) -> Result<ActorRef<TenantMsg>, String> {
-        if let Some(a) = self.tenants.get(tenant) {
-            return Ok(a.clone());
-        }
-        let root = self.root.get().ok_or("broker is starting")?;
-        let t = tenant.to_owned();
-        match root.call(|reply| RootMsg::Tenant(t, reply), Some(ACTOR_CALL_TIMEOUT)).await {
-            Ok(ractor::rpc::CallResult::Success(r)) => r,
-            Ok(_) => Err("root actor did not answer in time".into()),
-            Err(e) => Err(format!("root actor unavailable: {e}")),
-        }
     }
 }

@@ -49,7 +49,9 @@ pub struct Heartbeat {
     pub load_milli: u32,
 }
 
-/// The broker asks the runner to leave: drain or shutdown.
+/// The broker asks the runner to leave: drain or shutdown. The runner honours it, but the
+/// broker does not send it yet (a drain on SIGTERM comes with the cluster work); today a
+/// stopping broker closes connections with [`crate::ErrorCode::GoingAway`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GoAway {
     /// Why, for logs.
@@ -58,7 +60,8 @@ pub struct GoAway {
     pub reconnect_after_ms: u32,
 }
 
-/// (cluster) The runner's tenant lives on another node; reconnect there.
+/// (cluster) The runner's tenant lives on another node; reconnect there. Reserved: no
+/// broker sends it yet, and runners do not act on it yet.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Redirect {
     /// `host:port` of the home node.

@@ -31,7 +31,8 @@ pub enum ErrorCode {
     BadRequest = 10,
     /// Something failed inside the broker.
     Internal = 11,
-    /// The job was cancelled by its caller.
+    /// The job was cancelled by its caller: the broker resets a job stream with it when the
+    /// runner did not confirm a `Cancel` frame in time.
     Cancelled = 12,
     /// The runner refused the job (draining, full, unknown kind).
     Rejected = 13,
@@ -42,6 +43,29 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, in number order (the code at index `n` has number `n`).
+    pub const ALL: [ErrorCode; 16] = {
+        use ErrorCode::*;
+        [
+            Ok,
+            Protocol,
+            FrameTooLarge,
+            UnsupportedVersion,
+            Revoked,
+            Unauthenticated,
+            GoingAway,
+            TokenUnknown,
+            TokenExpired,
+            TokenConsumed,
+            BadRequest,
+            Internal,
+            Cancelled,
+            Rejected,
+            TenantRestart,
+            Timeout,
+        ]
+    };
+
     /// The code as a number, for QUIC close and reset codes.
     pub fn as_u32(self) -> u32 {
         self as u32
@@ -49,26 +73,7 @@ impl ErrorCode {
 
     /// Maps a number back to a code; unknown numbers (from a newer peer) give `None`.
     pub fn from_u32(n: u32) -> Option<Self> {
-        use ErrorCode::*;
-        Some(match n {
-            0 => Ok,
-            1 => Protocol,
-            2 => FrameTooLarge,
-            3 => UnsupportedVersion,
-            4 => Revoked,
-            5 => Unauthenticated,
-            6 => GoingAway,
-            7 => TokenUnknown,
-            8 => TokenExpired,
-            9 => TokenConsumed,
-            10 => BadRequest,
-            11 => Internal,
-            12 => Cancelled,
-            13 => Rejected,
-            14 => TenantRestart,
-            15 => Timeout,
-            _ => return None,
-        })
+        usize::try_from(n).ok().and_then(|i| Self::ALL.get(i)).copied()
     }
 
     /// A short lowercase name, for logs and metrics labels.
@@ -105,14 +110,43 @@ impl std::fmt::Display for ErrorCode {
 mod tests {
     use super::*;
 
+    /// The number of each code, spelled out once more. The match is exhaustive, so a new
+    /// variant does not compile here until it is listed, and then the test below fails
+    /// until [`ErrorCode::ALL`] (and so `from_u32`) has it at the right place.
+    fn number(c: ErrorCode) -> u32 {
+        use ErrorCode::*;
+        match c {
+            Ok => 0,
+            Protocol => 1,
+            FrameTooLarge => 2,
+            UnsupportedVersion => 3,
+            Revoked => 4,
+            Unauthenticated => 5,
+            GoingAway => 6,
+            TokenUnknown => 7,
+            TokenExpired => 8,
+            TokenConsumed => 9,
+            BadRequest => 10,
+            Internal => 11,
+            Cancelled => 12,
+            Rejected => 13,
+            TenantRestart => 14,
+            Timeout => 15,
+        }
+    }
+
     #[test]
     fn every_code_round_trips_through_its_number() {
-        for n in 0..64 {
-            if let Some(code) = ErrorCode::from_u32(n) {
-                assert_eq!(code.as_u32(), n);
-            }
+        let mut names = std::collections::HashSet::new();
+        for (i, code) in ErrorCode::ALL.iter().copied().enumerate() {
+            let n = u32::try_from(i).expect("small");
+            assert_eq!(code.as_u32(), n, "{code:?} sits at index {i}");
+            assert_eq!(number(code), n, "{code:?} has the number the protocol fixed");
+            assert_eq!(ErrorCode::from_u32(n), Some(code));
+            assert!(names.insert(code.name()), "{code:?}'s name is taken");
         }
-        assert_eq!(ErrorCode::from_u32(15), Some(ErrorCode::Timeout));
-        assert_eq!(ErrorCode::from_u32(9999), None);
+        let past = u32::try_from(ErrorCode::ALL.len()).expect("small");
+        assert_eq!(ErrorCode::from_u32(past), None);
+        assert_eq!(ErrorCode::from_u32(u32::MAX), None);
     }
 }

@@ -126,10 +126,21 @@ async fn labels_and_explicit_runner_ids_select_and_impossible_jobs_fail_fast() {
     assert_eq!(s, 409);
     assert!(t0.elapsed() < Duration::from_secs(2));
 
-    // A kind no online runner handles waits in the queue and times out there.
+    // Both of alice's runners said Hello with only `exec`: a `docker` job is refused at once,
+    // naming the kind, instead of waiting out its queue timeout.
     let (s, v) = b
         .api
-        .post("/v1/jobs", &admin, json!({ "owner": "alice", "kind": "docker", "payload": "x", "queue_timeout_ms": 300, "wait": true }))
+        .post("/v1/jobs", &admin, json!({ "owner": "alice", "kind": "docker", "payload": "x", "queue_timeout_ms": 30000, "wait": true }))
+        .await;
+    assert_eq!((s, v["error"]["code"].as_str()), (409, Some("no_runner")), "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("\"docker\""), "{v}");
+
+    // A runner paired but not seen since the broker started may advertise anything: the
+    // job waits for it, and times out in the queue when it never comes.
+    let (_carol_runner, _state) = b.enrolled(&admin, "carol", &dir.path().join("carol")).await;
+    let (s, v) = b
+        .api
+        .post("/v1/jobs", &admin, json!({ "owner": "carol", "kind": "docker", "payload": "x", "queue_timeout_ms": 300, "wait": true }))
         .await;
     assert_eq!((s, v["state"].as_str()), (200, Some("timed_out")), "{v}");
 }

@@ -142,4 +142,9 @@ async fn bad_keys_and_bad_bodies_get_clear_json_errors() {
         .post("/v1/runners", &admin, json!({ "owner": "a", "name": "n", "token_ttl_secs": 0 }))
         .await;
     assert_eq!(s, 400, "{v}");
+    // A body over the limit is 413 (HTTP's word for it), with the JSON error shape.
+    let huge =
+        json!({ "owner": "a", "kind": "exec", "exec": { "program": "x".repeat(600 * 1024) } });
+    let (s, v) = b.api.post("/v1/jobs", &admin, huge).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (413, Some("body_too_large")), "{v}");
 }

@@ -3,22 +3,27 @@
 //! It owns the control stream (Welcome, heartbeats, renewal, drain) and opens one
 //! bidirectional stream per job. It stops when the connection closes for any reason; its
 //! TenantActor then fails whatever jobs were still on it.
+//!
+//! It knows nothing of its tenant's actor but a [`DerivedActorRef`] of [`ConnectionEvent`]s,
+//! the way quinn-proto's connection talks back to its endpoint only through
+//! `EndpointEvent`: the tree's imports point down, tenant → connection, never back.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor::{Actor, ActorProcessingErr, ActorRef, DerivedActorRef};
 use runnel_certs::RunnerIdentity;
 use runnel_protocol::{
-    BrokerJobFrame, ClientControl, ErrorCode, FrameError, JobOutcome, JobRequest, RunnerJobFrame,
-    ServerControl, Welcome, read_frame, write_frame,
+    BrokerJobFrame, ClientControl, ErrorCode, FrameError, Hello, JobOutcome, JobRequest,
+    RunnerJobFrame, ServerControl, Welcome, read_frame, write_frame,
 };
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+use tokio::task::JoinSet;
+use tokio_util::task::AbortOnDropHandle;
 
-use super::tenant::{Attach, TenantMsg};
 use crate::dispatch::ConnId;
+use crate::index::Advertised;
 use crate::jobs::{Finish, JobEntry, JobState};
 use crate::metrics::names;
 use crate::records::{AuditEvent, RunnerState, now_unix};
@@ -38,6 +43,35 @@ const CONTROL_QUEUE: usize = 16;
 #[derive(Debug)]
 pub(crate) struct RunnerConnection;
 
+/// A connection whose handshake and Hello are done, handed over by the accept loop.
+#[derive(Debug)]
+pub(crate) struct Attach {
+    /// The QUIC connection.
+    pub conn: quinn::Connection,
+    /// Identity from the verified certificate.
+    pub identity: RunnerIdentity,
+    /// The runner's Hello.
+    pub hello: Hello,
+    /// Negotiated protocol version.
+    pub version: u16,
+    /// The control stream.
+    pub control: (quinn::SendStream, quinn::RecvStream),
+}
+
+/// What a connection tells its tenant: all it can say upward.
+#[derive(Debug)]
+pub(crate) enum ConnectionEvent {
+    /// A job on this connection reached its terminal state; its slot is free.
+    JobDone {
+        /// The connection.
+        conn: ConnId,
+        /// The job.
+        job_id: String,
+    },
+    /// The runner asked for no new work.
+    Draining(ConnId),
+}
+
 /// Arguments of [`RunnerConnection`].
 #[derive(Debug)]
 pub(crate) struct ConnectionArgs {
@@ -45,8 +79,8 @@ pub(crate) struct ConnectionArgs {
     pub conn_id: ConnId,
     /// The connection and its Hello.
     pub attach: Attach,
-    /// The supervising tenant.
-    pub tenant: ActorRef<TenantMsg>,
+    /// Where this connection's events go (its tenant).
+    pub tenant: DerivedActorRef<ConnectionEvent>,
     /// Shared state.
     pub shared: Arc<Shared>,
 }
@@ -66,11 +100,15 @@ pub(crate) struct ConnectionState {
     conn_id: ConnId,
     conn: quinn::Connection,
     identity: RunnerIdentity,
-    tenant: ActorRef<TenantMsg>,
+    tenant: DerivedActorRef<ConnectionEvent>,
     shared: Arc<Shared>,
     control: mpsc::Sender<Box<ServerControl>>,
-    /// The connection's I/O task ([`connection_io`]).
-    io: JoinHandle<()>,
+    /// The connection's I/O task ([`connection_io`]); aborted when the state goes, also
+    /// when the actor is killed without `post_stop`.
+    io: AbortOnDropHandle<()>,
+    /// One task per running job ([`drive_job`]); all aborted when the state goes (the
+    /// tenant then ends their jobs `runner_lost`).
+    jobs: JoinSet<()>,
     span: tracing::Span,
     /// The `tenant` metric label.
     label: String,
@@ -113,13 +151,15 @@ impl Actor for RunnerConnection {
             heartbeat_interval_ms: args.shared.config.heartbeat_interval.as_millis() as u32,
         });
         let io = connection_io(conn.clone(), send, recv, welcome, rx, myself.clone());
-        let io = tokio::spawn(tracing::Instrument::instrument(io, span.clone()));
+        let io =
+            AbortOnDropHandle::new(tokio::spawn(tracing::Instrument::instrument(io, span.clone())));
         let now = now_unix();
         args.shared.index.update_presence(&identity.runner, |e| {
             e.connections += 1;
             e.last_seen = Some(now);
             e.draining = false;
-            e.advertised = Some(hello.labels.clone());
+            e.advertised =
+                Some(Advertised { labels: hello.labels.clone(), kinds: hello.kinds.clone() });
         });
         span.in_scope(|| tracing::info!("runner connected"));
         let label = args.shared.tenant_labels.label(&identity.tenant);
@@ -132,6 +172,7 @@ impl Actor for RunnerConnection {
             shared: args.shared,
             control: tx,
             io,
+            jobs: JoinSet::new(),
             span,
             label,
             lost_counted: 0,
@@ -146,23 +187,7 @@ impl Actor for RunnerConnection {
         state: &mut ConnectionState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            ConnectionMsg::StartJob(job) => {
-                let conn = state.conn.clone();
-                let shared = state.shared.clone();
-                let tenant = state.tenant.clone();
-                let conn_id = state.conn_id;
-                let span = tracing::info_span!(parent: &state.span, "job", job = %job.id, kind = %job.spec.kind);
-                tokio::spawn(tracing::Instrument::instrument(
-                    async move {
-                        let finish = drive_job(&conn, &job).await;
-                        tracing::info!(state = finish.state.name(), "job ended");
-                        shared.jobs.finish(&job, finish);
-                        let _ = tenant
-                            .cast(TenantMsg::JobDone { conn: conn_id, job_id: job.id.clone() });
-                    },
-                    span,
-                ));
-            }
+            ConnectionMsg::StartJob(job) => state.start_job(job),
             ConnectionMsg::Control(ctl) => state.control_message(ctl).await,
         }
         Ok(())
@@ -175,6 +200,7 @@ impl Actor for RunnerConnection {
     ) -> Result<(), ActorProcessingErr> {
         close(&state.conn, ErrorCode::GoingAway, "connection actor stopped");
         state.io.abort();
+        state.jobs.abort_all();
         let now = now_unix();
         state.shared.index.update_presence(&state.identity.runner, |e| {
             e.connections = e.connections.saturating_sub(1);
@@ -254,6 +280,31 @@ async fn connection_io(
 }
 
 impl ConnectionState {
+    /// Runs `job` on its own stream, in a task this connection owns; when it ends, the
+    /// result goes to the job table and the tenant hears `JobDone`.
+    fn start_job(&mut self, job: Arc<JobEntry>) {
+        // Reap finished job tasks so the set holds only running ones.
+        while self.jobs.try_join_next().is_some() {}
+        let conn = self.conn.clone();
+        let shared = self.shared.clone();
+        let tenant = self.tenant.clone();
+        let conn_id = self.conn_id;
+        let span =
+            tracing::info_span!(parent: &self.span, "job", job = %job.id, kind = %job.spec.kind);
+        self.jobs.spawn(tracing::Instrument::instrument(
+            async move {
+                let finish = drive_job(&conn, &job).await;
+                tracing::info!(state = finish.state.name(), "job ended");
+                shared.jobs.finish(&job, finish);
+                let _ = tenant.send_message(ConnectionEvent::JobDone {
+                    conn: conn_id,
+                    job_id: job.id.clone(),
+                });
+            },
+            span,
+        ));
+    }
+
     async fn control_message(&mut self, ctl: ClientControl) {
         match ctl {
             ClientControl::Heartbeat(hb) => {
@@ -271,7 +322,7 @@ impl ConnectionState {
             }
             ClientControl::Draining => {
                 self.shared.index.update_presence(&self.identity.runner, |e| e.draining = true);
-                let _ = self.tenant.cast(TenantMsg::Draining(self.conn_id));
+                let _ = self.tenant.send_message(ConnectionEvent::Draining(self.conn_id));
             }
             ClientControl::RenewCert { csr_pem } => {
                 let too_soon = self.last_renewal.is_some_and(|t| t.elapsed() < MIN_RENEWAL_SPACING);
@@ -392,7 +443,8 @@ async fn drive_job(conn: &quinn::Connection, job: &JobEntry) -> Finish {
                 deadline = deadline.min(tokio::time::Instant::now() + CANCEL_GRACE);
             }
             _ = tokio::time::sleep_until(deadline) => {
-                let _ = send.reset(ErrorCode::Timeout.as_u32().into());
+                let code = if cancel_sent { ErrorCode::Cancelled } else { ErrorCode::Timeout };
+                let _ = send.reset(code.as_u32().into());
                 return if cancel_sent {
                     Finish::new(JobState::Cancelled, "runner did not confirm the cancel in time")
                 } else {

@@ -1,15 +1,22 @@
 //! TenantActor: one per tenant. Owns that tenant's connected runners and its job queue, so
 //! a dispatch for one tenant cannot even name another tenant's runner.
+//!
+//! The decisions (admit, place, expire, revoke, a finished job) are plain methods on
+//! [`TenantState`] that only touch the pool, the queue and the job table, and say which
+//! connection should start which job; `handle` matches a message, calls one of them and
+//! hands the starts to the connection actors. The unit tests below drive the decisions
+//! without any actor or socket.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
-use runnel_certs::RunnerIdentity;
-use runnel_protocol::{ErrorCode, Hello};
+use runnel_protocol::ErrorCode;
 
-use super::runner_connection::{ConnectionArgs, ConnectionMsg, RunnerConnection};
+use super::runner_connection::{
+    Attach, ConnectionArgs, ConnectionEvent, ConnectionMsg, RunnerConnection,
+};
 use crate::dispatch::{ConnId, Needs, Pool, Slot};
 use crate::jobs::{Finish, JobEntry, JobState};
 use crate::records::RunnerState;
@@ -31,27 +38,12 @@ pub(crate) struct TenantArgs {
     pub shared: Arc<Shared>,
 }
 
-/// A connection whose handshake and Hello are done, handed over by the accept loop.
-#[derive(Debug)]
-pub(crate) struct Attach {
-    /// The QUIC connection.
-    pub conn: quinn::Connection,
-    /// Identity from the verified certificate.
-    pub identity: RunnerIdentity,
-    /// The runner's Hello.
-    pub hello: Hello,
-    /// Negotiated protocol version.
-    pub version: u16,
-    /// The control stream.
-    pub control: (quinn::SendStream, quinn::RecvStream),
-}
-
 /// Why a dispatch was refused (nothing was accepted; the caller gets an error status).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum DispatchRefusal {
     /// The tenant's queue is full (429).
     QueueFull,
-    /// No paired runner of that owner could ever take the job (409).
+    /// No paired runner of that owner could ever take the job (409); says why.
     NoRunner(String),
     /// The named runner is not this owner's (404).
     UnknownRunner,
@@ -64,17 +56,10 @@ pub(crate) enum TenantMsg {
     Attach(Box<Attach>),
     /// Accept a job (queue it or send it).
     Dispatch(Arc<JobEntry>, RpcReplyPort<Result<(), DispatchRefusal>>),
-    /// A job on a connection ended.
-    JobDone {
-        /// The connection.
-        conn: ConnId,
-        /// The job.
-        job_id: String,
-    },
+    /// Something happened on one of this tenant's connections.
+    Connection(ConnectionEvent),
     /// A caller cancelled a job.
     Cancel(String),
-    /// A runner asked for no new work.
-    Draining(ConnId),
     /// Close every connection of a runner; replies with how many.
     Revoke(String, RpcReplyPort<usize>),
     /// Periodic queue-timeout check.
@@ -84,11 +69,43 @@ pub(crate) enum TenantMsg {
     Crash,
 }
 
-struct Live {
+impl From<ConnectionEvent> for TenantMsg {
+    fn from(e: ConnectionEvent) -> Self {
+        TenantMsg::Connection(e)
+    }
+}
+
+impl TryFrom<TenantMsg> for ConnectionEvent {
+    type Error = TenantMsg;
+
+    fn try_from(m: TenantMsg) -> Result<Self, TenantMsg> {
+        match m {
+            TenantMsg::Connection(e) => Ok(e),
+            other => Err(other),
+        }
+    }
+}
+
+/// The I/O side of one connection: its actor and its QUIC connection (to close it).
+#[derive(Debug)]
+struct Link {
     actor: ActorRef<ConnectionMsg>,
     conn: quinn::Connection,
-    jobs: HashMap<String, Arc<JobEntry>>,
 }
+
+/// What [`TenantState::place`] did with a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placed {
+    /// Assigned to this connection: the caller sends it there.
+    On(ConnId),
+    /// Already over (cancelled while queued): nothing to send.
+    Settled,
+    /// No eligible runner is free now.
+    Waiting,
+}
+
+/// A job to send to a connection.
+type Start = (ConnId, Arc<JobEntry>);
 
 /// State of [`TenantActor`].
 pub(crate) struct TenantState {
@@ -97,10 +114,12 @@ pub(crate) struct TenantState {
     label: String,
     shared: Arc<Shared>,
     pool: Pool,
-    live: HashMap<ConnId, Live>,
-    by_actor: HashMap<ActorId, ConnId>,
+    /// Jobs sent to each connection and not yet done.
+    running: HashMap<ConnId, HashMap<String, Arc<JobEntry>>>,
     queue: VecDeque<Arc<JobEntry>>,
     seq: u64,
+    links: HashMap<ConnId, Link>,
+    by_actor: HashMap<ActorId, ConnId>,
 }
 
 impl std::fmt::Debug for TenantState {
@@ -113,13 +132,28 @@ impl std::fmt::Debug for TenantState {
     }
 }
 
+fn needs(job: &JobEntry) -> Needs<'_> {
+    Needs {
+        owner: &job.spec.owner,
+        runner_id: job.spec.runner_id.as_deref(),
+        labels: &job.spec.labels,
+        kind: &job.spec.kind,
+    }
+}
+
+// The decisions: no actor, no socket.
 impl TenantState {
-    fn needs(job: &JobEntry) -> Needs<'_> {
-        Needs {
-            owner: &job.spec.owner,
-            runner_id: job.spec.runner_id.as_deref(),
-            labels: &job.spec.labels,
-            kind: &job.spec.kind,
+    fn new(tenant: String, shared: Arc<Shared>) -> Self {
+        Self {
+            label: shared.tenant_labels.label(&tenant),
+            tenant,
+            shared,
+            pool: Pool::new(),
+            running: HashMap::new(),
+            queue: VecDeque::new(),
+            seq: 0,
+            links: HashMap::new(),
+            by_actor: HashMap::new(),
         }
     }
 
@@ -134,18 +168,13 @@ impl TenantState {
                 return Err(DispatchRefusal::UnknownRunner);
             }
         }
-        let online_fit = self.pool.any_fits(&Self::needs(job));
-        let could = online_fit
-            || self.shared.index.any_could_match(
-                &self.tenant,
-                &spec.owner,
-                spec.runner_id.as_deref(),
-                &spec.labels,
-            );
+        let needs = needs(job);
+        let could =
+            self.pool.any_fits(&needs) || self.shared.index.any_could_match(&self.tenant, &needs);
         if !could {
             return Err(DispatchRefusal::NoRunner(format!(
-                "owner {:?} has no paired runner that matches this job",
-                spec.owner
+                "owner {:?} has no paired runner that matches this job (kind {:?}, labels {:?})",
+                spec.owner, spec.kind, spec.labels
             )));
         }
         if self.queue.len() >= self.shared.config.queue_limit {
@@ -154,40 +183,52 @@ impl TenantState {
         Ok(())
     }
 
-    /// Sends `job` to the best free runner; false when none is free now.
-    fn try_assign(&mut self, job: &Arc<JobEntry>) -> bool {
-        let Some(conn) = self.pool.pick(&Self::needs(job)) else { return false };
-        let (Some(slot), Some(live)) = (self.pool.get(conn), self.live.get_mut(&conn)) else {
-            return false;
-        };
+    /// Accepts a job: admits it, then assigns it to a free runner or queues it. Returns the
+    /// start to send, if it was assigned at once.
+    fn dispatch(&mut self, job: Arc<JobEntry>) -> Result<Option<Start>, DispatchRefusal> {
+        self.admit(&job)?;
+        Ok(match self.place(&job) {
+            Placed::On(conn) => Some((conn, job)),
+            Placed::Settled => None,
+            Placed::Waiting => {
+                self.queue.push_back(job);
+                None
+            }
+        })
+    }
+
+    /// Picks the best free runner for `job` and marks the job running on it.
+    fn place(&mut self, job: &Arc<JobEntry>) -> Placed {
+        let Some(conn) = self.pool.pick(&needs(job)) else { return Placed::Waiting };
+        let Some(slot) = self.pool.get(conn) else { return Placed::Waiting };
         if !job.mark_running(&slot.runner_id) {
-            // Cancelled or finished while queued: nothing to send, but it is handled.
-            return true;
+            return Placed::Settled;
         }
         self.seq += 1;
         self.pool.assign(conn, self.seq);
-        live.jobs.insert(job.id.clone(), job.clone());
-        if live.actor.cast(ConnectionMsg::StartJob(job.clone())).is_err() {
-            live.jobs.remove(&job.id);
-            self.shared
-                .jobs
-                .finish(job, Finish::new(JobState::RunnerLost, "runner connection gone"));
-        }
-        true
+        self.running.entry(conn).or_default().insert(job.id.clone(), job.clone());
+        Placed::On(conn)
     }
 
     /// Assigns queued jobs, oldest first, wherever a runner is free.
-    fn drain_queue(&mut self) {
+    fn drain_queue(&mut self) -> Vec<Start> {
+        let mut starts = Vec::new();
         let mut waiting = VecDeque::with_capacity(self.queue.len());
         while let Some(job) = self.queue.pop_front() {
-            if job.state().is_terminal() || self.try_assign(&job) {
+            if job.state().is_terminal() {
                 continue;
             }
-            waiting.push_back(job);
+            match self.place(&job) {
+                Placed::On(conn) => starts.push((conn, job)),
+                Placed::Settled => {}
+                Placed::Waiting => waiting.push_back(job),
+            }
         }
         self.queue = waiting;
+        starts
     }
 
+    /// Ends queued jobs that waited past their queue-wait limit.
     fn expire_queue(&mut self, now: Instant) {
         let jobs = &self.shared.jobs;
         self.queue.retain(|job| {
@@ -205,14 +246,82 @@ impl TenantState {
         });
     }
 
+    /// A job on `conn` ended: its slot is free again, so queued work may start.
+    fn job_done(&mut self, conn: ConnId, job_id: &str) -> Vec<Start> {
+        let was_there = self.running.get_mut(&conn).is_some_and(|j| j.remove(job_id).is_some());
+        if was_there {
+            self.pool.release(conn);
+        }
+        self.drain_queue()
+    }
+
+    /// Ends a queued job as cancelled; running jobs see the cancel token on their stream.
+    fn cancel_queued(&mut self, job_id: &str) {
+        if let Some(job) =
+            self.queue.iter().position(|j| j.id == job_id).and_then(|pos| self.queue.remove(pos))
+        {
+            self.shared
+                .jobs
+                .finish(&job, Finish::new(JobState::Cancelled, "cancelled while queued"));
+        }
+    }
+
+    /// Adds a connection's slot to the pool; queued work may start on it.
+    fn add_conn(&mut self, conn: ConnId, slot: Slot) -> Vec<Start> {
+        self.pool.insert(conn, slot);
+        self.drain_queue()
+    }
+
     /// Removes a connection from the pool; its unfinished jobs are lost with it.
     fn remove_conn(&mut self, conn: ConnId, why: &str) {
         self.pool.remove(conn);
-        if let Some(live) = self.live.remove(&conn) {
-            self.by_actor.remove(&live.actor.get_id());
-            for job in live.jobs.values() {
-                self.shared.jobs.finish(job, Finish::new(JobState::RunnerLost, why));
+        for job in self.running.remove(&conn).unwrap_or_default().values() {
+            self.shared.jobs.finish(job, Finish::new(JobState::RunnerLost, why));
+        }
+    }
+
+    /// Takes every connection of a revoked runner out of the pool (its jobs end
+    /// `runner_lost`); returns them so the caller closes them.
+    fn revoke(&mut self, runner_id: &str) -> Vec<ConnId> {
+        let conns = self.pool.conns_of(runner_id);
+        for c in &conns {
+            self.remove_conn(*c, "runner revoked");
+        }
+        conns
+    }
+}
+
+// The I/O side: connection actors and their QUIC connections.
+impl TenantState {
+    /// Sends each job to its connection's actor; a job whose actor is gone ends
+    /// `runner_lost` at once and frees its slot.
+    fn start(&mut self, mut starts: Vec<Start>) {
+        while !starts.is_empty() {
+            let mut retry = Vec::new();
+            for (conn, job) in starts {
+                let sent = self
+                    .links
+                    .get(&conn)
+                    .is_some_and(|l| l.actor.cast(ConnectionMsg::StartJob(job.clone())).is_ok());
+                if !sent {
+                    let f = Finish::new(JobState::RunnerLost, "runner connection gone");
+                    self.shared.jobs.finish(&job, f);
+                    retry.extend(self.job_done(conn, &job.id));
+                }
             }
+            starts = retry;
+        }
+    }
+
+    fn close(&self, conn: ConnId, code: ErrorCode, reason: &str) {
+        if let Some(l) = self.links.get(&conn) {
+            l.conn.close(code.as_u32().into(), reason.as_bytes());
+        }
+    }
+
+    fn forget_link(&mut self, conn: ConnId) {
+        if let Some(l) = self.links.remove(&conn) {
+            self.by_actor.remove(&l.actor.get_id());
         }
     }
 
@@ -242,15 +351,15 @@ impl TenantState {
         let args = ConnectionArgs {
             conn_id,
             attach: a,
-            tenant: myself.clone(),
+            tenant: myself.get_derived(),
             shared: self.shared.clone(),
         };
         match Actor::spawn_linked(None, RunnerConnection, args, myself.get_cell()).await {
             Ok((actor, _)) => {
                 self.by_actor.insert(actor.get_id(), conn_id);
-                self.live.insert(conn_id, Live { actor, conn, jobs: HashMap::new() });
-                self.pool.insert(conn_id, slot);
-                self.drain_queue();
+                self.links.insert(conn_id, Link { actor, conn });
+                let starts = self.add_conn(conn_id, slot);
+                self.start(starts);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "could not start runner connection actor");
@@ -271,17 +380,7 @@ impl Actor for TenantActor {
         args: TenantArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
         myself.send_interval(QUEUE_TICK, || TenantMsg::Tick);
-        let label = args.shared.tenant_labels.label(&args.tenant);
-        Ok(TenantState {
-            label,
-            tenant: args.tenant,
-            shared: args.shared,
-            pool: Pool::new(),
-            live: HashMap::new(),
-            by_actor: HashMap::new(),
-            queue: VecDeque::new(),
-            seq: 0,
-        })
+        Ok(TenantState::new(args.tenant, args.shared))
     }
 
     async fn handle(
@@ -293,47 +392,27 @@ impl Actor for TenantActor {
         match msg {
             TenantMsg::Attach(a) => state.attach(&myself, *a).await,
             TenantMsg::Dispatch(job, reply) => {
-                let verdict = state.admit(&job);
-                if verdict.is_ok() && !state.try_assign(&job) {
-                    state.queue.push_back(job);
-                }
-                let _ = reply.send(verdict);
-            }
-            TenantMsg::JobDone { conn, job_id } => {
-                if let Some(live) = state.live.get_mut(&conn) {
-                    live.jobs.remove(&job_id);
-                }
-                state.pool.release(conn);
-                state.drain_queue();
-            }
-            TenantMsg::Cancel(job_id) => {
-                // Running jobs see the cancel token on their stream; queued ones end here.
-                if let Some(job) = state
-                    .queue
-                    .iter()
-                    .position(|j| j.id == job_id)
-                    .and_then(|pos| state.queue.remove(pos))
-                {
-                    let f = Finish::new(JobState::Cancelled, "cancelled while queued");
-                    state.shared.jobs.finish(&job, f);
+                let verdict = state.dispatch(job);
+                let _ = reply.send(verdict.as_ref().map(|_| ()).map_err(Clone::clone));
+                if let Ok(start) = verdict {
+                    state.start(start.into_iter().collect());
                 }
             }
-            TenantMsg::Draining(conn) => {
-                state.pool.drain(conn);
+            TenantMsg::Connection(ConnectionEvent::JobDone { conn, job_id }) => {
+                let starts = state.job_done(conn, &job_id);
+                state.start(starts);
             }
+            TenantMsg::Connection(ConnectionEvent::Draining(conn)) => state.pool.drain(conn),
+            TenantMsg::Cancel(job_id) => state.cancel_queued(&job_id),
             TenantMsg::Revoke(runner_id, reply) => {
-                let conns = state.pool.conns_of(&runner_id);
+                let conns = state.revoke(&runner_id);
                 for c in &conns {
-                    if let Some(live) = state.live.get(c) {
-                        live.conn.close(ErrorCode::Revoked.as_u32().into(), b"revoked");
-                    }
-                    state.remove_conn(*c, "runner revoked");
+                    state.close(*c, ErrorCode::Revoked, "revoked");
+                    state.forget_link(*c);
                 }
                 let _ = reply.send(conns.len());
             }
-            TenantMsg::Tick => {
-                state.expire_queue(Instant::now());
-            }
+            TenantMsg::Tick => state.expire_queue(Instant::now()),
             #[cfg(feature = "fault-injection")]
             TenantMsg::Crash => return Err("fault injected".into()),
         }
@@ -359,9 +438,11 @@ impl Actor for TenantActor {
             }
             _ => return Ok(()),
         };
-        if let Some(conn) = state.by_actor.remove(&cell.get_id()) {
+        if let Some(conn) = state.by_actor.get(&cell.get_id()).copied() {
+            state.forget_link(conn);
             state.remove_conn(conn, &why);
-            state.drain_queue();
+            let starts = state.drain_queue();
+            state.start(starts);
         }
         Ok(())
     }
@@ -376,5 +457,208 @@ impl Actor for TenantActor {
             state.shared.jobs.finish(&job, Finish::new(JobState::Failed, "broker shutting down"));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use runnel_certs::ClusterCa;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::index::{Advertised, RunnerIndex};
+    use crate::jobs::JobSpec;
+    use crate::records::{Registry, RunnerRecord};
+    use crate::store::RedbStore;
+
+    /// A tenant state on a real (temporary) redb store, with `queue_limit`.
+    fn state(dir: &tempfile::TempDir, queue_limit: usize) -> TenantState {
+        let config = Config { queue_limit, ..Config::loopback(dir.path()) };
+        let store = Arc::new(RedbStore::open(&dir.path().join("runnel.redb")).expect("store"));
+        let shared = Shared::new(
+            config,
+            Registry::new(store),
+            Arc::new(RunnerIndex::new()),
+            ClusterCa::generate("runnel").expect("ca"),
+            "127.0.0.1:7443".into(),
+        );
+        TenantState::new("t".into(), Arc::new(shared))
+    }
+
+    fn pair(s: &TenantState, tenant: &str, owner: &str, runner: &str, kinds: Option<&[&str]>) {
+        s.shared.index.apply(&RunnerRecord {
+            id: runner.into(),
+            tenant: tenant.into(),
+            owner: owner.into(),
+            name: runner.into(),
+            labels: BTreeMap::new(),
+            state: RunnerState::Paired,
+            created_at: 0,
+            enrolled_at: Some(0),
+            revoked_at: None,
+            cert_serial: None,
+            cert_not_after: None,
+            last_seen: None,
+        });
+        if let Some(kinds) = kinds {
+            let kinds = kinds.iter().map(|k| k.to_string()).collect();
+            s.shared.index.update_presence(runner, |e| {
+                e.advertised = Some(Advertised { labels: BTreeMap::new(), kinds })
+            });
+        }
+    }
+
+    fn slot(runner: &str, owner: &str, capacity: u32) -> Slot {
+        Slot {
+            runner_id: runner.into(),
+            owner: owner.into(),
+            labels: BTreeMap::new(),
+            kinds: vec!["exec".into()],
+            capacity,
+            in_flight: 0,
+            draining: false,
+            last_assigned: 0,
+        }
+    }
+
+    fn job(s: &TenantState, owner: &str, kind: &str, runner: Option<&str>) -> Arc<JobEntry> {
+        s.shared.jobs.create(
+            "t",
+            JobSpec {
+                owner: owner.into(),
+                runner_id: runner.map(str::to_owned),
+                labels: BTreeMap::new(),
+                kind: kind.into(),
+                payload: Vec::new(),
+                timeout: Duration::from_secs(60),
+                queue_timeout: Duration::from_millis(200),
+            },
+        )
+    }
+
+    #[test]
+    fn admit_refuses_what_no_runner_of_the_owner_could_ever_take() {
+        let dir = tempfile::tempdir().expect("dir");
+        let s = state(&dir, 10);
+        // No runner at all.
+        let no = s.admit(&job(&s, "alice", "exec", None));
+        assert!(matches!(no, Err(DispatchRefusal::NoRunner(_))), "{no:?}");
+        // Another tenant's runner with the same owner name does not count.
+        pair(&s, "other", "alice", "r-other", None);
+        assert!(matches!(
+            s.admit(&job(&s, "alice", "exec", None)),
+            Err(DispatchRefusal::NoRunner(_))
+        ));
+        assert_eq!(
+            s.admit(&job(&s, "alice", "exec", Some("r-other"))),
+            Err(DispatchRefusal::UnknownRunner)
+        );
+        // A paired runner never seen since start may serve anything.
+        pair(&s, "t", "alice", "r1", None);
+        assert_eq!(s.admit(&job(&s, "alice", "gpu", None)), Ok(()));
+        // Once it said Hello with only `exec`, a `gpu` job is refused at once, naming it.
+        pair(&s, "t", "alice", "r1", Some(&["exec"]));
+        assert_eq!(s.admit(&job(&s, "alice", "exec", None)), Ok(()));
+        match s.admit(&job(&s, "alice", "gpu", None)) {
+            Err(DispatchRefusal::NoRunner(why)) => assert!(why.contains("\"gpu\""), "{why}"),
+            other => panic!("expected no_runner, got {other:?}"),
+        }
+        // Bob's job cannot use alice's runner, not even by naming it.
+        assert!(matches!(
+            s.admit(&job(&s, "bob", "exec", None)),
+            Err(DispatchRefusal::NoRunner(_))
+        ));
+        assert_eq!(
+            s.admit(&job(&s, "bob", "exec", Some("r1"))),
+            Err(DispatchRefusal::UnknownRunner)
+        );
+    }
+
+    #[test]
+    fn a_full_queue_refuses_and_accepts_again_once_it_drains() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut s = state(&dir, 2);
+        pair(&s, "t", "alice", "r1", None);
+        for _ in 0..2 {
+            assert_eq!(s.dispatch(job(&s, "alice", "exec", None)).map(|x| x.is_some()), Ok(false));
+        }
+        assert_eq!(
+            s.dispatch(job(&s, "alice", "exec", None)).err(),
+            Some(DispatchRefusal::QueueFull)
+        );
+        // A runner arrives: both queued jobs go to it (capacity 2), the queue has room again.
+        let starts = s.add_conn(1, slot("r1", "alice", 2));
+        assert_eq!(starts.len(), 2);
+        assert!(starts.iter().all(|(c, j)| *c == 1 && j.state() == JobState::Running));
+        assert!(s.dispatch(job(&s, "alice", "exec", None)).is_ok());
+    }
+
+    #[test]
+    fn place_prefers_the_least_loaded_runner_and_waits_when_all_are_busy() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut s = state(&dir, 10);
+        pair(&s, "t", "alice", "r1", None);
+        pair(&s, "t", "alice", "r2", None);
+        assert!(s.add_conn(1, slot("r1", "alice", 1)).is_empty());
+        assert!(s.add_conn(2, slot("r2", "alice", 1)).is_empty());
+        let (a, b, c) = (
+            job(&s, "alice", "exec", None),
+            job(&s, "alice", "exec", None),
+            job(&s, "alice", "exec", None),
+        );
+        let first = s.dispatch(a.clone()).expect("admit").expect("started").0;
+        let second = s.dispatch(b).expect("admit").expect("started").0;
+        assert_ne!(first, second, "the idle runner is preferred");
+        assert_eq!(s.dispatch(c.clone()).expect("admit").map(|x| x.0), None, "both busy: queued");
+        assert_eq!(c.state(), JobState::Queued);
+        // The first job ends: the queued one starts on the runner it freed.
+        let starts = s.job_done(first, &a.id);
+        assert_eq!(
+            starts.iter().map(|(c, j)| (*c, j.id.clone())).collect::<Vec<_>>(),
+            [(first, c.id.clone())]
+        );
+        // A second JobDone for the same job frees nothing (no double release).
+        assert!(s.job_done(first, &a.id).is_empty());
+        assert_eq!(s.pool.get(first).map(|x| x.in_flight), Some(1));
+    }
+
+    #[test]
+    fn expire_queue_times_out_only_jobs_past_their_queue_limit() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut s = state(&dir, 10);
+        pair(&s, "t", "alice", "r1", None);
+        let old = job(&s, "alice", "exec", None);
+        s.dispatch(old.clone()).expect("admit");
+        s.expire_queue(old.accepted + Duration::from_millis(100));
+        assert_eq!(old.state(), JobState::Queued, "inside its 200 ms queue limit");
+        s.expire_queue(old.accepted + Duration::from_millis(250));
+        assert_eq!(old.state(), JobState::TimedOut);
+        assert!(s.queue.is_empty());
+        // A job cancelled while queued is cancelled, and leaves the queue.
+        let c = job(&s, "alice", "exec", None);
+        s.dispatch(c.clone()).expect("admit");
+        s.cancel_queued(&c.id);
+        assert_eq!(c.state(), JobState::Cancelled);
+        assert!(s.queue.is_empty());
+    }
+
+    #[test]
+    fn revoke_takes_only_that_runners_connections_and_loses_their_jobs() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut s = state(&dir, 10);
+        pair(&s, "t", "alice", "r1", None);
+        pair(&s, "t", "alice", "r2", None);
+        s.add_conn(1, slot("r1", "alice", 1));
+        s.add_conn(2, slot("r2", "alice", 1));
+        let (a, b) = (job(&s, "alice", "exec", Some("r1")), job(&s, "alice", "exec", Some("r2")));
+        s.dispatch(a.clone()).expect("admit");
+        s.dispatch(b.clone()).expect("admit");
+        assert_eq!(s.revoke("r1"), vec![1]);
+        assert_eq!(a.state(), JobState::RunnerLost);
+        assert_eq!(b.state(), JobState::Running, "the other runner's job is untouched");
+        assert!(s.pool.get(1).is_none() && s.pool.get(2).is_some());
+        assert!(s.revoke("r1").is_empty(), "revoking again closes nothing");
     }
 }

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use axum::extract::FromRef;
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 
@@ -55,10 +56,15 @@ impl Caller {
     }
 }
 
-impl FromRequestParts<Arc<Shared>> for Caller {
+impl<S: Send + Sync> FromRequestParts<S> for Caller
+where
+    Arc<Shared>: FromRef<S>,
+{
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, shared: &Arc<Shared>) -> Result<Self, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let shared = Arc::<Shared>::from_ref(state);
+        let shared = &shared;
         let header = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)

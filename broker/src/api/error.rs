@@ -66,7 +66,8 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// `Json<T>` whose rejections are [`ApiError`]s (400 with the parser's reason).
+/// `Json<T>` whose rejections are [`ApiError`]s: 413 for a body over the limit, else 400
+/// with the parser's reason.
 #[derive(Debug)]
 pub(crate) struct ApiJson<T>(pub T);
 
@@ -83,6 +84,11 @@ where
             Err(JsonRejection::MissingJsonContentType(_)) => {
                 Err(ApiError::bad_request("expected Content-Type: application/json"))
             }
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("request body is over the {} KiB limit", super::MAX_BODY / 1024),
+            )),
             Err(e) => Err(ApiError::bad_request(e.body_text())),
         }
     }

@@ -7,6 +7,7 @@ use axum::extract::State;
 use serde_json::{Value, json};
 
 use super::ApiError;
+use crate::actors::Tenants;
 use crate::shared::Shared;
 
 /// `GET /healthz`: the process answers.
@@ -15,8 +16,11 @@ pub(super) async fn healthz() -> Json<Value> {
 }
 
 /// `GET /readyz`: the store answers and the actor tree is up.
-pub(super) async fn readyz(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, ApiError> {
-    if shared.root.get().is_none() {
+pub(super) async fn readyz(
+    State(shared): State<Arc<Shared>>,
+    State(tenants): State<Arc<Tenants>>,
+) -> Result<Json<Value>, ApiError> {
+    if !tenants.started() {
         return Err(ApiError::unavailable("actor tree not started"));
     }
     shared

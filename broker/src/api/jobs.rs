@@ -13,6 +13,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{ApiError, ApiJson, Caller};
+use crate::actors::Tenants;
 use crate::actors::{DispatchRefusal, TenantMsg};
 use crate::config::MAX_JOB_TIMEOUT;
 use crate::jobs::{JobEntry, JobSpec, JobView};
@@ -95,6 +96,7 @@ fn millis(v: Option<u64>, default: Duration, what: &str) -> Result<Duration, Api
 /// `POST /v1/jobs`: one message to exactly one TenantActor, the caller's.
 pub(super) async fn create(
     State(shared): State<Arc<Shared>>,
+    State(tenants): State<Arc<Tenants>>,
     caller: Caller,
     ApiJson(body): ApiJson<CreateJob>,
 ) -> Result<Response, ApiError> {
@@ -127,7 +129,7 @@ pub(super) async fn create(
             "queue_timeout_ms",
         )?,
     };
-    let actor = shared.tenant_actor(&tenant).await.map_err(ApiError::unavailable)?;
+    let actor = tenants.actor(&tenant).await.map_err(|e| ApiError::unavailable(e.to_string()))?;
     let job = shared.jobs.create(&tenant, spec);
     let verdict =
         actor.call(|reply| TenantMsg::Dispatch(job.clone(), reply), Some(ACTOR_CALL_TIMEOUT)).await;
@@ -202,13 +204,14 @@ pub(super) async fn list(
 /// `POST /v1/jobs/{id}/cancel`: idempotent; answers the job as it stands.
 pub(super) async fn cancel(
     State(shared): State<Arc<Shared>>,
+    State(tenants): State<Arc<Tenants>>,
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<JobView>), ApiError> {
     let job = visible(&shared, &caller, &id)?;
     if !job.state().is_terminal() {
         job.cancel.cancel();
-        if let Some(t) = shared.tenants.get(&job.tenant).map(|t| t.clone()) {
+        if let Some(t) = tenants.get(&job.tenant) {
             let _ = t.cast(TenantMsg::Cancel(job.id.clone()));
         }
     }

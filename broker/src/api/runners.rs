@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 
 use super::{ApiError, ApiJson, Caller};
 use crate::actors::TenantMsg;
+use crate::actors::Tenants;
 use crate::records::{AuditEvent, Role, RunnerRecord, RunnerState, TokenRecord, now_unix};
 use crate::secret::{TOKEN_PREFIX, mint, new_id};
 use crate::shared::{ACTOR_CALL_TIMEOUT, Shared};
@@ -229,6 +230,7 @@ pub(super) async fn get(
 /// are closed, so a reconnect racing with this call is refused in its handshake.
 pub(super) async fn revoke(
     State(shared): State<Arc<Shared>>,
+    State(tenants): State<Arc<Tenants>>,
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
@@ -247,7 +249,7 @@ pub(super) async fn revoke(
         })
         .await?;
     shared.index.revoke(&id);
-    let closed = match shared.tenants.get(&r.tenant).map(|t| t.clone()) {
+    let closed = match tenants.get(&r.tenant) {
         Some(tenant) => match tenant
             .call(|reply| TenantMsg::Revoke(id.clone(), reply), Some(ACTOR_CALL_TIMEOUT))
             .await
