@@ -161,7 +161,7 @@ impl ClusterCa {
         params.subject_alt_names.extend(ips.iter().copied().map(SanType::IpAddress));
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let issued = self.sign(params, &key, SERVER_VALIDITY)?;
+        let issued = self.sign(params, &key, Validity::from_now(SERVER_VALIDITY))?;
         Ok((issued, key.serialize_pem()))
     }
 
@@ -175,6 +175,18 @@ impl ClusterCa {
         csr_pem: &str,
         identity: &RunnerIdentity,
         lifetime: Duration,
+    ) -> Result<IssuedCert, CertError> {
+        self.issue_runner_cert_valid(csr_pem, identity, Validity::from_now(lifetime))
+    }
+
+    /// [`Self::issue_runner_cert`] with an explicit validity window (a window wholly in the
+    /// past gives an expired certificate, which tests of the handshake need without
+    /// waiting on the clock).
+    pub fn issue_runner_cert_valid(
+        &self,
+        csr_pem: &str,
+        identity: &RunnerIdentity,
+        validity: Validity,
     ) -> Result<IssuedCert, CertError> {
         if identity.cluster != self.cluster {
             return Err(CertError::Identity("identity names another cluster".into()));
@@ -195,16 +207,15 @@ impl ClusterCa {
         params.subject_alt_names = vec![SanType::URI(uri)];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        self.sign(params, &csr.public_key, lifetime)
+        self.sign(params, &csr.public_key, validity)
     }
 
     fn sign(
         &self,
         mut params: CertificateParams,
         public_key: &impl rcgen::PublicKeyData,
-        lifetime: Duration,
+        validity: Validity,
     ) -> Result<IssuedCert, CertError> {
-        let validity = Validity::from_now(lifetime);
         params.not_before = validity.not_before;
         params.not_after = validity.not_after;
         let serial = random_serial();

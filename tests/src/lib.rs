@@ -29,6 +29,18 @@ where
     }
 }
 
+/// Waits until the wall clock (unix seconds, as tokens and certificates count it) is past
+/// `t`: for expiry tests, which then wait exactly as long as the expiry needs.
+pub async fn wait_past_unix(t: i64, what: &str) {
+    let limit = Duration::from_secs(u64::try_from(t.saturating_sub(now_unix())).unwrap_or(0) + 5);
+    wait_for(limit, what, || async { (now_unix() > t).then_some(()) }).await
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_unix() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
 /// A broker under test, with its data dir.
 pub struct TestBroker {
     pub handle: Option<BrokerHandle>,

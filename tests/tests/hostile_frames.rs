@@ -70,8 +70,8 @@ async fn garbage_and_oversized_frames_close_only_the_offender() {
     let b = TestBroker::start().await;
     let admin = b.tenant("acme").await;
     let dir = tempfile::tempdir().unwrap();
-    let (_, good) = b.runner(&admin, "alice", &dir.path().join("good"), 2).await;
-    let (_, evil) = b.enrolled(&admin, "alice", &dir.path().join("evil")).await;
+    let (good_id, good) = b.runner(&admin, "alice", &dir.path().join("good"), 2).await;
+    let (evil_id, evil) = b.enrolled(&admin, "alice", &dir.path().join("evil")).await;
 
     // Garbage instead of Hello.
     let conn = connect_as(&b, &evil).await;
@@ -91,12 +91,12 @@ async fn garbage_and_oversized_frames_close_only_the_offender() {
     assert_eq!(closed_with(&conn).await, ErrorCode::Protocol.as_u32());
 
     // A session that answers a job with garbage: the job is lost, the connection closed.
+    // The job names the evil runner, so the good one stays online throughout.
     let (conn, _control) = welcomed(&b, &evil).await;
-    good.shutdown().await.unwrap(); // only the evil runner is online for this job
     let api = b.api.clone();
     let admin2 = admin.clone();
     let job = tokio::spawn(async move {
-        api.post("/v1/jobs", &admin2, serde_json::json!({ "owner": "alice", "kind": "exec", "exec": { "program": "true" }, "wait": true })).await
+        api.post("/v1/jobs", &admin2, serde_json::json!({ "owner": "alice", "runner_id": evil_id, "kind": "exec", "exec": { "program": "true" }, "wait": true })).await
     });
     let (mut jsend, _jrecv) =
         tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await.unwrap().unwrap();
@@ -124,9 +124,19 @@ async fn garbage_and_oversized_frames_close_only_the_offender() {
         other => panic!("{other:?}"),
     }
 
-    // Through all of it, the broker keeps serving other runners.
-    let (_, h2) = b.runner(&admin, "alice", &dir.path().join("good2"), 2).await;
-    let (s, v) = b.run(&admin, "alice", "echo", &["still fine"]).await;
+    // Through all of it the good runner kept its first session (never dropped, never
+    // reconnected), and it still takes work.
+    assert_eq!(
+        good.status(),
+        runnel_runner::RunnerStatus::Connected { runner_id: good_id.clone(), session: 1 }
+    );
+    let (s, v) = b
+        .api
+        .post("/v1/jobs", &admin, serde_json::json!({ "owner": "alice", "runner_id": good_id, "kind": "exec", "exec": { "program": "echo", "args": ["still fine"] }, "wait": true }))
+        .await;
     assert_eq!((s, v["output"].as_str()), (200, Some("still fine\n")), "{v}");
-    drop(h2);
+    assert_eq!(
+        good.status(),
+        runnel_runner::RunnerStatus::Connected { runner_id: good_id, session: 1 }
+    );
 }

@@ -12,11 +12,14 @@ async fn tenants_cannot_see_or_touch_each_others_runners_and_jobs() {
     let b_admin = b.tenant("b").await;
     let dir = tempfile::tempdir().unwrap();
     let (b_runner, _h) = b.runner(&b_admin, "bob", &dir.path().join("b"), 2).await;
-    let (_a_runner, _ha) = b.runner(&a_admin, "bob", &dir.path().join("a"), 2).await;
+    let (a_runner, _ha) = b.runner(&a_admin, "bob", &dir.path().join("a"), 2).await;
 
-    // List: each tenant sees only its own.
-    let (_, list) = b.api.get("/v1/runners", &a_admin).await;
-    assert!(!list.to_string().contains(&b_runner));
+    // List: each tenant sees only its own (a 200 listing A's runner, and only it: an error
+    // answer would not contain B's runner either).
+    let (s, list) = b.api.get("/v1/runners", &a_admin).await;
+    let ids: Vec<&str> =
+        list["runners"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!((s, ids), (200, vec![a_runner.as_str()]), "{list}");
     // Get, revoke: 404, never 403 (which would confirm it exists).
     assert_eq!(b.api.get(&format!("/v1/runners/{b_runner}"), &a_admin).await.0, 404);
     assert_eq!(b.api.delete(&format!("/v1/runners/{b_runner}"), &a_admin).await.0, 404);
@@ -35,7 +38,10 @@ async fn tenants_cannot_see_or_touch_each_others_runners_and_jobs() {
     let bjob_id = bjob["id"].as_str().unwrap();
     assert_eq!(b.api.get(&format!("/v1/jobs/{bjob_id}"), &a_admin).await.0, 404);
     assert_eq!(b.api.post(&format!("/v1/jobs/{bjob_id}/cancel"), &a_admin, json!({})).await.0, 404);
-    assert!(!b.api.get("/v1/jobs", &a_admin).await.1.to_string().contains(bjob_id));
+    let (s, jobs) = b.api.get("/v1/jobs", &a_admin).await;
+    let ids: Vec<&str> =
+        jobs["jobs"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap()).collect();
+    assert_eq!((s, ids), (200, vec![job["id"].as_str().unwrap()]), "{jobs}");
     // A's admin cannot mint keys for B.
     let (s, _) = b.api.post("/v1/tenants/b/keys", &a_admin, json!({ "role": "admin" })).await;
     assert_eq!(s, 404);
@@ -56,8 +62,11 @@ async fn member_keys_reach_only_their_own_owner() {
 
     assert_eq!(b.api.get(&format!("/v1/runners/{alice_runner}"), &alice).await.0, 200);
     assert_eq!(b.api.get(&format!("/v1/runners/{bob_runner}"), &alice).await.0, 404);
-    let (_, list) = b.api.get("/v1/runners", &alice).await;
-    assert_eq!(list["runners"].as_array().unwrap().len(), 1);
+    let (s, list) = b.api.get("/v1/runners", &alice).await;
+    assert_eq!(s, 200, "{list}");
+    let ids: Vec<&str> =
+        list["runners"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [alice_runner.as_str()]);
     // Dispatch: own owner (implicit) works; another owner is forbidden; naming bob's runner
     // under alice is not found.
     let (s, job) = b

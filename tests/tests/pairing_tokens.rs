@@ -58,7 +58,8 @@ async fn replayed_expired_unknown_and_wrong_pin_are_refused() {
         )
         .await;
     assert_eq!(s, 201);
-    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    runnel_tests::wait_past_unix(v3["expires_at_unix"].as_i64().unwrap(), "the token to expire")
+        .await;
     let code = refused_code(
         enroll(&addr, &fp, v3["token"].as_str().unwrap(), &StateDir::new(dir.path().join("f")))
             .await,

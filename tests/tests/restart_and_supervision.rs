@@ -92,8 +92,8 @@ async fn certificates_renew_over_the_live_connection() {
     assert!(matches!(h.status(), RunnerStatus::Connected { session: 1, .. }), "{:?}", h.status());
     let (_, audit) = b.api.get("/v1/audit", &admin).await;
     assert!(audit.to_string().contains("\"renewed\""));
-    // Well past the first certificate's expiry, a reconnect uses the renewed one.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Past the first certificate's expiry, a reconnect uses the renewed one.
+    runnel_tests::wait_past_unix(first_expiry, "the first certificate to expire").await;
     let h2 = Runner::builder(state).capacity(1).spawn().unwrap();
     h2.wait_connected(Duration::from_secs(10)).await.unwrap();
 }
