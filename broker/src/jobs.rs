@@ -128,7 +128,7 @@ pub(crate) struct JobView {
     pub runner_id: Option<String>,
     /// Exit code, where the process exited.
     pub exit_code: Option<i32>,
-    /// Detail.
+    /// How it ended, in words (the runner's message, or why the broker ended it).
     pub message: String,
     /// Creation time (unix ms).
     pub created_at_ms: i64,
@@ -247,9 +247,9 @@ impl JobEntry {
 pub(crate) struct Finish {
     /// Terminal state.
     pub state: JobState,
-    /// Exit code.
+    /// Exit code, where the process exited.
     pub exit_code: Option<i32>,
-    /// Detail.
+    /// How it ended, in words (the runner's message, or why the broker ended it).
     pub message: String,
     /// Whether the runner cut output.
     pub output_truncated: bool,

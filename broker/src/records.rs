@@ -137,7 +137,7 @@ pub(crate) struct AuditEvent {
     pub tenant: Option<String>,
     /// Runner concerned.
     pub runner_id: Option<String>,
-    /// Detail.
+    /// What happened, in words (never a secret).
     pub detail: String,
 }
 

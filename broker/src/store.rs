@@ -20,9 +20,9 @@ pub enum StoreError {
     /// A stored value does not decode.
     #[error("store: corrupt value at {key}: {message}")]
     Corrupt {
-        /// The key.
+        /// The key whose value is corrupt.
         key: String,
-        /// What failed.
+        /// What the decoder said.
         message: String,
     },
 }

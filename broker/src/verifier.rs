@@ -66,7 +66,7 @@ impl HandshakeRefusal {
 /// A refused handshake whose identity we could read, for the audit log.
 #[derive(Debug, Clone)]
 pub struct Denial {
-    /// Why.
+    /// Which check refused it (also the `result` label of the handshake metric).
     pub reason: HandshakeRefusal,
     /// The identity the certificate claims (verified only when the chain was ours).
     pub claimed: Option<RunnerIdentity>,

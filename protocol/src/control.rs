@@ -98,7 +98,7 @@ pub enum ServerControl {
     },
     /// Renewal refused.
     RenewRefused {
-        /// Why.
+        /// The refusal code (`Rejected` when too soon, `Revoked`, `BadRequest`).
         code: ErrorCode,
         /// Human-readable detail.
         message: String,
@@ -109,7 +109,7 @@ pub enum ServerControl {
     Redirect(Redirect),
     /// The session is refused or ends with an error.
     Error {
-        /// Why.
+        /// What went wrong, as a code the runner can act on.
         code: ErrorCode,
         /// Human-readable detail.
         message: String,

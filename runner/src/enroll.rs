@@ -10,8 +10,8 @@ use crate::RunnerError;
 use crate::state::{RunnerInfo, StateDir};
 use crate::tls::{client_endpoint, enroll_config, resolve};
 
-fn conn_err(e: impl std::fmt::Display) -> RunnerError {
-    RunnerError::Connection(e.to_string())
+fn conn_err(e: impl Into<crate::BoxError>) -> RunnerError {
+    RunnerError::connection(e)
 }
 
 /// Enrolls a new runner into `state`. The private key never leaves this machine.
@@ -22,10 +22,7 @@ pub async fn enroll(
     state: &StateDir,
 ) -> Result<Enrolled, RunnerError> {
     if state.is_enrolled() {
-        return Err(RunnerError::State(format!(
-            "{} already holds an enrolled runner; use another --state-dir",
-            state.path().display()
-        )));
+        return Err(RunnerError::AlreadyEnrolled(state.path().to_owned()));
     }
     let pin = parse_fingerprint(ca_fingerprint)?;
     let (addr, server_name) = resolve(broker).await?;
@@ -51,15 +48,13 @@ pub async fn enroll(
         Some(EnrollResponse::Refused { code, message }) => {
             return Err(RunnerError::EnrollRefused { code, message });
         }
-        None => return Err(RunnerError::Connection("broker closed without answering".into())),
+        None => return Err(RunnerError::BrokerClosed),
     };
     // The CA the broker returns must be the one we pinned.
-    let ca_der = pem::certs_from_pem(&enrolled.ca_pem)?
-        .into_iter()
-        .next()
-        .ok_or_else(|| RunnerError::Tls("no CA in response".into()))?;
+    let ca_der =
+        pem::certs_from_pem(&enrolled.ca_pem)?.into_iter().next().ok_or(RunnerError::NoCa)?;
     if ring::digest::digest(&ring::digest::SHA256, &ca_der).as_ref() != pin {
-        return Err(RunnerError::Tls("broker returned a CA that does not match the pin".into()));
+        return Err(RunnerError::CaPinMismatch);
     }
     state.create()?;
     pem::write_private(&state.key_path(), &key.serialize_pem())?;

@@ -49,7 +49,7 @@ impl StateDir {
 
     /// Creates the directory, owner-only.
     pub fn create(&self) -> Result<(), RunnerError> {
-        let err = |e: std::io::Error| RunnerError::State(format!("{}: {e}", self.dir.display()));
+        let err = |e: std::io::Error| RunnerError::state(format!("{}", self.dir.display()), e);
         fs::create_dir_all(&self.dir).map_err(err)?;
         fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700)).map_err(err)
     }
@@ -79,14 +79,15 @@ impl StateDir {
     pub fn info(&self) -> Result<RunnerInfo, RunnerError> {
         let p = self.info_path();
         let text = fs::read_to_string(&p).map_err(|e| {
-            RunnerError::State(format!("{}: {e} (has this runner been enrolled?)", p.display()))
+            RunnerError::state(format!("{} (has this runner been enrolled?)", p.display()), e)
         })?;
-        toml::from_str(&text).map_err(|e| RunnerError::State(format!("{}: {e}", p.display())))
+        toml::from_str(&text).map_err(|e| RunnerError::state(format!("{}", p.display()), e))
     }
 
     /// Writes `runner.toml`.
     pub fn write_info(&self, info: &RunnerInfo) -> Result<(), RunnerError> {
-        let text = toml::to_string(info).map_err(|e| RunnerError::State(e.to_string()))?;
+        let text = toml::to_string(info)
+            .map_err(|e| RunnerError::state(format!("{}", self.info_path().display()), e))?;
         Ok(pem::write_public(&self.info_path(), &text)?)
     }
 

@@ -22,8 +22,8 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn tls_err(e: impl std::fmt::Display) -> RunnerError {
-    RunnerError::Tls(e.to_string())
+fn tls_err(e: impl Into<crate::BoxError>) -> RunnerError {
+    RunnerError::tls(e)
 }
 
 /// Verifies the broker against the CA it presents, if that CA matches the pin.
@@ -156,6 +156,6 @@ pub async fn resolve(broker: &str) -> Result<(std::net::SocketAddr, String), Run
 pub fn client_endpoint(target: std::net::SocketAddr) -> Result<quinn::Endpoint, RunnerError> {
     let bind: std::net::SocketAddr = if target.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
         .parse()
-        .map_err(|e: std::net::AddrParseError| RunnerError::Connection(e.to_string()))?;
-    quinn::Endpoint::client(bind).map_err(|e| RunnerError::Connection(format!("binding UDP: {e}")))
+        .map_err(RunnerError::connection)?;
+    quinn::Endpoint::client(bind).map_err(RunnerError::connection)
 }

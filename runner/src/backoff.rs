@@ -1,0 +1,76 @@
+//! Reconnect backoff: exponential ceiling, full jitter. With full jitter each delay is drawn
+//! anywhere in `[0, ceiling]`, so a fleet that lost its broker at the same instant does not
+//! come back in step (the reconnect storm a restart would otherwise cause).
+
+use std::time::Duration;
+
+use rand::Rng;
+
+/// First reconnect delay ceiling.
+pub(crate) const BACKOFF_START: Duration = Duration::from_millis(200);
+/// Largest reconnect delay ceiling.
+pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// The reconnect delays of one runner.
+#[derive(Debug, Clone)]
+pub(crate) struct Backoff {
+    ceiling: Duration,
+}
+
+impl Backoff {
+    /// Starts at [`BACKOFF_START`].
+    pub(crate) fn new() -> Self {
+        Self { ceiling: BACKOFF_START }
+    }
+
+    /// After a session that got as far as Welcome: the next failure starts small again.
+    pub(crate) fn reset(&mut self) {
+        self.ceiling = BACKOFF_START;
+    }
+
+    /// The delay before the next attempt, drawn uniformly in `[0, ceiling]`; the ceiling
+    /// then doubles, up to [`BACKOFF_MAX`].
+    pub(crate) fn next_delay(&mut self, rng: &mut impl Rng) -> Duration {
+        let ceiling_ms = u64::try_from(self.ceiling.as_millis()).unwrap_or(u64::MAX);
+        let delay = Duration::from_millis(rng.random_range(0..=ceiling_ms));
+        self.ceiling = (self.ceiling * 2).min(BACKOFF_MAX);
+        delay
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    use super::*;
+
+    #[test]
+    fn the_ceiling_doubles_to_its_cap_and_reset_starts_over() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut b = Backoff::new();
+        let mut ceiling = BACKOFF_START;
+        for _ in 0..20 {
+            let d = b.next_delay(&mut rng);
+            assert!(d <= ceiling, "{d:?} over its ceiling {ceiling:?}");
+            ceiling = (ceiling * 2).min(BACKOFF_MAX);
+        }
+        assert_eq!(b.ceiling, BACKOFF_MAX);
+        b.reset();
+        assert!(b.next_delay(&mut rng) <= BACKOFF_START);
+    }
+
+    #[test]
+    fn full_jitter_spreads_a_fleet_over_the_whole_window() {
+        // 1000 runners at the cap: the delays cover [0, 30 s] rather than bunching.
+        let mut rng = StdRng::seed_from_u64(42);
+        let delays: Vec<Duration> =
+            (0..1000).map(|_| Backoff { ceiling: BACKOFF_MAX }.next_delay(&mut rng)).collect();
+        let tenth = BACKOFF_MAX / 10;
+        for i in 0..10 {
+            let (lo, hi) = (tenth * i, tenth * (i + 1));
+            let n = delays.iter().filter(|d| **d >= lo && **d < hi).count();
+            assert!((50..=150).contains(&n), "{n} of 1000 delays in [{lo:?}, {hi:?})");
+        }
+    }
+}

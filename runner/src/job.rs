@@ -1,0 +1,136 @@
+//! One job stream on the runner: read the Job, check kind, drain and capacity, run the
+//! handler with its run-time limit and cancel, stream its output, then the Result.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use runnel_protocol::{
+    BrokerJobFrame, ErrorCode, JobOutcome, JobRequest, RunnerJobFrame, read_frame, write_frame,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
+use tracing::Instrument;
+
+use crate::handler::{self, Job};
+use crate::runner::Inner;
+
+/// Time the broker has to send the job on a new stream.
+const JOB_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+/// Output frames buffered per job before the handler waits.
+const OUTPUT_QUEUE: usize = 32;
+
+/// Serves one job stream: read the Job, run its handler, stream output, send the Result.
+pub(crate) async fn serve_job(
+    inner: &Arc<Inner>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let req =
+        match tokio::time::timeout(JOB_FRAME_TIMEOUT, read_frame::<BrokerJobFrame, _>(&mut recv))
+            .await
+        {
+            Ok(Ok(Some(BrokerJobFrame::Job(r)))) => r,
+            _ => {
+                let _ = send.reset(ErrorCode::Protocol.as_u32().into());
+                return;
+            }
+        };
+    let span = tracing::info_span!("job", job = %req.job_id, kind = %req.kind);
+    run_job(inner, req, send, recv).instrument(span).await
+}
+
+/// Runs one job whose request has been read (inside its span).
+async fn run_job(
+    inner: &Arc<Inner>,
+    req: JobRequest,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let refuse = |why: &str| RunnerJobFrame::Result(handler::rejected(why));
+    let (handler, permit) =
+        match (inner.handlers.get(&req.kind), inner.permits.clone().try_acquire_owned()) {
+            _ if inner.draining.load(Ordering::Relaxed) => {
+                let _ = write_frame(&mut send, &refuse("runner is draining")).await;
+                let _ = send.finish();
+                return;
+            }
+            (None, _) => {
+                let _ =
+                    write_frame(&mut send, &refuse(&format!("no handler for kind {:?}", req.kind)))
+                        .await;
+                let _ = send.finish();
+                return;
+            }
+            (_, Err(_)) => {
+                let _ = write_frame(&mut send, &refuse("runner is at capacity")).await;
+                let _ = send.finish();
+                return;
+            }
+            (Some(h), Ok(p)) => (h.clone(), p),
+        };
+    let cancel = CancellationToken::new();
+    let (frames_tx, mut frames_rx) = mpsc::channel::<RunnerJobFrame>(OUTPUT_QUEUE);
+    // Broker → runner after the Job: Cancel, or the stream breaking (also a cancel).
+    let listen_cancel = cancel.clone();
+    let listener = AbortOnDropHandle::new(tokio::spawn(async move {
+        match read_frame::<BrokerJobFrame, _>(&mut recv).await {
+            Ok(None) => {}
+            _ => listen_cancel.cancel(),
+        }
+    }));
+    // Runner → broker: output frames, then the Result.
+    let writer = tokio::spawn(async move {
+        while let Some(frame) = frames_rx.recv().await {
+            let last = matches!(frame, RunnerJobFrame::Result(_));
+            if write_frame(&mut send, &frame).await.is_err() {
+                return;
+            }
+            if last {
+                let _ = send.finish();
+                // Keep the stream until the broker has it.
+                let _ = send.stopped().await;
+                return;
+            }
+        }
+    });
+    let timeout = Duration::from_millis(req.timeout_ms);
+    let timed_out = Arc::new(AtomicBool::new(false));
+    let timer = {
+        let cancel = cancel.clone();
+        let timed_out = timed_out.clone();
+        AbortOnDropHandle::new(tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            timed_out.store(true, Ordering::Relaxed);
+            cancel.cancel();
+        }))
+    };
+    let job = Job {
+        id: req.job_id,
+        kind: req.kind,
+        payload: req.payload,
+        timeout,
+        frames: frames_tx.clone(),
+        cancel: cancel.clone(),
+    };
+    let stop = inner.stop.clone();
+    let run = handler.run(job);
+    tokio::pin!(run);
+    let mut result = tokio::select! {
+        r = &mut run => r,
+        _ = stop.cancelled() => { cancel.cancel(); run.await }
+    };
+    timer.abort();
+    listener.abort();
+    if timed_out.load(Ordering::Relaxed) && result.outcome == JobOutcome::Cancelled {
+        result.outcome = JobOutcome::TimedOut;
+        result.message = format!("run timeout of {timeout:?} passed; process group killed");
+    }
+    // Free the permit before the broker can see the Result: the broker counts the job done
+    // when the Result arrives and may send the next one at once.
+    drop(permit);
+    let _ = frames_tx.send(RunnerJobFrame::Result(result)).await;
+    drop(frames_tx);
+    let _ = writer.await;
+}

@@ -1,0 +1,356 @@
+//! One session with the broker: connect, Hello → Welcome, the control stream (heartbeats,
+//! renewal, drain, GoAway), and accepting job streams until the connection ends.
+//!
+//! A runner is *connected* only once the broker's Welcome arrives: with TLS 1.3 a client's
+//! handshake can complete before the broker has refused its certificate, so `connect`
+//! succeeding proves nothing.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use runnel_certs::{ca::CLOCK_SKEW, key, parse_cert, pem};
+use runnel_protocol::{
+    ClientControl, ErrorCode, Heartbeat, Hello, PROTOCOL_VERSION, ServerControl, read_frame,
+    version::MIN_PROTOCOL_VERSION, write_frame,
+};
+use tokio::sync::mpsc;
+use tokio_util::task::AbortOnDropHandle;
+
+use crate::RunnerError;
+use crate::job::serve_job;
+use crate::runner::{Inner, RunnerStatus};
+use crate::tls::{client_endpoint, resolve, runner_config};
+
+/// Time the broker has to answer Hello.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+/// Never ask for a new certificate more often than this.
+const MIN_RENEW_SPACING: Duration = Duration::from_secs(1);
+
+/// How a session ended.
+pub(crate) enum SessionEnd {
+    /// Drained or stopped on request: do not reconnect.
+    Finished,
+    /// The broker refused this runner for good.
+    Fatal(String),
+    /// Anything else: reconnect. `welcomed` says whether the session got that far.
+    Retry { reason: String, welcomed: bool },
+}
+
+/// Whether a connection ended because this runner is revoked: the broker closed a live
+/// connection with `Revoked`, or refused the handshake with the TLS alert
+/// `certificate_revoked`.
+pub(crate) fn is_revocation(e: &quinn::ConnectionError) -> bool {
+    match e {
+        // The broker closed a live connection because the runner was revoked.
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            c.error_code == ErrorCode::Revoked.as_u32().into()
+        }
+        // The TLS alert certificate_revoked (44) in the handshake: QUIC crypto error 0x100+44.
+        quinn::ConnectionError::ConnectionClosed(c) => {
+            c.error_code
+                == quinn::TransportErrorCode::crypto(u8::from(
+                    rustls::AlertDescription::CertificateRevoked,
+                ))
+        }
+        _ => false,
+    }
+}
+
+fn retry(reason: impl std::fmt::Display) -> SessionEnd {
+    SessionEnd::Retry { reason: reason.to_string(), welcomed: false }
+}
+
+/// When a certificate valid over `[not_before, not_after]` should be renewed: after 2/3 of
+/// its life, counted from its issue (the CA backdates `not_before` by [`CLOCK_SKEW`]).
+pub(crate) fn renewal_due(
+    not_before: time::OffsetDateTime,
+    not_after: time::OffsetDateTime,
+) -> time::OffsetDateTime {
+    let issued = not_before + CLOCK_SKEW;
+    let life: time::Duration = not_after - issued;
+    issued + (life * 2) / 3
+}
+
+/// [`renewal_due`] of a PEM certificate, as a system time (None: it does not parse).
+fn renew_at(cert_pem: &str) -> Option<std::time::SystemTime> {
+    let der = pem::certs_from_pem(cert_pem).ok()?.into_iter().next()?;
+    let parsed = parse_cert(&der).ok()?;
+    let at = renewal_due(parsed.not_before, parsed.not_after);
+    Some(
+        std::time::UNIX_EPOCH
+            + Duration::from_secs(u64::try_from(at.unix_timestamp()).unwrap_or(0)),
+    )
+}
+
+pub(crate) async fn session(inner: &Arc<Inner>, sessions: &mut u64) -> SessionEnd {
+    let st = &inner.state;
+    let loaded = (|| -> Result<_, RunnerError> {
+        let ca = pem::certs_from_pem(&st.read(&st.ca_path())?)?.into_iter().next();
+        let cert_pem = st.read(&st.cert_path())?;
+        let chain = pem::certs_from_pem(&cert_pem)?;
+        let key = pem::private_key_from_pem(&st.read(&st.key_path())?)?;
+        Ok((ca, cert_pem, chain, key))
+    })();
+    let (ca, cert_pem, chain, key) = match loaded {
+        Ok((Some(ca), c, ch, k)) => (ca, c, ch, k),
+        Ok((None, ..)) => return SessionEnd::Fatal("state dir has no CA".into()),
+        Err(e) => return SessionEnd::Fatal(e.to_string()),
+    };
+    let max_streams = inner.capacity * 2 + 8;
+    let cfg = match runner_config(ca, chain, key, inner.keep_alive, max_streams) {
+        Ok(c) => c,
+        Err(e) => return SessionEnd::Fatal(e.to_string()),
+    };
+    let (addr, server_name) = match resolve(&inner.broker).await {
+        Ok(x) => x,
+        Err(e) => return retry(e),
+    };
+    let endpoint = match client_endpoint(addr) {
+        Ok(e) => e,
+        Err(e) => return retry(e),
+    };
+    let connecting = match endpoint.connect_with(cfg, addr, &server_name) {
+        Ok(c) => c,
+        Err(e) => return retry(e),
+    };
+    let conn = tokio::select! {
+        c = connecting => match c {
+            Ok(c) => c,
+            Err(e) if is_revocation(&e) => return SessionEnd::Fatal(format!("runner revoked: {e}")),
+            Err(e) => return retry(format!("connect: {e}")),
+        },
+        _ = inner.stop.cancelled() => return SessionEnd::Finished,
+    };
+    let end = serve_connection(inner, &conn, sessions, &cert_pem).await;
+    endpoint.wait_idle().await;
+    end
+}
+
+async fn serve_connection(
+    inner: &Arc<Inner>,
+    conn: &quinn::Connection,
+    sessions: &mut u64,
+    cert_pem: &str,
+) -> SessionEnd {
+    let closed_why = |e: &quinn::ConnectionError| {
+        if is_revocation(e) { SessionEnd::Fatal(format!("runner revoked: {e}")) } else { retry(e) }
+    };
+    let (mut send, mut recv) = match conn.open_bi().await {
+        Ok(s) => s,
+        Err(e) => return closed_why(&e),
+    };
+    let hello = ClientControl::Hello(Hello {
+        min_version: MIN_PROTOCOL_VERSION,
+        max_version: PROTOCOL_VERSION,
+        runner_version: env!("CARGO_PKG_VERSION").into(),
+        labels: inner.labels.clone(),
+        capacity: inner.capacity,
+        kinds: inner.handlers.keys().cloned().collect(),
+    });
+    if let Err(e) = write_frame(&mut send, &hello).await {
+        return retry(format!("sending Hello: {e}"));
+    }
+    let welcome = match tokio::time::timeout(
+        WELCOME_TIMEOUT,
+        read_frame::<ServerControl, _>(&mut recv),
+    )
+    .await
+    {
+        Ok(Ok(Some(ServerControl::Welcome(w)))) => w,
+        Ok(Ok(Some(ServerControl::Error { code, message }))) => {
+            return SessionEnd::Fatal(format!("broker refused the session ({code}): {message}"));
+        }
+        Ok(Ok(_)) => return retry("broker closed the control stream before Welcome"),
+        Ok(Err(e)) => {
+            // Most likely the broker refused our certificate: the close reason says why.
+            return match conn.close_reason() {
+                Some(reason) => closed_why(&reason),
+                None => retry(format!("waiting for Welcome: {e}")),
+            };
+        }
+        Err(_) => return retry("no Welcome in time"),
+    };
+    *sessions += 1;
+    tracing::info!(runner = %welcome.runner_id, tenant = %welcome.tenant, owner = %welcome.owner, "connected");
+    let _ = inner
+        .status
+        .send(RunnerStatus::Connected { runner_id: welcome.runner_id.clone(), session: *sessions });
+
+    // Control writer: heartbeats, renewal requests, the drain notice.
+    let (ctl_tx, mut ctl_rx) = mpsc::channel::<ClientControl>(8);
+    let writer = AbortOnDropHandle::new(tokio::spawn(async move {
+        while let Some(m) = ctl_rx.recv().await {
+            if write_frame(&mut send, &m).await.is_err() {
+                return;
+            }
+        }
+    }));
+    let heartbeat_every = Duration::from_millis(u64::from(welcome.heartbeat_interval_ms.max(100)));
+    let hb_tx = ctl_tx.clone();
+    let hb_permits = inner.permits.clone();
+    let capacity = inner.capacity;
+    let heartbeats = AbortOnDropHandle::new(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(heartbeat_every);
+        loop {
+            tick.tick().await;
+            let free = u32::try_from(hb_permits.available_permits()).unwrap_or(u32::MAX);
+            let in_flight = capacity.saturating_sub(free);
+            let hb = ClientControl::Heartbeat(Heartbeat { in_flight, load_milli: load_milli() });
+            if hb_tx.send(hb).await.is_err() {
+                return;
+            }
+        }
+    }));
+    // Control reader: renewed certificates, GoAway, errors; asks for renewal in time.
+    let reader = AbortOnDropHandle::new(tokio::spawn(control_reader(
+        inner.clone(),
+        ctl_tx.clone(),
+        cert_pem.to_owned(),
+        recv,
+        conn.clone(),
+    )));
+    // Owned: dropped (and so aborted) when this function returns or is dropped.
+    let _tasks = (writer, heartbeats, reader);
+
+    let mut jobs = tokio::task::JoinSet::new();
+    let end = loop {
+        tokio::select! {
+            s = conn.accept_bi() => match s {
+                Ok((send, recv)) => {
+                    let inner = inner.clone();
+                    jobs.spawn(async move { serve_job(&inner, send, recv).await });
+                }
+                Err(e) => break SessionEnd::Retry { reason: e.to_string(), welcomed: true },
+            },
+            _ = inner.drain.cancelled(), if !inner.draining.load(Ordering::Relaxed) => {
+                inner.draining.store(true, Ordering::Relaxed);
+                tracing::info!(in_flight = jobs.len(), "draining: finishing running jobs, refusing new ones");
+                let _ = ctl_tx.send(ClientControl::Draining).await;
+            }
+            Some(_) = jobs.join_next(), if !jobs.is_empty() => {}
+            _ = std::future::ready(()), if inner.draining.load(Ordering::Relaxed) && jobs.is_empty() => {
+                conn.close(ErrorCode::Ok.as_u32().into(), b"drained");
+                break SessionEnd::Finished;
+            }
+            _ = inner.stop.cancelled() => {
+                conn.close(ErrorCode::GoingAway.as_u32().into(), b"runner stopping");
+                break SessionEnd::Finished;
+            }
+        }
+    };
+    jobs.abort_all();
+    match (&end, conn.close_reason()) {
+        (SessionEnd::Retry { .. }, Some(reason)) if is_revocation(&reason) => {
+            SessionEnd::Fatal(format!("runner revoked: {reason}"))
+        }
+        _ => end,
+    }
+}
+
+/// The control-stream reader: handles what the broker sends (renewed certificates, GoAway,
+/// errors) and asks for a new certificate when the current one is due for renewal.
+async fn control_reader(
+    inner: Arc<Inner>,
+    ctl: mpsc::Sender<ClientControl>,
+    mut cert_pem: String,
+    mut recv: quinn::RecvStream,
+    conn: quinn::Connection,
+) {
+    let st = &inner.state;
+    let mut pending = false;
+    loop {
+        let due = renew_at(&cert_pem)
+            .and_then(|at| at.duration_since(std::time::SystemTime::now()).ok())
+            .unwrap_or(Duration::ZERO)
+            .max(MIN_RENEW_SPACING);
+        tokio::select! {
+            _ = tokio::time::sleep(due), if !pending => {
+                let csr = st.read(&st.key_path()).and_then(|k| Ok(key::csr_pem(&key::key_from_pem(&k)?)?));
+                match csr {
+                    Ok(csr_pem) => {
+                        pending = ctl.send(ClientControl::RenewCert { csr_pem }).await.is_ok();
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot build a renewal request");
+                        return;
+                    }
+                }
+            }
+            frame = read_frame::<ServerControl, _>(&mut recv) => match frame {
+                Ok(Some(ServerControl::RenewedCert { cert_pem: new, not_after_unix })) => {
+                    match pem::write_public(&st.cert_path(), &new) {
+                        Ok(()) => tracing::info!(not_after_unix, "certificate renewed"),
+                        Err(e) => tracing::error!(error = %e, "could not save renewed certificate"),
+                    }
+                    cert_pem = new;
+                    pending = false;
+                }
+                Ok(Some(ServerControl::RenewRefused { code, message })) => {
+                    tracing::warn!(%code, %message, "renewal refused");
+                    return;
+                }
+                Ok(Some(ServerControl::GoAway(g))) => {
+                    tracing::info!(reason = %g.reason, "broker asked us to go away");
+                    tokio::time::sleep(Duration::from_millis(u64::from(g.reconnect_after_ms))).await;
+                    conn.close(ErrorCode::Ok.as_u32().into(), b"go away");
+                    return;
+                }
+                Ok(Some(ServerControl::Error { code, message })) => {
+                    tracing::warn!(%code, %message, "broker reported an error");
+                }
+                Ok(Some(other)) => tracing::debug!(?other, "ignoring control message"),
+                Ok(None) | Err(_) => return,
+            },
+        }
+    }
+}
+
+/// 1-minute load average × 1000, from /proc (0 where unavailable).
+fn load_milli() -> u32 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|l| l.parse::<f64>().ok()))
+        .map(|l| (l * 1000.0) as u32)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_is_due_at_two_thirds_of_the_life_from_issue() {
+        let issued = time::OffsetDateTime::from_unix_timestamp(1_000_000).expect("time");
+        let due = renewal_due(issued - CLOCK_SKEW, issued + time::Duration::hours(30));
+        assert_eq!(due, issued + time::Duration::hours(20));
+        // A certificate already past its life is due at once (in the past).
+        let old = renewal_due(issued - CLOCK_SKEW, issued + time::Duration::seconds(3));
+        assert_eq!(old, issued + time::Duration::seconds(2));
+    }
+
+    #[test]
+    fn revocation_is_told_apart_from_other_closes() {
+        let app = |code: ErrorCode| {
+            quinn::ConnectionError::ApplicationClosed(quinn::ApplicationClose {
+                error_code: code.as_u32().into(),
+                reason: bytes::Bytes::new(),
+            })
+        };
+        let alert = |a: rustls::AlertDescription| {
+            quinn::ConnectionError::ConnectionClosed(quinn::ConnectionClose {
+                error_code: quinn::TransportErrorCode::crypto(u8::from(a)),
+                frame_type: None,
+                reason: bytes::Bytes::new(),
+            })
+        };
+        assert!(is_revocation(&app(ErrorCode::Revoked)));
+        assert!(is_revocation(&alert(rustls::AlertDescription::CertificateRevoked)));
+        assert!(!is_revocation(&app(ErrorCode::GoingAway)));
+        assert!(!is_revocation(&app(ErrorCode::TenantRestart)));
+        assert!(!is_revocation(&alert(rustls::AlertDescription::CertificateExpired)));
+        assert!(!is_revocation(&alert(rustls::AlertDescription::UnknownCA)));
+        assert!(!is_revocation(&quinn::ConnectionError::TimedOut));
+        assert!(!is_revocation(&quinn::ConnectionError::LocallyClosed));
+    }
+}
