@@ -85,6 +85,8 @@ pub struct BrokerHandle {
     shared: Arc<Shared>,
     endpoint: quinn::Endpoint,
     root: ractor::ActorRef<crate::actors::RootMsg>,
+    /// Only for `crash_tenant` (the API and accept loop hold their own).
+    #[cfg(feature = "fault-injection")]
     tenants: Arc<Tenants>,
     shutdown: CancellationToken,
     /// The accept loop and the HTTP server: they end on `shutdown`, given time.
@@ -211,6 +213,7 @@ impl Broker {
             shared,
             endpoint,
             root,
+            #[cfg(feature = "fault-injection")]
             tenants,
             shutdown,
             serving,

@@ -1,4 +1,4 @@
-//! Runner selection: the plain decision a [`crate::actors::TenantActor`] makes for each job.
+//! Runner selection: the plain decision a TenantActor makes for each job.
 //!
 //! A runner is eligible when it belongs to the job's owner, is the requested runner (if
 //! one was named), carries every requested label, handles the job's kind, is not draining

@@ -21,7 +21,7 @@
 //! - `shared`: the state every part of one process shares.
 //!
 //! Modules are private; this file re-exports the public API. The criterion benches reach a
-//! few internals through the `bench-internals` feature ([`bench_internals`]).
+//! few internals through the `bench-internals` feature (module `bench_internals`).
 #![deny(clippy::unwrap_used)]
 
 mod actors;

@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use crate::handler::{self, Job, JobHandler};
 
 /// Default cap on the output one job may send.
-pub const DEFAULT_MAX_OUTPUT: usize = 1024 * 1024;
+pub(crate) const DEFAULT_MAX_OUTPUT: usize = 1024 * 1024;
 /// Time between SIGTERM and SIGKILL on cancel.
 const KILL_GRACE: Duration = Duration::from_secs(2);
 

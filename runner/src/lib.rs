@@ -1,36 +1,36 @@
 //! runnel-runner: the process that dials out to a broker and runs jobs.
 //!
 //! # Layout
-//! - [`enroll()`]: one-time enrollment: local ed25519 key, token + CSR, pinned CA.
-//! - [`state`]: the state dir (key 0600, certificate, CA, broker address).
+//! - `enroll` ([`enroll()`]): one-time enrollment: local ed25519 key, token + CSR, pinned CA.
+//! - `state` ([`StateDir`]): the state dir (key 0600, certificate, CA, broker address).
 //! - [`tls`]: client TLS configs (fingerprint-pinned for enrollment, mTLS after).
-//! - [`runner`]: [`Runner::builder`] → [`RunnerHandle`], [`RunnerStatus`], and the loop of
+//! - `runner`: [`Runner::builder`] → [`RunnerHandle`], [`RunnerStatus`], and the loop of
 //!   sessions until drained, stopped or refused.
 //! - `session`: one session: connect, Hello/Welcome, heartbeats, the control-stream reader
 //!   (renewal, GoAway), accepting job streams.
 //! - `job`: one job stream: checks, the handler, output, the Result.
 //! - `backoff`: reconnect delays, exponential with full jitter.
 //! - [`handler`]: the [`JobHandler`] trait custom job kinds implement, and [`Job`].
-//! - [`exec`]: the built-in `exec` handler (process group, streamed output, kill on cancel).
+//! - `exec` ([`Exec`]): the built-in `exec` handler (process group, streamed output, kill on cancel).
 //! - [`cli`]: the `runnel-runner` command line.
 #![deny(clippy::unwrap_used)]
 
 mod backoff;
 pub mod cli;
-pub mod enroll;
-pub mod exec;
+mod enroll;
+mod exec;
 pub mod handler;
 mod job;
-pub mod runner;
+mod runner;
 mod session;
-pub mod state;
+mod state;
 pub mod tls;
 
 pub use enroll::enroll;
 pub use exec::Exec;
 pub use handler::{Job, JobHandler};
 pub use runner::{Runner, RunnerBuilder, RunnerHandle, RunnerStatus};
-pub use state::StateDir;
+pub use state::{RunnerInfo, StateDir};
 
 /// A boxed cause, kept as the `source()` of a [`RunnerError`].
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
