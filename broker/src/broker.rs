@@ -88,6 +88,9 @@ pub struct BrokerHandle {
     /// Only for `crash_tenant` (the API and accept loop hold their own).
     #[cfg(feature = "fault-injection")]
     tenants: Arc<Tenants>,
+    /// The store wrapper `fail_store_writes` flips (tests only).
+    #[cfg(feature = "fault-injection")]
+    faulty: Arc<crate::store::FaultyStore>,
     shutdown: CancellationToken,
     /// The accept loop and the HTTP server: they end on `shutdown`, given time.
     serving: JoinSet<()>,
@@ -135,7 +138,13 @@ impl Broker {
     pub async fn spawn(config: Config) -> Result<BrokerHandle, SpawnError> {
         config.validate()?;
         let opened = crate::data_dir::open(&config.data_dir, &config.cluster).await?;
-        let registry = Registry::new(opened.store.clone());
+        #[cfg(feature = "fault-injection")]
+        let faulty = Arc::new(crate::store::FaultyStore::new(opened.store.clone()));
+        #[cfg(feature = "fault-injection")]
+        let store: Arc<dyn crate::store::Store> = faulty.clone();
+        #[cfg(not(feature = "fault-injection"))]
+        let store = opened.store.clone();
+        let registry = Registry::new(store);
         let index = Arc::new(RunnerIndex::new());
         for r in registry.runners(None).await? {
             index.apply(&r);
@@ -215,6 +224,8 @@ impl Broker {
             root,
             #[cfg(feature = "fault-injection")]
             tenants,
+            #[cfg(feature = "fault-injection")]
+            faulty,
             shutdown,
             serving,
             background,
@@ -233,9 +244,9 @@ async fn audit_denials(registry: Registry, mut rx: mpsc::Receiver<Denial>) {
             ),
             None => (None, None, "no readable identity".to_string()),
         };
-        // A foreign certificate's claims are not proof; record them at cluster level.
-        let tenant =
-            if d.reason == crate::verifier::HandshakeRefusal::ForeignCa { None } else { tenant };
+        // Only a certificate our CA signed proves its tenant; a stranger's claims are
+        // recorded at cluster level, never in the tenant's log.
+        let tenant = if d.proven { tenant } else { None };
         let detail = format!("handshake refused ({}): {who}", d.reason.name());
         let ev =
             AuditEvent::now("denied", "anonymous", tenant.as_deref(), runner.as_deref(), detail);
@@ -294,6 +305,12 @@ impl BrokerHandle {
     #[cfg(feature = "fault-injection")]
     pub fn crash_tenant(&self, tenant: &str) -> bool {
         self.tenants.get(tenant).is_some_and(|t| t.cast(crate::actors::TenantMsg::Crash).is_ok())
+    }
+
+    /// Makes every store write fail from now on (`true`) or succeed again (tests only).
+    #[cfg(feature = "fault-injection")]
+    pub fn fail_store_writes(&self, on: bool) {
+        self.faulty.fail_writes(on);
     }
 
     /// Stops accepting, tells runners to go away, stops the actor tree and waits (bounded

@@ -34,6 +34,9 @@ pub(crate) struct IndexEntry {
     pub labels: BTreeMap<String, String>,
     /// Pairing state.
     pub state: RunnerState,
+    /// Serial (hex) of the runner's one current certificate: the verifier accepts no other,
+    /// so a renewal retires the previous certificate at once.
+    pub cert_serial: Option<String>,
     /// Live connections right now.
     pub connections: u32,
     /// Whether the runner said it is draining.
@@ -76,6 +79,8 @@ pub(crate) enum IndexRefusal {
     Revoked,
     /// Created but never enrolled (cannot hold a valid cert; treat as unknown).
     Pending,
+    /// A certificate of this runner, but not its current one (retired by a renewal).
+    Retired,
 }
 
 /// The index.
@@ -100,6 +105,7 @@ impl RunnerIndex {
             owner: rec.owner.clone(),
             labels: BTreeMap::new(),
             state: rec.state,
+            cert_serial: None,
             connections: 0,
             draining: false,
             last_seen: rec.last_seen,
@@ -116,6 +122,9 @@ impl RunnerIndex {
         entry.tenant = rec.tenant.clone();
         entry.owner = rec.owner.clone();
         entry.labels = rec.labels.clone();
+        if rec.cert_serial.is_some() {
+            entry.cert_serial = rec.cert_serial.clone();
+        }
         // Never hold a lock of one map while taking the other's (any_could_match holds
         // `by_owner` while it reads `map`).
         drop(entry);
@@ -151,6 +160,27 @@ impl RunnerIndex {
             RunnerState::Paired => Ok(()),
             RunnerState::Revoked => Err(IndexRefusal::Revoked),
             RunnerState::Pending => Err(IndexRefusal::Pending),
+        }
+    }
+
+    /// [`Self::check`] for a presented certificate: also refuses any serial but the
+    /// runner's current one.
+    pub(crate) fn check_cert(
+        &self,
+        runner_id: &str,
+        tenant: &str,
+        owner: &str,
+        serial_hex: &str,
+    ) -> Result<(), IndexRefusal> {
+        self.check(runner_id, tenant, owner)?;
+        let current = self.map.get(runner_id).and_then(|e| e.cert_serial.clone());
+        if current.as_deref() == Some(serial_hex) { Ok(()) } else { Err(IndexRefusal::Retired) }
+    }
+
+    /// Makes `serial_hex` the runner's current certificate (after a renewal was stored).
+    pub(crate) fn set_current_cert(&self, runner_id: &str, serial_hex: &str) {
+        if let Some(mut e) = self.map.get_mut(runner_id) {
+            e.cert_serial = Some(serial_hex.to_owned());
         }
     }
 
@@ -264,6 +294,22 @@ mod tests {
         assert!(!idx.any_could_match("other", &needs("o", Some("r1"), &none, "exec")));
         idx.revoke("r1");
         assert!(!idx.any_could_match("t", &needs("o", None, &linux, "exec")));
+    }
+
+    #[test]
+    fn only_the_current_certificate_serial_passes() {
+        let idx = RunnerIndex::new();
+        let mut r = rec("r1", RunnerState::Paired);
+        r.cert_serial = Some("aa".into());
+        idx.apply(&r);
+        assert_eq!(idx.check_cert("r1", "t", "o", "aa"), Ok(()));
+        assert_eq!(idx.check_cert("r1", "t", "o", "bb"), Err(IndexRefusal::Retired));
+        idx.set_current_cert("r1", "bb");
+        assert_eq!(idx.check_cert("r1", "t", "o", "aa"), Err(IndexRefusal::Retired));
+        assert_eq!(idx.check_cert("r1", "t", "o", "bb"), Ok(()));
+        // Revocation still wins over a current serial.
+        idx.revoke("r1");
+        assert_eq!(idx.check_cert("r1", "t", "o", "bb"), Err(IndexRefusal::Revoked));
     }
 
     #[test]

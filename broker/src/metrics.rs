@@ -20,7 +20,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 pub mod names {
     /// Gauge, `tenant`: runners with a live connection.
     pub const RUNNERS_CONNECTED: &str = "runnel_runners_connected";
-    /// Counter, `result` (ok, revoked, unknown, expired, foreign_ca, malformed).
+    /// Counter, `result` (ok, revoked, unknown, expired, foreign_ca, malformed, retired).
     pub const HANDSHAKES: &str = "runnel_handshakes_total";
     /// Counter, `result` (ok, unknown, expired, replayed, bad_request, revoked, internal).
     pub const ENROLLMENTS: &str = "runnel_enrollments_total";
@@ -44,6 +44,9 @@ pub mod names {
     pub const QUIC_RTT: &str = "runnel_quic_rtt_seconds";
     /// Counter: QUIC packets lost on runner connections.
     pub const QUIC_LOST_PACKETS: &str = "runnel_quic_lost_packets_total";
+    /// Counter: live sessions closed `replaced` because a newer session of the same runner
+    /// identity connected (one live session per runner).
+    pub const SESSIONS_REPLACED: &str = "runnel_sessions_replaced_total";
     /// Gauge, `version`: always 1.
     pub const BUILD_INFO: &str = "runnel_build_info";
 
@@ -62,6 +65,7 @@ pub mod names {
         STORE_OP,
         QUIC_RTT,
         QUIC_LOST_PACKETS,
+        SESSIONS_REPLACED,
         BUILD_INFO,
     ];
 }

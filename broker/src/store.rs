@@ -4,11 +4,15 @@
 //!
 //! Keys are `/`-separated strings; values are opaque bytes (the registry stores JSON).
 
+#[cfg(feature = "fault-injection")]
+mod faulty;
 mod redb;
 
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 
+#[cfg(feature = "fault-injection")]
+pub(crate) use self::faulty::FaultyStore;
 pub(crate) use self::redb::RedbStore;
 
 /// Store failures.

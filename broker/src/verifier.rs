@@ -36,6 +36,8 @@ pub enum HandshakeRefusal {
     ForeignCa,
     /// The certificate chains but carries no usable runner identity, or is otherwise bad.
     Malformed,
+    /// A genuine certificate of the runner, but not its current one (a renewal retired it).
+    Retired,
 }
 
 impl HandshakeRefusal {
@@ -47,6 +49,7 @@ impl HandshakeRefusal {
             HandshakeRefusal::Expired => "expired",
             HandshakeRefusal::ForeignCa => "foreign_ca",
             HandshakeRefusal::Malformed => "malformed",
+            HandshakeRefusal::Retired => "retired",
         }
     }
 
@@ -55,7 +58,8 @@ impl HandshakeRefusal {
             HandshakeRefusal::Revoked => CertificateError::Revoked,
             HandshakeRefusal::Expired => CertificateError::Expired,
             HandshakeRefusal::ForeignCa => CertificateError::UnknownIssuer,
-            HandshakeRefusal::Unknown | HandshakeRefusal::Malformed => {
+            // Retired is not final for the runner: it may hold the renewed cert on disk.
+            HandshakeRefusal::Unknown | HandshakeRefusal::Malformed | HandshakeRefusal::Retired => {
                 CertificateError::ApplicationVerificationFailure
             }
         };
@@ -68,8 +72,12 @@ impl HandshakeRefusal {
 pub struct Denial {
     /// Which check refused it (also the `result` label of the handshake metric).
     pub reason: HandshakeRefusal,
-    /// The identity the certificate claims (verified only when the chain was ours).
+    /// The identity the certificate claims.
     pub claimed: Option<RunnerIdentity>,
+    /// Whether the claim is proven: the certificate was signed by the cluster CA (its
+    /// chain verified, at least within its own validity window). Only a proven claim may
+    /// reach that tenant's audit log; anything else is a stranger's words.
+    pub proven: bool,
 }
 
 /// The verifier.
@@ -108,8 +116,9 @@ impl PairingVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<RunnerIdentity, HandshakeRefusal> {
-        let claimed = || match parse_cert(end_entity).map(|p| p.identity) {
-            Ok(Identity::Runner(r)) => Some(r),
+        let parsed = parse_cert(end_entity).ok();
+        let claimed = || match parsed.as_ref().map(|p| &p.identity) {
+            Some(Identity::Runner(r)) => Some(r.clone()),
             _ => None,
         };
         if let Err(e) = self.webpki.verify_client_cert(end_entity, intermediates, now) {
@@ -125,33 +134,56 @@ impl PairingVerifier {
                 ) => HandshakeRefusal::ForeignCa,
                 _ => HandshakeRefusal::Malformed,
             };
-            // A foreign cert's claims are not trustworthy, but they help an operator see
-            // who is knocking; they are labelled as claims in the audit log.
-            return Err(self.deny(reason, claimed()));
+            // webpki reports expiry before it checks the issuer, so an expired claim is
+            // proven only if the chain verifies at a moment inside the cert's own validity.
+            let proven = reason == HandshakeRefusal::Expired
+                && parsed.as_ref().is_some_and(|p| {
+                    let inside = (p.not_before + time::Duration::seconds(1)).unix_timestamp();
+                    let at = UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+                        u64::try_from(inside).unwrap_or(0),
+                    ));
+                    self.webpki.verify_client_cert(end_entity, intermediates, at).is_ok()
+                });
+            // An unproven claim still helps an operator see who is knocking; it goes to the
+            // cluster log, labelled as a claim.
+            return Err(self.deny(reason, claimed(), proven));
         }
-        let identity = match parse_cert(end_entity).map(|p| p.identity) {
-            Ok(Identity::Runner(r)) if r.cluster == self.cluster => r,
-            _ => return Err(self.deny(HandshakeRefusal::Malformed, None)),
+        let (identity, serial) = match parsed {
+            Some(p) => match p.identity {
+                Identity::Runner(r) if r.cluster == self.cluster => (r, p.serial_hex),
+                _ => return Err(self.deny(HandshakeRefusal::Malformed, None, false)),
+            },
+            None => return Err(self.deny(HandshakeRefusal::Malformed, None, false)),
         };
-        match self.index.check(&identity.runner, &identity.tenant, &identity.owner) {
+        match self.index.check_cert(&identity.runner, &identity.tenant, &identity.owner, &serial) {
             Ok(()) => {
                 metrics::counter!(crate::metrics::names::HANDSHAKES, "result" => "ok").increment(1);
                 Ok(identity)
             }
-            Err(IndexRefusal::Revoked) => Err(self.deny(HandshakeRefusal::Revoked, Some(identity))),
+            Err(IndexRefusal::Revoked) => {
+                Err(self.deny(HandshakeRefusal::Revoked, Some(identity), true))
+            }
+            Err(IndexRefusal::Retired) => {
+                Err(self.deny(HandshakeRefusal::Retired, Some(identity), true))
+            }
             Err(IndexRefusal::Unknown | IndexRefusal::Pending) => {
-                Err(self.deny(HandshakeRefusal::Unknown, Some(identity)))
+                Err(self.deny(HandshakeRefusal::Unknown, Some(identity), true))
             }
         }
     }
 
-    fn deny(&self, reason: HandshakeRefusal, claimed: Option<RunnerIdentity>) -> HandshakeRefusal {
+    fn deny(
+        &self,
+        reason: HandshakeRefusal,
+        claimed: Option<RunnerIdentity>,
+        proven: bool,
+    ) -> HandshakeRefusal {
         metrics::counter!(crate::metrics::names::HANDSHAKES, "result" => reason.name())
             .increment(1);
         tracing::info!(reason = reason.name(), runner = ?claimed.as_ref().map(|c| &c.runner), "handshake refused");
         if let Some(tx) = &self.denials {
             // Never block the handshake: when the auditor lags, denials are dropped.
-            let _ = tx.try_send(Denial { reason, claimed });
+            let _ = tx.try_send(Denial { reason, claimed, proven });
         }
         reason
     }

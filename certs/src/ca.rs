@@ -67,6 +67,14 @@ impl std::fmt::Debug for ClusterCa {
     }
 }
 
+/// The public key a CSR asks to be certified (for ed25519, its 32 raw bytes), after
+/// checking the CSR's own signature; compare it with [`crate::ParsedCert::public_key`].
+pub fn csr_public_key(csr_pem: &str) -> Result<Vec<u8>, CertError> {
+    let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+        .map_err(|e| CertError::Malformed(format!("CSR: {e}")))?;
+    Ok(rcgen::PublicKeyData::der_bytes(&csr.public_key).to_vec())
+}
+
 fn random_serial() -> SerialNumber {
     let mut bytes: [u8; 16] = rand::random();
     bytes[0] &= 0x7f; // keep the INTEGER positive

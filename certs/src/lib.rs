@@ -18,7 +18,7 @@ pub mod key;
 pub mod parse;
 pub mod pem;
 
-pub use ca::{ClusterCa, IssuedCert, Validity};
+pub use ca::{ClusterCa, IssuedCert, Validity, csr_public_key};
 pub use identity::{Identity, NodeIdentity, RunnerIdentity};
 pub use parse::{ParsedCert, parse_cert};
 

@@ -19,6 +19,8 @@ pub struct ParsedCert {
     pub not_before: OffsetDateTime,
     /// End of validity.
     pub not_after: OffsetDateTime,
+    /// The subject's public key (for ed25519, its 32 raw bytes).
+    pub public_key: Vec<u8>,
 }
 
 /// Parses a DER certificate that must carry exactly one URI SAN naming a runnel identity.
@@ -47,5 +49,6 @@ pub fn parse_cert(der: &[u8]) -> Result<ParsedCert, CertError> {
         serial_hex: hex::encode(cert.raw_serial()),
         not_before: validity.not_before.to_datetime(),
         not_after: validity.not_after.to_datetime(),
+        public_key: cert.public_key().subject_public_key.data.to_vec(),
     })
 }

@@ -86,3 +86,19 @@ fn server_cert_names_hosts_and_ips() {
     // It carries no runnel identity, so parse_cert refuses it.
     assert!(parse_cert(&cert.cert_der).is_err());
 }
+
+#[test]
+fn a_certificate_and_its_csr_name_the_same_key_and_another_keys_csr_does_not() {
+    let ca = ClusterCa::generate("c1").expect("ca");
+    let mine = key::generate_key().expect("key");
+    let other = key::generate_key().expect("key");
+    let id = RunnerIdentity::new("c1", "acme", "alice", "r1").expect("id");
+    let csr = key::csr_pem(&mine).expect("csr");
+    let cert = ca.issue_runner_cert(&csr, &id, Duration::from_secs(3600)).expect("issue");
+    let parsed = parse_cert(&cert.cert_der).expect("parse");
+    assert_eq!(parsed.public_key.len(), 32, "ed25519 raw key");
+    assert_eq!(runnel_certs::csr_public_key(&csr).expect("csr key"), parsed.public_key);
+    let theirs = key::csr_pem(&other).expect("csr");
+    assert_ne!(runnel_certs::csr_public_key(&theirs).expect("csr key"), parsed.public_key);
+    assert!(runnel_certs::csr_public_key("not a csr").is_err());
+}

@@ -40,11 +40,14 @@ pub enum ErrorCode {
     TenantRestart = 14,
     /// The peer was silent for too long.
     Timeout = 15,
+    /// A newer session of the same runner identity took over (one live session per
+    /// runner; the newest wins, e.g. after the runner's NAT mapping changed).
+    Replaced = 16,
 }
 
 impl ErrorCode {
     /// Every code, in number order (the code at index `n` has number `n`).
-    pub const ALL: [ErrorCode; 16] = {
+    pub const ALL: [ErrorCode; 17] = {
         use ErrorCode::*;
         [
             Ok,
@@ -63,6 +66,7 @@ impl ErrorCode {
             Rejected,
             TenantRestart,
             Timeout,
+            Replaced,
         ]
     };
 
@@ -96,6 +100,7 @@ impl ErrorCode {
             Rejected => "rejected",
             TenantRestart => "tenant_restart",
             Timeout => "timeout",
+            Replaced => "replaced",
         }
     }
 }
@@ -132,6 +137,7 @@ mod tests {
             Rejected => 13,
             TenantRestart => 14,
             Timeout => 15,
+            Replaced => 16,
         }
     }
 

@@ -296,3 +296,34 @@ pub async fn connect_as(b: &TestBroker, state: &StateDir) -> quinn::Connection {
     let key = std::fs::read_to_string(state.key_path()).unwrap();
     connect_with_cert(b, &cert, &key).await.unwrap()
 }
+
+/// A raw session that got its Welcome; returns the connection and its control streams.
+pub async fn welcomed_full(
+    b: &TestBroker,
+    state: &StateDir,
+) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
+    use runnel_protocol::{ServerControl, read_frame, write_frame};
+    let conn = connect_as(b, state).await;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    write_frame(&mut send, &hello()).await.unwrap();
+    let welcome = read_frame::<ServerControl, _>(&mut recv).await;
+    assert!(matches!(welcome, Ok(Some(ServerControl::Welcome(_)))), "{welcome:?}");
+    (conn, send, recv)
+}
+
+/// [`welcomed_full`] without the receive side.
+pub async fn welcomed(b: &TestBroker, state: &StateDir) -> (quinn::Connection, quinn::SendStream) {
+    let (conn, send, _) = welcomed_full(b, state).await;
+    (conn, send)
+}
+
+/// The application close code a connection ends with (panics on any other end, or after
+/// 5 s).
+pub async fn closed_with(conn: &quinn::Connection) -> u32 {
+    match tokio::time::timeout(Duration::from_secs(5), conn.closed()).await.unwrap() {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            u32::try_from(c.error_code.into_inner()).unwrap()
+        }
+        other => panic!("unexpected close: {other:?}"),
+    }
+}

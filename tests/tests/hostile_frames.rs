@@ -5,29 +5,7 @@
 use std::time::Duration;
 
 use runnel_protocol::{ClientControl, ErrorCode, ServerControl, read_frame, write_frame};
-use runnel_tests::{TestBroker, connect_as, hello};
-
-/// A session that got its Welcome; returns the connection and its control streams.
-async fn welcomed_full(
-    b: &TestBroker,
-    state: &runnel_runner::StateDir,
-) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
-    let conn = connect_as(b, state).await;
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    write_frame(&mut send, &hello()).await.unwrap();
-    let welcome = read_frame::<ServerControl, _>(&mut recv).await;
-    assert!(matches!(welcome, Ok(Some(ServerControl::Welcome(_)))), "{welcome:?}");
-    (conn, send, recv)
-}
-
-/// [`welcomed_full`] without the receive side.
-async fn welcomed(
-    b: &TestBroker,
-    state: &runnel_runner::StateDir,
-) -> (quinn::Connection, quinn::SendStream) {
-    let (conn, send, _) = welcomed_full(b, state).await;
-    (conn, send)
-}
+use runnel_tests::{TestBroker, closed_with, connect_as, hello, welcomed, welcomed_full};
 
 #[tokio::test]
 async fn renewal_floods_are_refused() {
@@ -54,15 +32,6 @@ async fn renewal_floods_are_refused() {
     let renewed =
         audit["events"].as_array().unwrap().iter().filter(|e| e["event"] == "renewed").count();
     assert_eq!(renewed, 1);
-}
-
-async fn closed_with(conn: &quinn::Connection) -> u32 {
-    match tokio::time::timeout(Duration::from_secs(5), conn.closed()).await.unwrap() {
-        quinn::ConnectionError::ApplicationClosed(c) => {
-            u32::try_from(c.error_code.into_inner()).unwrap()
-        }
-        other => panic!("unexpected close: {other:?}"),
-    }
 }
 
 #[tokio::test]

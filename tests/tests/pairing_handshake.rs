@@ -155,3 +155,64 @@ async fn runner_alpn_without_a_client_certificate_is_closed_unread() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A self-signed certificate for `key` that claims `uri`, with `eku` and `validity`.
+fn self_signed(
+    key: &rcgen::KeyPair,
+    uri: &str,
+    eku: rcgen::ExtendedKeyUsagePurpose,
+    validity: (time::OffsetDateTime, time::OffsetDateTime),
+) -> String {
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![rcgen::SanType::URI(uri.to_string().try_into().unwrap())];
+    params.extended_key_usages = vec![eku];
+    (params.not_before, params.not_after) = validity;
+    params.self_signed(key).unwrap().pem()
+}
+
+#[tokio::test]
+async fn strangers_claiming_a_tenant_cannot_write_into_its_audit_log() {
+    let b = TestBroker::start().await;
+    let victim_admin = b.tenant("victim").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (victim_runner, _) = b.enrolled(&victim_admin, "boss", dir.path()).await;
+    let (_, before) = b.api.get("/v1/audit", &victim_admin).await;
+    let before = before["events"].as_array().unwrap().len();
+
+    let key = runnel_certs::key::generate_key().unwrap();
+    let key_pem = key.serialize_pem();
+    let uri = format!("spiffe://runnel/tenant/victim/owner/boss/runner/{victim_runner}");
+    let now = time::OffsetDateTime::now_utc();
+    let current = (now - time::Duration::hours(1), now + time::Duration::hours(1));
+    let past = (now - time::Duration::hours(2), now - time::Duration::hours(1));
+    // Expired (webpki says so before it looks at the issuer) and wrong-EKU forgeries.
+    let expired = self_signed(&key, &uri, rcgen::ExtendedKeyUsagePurpose::ClientAuth, past);
+    let server_eku = self_signed(&key, &uri, rcgen::ExtendedKeyUsagePurpose::ServerAuth, current);
+    for forged in [&expired, &server_eku] {
+        assert!(
+            matches!(try_session(&b, forged, &key_pem).await, Session::Alert(_)),
+            "a forgery must be refused in the handshake"
+        );
+    }
+    // The refusals are recorded, at cluster level only.
+    runnel_tests::wait_for(Duration::from_secs(5), "the refusals in the cluster log", || {
+        let b = &b;
+        let runner = victim_runner.clone();
+        async move {
+            let (_, cluster) = b.api.get("/v1/audit", &b.operator_key).await;
+            let n = cluster["events"]
+                .as_array()?
+                .iter()
+                .filter(|e| {
+                    e["event"] == "denied"
+                        && e["detail"].as_str().is_some_and(|d| d.contains(&runner))
+                })
+                .count();
+            (n >= 2).then_some(())
+        }
+    })
+    .await;
+    let (s, after) = b.api.get("/v1/audit", &victim_admin).await;
+    assert_eq!(s, 200);
+    assert_eq!(after["events"].as_array().unwrap().len(), before, "{after}");
+}

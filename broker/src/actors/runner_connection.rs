@@ -116,6 +116,16 @@ pub(crate) struct ConnectionState {
     lost_counted: u64,
     /// When this connection last got a renewed certificate.
     last_renewal: Option<std::time::Instant>,
+    /// The public key of the certificate this connection was verified with: a renewal
+    /// must keep it (None when the peer's certificate cannot be read: renewals refused).
+    peer_key: Option<Vec<u8>>,
+}
+
+/// The public key of the connection's verified peer certificate.
+fn peer_key(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    let chain =
+        conn.peer_identity()?.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok()?;
+    runnel_certs::parse_cert(chain.first()?).ok().map(|p| p.public_key)
 }
 
 fn close(conn: &quinn::Connection, code: ErrorCode, reason: &str) {
@@ -166,6 +176,7 @@ impl Actor for RunnerConnection {
         metrics::gauge!(names::RUNNERS_CONNECTED, "tenant" => label.clone()).increment(1.0);
         Ok(ConnectionState {
             conn_id: args.conn_id,
+            peer_key: peer_key(&conn),
             conn,
             identity,
             tenant: args.tenant,
@@ -347,6 +358,25 @@ impl ConnectionState {
     async fn renew(&self, csr_pem: &str) -> ServerControl {
         let refuse =
             |code: ErrorCode, message: String| ServerControl::RenewRefused { code, message };
+        // Only the key the connection proved it holds may be certified again: a copied
+        // certificate must not become a new key's certificate (key rotation would be its
+        // own, explicit step).
+        match (runnel_certs::csr_public_key(csr_pem), &self.peer_key) {
+            (Ok(asked), Some(held)) if asked == *held => {}
+            (Err(e), _) => return refuse(ErrorCode::BadRequest, format!("bad CSR: {e}")),
+            _ => {
+                let id = &self.identity;
+                let actor = format!("runner:{}", id.runner);
+                let detail = "renewal refused: the CSR is for another key".to_string();
+                let ev =
+                    AuditEvent::now("denied", actor, Some(&id.tenant), Some(&id.runner), detail);
+                self.shared.registry.audit_best_effort(ev).await;
+                return refuse(
+                    ErrorCode::BadRequest,
+                    "renewal must keep the certificate's key".into(),
+                );
+            }
+        }
         let lifetime = self.shared.config.runner_cert_validity;
         let issued = match self.shared.ca.issue_runner_cert(csr_pem, &self.identity, lifetime) {
             Ok(i) => i,
@@ -369,6 +399,8 @@ impl ConnectionState {
             .await;
         match updated {
             Ok(Some(_)) => {
+                // From now on only the new certificate passes the handshake.
+                self.shared.index.set_current_cert(&id.runner, &issued.serial_hex);
                 let detail = format!("serial {}", issued.serial_hex);
                 let actor = format!("runner:{}", id.runner);
                 let ev =

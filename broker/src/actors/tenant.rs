@@ -280,6 +280,18 @@ impl TenantState {
         }
     }
 
+    /// One live session per runner, the newest wins: takes the runner's older connections
+    /// out of the pool (their jobs end `runner_lost`) and returns them, to be closed
+    /// `replaced`. Newest wins because a runner whose NAT mapping changed reconnects
+    /// before the broker has noticed that the old path died.
+    fn supersede(&mut self, runner_id: &str) -> Vec<ConnId> {
+        let conns = self.pool.conns_of(runner_id);
+        for c in &conns {
+            self.remove_conn(*c, "replaced by a newer session of the same runner");
+        }
+        conns
+    }
+
     /// Takes every connection of a revoked runner out of the pool (its jobs end
     /// `runner_lost`); returns them so the caller closes them.
     fn revoke(&mut self, runner_id: &str) -> Vec<ConnId> {
@@ -332,6 +344,29 @@ impl TenantState {
         if self.shared.index.check(&id.runner, &id.tenant, &id.owner).is_err() {
             a.conn.close(ErrorCode::Revoked.as_u32().into(), b"revoked");
             return;
+        }
+        let replaced = self.supersede(&id.runner);
+        for c in &replaced {
+            self.close(*c, ErrorCode::Replaced, "replaced by a newer session");
+            self.forget_link(*c);
+        }
+        if !replaced.is_empty() {
+            metrics::counter!(crate::metrics::names::SESSIONS_REPLACED)
+                .increment(replaced.len() as u64);
+            tracing::info!(runner = %id.runner, remote = %a.conn.remote_address(), "newer session replaces the old one");
+            let detail = format!(
+                "session from {} replaced {} older one(s)",
+                a.conn.remote_address(),
+                replaced.len()
+            );
+            let ev = crate::records::AuditEvent::now(
+                "replaced",
+                format!("runner:{}", id.runner),
+                Some(&id.tenant),
+                Some(&id.runner),
+                detail,
+            );
+            self.shared.registry.audit_best_effort(ev).await;
         }
         let record_labels = self.shared.index.get(&id.runner).map(|e| e.labels).unwrap_or_default();
         let mut labels = a.hello.labels.clone();
@@ -642,6 +677,24 @@ mod tests {
         s.cancel_queued(&c.id);
         assert_eq!(c.state(), JobState::Cancelled);
         assert!(s.queue.is_empty());
+    }
+
+    #[test]
+    fn a_newer_session_supersedes_only_that_runners_older_ones() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut s = state(&dir, 10);
+        pair(&s, "t", "alice", "r1", None);
+        pair(&s, "t", "alice", "r2", None);
+        s.add_conn(1, slot("r1", "alice", 1));
+        s.add_conn(2, slot("r2", "alice", 1));
+        let a = job(&s, "alice", "exec", Some("r1"));
+        s.dispatch(a.clone()).expect("admit");
+        assert_eq!(s.supersede("r1"), vec![1]);
+        assert_eq!(a.state(), JobState::RunnerLost);
+        assert!(s.pool.get(1).is_none() && s.pool.get(2).is_some());
+        s.add_conn(3, slot("r1", "alice", 1));
+        assert!(s.supersede("r9").is_empty());
+        assert_eq!(s.supersede("r1"), vec![3]);
     }
 
     #[test]

@@ -226,8 +226,16 @@ pub(super) async fn get(
     Ok(Json(view(&shared, r)))
 }
 
-/// `DELETE /v1/runners/{id}`: revoke. The index is updated before the live connections
-/// are closed, so a reconnect racing with this call is refused in its handshake.
+/// How often a revocation's store write is tried before the answer says it did not land.
+const REVOKE_STORE_TRIES: u32 = 3;
+/// Wait before the first retry of that write; doubles each time.
+const REVOKE_RETRY_FIRST: Duration = Duration::from_millis(50);
+
+/// `DELETE /v1/runners/{id}`: revoke, failing closed. The index and the live connections
+/// go first, so whatever the store does the runner is refused in its next handshake (the
+/// index never un-revokes); then the record is written, retried. The answer says whether
+/// the revocation reached the store: 200 when it did, 503 when it is in force only in this
+/// process (retry the DELETE; it is idempotent).
 pub(super) async fn revoke(
     State(shared): State<Arc<Shared>>,
     State(tenants): State<Arc<Tenants>>,
@@ -236,40 +244,74 @@ pub(super) async fn revoke(
 ) -> Result<Json<Value>, ApiError> {
     let r = visible(&shared, &caller, &id).await?;
     caller.require(&[Role::Admin])?;
-    let now = now_unix();
-    let newly = shared
-        .registry
-        .update_runner(&r.tenant, &id, |rec| {
-            if rec.state == RunnerState::Revoked {
-                return false;
-            }
-            rec.state = RunnerState::Revoked;
-            rec.revoked_at = Some(now);
-            true
-        })
-        .await?;
     shared.index.revoke(&id);
     let closed = match tenants.get(&r.tenant) {
         Some(tenant) => match tenant
             .call(|reply| TenantMsg::Revoke(id.clone(), reply), Some(ACTOR_CALL_TIMEOUT))
             .await
         {
-            Ok(ractor::rpc::CallResult::Success(n)) => n,
-            _ => {
-                return Err(ApiError::unavailable(
-                    "tenant actor did not answer; the runner is revoked but may still be connected",
-                ));
-            }
+            Ok(ractor::rpc::CallResult::Success(n)) => Some(n),
+            _ => None,
         },
-        None => 0,
+        None => Some(0),
     };
-    if newly.is_some() {
+    let now = now_unix();
+    let mut stored = None;
+    let mut wait = REVOKE_RETRY_FIRST;
+    for attempt in 1..=REVOKE_STORE_TRIES {
+        let write = shared
+            .registry
+            .update_runner(&r.tenant, &id, |rec| {
+                if rec.state == RunnerState::Revoked {
+                    return false;
+                }
+                rec.state = RunnerState::Revoked;
+                rec.revoked_at = Some(now);
+                true
+            })
+            .await;
+        match write {
+            Ok(newly) => {
+                stored = Some(newly.is_some());
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(runner = %id, attempt, error = %e, "revocation store write failed");
+                if attempt < REVOKE_STORE_TRIES {
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                }
+            }
+        }
+    }
+    if stored == Some(true) {
         metrics::counter!(crate::metrics::names::REVOCATIONS).increment(1);
     }
-    metrics::counter!(crate::metrics::names::REVOCATION_CLOSED).increment(closed as u64);
-    let detail = format!("{closed} live connection(s) closed");
+    let n = closed.unwrap_or(0);
+    metrics::counter!(crate::metrics::names::REVOCATION_CLOSED).increment(n as u64);
+    let detail = format!(
+        "{n} live connection(s) closed{}{}",
+        if closed.is_none() { "; tenant actor did not answer" } else { "" },
+        if stored.is_none() { "; not stored" } else { "" }
+    );
     let ev = AuditEvent::now("revoked", caller.audit_actor(), Some(&r.tenant), Some(&id), detail);
     shared.registry.audit_best_effort(ev).await;
-    tracing::info!(tenant = %r.tenant, runner = %id, closed, "runner revoked");
-    Ok(Json(json!({ "revoked": true, "connections_closed": closed })))
+    tracing::info!(tenant = %r.tenant, runner = %id, closed = n, stored = stored.is_some(), "runner revoked");
+    match (closed, stored) {
+        (Some(n), Some(_)) => {
+            Ok(Json(json!({ "revoked": true, "stored": true, "connections_closed": n })))
+        }
+        (Some(n), None) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "revocation_not_stored",
+            format!(
+                "the runner is revoked in this broker and {n} live connection(s) were closed, \
+                 but the store write failed {REVOKE_STORE_TRIES} times; retry to make it durable"
+            ),
+        )),
+        (None, _) => Err(ApiError::unavailable(
+            "tenant actor did not answer; the runner is refused in new handshakes but may \
+             still be connected; retry",
+        )),
+    }
 }
