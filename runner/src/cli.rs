@@ -40,15 +40,16 @@ enum Command {
         /// The one-time enrollment token.
         #[arg(long, env = "RUNNEL_TOKEN", hide_env_values = true)]
         token: String,
-        /// Where to keep the key and certificate.
-        #[arg(long, env = "RUNNEL_STATE_DIR", default_value = "./runnel-runner")]
-        state_dir: PathBuf,
+        /// Where to keep the key and certificate (default: /var/lib/runnel-runner as root,
+        /// else $XDG_STATE_HOME/runnel-runner; never inside a job's working directory).
+        #[arg(long, env = "RUNNEL_STATE_DIR")]
+        state_dir: Option<PathBuf>,
     },
     /// Connect and serve jobs until SIGTERM/SIGINT (which drain: running jobs finish).
     Run {
-        /// The enrolled state dir.
-        #[arg(long, env = "RUNNEL_STATE_DIR", default_value = "./runnel-runner")]
-        state_dir: PathBuf,
+        /// The enrolled state dir (default as for `enroll`).
+        #[arg(long, env = "RUNNEL_STATE_DIR")]
+        state_dir: Option<PathBuf>,
         /// Jobs run at once (default: number of CPUs).
         #[arg(long, env = "RUNNEL_CAPACITY")]
         capacity: Option<u32>,
@@ -58,6 +59,14 @@ enum Command {
         /// Override the broker host:port saved at enrollment.
         #[arg(long, env = "RUNNEL_BROKER")]
         broker: Option<String>,
+        /// Give `exec` jobs the runner's whole environment (default: a minimal one plus
+        /// the job's own `env`).
+        #[arg(long, env = "RUNNEL_EXEC_INHERIT_ENV")]
+        exec_inherit_env: bool,
+        /// Only this program may be run by `exec` jobs (repeatable; exact match of the
+        /// job's `program`). Without it any program may run.
+        #[arg(long = "exec-allow", value_name = "PROGRAM")]
+        exec_allow: Vec<String>,
     },
 }
 
@@ -93,6 +102,16 @@ async fn drain_on_signal(handle: &crate::RunnerHandle) {
     handle.drain();
 }
 
+/// Prints a line on stdout; a closed stdout (`… | head -1`) is not an error worth a panic.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{line}");
+}
+
+fn state_dir(flag: Option<PathBuf>) -> Result<PathBuf, RunnerError> {
+    flag.map_or_else(StateDir::default_path, Ok)
+}
+
 /// Runs the command line; returns the exit status.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -109,11 +128,18 @@ pub fn main() -> ExitCode {
     };
     rt.block_on(async move {
         match cli.command {
-            Command::Enroll { broker, ca_fingerprint, token, state_dir } => {
+            Command::Enroll { broker, ca_fingerprint, token, state_dir: dir } => {
+                let state_dir = match state_dir(dir) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        eprintln!("runnel-runner: {e}");
+                        return ExitCode::from(EXIT_USAGE);
+                    }
+                };
                 match enroll(&broker, &ca_fingerprint, &token, &StateDir::new(&state_dir)).await {
                     Ok(e) => {
-                        println!("enrolled runner {} (tenant {}, owner {})", e.runner_id, e.tenant, e.owner);
-                        println!("start it with: runnel-runner run --state-dir {}", state_dir.display());
+                        say(&format!("enrolled runner {} (tenant {}, owner {})", e.runner_id, e.tenant, e.owner));
+                        say(&format!("start it with: runnel-runner run --state-dir {}", state_dir.display()));
                         ExitCode::SUCCESS
                     }
                     Err(e) => {
@@ -122,8 +148,22 @@ pub fn main() -> ExitCode {
                     }
                 }
             }
-            Command::Run { state_dir, capacity, labels, broker } => {
-                let mut b = Runner::builder(StateDir::new(&state_dir)).labels(labels.into_iter().collect::<BTreeMap<_, _>>());
+            Command::Run { state_dir: dir, capacity, labels, broker, exec_inherit_env, exec_allow } => {
+                let state_dir = match state_dir(dir) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        eprintln!("runnel-runner: {e}");
+                        return ExitCode::from(EXIT_USAGE);
+                    }
+                };
+                let exec = crate::Exec {
+                    inherit_env: exec_inherit_env,
+                    allow: (!exec_allow.is_empty()).then_some(exec_allow),
+                    ..crate::Exec::default()
+                };
+                let mut b = Runner::builder(StateDir::new(&state_dir))
+                    .handler("exec", exec)
+                    .labels(labels.into_iter().collect::<BTreeMap<_, _>>());
                 if let Some(c) = capacity {
                     b = b.capacity(c);
                 }

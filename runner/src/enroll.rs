@@ -24,6 +24,8 @@ pub async fn enroll(
     if state.is_enrolled() {
         return Err(RunnerError::AlreadyEnrolled(state.path().to_owned()));
     }
+    // Before the token is spent: a state dir we cannot use must not cost it.
+    state.create()?;
     let pin = parse_fingerprint(ca_fingerprint)?;
     let (addr, server_name) = resolve(broker).await?;
     let key = key::generate_key()?;
@@ -56,7 +58,6 @@ pub async fn enroll(
     if ring::digest::digest(&ring::digest::SHA256, &ca_der).as_ref() != pin {
         return Err(RunnerError::CaPinMismatch);
     }
-    state.create()?;
     pem::write_private(&state.key_path(), &key.serialize_pem())?;
     pem::write_public(&state.cert_path(), &enrolled.cert_pem)?;
     pem::write_public(&state.ca_path(), &enrolled.ca_pem)?;

@@ -17,17 +17,31 @@ pub(crate) const DEFAULT_MAX_OUTPUT: usize = 1024 * 1024;
 /// Time between SIGTERM and SIGKILL on cancel.
 const KILL_GRACE: Duration = Duration::from_secs(2);
 
+/// `PATH` of a job when the runner has none.
+const FALLBACK_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
 /// The `exec` handler.
+///
+/// A job gets a minimal environment (`PATH`, `HOME` and `TMPDIR` pointing at its own temp
+/// dir, `LANG`) plus the job's `env`, never the runner's own variables (tokens, cloud
+/// credentials) unless `inherit_env`. It runs in a fresh temp dir, removed afterwards,
+/// unless the job names a `cwd`: never in the runner's working directory, where its key
+/// may be.
 #[derive(Debug, Clone)]
 pub struct Exec {
     /// Output cap in bytes (stdout and stderr together); the rest is dropped and the
     /// result marked truncated.
     pub max_output: usize,
+    /// Pass the runner's whole environment to jobs (`--exec-inherit-env`).
+    pub inherit_env: bool,
+    /// When set, only these programs may run (`--exec-allow`, compared with the job's
+    /// `program` exactly); others are rejected without running.
+    pub allow: Option<Vec<String>>,
 }
 
 impl Default for Exec {
     fn default() -> Self {
-        Self { max_output: DEFAULT_MAX_OUTPUT }
+        Self { max_output: DEFAULT_MAX_OUTPUT, inherit_env: false, allow: None }
     }
 }
 
@@ -73,7 +87,24 @@ impl JobHandler for Exec {
             Ok(s) => s,
             Err(e) => return handler::rejected(format!("bad exec payload: {e}")),
         };
+        if self.allow.as_ref().is_some_and(|allow| !allow.contains(&spec.program)) {
+            return handler::rejected(format!("program {:?} is not allowed here", spec.program));
+        }
+        // The job's own directory (unless it named one), removed when the job ends.
+        let scratch = match tempfile::Builder::new().prefix("runnel-job-").tempdir() {
+            Ok(d) => d,
+            Err(e) => return handler::failed(format!("could not create the job's directory: {e}")),
+        };
         let mut cmd = tokio::process::Command::new(&spec.program);
+        if !self.inherit_env {
+            let path = std::env::var_os("PATH").unwrap_or_else(|| FALLBACK_PATH.into());
+            cmd.env_clear()
+                .env("PATH", path)
+                .env("HOME", scratch.path())
+                .env("TMPDIR", scratch.path())
+                .env("LANG", "C.UTF-8");
+        }
+        cmd.current_dir(scratch.path());
         cmd.args(&spec.args)
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())

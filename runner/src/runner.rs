@@ -76,6 +76,12 @@ impl RunnerBuilder {
         self.handlers.insert(kind.to_owned(), Arc::new(h));
         self
     }
+    /// Removes the handler of a job kind (`--no-exec` removes `exec`): the runner then
+    /// does not advertise it, and the broker refuses such jobs for it.
+    pub fn without_handler(mut self, kind: &str) -> Self {
+        self.handlers.remove(kind);
+        self
+    }
     /// Jobs run at once (at least 1).
     pub fn capacity(mut self, n: u32) -> Self {
         self.capacity = n.max(1);

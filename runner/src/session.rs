@@ -18,8 +18,10 @@ use tokio::sync::mpsc;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::RunnerError;
+use crate::backoff::Backoff;
 use crate::job::serve_job;
 use crate::runner::{Inner, RunnerStatus};
+use crate::state::StateDir;
 use crate::tls::{client_endpoint, resolve, runner_config};
 
 /// Time the broker has to answer Hello.
@@ -259,13 +261,18 @@ async fn control_reader(
 ) {
     let st = &inner.state;
     let mut pending = false;
+    // After a refusal that may pass later (too soon, broker trouble), try again with
+    // backoff rather than never: a long-lived session must not outlive its certificate.
+    let mut retry = Backoff::new();
+    let mut not_before = tokio::time::Instant::now();
     loop {
         let due = renew_at(&cert_pem)
             .and_then(|at| at.duration_since(std::time::SystemTime::now()).ok())
             .unwrap_or(Duration::ZERO)
             .max(MIN_RENEW_SPACING);
+        let due = tokio::time::Instant::now().max(not_before) + due;
         tokio::select! {
-            _ = tokio::time::sleep(due), if !pending => {
+            _ = tokio::time::sleep_until(due), if !pending => {
                 let csr = st.read(&st.key_path()).and_then(|k| Ok(key::csr_pem(&key::key_from_pem(&k)?)?));
                 match csr {
                     Ok(csr_pem) => {
@@ -279,16 +286,28 @@ async fn control_reader(
             }
             frame = read_frame::<ServerControl, _>(&mut recv) => match frame {
                 Ok(Some(ServerControl::RenewedCert { cert_pem: new, not_after_unix })) => {
-                    match pem::write_public(&st.cert_path(), &new) {
-                        Ok(()) => tracing::info!(not_after_unix, "certificate renewed"),
-                        Err(e) => tracing::error!(error = %e, "could not save renewed certificate"),
-                    }
-                    cert_pem = new;
                     pending = false;
+                    match accept_renewed(&inner.state, &new) {
+                        Ok(()) => {
+                            tracing::info!(not_after_unix, "certificate renewed");
+                            cert_pem = new;
+                            retry.reset();
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "refusing the renewed certificate");
+                            not_before = tokio::time::Instant::now() + retry.next_delay(&mut rand::rng());
+                        }
+                    }
                 }
                 Ok(Some(ServerControl::RenewRefused { code, message })) => {
-                    tracing::warn!(%code, %message, "renewal refused");
-                    return;
+                    pending = false;
+                    if code == ErrorCode::Revoked {
+                        tracing::warn!(%code, %message, "renewal refused for good");
+                        return;
+                    }
+                    let wait = retry.next_delay(&mut rand::rng());
+                    tracing::warn!(%code, %message, retry_in_ms = wait.as_millis() as u64, "renewal refused; retrying");
+                    not_before = tokio::time::Instant::now() + wait;
                 }
                 Ok(Some(ServerControl::GoAway(g))) => {
                     tracing::info!(reason = %g.reason, "broker asked us to go away");
@@ -304,6 +323,44 @@ async fn control_reader(
             },
         }
     }
+}
+
+/// Checks a renewed certificate before it replaces the current one: it must certify this
+/// runner's own key and chain to the CA pinned at enrollment (a client certificate, valid
+/// now). Then writes it atomically (temp file + rename), so a crash never leaves half a
+/// certificate.
+pub(crate) fn accept_renewed(state: &StateDir, cert_pem: &str) -> Result<(), String> {
+    let der = pem::certs_from_pem(cert_pem)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .next()
+        .ok_or("no certificate in the answer")?;
+    let own = key::key_from_pem(&state.read(&state.key_path()).map_err(|e| e.to_string())?)
+        .map_err(|e| e.to_string())?;
+    let parsed = parse_cert(&der).map_err(|e| e.to_string())?;
+    if parsed.public_key != own.public_key_raw() {
+        return Err("it certifies another key".into());
+    }
+    let ca = pem::certs_from_pem(&state.read(&state.ca_path()).map_err(|e| e.to_string())?)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .next()
+        .ok_or("state dir has no CA")?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca).map_err(|e| e.to_string())?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .map_err(|e| e.to_string())?;
+    verifier
+        .verify_client_cert(&der, &[], rustls_pki_types::UnixTime::now())
+        .map_err(|e| format!("it does not chain to the pinned CA: {e}"))?;
+    let path = state.cert_path();
+    let tmp = path.with_extension("pem.new");
+    pem::write_public(&tmp, cert_pem).map_err(|e| e.to_string())?;
+    std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// 1-minute load average × 1000, from /proc (0 where unavailable).
@@ -327,6 +384,44 @@ mod tests {
         // A certificate already past its life is due at once (in the past).
         let old = renewal_due(issued - CLOCK_SKEW, issued + time::Duration::seconds(3));
         assert_eq!(old, issued + time::Duration::seconds(2));
+    }
+
+    /// A state dir holding `key` and trusting `ca`, with a first certificate.
+    fn state_dir(dir: &std::path::Path, ca: &runnel_certs::ClusterCa) -> (StateDir, String) {
+        let state = StateDir::new(dir.join("s"));
+        state.create().expect("create");
+        let key = key::generate_key().expect("key");
+        let csr = key::csr_pem(&key).expect("csr");
+        let id = runnel_certs::RunnerIdentity::new("runnel", "t", "o", "r1").expect("id");
+        let first = ca.issue_runner_cert(&csr, &id, Duration::from_secs(60)).expect("cert");
+        pem::write_private(&state.key_path(), &key.serialize_pem()).expect("key");
+        pem::write_public(&state.cert_path(), &first.cert_pem).expect("cert");
+        pem::write_public(&state.ca_path(), ca.cert_pem()).expect("ca");
+        (state, csr)
+    }
+
+    #[test]
+    fn a_renewed_certificate_must_be_for_our_key_and_from_our_ca() {
+        let dir = tempfile::tempdir().expect("dir");
+        let ca = runnel_certs::ClusterCa::generate("runnel").expect("ca");
+        let (state, csr) = state_dir(dir.path(), &ca);
+        let id = runnel_certs::RunnerIdentity::new("runnel", "t", "o", "r1").expect("id");
+        let before = std::fs::read_to_string(state.cert_path()).expect("read");
+        // Another key's certificate, from the right CA.
+        let other = key::csr_pem(&key::generate_key().expect("key")).expect("csr");
+        let wrong_key = ca.issue_runner_cert(&other, &id, Duration::from_secs(60)).expect("c");
+        assert!(accept_renewed(&state, &wrong_key.cert_pem).unwrap_err().contains("another key"));
+        // Our key, another CA.
+        let foreign = runnel_certs::ClusterCa::generate("runnel").expect("ca");
+        let wrong_ca = foreign.issue_runner_cert(&csr, &id, Duration::from_secs(60)).expect("c");
+        assert!(accept_renewed(&state, &wrong_ca.cert_pem).unwrap_err().contains("pinned CA"));
+        assert!(accept_renewed(&state, "garbage").is_err());
+        assert_eq!(std::fs::read_to_string(state.cert_path()).expect("read"), before, "untouched");
+        // The genuine one is written, and no temp file is left.
+        let good = ca.issue_runner_cert(&csr, &id, Duration::from_secs(120)).expect("c");
+        accept_renewed(&state, &good.cert_pem).expect("accept");
+        assert_eq!(std::fs::read_to_string(state.cert_path()).expect("read"), good.cert_pem);
+        assert!(!state.cert_path().with_extension("pem.new").exists());
     }
 
     #[test]

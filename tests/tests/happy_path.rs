@@ -24,8 +24,8 @@ async fn operator_to_tenant_to_token_to_enroll_to_run_echo_hello() {
     let mut words: Vec<String> = cmd.split_whitespace().map(str::to_owned).collect();
     assert_eq!(words[0], "runnel-runner");
     assert!(cmd.contains(&b.handle().ca_fingerprint()));
-    let sd = words.iter().position(|w| w == "--state-dir").unwrap();
-    words[sd + 1] = state.display().to_string();
+    assert!(!cmd.contains("--state-dir"), "the default state dir is outside job dirs: {cmd}");
+    words.extend(["--state-dir".to_owned(), state.display().to_string()]);
     let out = tokio::process::Command::new(runner_bin!()).args(&words[1..]).output().await.unwrap();
     assert!(out.status.success(), "enroll failed: {}", String::from_utf8_lossy(&out.stderr));
     let key_mode = std::os::unix::fs::PermissionsExt::mode(

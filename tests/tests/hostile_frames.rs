@@ -12,7 +12,7 @@ async fn renewal_floods_are_refused() {
     let b = TestBroker::start().await;
     let admin = b.tenant("acme").await;
     let dir = tempfile::tempdir().unwrap();
-    let (_, state) = b.enrolled(&admin, "alice", dir.path()).await;
+    let (_, state) = b.enrolled(&admin, "alice", &dir.path().join("r")).await;
     let key = runnel_certs::key::key_from_pem(&std::fs::read_to_string(state.key_path()).unwrap())
         .unwrap();
     let csr_pem = runnel_certs::key::csr_pem(&key).unwrap();

@@ -64,19 +64,18 @@ async fn no_secret_reaches_any_log_line() {
     assert_eq!(api.get("/v1/runners", &format!("{admin}0")).await.0, 401);
 
     let state = dir.path().join("runner");
-    let mut cmd: Vec<String> =
+    let cmd: Vec<String> =
         r["enroll_command"].as_str().unwrap().split_whitespace().map(str::to_owned).collect();
-    let sd = cmd.iter().position(|w| w == "--state-dir").unwrap();
-    cmd[sd + 1] = state.display().to_string();
     let enroll = tokio::process::Command::new(runner_bin!())
         .args(&cmd[1..])
+        .args(["--state-dir", &state.display().to_string()])
         .env("RUST_LOG", "trace")
         .output()
         .await
         .unwrap();
     assert!(enroll.status.success());
     let replay = tokio::process::Command::new(runner_bin!())
-        .args(&cmd[1..sd])
+        .args(&cmd[1..])
         .args(["--state-dir", &dir.path().join("other").display().to_string()])
         .env("RUST_LOG", "trace")
         .output()

@@ -65,7 +65,7 @@ async fn foreign_forged_expired_and_unknown_certificates_fail_the_handshake() {
     let admin = b.tenant("acme").await;
     let victim_admin = b.tenant("victim").await;
     let dir = tempfile::tempdir().unwrap();
-    let (runner_id, state) = b.enrolled(&admin, "alice", dir.path()).await;
+    let (runner_id, state) = b.enrolled(&admin, "alice", &dir.path().join("r")).await;
     let (victim_id, _) = b.enrolled(&victim_admin, "boss", &dir.path().join("v")).await;
     let key_pem = std::fs::read_to_string(state.key_path()).unwrap();
     let cert_pem = std::fs::read_to_string(state.cert_path()).unwrap();
@@ -175,7 +175,7 @@ async fn strangers_claiming_a_tenant_cannot_write_into_its_audit_log() {
     let b = TestBroker::start().await;
     let victim_admin = b.tenant("victim").await;
     let dir = tempfile::tempdir().unwrap();
-    let (victim_runner, _) = b.enrolled(&victim_admin, "boss", dir.path()).await;
+    let (victim_runner, _) = b.enrolled(&victim_admin, "boss", &dir.path().join("r")).await;
     let (_, before) = b.api.get("/v1/audit", &victim_admin).await;
     let before = before["events"].as_array().unwrap().len();
 

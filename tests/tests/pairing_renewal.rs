@@ -28,7 +28,7 @@ async fn renewal_for_another_key_is_refused_and_the_session_carries_on() {
     let b = TestBroker::start().await;
     let admin = b.tenant("acme").await;
     let dir = tempfile::tempdir().unwrap();
-    let (runner_id, state) = b.enrolled(&admin, "alice", dir.path()).await;
+    let (runner_id, state) = b.enrolled(&admin, "alice", &dir.path().join("r")).await;
     let (conn, mut send, mut recv) = welcomed_full(&b, &state).await;
 
     // Someone holding a copy of key.pem + cert.pem tries to move the identity to their key.
@@ -62,7 +62,7 @@ async fn after_a_renewal_the_old_certificate_is_refused_in_the_handshake() {
     let b = TestBroker::start().await;
     let admin = b.tenant("acme").await;
     let dir = tempfile::tempdir().unwrap();
-    let (_, state) = b.enrolled(&admin, "alice", dir.path()).await;
+    let (_, state) = b.enrolled(&admin, "alice", &dir.path().join("r")).await;
     let key_pem = std::fs::read_to_string(state.key_path()).unwrap();
     let old_cert = std::fs::read_to_string(state.cert_path()).unwrap();
     let (_conn, mut send, mut recv) = welcomed_full(&b, &state).await;
@@ -113,7 +113,7 @@ async fn a_second_session_replaces_the_first_and_only_the_newest_gets_jobs() {
     let b = TestBroker::start().await;
     let admin = b.tenant("acme").await;
     let dir = tempfile::tempdir().unwrap();
-    let (runner_id, state) = b.enrolled(&admin, "alice", dir.path()).await;
+    let (runner_id, state) = b.enrolled(&admin, "alice", &dir.path().join("r")).await;
     let (first, _s1, _r1) = welcomed_full(&b, &state).await;
     let (second, _s2, _r2) = welcomed_full(&b, &state).await;
     assert_eq!(closed_with(&first).await, ErrorCode::Replaced.as_u32());

@@ -135,9 +135,14 @@ async fn malformed_enroll_requests_are_refused_and_keep_the_token_usable() {
 
     // The token survived all of it.
     let dir = tempfile::tempdir().unwrap();
-    enroll(b.handle().advertise(), &b.handle().ca_fingerprint(), token, &StateDir::new(dir.path()))
-        .await
-        .unwrap();
+    enroll(
+        b.handle().advertise(),
+        &b.handle().ca_fingerprint(),
+        token,
+        &StateDir::new(dir.path().join("r")),
+    )
+    .await
+    .unwrap();
 }
 
 #[tokio::test]

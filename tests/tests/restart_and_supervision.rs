@@ -73,7 +73,7 @@ async fn certificates_renew_over_the_live_connection() {
     let b = TestBroker::start_with(|c| c.runner_cert_validity = Duration::from_secs(3)).await;
     let admin = b.tenant("acme").await;
     let dir = tempfile::tempdir().unwrap();
-    let (id, state) = b.enrolled(&admin, "alice", dir.path()).await;
+    let (id, state) = b.enrolled(&admin, "alice", &dir.path().join("r")).await;
     let first = std::fs::read_to_string(state.cert_path()).unwrap();
     let (_, v) = b.api.get(&format!("/v1/runners/{id}"), &admin).await;
     let first_expiry = v["cert_not_after"].as_i64().unwrap();

@@ -20,7 +20,7 @@ async fn revoking_closes_the_connection_and_reconnects_are_refused() {
     let b = TestBroker::start().await;
     let admin = b.tenant("acme").await;
     let dir = tempfile::tempdir().unwrap();
-    let (id, state) = b.enrolled(&admin, "alice", dir.path()).await;
+    let (id, state) = b.enrolled(&admin, "alice", &dir.path().join("r")).await;
     let runner = Runner::builder(state.clone()).capacity(1).spawn().unwrap();
     runner.wait_connected(Duration::from_secs(10)).await.unwrap();
     wait_runner_status(&b, &admin, &id, "online").await;
@@ -86,7 +86,7 @@ async fn revoking_a_pending_runner_makes_its_token_useless() {
         b.handle().advertise(),
         &b.handle().ca_fingerprint(),
         v["token"].as_str().unwrap(),
-        &runnel_runner::StateDir::new(dir.path()),
+        &runnel_runner::StateDir::new(dir.path().join("r")),
     )
     .await;
     assert!(matches!(r, Err(RunnerError::EnrollRefused { .. })), "{r:?}");
@@ -97,7 +97,7 @@ async fn revocation_fails_closed_when_the_store_cannot_write() {
     let b = TestBroker::start().await;
     let admin = b.tenant("acme").await;
     let dir = tempfile::tempdir().unwrap();
-    let (id, state) = b.enrolled(&admin, "alice", dir.path()).await;
+    let (id, state) = b.enrolled(&admin, "alice", &dir.path().join("r")).await;
     let runner = Runner::builder(state.clone()).capacity(1).spawn().unwrap();
     runner.wait_connected(Duration::from_secs(10)).await.unwrap();
 

@@ -64,8 +64,7 @@ async fn runnelctl_covers_the_api() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut words: Vec<String> = enroll_line.split_whitespace().map(str::to_owned).collect();
-    let sd = words.iter().position(|w| w == "--state-dir").unwrap();
-    words[sd + 1] = dir.path().join("r").display().to_string();
+    words.extend(["--state-dir".to_owned(), dir.path().join("r").display().to_string()]);
     let out = tokio::process::Command::new(runner_bin!()).args(&words[1..]).output().await.unwrap();
     assert!(out.status.success());
     let list = ctl.json(&["runners", "list"]).await;

@@ -60,9 +60,8 @@ impl Demo {
         let state = self.dir.join(name);
         let cmd = v["enroll_command"].as_str().context("enroll_command")?;
         let mut words: Vec<String> = cmd.split_whitespace().map(str::to_owned).collect();
-        if let Some(i) = words.iter().position(|w| w == "--state-dir") {
-            words[i + 1] = state.display().to_string();
-        }
+        // The command enrolls into the default state dir; the demo keeps each runner's own.
+        words.extend(["--state-dir".to_owned(), state.display().to_string()]);
         let shown = cmd.split(" --token ").next().unwrap_or(cmd);
         println!("  {name}: {shown} --token rt_… (one-time)");
         let out = Command::new(&self.runner_bin).args(&words[1..]).output().await?;

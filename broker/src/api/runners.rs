@@ -171,7 +171,7 @@ pub(super) async fn create(
     );
     shared.registry.audit_best_effort(ev).await;
     let enroll_command = format!(
-        "runnel-runner enroll --broker {} --ca-fingerprint {} --token {} --state-dir ./runnel-runner",
+        "runnel-runner enroll --broker {} --ca-fingerprint {} --token {}",
         shared.advertise,
         shared.ca.fingerprint(),
         minted.plaintext
