@@ -67,8 +67,8 @@ impl BrokerProc {
                 http = Some(rest.trim().to_owned());
             } else if let Some(rest) = t.strip_prefix("CA fingerprint:") {
                 fp = Some(rest.trim().to_owned());
-            } else if t.starts_with("rk_") {
-                key = Some(t.to_owned());
+            } else if let Some(rest) = t.strip_prefix("Operator key file:") {
+                key = Some(std::fs::read_to_string(rest.trim())?.trim().to_owned());
             }
             if key.is_some() && http.is_some() && quic.is_some() && fp.is_some() {
                 break;
@@ -81,7 +81,7 @@ impl BrokerProc {
             _dir: dir,
             http: http.context("no HTTP address in banner")?,
             quic: quic.context("no QUIC address in banner")?,
-            operator_key: key.context("no operator key in banner")?,
+            operator_key: key.context("no operator key file in banner")?,
             fingerprint: fp.context("no fingerprint in banner")?,
         })
     }

@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, FromRef};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 
 pub(crate) use auth::Caller;
 pub(crate) use error::{ApiError, ApiJson};
@@ -58,7 +58,10 @@ pub(crate) const MAX_BODY: usize = 512 * 1024;
 pub(crate) fn router(shared: Arc<Shared>, tenants: Arc<Tenants>) -> Router {
     Router::new()
         .route("/v1/tenants", post(tenants::create).get(tenants::list))
-        .route("/v1/tenants/{tenant}/keys", post(keys::create))
+        .route("/v1/tenants/{tenant}/keys", post(keys::create).get(keys::list))
+        .route("/v1/tenants/{tenant}/keys/{id}", delete(keys::revoke))
+        .route("/v1/operator-keys", post(keys::create_operator).get(keys::list_operator))
+        .route("/v1/operator-keys/{id}", delete(keys::revoke_operator))
         .route("/v1/runners", post(runners::create).get(runners::list))
         .route("/v1/runners/{id}", get(runners::get).delete(runners::revoke))
         .route("/v1/jobs", post(jobs::create).get(jobs::list))

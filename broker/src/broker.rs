@@ -80,8 +80,11 @@ pub enum SpawnError {
 pub struct BrokerHandle {
     quic_addr: SocketAddr,
     http_addr: SocketAddr,
-    /// The operator key, on the first start of a data dir only.
+    /// The operator key, on the first start of a data dir only (in memory, for an
+    /// embedding program or test; the `runnel-broker` binary prints only the file's path).
     pub first_operator_key: Option<String>,
+    /// Where the first start wrote the operator key (0600), on that start only.
+    pub first_operator_key_file: Option<std::path::PathBuf>,
     shared: Arc<Shared>,
     endpoint: quinn::Endpoint,
     root: ractor::ActorRef<crate::actors::RootMsg>,
@@ -138,6 +141,7 @@ impl Broker {
     pub async fn spawn(config: Config) -> Result<BrokerHandle, SpawnError> {
         config.validate()?;
         let opened = crate::data_dir::open(&config.data_dir, &config.cluster).await?;
+        let config_data_dir = config.data_dir.clone();
         #[cfg(feature = "fault-injection")]
         let faulty = Arc::new(crate::store::FaultyStore::new(opened.store.clone()));
         #[cfg(feature = "fault-injection")]
@@ -218,6 +222,10 @@ impl Broker {
         Ok(BrokerHandle {
             quic_addr,
             http_addr,
+            first_operator_key_file: opened
+                .first_operator_key
+                .is_some()
+                .then(|| config_data_dir.join(crate::data_dir::OPERATOR_KEY_FILE)),
             first_operator_key: opened.first_operator_key,
             shared,
             endpoint,

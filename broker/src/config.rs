@@ -34,6 +34,8 @@ pub(crate) const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
 pub(crate) const DEFAULT_JOB_RETENTION: usize = 10_000;
 /// Default number of tenants with their own metric label.
 pub(crate) const DEFAULT_METRICS_TENANT_LABELS: usize = 100;
+/// Default cap on live (unrevoked, unexpired) API keys per tenant.
+pub(crate) const DEFAULT_MAX_KEYS_PER_TENANT: usize = 100;
 /// Default age after which finished jobs are forgotten.
 pub(crate) const DEFAULT_JOB_RETENTION_AGE: Duration = Duration::from_secs(3600);
 
@@ -72,6 +74,8 @@ pub struct Config {
     pub job_retention_age: Duration,
     /// Tenants that get their own `tenant` metric label (0: none; later ones: `_other`).
     pub metrics_tenant_labels: usize,
+    /// Live API keys a tenant may hold; creating more answers 409 `too_many_keys`.
+    pub max_keys_per_tenant: usize,
 }
 
 impl Default for Config {
@@ -93,6 +97,7 @@ impl Default for Config {
             job_retention: DEFAULT_JOB_RETENTION,
             job_retention_age: DEFAULT_JOB_RETENTION_AGE,
             metrics_tenant_labels: DEFAULT_METRICS_TENANT_LABELS,
+            max_keys_per_tenant: DEFAULT_MAX_KEYS_PER_TENANT,
         }
     }
 }
@@ -138,6 +143,9 @@ impl Config {
         }
         if self.queue_limit == 0 {
             return invalid("queue-limit", "must be at least 1");
+        }
+        if self.max_keys_per_tenant == 0 {
+            return invalid("max-keys-per-tenant", "must be at least 1");
         }
         if self.idle_timeout < Duration::from_secs(1) {
             return invalid("idle-timeout", "must be at least 1s");
@@ -257,6 +265,8 @@ pub struct FileConfig {
     pub heartbeat_interval: Option<String>,
     /// See [`Config::metrics_tenant_labels`].
     pub metrics_tenant_labels: Option<usize>,
+    /// See [`Config::max_keys_per_tenant`].
+    pub max_keys_per_tenant: Option<usize>,
 }
 
 impl FileConfig {

@@ -5,6 +5,8 @@
 //!   ca.pem               cluster CA certificate
 //!   ca.key               cluster CA private key (0600)
 //!   runnel.redb          the store
+//!   operator.key         the first operator API key (0600), written once at first start:
+//!                        the only place its plaintext ever is; move it to a secret store
 //! ```
 //! The broker's server certificate is issued fresh at every start from the CA, for the
 //! names configured now; runners pin the CA, not the leaf.
@@ -19,6 +21,9 @@ use runnel_certs::{CertError, ClusterCa, pem};
 use crate::records::{ApiKey, Registry, Role, now_unix};
 use crate::secret::{KEY_PREFIX, mint};
 use crate::store::{RedbStore, Store, StoreError};
+
+/// The file the first operator key is written to, inside the data dir.
+pub(crate) const OPERATOR_KEY_FILE: &str = "operator.key";
 
 /// What opening the data dir yields.
 pub(crate) struct Opened {
@@ -97,7 +102,11 @@ pub(crate) async fn open(dir: &Path, cluster: &str) -> Result<Opened, DataDirErr
             owner: None,
             secret: minted.hashed,
             created_at: now_unix(),
+            expires_at: None,
+            revoked_at: None,
         };
+        // The key goes to a 0600 file, never to stdout (and from there into journald).
+        pem::write_private(&dir.join(OPERATOR_KEY_FILE), &format!("{}\n", minted.plaintext))?;
         Registry::new(store.clone()).put_key(&rec).await?;
         store.put("meta/operator-key-issued", b"1".to_vec()).await?;
         Some(minted.plaintext)

@@ -47,6 +47,9 @@ pub mod names {
     /// Counter: live sessions closed `replaced` because a newer session of the same runner
     /// identity connected (one live session per runner).
     pub const SESSIONS_REPLACED: &str = "runnel_sessions_replaced_total";
+    /// Counter, `key` (the key id, never key material; `unknown` when none matched) and
+    /// `reason` (malformed, unknown_id, bad_secret, revoked, expired): refused API keys.
+    pub const API_KEY_FAILURES: &str = "runnel_api_key_failures_total";
     /// Gauge, `version`: always 1.
     pub const BUILD_INFO: &str = "runnel_build_info";
 
@@ -66,6 +69,7 @@ pub mod names {
         QUIC_RTT,
         QUIC_LOST_PACKETS,
         SESSIONS_REPLACED,
+        API_KEY_FAILURES,
         BUILD_INFO,
     ];
 }

@@ -61,6 +61,25 @@ pub(crate) struct ApiKey {
     pub secret: HashedSecret,
     /// Creation time.
     pub created_at: i64,
+    /// When the key stops working (unix seconds; None: never).
+    #[serde(default)]
+    pub expires_at: Option<i64>,
+    /// When it was revoked (refused from the next request on).
+    #[serde(default)]
+    pub revoked_at: Option<i64>,
+}
+
+impl ApiKey {
+    /// Why the key may not be used at `now`, if it may not.
+    pub(crate) fn unusable(&self, now: i64) -> Option<&'static str> {
+        if self.revoked_at.is_some() {
+            Some("revoked")
+        } else if self.expires_at.is_some_and(|t| now >= t) {
+            Some("expired")
+        } else {
+            None
+        }
+    }
 }
 
 /// Lifecycle of a runner record.

@@ -29,6 +29,8 @@ pub(crate) struct Shared {
     pub jobs: JobTable,
     /// API key records by key id (mirror of the store, for auth without a store read).
     pub keys: DashMap<String, ApiKey>,
+    /// When each key was last used (unix seconds; memory only, since this start).
+    pub key_last_used: DashMap<String, i64>,
     /// `host:port` runners dial.
     pub advertise: String,
     /// The `tenant` metric label cap.
@@ -64,6 +66,7 @@ impl Shared {
             ca,
             jobs,
             keys: DashMap::new(),
+            key_last_used: DashMap::new(),
             advertise,
             conn_seq: AtomicU64::new(1),
         }

@@ -88,7 +88,32 @@ enum Keys {
         /// Owner (member keys).
         #[arg(long)]
         owner: Option<String>,
+        /// Seconds until the key stops working (default: never).
+        #[arg(long)]
+        expires_in_secs: Option<u64>,
     },
+    /// List a tenant's keys (never their secrets), or the operator keys with --operator.
+    List {
+        /// Tenant.
+        #[arg(long, required_unless_present = "operator")]
+        tenant: Option<String>,
+        /// The operator keys instead.
+        #[arg(long, conflicts_with = "tenant")]
+        operator: bool,
+    },
+    /// Revoke a key: refused from its next request on.
+    Revoke {
+        /// Key id (the `rk_<id>_…` middle part, as listed).
+        id: String,
+        /// Tenant of the key.
+        #[arg(long, required_unless_present = "operator")]
+        tenant: Option<String>,
+        /// An operator key instead.
+        #[arg(long, conflicts_with = "tenant")]
+        operator: bool,
+    },
+    /// Mint another operator key (rotation: create, switch to it, revoke the old one).
+    RotateOperator,
 }
 
 #[derive(Debug, Subcommand)]
@@ -303,14 +328,52 @@ async fn run(cli: Cli) -> Result<ExitCode, CtlError> {
                 .unwrap_or_default();
             print(&v, render(&["ID", "CREATED"], &rows));
         }
-        Command::Keys(Keys::Create { tenant, role, owner }) => {
+        Command::Keys(Keys::Create { tenant, role, owner, expires_in_secs }) => {
             let v = c
                 .post(
                     &format!("/v1/tenants/{tenant}/keys"),
-                    json!({ "role": role, "owner": owner }),
+                    json!({ "role": role, "owner": owner, "expires_in_secs": expires_in_secs }),
                 )
                 .await?;
             print(&v, format!("{}\n(shown once: store it now)", s(&v["key"])));
+        }
+        Command::Keys(Keys::List { tenant, operator: _ }) => {
+            let path = match &tenant {
+                Some(t) => format!("/v1/tenants/{t}/keys"),
+                None => "/v1/operator-keys".to_owned(),
+            };
+            let v = c.get(&path).await?;
+            let rows: Vec<Vec<String>> = v["keys"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|k| {
+                            let state = if k["revoked_at"].is_i64() { "revoked" } else { "live" };
+                            vec![s(&k["id"]), s(&k["role"]), s(&k["owner"]), state.to_owned()]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            print(&v, render(&["ID", "ROLE", "OWNER", "STATE"], &rows));
+        }
+        Command::Keys(Keys::Revoke { id, tenant, operator: _ }) => {
+            let path = match &tenant {
+                Some(t) => format!("/v1/tenants/{t}/keys/{id}"),
+                None => format!("/v1/operator-keys/{id}"),
+            };
+            let v = c.delete(&path).await?;
+            print(&v, format!("key {id} revoked"));
+        }
+        Command::Keys(Keys::RotateOperator) => {
+            let v = c.post("/v1/operator-keys", json!({})).await?;
+            print(
+                &v,
+                format!(
+                    "{}\n(new operator key, shown once; switch to it, then revoke the old one with \
+                     `runnelctl keys revoke --operator <id>`)",
+                    s(&v["key"])
+                ),
+            );
         }
         Command::Runners(Runners::Create { owner, name, labels, token_ttl }) => {
             let labels: BTreeMap<_, _> = labels.into_iter().collect();

@@ -30,18 +30,29 @@ async fn no_secret_reaches_any_log_line() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(broker.stdout.take().unwrap()).lines();
-    let (mut http, mut key) = (None, None);
+    let (mut http, mut key_file, mut banner) = (None, None, String::new());
     while let Some(l) = lines.next_line().await.unwrap() {
+        banner.push_str(&l);
+        banner.push('\n');
         let t = l.trim();
         if let Some(rest) = t.strip_prefix("HTTP API:") {
             http = Some(rest.trim().to_owned());
         }
-        if t.starts_with("rk_") {
-            key = Some(t.to_owned());
+        if let Some(rest) = t.strip_prefix("Operator key file:") {
+            key_file = Some(std::path::PathBuf::from(rest.trim()));
+        }
+        if t.starts_with("export RUNNEL_URL") {
             break;
         }
     }
-    let (http, operator) = (http.unwrap(), key.unwrap());
+    // The key is in a 0600 file, and never on stdout (where journald would keep it).
+    let key_file = key_file.expect("the banner names the key file");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777, 0o600);
+    let operator = std::fs::read_to_string(&key_file).unwrap().trim().to_owned();
+    assert!(operator.starts_with("rk_"), "{operator}");
+    assert!(!banner.contains(&operator), "the operator key was printed: {banner}");
+    let http = http.unwrap();
     let stderr = broker.stderr.take().unwrap();
     let broker_log = tokio::spawn(async move {
         let mut all = String::new();

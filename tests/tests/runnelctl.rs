@@ -140,3 +140,45 @@ async fn runnelctl_covers_the_api() {
     assert_eq!(u.code, 1);
     assert!(u.stderr.contains("cannot reach"), "{}", u.stderr);
 }
+
+#[tokio::test]
+async fn runnelctl_lists_revokes_and_rotates_keys() {
+    let b = TestBroker::start().await;
+    let admin_key = b.tenant("acme").await;
+    let admin = Ctl { url: b.api.base().to_owned(), key: &admin_key };
+    let made = admin
+        .json(&[
+            "keys",
+            "create",
+            "--tenant",
+            "acme",
+            "--role",
+            "dispatcher",
+            "--expires-in-secs",
+            "3600",
+        ])
+        .await;
+    let (id, secret) =
+        (made["id"].as_str().unwrap().to_owned(), made["key"].as_str().unwrap().to_owned());
+    assert!(made["expires_at"].is_i64(), "{made}");
+    let listed = admin.run(&["keys", "list", "--tenant", "acme"]).await;
+    assert_eq!(listed.code, 0, "{}", listed.stderr);
+    assert!(
+        listed.stdout.contains(&id) && listed.stdout.contains("dispatcher"),
+        "{}",
+        listed.stdout
+    );
+    assert!(!listed.stdout.contains(secret.rsplit('_').next().unwrap()));
+    let revoked = admin.run(&["keys", "revoke", &id, "--tenant", "acme"]).await;
+    assert_eq!(revoked.code, 0, "{}", revoked.stderr);
+    let gone = Ctl { url: b.api.base().to_owned(), key: &secret };
+    let refused = gone.run(&["runners", "list"]).await;
+    assert_eq!(refused.code, 1);
+    assert!(refused.stderr.contains("revoked"), "{}", refused.stderr);
+
+    let op = Ctl { url: b.api.base().to_owned(), key: &b.operator_key };
+    let rotated = op.json(&["keys", "rotate-operator"]).await;
+    assert!(rotated["key"].as_str().unwrap().starts_with("rk_"));
+    let ops = op.json(&["keys", "list", "--operator"]).await;
+    assert_eq!(ops["keys"].as_array().unwrap().len(), 2, "{ops}");
+}

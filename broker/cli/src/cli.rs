@@ -84,6 +84,9 @@ struct ServeArgs {
     /// Tenants with their own `tenant` metric label; later ones share `_other` (0: off).
     #[arg(long, env = "RUNNEL_METRICS_TENANT_LABELS")]
     metrics_tenant_labels: Option<usize>,
+    /// Live API keys one tenant may hold (default 100).
+    #[arg(long, env = "RUNNEL_MAX_KEYS_PER_TENANT")]
+    max_keys_per_tenant: Option<usize>,
 }
 
 fn dur(
@@ -139,6 +142,10 @@ impl ServeArgs {
                 .metrics_tenant_labels
                 .or(file.metrics_tenant_labels)
                 .unwrap_or(d.metrics_tenant_labels),
+            max_keys_per_tenant: self
+                .max_keys_per_tenant
+                .or(file.max_keys_per_tenant)
+                .unwrap_or(d.max_keys_per_tenant),
             ..d
         };
         config.validate()?;
@@ -163,11 +170,12 @@ fn print_banner(h: &BrokerHandle) {
     println!("  QUIC (runners):  {}   advertised as {}", h.quic_addr(), h.advertise());
     println!("  HTTP API:        {}", h.http_url());
     println!("  CA fingerprint:  {}", h.ca_fingerprint());
-    if let Some(key) = &h.first_operator_key {
+    if let Some(file) = &h.first_operator_key_file {
         println!();
-        println!("  Operator API key (shown once, only its hash is stored):");
-        println!("    {key}");
-        println!("  export RUNNEL_URL={} RUNNEL_KEY={key}", h.http_url());
+        println!("  Operator key file: {}", file.display());
+        println!("  (the first operator API key, 0600, written once: move it to your secret");
+        println!("  store; the broker keeps only its hash)");
+        println!("  export RUNNEL_URL={} RUNNEL_KEY=$(cat {})", h.http_url(), file.display());
     }
 }
 

@@ -8,7 +8,8 @@ use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 
 use super::ApiError;
-use crate::records::Role;
+use crate::metrics::names;
+use crate::records::{AuditEvent, Role, now_unix};
 use crate::secret::{KEY_PREFIX, split};
 use crate::shared::Shared;
 
@@ -73,16 +74,40 @@ where
         let presented = value
             .strip_prefix("Bearer ")
             .ok_or_else(|| ApiError::unauthorized("expected Authorization: Bearer <key>"))?;
-        let (id, random) = split(KEY_PREFIX, presented.trim())
-            .ok_or_else(|| ApiError::unauthorized("invalid API key"))?;
-        let rec = shared
-            .keys
-            .get(id)
-            .map(|r| r.clone())
-            .ok_or_else(|| ApiError::unauthorized("invalid API key"))?;
+        let fail = |key: &str, reason: &'static str| {
+            metrics::counter!(names::API_KEY_FAILURES, "key" => key.to_owned(), "reason" => reason)
+                .increment(1);
+        };
+        let Some((id, random)) = split(KEY_PREFIX, presented.trim()) else {
+            fail("unknown", "malformed");
+            return Err(ApiError::unauthorized("invalid API key"));
+        };
+        let Some(rec) = shared.keys.get(id).map(|r| r.clone()) else {
+            fail("unknown", "unknown_id");
+            return Err(ApiError::unauthorized("invalid API key"));
+        };
+        // Counted per key id (public, never key material): a wrong secret for a real key
+        // is someone guessing, or a leaked id.
         if !rec.secret.verify(random) {
+            fail(&rec.id, "bad_secret");
             return Err(ApiError::unauthorized("invalid API key"));
         }
+        let now = now_unix();
+        if let Some(why) = rec.unusable(now) {
+            fail(&rec.id, why);
+            // The secret was right, so the key's tenant is proven: the refused use goes in
+            // its log.
+            let ev = AuditEvent::now(
+                "key_refused",
+                format!("key:{}", rec.id),
+                rec.tenant.as_deref(),
+                None,
+                format!("{why} key used"),
+            );
+            shared.registry.audit_best_effort(ev).await;
+            return Err(ApiError::unauthorized(format!("API key {why}")));
+        }
+        shared.key_last_used.insert(rec.id.clone(), now);
         Ok(Caller { key_id: rec.id, role: rec.role, tenant: rec.tenant, owner: rec.owner })
     }
 }
