@@ -198,7 +198,8 @@ impl Broker {
             tenants.clone(),
             shutdown.clone(),
         ));
-        background.spawn(audit_denials(registry.clone(), denial_rx));
+        background.spawn(audit_denials(shared.clone(), denial_rx));
+        background.spawn(audit_upkeep(shared.clone()));
         background.spawn(sync_index(registry.clone(), index));
         if let Some(handle) = shared.prometheus.clone() {
             background.spawn(async move {
@@ -241,24 +242,61 @@ impl Broker {
     }
 }
 
-/// Writes handshake denials to the audit log, off the handshake path.
-async fn audit_denials(registry: Registry, mut rx: mpsc::Receiver<Denial>) {
+/// Writes handshake denials to the audit log, off the handshake path: a proven tenant's
+/// one by one into its log, unproven claims counted into the cluster log per window.
+async fn audit_denials(shared: Arc<Shared>, mut rx: mpsc::Receiver<Denial>) {
     while let Some(d) = rx.recv().await {
-        let (tenant, runner, who) = match &d.claimed {
-            Some(c) => (
-                Some(c.tenant.clone()),
-                Some(c.runner.clone()),
-                format!("claimed runner {}", c.runner),
+        match (&d.claimed, d.proven) {
+            (Some(c), true) => {
+                let detail =
+                    format!("handshake refused ({}): runner {}", d.reason.name(), c.runner);
+                let ev = AuditEvent::now(
+                    "denied",
+                    format!("runner:{}", c.runner),
+                    Some(&c.tenant),
+                    Some(&c.runner),
+                    detail,
+                );
+                shared.registry.audit_best_effort(ev).await;
+            }
+            // The verifier does not see the peer's address: the source is what the
+            // certificate claimed, labelled as a claim.
+            (Some(c), false) => shared.refusals.note(
+                None,
+                &format!("a certificate claiming tenant {} runner {}", c.tenant, c.runner),
+                d.reason.name(),
             ),
-            None => (None, None, "no readable identity".to_string()),
-        };
-        // Only a certificate our CA signed proves its tenant; a stranger's claims are
-        // recorded at cluster level, never in the tenant's log.
-        let tenant = if d.proven { tenant } else { None };
-        let detail = format!("handshake refused ({}): {who}", d.reason.name());
-        let ev =
-            AuditEvent::now("denied", "anonymous", tenant.as_deref(), runner.as_deref(), detail);
-        registry.audit_best_effort(ev).await;
+            (None, _) => {
+                shared.refusals.note(None, "a certificate with no identity", d.reason.name())
+            }
+        }
+    }
+}
+
+/// Writes the aggregated refusals every window, and applies audit retention.
+async fn audit_upkeep(shared: Arc<Shared>) {
+    let config = &shared.config;
+    let mut flush = tokio::time::interval(config.audit_aggregate_every);
+    let mut prune = tokio::time::interval(config.audit_prune_every);
+    loop {
+        tokio::select! {
+            _ = flush.tick() => shared.refusals.flush(&shared.registry).await,
+            _ = prune.tick() => {
+                let tenants = shared.registry.tenants(usize::MAX).await.unwrap_or_default();
+                let logs = tenants.iter().map(|t| Some(t.id.as_str())).chain([None]);
+                for log in logs {
+                    let pruned = shared
+                        .registry
+                        .prune_audit(log, config.audit_retention_count, config.audit_retention_age)
+                        .await;
+                    match pruned {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(log = log.unwrap_or("cluster"), n, "audit events past retention deleted"),
+                        Err(e) => tracing::warn!(error = %e, "audit retention pass failed"),
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -336,5 +374,7 @@ impl BrokerHandle {
         .await;
         self.serving.abort_all();
         self.background.abort_all();
+        // Refusals counted since the last window are not lost with the process.
+        self.shared.refusals.flush(&self.shared.registry).await;
     }
 }

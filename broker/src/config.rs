@@ -34,6 +34,15 @@ pub(crate) const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
 pub(crate) const DEFAULT_JOB_RETENTION: usize = 10_000;
 /// Default number of tenants with their own metric label.
 pub(crate) const DEFAULT_METRICS_TENANT_LABELS: usize = 100;
+/// Default audit events kept per log (each tenant's, and the cluster's).
+pub(crate) const DEFAULT_AUDIT_RETENTION_COUNT: usize = 100_000;
+/// Default age after which audit events are deleted.
+pub(crate) const DEFAULT_AUDIT_RETENTION_AGE: Duration = Duration::from_secs(90 * 86_400);
+/// Default period of the audit-retention pass.
+pub(crate) const DEFAULT_AUDIT_PRUNE_EVERY: Duration = Duration::from_secs(600);
+/// Default window over which anonymous refusals are counted into one audit event per
+/// (source, reason).
+pub(crate) const DEFAULT_AUDIT_AGGREGATE_EVERY: Duration = Duration::from_secs(60);
 /// Default cap on live (unrevoked, unexpired) API keys per tenant.
 pub(crate) const DEFAULT_MAX_KEYS_PER_TENANT: usize = 100;
 /// Default age after which finished jobs are forgotten.
@@ -76,6 +85,15 @@ pub struct Config {
     pub metrics_tenant_labels: usize,
     /// Live API keys a tenant may hold; creating more answers 409 `too_many_keys`.
     pub max_keys_per_tenant: usize,
+    /// Audit events kept per log (the newest).
+    pub audit_retention_count: usize,
+    /// Audit events older than this are deleted.
+    pub audit_retention_age: Duration,
+    /// How often the retention pass runs.
+    pub audit_prune_every: Duration,
+    /// Anonymous refusals (failed enrollments, refused handshakes of unproven
+    /// certificates) are counted per (source, reason) and written as one event per window.
+    pub audit_aggregate_every: Duration,
 }
 
 impl Default for Config {
@@ -98,6 +116,10 @@ impl Default for Config {
             job_retention_age: DEFAULT_JOB_RETENTION_AGE,
             metrics_tenant_labels: DEFAULT_METRICS_TENANT_LABELS,
             max_keys_per_tenant: DEFAULT_MAX_KEYS_PER_TENANT,
+            audit_retention_count: DEFAULT_AUDIT_RETENTION_COUNT,
+            audit_retention_age: DEFAULT_AUDIT_RETENTION_AGE,
+            audit_prune_every: DEFAULT_AUDIT_PRUNE_EVERY,
+            audit_aggregate_every: DEFAULT_AUDIT_AGGREGATE_EVERY,
         }
     }
 }
@@ -117,6 +139,7 @@ impl Config {
             http_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             idle_timeout: Duration::from_secs(3),
             heartbeat_interval: Duration::from_secs(1),
+            audit_aggregate_every: Duration::from_millis(250),
             ..Self::default()
         }
     }
@@ -143,6 +166,14 @@ impl Config {
         }
         if self.queue_limit == 0 {
             return invalid("queue-limit", "must be at least 1");
+        }
+        if self.audit_retention_count == 0 {
+            return invalid("audit-retention-count", "must be at least 1");
+        }
+        if self.audit_prune_every < Duration::from_millis(10)
+            || self.audit_aggregate_every < Duration::from_millis(10)
+        {
+            return invalid("audit-prune-every", "audit intervals must be at least 10ms");
         }
         if self.max_keys_per_tenant == 0 {
             return invalid("max-keys-per-tenant", "must be at least 1");
@@ -267,6 +298,10 @@ pub struct FileConfig {
     pub metrics_tenant_labels: Option<usize>,
     /// See [`Config::max_keys_per_tenant`].
     pub max_keys_per_tenant: Option<usize>,
+    /// See [`Config::audit_retention_count`].
+    pub audit_retention_count: Option<usize>,
+    /// See [`Config::audit_retention_age`].
+    pub audit_retention_age: Option<String>,
 }
 
 impl FileConfig {

@@ -1,9 +1,14 @@
 //! Enrollment over ALPN `runnel-enroll/1`: one request, one response.
 //!
-//! Order matters so that bad input loses nothing: the CSR is checked (by issuing the
-//! certificate) *before* the token is consumed, so a malformed request leaves the token
-//! usable. The token is then consumed atomically; of two racing enrollments with the same
-//! token exactly one gets a certificate.
+//! Order matters so that bad input loses nothing: the CSR is checked *before* the token is
+//! looked at (so a bad CSR tells nothing about the token either) and before it is consumed
+//! (so a malformed request leaves it usable). The token is then consumed atomically; of two
+//! racing enrollments with the same token exactly one gets a certificate.
+//!
+//! An anonymous peer learns only "refused" for anything about the token (unknown, wrong
+//! secret, expired, replayed, revoked runner, store trouble): one code, one message. Which
+//! it was goes to the server log, the `runnel_enrollments_total{result}` metric and, counted
+//! per window, the audit log (the tenant's when the token's secret was right).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +18,7 @@ use runnel_protocol::{
     EnrollRequest, EnrollResponse, Enrolled, ErrorCode, read_frame, version, write_frame,
 };
 
-use crate::records::{AuditEvent, Consume, Registry, RunnerState, now_unix};
+use crate::records::{AuditEvent, Consume, RunnerState, now_unix};
 use crate::secret::{TOKEN_PREFIX, split};
 use crate::shared::Shared;
 
@@ -26,7 +31,7 @@ pub(crate) async fn serve(conn: quinn::Connection, shared: Arc<Shared>) {
     let exchange = async {
         let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
         let response = match read_frame::<EnrollRequest, _>(&mut recv).await {
-            Ok(Some(req)) => enroll(&shared, req).await,
+            Ok(Some(req)) => enroll(&shared, req, remote).await,
             Ok(None) => return Err("no enroll request".to_string()),
             Err(e) => {
                 metrics::counter!(crate::metrics::names::ENROLLMENTS, "result" => "bad_request")
@@ -53,80 +58,96 @@ fn refused(code: ErrorCode, message: impl Into<String>) -> EnrollResponse {
     EnrollResponse::Refused { code, message: message.into() }
 }
 
-async fn audit_denied(reg: &Registry, tenant: Option<&str>, runner: Option<&str>, why: &str) {
-    let detail = format!("enrollment refused: {why}");
-    reg.audit_best_effort(AuditEvent::now("denied", "anonymous", tenant, runner, detail)).await;
+/// What an anonymous peer is told about any token refusal.
+const REFUSED: &str = "enrollment refused: the token is not valid (ask your admin for a new one)";
+
+/// Why an enrollment was refused.
+#[derive(Debug)]
+enum Refusal {
+    /// The request itself is malformed (the peer is told why: nothing secret in it).
+    BadRequest(String),
+    /// No protocol version in common.
+    Version(u16),
+    /// Anything about the token or the runner: the peer hears only [`REFUSED`].
+    Token {
+        /// Metric label and log reason.
+        result: &'static str,
+        /// The token's tenant, when its secret was right (so the tenant is proven).
+        tenant: Option<String>,
+        /// Detail for the server log (never the token).
+        detail: String,
+    },
+}
+
+fn token_refusal(result: &'static str, tenant: Option<&str>, detail: impl Into<String>) -> Refusal {
+    Refusal::Token { result, tenant: tenant.map(str::to_owned), detail: detail.into() }
 }
 
 /// Decides one enrollment request, counting the result.
-pub(crate) async fn enroll(shared: &Shared, req: EnrollRequest) -> EnrollResponse {
-    let resp = decide(shared, req).await;
-    let result = match &resp {
-        EnrollResponse::Ok(_) => "ok",
-        EnrollResponse::Refused { code, .. } => match code {
-            ErrorCode::TokenUnknown => "unknown",
-            ErrorCode::TokenExpired => "expired",
-            ErrorCode::TokenConsumed => "replayed",
-            ErrorCode::BadRequest | ErrorCode::UnsupportedVersion => "bad_request",
-            ErrorCode::Revoked => "revoked",
-            _ => "internal",
-        },
+pub(crate) async fn enroll(
+    shared: &Shared,
+    req: EnrollRequest,
+    remote: std::net::SocketAddr,
+) -> EnrollResponse {
+    let refusal = match decide(shared, req).await {
+        Ok(enrolled) => {
+            metrics::counter!(crate::metrics::names::ENROLLMENTS, "result" => "ok").increment(1);
+            return EnrollResponse::Ok(enrolled);
+        }
+        Err(r) => r,
+    };
+    let (result, response) = match &refusal {
+        Refusal::BadRequest(m) => ("bad_request", refused(ErrorCode::BadRequest, m.clone())),
+        Refusal::Version(v) => (
+            "bad_request",
+            refused(ErrorCode::UnsupportedVersion, format!("protocol version {v} not supported")),
+        ),
+        Refusal::Token { result, tenant, detail } => {
+            tracing::info!(%remote, result, %detail, "enrollment refused");
+            // Per source host: a client picks a new port for every attempt.
+            shared.refusals.note(tenant.as_deref(), &remote.ip().to_string(), result);
+            (*result, refused(ErrorCode::Unauthenticated, REFUSED))
+        }
     };
     metrics::counter!(crate::metrics::names::ENROLLMENTS, "result" => result).increment(1);
-    resp
+    response
 }
 
-async fn decide(shared: &Shared, req: EnrollRequest) -> EnrollResponse {
+async fn decide(shared: &Shared, req: EnrollRequest) -> Result<Enrolled, Refusal> {
     let reg = &shared.registry;
     if version::negotiate(req.version, req.version).is_none() {
-        return refused(
-            ErrorCode::UnsupportedVersion,
-            format!("protocol version {} not supported", req.version),
-        );
+        return Err(Refusal::Version(req.version));
+    }
+    // The CSR first, alone: its answer must not depend on the token.
+    match runnel_certs::csr_public_key(&req.csr_pem) {
+        Ok(k) if k.len() == 32 => {}
+        Ok(_) => return Err(Refusal::BadRequest("bad CSR: runner keys must be ed25519".into())),
+        Err(e) => return Err(Refusal::BadRequest(format!("bad CSR: {e}"))),
     }
     let Some((token_id, random)) = split(TOKEN_PREFIX, req.token.trim()) else {
-        audit_denied(reg, None, None, "malformed token").await;
-        return refused(ErrorCode::TokenUnknown, "malformed enrollment token");
+        return Err(token_refusal("unknown", None, "malformed token"));
     };
-    // Find which runner the token is for without consuming it, to check the CSR first.
+    // Find which runner the token is for without consuming it.
     let peek = match reg.token(token_id).await {
         Ok(Some(t)) => t,
-        Ok(None) => {
-            audit_denied(reg, None, None, "unknown token").await;
-            return refused(ErrorCode::TokenUnknown, "unknown enrollment token");
-        }
-        Err(e) => return refused(ErrorCode::Internal, e.to_string()),
+        Ok(None) => return Err(token_refusal("unknown", None, "unknown token id")),
+        Err(e) => return Err(token_refusal("internal", None, format!("store: {e}"))),
     };
-    let identity = match RunnerIdentity::new(
-        shared.ca.cluster(),
-        &peek.tenant,
-        &peek.owner,
-        &peek.runner_id,
-    ) {
-        Ok(i) => i,
-        Err(e) => return refused(ErrorCode::Internal, e.to_string()),
-    };
+    let identity =
+        RunnerIdentity::new(shared.ca.cluster(), &peek.tenant, &peek.owner, &peek.runner_id)
+            .map_err(|e| token_refusal("internal", None, format!("identity: {e}")))?;
     let lifetime = shared.config.runner_cert_validity;
-    let issued = match shared.ca.issue_runner_cert(&req.csr_pem, &identity, lifetime) {
-        Ok(i) => i,
-        Err(e) => return refused(ErrorCode::BadRequest, format!("bad CSR: {e}")),
-    };
-    let (tenant, runner) = (Some(peek.tenant.as_str()), Some(peek.runner_id.as_str()));
+    let issued = shared
+        .ca
+        .issue_runner_cert(&req.csr_pem, &identity, lifetime)
+        .map_err(|e| Refusal::BadRequest(format!("bad CSR: {e}")))?;
+    let tenant = Some(peek.tenant.as_str());
     match reg.consume_token(token_id, random).await {
         Ok(Consume::Ok(_)) => {}
-        Ok(Consume::Unknown) => {
-            audit_denied(reg, None, None, "unknown token").await;
-            return refused(ErrorCode::TokenUnknown, "unknown enrollment token");
-        }
-        Ok(Consume::Expired) => {
-            audit_denied(reg, tenant, runner, "expired token").await;
-            return refused(ErrorCode::TokenExpired, "enrollment token expired; create a new one");
-        }
-        Ok(Consume::Replayed) => {
-            audit_denied(reg, tenant, runner, "token replayed").await;
-            return refused(ErrorCode::TokenConsumed, "enrollment token was already used");
-        }
-        Err(e) => return refused(ErrorCode::Internal, e.to_string()),
+        Ok(Consume::Unknown) => return Err(token_refusal("unknown", None, "wrong token secret")),
+        Ok(Consume::Expired) => return Err(token_refusal("expired", tenant, "expired token")),
+        Ok(Consume::Replayed) => return Err(token_refusal("replayed", tenant, "token replayed")),
+        Err(e) => return Err(token_refusal("internal", None, format!("store: {e}"))),
     }
     let now = now_unix();
     let not_after = issued.validity.not_after.unix_timestamp();
@@ -145,11 +166,8 @@ async fn decide(shared: &Shared, req: EnrollRequest) -> EnrollResponse {
         .await;
     let record = match updated {
         Ok(Some(r)) => r,
-        Ok(None) => {
-            audit_denied(reg, tenant, runner, "runner no longer pending").await;
-            return refused(ErrorCode::Revoked, "runner was revoked or already enrolled");
-        }
-        Err(e) => return refused(ErrorCode::Internal, e.to_string()),
+        Ok(None) => return Err(token_refusal("revoked", tenant, "runner no longer pending")),
+        Err(e) => return Err(token_refusal("internal", None, format!("store: {e}"))),
     };
     shared.index.apply(&record);
     let detail = format!("certificate serial {}", issued.serial_hex);
@@ -157,7 +175,7 @@ async fn decide(shared: &Shared, req: EnrollRequest) -> EnrollResponse {
     let ev = AuditEvent::now("enrolled", actor, Some(&record.tenant), Some(&record.id), detail);
     reg.audit_best_effort(ev).await;
     tracing::info!(tenant = %record.tenant, owner = %record.owner, runner = %record.id, "runner enrolled");
-    EnrollResponse::Ok(Enrolled {
+    Ok(Enrolled {
         cert_pem: issued.cert_pem,
         ca_pem: shared.ca.cert_pem().to_owned(),
         runner_id: record.id,

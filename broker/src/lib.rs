@@ -16,6 +16,7 @@
 //! - `jobs`: job table, states, output buffers, retention.
 //! - [`metrics`]: Prometheus metric names, buckets, the tenant-label cap.
 //! - `store` and `records`: the durable KV (redb) and the typed records on it.
+//! - `audit`: anonymous refusals counted per window, written as one event each.
 //! - `secret`: API keys and tokens (salted SHA-256, constant-time checks).
 //! - `api`: the HTTP API (axum).
 //! - `shared`: the state every part of one process shares.
@@ -26,6 +27,7 @@
 
 mod actors;
 mod api;
+mod audit;
 mod broker;
 mod config;
 mod data_dir;

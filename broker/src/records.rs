@@ -357,13 +357,72 @@ impl Registry {
         }
     }
 
-    /// Audit events of a tenant (`Some`) or of the cluster (`None`), oldest first.
+    /// Deletes the audit events of one log (a tenant's, or the cluster's with `None`)
+    /// beyond the newest `keep`, and those older than `max_age`. Returns how many went.
+    pub(crate) async fn prune_audit(
+        &self,
+        tenant: Option<&str>,
+        keep: usize,
+        max_age: std::time::Duration,
+    ) -> Result<usize, StoreError> {
+        /// Keys deleted per scan.
+        const BATCH: usize = 500;
+        let prefix = format!("audit/{}/", tenant.unwrap_or(CLUSTER_AUDIT));
+        let mut deleted = 0;
+        // Beyond the count, newest kept.
+        loop {
+            let page = self.store.scan_prefix_rev(&prefix, None, keep + BATCH).await?;
+            let extra: Vec<String> = page.into_iter().skip(keep).map(|(k, _)| k).collect();
+            if extra.is_empty() {
+                break;
+            }
+            for k in &extra {
+                self.store.delete(k).await?;
+            }
+            deleted += extra.len();
+        }
+        // Older than the age: keys start with the event's time in nanoseconds.
+        let cutoff = time::OffsetDateTime::now_utc().unix_timestamp_nanos()
+            - i128::try_from(max_age.as_nanos()).unwrap_or(i128::MAX / 2);
+        let cutoff_key = format!("{prefix}{cutoff:024}");
+        loop {
+            let page = self.store.scan_prefix(&prefix, BATCH).await?;
+            let old: Vec<String> =
+                page.into_iter().map(|(k, _)| k).take_while(|k| *k < cutoff_key).collect();
+            if old.is_empty() {
+                break;
+            }
+            for k in &old {
+                self.store.delete(k).await?;
+            }
+            deleted += old.len();
+        }
+        Ok(deleted)
+    }
+
+    /// A page of audit events of a tenant (`Some`) or of the cluster (`None`), newest
+    /// first, older than the cursor `before`; with the cursor of the next page when this
+    /// one is full.
     pub(crate) async fn audit_log(
         &self,
         tenant: Option<&str>,
+        before: Option<&str>,
         limit: usize,
-    ) -> Result<Vec<AuditEvent>, StoreError> {
-        self.scan(&format!("audit/{}/", tenant.unwrap_or(CLUSTER_AUDIT)), limit).await
+    ) -> Result<(Vec<AuditEvent>, Option<String>), StoreError> {
+        let prefix = format!("audit/{}/", tenant.unwrap_or(CLUSTER_AUDIT));
+        let before = before.map(|c| format!("{prefix}{c}"));
+        let page = self.store.scan_prefix_rev(&prefix, before.as_deref(), limit).await?;
+        let next = (page.len() == limit)
+            .then(|| page.last().map(|(k, _)| k[prefix.len()..].to_owned()))
+            .flatten();
+        let events = page
+            .into_iter()
+            .map(|(k, v)| {
+                serde_json::from_slice(&v)
+                    .map_err(|e| StoreError::Corrupt { key: k, message: e.to_string() })
+            })
+            .collect::<Result<Vec<AuditEvent>, _>>()?;
+        Ok((events, next))
     }
 }
 

@@ -29,6 +29,8 @@ pub(crate) struct Shared {
     pub jobs: JobTable,
     /// API key records by key id (mirror of the store, for auth without a store read).
     pub keys: DashMap<String, ApiKey>,
+    /// Anonymous refusals waiting to be written, aggregated.
+    pub refusals: crate::audit::RefusalAudit,
     /// When each key was last used (unix seconds; memory only, since this start).
     pub key_last_used: DashMap<String, i64>,
     /// `host:port` runners dial.
@@ -67,6 +69,7 @@ impl Shared {
             jobs,
             keys: DashMap::new(),
             key_last_used: DashMap::new(),
+            refusals: crate::audit::RefusalAudit::default(),
             advertise,
             conn_seq: AtomicU64::new(1),
         }

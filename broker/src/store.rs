@@ -66,14 +66,20 @@ pub(crate) trait Store: Send + Sync + 'static {
     /// Sets `key` to `value`.
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), StoreError>;
     /// Deletes `key`; true if it existed.
-    // Part of the KV shape every engine implements (and the redb tests cover); no record
-    // is deleted yet: revoked runners and used tokens are kept, marked.
-    #[allow(dead_code)]
     async fn delete(&self, key: &str) -> Result<bool, StoreError>;
     /// All `(key, value)` pairs whose key starts with `prefix`, in key order, at most `limit`.
     async fn scan_prefix(
         &self,
         prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// Like [`Store::scan_prefix`], newest key first: the pairs whose key starts with
+    /// `prefix` and sorts before `before` (when given), in descending key order, at most
+    /// `limit`. Cursor pagination of logs whose keys grow with time.
+    async fn scan_prefix_rev(
+        &self,
+        prefix: &str,
+        before: Option<&str>,
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
     /// Atomically replaces the value at `key` with `new` (None deletes) if and only if it is

@@ -121,8 +121,12 @@ async fn foreign_forged_expired_and_unknown_certificates_fail_the_handshake() {
         }
     })
     .await;
-    let (_, cluster) = b.api.get("/v1/audit", &b.operator_key).await;
-    assert!(cluster.to_string().contains("(foreign_ca)"), "{cluster}");
+    // The foreign-CA claims are counted into the cluster log per window.
+    runnel_tests::wait_for(Duration::from_secs(5), "foreign_ca in the cluster log", || async {
+        let (_, cluster) = b.api.get("/v1/audit", &b.operator_key).await;
+        cluster.to_string().contains("foreign_ca from").then_some(())
+    })
+    .await;
     let (_, victim_audit) = b.api.get("/v1/audit", &victim_admin).await;
     assert!(
         !victim_audit.to_string().contains("foreign_ca"),

@@ -87,6 +87,12 @@ struct ServeArgs {
     /// Live API keys one tenant may hold (default 100).
     #[arg(long, env = "RUNNEL_MAX_KEYS_PER_TENANT")]
     max_keys_per_tenant: Option<usize>,
+    /// Audit events kept per log, newest first (default 100000).
+    #[arg(long, env = "RUNNEL_AUDIT_RETENTION_COUNT")]
+    audit_retention_count: Option<usize>,
+    /// Audit events older than this are deleted (default 90d).
+    #[arg(long, env = "RUNNEL_AUDIT_RETENTION_AGE")]
+    audit_retention_age: Option<String>,
 }
 
 fn dur(
@@ -146,6 +152,16 @@ impl ServeArgs {
                 .max_keys_per_tenant
                 .or(file.max_keys_per_tenant)
                 .unwrap_or(d.max_keys_per_tenant),
+            audit_retention_count: self
+                .audit_retention_count
+                .or(file.audit_retention_count)
+                .unwrap_or(d.audit_retention_count),
+            audit_retention_age: dur(
+                self.audit_retention_age,
+                file.audit_retention_age,
+                "audit-retention-age",
+            )?
+            .unwrap_or(d.audit_retention_age),
             ..d
         };
         config.validate()?;

@@ -48,7 +48,13 @@ pub(super) async fn list(
     Ok(Json(json!({ "tenants": tenants })))
 }
 
-/// `GET /v1/audit?limit=N`: the caller's tenant (admin) or the cluster (operator).
+/// Default and largest page of `GET /v1/audit`.
+const AUDIT_PAGE: usize = 100;
+const AUDIT_PAGE_MAX: usize = 1000;
+
+/// `GET /v1/audit[?limit=N&before=CURSOR]`: the caller's tenant (admin) or the cluster
+/// (operator), newest first; `next_before` is the cursor of the next (older) page, null
+/// on the last one.
 pub(super) async fn audit(
     State(shared): State<Arc<Shared>>,
     caller: Caller,
@@ -57,10 +63,18 @@ pub(super) async fn audit(
     caller.require(&[Role::Operator, Role::Admin])?;
     let limit = match q.get("limit") {
         Some(l) => {
-            l.parse::<usize>().map_err(|_| ApiError::bad_request("limit must be a number"))?
+            l.parse::<usize>().ok().filter(|n| (1..=AUDIT_PAGE_MAX).contains(n)).ok_or_else(
+                || ApiError::bad_request(format!("limit must be 1..={AUDIT_PAGE_MAX}")),
+            )?
         }
-        None => 1000,
+        None => AUDIT_PAGE,
     };
-    let events = shared.registry.audit_log(caller.tenant.as_deref(), limit.min(10_000)).await?;
-    Ok(Json(json!({ "events": events })))
+    let before = q.get("before").map(String::as_str);
+    if before.is_some_and(|c| {
+        c.is_empty() || c.len() > 64 || !c.bytes().all(|b| b.is_ascii_digit() || b == b'-')
+    }) {
+        return Err(ApiError::bad_request("before must be a cursor from next_before"));
+    }
+    let (events, next) = shared.registry.audit_log(caller.tenant.as_deref(), before, limit).await?;
+    Ok(Json(json!({ "events": events, "next_before": next })))
 }

@@ -58,6 +58,15 @@ impl Store for FaultyStore {
         self.inner.scan_prefix(prefix, limit).await
     }
 
+    async fn scan_prefix_rev(
+        &self,
+        prefix: &str,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.inner.scan_prefix_rev(prefix, before, limit).await
+    }
+
     async fn compare_and_swap(
         &self,
         key: &str,

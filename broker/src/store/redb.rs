@@ -128,6 +128,34 @@ impl Store for RedbStore {
         .await
     }
 
+    async fn scan_prefix_rev(
+        &self,
+        prefix: &str,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let prefix = prefix.to_owned();
+        // Keys are ASCII, so this sorts after every key with the prefix.
+        let end = before.map_or_else(|| format!("{prefix}\u{10FFFF}"), str::to_owned);
+        self.blocking("scan", move |db| {
+            let txn = db.begin_read().map_err(engine)?;
+            let table = txn.open_table(KV).map_err(engine)?;
+            let mut out = Vec::new();
+            if end.as_str() <= prefix.as_str() {
+                return Ok(out);
+            }
+            for item in table.range(prefix.as_str()..end.as_str()).map_err(engine)?.rev() {
+                let (k, v) = item.map_err(engine)?;
+                if out.len() >= limit || !k.value().starts_with(prefix.as_str()) {
+                    break;
+                }
+                out.push((k.value().to_owned(), v.value().to_vec()));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn compare_and_swap(
         &self,
         key: &str,
@@ -220,6 +248,27 @@ mod tests {
         assert_eq!(reopened.get("runners/a/1").await.expect("get"), Some(b"1".to_vec()));
         assert_eq!(reopened.get("runners/b/1").await.expect("get"), None);
         assert_eq!(reopened.get("new").await.expect("get"), Some(b"x".to_vec()));
+    }
+
+    #[tokio::test]
+    async fn reverse_scans_page_newest_first_and_stay_in_their_prefix() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = RedbStore::open(&dir.path().join("db")).expect("open");
+        for i in 0..5 {
+            store.put(&format!("log/a/{i:03}"), vec![i]).await.expect("put");
+        }
+        store.put("log/b/999", vec![9]).await.expect("put");
+        store.put("log/", vec![0]).await.expect("put");
+        let keys = |v: Vec<(String, Vec<u8>)>| v.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+        let page = keys(store.scan_prefix_rev("log/a/", None, 2).await.expect("scan"));
+        assert_eq!(page, ["log/a/004", "log/a/003"]);
+        let page =
+            keys(store.scan_prefix_rev("log/a/", Some("log/a/003"), 10).await.expect("scan"));
+        assert_eq!(page, ["log/a/002", "log/a/001", "log/a/000"]);
+        assert!(
+            store.scan_prefix_rev("log/a/", Some("log/a/000"), 10).await.expect("scan").is_empty()
+        );
+        assert!(store.scan_prefix_rev("log/a/", Some("log/"), 10).await.expect("scan").is_empty());
     }
 
     #[tokio::test]
