@@ -106,7 +106,7 @@ impl Default for Config {
             cluster: DEFAULT_CLUSTER.into(),
             server_names: Vec::new(),
             token_ttl: DEFAULT_TOKEN_TTL,
-            runner_cert_validity: runnel_certs::ca::DEFAULT_RUNNER_VALIDITY,
+            runner_cert_validity: runnel_certs::DEFAULT_RUNNER_VALIDITY,
             queue_limit: DEFAULT_QUEUE_LIMIT,
             queue_timeout: DEFAULT_QUEUE_TIMEOUT,
             job_timeout: DEFAULT_JOB_TIMEOUT,

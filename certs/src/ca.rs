@@ -19,9 +19,9 @@ pub const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
 /// Default lifetime of a runner certificate.
 pub const DEFAULT_RUNNER_VALIDITY: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Lifetime of the broker's server certificate.
-pub const SERVER_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+pub(crate) const SERVER_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Lifetime of the cluster CA.
-pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+pub(crate) const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// A validity window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,9 +2,9 @@
 //!
 //! # Layout
 //! - [`identity`]: the SPIFFE-style URIs that name runners and nodes, and their rules.
-//! - [`ca`]: the ed25519 cluster CA; issues the broker's server certificate and runner
+//! - `ca`: the ed25519 cluster CA; issues the broker's server certificate and runner
 //!   certificates from CSRs (ignoring whatever names a CSR asks for).
-//! - [`parse`]: reads the identity, serial and validity back out of a certificate that
+//! - `parse`: reads the identity, serial and validity back out of a certificate that
 //!   rustls has already verified.
 //! - [`pem`]: PEM files on disk; private keys are written 0600.
 //! - [`key`]: a runner's local ed25519 key and its CSR.
@@ -12,13 +12,17 @@
 //! Nothing here opens sockets or knows about brokers and runners beyond their names.
 #![deny(clippy::unwrap_used)]
 
-pub mod ca;
+// `ca` and `parse` are private behind the re-exports; `identity`, `key` and `pem` stay
+// public as namespaces of functions (`key::generate_key`, `pem::read`).
+mod ca;
 pub mod identity;
 pub mod key;
-pub mod parse;
+mod parse;
 pub mod pem;
 
-pub use ca::{ClusterCa, IssuedCert, Validity, csr_public_key};
+pub use ca::{
+    CLOCK_SKEW, ClusterCa, DEFAULT_RUNNER_VALIDITY, IssuedCert, Validity, csr_public_key,
+};
 pub use identity::{Identity, NodeIdentity, RunnerIdentity};
 pub use parse::{ParsedCert, parse_cert};
 

@@ -1,25 +1,27 @@
 //! runnel-protocol: the wire between a broker and its runners.
 //!
 //! # Layout
-//! - [`frame`]: length-prefixed postcard frames with a hard maximum size. Decoding keeps an
+//! - `frame`: length-prefixed postcard frames with a hard maximum size. Decoding keeps an
 //!   *incomplete* frame (wait for more bytes) apart from a *bad* one (close the peer).
-//! - [`control`]: the control stream a runner opens after the handshake (Hello/Welcome,
+//! - `control`: the control stream a runner opens after the handshake (Hello/Welcome,
 //!   Heartbeat, RenewCert, GoAway, Redirect).
-//! - [`job`]: one bidirectional stream per job (Job, Output, Result, Cancel).
-//! - [`enroll`]: the single request/response of ALPN `runnel-enroll/1`.
-//! - [`error`]: numeric error and connection-close codes shared by both sides.
+//! - `job`: one bidirectional stream per job (Job, Output, Result, Cancel).
+//! - `enroll`: the single request/response of ALPN `runnel-enroll/1`.
+//! - `error`: numeric error and connection-close codes shared by both sides.
 //! - [`limits`] and [`version`]: the constants both sides agree on.
 //!
 //! This crate does no I/O of its own beyond generic `AsyncRead`/`AsyncWrite` helpers in
-//! [`frame`]; it knows nothing of sockets, certificates or actors. Enums only ever grow at
+//! `frame`; it knows nothing of sockets, certificates or actors. Enums only ever grow at
 //! the end, so an older peer decodes every variant it knows.
 #![deny(clippy::unwrap_used)]
 
-pub mod control;
-pub mod enroll;
-pub mod error;
-pub mod frame;
-pub mod job;
+// Type modules are private behind the re-exports below; `limits` and `version` stay public
+// as namespaces of the constants both sides agree on.
+mod control;
+mod enroll;
+mod error;
+mod frame;
+mod job;
 pub mod limits;
 pub mod version;
 

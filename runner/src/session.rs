@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use runnel_certs::{ca::CLOCK_SKEW, key, parse_cert, pem};
+use runnel_certs::{CLOCK_SKEW, key, parse_cert, pem};
 use runnel_protocol::{
     ClientControl, ErrorCode, Heartbeat, Hello, PROTOCOL_VERSION, ServerControl, read_frame,
     version::MIN_PROTOCOL_VERSION, write_frame,
