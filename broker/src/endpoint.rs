@@ -212,8 +212,10 @@ async fn runner_intake(conn: quinn::Connection, remote: SocketAddr, tenants: Arc
             let _ = send.finish();
             return Err((ErrorCode::UnsupportedVersion, message));
         };
-        if hello.capacity == 0 || hello.kinds.is_empty() {
-            return Err((ErrorCode::Protocol, "Hello needs capacity >= 1 and a job kind".into()));
+        // No kinds is allowed (a runner started with `--no-exec` and no other handler is
+        // present but serves nothing: jobs for it are refused at once as `no_runner`).
+        if hello.capacity == 0 {
+            return Err((ErrorCode::Protocol, "Hello needs capacity >= 1".into()));
         }
         Ok((hello, v, send, recv))
     };

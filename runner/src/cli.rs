@@ -65,8 +65,11 @@ enum Command {
         exec_inherit_env: bool,
         /// Only this program may be run by `exec` jobs (repeatable; exact match of the
         /// job's `program`). Without it any program may run.
-        #[arg(long = "exec-allow", value_name = "PROGRAM")]
+        #[arg(long = "exec-allow", value_name = "PROGRAM", conflicts_with = "no_exec")]
         exec_allow: Vec<String>,
+        /// Serve no `exec` jobs at all (the runner stays connected; such jobs are refused).
+        #[arg(long, env = "RUNNEL_NO_EXEC")]
+        no_exec: bool,
     },
 }
 
@@ -148,7 +151,7 @@ pub fn main() -> ExitCode {
                     }
                 }
             }
-            Command::Run { state_dir: dir, capacity, labels, broker, exec_inherit_env, exec_allow } => {
+            Command::Run { state_dir: dir, capacity, labels, broker, exec_inherit_env, exec_allow, no_exec } => {
                 let state_dir = match state_dir(dir) {
                     Ok(d) => d,
                     Err(e) => {
@@ -164,6 +167,9 @@ pub fn main() -> ExitCode {
                 let mut b = Runner::builder(StateDir::new(&state_dir))
                     .handler("exec", exec)
                     .labels(labels.into_iter().collect::<BTreeMap<_, _>>());
+                if no_exec {
+                    b = b.without_handler("exec");
+                }
                 if let Some(c) = capacity {
                     b = b.capacity(c);
                 }

@@ -153,3 +153,21 @@ async fn enroll_refuses_a_shared_directory_and_leaves_it_as_it_was() {
     let out = tokio::process::Command::new(runner_bin!()).args(&words[1..]).output().await.unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[tokio::test]
+async fn no_exec_runs_nothing_and_exec_jobs_are_refused_at_once() {
+    let b = TestBroker::start().await;
+    let admin = b.tenant("acme").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (id, state) = b.enrolled(&admin, "alice", &dir.path().join("r")).await;
+    let _child = tokio::process::Command::new(runner_bin!())
+        .args(["run", "--no-exec", "--state-dir"])
+        .arg(state.path())
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_runner_status(&b, &admin, &id, "online").await;
+    let (s, v) = b.run(&admin, "alice", "true", &[]).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (409, Some("no_runner")), "{v}");
+}

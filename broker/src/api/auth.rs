@@ -9,7 +9,7 @@ use axum::http::request::Parts;
 
 use super::ApiError;
 use crate::metrics::names;
-use crate::records::{AuditEvent, Role, now_unix};
+use crate::records::{Role, now_unix};
 use crate::secret::{KEY_PREFIX, split};
 use crate::shared::Shared;
 
@@ -96,15 +96,10 @@ where
         if let Some(why) = rec.unusable(now) {
             fail(&rec.id, why);
             // The secret was right, so the key's tenant is proven: the refused use goes in
-            // its log.
-            let ev = AuditEvent::now(
-                "key_refused",
-                format!("key:{}", rec.id),
-                rec.tenant.as_deref(),
-                None,
-                format!("{why} key used"),
-            );
-            shared.registry.audit_best_effort(ev).await;
+            // its log, counted per window (a script looping on a revoked key must not
+            // write one event per request).
+            let reason = if why == "revoked" { "revoked key used" } else { "expired key used" };
+            shared.refusals.note(rec.tenant.as_deref(), &format!("key:{}", rec.id), reason);
             return Err(ApiError::unauthorized(format!("API key {why}")));
         }
         shared.key_last_used.insert(rec.id.clone(), now);
