@@ -42,6 +42,28 @@ async fn runner_in(
     (id, child)
 }
 
+/// Enrolls a runner in `dir` and starts `runnel-runner run` with `flags`; waits until
+/// it is online.
+async fn online_with(
+    b: &TestBroker,
+    admin: &str,
+    dir: &std::path::Path,
+    flags: &[&str],
+) -> tokio::process::Child {
+    let (id, state) = b.enrolled(admin, "alice", &dir.join("r")).await;
+    let child = tokio::process::Command::new(runner_bin!())
+        .arg("run")
+        .args(flags)
+        .arg("--state-dir")
+        .arg(state.path())
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_runner_status(b, admin, &id, "online").await;
+    child
+}
+
 async fn sh(b: &TestBroker, admin: &str, script: &str) -> serde_json::Value {
     let (s, v) = b
         .api
@@ -87,15 +109,7 @@ async fn exec_allow_limits_the_programs_a_job_may_run() {
     let b = TestBroker::start().await;
     let admin = b.tenant("acme").await;
     let dir = tempfile::tempdir().unwrap();
-    let (id, state) = b.enrolled(&admin, "alice", &dir.path().join("r")).await;
-    let _child = tokio::process::Command::new(runner_bin!())
-        .args(["run", "--exec-allow", "echo", "--state-dir"])
-        .arg(state.path())
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    wait_runner_status(&b, &admin, &id, "online").await;
+    let _child = online_with(&b, &admin, dir.path(), &["--exec-allow", "echo"]).await;
     let (_, v) = b.run(&admin, "alice", "echo", &["allowed"]).await;
     assert_eq!((v["state"].as_str(), v["output"].as_str()), (Some("succeeded"), Some("allowed\n")));
     let (_, v) = b.run(&admin, "alice", "sh", &["-c", "echo escaped"]).await;
@@ -159,15 +173,7 @@ async fn no_exec_runs_nothing_and_exec_jobs_are_refused_at_once() {
     let b = TestBroker::start().await;
     let admin = b.tenant("acme").await;
     let dir = tempfile::tempdir().unwrap();
-    let (id, state) = b.enrolled(&admin, "alice", &dir.path().join("r")).await;
-    let _child = tokio::process::Command::new(runner_bin!())
-        .args(["run", "--no-exec", "--state-dir"])
-        .arg(state.path())
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    wait_runner_status(&b, &admin, &id, "online").await;
+    let _child = online_with(&b, &admin, dir.path(), &["--no-exec"]).await;
     let (s, v) = b.run(&admin, "alice", "true", &[]).await;
     assert_eq!((s, v["error"]["code"].as_str()), (409, Some("no_runner")), "{v}");
 }
