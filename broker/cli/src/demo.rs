@@ -155,7 +155,7 @@ pub(crate) async fn run() -> anyhow::Result<()> {
     }
     broker.shutdown().await;
     result?;
-    println!("\ndone. Run your own: cargo run --release -p runnel-broker -- serve (README.md)");
+    println!("\ndone. Run your own: cargo run --release -p runnel-broker-cli -- serve (README.md)");
     Ok(())
 }
 
