@@ -243,33 +243,22 @@ impl Broker {
 }
 
 /// Writes handshake denials to the audit log, off the handshake path: a proven tenant's
-/// one by one into its log, unproven claims counted into the cluster log per window.
+/// one by one into its log. Every refusal, proven or not, is also counted per source host
+/// into the cluster log by the accept loop (which sees the address).
 async fn audit_denials(shared: Arc<Shared>, mut rx: mpsc::Receiver<Denial>) {
     while let Some(d) = rx.recv().await {
-        match (&d.claimed, d.proven) {
-            (Some(c), true) => {
-                let detail =
-                    format!("handshake refused ({}): runner {}", d.reason.name(), c.runner);
-                let ev = AuditEvent::now(
-                    "denied",
-                    format!("runner:{}", c.runner),
-                    Some(&c.tenant),
-                    Some(&c.runner),
-                    detail,
-                );
-                shared.registry.audit_best_effort(ev).await;
-            }
-            // The verifier does not see the peer's address: the source is what the
-            // certificate claimed, labelled as a claim.
-            (Some(c), false) => shared.refusals.note(
-                None,
-                &format!("a certificate claiming tenant {} runner {}", c.tenant, c.runner),
-                d.reason.name(),
-            ),
-            (None, _) => {
-                shared.refusals.note(None, "a certificate with no identity", d.reason.name())
-            }
-        }
+        // Unproven claims are a stranger's words: only the accept loop's per-source count
+        // records them.
+        let Some(c) = d.claimed.as_ref().filter(|_| d.proven) else { continue };
+        let detail = format!("handshake refused ({}): runner {}", d.reason.name(), c.runner);
+        let ev = AuditEvent::now(
+            "denied",
+            format!("runner:{}", c.runner),
+            Some(&c.tenant),
+            Some(&c.runner),
+            detail,
+        );
+        shared.registry.audit_best_effort(ev).await;
     }
 }
 

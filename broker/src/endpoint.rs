@@ -142,16 +142,38 @@ pub(crate) async fn accept_loop(
     .await;
 }
 
+/// The name of the TLS alert this broker sent when it refused a handshake, if it did.
+fn refusal_alert(e: &quinn::ConnectionError) -> Option<&'static str> {
+    let quinn::ConnectionError::TransportError(t) = e else { return None };
+    let alert = u64::from(t.code).checked_sub(u64::from(quinn::TransportErrorCode::crypto(0)))?;
+    let name = match u8::try_from(alert).ok().map(rustls::AlertDescription::from)? {
+        rustls::AlertDescription::UnknownCA => "handshake refused: unknown_ca",
+        rustls::AlertDescription::CertificateExpired => "handshake refused: certificate_expired",
+        rustls::AlertDescription::CertificateRevoked => "handshake refused: certificate_revoked",
+        rustls::AlertDescription::AccessDenied => "handshake refused: access_denied",
+        rustls::AlertDescription::BadCertificate => "handshake refused: bad_certificate",
+        rustls::AlertDescription::CertificateRequired => "handshake refused: certificate_required",
+        _ => "handshake refused: other tls alert",
+    };
+    Some(name)
+}
+
 async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>, tenants: Arc<Tenants>) {
     let remote = incoming.remote_address();
     let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             tracing::debug!(%remote, error = %e, "handshake failed");
+            // Our own TLS alert means we refused the peer: counted per source host into
+            // the cluster log (the verifier, which knows why, cannot see the address).
+            if let Some(reason) = refusal_alert(&e) {
+                shared.refusals.note(None, &remote.ip().to_string(), reason);
+            }
             return;
         }
         Err(_) => {
             tracing::debug!(%remote, "handshake timed out");
+            shared.refusals.note(None, &remote.ip().to_string(), "handshake timed out");
             return;
         }
     };
