@@ -305,8 +305,8 @@ impl TenantState {
 
 // The I/O side: connection actors and their QUIC connections.
 impl TenantState {
-    /// Sends each job to its connection's actor; a job whose actor is gone ends
-    /// `runner_lost` at once and frees its slot.
+    /// Sends each job to its connection's actor; when that actor is gone the connection
+    /// leaves the pool and its jobs end `runner_lost` at once.
     fn start(&mut self, mut starts: Vec<Start>) {
         while !starts.is_empty() {
             let mut retry = Vec::new();
@@ -316,9 +316,12 @@ impl TenantState {
                     .get(&conn)
                     .is_some_and(|l| l.actor.cast(ConnectionMsg::StartJob(job.clone())).is_ok());
                 if !sent {
-                    let f = Finish::new(JobState::RunnerLost, "runner connection gone");
-                    self.shared.jobs.finish(&job, f);
-                    retry.extend(self.job_done(conn, &job.id));
+                    // The connection's actor is gone (its exit not yet seen): take the
+                    // connection out now, so nothing else is placed on it. Its jobs, this
+                    // one included, end `runner_lost`; queued work may go elsewhere.
+                    self.remove_conn(conn, "runner connection gone");
+                    self.forget_link(conn);
+                    retry.extend(self.drain_queue());
                 }
             }
             starts = retry;
