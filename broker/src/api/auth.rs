@@ -102,7 +102,13 @@ where
             shared.refusals.note(rec.tenant.as_deref(), &format!("key:{}", rec.id), reason);
             return Err(ApiError::unauthorized(format!("API key {why}")));
         }
-        shared.key_last_used.insert(rec.id.clone(), now);
+        // Per request: update in place; allocate the key's entry only on its first use.
+        match shared.key_last_used.get_mut(&rec.id) {
+            Some(mut t) => *t = now,
+            None => {
+                shared.key_last_used.insert(rec.id.clone(), now);
+            }
+        }
         Ok(Caller { key_id: rec.id, role: rec.role, tenant: rec.tenant, owner: rec.owner })
     }
 }
