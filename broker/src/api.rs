@@ -9,9 +9,11 @@
 //! | `GET /v1/runners[/{id}]` | admin, dispatcher, member (own owner) |
 //! | `POST/GET /v1/jobs`, `GET /v1/jobs/{id}[/output]`, `POST /v1/jobs/{id}/cancel` | admin, dispatcher, member (own owner) |
 //! | `GET /v1/audit` | operator (cluster events), admin (tenant events) |
+//! | `GET /v1/cluster` | operator: nodes, addresses, lease state |
 //! | `GET /healthz`, `GET /readyz`, `GET /metrics` | anyone (keep the HTTP port private) |
 
 mod auth;
+mod cluster;
 mod error;
 mod health;
 mod jobs;
@@ -69,6 +71,7 @@ pub(crate) fn router(shared: Arc<Shared>, tenants: Arc<Tenants>) -> Router {
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/output", get(jobs::output))
         .route("/v1/audit", get(tenants::audit))
+        .route("/v1/cluster", get(cluster::status))
         .route("/metrics", get(health::metrics))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))

@@ -13,10 +13,11 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::actors::{BrokerRoot, RootArgs, Tenants};
+use crate::cluster::{Cluster, NODES_PREFIX, NodeRecord};
 use crate::config::{Config, ConfigError};
 use crate::data_dir::DataDirError;
 use crate::index::RunnerIndex;
-use crate::records::{AuditEvent, Registry, RunnerRecord};
+use crate::records::{ApiKey, AuditEvent, Registry, RunnerRecord};
 use crate::shared::Shared;
 use crate::store::{StoreError, WatchEvent};
 use crate::verifier::{Denial, PairingVerifier};
@@ -71,6 +72,9 @@ pub enum SpawnError {
         #[source]
         source: std::io::Error,
     },
+    /// The node could not join the cluster.
+    #[error("joining the cluster: {0}")]
+    Join(#[from] crate::cluster::JoinError),
     /// The actor tree did not start.
     #[error("starting the actor tree: {0}")]
     Actors(#[from] ractor::SpawnErr),
@@ -140,7 +144,7 @@ impl Broker {
     /// Opens the data dir, binds both listeners and starts serving.
     pub async fn spawn(config: Config) -> Result<BrokerHandle, SpawnError> {
         config.validate()?;
-        let opened = crate::data_dir::open(&config.data_dir, &config.cluster).await?;
+        let opened = crate::data_dir::open(&config).await?;
         let config_data_dir = config.data_dir.clone();
         #[cfg(feature = "fault-injection")]
         let faulty = Arc::new(crate::store::FaultyStore::new(opened.store.clone()));
@@ -179,8 +183,35 @@ impl Broker {
         let http_addr = listener.local_addr().map_err(http_bind)?;
 
         let advertise = config.advertised(quic_addr);
-        let shared =
-            Arc::new(Shared::new(config, registry.clone(), index.clone(), opened.ca, advertise));
+        let cluster = match opened.etcd {
+            Some(etcd) => {
+                let record = NodeRecord {
+                    id: config.node_id.clone(),
+                    quic: config.node_advertise.clone().unwrap_or_else(|| {
+                        // Without --node-advertise, the bound address (or the cluster-wide
+                        // one when bound to every interface).
+                        if quic_addr.ip().is_unspecified() {
+                            advertise.clone()
+                        } else {
+                            quic_addr.to_string()
+                        }
+                    }),
+                    http: http_addr.to_string(),
+                    lease: 0,
+                    started_at: crate::records::now_unix(),
+                };
+                Some(Cluster::join(etcd, record, config.lease_ttl).await?)
+            }
+            None => None,
+        };
+        let shared = Arc::new(Shared::new(
+            config,
+            registry.clone(),
+            index.clone(),
+            opened.ca,
+            advertise,
+            cluster.clone(),
+        ));
         for k in registry.keys().await? {
             shared.keys.insert(k.id.clone(), k);
         }
@@ -200,7 +231,10 @@ impl Broker {
         ));
         background.spawn(audit_denials(shared.clone(), denial_rx));
         background.spawn(audit_upkeep(shared.clone()));
-        background.spawn(sync_index(registry.clone(), index));
+        background.spawn(follow_store(shared.clone(), index));
+        if let Some(cluster) = cluster {
+            background.spawn(cluster.keep_alive());
+        }
         if let Some(handle) = shared.prometheus.clone() {
             background.spawn(async move {
                 let mut tick = tokio::time::interval(crate::metrics::UPKEEP_EVERY);
@@ -289,23 +323,58 @@ async fn audit_upkeep(shared: Arc<Shared>) {
     }
 }
 
-/// Keeps the index in step with runner records written by anyone (another node, later).
-async fn sync_index(registry: Registry, index: Arc<RunnerIndex>) {
+/// Keeps this node's mirrors of the store (the runner index that the handshake verifier
+/// reads, and the API key cache) in step with records written by anyone: this node, or
+/// another node of the cluster through etcd. A lagged or compacted watch rescans both.
+async fn follow_store(shared: Arc<Shared>, index: Arc<RunnerIndex>) {
+    use tokio::sync::broadcast::error::RecvError;
+    let registry = &shared.registry;
     let mut watch = registry.store().watch();
     loop {
         match watch.recv().await {
             Ok(WatchEvent::Put { key, value }) if key.starts_with("runners/") => {
-                if let Ok(r) = serde_json::from_slice::<RunnerRecord>(&value) {
-                    index.apply(&r);
+                match serde_json::from_slice::<RunnerRecord>(&value) {
+                    Ok(r) => index.apply(&r),
+                    Err(e) => tracing::warn!(%key, error = %e, "runner record does not decode"),
                 }
             }
-            Ok(_) => {}
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+            Ok(WatchEvent::Put { key, value }) if key.starts_with("keys/") => {
+                match serde_json::from_slice::<ApiKey>(&value) {
+                    Ok(k) => {
+                        shared.keys.insert(k.id.clone(), k);
+                    }
+                    Err(e) => tracing::warn!(%key, error = %e, "API key record does not decode"),
+                }
+            }
+            Ok(WatchEvent::Put { key, value }) if key.starts_with(NODES_PREFIX) => {
+                if let Some(c) = &shared.cluster {
+                    c.node_changed(&key, Some(&value));
+                }
+            }
+            Ok(WatchEvent::Delete { key }) => {
+                if let Some(id) = key.strip_prefix("keys/") {
+                    shared.keys.remove(id);
+                } else if let Some(c) =
+                    shared.cluster.as_ref().filter(|_| key.starts_with(NODES_PREFIX))
+                {
+                    c.node_changed(&key, None);
+                }
+            }
+            Ok(WatchEvent::Put { .. }) => {}
+            Ok(WatchEvent::Resync) | Err(RecvError::Lagged(_)) => {
                 if let Ok(all) = registry.runners(None).await {
                     all.iter().for_each(|r| index.apply(r));
                 }
+                if let Ok(keys) = registry.keys().await {
+                    for k in keys {
+                        shared.keys.insert(k.id.clone(), k);
+                    }
+                }
+                if let Some(c) = &shared.cluster {
+                    let _ = c.rescan_nodes().await;
+                }
             }
-            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            Err(RecvError::Closed) => return,
         }
     }
 }
@@ -365,5 +434,8 @@ impl BrokerHandle {
         self.background.abort_all();
         // Refusals counted since the last window are not lost with the process.
         self.shared.refusals.flush(&self.shared.registry).await;
+        if let Some(c) = &self.shared.cluster {
+            c.leave().await;
+        }
     }
 }

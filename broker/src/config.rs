@@ -45,6 +45,10 @@ pub(crate) const DEFAULT_AUDIT_PRUNE_EVERY: Duration = Duration::from_secs(600);
 pub(crate) const DEFAULT_AUDIT_AGGREGATE_EVERY: Duration = Duration::from_secs(60);
 /// Default cap on live (unrevoked, unexpired) API keys per tenant.
 pub(crate) const DEFAULT_MAX_KEYS_PER_TENANT: usize = 100;
+/// Default key prefix of a cluster's data in etcd.
+pub(crate) const DEFAULT_ETCD_PREFIX: &str = "/runnel";
+/// Default TTL of a node's membership lease in etcd.
+pub(crate) const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(5);
 /// Default age after which finished jobs are forgotten.
 pub(crate) const DEFAULT_JOB_RETENTION_AGE: Duration = Duration::from_secs(3600);
 
@@ -94,6 +98,28 @@ pub struct Config {
     /// Anonymous refusals (failed enrollments, refused handshakes of unproven
     /// certificates) are counted per (source, reason) and written as one event per window.
     pub audit_aggregate_every: Duration,
+    /// etcd endpoints (`http://host:port`); empty: the embedded redb store, single node.
+    pub etcd: Vec<String>,
+    /// Key prefix of this cluster in etcd, so that several clusters can share one etcd.
+    pub etcd_prefix: String,
+    /// This node's id in the cluster (default: the hostname).
+    pub node_id: String,
+    /// `host:port` of this node's own QUIC endpoint, as other nodes redirect runners to it
+    /// (default: the advertised address when one node, else the bound address).
+    pub node_advertise: Option<String>,
+    /// TTL of this node's membership lease; a node that cannot renew it for half of this
+    /// stops serving its tenants.
+    pub lease_ttl: Duration,
+}
+
+/// The machine's host name, the default node id (`node` when it cannot be read or is not
+/// a valid identity segment).
+pub fn default_node_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| runnel_certs::identity::validate_segment("node-id", h).is_ok())
+        .unwrap_or_else(|| "node".to_owned())
 }
 
 impl Default for Config {
@@ -120,6 +146,11 @@ impl Default for Config {
             audit_retention_age: DEFAULT_AUDIT_RETENTION_AGE,
             audit_prune_every: DEFAULT_AUDIT_PRUNE_EVERY,
             audit_aggregate_every: DEFAULT_AUDIT_AGGREGATE_EVERY,
+            etcd: Vec::new(),
+            etcd_prefix: DEFAULT_ETCD_PREFIX.into(),
+            node_id: default_node_id(),
+            node_advertise: None,
+            lease_ttl: DEFAULT_LEASE_TTL,
         }
     }
 }
@@ -192,13 +223,40 @@ impl Config {
         if self.runner_cert_validity < Duration::from_secs(1) {
             return invalid("runner-cert-validity", "must be at least 1s");
         }
-        if let Some(a) = &self.advertise {
-            let well_formed = a
-                .rsplit_once(':')
-                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-            if !well_formed {
-                return invalid("advertise", &format!("{a:?} must be host:port"));
+        let host_port = |a: &str| {
+            a.rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+        };
+        if let Some(a) = self.advertise.as_deref().filter(|a| !host_port(a)) {
+            return invalid("advertise", &format!("{a:?} must be host:port"));
+        }
+        if let Some(a) = self.node_advertise.as_deref().filter(|a| !host_port(a)) {
+            return invalid("node-advertise", &format!("{a:?} must be host:port"));
+        }
+        if let Err(e) = runnel_certs::identity::validate_segment("node-id", &self.node_id) {
+            return invalid("node-id", &e.to_string());
+        }
+        for url in &self.etcd {
+            let ok = url
+                .strip_prefix("http://")
+                .or_else(|| url.strip_prefix("https://"))
+                .is_some_and(host_port);
+            if !ok {
+                return invalid(
+                    "etcd",
+                    &format!("{url:?} must be http://host:port or https://host:port"),
+                );
             }
+        }
+        let prefix_ok = self.etcd_prefix.starts_with('/')
+            && self.etcd_prefix.len() > 1
+            && !self.etcd_prefix.ends_with('/')
+            && !self.etcd_prefix.contains("//");
+        if !prefix_ok {
+            return invalid("etcd-prefix", "must look like /runnel (a leading /, no trailing /)");
+        }
+        if self.lease_ttl < Duration::from_secs(2) || self.lease_ttl > Duration::from_secs(60) {
+            return invalid("lease-ttl", "must be between 2s and 60s");
         }
         Ok(())
     }
@@ -302,6 +360,16 @@ pub struct FileConfig {
     pub audit_retention_count: Option<usize>,
     /// See [`Config::audit_retention_age`].
     pub audit_retention_age: Option<String>,
+    /// See [`Config::etcd`].
+    pub etcd: Option<Vec<String>>,
+    /// See [`Config::etcd_prefix`].
+    pub etcd_prefix: Option<String>,
+    /// See [`Config::node_id`].
+    pub node_id: Option<String>,
+    /// See [`Config::node_advertise`].
+    pub node_advertise: Option<String>,
+    /// See [`Config::lease_ttl`].
+    pub lease_ttl: Option<String>,
 }
 
 impl FileConfig {
@@ -336,6 +404,18 @@ mod tests {
         let bad = Config { advertise: Some("nohost".into()), ..Config::default() };
         assert!(bad.validate().is_err());
         let bad = Config { cluster: "a/b".into(), ..Config::default() };
+        assert!(bad.validate().is_err());
+        let bad = Config { etcd: vec!["127.0.0.1:2379".into()], ..Config::default() };
+        assert!(bad.validate().is_err(), "an etcd endpoint needs its scheme");
+        let good = Config { etcd: vec!["http://127.0.0.1:2379".into()], ..Config::default() };
+        assert!(good.validate().is_ok());
+        for prefix in ["runnel", "/", "/runnel/", "/a//b"] {
+            let bad = Config { etcd_prefix: prefix.into(), ..Config::default() };
+            assert!(bad.validate().is_err(), "{prefix}");
+        }
+        let bad = Config { node_id: "a/b".into(), ..Config::default() };
+        assert!(bad.validate().is_err());
+        let bad = Config { node_advertise: Some("x".into()), ..Config::default() };
         assert!(bad.validate().is_err());
     }
 

@@ -61,6 +61,19 @@ fn refused(code: ErrorCode, message: impl Into<String>) -> EnrollResponse {
 /// What an anonymous peer is told about any token refusal.
 const REFUSED: &str = "enrollment refused: the token is not valid (ask your admin for a new one)";
 
+/// What a peer is told when the store is unreachable before the token was used.
+const UNAVAILABLE: &str = "enrollment unavailable: the broker cannot reach its store; try again";
+
+/// A store failure while reading or consuming the token: "unavailable" when etcd is
+/// unreachable (a retry may succeed; only a consume whose answer was lost on the way back
+/// can have used the token up), else an internal refusal.
+fn store_refusal(e: crate::store::StoreError) -> Refusal {
+    match e {
+        crate::store::StoreError::Unavailable(m) => Refusal::Unavailable(m),
+        e => token_refusal("internal", None, format!("store: {e}")),
+    }
+}
+
 /// Why an enrollment was refused.
 #[derive(Debug)]
 enum Refusal {
@@ -68,6 +81,8 @@ enum Refusal {
     BadRequest(String),
     /// No protocol version in common.
     Version(u16),
+    /// The store cannot be reached before anything was used up: the peer may retry.
+    Unavailable(String),
     /// Anything about the token or the runner: the peer hears only [`REFUSED`].
     Token {
         /// Metric label and log reason.
@@ -102,6 +117,10 @@ pub(crate) async fn enroll(
             "bad_request",
             refused(ErrorCode::UnsupportedVersion, format!("protocol version {v} not supported")),
         ),
+        Refusal::Unavailable(detail) => {
+            tracing::warn!(%remote, %detail, "enrollment refused: store unavailable");
+            ("unavailable", refused(ErrorCode::Unavailable, UNAVAILABLE))
+        }
         Refusal::Token { result, tenant, detail } => {
             tracing::info!(%remote, result, %detail, "enrollment refused");
             // Per source host: a client picks a new port for every attempt.
@@ -131,7 +150,7 @@ async fn decide(shared: &Shared, req: EnrollRequest) -> Result<Enrolled, Refusal
     let peek = match reg.token(token_id).await {
         Ok(Some(t)) => t,
         Ok(None) => return Err(token_refusal("unknown", None, "unknown token id")),
-        Err(e) => return Err(token_refusal("internal", None, format!("store: {e}"))),
+        Err(e) => return Err(store_refusal(e)),
     };
     let identity =
         RunnerIdentity::new(shared.ca.cluster(), &peek.tenant, &peek.owner, &peek.runner_id)
@@ -147,7 +166,7 @@ async fn decide(shared: &Shared, req: EnrollRequest) -> Result<Enrolled, Refusal
         Ok(Consume::Unknown) => return Err(token_refusal("unknown", None, "wrong token secret")),
         Ok(Consume::Expired) => return Err(token_refusal("expired", tenant, "expired token")),
         Ok(Consume::Replayed) => return Err(token_refusal("replayed", tenant, "token replayed")),
-        Err(e) => return Err(token_refusal("internal", None, format!("store: {e}"))),
+        Err(e) => return Err(store_refusal(e)),
     }
     let now = now_unix();
     let not_after = issued.validity.not_after.unix_timestamp();

@@ -5,7 +5,8 @@
 //! # Layout
 //! - `broker`: [`Broker::spawn`] wires everything and returns a [`BrokerHandle`].
 //! - `config`: [`Config`], its defaults as named constants, validation, the TOML file.
-//! - `data_dir`: first-start initialisation (CA, store, operator key).
+//! - `data_dir`: first-start initialisation (CA, store, operator key), in files or etcd.
+//! - `cluster`: membership on etcd (a node key on a short lease, fencing by lease age).
 //! - `endpoint`: QUIC/TLS setup and the accept loop (outside the actor tree).
 //! - `verifier`: the pairing check inside the TLS handshake.
 //! - `index`: the in-memory runner index the verifier reads (never the store).
@@ -15,7 +16,8 @@
 //! - `dispatch`: the runner-selection decision, as plain data structures.
 //! - `jobs`: job table, states, output buffers, retention.
 //! - [`metrics`]: Prometheus metric names, buckets, the tenant-label cap.
-//! - `store` and `records`: the durable KV (redb) and the typed records on it.
+//! - `store` and `records`: the durable KV (redb, or etcd for a cluster) and the typed
+//!   records on it.
 //! - `audit`: anonymous refusals counted per window, written as one event each.
 //! - `secret`: API keys and tokens (salted SHA-256, constant-time checks).
 //! - `api`: the HTTP API (axum).
@@ -29,6 +31,7 @@ mod actors;
 mod api;
 mod audit;
 mod broker;
+mod cluster;
 mod config;
 mod data_dir;
 mod dispatch;
@@ -44,7 +47,8 @@ mod store;
 mod verifier;
 
 pub use broker::{Broker, BrokerHandle, SpawnError};
-pub use config::{Config, ConfigError, FileConfig, parse_duration};
+pub use cluster::JoinError;
+pub use config::{Config, ConfigError, FileConfig, default_node_id, parse_duration};
 
 /// Internals the micro-benchmarks measure in isolation (feature `bench-internals`; not a
 /// stable API).

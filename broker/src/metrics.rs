@@ -50,6 +50,11 @@ pub mod names {
     /// Counter, `key` (the key id, never key material; `unknown` when none matched) and
     /// `reason` (malformed, unknown_id, bad_secret, revoked, expired): refused API keys.
     pub const API_KEY_FAILURES: &str = "runnel_api_key_failures_total";
+    /// Gauge: live nodes in this node's view of the cluster (etcd mode only).
+    pub const CLUSTER_NODES: &str = "runnel_cluster_nodes";
+    /// Gauge: seconds since this node's lease was last renewed (etcd mode only); at
+    /// TTL/2 the node stops serving its tenants.
+    pub const CLUSTER_LEASE_AGE: &str = "runnel_cluster_lease_age_seconds";
     /// Gauge, `version`: always 1.
     pub const BUILD_INFO: &str = "runnel_build_info";
 
@@ -70,6 +75,8 @@ pub mod names {
         QUIC_LOST_PACKETS,
         SESSIONS_REPLACED,
         API_KEY_FAILURES,
+        CLUSTER_NODES,
+        CLUSTER_LEASE_AGE,
         BUILD_INFO,
     ];
 }

@@ -37,6 +37,8 @@ pub(crate) struct Shared {
     pub advertise: String,
     /// The `tenant` metric label cap.
     pub tenant_labels: crate::metrics::TenantLabels,
+    /// This node's cluster membership (None: single node on redb).
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Renders `/metrics` (None when another recorder owns the process).
     pub prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
     conn_seq: AtomicU64,
@@ -56,6 +58,7 @@ impl Shared {
         index: Arc<RunnerIndex>,
         ca: ClusterCa,
         advertise: String,
+        cluster: Option<Arc<crate::cluster::Cluster>>,
     ) -> Self {
         let jobs = JobTable::new(config.job_retention, config.job_retention_age);
         let tenant_labels = crate::metrics::TenantLabels::new(config.metrics_tenant_labels);
@@ -71,6 +74,7 @@ impl Shared {
             key_last_used: DashMap::new(),
             refusals: crate::audit::RefusalAudit::default(),
             advertise,
+            cluster,
             conn_seq: AtomicU64::new(1),
         }
     }

@@ -4,6 +4,9 @@
 //!
 //! Keys are `/`-separated strings; values are opaque bytes (the registry stores JSON).
 
+#[cfg(test)]
+mod conformance;
+mod etcd;
 #[cfg(feature = "fault-injection")]
 mod faulty;
 mod redb;
@@ -11,6 +14,7 @@ mod redb;
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 
+pub(crate) use self::etcd::{EtcdOptions, EtcdStore, etcd_error};
 #[cfg(feature = "fault-injection")]
 pub(crate) use self::faulty::FaultyStore;
 pub(crate) use self::redb::RedbStore;
@@ -21,6 +25,10 @@ pub enum StoreError {
     /// The engine failed (I/O, corruption, closed database).
     #[error("store: {0}")]
     Engine(String),
+    /// The store cannot be reached now (etcd down or partitioned away); retrying later may
+    /// succeed. Nothing was written.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
     /// A stored value does not decode.
     #[error("store: corrupt value at {key}: {message}")]
     Corrupt {
@@ -46,16 +54,9 @@ pub(crate) enum WatchEvent {
         /// The key.
         key: String,
     },
-}
-
-impl WatchEvent {
-    /// The key the event is about.
-    #[cfg(test)]
-    pub(crate) fn key(&self) -> &str {
-        match self {
-            WatchEvent::Put { key, .. } | WatchEvent::Delete { key } => key,
-        }
-    }
+    /// Changes were missed (the etcd watch fell behind a compaction): rescan everything
+    /// this watcher mirrors.
+    Resync,
 }
 
 /// A KV store. Every write is durable when the call returns.
@@ -90,7 +91,8 @@ pub(crate) trait Store: Send + Sync + 'static {
         expected: Option<&[u8]>,
         new: Option<Vec<u8>>,
     ) -> Result<bool, StoreError>;
-    /// A stream of every committed change from now on. A receiver that lags loses events
-    /// (`RecvError::Lagged`) and must rescan.
+    /// A stream of every committed change from now on, by any writer (with etcd: any
+    /// node). A receiver that lags loses events (`RecvError::Lagged`) and must rescan, as
+    /// on [`WatchEvent::Resync`].
     fn watch(&self) -> broadcast::Receiver<WatchEvent>;
 }

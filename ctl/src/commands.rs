@@ -56,12 +56,21 @@ enum Command {
     Jobs(Jobs),
     /// Broker health and readiness (no key needed).
     Status,
+    /// The cluster (operator key).
+    #[command(subcommand)]
+    Cluster(Cluster),
     /// The audit log (tenant for admin keys, cluster for operator keys).
     Audit {
         /// Most events to show.
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum Cluster {
+    /// Nodes, their addresses and how much of each lease is left.
+    Status,
 }
 
 #[derive(Debug, Subcommand)]
@@ -471,6 +480,37 @@ ready: {} ({} runners known)",
                     s(&ready["status"]),
                     s(&ready["runners_known"])
                 ),
+            );
+        }
+        Command::Cluster(Cluster::Status) => {
+            let v = c.get("/v1/cluster").await?;
+            let this = s(&v["this_node"]);
+            let rows: Vec<Vec<String>> = v["nodes"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|n| {
+                            let id = s(&n["id"]);
+                            let me = if id == this { "*" } else { "" };
+                            vec![
+                                format!("{id}{me}"),
+                                s(&n["quic"]),
+                                s(&n["http"]),
+                                s(&n["lease_ttl_left_s"]),
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let head = format!(
+                "cluster {} ({}), {} node(s); * = this node",
+                s(&v["cluster"]),
+                s(&v["mode"]),
+                rows.len()
+            );
+            print(
+                &v,
+                format!("{head}\n{}", render(&["NODE", "QUIC", "HTTP", "LEASE LEFT S"], &rows)),
             );
         }
         Command::Audit { limit } => {

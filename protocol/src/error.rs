@@ -43,11 +43,14 @@ pub enum ErrorCode {
     /// A newer session of the same runner identity took over (one live session per
     /// runner; the newest wins, e.g. after the runner's NAT mapping changed).
     Replaced = 16,
+    /// The broker cannot do it now (its store, etcd, is unreachable); nothing was used up,
+    /// try again later.
+    Unavailable = 17,
 }
 
 impl ErrorCode {
     /// Every code, in number order (the code at index `n` has number `n`).
-    pub const ALL: [ErrorCode; 17] = {
+    pub const ALL: [ErrorCode; 18] = {
         use ErrorCode::*;
         [
             Ok,
@@ -67,6 +70,7 @@ impl ErrorCode {
             TenantRestart,
             Timeout,
             Replaced,
+            Unavailable,
         ]
     };
 
@@ -101,6 +105,7 @@ impl ErrorCode {
             TenantRestart => "tenant_restart",
             Timeout => "timeout",
             Replaced => "replaced",
+            Unavailable => "unavailable",
         }
     }
 }
@@ -138,6 +143,7 @@ mod tests {
             TenantRestart => 14,
             Timeout => 15,
             Replaced => 16,
+            Unavailable => 17,
         }
     }
 

@@ -8,6 +8,9 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+mod cluster;
+
+pub use cluster::{EtcdServer, TestCluster};
 use runnel_broker::{Broker, BrokerHandle, Config};
 use runnel_ctl::Method;
 use runnel_runner::{Runner, RunnerHandle, StateDir};
@@ -62,7 +65,8 @@ impl TestBroker {
         let mut config = Config::loopback(&dir.path().join("data"));
         tweak(&mut config);
         let handle = Broker::spawn(config.clone()).await.unwrap();
-        let operator_key = handle.first_operator_key.clone().unwrap();
+        // Empty for a cluster node other than the first (see `TestCluster`).
+        let operator_key = handle.first_operator_key.clone().unwrap_or_default();
         let api = Api::new(handle.http_url());
         Self { handle: Some(handle), dir, operator_key, api, config }
     }

@@ -93,6 +93,22 @@ struct ServeArgs {
     /// Audit events older than this are deleted (default 90d).
     #[arg(long, env = "RUNNEL_AUDIT_RETENTION_AGE")]
     audit_retention_age: Option<String>,
+    /// etcd endpoints (http://host:port, comma-separated): run as a cluster node on etcd
+    /// instead of the embedded store.
+    #[arg(long, env = "RUNNEL_ETCD", value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// Key prefix of this cluster in etcd (default /runnel).
+    #[arg(long, env = "RUNNEL_ETCD_PREFIX")]
+    etcd_prefix: Option<String>,
+    /// This node's id in the cluster (default: the hostname).
+    #[arg(long, env = "RUNNEL_NODE_ID")]
+    node_id: Option<String>,
+    /// host:port of this node's own QUIC endpoint, where other nodes redirect runners.
+    #[arg(long, env = "RUNNEL_NODE_ADVERTISE")]
+    node_advertise: Option<String>,
+    /// TTL of this node's membership lease in etcd (default 5s).
+    #[arg(long, env = "RUNNEL_LEASE_TTL")]
+    lease_ttl: Option<String>,
 }
 
 fn dur(
@@ -112,11 +128,11 @@ impl ServeArgs {
             None => FileConfig::default(),
         };
         let d = Config::default();
-        let server_names = if self.server_names.is_empty() {
-            file.server_names.unwrap_or_default()
-        } else {
-            self.server_names
+        let or_file = |flag: Vec<String>, file: Option<Vec<String>>| {
+            if flag.is_empty() { file.unwrap_or_default() } else { flag }
         };
+        let server_names = or_file(self.server_names, file.server_names);
+        let etcd = or_file(self.etcd, file.etcd);
         let config = Config {
             data_dir: self.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
             quic_listen: self.quic_listen.or(file.quic_listen).unwrap_or(d.quic_listen),
@@ -162,6 +178,11 @@ impl ServeArgs {
                 "audit-retention-age",
             )?
             .unwrap_or(d.audit_retention_age),
+            etcd,
+            etcd_prefix: self.etcd_prefix.or(file.etcd_prefix).unwrap_or(d.etcd_prefix),
+            node_id: self.node_id.or(file.node_id).unwrap_or(d.node_id),
+            node_advertise: self.node_advertise.or(file.node_advertise),
+            lease_ttl: dur(self.lease_ttl, file.lease_ttl, "lease-ttl")?.unwrap_or(d.lease_ttl),
             ..d
         };
         config.validate()?;

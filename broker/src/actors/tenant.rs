@@ -521,6 +521,7 @@ mod tests {
             Arc::new(RunnerIndex::new()),
             ClusterCa::generate("runnel").expect("ca"),
             "127.0.0.1:7443".into(),
+            None,
         );
         TenantState::new("t".into(), Arc::new(shared))
     }

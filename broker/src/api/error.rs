@@ -55,7 +55,15 @@ impl ApiError {
 
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
-        Self::internal(e)
+        match e {
+            crate::store::StoreError::Unavailable(cause) => {
+                tracing::warn!(error = %cause, "store unavailable");
+                Self::unavailable(
+                    "the store (etcd) cannot be reached; nothing was changed, try again later",
+                )
+            }
+            e => Self::internal(e),
+        }
     }
 }
 

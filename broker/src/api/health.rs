@@ -15,13 +15,21 @@ pub(super) async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// `GET /readyz`: the store answers and the actor tree is up.
+/// `GET /readyz`: the store answers, the actor tree is up, and (in a cluster) this node's
+/// lease is current.
 pub(super) async fn readyz(
     State(shared): State<Arc<Shared>>,
     State(tenants): State<Arc<Tenants>>,
 ) -> Result<Json<Value>, ApiError> {
     if !tenants.started() {
         return Err(ApiError::unavailable("actor tree not started"));
+    }
+    if let Some(c) = shared.cluster.as_ref().filter(|c| !c.lease_valid()) {
+        return Err(ApiError::unavailable(format!(
+            "this node's etcd lease was last renewed {} ms ago (TTL {} s): not serving tenants",
+            c.lease_age().as_millis(),
+            c.ttl().as_secs()
+        )));
     }
     shared
         .registry

@@ -213,35 +213,14 @@ impl Store for RedbStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::conformance;
 
     #[tokio::test]
     async fn kv_scan_cas_watch_and_reopen() {
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join("db.redb");
         let store = RedbStore::open(&path).expect("open");
-        let mut watch = store.watch();
-
-        store.put("runners/a/1", b"one".to_vec()).await.expect("put");
-        store.put("runners/a/2", b"two".to_vec()).await.expect("put");
-        store.put("runners/b/1", b"other".to_vec()).await.expect("put");
-        let scan = store.scan_prefix("runners/a/", 100).await.expect("scan");
-        assert_eq!(scan.len(), 2);
-        assert_eq!(scan[0], ("runners/a/1".to_string(), b"one".to_vec()));
-        assert_eq!(store.scan_prefix("runners/", 1).await.expect("scan").len(), 1);
-
-        assert!(!store.compare_and_swap("runners/a/1", Some(b"nope"), None).await.expect("cas"));
-        assert!(
-            store
-                .compare_and_swap("runners/a/1", Some(b"one"), Some(b"1".to_vec()))
-                .await
-                .expect("cas")
-        );
-        assert!(store.compare_and_swap("new", None, Some(b"x".to_vec())).await.expect("cas"));
-        assert!(!store.compare_and_swap("new", None, Some(b"y".to_vec())).await.expect("cas"));
-        assert!(store.delete("runners/b/1").await.expect("delete"));
-        assert!(!store.delete("runners/b/1").await.expect("delete"));
-
-        assert_eq!(watch.recv().await.expect("ev").key(), "runners/a/1");
+        conformance::kv_scan_cas_watch(&store).await;
         drop(store);
 
         let reopened = RedbStore::open(&path).expect("reopen");
@@ -253,40 +232,13 @@ mod tests {
     #[tokio::test]
     async fn reverse_scans_page_newest_first_and_stay_in_their_prefix() {
         let dir = tempfile::tempdir().expect("dir");
-        let store = RedbStore::open(&dir.path().join("db")).expect("open");
-        for i in 0..5 {
-            store.put(&format!("log/a/{i:03}"), vec![i]).await.expect("put");
-        }
-        store.put("log/b/999", vec![9]).await.expect("put");
-        store.put("log/", vec![0]).await.expect("put");
-        let keys = |v: Vec<(String, Vec<u8>)>| v.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
-        let page = keys(store.scan_prefix_rev("log/a/", None, 2).await.expect("scan"));
-        assert_eq!(page, ["log/a/004", "log/a/003"]);
-        let page =
-            keys(store.scan_prefix_rev("log/a/", Some("log/a/003"), 10).await.expect("scan"));
-        assert_eq!(page, ["log/a/002", "log/a/001", "log/a/000"]);
-        assert!(
-            store.scan_prefix_rev("log/a/", Some("log/a/000"), 10).await.expect("scan").is_empty()
-        );
-        assert!(store.scan_prefix_rev("log/a/", Some("log/"), 10).await.expect("scan").is_empty());
+        conformance::reverse_scans(&RedbStore::open(&dir.path().join("db")).expect("open")).await;
     }
 
     #[tokio::test]
     async fn concurrent_cas_has_exactly_one_winner() {
         let dir = tempfile::tempdir().expect("dir");
         let store = RedbStore::open(&dir.path().join("db.redb")).expect("open");
-        store.put("token", b"fresh".to_vec()).await.expect("put");
-        let mut tasks = Vec::new();
-        for i in 0..16u8 {
-            let s = store.clone();
-            tasks.push(tokio::spawn(async move {
-                s.compare_and_swap("token", Some(b"fresh"), Some(vec![i])).await.expect("cas")
-            }));
-        }
-        let mut winners = 0;
-        for t in tasks {
-            winners += usize::from(t.await.expect("join"));
-        }
-        assert_eq!(winners, 1);
+        conformance::concurrent_cas(Arc::new(store)).await;
     }
 }

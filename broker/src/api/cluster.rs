@@ -1,0 +1,50 @@
+//! `GET /v1/cluster` (operator): the nodes of the cluster as etcd sees them now.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use serde_json::{Value, json};
+
+use super::{ApiError, Caller};
+use crate::records::Role;
+use crate::shared::Shared;
+
+/// `GET /v1/cluster`: every live node with its addresses and how much of its lease is
+/// left, read from etcd (not from this node's cached view). A single node on redb answers
+/// `mode: single` and itself.
+pub(super) async fn status(
+    State(shared): State<Arc<Shared>>,
+    caller: Caller,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(&[Role::Operator])?;
+    let Some(cluster) = &shared.cluster else {
+        return Ok(Json(json!({
+            "cluster": shared.config.cluster,
+            "mode": "single",
+            "this_node": shared.config.node_id,
+            "nodes": [{ "id": shared.config.node_id, "quic": shared.advertise }],
+        })));
+    };
+    let nodes = cluster.live_nodes().await?;
+    let nodes: Vec<Value> = nodes
+        .into_iter()
+        .map(|(n, ttl_left)| {
+            json!({
+                "id": n.id,
+                "quic": n.quic,
+                "http": n.http,
+                "started_at": n.started_at,
+                "lease_ttl_left_s": ttl_left.map(|d| d.as_secs()),
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "cluster": shared.config.cluster,
+        "mode": "etcd",
+        "this_node": cluster.node_id(),
+        "lease_ttl_ms": cluster.ttl().as_millis() as u64,
+        "this_lease_age_ms": cluster.lease_age().as_millis() as u64,
+        "nodes": nodes,
+    })))
+}
