@@ -13,11 +13,12 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::actors::{BrokerRoot, RootArgs, Tenants};
-use crate::cluster::{Cluster, NODES_PREFIX, NodeRecord};
+use crate::cluster::{Cluster, NODES_PREFIX, NodeRecord, PLACEMENT_PREFIX};
 use crate::config::{Config, ConfigError};
 use crate::data_dir::DataDirError;
 use crate::index::RunnerIndex;
-use crate::records::{ApiKey, AuditEvent, Registry, RunnerRecord};
+use crate::records::{ApiKey, AuditEvent, Registry, RunnerRecord, RunnerState};
+use crate::shared::ACTOR_CALL_TIMEOUT;
 use crate::shared::Shared;
 use crate::store::{StoreError, WatchEvent};
 use crate::verifier::{Denial, PairingVerifier};
@@ -118,15 +119,20 @@ impl std::fmt::Debug for BrokerHandle {
 fn server_names(config: &Config) -> (Vec<String>, Vec<IpAddr>) {
     let mut dns = vec!["localhost".to_string()];
     let mut ips: Vec<IpAddr> = vec![[127, 0, 0, 1].into(), std::net::Ipv6Addr::LOCALHOST.into()];
-    let advertised_host =
-        config.advertise.as_deref().and_then(|a| a.rsplit_once(':')).map(|(h, _)| h);
+    // The cluster-wide names and this node's own (where other nodes redirect runners).
+    let advertised_hosts: Vec<String> = [&config.advertise, &config.node_advertise]
+        .into_iter()
+        .flatten()
+        .flat_map(|a| a.split(','))
+        .filter_map(|a| a.trim().rsplit_once(':').map(|(h, _)| h.to_owned()))
+        .collect();
     let listen_ip =
         (!config.quic_listen.ip().is_unspecified()).then(|| config.quic_listen.ip().to_string());
     for name in config
         .server_names
         .iter()
         .map(String::as_str)
-        .chain(advertised_host)
+        .chain(advertised_hosts.iter().map(String::as_str))
         .chain(listen_ip.as_deref())
     {
         let name = name.trim_start_matches('[').trim_end_matches(']');
@@ -231,9 +237,10 @@ impl Broker {
         ));
         background.spawn(audit_denials(shared.clone(), denial_rx));
         background.spawn(audit_upkeep(shared.clone()));
-        background.spawn(follow_store(shared.clone(), index));
+        background.spawn(follow_store(shared.clone(), index, tenants.clone()));
         if let Some(cluster) = cluster {
-            background.spawn(cluster.keep_alive());
+            background.spawn(cluster.clone().keep_alive());
+            background.spawn(fence(cluster, tenants.clone()));
         }
         if let Some(handle) = shared.prometheus.clone() {
             background.spawn(async move {
@@ -326,7 +333,7 @@ async fn audit_upkeep(shared: Arc<Shared>) {
 /// Keeps this node's mirrors of the store (the runner index that the handshake verifier
 /// reads, and the API key cache) in step with records written by anyone: this node, or
 /// another node of the cluster through etcd. A lagged or compacted watch rescans both.
-async fn follow_store(shared: Arc<Shared>, index: Arc<RunnerIndex>) {
+async fn follow_store(shared: Arc<Shared>, index: Arc<RunnerIndex>, tenants: Arc<Tenants>) {
     use tokio::sync::broadcast::error::RecvError;
     let registry = &shared.registry;
     let mut watch = registry.store().watch();
@@ -334,7 +341,12 @@ async fn follow_store(shared: Arc<Shared>, index: Arc<RunnerIndex>) {
         match watch.recv().await {
             Ok(WatchEvent::Put { key, value }) if key.starts_with("runners/") => {
                 match serde_json::from_slice::<RunnerRecord>(&value) {
-                    Ok(r) => index.apply(&r),
+                    Ok(r) => {
+                        index.apply(&r);
+                        if r.state == RunnerState::Revoked {
+                            close_revoked(&tenants, r);
+                        }
+                    }
                     Err(e) => tracing::warn!(%key, error = %e, "runner record does not decode"),
                 }
             }
@@ -351,13 +363,17 @@ async fn follow_store(shared: Arc<Shared>, index: Arc<RunnerIndex>) {
                     c.node_changed(&key, Some(&value));
                 }
             }
+            Ok(WatchEvent::Put { key, value }) if key.starts_with(PLACEMENT_PREFIX) => {
+                if let Some(c) = &shared.cluster {
+                    c.placement_changed(&key, Some(&value));
+                }
+            }
             Ok(WatchEvent::Delete { key }) => {
                 if let Some(id) = key.strip_prefix("keys/") {
                     shared.keys.remove(id);
-                } else if let Some(c) =
-                    shared.cluster.as_ref().filter(|_| key.starts_with(NODES_PREFIX))
-                {
+                } else if let Some(c) = &shared.cluster {
                     c.node_changed(&key, None);
+                    c.placement_changed(&key, None);
                 }
             }
             Ok(WatchEvent::Put { .. }) => {}
@@ -372,10 +388,61 @@ async fn follow_store(shared: Arc<Shared>, index: Arc<RunnerIndex>) {
                 }
                 if let Some(c) = &shared.cluster {
                     let _ = c.rescan_nodes().await;
+                    let _ = c.rescan_placement().await;
                 }
             }
             Err(RecvError::Closed) => return,
         }
+    }
+}
+
+/// A runner revoked through any node (seen in the watch) loses its live connection here,
+/// if this node holds it (fail closed: the index already refuses its next handshake).
+fn close_revoked(tenants: &Tenants, r: RunnerRecord) {
+    let Some(tenant) = tenants.get(&r.tenant) else { return };
+    tokio::spawn(async move {
+        let call = tenant
+            .call(
+                |reply| crate::actors::TenantMsg::Revoke(r.id.clone(), reply),
+                Some(ACTOR_CALL_TIMEOUT),
+            )
+            .await;
+        if let Ok(ractor::rpc::CallResult::Success(n)) = call
+            && n > 0
+        {
+            tracing::info!(runner = %r.id, tenant = %r.tenant, closed = n, "runner revoked elsewhere: connection closed");
+        }
+    });
+}
+
+/// How often the fence loop checks this node's lease and claims.
+const FENCE_EVERY: Duration = Duration::from_millis(100);
+
+/// Fencing: every tenant actor running here must be one this node is home of, under a
+/// current lease; any other is stopped (its runners are disconnected and reconnect to the
+/// new home). Once the lease was last renewed TTL/2 ago, no claim counts any more.
+async fn fence(cluster: Arc<Cluster>, tenants: Arc<Tenants>) {
+    let mut tick = tokio::time::interval(FENCE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if !cluster.lease_valid() && !cluster.mine.is_empty() {
+            tracing::error!(
+                age_ms = cluster.lease_age().as_millis() as u64,
+                "etcd lease not renewed for TTL/2: stopping every tenant of this node"
+            );
+            cluster.forget_claims();
+        }
+        for tenant in tenants.running() {
+            if !cluster.is_home(&tenant)
+                && let Some(actor) = tenants.get(&tenant)
+            {
+                tracing::warn!(%tenant, "no longer this tenant's home: stopping its actor");
+                actor.stop(Some("no longer this tenant's home".into()));
+            }
+        }
+        metrics::gauge!(crate::metrics::names::CLUSTER_TENANTS_HOMED)
+            .set(cluster.homed_here().len() as f64);
     }
 }
 

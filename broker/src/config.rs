@@ -61,7 +61,9 @@ pub struct Config {
     pub quic_listen: SocketAddr,
     /// TCP address of the HTTP API.
     pub http_listen: SocketAddr,
-    /// `host:port` written into enroll commands (and into the server certificate).
+    /// `host:port` written into enroll commands (and into the server certificate): in a
+    /// cluster, a name every node answers to (DNS, a UDP load balancer), or the nodes'
+    /// own addresses separated by commas, which runners try in turn.
     pub advertise: Option<String>,
     /// Cluster name.
     pub cluster: String,
@@ -227,8 +229,10 @@ impl Config {
             a.rsplit_once(':')
                 .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
         };
-        if let Some(a) = self.advertise.as_deref().filter(|a| !host_port(a)) {
-            return invalid("advertise", &format!("{a:?} must be host:port"));
+        // One cluster-wide host:port, or the nodes' own, comma-separated (runners try them
+        // in turn).
+        if let Some(a) = self.advertise.as_deref().filter(|a| !a.split(',').all(host_port)) {
+            return invalid("advertise", &format!("{a:?} must be host:port[,host:port...]"));
         }
         if let Some(a) = self.node_advertise.as_deref().filter(|a| !host_port(a)) {
             return invalid("node-advertise", &format!("{a:?} must be host:port"));

@@ -11,14 +11,15 @@ use std::time::Duration;
 use quinn::crypto::rustls::{HandshakeData, QuicServerConfig};
 use runnel_certs::{Identity, RunnerIdentity, parse_cert};
 use runnel_protocol::{
-    ALPN_ENROLL, ALPN_RUNNER, ClientControl, ErrorCode, ServerControl, read_frame, version,
-    write_frame,
+    ALPN_ENROLL, ALPN_RUNNER, ClientControl, ErrorCode, Redirect, ServerControl, read_frame,
+    version, write_frame,
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_util::sync::CancellationToken;
 
 use crate::actors::{Attach, TenantMsg, Tenants};
 use crate::broker::SpawnError;
+use crate::cluster::Home;
 use crate::shared::Shared;
 use crate::verifier::PairingVerifier;
 
@@ -183,7 +184,7 @@ async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>, tenants
         .and_then(|d| d.protocol);
     match alpn.as_deref() {
         Some(p) if p == ALPN_ENROLL => crate::enroll::serve(conn, shared).await,
-        Some(p) if p == ALPN_RUNNER => runner_intake(conn, remote, tenants).await,
+        Some(p) if p == ALPN_RUNNER => runner_intake(conn, remote, &shared, tenants).await,
         _ => conn.close(ErrorCode::Protocol.as_u32().into(), b"unknown ALPN"),
     }
 }
@@ -201,7 +202,27 @@ fn refuse(conn: &quinn::Connection, code: ErrorCode, why: &str) {
     conn.close(code.as_u32().into(), why.as_bytes());
 }
 
-async fn runner_intake(conn: quinn::Connection, remote: SocketAddr, tenants: Arc<Tenants>) {
+/// Sends one control message, gives it a moment to arrive, and closes the connection.
+async fn say_and_close(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    msg: &ServerControl,
+    code: ErrorCode,
+    why: &str,
+) {
+    let _ = write_frame(send, msg).await;
+    let _ = send.finish();
+    // The runner closes once it has read the message; don't wait for ever.
+    let _ = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
+    refuse(conn, code, why);
+}
+
+async fn runner_intake(
+    conn: quinn::Connection,
+    remote: SocketAddr,
+    shared: &Shared,
+    tenants: Arc<Tenants>,
+) {
     let Some(identity) = peer_identity(&conn) else {
         // runnel/1 without a client certificate: nothing is read from it.
         return refuse(&conn, ErrorCode::Unauthenticated, "client certificate required");
@@ -253,6 +274,36 @@ async fn runner_intake(conn: quinn::Connection, remote: SocketAddr, tenants: Arc
         }
         Err(_) => return refuse(&conn, ErrorCode::Timeout, "no Hello in time"),
     };
+    // In a cluster, only the tenant's home serves its runners: others redirect there.
+    let (epoch, send) = match shared.cluster.as_ref() {
+        None => (0, send),
+        Some(cluster) => match cluster.home(&identity.tenant).await {
+            Ok(Home::Here { epoch }) => (u64::try_from(epoch).unwrap_or(0), send),
+            Ok(Home::There(node)) => {
+                metrics::counter!(crate::metrics::names::CLUSTER_REDIRECTS).increment(1);
+                tracing::debug!(%remote, runner = %identity.runner, home = %node.id, "redirecting runner to its tenant's home");
+                let mut send = send;
+                let msg = ServerControl::Redirect(Redirect { addr: node.quic });
+                return say_and_close(&conn, &mut send, &msg, ErrorCode::Ok, "redirect").await;
+            }
+            Ok(Home::Nowhere(why)) => {
+                let mut send = send;
+                let msg = ServerControl::Error { code: ErrorCode::Unavailable, message: why };
+                return say_and_close(&conn, &mut send, &msg, ErrorCode::Unavailable, "no home")
+                    .await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "placement lookup failed");
+                let mut send = send;
+                let msg = ServerControl::Error {
+                    code: ErrorCode::Unavailable,
+                    message: "the broker cannot reach its store; reconnect later".into(),
+                };
+                return say_and_close(&conn, &mut send, &msg, ErrorCode::Unavailable, "store")
+                    .await;
+            }
+        },
+    };
     let tenant = match tenants.actor(&identity.tenant).await {
         Ok(t) => t,
         Err(e) => {
@@ -260,7 +311,8 @@ async fn runner_intake(conn: quinn::Connection, remote: SocketAddr, tenants: Arc
             return refuse(&conn, ErrorCode::Internal, "broker busy");
         }
     };
-    let attach = Attach { conn: conn.clone(), identity, hello, version, control: (send, recv) };
+    let attach =
+        Attach { conn: conn.clone(), identity, hello, version, control: (send, recv), epoch };
     if tenant.cast(TenantMsg::Attach(Box::new(attach))).is_err() {
         refuse(&conn, ErrorCode::TenantRestart, "tenant restarting");
     }

@@ -55,6 +55,13 @@ pub mod names {
     /// Gauge: seconds since this node's lease was last renewed (etcd mode only); at
     /// TTL/2 the node stops serving its tenants.
     pub const CLUSTER_LEASE_AGE: &str = "runnel_cluster_lease_age_seconds";
+    /// Counter: tenants this node claimed as their home (a new home after a failover or
+    /// drain counts here too).
+    pub const CLUSTER_PLACEMENTS: &str = "runnel_cluster_placements_total";
+    /// Gauge: tenants homed on this node now.
+    pub const CLUSTER_TENANTS_HOMED: &str = "runnel_cluster_tenants_homed";
+    /// Counter: runners told to go to their tenant's home node.
+    pub const CLUSTER_REDIRECTS: &str = "runnel_cluster_redirects_total";
     /// Gauge, `version`: always 1.
     pub const BUILD_INFO: &str = "runnel_build_info";
 
@@ -77,6 +84,9 @@ pub mod names {
         API_KEY_FAILURES,
         CLUSTER_NODES,
         CLUSTER_LEASE_AGE,
+        CLUSTER_PLACEMENTS,
+        CLUSTER_TENANTS_HOMED,
+        CLUSTER_REDIRECTS,
         BUILD_INFO,
     ];
 }

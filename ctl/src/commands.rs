@@ -508,10 +508,15 @@ ready: {} ({} runners known)",
                 s(&v["mode"]),
                 rows.len()
             );
-            print(
-                &v,
-                format!("{head}\n{}", render(&["NODE", "QUIC", "HTTP", "LEASE LEFT S"], &rows)),
-            );
+            let homes: Vec<Vec<String>> = v["tenants"]
+                .as_array()
+                .map(|a| {
+                    a.iter().map(|t| vec![s(&t["tenant"]), s(&t["node"]), s(&t["epoch"])]).collect()
+                })
+                .unwrap_or_default();
+            let nodes = render(&["NODE", "QUIC", "HTTP", "LEASE LEFT S"], &rows);
+            let homes = render(&["TENANT", "HOME", "EPOCH"], &homes);
+            print(&v, format!("{head}\n{nodes}\n\n{homes}"));
         }
         Command::Audit { limit } => {
             let v = c.get(&format!("/v1/audit?limit={limit}")).await?;

@@ -38,6 +38,10 @@ pub struct Welcome {
     pub owner: String,
     /// How often the runner should send [`Heartbeat`]s.
     pub heartbeat_interval_ms: u32,
+    /// (protocol 2) The epoch of the tenant's placement on this node (0 on a single node):
+    /// a runner refuses a Welcome whose epoch is older than one it has seen for its tenant,
+    /// so a node that lost its claim (paused, partitioned) cannot take it back.
+    pub epoch: u64,
 }
 
 /// Periodic load report; also keeps `last_seen` fresh.

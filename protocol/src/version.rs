@@ -1,10 +1,12 @@
 //! Protocol versions and ALPN identifiers.
 
-/// The protocol version this build speaks best.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol version this build speaks best. 2: `Welcome` carries the tenant's epoch,
+/// and a node that is not the tenant's home answers `Hello` with `Redirect`.
+pub const PROTOCOL_VERSION: u16 = 2;
 
-/// The oldest protocol version this build still speaks.
-pub const MIN_PROTOCOL_VERSION: u16 = 1;
+/// The oldest protocol version this build still speaks (1 had no epoch in `Welcome`; no
+/// release spoke it).
+pub const MIN_PROTOCOL_VERSION: u16 = 2;
 
 /// ALPN of a paired runner's connection (mutual TLS with a runner certificate).
 pub const ALPN_RUNNER: &[u8] = b"runnel/1";
@@ -25,7 +27,8 @@ mod tests {
 
     #[test]
     fn negotiates_highest_common_version() {
-        assert_eq!(negotiate(1, 1), Some(1));
+        assert_eq!(negotiate(1, 1), None, "protocol 1 is no longer spoken");
+        assert_eq!(negotiate(2, 2), Some(2));
         assert_eq!(negotiate(1, 9), Some(PROTOCOL_VERSION));
         assert_eq!(negotiate(PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 3), None);
         assert_eq!(negotiate(3, 2), None);

@@ -47,6 +47,7 @@ fn control_messages_round_trip() {
         tenant: "t".into(),
         owner: "o".into(),
         heartbeat_interval_ms: 5000,
+        epoch: 7,
     }));
     roundtrip(ServerControl::RenewedCert { cert_pem: "pem".into(), not_after_unix: 1_900_000_000 });
     roundtrip(ServerControl::RenewRefused { code: ErrorCode::Revoked, message: "no".into() });

@@ -8,10 +8,32 @@ use runnel_protocol::{
 
 use crate::RunnerError;
 use crate::state::{RunnerInfo, StateDir};
-use crate::tls::{client_endpoint, enroll_config, resolve};
+use crate::tls::{broker_addrs, client_endpoint, enroll_config, resolve};
 
 fn conn_err(e: impl Into<crate::BoxError>) -> RunnerError {
     RunnerError::connection(e)
+}
+
+/// One enrollment exchange with one node.
+async fn exchange(
+    broker: &str,
+    pin: [u8; 32],
+    req: &EnrollRequest,
+) -> Result<Option<EnrollResponse>, RunnerError> {
+    let (addr, server_name) = resolve(broker).await?;
+    let endpoint = client_endpoint(addr)?;
+    let conn = endpoint
+        .connect_with(enroll_config(pin)?, addr, &server_name)
+        .map_err(conn_err)?
+        .await
+        .map_err(conn_err)?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(conn_err)?;
+    write_frame(&mut send, req).await.map_err(conn_err)?;
+    send.finish().map_err(conn_err)?;
+    let resp = read_frame::<EnrollResponse, _>(&mut recv).await.map_err(conn_err)?;
+    conn.close(0u32.into(), b"enrolled");
+    endpoint.wait_idle().await;
+    Ok(resp)
 }
 
 /// Enrolls a new runner into `state`. The private key never leaves this machine.
@@ -27,24 +49,28 @@ pub async fn enroll(
     // Before the token is spent: a state dir we cannot use must not cost it.
     state.create()?;
     let pin = parse_fingerprint(ca_fingerprint)?;
-    let (addr, server_name) = resolve(broker).await?;
     let key = key::generate_key()?;
     let csr = key::csr_pem(&key)?;
-
-    let endpoint = client_endpoint(addr)?;
-    let conn = endpoint
-        .connect_with(enroll_config(pin)?, addr, &server_name)
-        .map_err(conn_err)?
-        .await
-        .map_err(conn_err)?;
-    let (mut send, mut recv) = conn.open_bi().await.map_err(conn_err)?;
     let req =
         EnrollRequest { version: PROTOCOL_VERSION, token: token.trim().to_owned(), csr_pem: csr };
-    write_frame(&mut send, &req).await.map_err(conn_err)?;
-    send.finish().map_err(conn_err)?;
-    let resp = read_frame::<EnrollResponse, _>(&mut recv).await.map_err(conn_err)?;
-    conn.close(0u32.into(), b"enrolled");
-    endpoint.wait_idle().await;
+    // A cluster may be given as several addresses: the first that answers enrolls (a
+    // refusal is an answer; only an unreachable node moves on to the next).
+    let mut last = None;
+    let mut resp = None;
+    for addr in broker_addrs(broker) {
+        match exchange(addr, pin, &req).await {
+            Ok(r) => {
+                resp = Some(r);
+                break;
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    let resp = match (resp, last) {
+        (Some(r), _) => r,
+        (None, Some(e)) => return Err(e),
+        (None, None) => return Err(RunnerError::Address(broker.into(), "no address".into())),
+    };
     let enrolled = match resp {
         Some(EnrollResponse::Ok(e)) => e,
         Some(EnrollResponse::Refused { code, message }) => {

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::time::Duration;
 
 use tokio::sync::{Semaphore, watch};
@@ -119,6 +119,7 @@ impl RunnerBuilder {
             broker,
             permits: Arc::new(Semaphore::new(self.capacity as usize)),
             draining: AtomicBool::new(false),
+            epoch_seen: AtomicU64::new(0),
             drain: drain.clone(),
             stop: stop.clone(),
             status: status_tx,
@@ -205,6 +206,9 @@ pub(crate) struct Inner {
     /// One permit per job the runner may run at once (its advertised capacity).
     pub(crate) permits: Arc<Semaphore>,
     pub(crate) draining: AtomicBool,
+    /// The highest placement epoch a Welcome has carried: an older one comes from a node
+    /// that lost its claim on this runner's tenant, and is refused.
+    pub(crate) epoch_seen: AtomicU64,
     pub(crate) drain: CancellationToken,
     pub(crate) stop: CancellationToken,
     pub(crate) status: watch::Sender<RunnerStatus>,
@@ -220,12 +224,32 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
     }
 }
 
+/// Redirects followed in a row before the runner backs off: a cluster whose nodes disagree
+/// about a tenant's home for a moment (a failover) must not make runners loop.
+const MAX_REDIRECTS: u32 = 3;
+
 async fn run_loop(inner: Arc<Inner>) -> Result<(), RunnerError> {
     let mut backoff = Backoff::new();
     let mut sessions = 0u64;
+    // Where the next session dials: the configured address, or the node a Redirect named.
+    let mut target: Option<String> = None;
+    let mut redirects = 0u32;
+    // With several configured addresses, each failure moves on to the next one.
+    let configured: Vec<String> =
+        crate::tls::broker_addrs(&inner.broker).into_iter().map(str::to_owned).collect();
+    let mut next = 0usize;
+    // The address whose session just failed: skipped once in the rotation, and a redirect
+    // back to it (another node that has not noticed it died yet) is not followed.
+    let mut avoid: Option<String> = None;
     loop {
         let _ = inner.status.send(RunnerStatus::Connecting);
-        match session(&inner, &mut sessions).await {
+        if configured.len() > 1 && configured.get(next % configured.len()) == avoid.as_ref() {
+            next = next.wrapping_add(1);
+        }
+        let dial = target.clone().unwrap_or_else(|| {
+            configured.get(next % configured.len().max(1)).cloned().unwrap_or_default()
+        });
+        let (reason, welcomed) = match session(&inner, &dial, &mut sessions).await {
             SessionEnd::Finished => {
                 let _ = inner.status.send(RunnerStatus::Stopped { reason: "stopped".into() });
                 return Ok(());
@@ -235,18 +259,37 @@ async fn run_loop(inner: Arc<Inner>) -> Result<(), RunnerError> {
                 let _ = inner.status.send(RunnerStatus::Stopped { reason: reason.clone() });
                 return Err(RunnerError::Refused(reason));
             }
-            SessionEnd::Retry { reason, welcomed } => {
-                if welcomed {
-                    backoff.reset();
-                }
-                let delay = backoff.next_delay(&mut rand::rng());
-                tracing::info!(%reason, delay_ms = delay.as_millis() as u64, "reconnecting");
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = inner.stop.cancelled() => return Ok(()),
-                    _ = inner.drain.cancelled() => return Ok(()),
-                }
+            SessionEnd::Redirect(addr) if avoid.as_ref() == Some(&addr) => {
+                (format!("redirected to {addr}, which just failed; its node may be gone"), false)
             }
+            SessionEnd::Redirect(addr) if redirects < MAX_REDIRECTS => {
+                tracing::info!(from = %dial, to = %addr, "redirected to the tenant's home node");
+                redirects += 1;
+                target = Some(addr);
+                continue;
+            }
+            SessionEnd::Redirect(addr) => {
+                (format!("{MAX_REDIRECTS} redirects in a row (last to {addr})"), false)
+            }
+            SessionEnd::Retry { reason, welcomed } => (reason, welcomed),
+        };
+        // After any failure, start again from the configured (cluster-wide) address: the
+        // node a redirect named may be the one that died.
+        if target.is_some() || configured.len() > 1 {
+            avoid = Some(dial);
+        }
+        target = None;
+        redirects = 0;
+        next = next.wrapping_add(1);
+        if welcomed {
+            backoff.reset();
+        }
+        let delay = backoff.next_delay(&mut rand::rng());
+        tracing::info!(%reason, delay_ms = delay.as_millis() as u64, "reconnecting");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = inner.stop.cancelled() => return Ok(()),
+            _ = inner.drain.cancelled() => return Ok(()),
         }
     }
 }

@@ -24,6 +24,9 @@ use crate::runner::{Inner, RunnerStatus};
 use crate::state::StateDir;
 use crate::tls::{client_endpoint, resolve, runner_config};
 
+/// Time a QUIC handshake may take: a node that is gone (killed, unplugged) answers
+/// nothing, and QUIC's own idle timeout would keep the runner waiting far longer.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time the broker has to answer Hello.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 /// Never ask for a new certificate more often than this.
@@ -37,6 +40,8 @@ pub(crate) enum SessionEnd {
     Fatal(String),
     /// Anything else: reconnect. `welcomed` says whether the session got that far.
     Retry { reason: String, welcomed: bool },
+    /// (cluster) The node is not this runner's tenant's home: dial this `host:port` now.
+    Redirect(String),
 }
 
 /// Whether a connection ended because this runner is revoked: the broker closed a live
@@ -85,7 +90,7 @@ fn renew_at(cert_pem: &str) -> Option<std::time::SystemTime> {
     )
 }
 
-pub(crate) async fn session(inner: &Arc<Inner>, sessions: &mut u64) -> SessionEnd {
+pub(crate) async fn session(inner: &Arc<Inner>, dial: &str, sessions: &mut u64) -> SessionEnd {
     let st = &inner.state;
     let loaded = (|| -> Result<_, RunnerError> {
         let ca = pem::certs_from_pem(&st.read(&st.ca_path())?)?.into_iter().next();
@@ -104,7 +109,7 @@ pub(crate) async fn session(inner: &Arc<Inner>, sessions: &mut u64) -> SessionEn
         Ok(c) => c,
         Err(e) => return SessionEnd::Fatal(e.to_string()),
     };
-    let (addr, server_name) = match resolve(&inner.broker).await {
+    let (addr, server_name) = match resolve(dial).await {
         Ok(x) => x,
         Err(e) => return retry(e),
     };
@@ -117,10 +122,11 @@ pub(crate) async fn session(inner: &Arc<Inner>, sessions: &mut u64) -> SessionEn
         Err(e) => return retry(e),
     };
     let conn = tokio::select! {
-        c = connecting => match c {
-            Ok(c) => c,
-            Err(e) if is_revocation(&e) => return SessionEnd::Fatal(format!("runner revoked: {e}")),
-            Err(e) => return retry(format!("connect: {e}")),
+        c = tokio::time::timeout(CONNECT_TIMEOUT, connecting) => match c {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) if is_revocation(&e) => return SessionEnd::Fatal(format!("runner revoked: {e}")),
+            Ok(Err(e)) => return retry(format!("connect: {e}")),
+            Err(_) => return retry(format!("connect to {dial}: no answer in {CONNECT_TIMEOUT:?}")),
         },
         _ = inner.stop.cancelled() => return SessionEnd::Finished,
     };
@@ -160,6 +166,20 @@ async fn serve_connection(
     .await
     {
         Ok(Ok(Some(ServerControl::Welcome(w)))) => w,
+        Ok(Ok(Some(ServerControl::Redirect(r)))) => {
+            conn.close(ErrorCode::Ok.as_u32().into(), b"redirected");
+            return SessionEnd::Redirect(r.addr);
+        }
+        // Passing trouble (no home for the tenant right now, a store outage, a restart):
+        // reconnect with backoff.
+        Ok(Ok(Some(ServerControl::Error { code, message })))
+            if matches!(
+                code,
+                ErrorCode::Unavailable | ErrorCode::GoingAway | ErrorCode::TenantRestart
+            ) =>
+        {
+            return retry(format!("broker cannot serve this runner now ({code}): {message}"));
+        }
         Ok(Ok(Some(ServerControl::Error { code, message }))) => {
             return SessionEnd::Fatal(format!("broker refused the session ({code}): {message}"));
         }
@@ -173,6 +193,16 @@ async fn serve_connection(
         }
         Err(_) => return retry("no Welcome in time"),
     };
+    // A node that lost its claim on the tenant (paused, partitioned) and did not notice yet
+    // is refused: a newer home has already welcomed this runner.
+    let seen = inner.epoch_seen.fetch_max(welcome.epoch, Ordering::AcqRel);
+    if welcome.epoch < seen {
+        conn.close(ErrorCode::Ok.as_u32().into(), b"stale epoch");
+        return retry(format!(
+            "stale Welcome: epoch {} is older than {seen}, already seen",
+            welcome.epoch
+        ));
+    }
     *sessions += 1;
     tracing::info!(runner = %welcome.runner_id, tenant = %welcome.tenant, owner = %welcome.owner, "connected");
     let _ = inner

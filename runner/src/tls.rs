@@ -140,6 +140,13 @@ pub fn runner_config(
 }
 
 /// Resolves `host:port`, returning the address and the TLS server name.
+/// The addresses in a broker address: one `host:port`, or several separated by commas (the
+/// nodes of a cluster without a shared address), tried in turn.
+pub fn broker_addrs(broker: &str) -> Vec<&str> {
+    broker.split(',').map(str::trim).filter(|a| !a.is_empty()).collect()
+}
+
+/// Resolves one `host:port`; answers the address and the TLS server name.
 pub async fn resolve(broker: &str) -> Result<(std::net::SocketAddr, String), RunnerError> {
     let bad = |m: &str| RunnerError::Address(broker.to_owned(), m.to_owned());
     let (host, _) = broker.rsplit_once(':').ok_or_else(|| bad("expected host:port"))?;

@@ -57,29 +57,47 @@ impl EtcdServer {
     pub async fn start_again(&mut self) {
         let url = self.url();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let log = std::fs::File::create(self.dir.path().join("etcd.log")).unwrap();
         let child = Command::new("etcd")
             .args(["--name", "t", "--data-dir"])
             .arg(self.dir.path().join("etcd"))
             .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("t={peer}"), "--log-level", "error"])
+            .args(["--initial-cluster", &format!("t={peer}"), "--log-level", "warn"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap();
         self.child = Some(child);
         let health = format!("127.0.0.1:{}", self.client_port);
-        wait_for(Duration::from_secs(20), "etcd to answer", || async {
-            // etcd answers /health on its client port once it has a leader.
-            let mut s = tokio::net::TcpStream::connect(&health).await.ok()?;
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            s.write_all(b"GET /health HTTP/1.0\r\n\r\n").await.ok()?;
-            let mut body = String::new();
-            s.read_to_string(&mut body).await.ok()?;
-            body.contains("\"health\":\"true\"").then_some(())
-        })
-        .await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if healthy(&health).await {
+                return;
+            }
+            if std::time::Instant::now() > deadline {
+                let log = std::fs::read_to_string(self.dir.path().join("etcd.log"));
+                panic!(
+                    "etcd on {url} did not become healthy; its log:\n{}",
+                    log.unwrap_or_default()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
+}
+
+/// Whether etcd's `/health` on its client port says it has a leader.
+async fn healthy(addr: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let check = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        s.write_all(b"GET /health HTTP/1.0\r\n\r\n").await.ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.ok()?;
+        Some(body.contains("\"health\":\"true\""))
+    };
+    tokio::time::timeout(Duration::from_secs(2), check).await.ok().flatten().unwrap_or(false)
 }
 
 impl Drop for EtcdServer {
@@ -120,5 +138,121 @@ impl TestCluster {
     /// The operator key (minted by the first node).
     pub fn operator_key(&self) -> &str {
         &self.nodes[0].operator_key
+    }
+}
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// One `runnel-broker serve` child process of a [`ProcessCluster`].
+pub struct NodeProcess {
+    pub id: String,
+    pub quic: String,
+    pub api: crate::Api,
+    pub child: Option<tokio::process::Child>,
+    args: Vec<String>,
+    bin: String,
+}
+
+impl NodeProcess {
+    /// The child's pid (it is running).
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().and_then(|c| c.id()).map(|p| p as i32).unwrap()
+    }
+
+    /// Sends `signal` (`KILL`, `STOP`, `CONT`, `TERM`) to the node.
+    pub fn signal(&self, signal: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{signal}");
+    }
+
+    /// Waits for the child to exit (after KILL or TERM); returns its exit status.
+    pub async fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        tokio::time::timeout(limit, child.wait()).await.expect("node exits in time").unwrap()
+    }
+
+    /// Starts the node again with the same flags (same id, ports and data dir).
+    pub async fn start_again(&mut self) {
+        self.child = Some(spawn_node(&self.bin, &self.args));
+        let api = self.api.clone();
+        wait_for(Duration::from_secs(30), "the node to be ready", || async {
+            let ready = api.try_call(crate::Method::GET, "/readyz", "", None).await;
+            (ready?.0 == 200).then_some(())
+        })
+        .await;
+    }
+}
+
+fn spawn_node(bin: &str, args: &[String]) -> tokio::process::Child {
+    tokio::process::Command::new(bin)
+        .arg("serve")
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+/// A cluster of real `runnel-broker` processes (the binary at `bin`) on one etcd, each
+/// with its own QUIC endpoint; `--advertise` lists them all, as runners without a load
+/// balancer in front would use them.
+pub struct ProcessCluster {
+    pub etcd: EtcdServer,
+    pub nodes: Vec<NodeProcess>,
+    pub operator_key: String,
+    _dir: tempfile::TempDir,
+}
+
+impl ProcessCluster {
+    /// `n` nodes `n1..` with `extra` flags each; None where etcd is not installed.
+    pub async fn start(bin: &str, n: usize, extra: &[&str]) -> Option<Self> {
+        let etcd = EtcdServer::start().await?;
+        let dir = tempfile::tempdir().unwrap();
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_udp_port(), free_port())).collect();
+        let advertise =
+            ports.iter().map(|(q, _)| format!("127.0.0.1:{q}")).collect::<Vec<_>>().join(",");
+        let mut nodes = Vec::new();
+        for (i, (q, h)) in ports.iter().enumerate() {
+            let id = format!("n{}", i + 1);
+            let quic = format!("127.0.0.1:{q}");
+            let mut args: Vec<String> = vec![
+                "--etcd".into(),
+                etcd.url(),
+                "--node-id".into(),
+                id.clone(),
+                "--data-dir".into(),
+                dir.path().join(&id).display().to_string(),
+                "--quic-listen".into(),
+                quic.clone(),
+                "--http-listen".into(),
+                format!("127.0.0.1:{h}"),
+                "--advertise".into(),
+                advertise.clone(),
+                "--node-advertise".into(),
+                quic.clone(),
+            ];
+            args.extend(extra.iter().map(|s| s.to_string()));
+            let mut node = NodeProcess {
+                id,
+                quic,
+                api: crate::Api::new(format!("http://127.0.0.1:{h}")),
+                child: None,
+                args,
+                bin: bin.to_owned(),
+            };
+            // One after the other: the first creates the CA and the operator key.
+            node.start_again().await;
+            nodes.push(node);
+        }
+        let key_file = dir.path().join("n1").join("operator.key");
+        let operator_key = std::fs::read_to_string(key_file).unwrap().trim().to_owned();
+        Some(Self { etcd, nodes, operator_key, _dir: dir })
     }
 }

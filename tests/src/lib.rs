@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 mod cluster;
 
-pub use cluster::{EtcdServer, TestCluster};
+pub use cluster::{EtcdServer, NodeProcess, ProcessCluster, TestCluster};
 use runnel_broker::{Broker, BrokerHandle, Config};
-use runnel_ctl::Method;
+pub use runnel_ctl::Method;
 use runnel_runner::{Runner, RunnerHandle, StateDir};
 use serde_json::{Value, json};
 
@@ -209,6 +209,19 @@ impl Api {
     ) -> (u16, Value) {
         let a = self.as_key(key).call(method, path, body.as_ref()).await.unwrap();
         (a.status, a.body)
+    }
+
+    /// Like `get`/`post`, but a node that does not answer (killed, paused, starting) is
+    /// None instead of a panic.
+    pub async fn try_call(
+        &self,
+        method: Method,
+        path: &str,
+        key: &str,
+        body: Option<Value>,
+    ) -> Option<(u16, Value)> {
+        let a = self.as_key(key).call(method, path, body.as_ref()).await.ok()?;
+        Some((a.status, a.body))
     }
 
     pub async fn post(&self, path: &str, key: &str, body: Value) -> (u16, Value) {

@@ -51,7 +51,8 @@ struct ServeArgs {
     /// TCP address of the HTTP API. Default 127.0.0.1:7480.
     #[arg(long, env = "RUNNEL_HTTP_LISTEN")]
     http_listen: Option<SocketAddr>,
-    /// host:port written into enroll commands (and the server certificate).
+    /// host:port written into enroll commands (and the server certificate); in a cluster
+    /// a name every node answers to, or the nodes' own host:port list, comma-separated.
     #[arg(long, env = "RUNNEL_ADVERTISE")]
     advertise: Option<String>,
     /// Cluster name (trust domain of identities). Default runnel.

@@ -57,6 +57,11 @@ impl Tenants {
         self.root.get().is_some()
     }
 
+    /// The tenants whose actors run now.
+    pub(crate) fn running(&self) -> Vec<String> {
+        self.map.iter().map(|e| e.key().clone()).collect()
+    }
+
     /// The tenant's actor if it runs now (never spawns one).
     pub(crate) fn get(&self, tenant: &str) -> Option<ActorRef<TenantMsg>> {
         self.map.get(tenant).map(|a| a.clone())

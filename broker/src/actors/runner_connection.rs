@@ -56,6 +56,8 @@ pub(crate) struct Attach {
     pub version: u16,
     /// The control stream.
     pub control: (quinn::SendStream, quinn::RecvStream),
+    /// The tenant's placement epoch on this node (0 on a single node), for the Welcome.
+    pub epoch: u64,
 }
 
 /// What a connection tells its tenant: all it can say upward.
@@ -142,7 +144,7 @@ impl Actor for RunnerConnection {
         myself: ActorRef<Self::Msg>,
         args: ConnectionArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let Attach { conn, identity, version, hello, control: (send, recv) } = args.attach;
+        let Attach { conn, identity, version, hello, control: (send, recv), epoch } = args.attach;
         let span = tracing::info_span!(
             "runner_conn",
             tenant = %identity.tenant,
@@ -159,6 +161,7 @@ impl Actor for RunnerConnection {
             tenant: identity.tenant.clone(),
             owner: identity.owner.clone(),
             heartbeat_interval_ms: args.shared.config.heartbeat_interval.as_millis() as u32,
+            epoch,
         });
         let io = connection_io(conn.clone(), send, recv, welcome, rx, myself.clone());
         let io =

@@ -1,4 +1,5 @@
-//! `GET /v1/cluster` (operator): the nodes of the cluster as etcd sees them now.
+//! `GET /v1/cluster` (operator): the nodes of the cluster and the tenants' homes, as etcd
+//! sees them now, and what this node itself serves.
 
 use std::sync::Arc;
 
@@ -39,9 +40,22 @@ pub(super) async fn status(
             })
         })
         .collect();
+    let tenants: Vec<Value> = cluster
+        .claims()
+        .await?
+        .into_iter()
+        .map(|(tenant, node, epoch)| json!({ "tenant": tenant, "node": node, "epoch": epoch }))
+        .collect();
+    let homed_here: Vec<Value> = cluster
+        .homed_here()
+        .into_iter()
+        .map(|(tenant, epoch)| json!({ "tenant": tenant, "epoch": epoch }))
+        .collect();
     Ok(Json(json!({
         "cluster": shared.config.cluster,
         "mode": "etcd",
+        "tenants": tenants,
+        "homed_here": homed_here,
         "this_node": cluster.node_id(),
         "lease_ttl_ms": cluster.ttl().as_millis() as u64,
         "this_lease_age_ms": cluster.lease_age().as_millis() as u64,

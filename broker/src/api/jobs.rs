@@ -129,7 +129,7 @@ pub(super) async fn create(
             "queue_timeout_ms",
         )?,
     };
-    let actor = tenants.actor(&tenant).await.map_err(|e| ApiError::unavailable(e.to_string()))?;
+    let actor = super::home_actor(&shared, &tenants, &tenant).await?;
     let job = shared.jobs.create(&tenant, spec);
     let verdict =
         actor.call(|reply| TenantMsg::Dispatch(job.clone(), reply), Some(ACTOR_CALL_TIMEOUT)).await;

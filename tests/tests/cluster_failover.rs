@@ -1,0 +1,214 @@
+//! Failover with real broker processes on a real etcd: kill -9 a tenant's home, or
+//! SIGSTOP it past its lease, and the tenant gets a new home whose runners are online and
+//! whose dispatches succeed; at no moment do two nodes serve the tenant.
+//!
+//! The nodes run with `--idle-timeout 2s`: a runner notices its node died only when QUIC
+//! gives up on the connection (a killed process sends nothing), so failover takes about
+//! max(lease TTL, idle timeout) plus the reconnect backoff.
+#![allow(missing_docs, clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use runnel_runner::{Runner, RunnerHandle, StateDir};
+use runnel_tests::{Api, Method, ProcessCluster, wait_for};
+use serde_json::{Value, json};
+
+const BROKER: &str = env!("CARGO_BIN_EXE_broker-under-test");
+/// The two tests take turns: each starts 3 brokers and an etcd, and the failover bound is
+/// measured on this machine's 2 cores.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const FLAGS: &[&str] = &["--idle-timeout", "2s", "--heartbeat-interval", "500ms"];
+
+fn exec(program: &str, args: &[&str], wait: bool) -> Value {
+    json!({ "owner": "alice", "kind": "exec", "exec": { "program": program, "args": args }, "wait": wait })
+}
+
+fn word_after<'a>(cmd: &'a str, flag: &str) -> &'a str {
+    let mut words = cmd.split_whitespace();
+    words.find(|w| *w == flag).and_then(|_| words.next()).unwrap()
+}
+
+/// Tenant acme with one runner of alice, online; answers (admin key, home index, runner).
+async fn tenant_with_runner(
+    c: &ProcessCluster,
+    dir: &std::path::Path,
+) -> (String, usize, RunnerHandle) {
+    let op = &c.operator_key;
+    let api = &c.nodes[0].api;
+    assert_eq!(api.post("/v1/tenants", op, json!({ "id": "acme" })).await.0, 201);
+    let (_, v) = api.post("/v1/tenants/acme/keys", op, json!({ "role": "admin" })).await;
+    let admin = v["key"].as_str().unwrap().to_owned();
+    let (s, v) = api.post("/v1/runners", &admin, json!({ "owner": "alice", "name": "r" })).await;
+    assert_eq!(s, 201, "{v}");
+    let cmd = v["enroll_command"].as_str().unwrap();
+    let state = StateDir::new(dir.join("runner"));
+    runnel_runner::enroll(
+        word_after(cmd, "--broker"),
+        word_after(cmd, "--ca-fingerprint"),
+        v["token"].as_str().unwrap(),
+        &state,
+    )
+    .await
+    .unwrap();
+    let runner = Runner::builder(state).capacity(4).spawn().unwrap();
+    runner.wait_connected(Duration::from_secs(20)).await.unwrap();
+    let home = home_of(c, "acme").await.unwrap();
+    (admin, home, runner)
+}
+
+/// The node whose `/v1/cluster` says it serves `tenant` (None: none does now).
+async fn home_of(c: &ProcessCluster, tenant: &str) -> Option<usize> {
+    for (i, n) in c.nodes.iter().enumerate() {
+        if n.child.is_none() {
+            continue;
+        }
+        if serving(&n.api, &c.operator_key).await.contains_key(tenant) {
+            return Some(i);
+        }
+    }
+    None
+}
+
+/// What one node says it serves: tenant → epoch (empty when it does not answer in time).
+async fn serving(api: &Api, op: &str) -> HashMap<String, i64> {
+    let call = api.try_call(Method::GET, "/v1/cluster", op, None);
+    let Ok(Some((200, v))) = tokio::time::timeout(Duration::from_millis(500), call).await else {
+        return HashMap::new();
+    };
+    v["homed_here"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|h| (h["tenant"].as_str().unwrap().to_owned(), h["epoch"].as_i64().unwrap()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Samples every node's served tenants until stopped; panics if two nodes ever serve
+/// `tenant` in one round.
+fn watch_for_two_homes(
+    c: &ProcessCluster,
+    tenant: &'static str,
+) -> (Arc<AtomicBool>, tokio::task::JoinHandle<usize>) {
+    let apis: Vec<Api> = c.nodes.iter().map(|n| n.api.clone()).collect();
+    let op = c.operator_key.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = stop.clone();
+    let task = tokio::spawn(async move {
+        let mut rounds = 0;
+        while !done.load(Ordering::Relaxed) {
+            let views = futures::future::join_all(apis.iter().map(|a| serving(a, &op))).await;
+            let homes: Vec<(usize, i64)> = views
+                .iter()
+                .enumerate()
+                .filter_map(|(i, v)| v.get(tenant).map(|e| (i, *e)))
+                .collect();
+            assert!(homes.len() <= 1, "two nodes serve {tenant} at once: {homes:?}");
+            rounds += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        rounds
+    });
+    (stop, task)
+}
+
+/// Dispatches through every node but `skip` in turn until a job succeeds (the tenant's new
+/// home is one of them; the others answer 421 until forwarding lands); answers how long
+/// that took.
+async fn until_dispatch_succeeds(
+    c: &ProcessCluster,
+    skip: usize,
+    admin: &str,
+    limit: Duration,
+) -> Duration {
+    let started = Instant::now();
+    let apis: Vec<&Api> =
+        c.nodes.iter().enumerate().filter(|(i, _)| *i != skip).map(|(_, n)| &n.api).collect();
+    wait_for(limit, "a dispatch to succeed", || async {
+        for api in &apis {
+            let body = Some(exec("echo", &["ok"], true));
+            let answer = api.try_call(Method::POST, "/v1/jobs", admin, body).await;
+            if let Some((200, v)) = &answer
+                && v["state"] == "succeeded"
+            {
+                return Some(());
+            }
+            if std::env::var_os("DEBUG_FAILOVER").is_some() {
+                eprintln!("{:?} {answer:?}", started.elapsed());
+            }
+        }
+        None
+    })
+    .await;
+    started.elapsed()
+}
+
+#[tokio::test]
+async fn a_killed_home_is_replaced_within_10s_and_never_two_homes() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let Some(mut c) = ProcessCluster::start(BROKER, 3, FLAGS).await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (admin, home, runner) = tenant_with_runner(&c, dir.path()).await;
+    let (_, epoch_before) =
+        serving(&c.nodes[home].api, &c.operator_key).await.into_iter().next().unwrap();
+    let (stop, sampler) = watch_for_two_homes(&c, "acme");
+
+    c.nodes[home].signal("KILL");
+    c.nodes[home].wait_exit(Duration::from_secs(5)).await;
+    let killed = Instant::now();
+    until_dispatch_succeeds(&c, home, &admin, Duration::from_secs(20)).await;
+    let failover = killed.elapsed();
+    eprintln!("failover (kill -9 → first successful dispatch): {failover:?}");
+    assert!(failover < Duration::from_secs(10), "failover took {failover:?}");
+
+    let new_home = home_of(&c, "acme").await.expect("a new home");
+    assert_ne!(new_home, home);
+    let epoch_after = serving(&c.nodes[new_home].api, &c.operator_key).await["acme"];
+    assert!(epoch_after > epoch_before, "the new claim has a newer epoch");
+    stop.store(true, Ordering::Relaxed);
+    assert!(sampler.await.unwrap() > 10, "the sampler ran");
+    runner.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_paused_home_loses_its_tenants_and_serves_nothing_after_it_resumes() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let Some(c) = ProcessCluster::start(BROKER, 3, FLAGS).await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (admin, home, runner) = tenant_with_runner(&c, dir.path()).await;
+    let (stop, sampler) = watch_for_two_homes(&c, "acme");
+
+    // Paused for 3x the lease TTL (5 s): etcd gives the tenant away meanwhile.
+    c.nodes[home].signal("STOP");
+    until_dispatch_succeeds(&c, home, &admin, Duration::from_secs(20)).await;
+    let new_home = home_of(&c, "acme").await.expect("a new home");
+    assert_ne!(new_home, home);
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    c.nodes[home].signal("CONT");
+
+    // Resumed, the old home serves nothing of acme: it refuses to dispatch (it is no
+    // longer the home: 421 towards the new one), and says it serves nothing.
+    let old = &c.nodes[home].api;
+    wait_for(Duration::from_secs(10), "the old home to answer again", || async {
+        (old.try_call(Method::GET, "/healthz", "", None).await?.0 == 200).then_some(())
+    })
+    .await;
+    let (s, v) = old.post("/v1/jobs", &admin, exec("echo", &["x"], true)).await;
+    assert_ne!(s, 200, "the resumed old home must not run acme's job: {v}");
+    wait_for(Duration::from_secs(10), "the old home to point at the new one", || async {
+        let (s, v) = old.post("/v1/jobs", &admin, exec("echo", &["x"], true)).await;
+        (s == 421 && v["error"]["message"].as_str()?.contains(&c.nodes[new_home].id)).then_some(())
+    })
+    .await;
+    assert!(serving(old, &c.operator_key).await.is_empty());
+    // The new home still serves, with the runner online there.
+    until_dispatch_succeeds(&c, home, &admin, Duration::from_secs(5)).await;
+    stop.store(true, Ordering::Relaxed);
+    sampler.await.unwrap();
+    runner.shutdown().await.unwrap();
+}
