@@ -53,34 +53,6 @@ impl FromRef<App> for Arc<Tenants> {
     }
 }
 
-/// The tenant's actor, on the node that is its home. In a cluster, a call that needs the
-/// actor on another node answers 421 `not_home`, naming the home node and its API address
-/// (forwarding over the peer protocol replaces this answer when it lands), and 503 while
-/// the tenant has no home.
-pub(crate) async fn home_actor(
-    shared: &Shared,
-    tenants: &Tenants,
-    tenant: &str,
-) -> Result<ractor::ActorRef<crate::actors::TenantMsg>, ApiError> {
-    if let Some(cluster) = &shared.cluster {
-        match cluster.home(tenant).await? {
-            crate::cluster::Home::Here { .. } => {}
-            crate::cluster::Home::There(node) => {
-                return Err(ApiError::new(
-                    axum::http::StatusCode::MISDIRECTED_REQUEST,
-                    "not_home",
-                    format!(
-                        "this tenant is served by node {} (http://{}); send the call there",
-                        node.id, node.http
-                    ),
-                ));
-            }
-            crate::cluster::Home::Nowhere(why) => return Err(ApiError::unavailable(why)),
-        }
-    }
-    tenants.actor(tenant).await.map_err(|e| ApiError::unavailable(e.to_string()))
-}
-
 /// Largest request body accepted.
 pub(crate) const MAX_BODY: usize = 512 * 1024;
 

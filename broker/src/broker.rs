@@ -65,7 +65,7 @@ pub enum SpawnError {
     /// A listener could not be bound.
     #[error("binding {what} on {addr}: {source}")]
     Bind {
-        /// `QUIC` or `HTTP`.
+        /// `QUIC`, `HTTP` or `peer`.
         what: &'static str,
         /// The address asked for.
         addr: SocketAddr,
@@ -93,8 +93,7 @@ pub struct BrokerHandle {
     shared: Arc<Shared>,
     endpoint: quinn::Endpoint,
     root: ractor::ActorRef<crate::actors::RootMsg>,
-    /// Only for `crash_tenant` (the API and accept loop hold their own).
-    #[cfg(feature = "fault-injection")]
+    /// The tenant directory (drain, and `crash_tenant` in tests).
     tenants: Arc<Tenants>,
     /// The store wrapper `fail_store_writes` flips (tests only).
     #[cfg(feature = "fault-injection")]
@@ -104,6 +103,8 @@ pub struct BrokerHandle {
     serving: JoinSet<()>,
     /// Loops that only end when aborted (index sync, audit writer, metrics upkeep).
     background: JoinSet<()>,
+    /// The node-to-node endpoint (cluster only).
+    peer_endpoint: Option<quinn::Endpoint>,
 }
 
 impl std::fmt::Debug for BrokerHandle {
@@ -189,6 +190,30 @@ impl Broker {
         let http_addr = listener.local_addr().map_err(http_bind)?;
 
         let advertise = config.advertised(quic_addr);
+        // The node-to-node endpoint (cluster only), with this node's certificate.
+        let peer = match &opened.etcd {
+            Some(_) => {
+                let tls = crate::peer::PeerTls::new(&opened.ca, &config.node_id)?;
+                let peer_bind =
+                    |source| SpawnError::Bind { what: "peer", addr: config.peer_listen, source };
+                let ep =
+                    quinn::Endpoint::server(tls.server, config.peer_listen).map_err(peer_bind)?;
+                let bound = ep.local_addr().map_err(peer_bind)?;
+                // Bound to every interface: other nodes reach it at this node's own host.
+                let addr = if bound.ip().is_unspecified() {
+                    let host = config
+                        .node_advertise
+                        .as_deref()
+                        .and_then(|a| a.rsplit_once(':'))
+                        .map_or("127.0.0.1", |(h, _)| h);
+                    format!("{host}:{}", bound.port())
+                } else {
+                    bound.to_string()
+                };
+                Some((ep, tls.client, addr))
+            }
+            None => None,
+        };
         let cluster = match opened.etcd {
             Some(etcd) => {
                 let record = NodeRecord {
@@ -203,6 +228,7 @@ impl Broker {
                         }
                     }),
                     http: http_addr.to_string(),
+                    peer: peer.as_ref().map(|(_, _, a)| a.clone()).unwrap_or_default(),
                     lease: 0,
                     started_at: crate::records::now_unix(),
                 };
@@ -210,6 +236,9 @@ impl Broker {
             }
             None => None,
         };
+        let peers = peer.as_ref().map(|(ep, client, _)| {
+            Arc::new(crate::peer::PeerClient::new(ep.clone(), client.clone(), &config.cluster))
+        });
         let shared = Arc::new(Shared::new(
             config,
             registry.clone(),
@@ -217,6 +246,7 @@ impl Broker {
             opened.ca,
             advertise,
             cluster.clone(),
+            peers,
         ));
         for k in registry.keys().await? {
             shared.keys.insert(k.id.clone(), k);
@@ -237,6 +267,15 @@ impl Broker {
         ));
         background.spawn(audit_denials(shared.clone(), denial_rx));
         background.spawn(audit_upkeep(shared.clone()));
+        let peer_endpoint = peer.map(|(ep, _, _)| ep);
+        if let Some(ep) = &peer_endpoint {
+            serving.spawn(crate::peer::serve(
+                ep.clone(),
+                shared.clone(),
+                tenants.clone(),
+                shutdown.clone(),
+            ));
+        }
         background.spawn(follow_store(shared.clone(), index, tenants.clone()));
         if let Some(cluster) = cluster {
             background.spawn(cluster.clone().keep_alive());
@@ -272,13 +311,13 @@ impl Broker {
             shared,
             endpoint,
             root,
-            #[cfg(feature = "fault-injection")]
             tenants,
             #[cfg(feature = "fault-injection")]
             faulty,
             shutdown,
             serving,
             background,
+            peer_endpoint,
         })
     }
 }
@@ -484,6 +523,36 @@ impl BrokerHandle {
         self.faulty.fail_writes(on);
     }
 
+    /// (cluster) Drains this node, for a rolling restart: it takes no new dispatch (503,
+    /// callers retry and reach the next home), waits up to the drain timeout for the jobs
+    /// it accepted to end, tells its runners to go away (each reconnects after a delay in
+    /// the GoAway window, and finishes what it runs first), and releases its claims so the
+    /// next home claims at once. A single node has nothing to hand over: a no-op.
+    pub async fn drain(&self) {
+        let Some(cluster) = &self.shared.cluster else { return };
+        cluster.draining.store(true, std::sync::atomic::Ordering::Release);
+        let config = &self.shared.config;
+        let deadline = tokio::time::Instant::now() + config.drain_timeout;
+        while self.shared.jobs.unfinished_count() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let left = self.shared.jobs.unfinished_count();
+        tracing::info!(unfinished = left, "drain: telling runners to go away");
+        let window_ms = u32::try_from(config.goaway_window.as_millis()).unwrap_or(u32::MAX);
+        for tenant in self.tenants_running() {
+            let _ = tenant.cast(crate::actors::TenantMsg::GoAway { window_ms });
+        }
+        // Runners finish what they run, then leave; wait for them (bounded).
+        while self.shared.index.connected() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        cluster.release_claims().await;
+    }
+
+    fn tenants_running(&self) -> Vec<ractor::ActorRef<crate::actors::TenantMsg>> {
+        self.tenants.running().iter().filter_map(|t| self.tenants.get(t)).collect()
+    }
+
     /// Stops accepting, tells runners to go away, stops the actor tree and waits (bounded
     /// by named limits) for connections to close and for the broker's tasks to end.
     pub async fn shutdown(mut self) {
@@ -503,6 +572,9 @@ impl BrokerHandle {
         self.shared.refusals.flush(&self.shared.registry).await;
         if let Some(c) = &self.shared.cluster {
             c.leave().await;
+        }
+        if let Some(ep) = &self.peer_endpoint {
+            ep.close(runnel_protocol::ErrorCode::GoingAway.as_u32().into(), b"node stopping");
         }
     }
 }

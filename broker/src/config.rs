@@ -45,6 +45,12 @@ pub(crate) const DEFAULT_AUDIT_PRUNE_EVERY: Duration = Duration::from_secs(600);
 pub(crate) const DEFAULT_AUDIT_AGGREGATE_EVERY: Duration = Duration::from_secs(60);
 /// Default cap on live (unrevoked, unexpired) API keys per tenant.
 pub(crate) const DEFAULT_MAX_KEYS_PER_TENANT: usize = 100;
+/// Default UDP address of the node-to-node endpoint (`runnel-peer/1`, cluster only).
+pub(crate) const DEFAULT_PEER_LISTEN: &str = "0.0.0.0:7444";
+/// Default longest drain (cluster): how long a stopping node waits for its accepted jobs.
+pub(crate) const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default window over which a draining node spreads its runners' reconnects.
+pub(crate) const DEFAULT_GOAWAY_WINDOW: Duration = Duration::from_secs(5);
 /// Default key prefix of a cluster's data in etcd.
 pub(crate) const DEFAULT_ETCD_PREFIX: &str = "/runnel";
 /// Default TTL of a node's membership lease in etcd.
@@ -106,12 +112,20 @@ pub struct Config {
     pub etcd_prefix: String,
     /// This node's id in the cluster (default: the hostname).
     pub node_id: String,
+    /// UDP address of the node-to-node endpoint (cluster only): other nodes forward API
+    /// calls for this node's tenants here.
+    pub peer_listen: SocketAddr,
     /// `host:port` of this node's own QUIC endpoint, as other nodes redirect runners to it
     /// (default: the advertised address when one node, else the bound address).
     pub node_advertise: Option<String>,
     /// TTL of this node's membership lease; a node that cannot renew it for half of this
     /// stops serving its tenants.
     pub lease_ttl: Duration,
+    /// (cluster) On SIGTERM, how long the node waits for the jobs it accepted to end
+    /// before it tells its runners to go away.
+    pub drain_timeout: Duration,
+    /// (cluster) The window a draining node spreads its runners' reconnects over.
+    pub goaway_window: Duration,
 }
 
 /// The machine's host name, the default node id (`node` when it cannot be read or is not
@@ -151,8 +165,11 @@ impl Default for Config {
             etcd: Vec::new(),
             etcd_prefix: DEFAULT_ETCD_PREFIX.into(),
             node_id: default_node_id(),
+            peer_listen: parse_addr(DEFAULT_PEER_LISTEN),
             node_advertise: None,
             lease_ttl: DEFAULT_LEASE_TTL,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            goaway_window: DEFAULT_GOAWAY_WINDOW,
         }
     }
 }
@@ -170,6 +187,7 @@ impl Config {
             data_dir: data_dir.into(),
             quic_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             http_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            peer_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             idle_timeout: Duration::from_secs(3),
             heartbeat_interval: Duration::from_secs(1),
             audit_aggregate_every: Duration::from_millis(250),
@@ -258,6 +276,9 @@ impl Config {
             && !self.etcd_prefix.contains("//");
         if !prefix_ok {
             return invalid("etcd-prefix", "must look like /runnel (a leading /, no trailing /)");
+        }
+        if self.goaway_window > Duration::from_secs(600) {
+            return invalid("goaway-window", "must be at most 10m");
         }
         if self.lease_ttl < Duration::from_secs(2) || self.lease_ttl > Duration::from_secs(60) {
             return invalid("lease-ttl", "must be between 2s and 60s");
@@ -372,8 +393,14 @@ pub struct FileConfig {
     pub node_id: Option<String>,
     /// See [`Config::node_advertise`].
     pub node_advertise: Option<String>,
+    /// See [`Config::peer_listen`].
+    pub peer_listen: Option<SocketAddr>,
     /// See [`Config::lease_ttl`].
     pub lease_ttl: Option<String>,
+    /// See [`Config::drain_timeout`].
+    pub drain_timeout: Option<String>,
+    /// See [`Config::goaway_window`].
+    pub goaway_window: Option<String>,
 }
 
 impl FileConfig {

@@ -216,6 +216,11 @@ impl RunnerIndex {
     pub(crate) fn len(&self) -> usize {
         self.map.len()
     }
+
+    /// Number of runners with a live session on this node.
+    pub(crate) fn connected(&self) -> usize {
+        self.map.iter().filter(|e| e.connections > 0).count()
+    }
 }
 
 #[cfg(test)]

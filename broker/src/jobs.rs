@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use serde::Serialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -19,49 +18,7 @@ use crate::metrics::names;
 /// Output kept per job in the broker; later output is dropped and the job marked truncated.
 pub(crate) const MAX_BUFFERED_OUTPUT: usize = 1024 * 1024;
 
-/// Job lifecycle: `queued → running → succeeded | failed | cancelled | timed_out |
-/// runner_lost | rejected`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub(crate) enum JobState {
-    /// Waiting for a runner.
-    Queued,
-    /// Sent to a runner.
-    Running,
-    /// Exited 0.
-    Succeeded,
-    /// Ran and failed.
-    Failed,
-    /// Cancelled by a caller.
-    Cancelled,
-    /// Ran past its run-time limit or waited past its queue limit.
-    TimedOut,
-    /// Its runner's connection was lost mid-job.
-    RunnerLost,
-    /// Refused by the runner without running.
-    Rejected,
-}
-
-impl JobState {
-    /// Whether the job is over.
-    pub(crate) fn is_terminal(self) -> bool {
-        !matches!(self, JobState::Queued | JobState::Running)
-    }
-
-    /// Short lowercase name.
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            JobState::Queued => "queued",
-            JobState::Running => "running",
-            JobState::Succeeded => "succeeded",
-            JobState::Failed => "failed",
-            JobState::Cancelled => "cancelled",
-            JobState::TimedOut => "timed_out",
-            JobState::RunnerLost => "runner_lost",
-            JobState::Rejected => "rejected",
-        }
-    }
-}
+pub(crate) use runnel_protocol::{JobInfo as JobView, JobState};
 
 /// What a job asks of its runner (fixed at creation).
 #[derive(Debug, Clone)]
@@ -111,35 +68,6 @@ pub(crate) struct JobEntry {
     pub cancel: CancellationToken,
     inner: Mutex<JobInner>,
     changed: watch::Sender<u64>,
-}
-
-/// A point-in-time view of a job, as the API returns it.
-#[derive(Debug, Clone, Serialize)]
-pub(crate) struct JobView {
-    /// Job id.
-    pub id: String,
-    /// Owner.
-    pub owner: String,
-    /// Kind.
-    pub kind: String,
-    /// State.
-    pub state: JobState,
-    /// Runner that took it.
-    pub runner_id: Option<String>,
-    /// Exit code, where the process exited.
-    pub exit_code: Option<i32>,
-    /// How it ended, in words (the runner's message, or why the broker ended it).
-    pub message: String,
-    /// Creation time (unix ms).
-    pub created_at_ms: i64,
-    /// Start (unix ms).
-    pub started_at_ms: Option<i64>,
-    /// End (unix ms).
-    pub finished_at_ms: Option<i64>,
-    /// Output so far (UTF-8, lossy).
-    pub output: String,
-    /// Whether output was cut.
-    pub output_truncated: bool,
 }
 
 fn now_ms() -> i64 {
@@ -225,6 +153,17 @@ impl JobEntry {
     /// The API view.
     pub(crate) fn view(&self) -> JobView {
         let g = self.lock();
+        let output = String::from_utf8_lossy(&g.output).into_owned();
+        self.view_of(&g, output)
+    }
+
+    /// [`JobEntry::view`] without the output (lists: a job's output is fetched alone).
+    pub(crate) fn summary(&self) -> JobView {
+        let g = self.lock();
+        self.view_of(&g, String::new())
+    }
+
+    fn view_of(&self, g: &JobInner, output: String) -> JobView {
         JobView {
             id: self.id.clone(),
             owner: self.spec.owner.clone(),
@@ -236,7 +175,7 @@ impl JobEntry {
             created_at_ms: self.created_at_ms,
             started_at_ms: g.started_at,
             finished_at_ms: g.finished_at,
-            output: String::from_utf8_lossy(&g.output).into_owned(),
+            output,
             output_truncated: g.output_truncated,
         }
     }
@@ -283,10 +222,19 @@ impl JobTable {
     }
 
     /// Creates and registers a queued job.
-    pub(crate) fn create(&self, tenant: &str, spec: JobSpec) -> Arc<JobEntry> {
+    pub(crate) fn create(
+        &self,
+        tenant: &str,
+        spec: JobSpec,
+        home: Option<(&str, i64)>,
+    ) -> Arc<JobEntry> {
         let (changed, _) = watch::channel(0);
+        let id = match home {
+            None => crate::secret::new_id("job"),
+            Some((node, epoch)) => format!("{}-e{epoch}-{node}", crate::secret::new_id("job")),
+        };
         let entry = Arc::new(JobEntry {
-            id: crate::secret::new_id("job"),
+            id,
             tenant: tenant.into(),
             spec,
             created_at_ms: now_ms(),
@@ -308,6 +256,17 @@ impl JobTable {
         entry
     }
 
+    /// (cluster) The home node and epoch a job id names: `job-<hex>-e<epoch>-<node>`. None
+    /// for a single node's ids (`job-<hex>`) and for anything malformed.
+    pub(crate) fn home_of(id: &str) -> Option<(&str, i64)> {
+        let rest = id.strip_prefix("job-")?;
+        let (_random, rest) = rest.split_once('-')?;
+        let (epoch, node) = rest.strip_prefix('e')?.split_once('-')?;
+        let epoch = epoch.parse::<i64>().ok()?;
+        runnel_certs::identity::validate_segment("node", node).ok()?;
+        Some((node, epoch))
+    }
+
     /// Forgets a job that was never accepted (its dispatch was refused).
     pub(crate) fn discard(&self, id: &str) {
         self.jobs.remove(id);
@@ -324,11 +283,16 @@ impl JobTable {
             .jobs
             .iter()
             .filter(|e| e.tenant == tenant && owner.is_none_or(|o| o == e.spec.owner))
-            .map(|e| e.view())
+            .map(|e| e.summary())
             .collect();
         v.sort_by_key(|j| std::cmp::Reverse(j.created_at_ms));
         v.truncate(limit);
         v
+    }
+
+    /// How many jobs of any tenant are not over yet (queued or running).
+    pub(crate) fn unfinished_count(&self) -> usize {
+        self.jobs.iter().filter(|e| !e.state().is_terminal()).count()
     }
 
     /// Non-terminal jobs of a tenant (used when its actor restarts).
@@ -404,7 +368,15 @@ mod tests {
     #[test]
     fn only_the_first_terminal_transition_wins() {
         let t = JobTable::new(10, Duration::from_secs(60));
-        let j = t.create("t", spec());
+        let homed = t.create("t", spec(), Some(("node-a.1", 42)));
+        assert_eq!(JobTable::home_of(&homed.id), Some(("node-a.1", 42)));
+        let j = t.create("t", spec(), None);
+        assert_eq!(JobTable::home_of(&j.id), None);
+        for bad in
+            ["job-", "job-abc", "job-abc-42-n", "job-abc-ex-n", "job-abc-e1-a/b", "x-abc-e1-n"]
+        {
+            assert_eq!(JobTable::home_of(bad), None, "{bad}");
+        }
         assert!(j.mark_running("r1"));
         assert!(!j.mark_running("r2"));
         assert!(t.finish(&j, Finish::new(JobState::Succeeded, "")));
@@ -416,7 +388,7 @@ mod tests {
     #[test]
     fn other_tenants_jobs_are_not_found() {
         let t = JobTable::new(10, Duration::from_secs(60));
-        let j = t.create("a", spec());
+        let j = t.create("a", spec(), None);
         assert!(t.get("a", &j.id).is_some());
         assert!(t.get("b", &j.id).is_none());
         assert!(t.list("b", None, 10).is_empty());
@@ -425,10 +397,10 @@ mod tests {
     #[test]
     fn retention_bounds_finished_jobs_but_never_unfinished_ones() {
         let t = JobTable::new(2, Duration::from_secs(60));
-        let running = t.create("t", spec());
+        let running = t.create("t", spec(), None);
         let ids: Vec<_> = (0..5)
             .map(|_| {
-                let j = t.create("t", spec());
+                let j = t.create("t", spec(), None);
                 t.finish(&j, Finish::new(JobState::Failed, "x"));
                 j.id.clone()
             })
@@ -442,7 +414,7 @@ mod tests {
     #[test]
     fn output_is_capped_and_marked() {
         let t = JobTable::new(2, Duration::from_secs(60));
-        let j = t.create("t", spec());
+        let j = t.create("t", spec(), None);
         j.append_output(&vec![b'a'; MAX_BUFFERED_OUTPUT - 1]);
         j.append_output(b"bcd");
         let v = j.view();

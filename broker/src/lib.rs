@@ -21,6 +21,8 @@
 //! - `audit`: anonymous refusals counted per window, written as one event each.
 //! - `secret`: API keys and tokens (salted SHA-256, constant-time checks).
 //! - `api`: the HTTP API (axum).
+//! - `homed`: the calls that need a tenant's home (dispatch, jobs, closing connections):
+//!   run here, or forwarded to the home through `peer` (`runnel-peer/1`, node certs).
 //! - `shared`: the state every part of one process shares.
 //!
 //! Modules are private; this file re-exports the public API. The criterion benches reach a
@@ -37,9 +39,11 @@ mod data_dir;
 mod dispatch;
 mod endpoint;
 mod enroll;
+mod homed;
 mod index;
 mod jobs;
 pub mod metrics;
+mod peer;
 mod records;
 mod secret;
 mod shared;

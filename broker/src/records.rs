@@ -46,6 +46,25 @@ pub(crate) enum Role {
     Member,
 }
 
+impl Role {
+    /// The role's name, as in JSON.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+            Role::Dispatcher => "dispatcher",
+            Role::Member => "member",
+        }
+    }
+
+    /// The role of a name.
+    pub(crate) fn from_name(name: &str) -> Option<Self> {
+        [Role::Operator, Role::Admin, Role::Dispatcher, Role::Member]
+            .into_iter()
+            .find(|r| r.name() == name)
+    }
+}
+
 /// An API key record (the secret itself is only hashed).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct ApiKey {

@@ -39,6 +39,8 @@ pub(crate) struct Shared {
     pub tenant_labels: crate::metrics::TenantLabels,
     /// This node's cluster membership (None: single node on redb).
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Calls to other nodes (cluster only).
+    pub peers: Option<Arc<crate::peer::PeerClient>>,
     /// Renders `/metrics` (None when another recorder owns the process).
     pub prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
     conn_seq: AtomicU64,
@@ -59,6 +61,7 @@ impl Shared {
         ca: ClusterCa,
         advertise: String,
         cluster: Option<Arc<crate::cluster::Cluster>>,
+        peers: Option<Arc<crate::peer::PeerClient>>,
     ) -> Self {
         let jobs = JobTable::new(config.job_retention, config.job_retention_age);
         let tenant_labels = crate::metrics::TenantLabels::new(config.metrics_tenant_labels);
@@ -75,6 +78,7 @@ impl Shared {
             refusals: crate::audit::RefusalAudit::default(),
             advertise,
             cluster,
+            peers,
             conn_seq: AtomicU64::new(1),
         }
     }

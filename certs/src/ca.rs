@@ -18,6 +18,9 @@ use crate::{CertError, RunnerIdentity, key::key_from_pem};
 pub const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
 /// Default lifetime of a runner certificate.
 pub const DEFAULT_RUNNER_VALIDITY: Duration = Duration::from_secs(30 * 24 * 3600);
+/// The DNS name in every node certificate, which `runnel-peer/1` clients verify (the node's
+/// own identity is its URI SAN, checked after the handshake).
+pub const PEER_SERVER_NAME: &str = "peer.runnel.internal";
 /// Lifetime of the broker's server certificate.
 pub(crate) const SERVER_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Lifetime of the cluster CA.
@@ -169,6 +172,35 @@ impl ClusterCa {
         params.subject_alt_names.extend(ips.iter().copied().map(SanType::IpAddress));
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let issued = self.sign(params, &key, Validity::from_now(SERVER_VALIDITY))?;
+        Ok((issued, key.serialize_pem()))
+    }
+
+    /// Issues a node certificate (new key) for `node`: URI SAN `spiffe://<cluster>/node/<id>`
+    /// and the DNS name [`PEER_SERVER_NAME`] every node certificate shares, usable as
+    /// server and as client of `runnel-peer/1`. Each side checks the URI identity after
+    /// the handshake.
+    pub fn issue_node_cert(&self, node: &str) -> Result<(IssuedCert, String), CertError> {
+        crate::identity::validate_segment("node", node)?;
+        let identity =
+            crate::identity::NodeIdentity { cluster: self.cluster.clone(), node: node.into() };
+        let key = KeyPair::generate_for(&PKCS_ED25519)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("runnel node {node}"));
+        params.distinguished_name = dn;
+        let uri = identity
+            .uri()
+            .try_into()
+            .map_err(|_| CertError::Identity("identity URI is not ASCII".into()))?;
+        let dns = PEER_SERVER_NAME
+            .to_owned()
+            .try_into()
+            .map_err(|_| CertError::Identity("bad peer server name".into()))?;
+        params.subject_alt_names = vec![SanType::URI(uri), SanType::DnsName(dns)];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages =
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         let issued = self.sign(params, &key, Validity::from_now(SERVER_VALIDITY))?;
         Ok((issued, key.serialize_pem()))
     }

@@ -21,7 +21,8 @@ mod parse;
 pub mod pem;
 
 pub use ca::{
-    CLOCK_SKEW, ClusterCa, DEFAULT_RUNNER_VALIDITY, IssuedCert, Validity, csr_public_key,
+    CLOCK_SKEW, ClusterCa, DEFAULT_RUNNER_VALIDITY, IssuedCert, PEER_SERVER_NAME, Validity,
+    csr_public_key,
 };
 pub use identity::{Identity, NodeIdentity, RunnerIdentity};
 pub use parse::{ParsedCert, parse_cert};

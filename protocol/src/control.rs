@@ -53,9 +53,9 @@ pub struct Heartbeat {
     pub load_milli: u32,
 }
 
-/// The broker asks the runner to leave: drain or shutdown. The runner honours it, but the
-/// broker does not send it yet (a drain on SIGTERM comes with the cluster work); today a
-/// stopping broker closes connections with [`crate::ErrorCode::GoingAway`].
+/// The broker asks the runner to leave (its node drains on SIGTERM, in a cluster): the
+/// runner finishes the jobs it runs, closes, and reconnects after `reconnect_after_ms`,
+/// which the broker draws from a window so that its runners do not come back in step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GoAway {
     /// Why, for logs.

@@ -7,6 +7,8 @@
 //!   Heartbeat, RenewCert, GoAway, Redirect).
 //! - `job`: one bidirectional stream per job (Job, Output, Result, Cancel).
 //! - `enroll`: the single request/response of ALPN `runnel-enroll/1`.
+//! - `peer`: node-to-node calls of ALPN `runnel-peer/1` (a cluster forwards API calls to a
+//!   tenant's home), and the job view and states they carry.
 //! - `error`: numeric error and connection-close codes shared by both sides.
 //! - [`limits`] and [`version`]: the constants both sides agree on.
 //!
@@ -23,6 +25,7 @@ mod error;
 mod frame;
 mod job;
 pub mod limits;
+mod peer;
 pub mod version;
 
 pub use control::{ClientControl, GoAway, Heartbeat, Hello, Redirect, ServerControl, Welcome};
@@ -32,4 +35,7 @@ pub use frame::{FrameError, decode, encode, read_frame, write_frame};
 pub use job::{
     BrokerJobFrame, ExecSpec, JobOutcome, JobRequest, JobResult, OutputStream, RunnerJobFrame,
 };
-pub use version::{ALPN_ENROLL, ALPN_RUNNER, PROTOCOL_VERSION};
+pub use peer::{
+    DispatchSpec, JobInfo, JobState, PEER_OUTPUT_CHUNK, PeerCaller, PeerRequest, PeerResponse,
+};
+pub use version::{ALPN_ENROLL, ALPN_PEER, ALPN_RUNNER, PROTOCOL_VERSION};

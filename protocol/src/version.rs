@@ -11,6 +11,9 @@ pub const MIN_PROTOCOL_VERSION: u16 = 2;
 /// ALPN of a paired runner's connection (mutual TLS with a runner certificate).
 pub const ALPN_RUNNER: &[u8] = b"runnel/1";
 
+/// ALPN of a node-to-node connection in a cluster (mutual TLS with node certificates).
+pub const ALPN_PEER: &[u8] = b"runnel-peer/1";
+
 /// ALPN of an enrollment connection (server-authenticated TLS only).
 pub const ALPN_ENROLL: &[u8] = b"runnel-enroll/1";
 

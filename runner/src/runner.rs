@@ -272,6 +272,22 @@ async fn run_loop(inner: Arc<Inner>) -> Result<(), RunnerError> {
                 (format!("{MAX_REDIRECTS} redirects in a row (last to {addr})"), false)
             }
             SessionEnd::Retry { reason, welcomed } => (reason, welcomed),
+            SessionEnd::GoAway(delay) => {
+                // The broker chose the delay (spread over its window): no backoff, and the
+                // node that sent us away is not dialled first.
+                avoid = Some(dial);
+                target = None;
+                redirects = 0;
+                next = next.wrapping_add(1);
+                backoff.reset();
+                tracing::info!(delay_ms = delay.as_millis() as u64, "reconnecting after GoAway");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = inner.stop.cancelled() => return Ok(()),
+                    _ = inner.drain.cancelled() => return Ok(()),
+                }
+                continue;
+            }
         };
         // After any failure, start again from the configured (cluster-wide) address: the
         // node a redirect named may be the one that died.

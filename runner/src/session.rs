@@ -42,6 +42,9 @@ pub(crate) enum SessionEnd {
     Retry { reason: String, welcomed: bool },
     /// (cluster) The node is not this runner's tenant's home: dial this `host:port` now.
     Redirect(String),
+    /// The broker asked this runner to leave (its node drains): running jobs finished, the
+    /// runner reconnects after the delay the broker chose.
+    GoAway(Duration),
 }
 
 /// Whether a connection ended because this runner is revoked: the broker closed a live
@@ -235,19 +238,30 @@ async fn serve_connection(
         }
     }));
     // Control reader: renewed certificates, GoAway, errors; asks for renewal in time.
+    let (leave_tx, mut leave_rx) = mpsc::channel::<u32>(1);
     let reader = AbortOnDropHandle::new(tokio::spawn(control_reader(
         inner.clone(),
         ctl_tx.clone(),
         cert_pem.to_owned(),
         recv,
-        conn.clone(),
+        leave_tx,
     )));
     // Owned: dropped (and so aborted) when this function returns or is dropped.
     let _tasks = (writer, heartbeats, reader);
 
     let mut jobs = tokio::task::JoinSet::new();
+    // Set by the broker's GoAway: finish the running jobs, then leave.
+    let mut leaving: Option<Duration> = None;
     let end = loop {
         tokio::select! {
+            Some(ms) = leave_rx.recv(), if leaving.is_none() => {
+                tracing::info!(in_flight = jobs.len(), reconnect_after_ms = ms, "broker asked us to go away: finishing running jobs first");
+                leaving = Some(Duration::from_millis(u64::from(ms)));
+            }
+            _ = std::future::ready(()), if leaving.is_some() && jobs.is_empty() => {
+                conn.close(ErrorCode::Ok.as_u32().into(), b"go away");
+                break SessionEnd::GoAway(leaving.unwrap_or_default());
+            }
             s = conn.accept_bi() => match s {
                 Ok((send, recv)) => {
                     let inner = inner.clone();
@@ -287,7 +301,7 @@ async fn control_reader(
     ctl: mpsc::Sender<ClientControl>,
     mut cert_pem: String,
     mut recv: quinn::RecvStream,
-    conn: quinn::Connection,
+    leave: mpsc::Sender<u32>,
 ) {
     let st = &inner.state;
     let mut pending = false;
@@ -341,9 +355,7 @@ async fn control_reader(
                 }
                 Ok(Some(ServerControl::GoAway(g))) => {
                     tracing::info!(reason = %g.reason, "broker asked us to go away");
-                    tokio::time::sleep(Duration::from_millis(u64::from(g.reconnect_after_ms))).await;
-                    conn.close(ErrorCode::Ok.as_u32().into(), b"go away");
-                    return;
+                    let _ = leave.try_send(g.reconnect_after_ms);
                 }
                 Ok(Some(ServerControl::Error { code, message })) => {
                     tracing::warn!(%code, %message, "broker reported an error");

@@ -215,11 +215,12 @@ impl ProcessCluster {
     pub async fn start(bin: &str, n: usize, extra: &[&str]) -> Option<Self> {
         let etcd = EtcdServer::start().await?;
         let dir = tempfile::tempdir().unwrap();
-        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_udp_port(), free_port())).collect();
+        let ports: Vec<(u16, u16, u16)> =
+            (0..n).map(|_| (free_udp_port(), free_port(), free_udp_port())).collect();
         let advertise =
-            ports.iter().map(|(q, _)| format!("127.0.0.1:{q}")).collect::<Vec<_>>().join(",");
+            ports.iter().map(|(q, _, _)| format!("127.0.0.1:{q}")).collect::<Vec<_>>().join(",");
         let mut nodes = Vec::new();
-        for (i, (q, h)) in ports.iter().enumerate() {
+        for (i, (q, h, p)) in ports.iter().enumerate() {
             let id = format!("n{}", i + 1);
             let quic = format!("127.0.0.1:{q}");
             let mut args: Vec<String> = vec![
@@ -237,6 +238,8 @@ impl ProcessCluster {
                 advertise.clone(),
                 "--node-advertise".into(),
                 quic.clone(),
+                "--peer-listen".into(),
+                format!("127.0.0.1:{p}"),
             ];
             args.extend(extra.iter().map(|s| s.to_string()));
             let mut node = NodeProcess {

@@ -245,6 +245,25 @@ impl Api {
     }
 }
 
+/// A job handler (kind `record`) that records which runner ran which job, to check
+/// exactly-once delivery, and echoes the payload as output.
+#[derive(Clone)]
+pub struct Record {
+    pub runner: String,
+    pub seen: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+}
+
+#[async_trait::async_trait]
+impl runnel_runner::JobHandler for Record {
+    async fn run(&self, job: runnel_runner::Job) -> runnel_protocol::JobResult {
+        self.seen.lock().unwrap().push((job.id.clone(), self.runner.clone()));
+        // Hold the slot a little so load spreads across runners.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        job.stdout(&job.payload).await;
+        runnel_runner::handler::succeeded()
+    }
+}
+
 /// Path of the real runner binary (only integration tests know it, hence a macro).
 #[macro_export]
 macro_rules! runner_bin {

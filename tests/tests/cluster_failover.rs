@@ -117,8 +117,7 @@ fn watch_for_two_homes(
     (stop, task)
 }
 
-/// Dispatches through every node but `skip` in turn until a job succeeds (the tenant's new
-/// home is one of them; the others answer 421 until forwarding lands); answers how long
+/// Dispatches through every node but `skip` in turn until a job succeeds; answers how long
 /// that took.
 async fn until_dispatch_succeeds(
     c: &ProcessCluster,
@@ -157,6 +156,15 @@ async fn a_killed_home_is_replaced_within_10s_and_never_two_homes() {
     let (_, epoch_before) =
         serving(&c.nodes[home].api, &c.operator_key).await.into_iter().next().unwrap();
     let (stop, sampler) = watch_for_two_homes(&c, "acme");
+    // A job running on the home when it dies.
+    let (s, v) = c.nodes[home].api.post("/v1/jobs", &admin, exec("sleep", &["60"], false)).await;
+    assert_eq!(s, 201, "{v}");
+    let doomed = v["id"].as_str().unwrap().to_owned();
+    wait_for(Duration::from_secs(10), "the doomed job to run", || async {
+        let (_, v) = c.nodes[home].api.get(&format!("/v1/jobs/{doomed}"), &admin).await;
+        (v["state"] == "running").then_some(())
+    })
+    .await;
 
     c.nodes[home].signal("KILL");
     c.nodes[home].wait_exit(Duration::from_secs(5)).await;
@@ -170,6 +178,22 @@ async fn a_killed_home_is_replaced_within_10s_and_never_two_homes() {
     assert_ne!(new_home, home);
     let epoch_after = serving(&c.nodes[new_home].api, &c.operator_key).await["acme"];
     assert!(epoch_after > epoch_before, "the new claim has a newer epoch");
+    // The job that was running on the dead node answers node_lost through every other
+    // node, never 404; another tenant still gets 404.
+    for (i, n) in c.nodes.iter().enumerate().filter(|(i, _)| *i != home) {
+        let (s, v) = n.api.get(&format!("/v1/jobs/{doomed}"), &admin).await;
+        assert_eq!((s, v["state"].as_str()), (200, Some("node_lost")), "node {i}: {v}");
+    }
+    let (_, v) =
+        c.nodes[new_home].api.post("/v1/tenants", &c.operator_key, json!({ "id": "globex" })).await;
+    let _ = v;
+    let (_, v) = c.nodes[new_home]
+        .api
+        .post("/v1/tenants/globex/keys", &c.operator_key, json!({ "role": "admin" }))
+        .await;
+    let intruder = v["key"].as_str().unwrap().to_owned();
+    let (s, _) = c.nodes[new_home].api.get(&format!("/v1/jobs/{doomed}"), &intruder).await;
+    assert_eq!(s, 404);
     stop.store(true, Ordering::Relaxed);
     assert!(sampler.await.unwrap() > 10, "the sampler ran");
     runner.shutdown().await.unwrap();
@@ -191,18 +215,19 @@ async fn a_paused_home_loses_its_tenants_and_serves_nothing_after_it_resumes() {
     tokio::time::sleep(Duration::from_secs(15)).await;
     c.nodes[home].signal("CONT");
 
-    // Resumed, the old home serves nothing of acme: it refuses to dispatch (it is no
-    // longer the home: 421 towards the new one), and says it serves nothing.
+    // Resumed, the old home serves nothing of acme: calls through it are forwarded to the
+    // new home (every job it answers for names the new home), and it says it serves
+    // nothing.
     let old = &c.nodes[home].api;
-    wait_for(Duration::from_secs(10), "the old home to answer again", || async {
-        (old.try_call(Method::GET, "/healthz", "", None).await?.0 == 200).then_some(())
-    })
-    .await;
-    let (s, v) = old.post("/v1/jobs", &admin, exec("echo", &["x"], true)).await;
-    assert_ne!(s, 200, "the resumed old home must not run acme's job: {v}");
-    wait_for(Duration::from_secs(10), "the old home to point at the new one", || async {
-        let (s, v) = old.post("/v1/jobs", &admin, exec("echo", &["x"], true)).await;
-        (s == 421 && v["error"]["message"].as_str()?.contains(&c.nodes[new_home].id)).then_some(())
+    let new_id = c.nodes[new_home].id.clone();
+    wait_for(Duration::from_secs(10), "the old home to forward to the new one", || async {
+        let body = Some(exec("echo", &["x"], true));
+        let (s, v) = old.try_call(Method::POST, "/v1/jobs", &admin, body).await?;
+        if s == 200 {
+            let id = v["id"].as_str()?;
+            assert!(id.ends_with(&format!("-{new_id}")), "served by the old home: {v}");
+        }
+        (s == 200 && v["state"] == "succeeded").then_some(())
     })
     .await;
     assert!(serving(old, &c.operator_key).await.is_empty());
@@ -210,5 +235,82 @@ async fn a_paused_home_loses_its_tenants_and_serves_nothing_after_it_resumes() {
     until_dispatch_succeeds(&c, home, &admin, Duration::from_secs(5)).await;
     stop.store(true, Ordering::Relaxed);
     sampler.await.unwrap();
+    runner.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_rolling_restart_loses_and_doubles_no_accepted_job() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let flags = [FLAGS, &["--drain-timeout", "20s", "--goaway-window", "1s"]].concat();
+    let Some(mut c) = ProcessCluster::start(BROKER, 3, &flags).await else { return };
+    let op = c.operator_key.clone();
+    let api = c.nodes[0].api.clone();
+    assert_eq!(api.post("/v1/tenants", &op, json!({ "id": "acme" })).await.0, 201);
+    let (_, v) = api.post("/v1/tenants/acme/keys", &op, json!({ "role": "admin" })).await;
+    let admin = v["key"].as_str().unwrap().to_owned();
+    let (_, v) = api.post("/v1/runners", &admin, json!({ "owner": "alice", "name": "r" })).await;
+    let cmd = v["enroll_command"].as_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateDir::new(dir.path().join("runner"));
+    let token = v["token"].as_str().unwrap();
+    let (broker, fp) = (word_after(cmd, "--broker"), word_after(cmd, "--ca-fingerprint"));
+    runnel_runner::enroll(broker, fp, token, &state).await.unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let rec = runnel_tests::Record { runner: "r".into(), seen: seen.clone() };
+    let runner = Runner::builder(state).capacity(4).handler("record", rec).spawn().unwrap();
+    runner.wait_connected(Duration::from_secs(20)).await.unwrap();
+
+    // A dispatcher that, like a load balancer, sends each job to a node whose /readyz is
+    // 200, and retries a job only when it was not accepted (5xx, or the node was down).
+    let apis: Vec<Api> = c.nodes.iter().map(|n| n.api.clone()).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = stop.clone();
+    let key = admin.clone();
+    let dispatcher = tokio::spawn(async move {
+        let mut accepted: Vec<(String, Value)> = Vec::new();
+        let mut i = 0usize;
+        while !done.load(Ordering::Relaxed) {
+            let api = &apis[i % apis.len()];
+            i += 1;
+            let ready = api.try_call(Method::GET, "/readyz", "", None).await;
+            if ready.map(|(s, _)| s) != Some(200) {
+                continue;
+            }
+            let body = json!({ "owner": "alice", "kind": "record", "payload": format!("p{i}"), "wait": true });
+            match api.try_call(Method::POST, "/v1/jobs", &key, Some(body)).await {
+                Some((200 | 201, v)) => accepted.push((v["id"].as_str().unwrap().to_owned(), v)),
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        accepted
+    });
+
+    for i in 0..c.nodes.len() {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        c.nodes[i].signal("TERM");
+        let status = c.nodes[i].wait_exit(Duration::from_secs(40)).await;
+        assert!(status.success(), "node {i} drains and exits 0: {status:?}");
+        c.nodes[i].start_again().await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let accepted = dispatcher.await.unwrap();
+    assert!(accepted.len() > 20, "jobs kept flowing: {}", accepted.len());
+    for (id, v) in &accepted {
+        assert_eq!(v["state"], "succeeded", "accepted job {id} ended {v}");
+    }
+    let seen: Vec<String> = seen.lock().unwrap().iter().map(|(job, _)| job.clone()).collect();
+    let unique: std::collections::HashSet<&String> = seen.iter().collect();
+    assert_eq!(unique.len(), seen.len(), "no job ran twice");
+    let accepted_ids: std::collections::HashSet<&String> =
+        accepted.iter().map(|(id, _)| id).collect();
+    assert_eq!(unique, accepted_ids, "every accepted job ran, and nothing else did");
+    // The runner followed its tenant's home as each one drained (GoAway, then a new home).
+    match runner.status() {
+        runnel_runner::RunnerStatus::Connected { session, .. } => {
+            assert!(session >= 2, "the runner moved with its tenant: session {session}")
+        }
+        other => panic!("runner not connected at the end: {other:?}"),
+    }
     runner.shutdown().await.unwrap();
 }

@@ -1,68 +1,189 @@
-//! Placement on a real etcd: each tenant has one home node, claimed with an epoch; runners
-//! that dial another node are redirected there, and only the home serves the tenant.
+//! Placement and forwarding on a real etcd: each tenant has one home node; runners that
+//! dial another node are redirected there; API calls through any node reach the home over
+//! `runnel-peer/1` (dispatch, get, list, cancel, output, revoke), exactly once and never
+//! across tenants.
 #![allow(missing_docs, clippy::unwrap_used)]
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use runnel_runner::Runner;
-use runnel_tests::{TestCluster, wait_for};
+use runnel_runner::{Runner, RunnerHandle};
+use runnel_tests::{Record, TestCluster, wait_for};
 use serde_json::{Value, json};
 
-fn exec(program: &str, args: &[&str]) -> Value {
-    json!({ "owner": "alice", "kind": "exec", "exec": { "program": program, "args": args }, "wait": true })
+fn exec(program: &str, args: &[&str], wait: bool) -> Value {
+    json!({ "owner": "alice", "kind": "exec", "exec": { "program": program, "args": args }, "wait": wait })
+}
+
+/// The node index etcd names as `tenant`'s home.
+async fn home_of(c: &TestCluster, tenant: &str) -> usize {
+    let (_, v) = c.nodes[0].api.get("/v1/cluster", c.operator_key()).await;
+    let node = v["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["tenant"] == tenant)
+        .and_then(|t| t["node"].as_str())
+        .unwrap()
+        .to_owned();
+    c.nodes.iter().position(|n| n.config.node_id == node).unwrap()
+}
+
+/// A runner of `owner` enrolled through node `via` (so it dials that node first).
+async fn runner(
+    c: &TestCluster,
+    via: usize,
+    admin: &str,
+    owner: &str,
+    dir: &std::path::Path,
+    rec: Option<Record>,
+) -> (String, RunnerHandle) {
+    let (id, state) = c.nodes[via].enrolled(admin, owner, dir).await;
+    let mut b = Runner::builder(state).capacity(4);
+    if let Some(mut r) = rec {
+        r.runner = id.clone();
+        b = b.handler("record", r);
+    }
+    let h = b.spawn().unwrap();
+    h.wait_connected(Duration::from_secs(15)).await.unwrap();
+    (id, h)
 }
 
 #[tokio::test]
-async fn runners_are_redirected_to_their_tenants_home_and_only_the_home_serves_it() {
+async fn calls_through_any_node_reach_the_tenants_home() {
     let Some(c) = TestCluster::start(3, |_| {}).await else { return };
     let op = c.operator_key().to_owned();
     let admin = c.nodes[0].tenant("acme").await;
-
-    // With no runner yet, the home answers 409 no_runner (claiming the tenant); every
-    // other node answers 421 not_home, naming the home.
-    let mut home = None;
-    for (i, n) in c.nodes.iter().enumerate() {
-        let (s, v) = n.api.post("/v1/jobs", &admin, exec("true", &[])).await;
-        match s {
-            409 => home = Some(i),
-            421 => assert_eq!(v["error"]["code"], "not_home", "{v}"),
-            other => panic!("unexpected {other}: {v}"),
-        }
+    // No runner yet: every node answers as the home would (409), and the home is claimed.
+    for n in &c.nodes {
+        let (s, v) = n.api.post("/v1/jobs", &admin, exec("true", &[], true)).await;
+        assert_eq!(s, 409, "{v}");
+        assert_eq!(v["error"]["code"], "no_runner");
     }
-    let home = home.expect("one node is the home");
+    let home = home_of(&c, "acme").await;
     let other = (home + 1) % 3;
-    for (i, n) in c.nodes.iter().enumerate() {
-        let (s, v) = n.api.post("/v1/jobs", &admin, exec("true", &[])).await;
-        assert_eq!(s, if i == home { 409 } else { 421 }, "the home does not move: {v}");
-    }
 
-    // A runner enrolled through (and so dialling) another node comes online at the home.
+    // A runner enrolled through (and so dialling) another node comes online at the home,
+    // and every node shows it online.
     let dir = tempfile::tempdir().unwrap();
-    let (id, state) = c.nodes[other].enrolled(&admin, "alice", &dir.path().join("r")).await;
-    let runner = Runner::builder(state).capacity(2).spawn().unwrap();
-    runner.wait_connected(Duration::from_secs(15)).await.unwrap();
-    wait_for(Duration::from_secs(10), "the runner online at the home", || async {
-        let (_, v) = c.nodes[home].api.get(&format!("/v1/runners/{id}"), &admin).await;
-        (v["status"] == "online").then_some(())
+    let (id, r) = runner(&c, other, &admin, "alice", &dir.path().join("r"), None).await;
+    for n in &c.nodes {
+        wait_for(Duration::from_secs(10), "the runner online everywhere", || async {
+            let (_, v) = n.api.get(&format!("/v1/runners/{id}"), &admin).await;
+            (v["status"] == "online").then_some(())
+        })
+        .await;
+    }
+    // Dispatch, get, list, output and cancel through each node.
+    for n in &c.nodes {
+        let (s, v) = n.api.post("/v1/jobs", &admin, exec("echo", &["hi"], true)).await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!((v["state"].as_str(), v["output"].as_str()), (Some("succeeded"), Some("hi\n")));
+        let job = v["id"].as_str().unwrap().to_owned();
+        let home_id = &c.nodes[home].config.node_id;
+        assert!(job.ends_with(&format!("-{home_id}")), "the id names its home: {job}");
+        for m in &c.nodes {
+            let (s, got) = m.api.get(&format!("/v1/jobs/{job}"), &admin).await;
+            assert_eq!((s, &got["output"]), (200, &v["output"]), "{got}");
+            assert_eq!(m.api.raw(&format!("/v1/jobs/{job}/output"), &admin).await, "hi\n");
+        }
+        let (_, list) = n.api.get("/v1/jobs?limit=100", &admin).await;
+        assert!(list["jobs"].as_array().unwrap().iter().any(|j| j["id"] == job.as_str()), "{list}");
+    }
+    let (s, v) = c.nodes[other].api.post("/v1/jobs", &admin, exec("sleep", &["30"], false)).await;
+    assert_eq!(s, 201, "{v}");
+    let long = v["id"].as_str().unwrap().to_owned();
+    wait_for(Duration::from_secs(10), "the long job to run", || async {
+        let (_, v) = c.nodes[other].api.get(&format!("/v1/jobs/{long}"), &admin).await;
+        (v["state"] == "running").then_some(())
     })
     .await;
-    let (s, v) = c.nodes[home].api.post("/v1/jobs", &admin, exec("echo", &["hi"])).await;
-    assert_eq!(s, 200, "{v}");
-    assert_eq!(v["state"], "succeeded", "{v}");
+    let (s, _) =
+        c.nodes[other].api.post(&format!("/v1/jobs/{long}/cancel"), &admin, json!({})).await;
+    assert_eq!(s, 202);
+    let end = c.nodes[(home + 2) % 3].job_end(&admin, &long, Duration::from_secs(15)).await;
+    assert_eq!(end["state"], "cancelled", "{end}");
 
-    // Exactly one node claims the tenant, at one epoch, and only it serves it.
+    // Another tenant sees none of it, through any node.
+    let intruder = c.nodes[0].tenant("globex").await;
+    for n in &c.nodes {
+        let (s, _) = n.api.get(&format!("/v1/jobs/{long}"), &intruder).await;
+        assert_eq!(s, 404);
+        let (s, _) = n.api.post(&format!("/v1/jobs/{long}/cancel"), &intruder, json!({})).await;
+        assert_eq!(s, 404);
+        let (_, list) = n.api.get("/v1/jobs", &intruder).await;
+        assert_eq!(list["jobs"].as_array().unwrap().len(), 0, "{list}");
+        let (s, _) = n.api.get(&format!("/v1/runners/{id}"), &intruder).await;
+        assert_eq!(s, 404);
+    }
+
+    // Exactly one node claims acme, and only it serves it.
     let mut serving = Vec::new();
     for n in &c.nodes {
         let (_, v) = n.api.get("/v1/cluster", &op).await;
-        let claims: Vec<&Value> = v["tenants"].as_array().unwrap().iter().collect();
-        assert_eq!(claims.len(), 1, "{v}");
-        assert_eq!(claims[0]["tenant"], "acme");
-        assert!(claims[0]["epoch"].as_i64() > Some(0), "{v}");
-        if let Some(h) = v["homed_here"].as_array().filter(|a| !a.is_empty()) {
-            assert_eq!(h[0]["epoch"], claims[0]["epoch"]);
+        if v["homed_here"].as_array().unwrap().iter().any(|h| h["tenant"] == "acme") {
             serving.push(v["this_node"].as_str().unwrap().to_owned());
         }
     }
-    assert_eq!(serving, [format!("n{}", home + 1)]);
-    runner.shutdown().await.unwrap();
+    assert_eq!(serving, [c.nodes[home].config.node_id.clone()]);
+
+    // Revoked through a node that is not the home: closed on the home, and counted.
+    let (s, v) = c.nodes[other].api.delete(&format!("/v1/runners/{id}"), &admin).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["connections_closed"], 1, "{v}");
+    let end = tokio::time::timeout(Duration::from_secs(10), r.join()).await.expect("runner ends");
+    assert!(end.is_err(), "a revoked runner stops for good");
+}
+
+#[tokio::test]
+async fn three_hundred_jobs_through_random_nodes_each_run_once_on_the_right_owner() {
+    let Some(c) = TestCluster::start(3, |_| {}).await else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let rec = Record { runner: String::new(), seen: seen.clone() };
+    let mut keys = Vec::new();
+    let mut owner_of = HashMap::new();
+    let mut runners = Vec::new();
+    for (i, t) in ["t1", "t2", "t3"].iter().enumerate() {
+        let admin = c.nodes[i].tenant(t).await;
+        for (j, owner) in ["alice", "bob"].iter().enumerate() {
+            let d = dir.path().join(format!("{t}-{owner}"));
+            let (id, h) = runner(&c, (i + j) % 3, &admin, owner, &d, Some(rec.clone())).await;
+            owner_of.insert(id, (t.to_string(), owner.to_string()));
+            runners.push(h);
+        }
+        keys.push((t.to_string(), admin));
+    }
+    let mut expected = HashMap::new();
+    let mut tasks = Vec::new();
+    for i in 0..300usize {
+        let (tenant, key) = keys[i % 3].clone();
+        let owner = if i % 2 == 0 { "alice" } else { "bob" };
+        let api = c.nodes[(i * 7 + i / 3) % 3].api.clone();
+        let payload = format!("{tenant}/{owner}/{i}");
+        tasks.push(tokio::spawn(async move {
+            let body =
+                json!({ "owner": owner, "kind": "record", "payload": payload, "wait": true });
+            let (s, v) = api.post("/v1/jobs", &key, body).await;
+            assert_eq!((s, v["state"].as_str()), (200, Some("succeeded")), "{v}");
+            assert_eq!(v["output"], payload);
+            (v["id"].as_str().unwrap().to_owned(), v["runner_id"].as_str().unwrap().to_owned())
+        }));
+        expected.insert(i, (keys[i % 3].0.clone(), owner.to_owned()));
+    }
+    let mut ran_on = HashMap::new();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let (job, runner) = t.await.unwrap();
+        assert_eq!(owner_of[&runner], expected[&i], "job {i} ran on a runner of the right owner");
+        ran_on.insert(job, runner);
+    }
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 300, "each job ran exactly once");
+    for (job, runner) in seen {
+        assert_eq!(ran_on.get(&job), Some(&runner), "{job} ran where the API said");
+    }
+    for h in runners {
+        h.shutdown().await.unwrap();
+    }
 }

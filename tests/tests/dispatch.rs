@@ -6,28 +6,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use runnel_protocol::JobResult;
-use runnel_runner::{Job, JobHandler, Runner, handler};
-use runnel_tests::{TestBroker, labels};
+use runnel_runner::Runner;
+use runnel_tests::{Record, TestBroker, labels};
 use serde_json::json;
-
-/// Records which runner ran which job, to check exactly-once delivery.
-#[derive(Clone)]
-struct Record {
-    runner: String,
-    seen: Arc<Mutex<Vec<(String, String)>>>,
-}
-
-#[async_trait::async_trait]
-impl JobHandler for Record {
-    async fn run(&self, job: Job) -> JobResult {
-        self.seen.lock().unwrap().push((job.id.clone(), self.runner.clone()));
-        // Hold the slot a little so load spreads across runners.
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        job.stdout(&job.payload).await;
-        handler::succeeded()
-    }
-}
 
 #[tokio::test]
 async fn two_hundred_jobs_over_four_runners_each_run_exactly_once_on_the_right_owner() {

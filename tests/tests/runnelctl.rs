@@ -105,15 +105,22 @@ async fn runnelctl_covers_the_api() {
         "",
         "the timed-out sleep printed nothing"
     );
-    let first = ctl.json(&["jobs", "list", "--limit", "10"]).await["jobs"]
+    // Lists carry no output; the job that streamed is found by reading each one.
+    let listed = ctl.json(&["jobs", "list", "--limit", "10"]).await;
+    let ids: Vec<String> = listed["jobs"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|j| j["output"] == "streamed\n")
-        .unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+        .inspect(|j| assert_eq!(j["output"], "", "lists carry no output: {j}"))
+        .map(|j| j["id"].as_str().unwrap().to_owned())
+        .collect();
+    let mut first = None;
+    for id in ids {
+        if ctl.json(&["jobs", "get", &id]).await["output"] == "streamed\n" {
+            first = Some(id);
+        }
+    }
+    let first = first.expect("the streamed job is listed");
     assert_eq!(ctl.run(&["jobs", "output", &first]).await.stdout, "streamed\n");
     let missing = ctl.run(&["jobs", "output", "job-nope"]).await;
     assert_eq!(missing.code, 1);

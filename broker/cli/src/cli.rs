@@ -104,9 +104,18 @@ struct ServeArgs {
     /// This node's id in the cluster (default: the hostname).
     #[arg(long, env = "RUNNEL_NODE_ID")]
     node_id: Option<String>,
+    /// UDP address of the node-to-node endpoint (cluster only). Default 0.0.0.0:7444.
+    #[arg(long, env = "RUNNEL_PEER_LISTEN")]
+    peer_listen: Option<SocketAddr>,
     /// host:port of this node's own QUIC endpoint, where other nodes redirect runners.
     #[arg(long, env = "RUNNEL_NODE_ADVERTISE")]
     node_advertise: Option<String>,
+    /// (cluster) On SIGTERM, longest wait for accepted jobs to end (default 60s).
+    #[arg(long, env = "RUNNEL_DRAIN_TIMEOUT")]
+    drain_timeout: Option<String>,
+    /// (cluster) Window a draining node spreads its runners' reconnects over (default 5s).
+    #[arg(long, env = "RUNNEL_GOAWAY_WINDOW")]
+    goaway_window: Option<String>,
     /// TTL of this node's membership lease in etcd (default 5s).
     #[arg(long, env = "RUNNEL_LEASE_TTL")]
     lease_ttl: Option<String>,
@@ -183,7 +192,12 @@ impl ServeArgs {
             etcd_prefix: self.etcd_prefix.or(file.etcd_prefix).unwrap_or(d.etcd_prefix),
             node_id: self.node_id.or(file.node_id).unwrap_or(d.node_id),
             node_advertise: self.node_advertise.or(file.node_advertise),
+            peer_listen: self.peer_listen.or(file.peer_listen).unwrap_or(d.peer_listen),
             lease_ttl: dur(self.lease_ttl, file.lease_ttl, "lease-ttl")?.unwrap_or(d.lease_ttl),
+            drain_timeout: dur(self.drain_timeout, file.drain_timeout, "drain-timeout")?
+                .unwrap_or(d.drain_timeout),
+            goaway_window: dur(self.goaway_window, file.goaway_window, "goaway-window")?
+                .unwrap_or(d.goaway_window),
             ..d
         };
         config.validate()?;
@@ -283,7 +297,8 @@ pub fn main() -> ExitCode {
         };
         print_banner(&handle);
         wait_for_signal().await;
-        tracing::info!("signal received; shutting down");
+        tracing::info!("signal received; draining and shutting down");
+        handle.drain().await;
         handle.shutdown().await;
         ExitCode::SUCCESS
     })

@@ -94,6 +94,8 @@ pub(crate) enum ConnectionMsg {
     StartJob(Arc<JobEntry>),
     /// A control message from the runner.
     Control(ClientControl),
+    /// Tell the runner to leave (this node drains) and to reconnect after this delay.
+    GoAway(u32),
 }
 
 /// State of [`RunnerConnection`].
@@ -203,6 +205,11 @@ impl Actor for RunnerConnection {
         match msg {
             ConnectionMsg::StartJob(job) => state.start_job(job),
             ConnectionMsg::Control(ctl) => state.control_message(ctl).await,
+            ConnectionMsg::GoAway(reconnect_after_ms) => {
+                let go =
+                    runnel_protocol::GoAway { reason: "node draining".into(), reconnect_after_ms };
+                let _ = state.control.try_send(Box::new(ServerControl::GoAway(go)));
+            }
         }
         Ok(())
     }

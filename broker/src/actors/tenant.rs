@@ -62,6 +62,12 @@ pub(crate) enum TenantMsg {
     Cancel(String),
     /// Close every connection of a runner; replies with how many.
     Revoke(String, RpcReplyPort<usize>),
+    /// This node drains: no new job for any connection, and each runner is told to go
+    /// away and reconnect after a delay drawn from `[0, window_ms]`.
+    GoAway {
+        /// The window the reconnect delays are spread over.
+        window_ms: u32,
+    },
     /// Periodic queue-timeout check.
     Tick,
     /// Make this actor fail (tests of supervision only).
@@ -450,6 +456,14 @@ impl Actor for TenantActor {
                 }
                 let _ = reply.send(conns.len());
             }
+            TenantMsg::GoAway { window_ms } => {
+                use rand::Rng;
+                let mut rng = rand::rng();
+                for (conn, link) in &state.links {
+                    state.pool.drain(*conn);
+                    let _ = link.actor.cast(ConnectionMsg::GoAway(rng.random_range(0..=window_ms)));
+                }
+            }
             TenantMsg::Tick => state.expire_queue(Instant::now()),
             #[cfg(feature = "fault-injection")]
             TenantMsg::Crash => return Err("fault injected".into()),
@@ -522,6 +536,7 @@ mod tests {
             ClusterCa::generate("runnel").expect("ca"),
             "127.0.0.1:7443".into(),
             None,
+            None,
         );
         TenantState::new("t".into(), Arc::new(shared))
     }
@@ -574,6 +589,7 @@ mod tests {
                 timeout: Duration::from_secs(60),
                 queue_timeout: Duration::from_millis(200),
             },
+            None,
         )
     }
 

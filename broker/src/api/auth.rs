@@ -51,6 +51,23 @@ impl Caller {
         }
     }
 
+    /// The caller as a forwarded call carries it to the tenant's home.
+    pub(crate) fn to_peer(&self) -> runnel_protocol::PeerCaller {
+        runnel_protocol::PeerCaller {
+            key_id: self.key_id.clone(),
+            role: self.role.name().to_owned(),
+            tenant: self.tenant.clone(),
+            owner: self.owner.clone(),
+        }
+    }
+
+    /// The caller of a forwarded call (the forwarding node, a verified peer, checked the
+    /// key); None for a role this build does not know.
+    pub(crate) fn from_peer(p: runnel_protocol::PeerCaller) -> Option<Self> {
+        let role = Role::from_name(&p.role)?;
+        Some(Self { key_id: p.key_id, role, tenant: p.tenant, owner: p.owner })
+    }
+
     /// `actor` string for audit events.
     pub(crate) fn audit_actor(&self) -> String {
         format!("key:{}", self.key_id)

@@ -24,6 +24,13 @@ pub(super) async fn readyz(
     if !tenants.started() {
         return Err(ApiError::unavailable("actor tree not started"));
     }
+    if shared
+        .cluster
+        .as_ref()
+        .is_some_and(|c| c.draining.load(std::sync::atomic::Ordering::Acquire))
+    {
+        return Err(ApiError::unavailable("this node is draining"));
+    }
     if let Some(c) = shared.cluster.as_ref().filter(|c| !c.lease_valid()) {
         return Err(ApiError::unavailable(format!(
             "this node's etcd lease was last renewed {} ms ago (TTL {} s): not serving tenants",

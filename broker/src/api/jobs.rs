@@ -12,18 +12,18 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use runnel_protocol::{DispatchSpec, PeerResponse};
+
 use super::{ApiError, ApiJson, Caller};
 use crate::actors::Tenants;
-use crate::actors::{DispatchRefusal, TenantMsg};
 use crate::config::MAX_JOB_TIMEOUT;
-use crate::jobs::{JobEntry, JobSpec, JobView};
+use crate::homed::{self, Hop, Output};
+use crate::jobs::JobView;
 use crate::records::Role;
-use crate::shared::{ACTOR_CALL_TIMEOUT, Shared};
+use crate::shared::Shared;
 
 /// Largest encoded job payload (it must fit one frame with room to spare).
 pub(super) const MAX_PAYLOAD: usize = 256 * 1024;
-/// Longest a `wait` may hold a request open.
-const MAX_WAIT: Duration = Duration::from_secs(300);
 
 /// The `exec` part of a job body.
 #[derive(Debug, Deserialize)]
@@ -101,7 +101,7 @@ pub(super) async fn create(
     ApiJson(body): ApiJson<CreateJob>,
 ) -> Result<Response, ApiError> {
     caller.require(&[Role::Admin, Role::Dispatcher, Role::Member])?;
-    let tenant = caller.tenant()?.to_owned();
+    caller.tenant()?;
     let owner = match (&caller.role, &body.owner, &caller.owner) {
         (Role::Member, Some(o), Some(mine)) if o != mine => {
             return Err(ApiError::forbidden("a member key dispatches only to its own owner"));
@@ -116,59 +116,27 @@ pub(super) async fn create(
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     super::runners::validate_labels(&body.labels)?;
     let payload = job_payload(&body)?;
-    let spec = JobSpec {
+    let spec = DispatchSpec {
         owner,
         runner_id: body.runner_id.clone(),
         labels: body.labels.clone(),
         kind: body.kind.clone(),
         payload,
-        timeout: millis(body.timeout_ms, shared.config.job_timeout, "timeout_ms")?,
-        queue_timeout: millis(
+        timeout_ms: ms(millis(body.timeout_ms, shared.config.job_timeout, "timeout_ms")?),
+        queue_timeout_ms: ms(millis(
             body.queue_timeout_ms,
             shared.config.queue_timeout,
             "queue_timeout_ms",
-        )?,
+        )?),
+        wait: body.wait,
     };
-    let actor = super::home_actor(&shared, &tenants, &tenant).await?;
-    let job = shared.jobs.create(&tenant, spec);
-    let verdict =
-        actor.call(|reply| TenantMsg::Dispatch(job.clone(), reply), Some(ACTOR_CALL_TIMEOUT)).await;
-    let refusal = match verdict {
-        Ok(ractor::rpc::CallResult::Success(Ok(()))) => None,
-        Ok(ractor::rpc::CallResult::Success(Err(r))) => Some(match r {
-            DispatchRefusal::QueueFull => ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "queue_full",
-                "the tenant's job queue is full; retry later",
-            ),
-            DispatchRefusal::NoRunner(m) => ApiError::conflict("no_runner", m),
-            DispatchRefusal::UnknownRunner => ApiError::not_found("no such runner"),
-        }),
-        _ => Some(ApiError::unavailable("tenant actor did not answer")),
-    };
-    if let Some(err) = refusal {
-        metrics::counter!(crate::metrics::names::DISPATCHES, "outcome" => err.code).increment(1);
-        shared.jobs.discard(&job.id);
-        return Err(err);
-    }
-    if body.wait {
-        let limit =
-            (job.spec.queue_timeout + job.spec.timeout + Duration::from_secs(10)).min(MAX_WAIT);
-        job.wait_terminal(limit).await;
-    }
-    let view = job.view();
+    let view = homed::dispatch(&shared, &tenants, &caller, spec, Hop::Api).await?;
     let status = if view.state.is_terminal() { StatusCode::OK } else { StatusCode::CREATED };
     Ok((status, Json(view)).into_response())
 }
 
-/// A job the caller may see, or 404.
-fn visible(shared: &Shared, caller: &Caller, id: &str) -> Result<Arc<JobEntry>, ApiError> {
-    let tenant = caller.tenant()?;
-    shared
-        .jobs
-        .get(tenant, id)
-        .filter(|j| caller.sees_owner(&j.spec.owner))
-        .ok_or_else(|| ApiError::not_found("no such job"))
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// `GET /v1/jobs/{id}`.
@@ -177,27 +145,23 @@ pub(super) async fn get(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
-    Ok(Json(visible(&shared, &caller, &id)?.view()))
+    Ok(Json(homed::get_job(&shared, &caller, &id, Hop::Api).await?))
 }
 
-/// `GET /v1/jobs[?owner=o&limit=n]`: newest first.
+/// `GET /v1/jobs[?owner=o&limit=n]`: newest first, without output.
 pub(super) async fn list(
     State(shared): State<Arc<Shared>>,
     caller: Caller,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    let tenant = caller.tenant()?;
-    let owner = match (&caller.role, q.get("owner")) {
-        (Role::Member, _) => caller.owner.clone(),
-        (_, o) => o.cloned(),
-    };
     let limit = match q.get("limit") {
         Some(l) => {
             l.parse::<usize>().map_err(|_| ApiError::bad_request("limit must be a number"))?
         }
         None => 100,
     };
-    let jobs = shared.jobs.list(tenant, owner.as_deref(), limit.min(10_000));
+    let owner = q.get("owner").cloned();
+    let jobs = homed::list_jobs(&shared, &caller, owner, limit.min(10_000), Hop::Api).await?;
     Ok(Json(json!({ "jobs": jobs })))
 }
 
@@ -208,42 +172,58 @@ pub(super) async fn cancel(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<JobView>), ApiError> {
-    let job = visible(&shared, &caller, &id)?;
-    if !job.state().is_terminal() {
-        job.cancel.cancel();
-        if let Some(t) = tenants.get(&job.tenant) {
-            let _ = t.cast(TenantMsg::Cancel(job.id.clone()));
-        }
-    }
-    Ok((StatusCode::ACCEPTED, Json(job.view())))
+    let view = homed::cancel_job(&shared, &tenants, &caller, &id, Hop::Api).await?;
+    Ok((StatusCode::ACCEPTED, Json(view)))
 }
 
-/// `GET /v1/jobs/{id}/output`: the output so far, then live until the job ends.
+type Chunk = Result<Bytes, std::io::Error>;
+
+/// `GET /v1/jobs/{id}/output`: the output so far, then live until the job ends (from the
+/// node that holds the job, in a cluster).
 pub(super) async fn output(
     State(shared): State<Arc<Shared>>,
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let job = visible(&shared, &caller, &id)?;
-    let rx = job.subscribe();
-    let stream = futures::stream::unfold((job, rx, 0usize), |(job, mut rx, offset)| async move {
-        loop {
-            let (chunk, finished) = job.output_since(offset);
-            if !chunk.is_empty() {
-                let next = offset + chunk.len();
-                return Some((
-                    Ok::<_, std::convert::Infallible>(Bytes::from(chunk)),
-                    (job, rx, next),
-                ));
-            }
-            if finished {
-                return None;
-            }
-            if rx.changed().await.is_err() {
-                return None;
-            }
+    let body = match homed::job_output(&shared, &caller, &id, Hop::Api).await? {
+        Output::Here(job) => {
+            let rx = job.subscribe();
+            let stream =
+                futures::stream::unfold((job, rx, 0usize), |(job, mut rx, offset)| async move {
+                    loop {
+                        let (chunk, finished) = job.output_since(offset);
+                        if !chunk.is_empty() {
+                            let next = offset + chunk.len();
+                            return Some((
+                                Ok::<_, std::io::Error>(Bytes::from(chunk)),
+                                (job, rx, next),
+                            ));
+                        }
+                        if finished {
+                            return None;
+                        }
+                        if rx.changed().await.is_err() {
+                            return None;
+                        }
+                    }
+                });
+            Body::from_stream(stream)
         }
-    });
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], Body::from_stream(stream))
-        .into_response())
+        Output::There(answer) => {
+            let stream = futures::stream::unfold(Some(answer), |answer| async move {
+                let mut answer = answer?;
+                match answer.next().await {
+                    Ok(PeerResponse::Output(chunk)) => {
+                        Some((Ok::<_, std::io::Error>(Bytes::from(chunk)), Some(answer)))
+                    }
+                    Ok(_) => None,
+                    // The home went away mid-stream: the client sees a cut body.
+                    Err(e) => Some((Err::<Bytes, _>(std::io::Error::other(e.to_string())), None)),
+                }
+            });
+            Body::from_stream(stream)
+        }
+        Output::Nothing => Body::from_stream(futures::stream::empty::<Chunk>()),
+    };
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response())
 }

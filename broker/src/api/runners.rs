@@ -11,11 +11,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::{ApiError, ApiJson, Caller};
-use crate::actors::TenantMsg;
 use crate::actors::Tenants;
+use crate::homed::Hop;
 use crate::records::{AuditEvent, Role, RunnerRecord, RunnerState, TokenRecord, now_unix};
 use crate::secret::{TOKEN_PREFIX, mint, new_id};
-use crate::shared::{ACTOR_CALL_TIMEOUT, Shared};
+use crate::shared::Shared;
 
 /// Most labels on one runner or job.
 pub(super) const MAX_LABELS: usize = 32;
@@ -68,11 +68,18 @@ pub(super) struct RunnerView {
     cert_not_after: Option<i64>,
 }
 
-fn view(shared: &Shared, r: RunnerRecord) -> RunnerView {
-    let live = shared.index.get(&r.id);
-    let (connections, draining, last_seen, in_flight, load_milli) = live
-        .map(|e| (e.connections, e.draining, e.last_seen, e.in_flight, e.load_milli))
-        .unwrap_or((0, false, r.last_seen, 0, 0));
+/// Live status of runners held by another node (the tenant's home), by runner id.
+type Remote = std::collections::HashMap<String, String>;
+
+fn view(shared: &Shared, r: RunnerRecord, remote: &Remote) -> RunnerView {
+    let live = shared.index.get(&r.id).filter(|e| e.connections > 0);
+    let (connections, draining, last_seen, in_flight, load_milli) = match (live, remote.get(&r.id))
+    {
+        (Some(e), _) => (e.connections, e.draining, e.last_seen, e.in_flight, e.load_milli),
+        // Held by the home: it says online or draining (the load figures stay there).
+        (None, Some(status)) => (1, status == "draining", r.last_seen, 0, 0),
+        (None, None) => (0, false, r.last_seen, 0, 0),
+    };
     let status = match r.state {
         RunnerState::Pending => "pending",
         RunnerState::Revoked => "revoked",
@@ -94,6 +101,26 @@ fn view(shared: &Shared, r: RunnerRecord) -> RunnerView {
         in_flight,
         load: f64::from(load_milli) / 1000.0,
         cert_not_after: r.cert_not_after,
+    }
+}
+
+/// In a cluster, asks the tenant's home which of `ids` it holds live sessions of (empty
+/// when this node is the home, or the home does not answer: then they show as offline).
+async fn remote_status(shared: &Shared, tenant: &str, ids: Vec<String>) -> Remote {
+    let (Some(cluster), Some(peers)) = (&shared.cluster, &shared.peers) else {
+        return Remote::new();
+    };
+    let Ok(crate::cluster::Home::There(node)) = cluster.home(tenant).await else {
+        return Remote::new();
+    };
+    let req =
+        runnel_protocol::PeerRequest::RunnersOnline { tenant: tenant.to_owned(), runner_ids: ids };
+    match peers.online(&node, req).await {
+        Ok(v) => v.into_iter().collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "live runner status from the home failed");
+            Remote::new()
+        }
     }
 }
 
@@ -214,14 +241,16 @@ pub(super) async fn list(
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let tenant = caller.tenant()?;
-    let runners: Vec<RunnerView> = shared
+    let records: Vec<RunnerRecord> = shared
         .registry
         .runners(Some(tenant))
         .await?
         .into_iter()
         .filter(|r| caller.sees_owner(&r.owner) && q.owner.as_ref().is_none_or(|o| *o == r.owner))
-        .map(|r| view(&shared, r))
         .collect();
+    let remote =
+        remote_status(&shared, tenant, records.iter().map(|r| r.id.clone()).collect()).await;
+    let runners: Vec<RunnerView> = records.into_iter().map(|r| view(&shared, r, &remote)).collect();
     Ok(Json(json!({ "runners": runners })))
 }
 
@@ -232,7 +261,8 @@ pub(super) async fn get(
     Path(id): Path<String>,
 ) -> Result<Json<RunnerView>, ApiError> {
     let r = visible(&shared, &caller, &id).await?;
-    Ok(Json(view(&shared, r)))
+    let remote = remote_status(&shared, &r.tenant, vec![r.id.clone()]).await;
+    Ok(Json(view(&shared, r, &remote)))
 }
 
 /// How often a revocation's store write is tried before the answer says it did not land.
@@ -266,16 +296,8 @@ pub(super) async fn revoke(
         r
     };
     shared.index.revoke(&id);
-    let closed = match tenants.get(&r.tenant) {
-        Some(tenant) => match tenant
-            .call(|reply| TenantMsg::Revoke(id.clone(), reply), Some(ACTOR_CALL_TIMEOUT))
-            .await
-        {
-            Ok(ractor::rpc::CallResult::Success(n)) => Some(n),
-            _ => None,
-        },
-        None => Some(0),
-    };
+    // On the tenant's home, wherever that is (forwarded in a cluster).
+    let closed = crate::homed::close_runner(&shared, &tenants, &r.tenant, &id, Hop::Api).await;
     let now = now_unix();
     let mut stored = None;
     let mut wait = REVOKE_RETRY_FIRST;

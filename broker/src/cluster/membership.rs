@@ -33,6 +33,8 @@ pub(crate) struct NodeRecord {
     pub quic: String,
     /// This node's HTTP API address.
     pub http: String,
+    /// This node's `runnel-peer/1` address, where other nodes forward calls.
+    pub peer: String,
     /// etcd lease the record lives on.
     pub lease: i64,
     /// When the node started (unix seconds).
@@ -66,6 +68,8 @@ pub(crate) struct Cluster {
     pub(super) homes: DashMap<String, String>,
     /// The tenants this node is home of now, with the epoch of each claim.
     pub(crate) mine: DashMap<String, i64>,
+    /// Set when the node drains: it takes no new dispatch, claim or runner.
+    pub(crate) draining: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -96,6 +100,7 @@ impl Cluster {
             record: Mutex::new(record.clone()),
             homes: DashMap::new(),
             mine: DashMap::new(),
+            draining: std::sync::atomic::AtomicBool::new(false),
         });
         cluster.nodes.insert(record.id.clone(), record);
         cluster.rescan_nodes().await?;

@@ -58,6 +58,9 @@ impl Cluster {
         if !self.lease_valid() {
             return Ok(Home::Nowhere("this node's etcd lease is not current".into()));
         }
+        if self.draining.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(Home::Nowhere("this node is draining; try again in a moment".into()));
+        }
         if let Some(epoch) = self.mine.get(tenant) {
             return Ok(Home::Here { epoch: *epoch });
         }
@@ -193,6 +196,24 @@ impl Cluster {
         Ok(())
     }
 
+    /// Whether `epoch` was a claim of `tenant` on `node` (etcd keeps the history until it
+    /// compacts it): Some(answer), or None when that revision is compacted away.
+    pub(crate) async fn was_claim(&self, tenant: &str, node: &str, epoch: i64) -> Option<bool> {
+        let key = self.store.etcd_key(&format!("{PLACEMENT_PREFIX}{tenant}"));
+        let options = etcd_client::GetOptions::new().with_revision(epoch);
+        match self.store.client().kv_client().get(key, Some(options)).await {
+            Ok(resp) => {
+                Some(resp.kvs().first().is_some_and(|kv| {
+                    kv.create_revision() == epoch && kv.value() == node.as_bytes()
+                }))
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, tenant, epoch, "claim history unavailable");
+                None
+            }
+        }
+    }
+
     /// Every claim in etcd now: (tenant, node, epoch), for `cluster status`.
     pub(crate) async fn claims(&self) -> Result<Vec<(String, String, i64)>, StoreError> {
         let prefix = self.store.etcd_key(PLACEMENT_PREFIX);
@@ -213,6 +234,25 @@ impl Cluster {
                 (tenant, String::from_utf8_lossy(kv.value()).into_owned(), kv.create_revision())
             })
             .collect())
+    }
+}
+
+impl Cluster {
+    /// Releases every claim of this node (drain): each deleted only while it still names
+    /// this node, so that the next home claims at once instead of waiting out the lease.
+    pub(crate) async fn release_claims(&self) {
+        let me = self.node_id();
+        let claims: Vec<String> = self.mine.iter().map(|e| e.key().clone()).collect();
+        self.mine.clear();
+        for tenant in claims {
+            let key = self.store.etcd_key(&format!("{PLACEMENT_PREFIX}{tenant}"));
+            let txn = Txn::new()
+                .when([Compare::value(key.clone(), CompareOp::Equal, me.clone().into_bytes())])
+                .and_then([TxnOp::delete(key, None)]);
+            if let Err(e) = self.store.client().kv_client().txn(txn).await {
+                tracing::warn!(tenant, error = %e, "releasing a claim failed; it expires with the lease");
+            }
+        }
     }
 }
 

@@ -1,0 +1,100 @@
+//! `runnel-peer/1`: how a node calls a tenant's home node (forwarded API calls), over QUIC
+//! with mutual TLS. Each node gets a certificate from the cluster CA at start
+//! (`spiffe://<cluster>/node/<id>`); both ends verify the chain to the CA, and each checks
+//! after the handshake that the other end is a node of this cluster (and, for the caller,
+//! the very node it meant to reach).
+//!
+//! - `server`: the listener on `--peer-listen`; it answers only with local work (a call is
+//!   never forwarded twice).
+//! - `client`: one cached connection per node, one stream per call.
+
+mod client;
+mod server;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use runnel_certs::{ClusterCa, Identity, PEER_SERVER_NAME, parse_cert, pem};
+use runnel_protocol::ALPN_PEER;
+use rustls_pki_types::CertificateDer;
+
+pub(crate) use client::{Answer, PeerClient, PeerError};
+pub(crate) use server::serve;
+
+use crate::broker::SpawnError;
+
+/// Idle timeout of peer connections: a cached connection to a node that died (sending
+/// nothing) fails calls on it after this, instead of leaving them hanging.
+const PEER_IDLE: Duration = Duration::from_secs(4);
+/// Keep-alive of a cached peer connection (a handful per node: cheap).
+const PEER_KEEP_ALIVE: Duration = Duration::from_secs(1);
+/// Concurrent calls one peer connection carries.
+const PEER_STREAMS: u32 = 1024;
+
+/// The node id a verified peer certificate names, if it is a node of `cluster`.
+pub(crate) fn peer_node(conn: &quinn::Connection, cluster: &str) -> Option<String> {
+    let certs = conn.peer_identity()?.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    match parse_cert(certs.first()?).ok()?.identity {
+        Identity::Node(n) if n.cluster == cluster => Some(n.node),
+        _ => None,
+    }
+}
+
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(PEER_STREAMS.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .keep_alive_interval(Some(PEER_KEEP_ALIVE));
+    if let Ok(idle) = PEER_IDLE.try_into() {
+        t.max_idle_timeout(Some(idle));
+    }
+    Arc::new(t)
+}
+
+/// This node's TLS material for `runnel-peer/1`, both directions.
+pub(crate) struct PeerTls {
+    pub server: quinn::ServerConfig,
+    pub client: quinn::ClientConfig,
+}
+
+impl PeerTls {
+    /// Issues this node's certificate from the CA and builds both configs.
+    pub(crate) fn new(ca: &ClusterCa, node: &str) -> Result<Self, SpawnError> {
+        let (cert, key_pem) = ca.issue_node_cert(node)?;
+        let chain = vec![cert.cert_der.clone(), ca.cert_der().clone()];
+        let key = pem::private_key_from_pem(&key_pem)?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.cert_der().clone())?;
+        let roots = Arc::new(roots);
+
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.clone(),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain.clone(), key.clone_key())?;
+        tls.alpn_protocols = vec![ALPN_PEER.to_vec()];
+        let crypto = QuicServerConfig::try_from(tls).map_err(|_| SpawnError::NoQuicCipherSuite)?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server.transport_config(transport());
+
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)?;
+        tls.alpn_protocols = vec![ALPN_PEER.to_vec()];
+        let crypto = QuicClientConfig::try_from(tls).map_err(|_| SpawnError::NoQuicCipherSuite)?;
+        let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+        client.transport_config(transport());
+        Ok(Self { server, client })
+    }
+}
+
+/// The server name every peer dials (the identity check is on the URI SAN).
+pub(crate) const SERVER_NAME: &str = PEER_SERVER_NAME;

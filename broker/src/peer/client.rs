@@ -1,0 +1,247 @@
+//! The calling side: one cached connection per node, one stream per call.
+
+use std::time::Duration;
+
+use dashmap::DashMap;
+use runnel_protocol::{JobInfo, PeerRequest, PeerResponse, read_frame, write_frame};
+
+use super::{SERVER_NAME, peer_node};
+use crate::cluster::NodeRecord;
+
+/// The longest connecting to a node may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Why a forwarded call failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PeerError {
+    /// The node could not be reached, or the connection broke mid-call.
+    #[error("node {node} cannot be reached: {reason}")]
+    Unreachable {
+        /// The node.
+        node: String,
+        /// Why.
+        reason: String,
+    },
+    /// The node answered something that is not a valid answer to the call.
+    #[error("node {node} answered out of protocol: {reason}")]
+    Protocol {
+        /// The node.
+        node: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The home refused the call, as its API would have.
+    #[error("{message}")]
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// Error code.
+        code: String,
+        /// Message.
+        message: String,
+    },
+}
+
+/// Calls other nodes.
+pub(crate) struct PeerClient {
+    endpoint: quinn::Endpoint,
+    config: quinn::ClientConfig,
+    cluster: String,
+    conns: DashMap<String, quinn::Connection>,
+}
+
+impl std::fmt::Debug for PeerClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerClient").finish_non_exhaustive()
+    }
+}
+
+impl PeerClient {
+    /// Calls go out from `endpoint` (the node's own peer endpoint) with `config`.
+    pub(crate) fn new(
+        endpoint: quinn::Endpoint,
+        config: quinn::ClientConfig,
+        cluster: &str,
+    ) -> Self {
+        Self { endpoint, config, cluster: cluster.into(), conns: DashMap::new() }
+    }
+
+    async fn connection(&self, node: &NodeRecord) -> Result<quinn::Connection, PeerError> {
+        let unreachable = |reason: String| PeerError::Unreachable { node: node.id.clone(), reason };
+        if let Some(c) = self.conns.get(&node.id).map(|c| c.clone()) {
+            if c.close_reason().is_none() && c.remote_address().to_string() == node.peer {
+                return Ok(c);
+            }
+            self.conns.remove(&node.id);
+        }
+        let addr = tokio::net::lookup_host(&node.peer)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?
+            .next()
+            .ok_or_else(|| unreachable(format!("{} does not resolve", node.peer)))?;
+        let connecting = self
+            .endpoint
+            .connect_with(self.config.clone(), addr, SERVER_NAME)
+            .map_err(|e| unreachable(e.to_string()))?;
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+            .await
+            .map_err(|_| {
+                unreachable(format!("no answer from {} in {CONNECT_TIMEOUT:?}", node.peer))
+            })?
+            .map_err(|e| unreachable(e.to_string()))?;
+        // The CA vouches that it is a node; it must be the node we meant.
+        if peer_node(&conn, &self.cluster).as_deref() != Some(node.id.as_str()) {
+            conn.close(0u32.into(), b"not the node asked for");
+            return Err(PeerError::Protocol {
+                node: node.id.clone(),
+                reason: "its certificate names another node".into(),
+            });
+        }
+        self.conns.insert(node.id.clone(), conn.clone());
+        Ok(conn)
+    }
+
+    /// Sends `req` on a new stream; answers the stream to read the answer from.
+    async fn send(&self, node: &NodeRecord, req: &PeerRequest) -> Result<Answer, PeerError> {
+        let conn = self.connection(node).await?;
+        let broken = |reason: String| PeerError::Unreachable { node: node.id.clone(), reason };
+        let (mut send, recv) = conn.open_bi().await.map_err(|e| broken(e.to_string()))?;
+        write_frame(&mut send, req).await.map_err(|e| broken(e.to_string()))?;
+        send.finish().map_err(|e| broken(e.to_string()))?;
+        Ok(Answer { node: node.id.clone(), recv, peeked: None })
+    }
+
+    /// A call answered as a job (dispatch, get, cancel).
+    pub(crate) async fn job(
+        &self,
+        node: &NodeRecord,
+        req: PeerRequest,
+    ) -> Result<JobInfo, PeerError> {
+        let mut a = self.send(node, &req).await?;
+        let mut job = match a.next().await? {
+            PeerResponse::Job(j) => j,
+            other => return Err(a.unexpected(other)),
+        };
+        let mut output = Vec::new();
+        loop {
+            match a.next().await? {
+                PeerResponse::Output(chunk) => output.extend_from_slice(&chunk),
+                PeerResponse::End => break,
+                other => return Err(a.unexpected(other)),
+            }
+        }
+        job.output = String::from_utf8_lossy(&output).into_owned();
+        Ok(job)
+    }
+
+    /// A call answered with one frame, which `pick` takes apart.
+    async fn one<T>(
+        &self,
+        node: &NodeRecord,
+        req: PeerRequest,
+        pick: impl FnOnce(PeerResponse) -> Option<T>,
+    ) -> Result<T, PeerError> {
+        let mut a = self.send(node, &req).await?;
+        let frame = a.next().await?;
+        let what = what(&frame);
+        pick(frame).ok_or_else(|| a.unexpected_named(what))
+    }
+
+    /// A call answered as a list of jobs.
+    pub(crate) async fn jobs(
+        &self,
+        node: &NodeRecord,
+        req: PeerRequest,
+    ) -> Result<Vec<JobInfo>, PeerError> {
+        self.one(node, req, |r| if let PeerResponse::Jobs(j) = r { Some(j) } else { None }).await
+    }
+
+    /// A call answered with a count of closed connections.
+    pub(crate) async fn closed(
+        &self,
+        node: &NodeRecord,
+        req: PeerRequest,
+    ) -> Result<u32, PeerError> {
+        self.one(node, req, |r| if let PeerResponse::Closed(n) = r { Some(n) } else { None }).await
+    }
+
+    /// A call answered with the runners that are online on that node.
+    pub(crate) async fn online(
+        &self,
+        node: &NodeRecord,
+        req: PeerRequest,
+    ) -> Result<Vec<(String, String)>, PeerError> {
+        self.one(node, req, |r| if let PeerResponse::Online(v) = r { Some(v) } else { None }).await
+    }
+
+    /// A job's output: the answer to read chunks from (refusals come before any chunk).
+    pub(crate) async fn output(
+        &self,
+        node: &NodeRecord,
+        req: PeerRequest,
+    ) -> Result<Answer, PeerError> {
+        self.send(node, &req).await
+    }
+}
+
+/// The reading side of one call.
+pub(crate) struct Answer {
+    node: String,
+    recv: quinn::RecvStream,
+    peeked: Option<PeerResponse>,
+}
+
+impl Answer {
+    /// Reads the first frame ahead (so that a refusal shows before anything is answered).
+    pub(crate) async fn peek(&mut self) -> Result<(), PeerError> {
+        if self.peeked.is_none() {
+            self.peeked = Some(self.read().await?);
+        }
+        Ok(())
+    }
+
+    /// The next frame; a refusal becomes [`PeerError::Refused`].
+    pub(crate) async fn next(&mut self) -> Result<PeerResponse, PeerError> {
+        match self.peeked.take() {
+            Some(r) => Ok(r),
+            None => self.read().await,
+        }
+    }
+
+    async fn read(&mut self) -> Result<PeerResponse, PeerError> {
+        match read_frame::<PeerResponse, _>(&mut self.recv).await {
+            Ok(Some(PeerResponse::Refused { status, code, message })) => {
+                Err(PeerError::Refused { status, code, message })
+            }
+            Ok(Some(r)) => Ok(r),
+            Ok(None) => Err(PeerError::Unreachable {
+                node: self.node.clone(),
+                reason: "the answer ended early".into(),
+            }),
+            Err(e) => {
+                Err(PeerError::Unreachable { node: self.node.clone(), reason: e.to_string() })
+            }
+        }
+    }
+
+    fn unexpected(&self, got: PeerResponse) -> PeerError {
+        self.unexpected_named(what(&got))
+    }
+
+    fn unexpected_named(&self, what: &'static str) -> PeerError {
+        PeerError::Protocol { node: self.node.clone(), reason: format!("unexpected {what}") }
+    }
+}
+
+/// What a frame is, for errors.
+fn what(r: &PeerResponse) -> &'static str {
+    match r {
+        PeerResponse::Job(_) => "a job",
+        PeerResponse::Jobs(_) => "a job list",
+        PeerResponse::Output(_) => "output",
+        PeerResponse::End => "the end",
+        PeerResponse::Closed(_) => "a count",
+        PeerResponse::Online(_) => "runner status",
+        PeerResponse::Refused { .. } => "a refusal",
+    }
+}

@@ -1,0 +1,194 @@
+//! The answering side: every call is answered with local work only.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use runnel_protocol::{
+    ErrorCode, JobInfo, PEER_OUTPUT_CHUNK, PeerRequest, PeerResponse, read_frame, write_frame,
+};
+use tokio_util::sync::CancellationToken;
+
+use super::peer_node;
+use crate::actors::Tenants;
+use crate::api::{ApiError, Caller};
+use crate::homed::{self, Hop, Output};
+use crate::shared::Shared;
+
+/// Longest a peer handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Accepts peer connections until `shutdown`.
+pub(crate) async fn serve(
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    tenants: Arc<Tenants>,
+    shutdown: CancellationToken,
+) {
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => match i { Some(i) => i, None => break },
+            _ = shutdown.cancelled() => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+        };
+        conns.spawn(connection(incoming, shared.clone(), tenants.clone()));
+    }
+    conns.abort_all();
+}
+
+async fn connection(incoming: quinn::Incoming, shared: Arc<Shared>, tenants: Arc<Tenants>) {
+    let remote = incoming.remote_address();
+    let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return tracing::debug!(%remote, error = %e, "peer handshake failed"),
+        Err(_) => return tracing::debug!(%remote, "peer handshake timed out"),
+    };
+    // The chain was verified in the handshake; the certificate must name a node.
+    let Some(node) = peer_node(&conn, shared.ca.cluster()) else {
+        tracing::warn!(%remote, "peer connection without a node certificate of this cluster");
+        return conn
+            .close(ErrorCode::Unauthenticated.as_u32().into(), b"node certificate required");
+    };
+    let mut calls = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            s = conn.accept_bi() => match s {
+                Ok((send, recv)) => {
+                    calls.spawn(call(send, recv, shared.clone(), tenants.clone()));
+                }
+                Err(e) => {
+                    tracing::debug!(%node, error = %e, "peer connection ended");
+                    break;
+                }
+            },
+            Some(_) = calls.join_next(), if !calls.is_empty() => {}
+        }
+    }
+}
+
+fn refused(e: &ApiError) -> PeerResponse {
+    PeerResponse::Refused {
+        status: e.status.as_u16(),
+        code: e.code.to_owned(),
+        message: e.message.clone(),
+    }
+}
+
+/// A job answer: the view without output, the output in chunks, the end.
+async fn write_job(send: &mut quinn::SendStream, r: Result<JobInfo, ApiError>) -> Result<(), ()> {
+    let mut job = match r {
+        Ok(j) => j,
+        Err(e) => return write_frame(send, &refused(&e)).await.map_err(drop),
+    };
+    let output = std::mem::take(&mut job.output).into_bytes();
+    write_frame(send, &PeerResponse::Job(job)).await.map_err(drop)?;
+    for chunk in output.chunks(PEER_OUTPUT_CHUNK) {
+        write_frame(send, &PeerResponse::Output(chunk.to_vec())).await.map_err(drop)?;
+    }
+    write_frame(send, &PeerResponse::End).await.map_err(drop)
+}
+
+async fn call(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    shared: Arc<Shared>,
+    tenants: Arc<Tenants>,
+) {
+    let req = match read_frame::<PeerRequest, _>(&mut recv).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(error = %e, "malformed peer request");
+            let _ = send.reset(e.code().as_u32().into());
+            return;
+        }
+    };
+    let caller_of = |c| {
+        Caller::from_peer(c).ok_or_else(|| ApiError::bad_request("unknown role in forwarded call"))
+    };
+    let (s, t) = (&*shared, &*tenants);
+    let _ = match req {
+        PeerRequest::Dispatch { caller, spec } => {
+            let r = match caller_of(caller) {
+                Ok(c) => homed::dispatch(s, t, &c, spec, Hop::Peer).await,
+                Err(e) => Err(e),
+            };
+            write_job(&mut send, r).await
+        }
+        PeerRequest::GetJob { caller, id } => {
+            let r = match caller_of(caller) {
+                Ok(c) => homed::get_job(s, &c, &id, Hop::Peer).await,
+                Err(e) => Err(e),
+            };
+            write_job(&mut send, r).await
+        }
+        PeerRequest::CancelJob { caller, id } => {
+            let r = match caller_of(caller) {
+                Ok(c) => homed::cancel_job(s, t, &c, &id, Hop::Peer).await,
+                Err(e) => Err(e),
+            };
+            write_job(&mut send, r).await
+        }
+        PeerRequest::ListJobs { caller, owner, limit } => {
+            let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+            let r = match caller_of(caller) {
+                Ok(c) => homed::list_jobs(s, &c, owner, limit, Hop::Peer).await,
+                Err(e) => Err(e),
+            };
+            let frame = match r {
+                Ok(jobs) => PeerResponse::Jobs(jobs),
+                Err(e) => refused(&e),
+            };
+            write_frame(&mut send, &frame).await.map_err(drop)
+        }
+        PeerRequest::JobOutput { caller, id } => {
+            let r = match caller_of(caller) {
+                Ok(c) => homed::job_output(s, &c, &id, Hop::Peer).await,
+                Err(e) => Err(e),
+            };
+            stream_output(&mut send, r).await
+        }
+        PeerRequest::CloseRunner { tenant, runner_id } => {
+            let n = homed::close_runner(s, t, &tenant, &runner_id, Hop::Peer).await;
+            write_frame(&mut send, &PeerResponse::Closed(n.unwrap_or(0))).await.map_err(drop)
+        }
+        PeerRequest::RunnersOnline { tenant, runner_ids } => {
+            let online = runner_ids
+                .into_iter()
+                .filter_map(|id| {
+                    let e = s.index.get(&id).filter(|e| e.tenant == tenant && e.connections > 0)?;
+                    Some((id, if e.draining { "draining" } else { "online" }.to_owned()))
+                })
+                .collect();
+            write_frame(&mut send, &PeerResponse::Online(online)).await.map_err(drop)
+        }
+    };
+    let _ = send.finish();
+}
+
+/// A job's output, live until it ends, in chunks; then the end.
+async fn stream_output(
+    send: &mut quinn::SendStream,
+    r: Result<Output, ApiError>,
+) -> Result<(), ()> {
+    let job = match r {
+        Ok(Output::Here(job)) => job,
+        Ok(_) => return write_frame(send, &PeerResponse::End).await.map_err(drop),
+        Err(e) => return write_frame(send, &refused(&e)).await.map_err(drop),
+    };
+    let mut rx = job.subscribe();
+    let mut offset = 0usize;
+    loop {
+        let (chunk, finished) = job.output_since(offset);
+        if !chunk.is_empty() {
+            offset += chunk.len();
+            for piece in chunk.chunks(PEER_OUTPUT_CHUNK) {
+                write_frame(send, &PeerResponse::Output(piece.to_vec())).await.map_err(drop)?;
+            }
+            continue;
+        }
+        if finished || rx.changed().await.is_err() {
+            return write_frame(send, &PeerResponse::End).await.map_err(drop);
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! `runnel-peer/1`: node-to-node calls inside a cluster, on mutual TLS with node
+//! certificates (`spiffe://<cluster>/node/<id>`). One bidirectional stream per call: the
+//! caller sends one [`PeerRequest`] and finishes its side; the home answers with frames of
+//! [`PeerResponse`] and finishes.
+//!
+//! The dispatch messages are shaped for any authenticated caller, not only nodes: the
+//! caller's authority travels as a [`PeerCaller`] that the home checks with the same rules
+//! as its own API, so a native client path can reuse them.
+//!
+//! A job answer is [`PeerResponse::Job`] (with empty `output`), then the output in
+//! [`PeerResponse::Output`] chunks, then [`PeerResponse::End`]: a job may hold up to 1 MiB
+//! of output, more than one frame carries.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Largest output chunk in one [`PeerResponse::Output`] frame.
+pub const PEER_OUTPUT_CHUNK: usize = 64 * 1024;
+
+/// Job lifecycle: `queued → running → succeeded | failed | cancelled | timed_out |
+/// runner_lost | rejected`, and `node_lost` (cluster): the node holding the job stopped,
+/// and the job may or may not have run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Waiting for a runner.
+    Queued,
+    /// Sent to a runner.
+    Running,
+    /// Exited 0.
+    Succeeded,
+    /// Ran and failed.
+    Failed,
+    /// Cancelled by a caller.
+    Cancelled,
+    /// Ran past its run-time limit or waited past its queue limit.
+    TimedOut,
+    /// Its runner's connection was lost mid-job.
+    RunnerLost,
+    /// Refused by the runner without running.
+    Rejected,
+    /// (cluster) The node that held the job is gone; it may or may not have run.
+    NodeLost,
+}
+
+impl JobState {
+    /// Whether the job is over.
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, JobState::Queued | JobState::Running)
+    }
+
+    /// Short lowercase name (as in JSON).
+    pub fn name(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+            JobState::TimedOut => "timed_out",
+            JobState::RunnerLost => "runner_lost",
+            JobState::Rejected => "rejected",
+            JobState::NodeLost => "node_lost",
+        }
+    }
+}
+
+/// A point-in-time view of a job, as the API returns it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobInfo {
+    /// Job id.
+    pub id: String,
+    /// Owner.
+    pub owner: String,
+    /// Kind.
+    pub kind: String,
+    /// State.
+    pub state: JobState,
+    /// Runner that took it.
+    pub runner_id: Option<String>,
+    /// Exit code, where the process exited.
+    pub exit_code: Option<i32>,
+    /// How it ended, in words (the runner's message, or why the broker ended it).
+    pub message: String,
+    /// Creation time (unix ms).
+    pub created_at_ms: i64,
+    /// Start (unix ms).
+    pub started_at_ms: Option<i64>,
+    /// End (unix ms).
+    pub finished_at_ms: Option<i64>,
+    /// Output so far (UTF-8, lossy).
+    pub output: String,
+    /// Whether output was cut.
+    pub output_truncated: bool,
+}
+
+/// Who a forwarded call is made for, as the node that authenticated the API key saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerCaller {
+    /// The key id (for audit), never the secret.
+    pub key_id: String,
+    /// `operator`, `admin`, `dispatcher` or `member`.
+    pub role: String,
+    /// The key's tenant.
+    pub tenant: Option<String>,
+    /// The key's owner (member keys).
+    pub owner: Option<String>,
+}
+
+/// A job to dispatch, already validated by the node that received it.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct DispatchSpec {
+    /// Owner whose runners may take it.
+    pub owner: String,
+    /// Optional explicit runner.
+    pub runner_id: Option<String>,
+    /// Labels the runner must carry.
+    pub labels: BTreeMap<String, String>,
+    /// Handler kind.
+    pub kind: String,
+    /// Handler payload.
+    pub payload: Vec<u8>,
+    /// Run-time limit.
+    pub timeout_ms: u64,
+    /// Queue-wait limit.
+    pub queue_timeout_ms: u64,
+    /// Answer only once the job has ended.
+    pub wait: bool,
+}
+
+impl std::fmt::Debug for DispatchSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Payloads may carry tenant data: never print them.
+        f.debug_struct("DispatchSpec")
+            .field("owner", &self.owner)
+            .field("kind", &self.kind)
+            .field("payload_len", &self.payload.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// One call to a tenant's home node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum PeerRequest {
+    /// Dispatch a job; answered as a job.
+    Dispatch {
+        /// For whom.
+        caller: PeerCaller,
+        /// What.
+        spec: DispatchSpec,
+    },
+    /// A job's current view; answered as a job.
+    GetJob {
+        /// For whom.
+        caller: PeerCaller,
+        /// Which.
+        id: String,
+    },
+    /// The caller's jobs, newest first, without output; answered [`PeerResponse::Jobs`].
+    ListJobs {
+        /// For whom.
+        caller: PeerCaller,
+        /// Only this owner's.
+        owner: Option<String>,
+        /// At most this many.
+        limit: u32,
+    },
+    /// Cancel a job; answered as a job.
+    CancelJob {
+        /// For whom.
+        caller: PeerCaller,
+        /// Which.
+        id: String,
+    },
+    /// Stream a job's output until it ends: [`PeerResponse::Output`] chunks, then
+    /// [`PeerResponse::End`].
+    JobOutput {
+        /// For whom.
+        caller: PeerCaller,
+        /// Which.
+        id: String,
+    },
+    /// Close a revoked runner's live connections on its home; answered
+    /// [`PeerResponse::Closed`].
+    CloseRunner {
+        /// The runner's tenant.
+        tenant: String,
+        /// The runner.
+        runner_id: String,
+    },
+    /// Which of these runners have a live session on this node; answered
+    /// [`PeerResponse::Online`].
+    RunnersOnline {
+        /// The tenant.
+        tenant: String,
+        /// The runners asked about.
+        runner_ids: Vec<String>,
+    },
+}
+
+/// One frame of an answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum PeerResponse {
+    /// A job (its `output` empty; the output follows in chunks).
+    Job(JobInfo),
+    /// A list of jobs (without output).
+    Jobs(Vec<JobInfo>),
+    /// A piece of output.
+    Output(Vec<u8>),
+    /// The end of a job answer or of an output stream.
+    End,
+    /// Connections closed.
+    Closed(u32),
+    /// The subset of the runners asked about that are online here, with their status.
+    Online(Vec<(String, String)>),
+    /// The call was refused, as the API would answer it.
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// Error code (`not_found`, `forbidden`, …).
+        code: String,
+        /// Message.
+        message: String,
+    },
+}
