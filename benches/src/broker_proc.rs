@@ -33,6 +33,16 @@ fn default_bin() -> anyhow::Result<PathBuf> {
 
 impl BrokerProc {
     pub(crate) async fn start(bin: Option<&Path>) -> anyhow::Result<Self> {
+        Self::start_with(bin, &[], None).await
+    }
+
+    /// A broker with `extra` flags. `operator_key`: the key of a cluster whose first node
+    /// already minted it (later nodes print no key file).
+    pub(crate) async fn start_with(
+        bin: Option<&Path>,
+        extra: &[String],
+        operator_key: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let bin = match bin {
             Some(b) => b.to_owned(),
             None => default_bin()?,
@@ -48,6 +58,7 @@ impl BrokerProc {
                 "--heartbeat-interval",
                 "20s",
             ])
+            .args(extra)
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .env("RUST_LOG", "warn")
@@ -58,7 +69,8 @@ impl BrokerProc {
             .with_context(|| format!("starting {}", bin.display()))?;
         let stdout = child.stdout.take().context("no stdout")?;
         let mut lines = BufReader::new(stdout).lines();
-        let (mut http, mut quic, mut key, mut fp) = (None, None, None, None);
+        let (mut http, mut quic, mut fp) = (None, None, None);
+        let mut key = operator_key.map(str::to_owned);
         while let Some(line) = lines.next_line().await? {
             let t = line.trim();
             if let Some(rest) = t.strip_prefix("QUIC (runners):") {

@@ -6,6 +6,7 @@
 //! certificates obtained through the real enrollment flow, sharing a few quinn endpoints.
 
 mod broker_proc;
+mod cluster;
 mod drive;
 mod nats;
 mod proc_usage;
@@ -36,6 +37,21 @@ enum Command {
     Revoke(RevokeArgs),
     /// `load`, then the same targeted request-reply through nats-server (TLS), and the ratio.
     CompareNats(CompareArgs),
+    /// etcd + 3 nodes: dispatch through the home and through another node (forwarding
+    /// overhead), then revoke every runner through another node (cross-node latency).
+    Cluster(ClusterArgs),
+}
+
+#[derive(Debug, Args)]
+struct ClusterArgs {
+    /// Runners of the one tenant (all on its home).
+    #[arg(long, short = 'r', default_value_t = 8)]
+    runners: usize,
+    /// Path of the etcd binary (default: PATH; Debian's etcd-server).
+    #[arg(long)]
+    etcd_bin: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    common: Common,
 }
 
 #[derive(Debug, Args)]
@@ -124,6 +140,10 @@ fn main() -> anyhow::Result<()> {
             Command::Connect(a) => connect(a).await,
             Command::Revoke(a) => revoke(a).await,
             Command::CompareNats(a) => compare_nats(a).await,
+            Command::Cluster(a) => {
+                let bin = a.common.broker_bin.clone();
+                cluster::run(bin.as_deref(), a.etcd_bin.as_deref(), a.runners, &a.common).await
+            }
         }
     })
 }

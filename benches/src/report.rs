@@ -53,6 +53,24 @@ pub(crate) fn print(
     Row { jobs_per_sec: rate, p99_ms: ms(p99) }
 }
 
+/// The forwarding overhead: the same load through another node than the home.
+pub(crate) fn forwarding(home: &Row, via: &Row, forwarder_cpu: f64, elapsed: std::time::Duration) {
+    let ratio = via.jobs_per_sec / home.jobs_per_sec.max(f64::MIN_POSITIVE);
+    let secs = elapsed.as_secs_f64().max(f64::MIN_POSITIVE);
+    println!(
+        "  forwarded/home   throughput x{ratio:.2}, p99 {:.2} ms vs {:.2} ms; forwarding node cpu {:.0}% of one core",
+        via.p99_ms,
+        home.p99_ms,
+        100.0 * forwarder_cpu / secs
+    );
+    let line = json!({
+        "bench": "cluster-forwarding", "throughput_ratio": ratio,
+        "home_p99_ms": home.p99_ms, "forwarded_p99_ms": via.p99_ms,
+        "forwarder_cpu_secs": forwarder_cpu,
+    });
+    println!("{line}");
+}
+
 /// The runnel/NATS ratios, or why there are none.
 pub(crate) fn compare(runnel: &Row, nats: Result<&Row, &str>) {
     match nats {

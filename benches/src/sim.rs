@@ -98,6 +98,12 @@ impl Fleet {
         Ok(Self { tenants: out, ca_pem, quic: b.quic.clone() })
     }
 
+    /// The same fleet, dialling `quic` (a cluster node: the tenants' home) instead.
+    pub(crate) fn dialling(mut self, quic: &str) -> Self {
+        quic.clone_into(&mut self.quic);
+        self
+    }
+
     /// Connects every runner (Hello → Welcome) over `endpoints` shared quinn endpoints.
     pub(crate) async fn connect(
         &self,

@@ -1,0 +1,162 @@
+//! `cluster`: a real etcd and three `runnel-broker` nodes on this machine. One tenant's
+//! runners connect to its home; the same closed-loop dispatch runs through the home and
+//! then through another node (forwarded over `runnel-peer/1`), which gives the forwarding
+//! overhead; then every runner is revoked through a node that is not the home, measured
+//! until the runner sees its connection close.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use runnel_ctl::Client;
+use serde_json::json;
+
+use crate::broker_proc::BrokerProc;
+use crate::{report, sim};
+
+/// A real etcd on free loopback ports, killed when dropped.
+pub(crate) struct EtcdProc {
+    child: tokio::process::Child,
+    pub(crate) url: String,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// etcd from `--etcd-bin`, PATH or /usr/bin (Debian's etcd-server).
+pub(crate) fn find_etcd(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p.to_owned());
+    }
+    let found = std::process::Command::new("sh").args(["-c", "command -v etcd"]).output()?;
+    if found.status.success() {
+        return Ok(PathBuf::from(String::from_utf8_lossy(&found.stdout).trim()));
+    }
+    bail!("etcd not found (Debian: apt-get install etcd-server, or pass --etcd-bin)")
+}
+
+impl EtcdProc {
+    pub(crate) async fn start(bin: &Path) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let (client, peer) = (free_port()?, free_port()?);
+        let url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = tokio::process::Command::new(bin)
+            .args(["--name", "bench", "--data-dir"])
+            .arg(dir.path().join("etcd"))
+            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("bench={peer_url}"), "--log-level", "error"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let etcd = Self { child, url, _dir: dir };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if healthy(client).await {
+                return Ok(etcd);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("etcd on {} did not become healthy", etcd.url)
+    }
+
+    pub(crate) async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// Whether etcd's /health on `port` says it has a leader (plain HTTP/1.0 by hand).
+async fn healthy(port: u16) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let check = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+        s.write_all(b"GET /health HTTP/1.0\r\n\r\n").await.ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.ok()?;
+        Some(body.contains("\"health\":\"true\""))
+    };
+    tokio::time::timeout(Duration::from_secs(2), check).await.ok().flatten().unwrap_or(false)
+}
+
+/// The whole `cluster` run.
+pub(crate) async fn run(
+    broker_bin: Option<&Path>,
+    etcd_bin: Option<&Path>,
+    runners: usize,
+    common: &crate::Common,
+) -> anyhow::Result<()> {
+    let etcd = EtcdProc::start(&find_etcd(etcd_bin)?).await?;
+    let mut nodes: Vec<BrokerProc> = Vec::new();
+    for i in 1..=3 {
+        let extra: Vec<String> =
+            ["--etcd", &etcd.url, "--node-id", &format!("n{i}"), "--peer-listen", "127.0.0.1:0"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        let key = nodes.first().map(|n| n.operator_key.clone());
+        nodes.push(BrokerProc::start_with(broker_bin, &extra, key.as_deref()).await?);
+    }
+    let fleet = sim::Fleet::enroll(&nodes[0], 1, runners, 64).await?;
+    // A first dispatch claims the tenant; etcd then names its home.
+    let admin = Client::new(&nodes[0].http, &fleet.tenants[0].admin);
+    let _ = admin.post("/v1/jobs", json!({ "owner": sim::OWNER, "kind": "echo" })).await;
+    let status = Client::new(&nodes[0].http, &nodes[0].operator_key).get("/v1/cluster").await?;
+    let home_id = status["tenants"][0]["node"].as_str().context("no home claimed")?;
+    let home_http = status["nodes"]
+        .as_array()
+        .and_then(|a| a.iter().find(|n| n["id"] == home_id))
+        .and_then(|n| n["http"].as_str())
+        .context("home node not listed")?;
+    let home = nodes.iter().position(|n| n.http.ends_with(home_http)).context("home not ours")?;
+    let other = (home + 1) % nodes.len();
+    let fleet = fleet.dialling(&nodes[home].quic);
+    let connected = fleet.connect(common.endpoints, common.runner_capacity, 256).await?;
+    let label = format!(
+        "nodes=3 runners={runners} c={} d={}s payload={}B",
+        common.concurrency, common.duration, common.payload
+    );
+    let runner_count = Some((connected.conns.len(), connected.failed));
+
+    let before = nodes[home].usage()?;
+    let direct = common.dispatch(&nodes[home], &fleet).await;
+    let after = nodes[home].usage()?;
+    let at_home =
+        report::print("runnel", "cluster-home", &label, &direct, &before, &after, runner_count);
+    // Through another node: its CPU is the forwarding cost, the home's is the work.
+    let (before, other_before) = (nodes[home].usage()?, nodes[other].usage()?);
+    let forwarded = common.dispatch(&nodes[other], &fleet).await;
+    let (after, other_after) = (nodes[home].usage()?, nodes[other].usage()?);
+    let via = report::print(
+        "runnel",
+        "cluster-forwarded",
+        &label,
+        &forwarded,
+        &before,
+        &after,
+        runner_count,
+    );
+    report::forwarding(
+        &at_home,
+        &via,
+        other_after.cpu_secs - other_before.cpu_secs,
+        forwarded.elapsed,
+    );
+
+    let (hist, failed) = sim::revoke_all(&nodes[other], &fleet, &connected).await;
+    println!(
+        "== cross-node revoke: DELETE through a node that is not the home → connection closed"
+    );
+    report::revoke(&hist, failed);
+    drop(connected);
+    for n in nodes {
+        n.stop().await;
+    }
+    etcd.stop().await;
+    Ok(())
+}
