@@ -10,6 +10,7 @@
 //! | `POST/GET /v1/jobs`, `GET /v1/jobs/{id}[/output]`, `POST /v1/jobs/{id}/cancel` | admin, dispatcher, member (own owner) |
 //! | `GET /v1/audit` | operator (cluster events), admin (tenant events) |
 //! | `GET /v1/cluster` | operator: nodes, addresses, lease state |
+//! | `POST /v1/cluster/rebalance` | operator: move tenants to their rendezvous node (draining) |
 //! | `GET /healthz`, `GET /readyz`, `GET /metrics` | anyone (keep the HTTP port private) |
 
 mod auth;
@@ -72,6 +73,7 @@ pub(crate) fn router(shared: Arc<Shared>, tenants: Arc<Tenants>) -> Router {
         .route("/v1/jobs/{id}/output", get(jobs::output))
         .route("/v1/audit", get(tenants::audit))
         .route("/v1/cluster", get(cluster::status))
+        .route("/v1/cluster/rebalance", post(cluster::rebalance))
         .route("/metrics", get(health::metrics))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))

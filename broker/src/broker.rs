@@ -543,7 +543,7 @@ impl BrokerHandle {
             let _ = tenant.cast(crate::actors::TenantMsg::GoAway { window_ms });
         }
         // Runners finish what they run, then leave; wait for them (bounded).
-        while self.shared.index.connected() > 0 && tokio::time::Instant::now() < deadline {
+        while self.shared.index.connected(None) > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         cluster.release_claims().await;

@@ -387,3 +387,59 @@ pub(crate) async fn close_runner(
         None => Some(0),
     }
 }
+
+/// (rebalance) Hands `tenant` over from this node: no new dispatch or runner for it here,
+/// its accepted jobs finish (up to the drain timeout), its runners get `GoAway` (spread over
+/// the GoAway window) and leave, then the claim is released so the rendezvous choice claims
+/// it on its next call. Answers how many runners were sent away (0 if not homed here).
+pub(crate) async fn release_tenant(shared: &Shared, tenants: &Tenants, tenant: &str) -> u32 {
+    let Some(cluster) = &shared.cluster else { return 0 };
+    if !cluster.is_home(tenant) {
+        return 0;
+    }
+    cluster.moving.insert(tenant.to_owned(), ());
+    let deadline = tokio::time::Instant::now() + shared.config.drain_timeout;
+    let idle = |t: &str| shared.jobs.unfinished(t).is_empty();
+    while !idle(tenant) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let sent = u32::try_from(shared.index.connected(Some(tenant))).unwrap_or(u32::MAX);
+    if let Some(actor) = tenants.get(tenant) {
+        let window_ms = u32::try_from(shared.config.goaway_window.as_millis()).unwrap_or(u32::MAX);
+        let _ = actor.cast(TenantMsg::GoAway { window_ms });
+    }
+    while shared.index.connected(Some(tenant)) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cluster.release_claim(tenant).await;
+    cluster.moving.remove(tenant);
+    tracing::info!(tenant, runners = sent, "tenant handed over (rebalance)");
+    sent
+}
+
+/// `POST /v1/cluster/rebalance`: every tenant whose home is not the rendezvous choice over
+/// the live nodes (nodes joined since it was claimed) is handed over by its home, one
+/// tenant at a time; answers what moved.
+pub(crate) async fn rebalance(
+    shared: &Shared,
+    tenants: &Tenants,
+) -> Result<Vec<(String, String, String, u32)>, ApiError> {
+    let Some(cluster) = &shared.cluster else { return Ok(Vec::new()) };
+    let mut moved = Vec::new();
+    for (tenant, holder, to) in cluster.misplaced().await? {
+        let sent = if holder == cluster.node_id() {
+            release_tenant(shared, tenants, &tenant).await
+        } else {
+            let (Some(peers), Some(node)) =
+                (&shared.peers, cluster.nodes.get(&holder).map(|n| n.clone()))
+            else {
+                continue;
+            };
+            forwarded(shared, "release_tenant");
+            let req = PeerRequest::ReleaseTenant { tenant: tenant.clone() };
+            peers.closed(&node, req).await.map_err(peer_error)?
+        };
+        moved.push((tenant, holder, to, sent));
+    }
+    Ok(moved)
+}

@@ -217,9 +217,12 @@ impl RunnerIndex {
         self.map.len()
     }
 
-    /// Number of runners with a live session on this node.
-    pub(crate) fn connected(&self) -> usize {
-        self.map.iter().filter(|e| e.connections > 0).count()
+    /// Number of runners with a live session on this node (of `tenant` only, if given).
+    pub(crate) fn connected(&self, tenant: Option<&str>) -> usize {
+        self.map
+            .iter()
+            .filter(|e| e.connections > 0 && tenant.is_none_or(|t| t == e.tenant))
+            .count()
     }
 }
 

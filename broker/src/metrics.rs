@@ -62,8 +62,8 @@ pub mod names {
     pub const CLUSTER_TENANTS_HOMED: &str = "runnel_cluster_tenants_homed";
     /// Counter: runners told to go to their tenant's home node.
     pub const CLUSTER_REDIRECTS: &str = "runnel_cluster_redirects_total";
-    /// Counter, `kind` (dispatch, get, list, cancel, output, close_runner): API calls this
-    /// node forwarded to a tenant's home over `runnel-peer/1`.
+    /// Counter, `kind` (dispatch, get, list, cancel, output, close_runner, release_tenant):
+    /// calls this node forwarded to a tenant's home over `runnel-peer/1`.
     pub const CLUSTER_FORWARDED: &str = "runnel_cluster_forwarded_total";
     /// Gauge, `version`: always 1.
     pub const BUILD_INFO: &str = "runnel_build_info";

@@ -71,6 +71,9 @@ enum Command {
 enum Cluster {
     /// Nodes, their addresses and how much of each lease is left.
     Status,
+    /// Move tenants to the node rendezvous hashing picks among the live nodes now (after
+    /// nodes joined); each is drained on its old home first.
+    Rebalance,
 }
 
 #[derive(Debug, Subcommand)]
@@ -517,6 +520,26 @@ ready: {} ({} runners known)",
             let nodes = render(&["NODE", "QUIC", "HTTP", "LEASE LEFT S"], &rows);
             let homes = render(&["TENANT", "HOME", "EPOCH"], &homes);
             print(&v, format!("{head}\n{nodes}\n\n{homes}"));
+        }
+        Command::Cluster(Cluster::Rebalance) => {
+            let v = c.post("/v1/cluster/rebalance", json!({})).await?;
+            let rows: Vec<Vec<String>> = v["moved"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|m| {
+                            let cell = |k: &str| s(&m[k]);
+                            vec![
+                                cell("tenant"),
+                                cell("from"),
+                                cell("to"),
+                                cell("runners_sent_away"),
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            print(&v, render(&["TENANT", "FROM", "TO", "RUNNERS SENT AWAY"], &rows));
         }
         Command::Audit { limit } => {
             let v = c.get(&format!("/v1/audit?limit={limit}")).await?;

@@ -197,6 +197,12 @@ pub enum PeerRequest {
         /// The runners asked about.
         runner_ids: Vec<String>,
     },
+    /// (rebalance) Hand the tenant over: finish its accepted jobs, send its runners away,
+    /// release the claim; answered [`PeerResponse::Closed`] with the runners sent away.
+    ReleaseTenant {
+        /// The tenant.
+        tenant: String,
+    },
 }
 
 /// One frame of an answer.

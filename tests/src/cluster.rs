@@ -117,22 +117,27 @@ impl TestCluster {
     /// operator key), each tweaked by `tweak`. None where etcd is not installed.
     pub async fn start(n: usize, tweak: impl Fn(&mut Config)) -> Option<Self> {
         let etcd = EtcdServer::start().await?;
-        let mut nodes: Vec<TestBroker> = Vec::new();
-        for i in 1..=n {
-            let url = etcd.url();
-            let mut node = TestBroker::start_with(|c| {
-                c.etcd = vec![url];
-                c.node_id = format!("n{i}");
-                tweak(c);
-            })
-            .await;
-            if let Some(first) = nodes.first() {
-                assert!(node.operator_key.is_empty(), "only the first node mints an operator key");
-                node.operator_key = first.operator_key.clone();
-            }
-            nodes.push(node);
+        let mut c = Self { etcd, nodes: Vec::new() };
+        for _ in 0..n {
+            c.add_node(&tweak).await;
         }
-        Some(Self { etcd, nodes })
+        Some(c)
+    }
+
+    /// Starts one more node, `n<count+1>`, on the same etcd.
+    pub async fn add_node(&mut self, tweak: impl Fn(&mut Config)) {
+        let (url, i) = (self.etcd.url(), self.nodes.len() + 1);
+        let mut node = TestBroker::start_with(|c| {
+            c.etcd = vec![url];
+            c.node_id = format!("n{i}");
+            tweak(c);
+        })
+        .await;
+        if let Some(first) = self.nodes.first() {
+            assert!(node.operator_key.is_empty(), "only the first node mints an operator key");
+            node.operator_key = first.operator_key.clone();
+        }
+        self.nodes.push(node);
     }
 
     /// The operator key (minted by the first node).

@@ -187,3 +187,61 @@ async fn three_hundred_jobs_through_random_nodes_each_run_once_on_the_right_owne
         h.shutdown().await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn joining_nodes_take_no_tenant_until_a_rebalance_moves_them_with_their_runners() {
+    let quick = |c: &mut runnel_broker::Config| c.goaway_window = Duration::from_millis(200);
+    let Some(mut c) = TestCluster::start(1, quick).await else { return };
+    let op = c.operator_key().to_owned();
+    let mut admins: Vec<String> = Vec::new();
+    for i in 0..12 {
+        let admin = c.nodes[0].tenant(&format!("t{i}")).await;
+        // Claims the tenant on the only node.
+        assert_eq!(c.nodes[0].api.post("/v1/jobs", &admin, exec("true", &[], true)).await.0, 409);
+        admins.push(admin);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut runners = Vec::new();
+    for (i, admin) in admins.iter().enumerate() {
+        let (_, h) = runner(&c, 0, admin, "alice", &dir.path().join(format!("r{i}")), None).await;
+        runners.push(h);
+    }
+    c.add_node(quick).await;
+    c.add_node(quick).await;
+    wait_for(Duration::from_secs(5), "n1 to see 3 nodes", || async {
+        let (_, v) = c.nodes[0].api.get("/v1/cluster", &op).await;
+        (v["nodes"].as_array()?.len() == 3).then_some(())
+    })
+    .await;
+    // Joining nodes take no existing tenant.
+    let (_, v) = c.nodes[0].api.get("/v1/cluster", &op).await;
+    assert!(v["tenants"].as_array().unwrap().iter().all(|t| t["node"] == "n1"), "{v}");
+
+    let (s, v) = c.nodes[2].api.post("/v1/cluster/rebalance", &op, json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    let moved = v["moved"].as_array().unwrap().clone();
+    assert!(!moved.is_empty(), "12 tenants over 3 nodes: some move ({v})");
+    for m in &moved {
+        assert_eq!(m["from"], "n1");
+        assert_eq!(m["runners_sent_away"], 1, "{m}");
+    }
+    // Every tenant works again, and the moved ones are homed where rendezvous says.
+    for (i, admin) in admins.iter().enumerate() {
+        let t = format!("t{i}");
+        wait_for(Duration::from_secs(20), &format!("{t} to run a job again"), || async {
+            let (s, v) = c.nodes[0].api.post("/v1/jobs", admin, exec("echo", &["ok"], true)).await;
+            (s == 200 && v["state"] == "succeeded").then_some(())
+        })
+        .await;
+        if let Some(m) = moved.iter().find(|m| m["tenant"] == t.as_str()) {
+            let home = home_of(&c, &t).await;
+            assert_eq!(c.nodes[home].config.node_id, m["to"].as_str().unwrap(), "{t}");
+        }
+    }
+    // A second rebalance has nothing left to move.
+    let (_, v) = c.nodes[1].api.post("/v1/cluster/rebalance", &op, json!({})).await;
+    assert_eq!(v["moved"].as_array().unwrap().len(), 0, "{v}");
+    for h in runners {
+        h.shutdown().await.unwrap();
+    }
+}

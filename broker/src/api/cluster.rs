@@ -62,3 +62,24 @@ pub(super) async fn status(
         "nodes": nodes,
     })))
 }
+
+/// `POST /v1/cluster/rebalance` (operator): moves the tenants whose home is not the
+/// rendezvous choice over the live nodes (after nodes joined), draining each on its home.
+pub(super) async fn rebalance(
+    State(shared): State<Arc<Shared>>,
+    State(tenants): State<Arc<crate::actors::Tenants>>,
+    caller: Caller,
+) -> Result<Json<Value>, ApiError> {
+    caller.require(&[Role::Operator])?;
+    if shared.cluster.is_none() {
+        return Err(ApiError::conflict("not_a_cluster", "a single node has nothing to rebalance"));
+    }
+    let moved = crate::homed::rebalance(&shared, &tenants).await?;
+    let moved: Vec<Value> = moved
+        .into_iter()
+        .map(|(tenant, from, to, runners)| {
+            json!({ "tenant": tenant, "from": from, "to": to, "runners_sent_away": runners })
+        })
+        .collect();
+    Ok(Json(json!({ "moved": moved })))
+}

@@ -70,6 +70,8 @@ pub(crate) struct Cluster {
     pub(crate) mine: DashMap<String, i64>,
     /// Set when the node drains: it takes no new dispatch, claim or runner.
     pub(crate) draining: std::sync::atomic::AtomicBool,
+    /// Tenants being handed to another node (rebalance): no new dispatch or runner here.
+    pub(crate) moving: DashMap<String, ()>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -101,6 +103,7 @@ impl Cluster {
             homes: DashMap::new(),
             mine: DashMap::new(),
             draining: std::sync::atomic::AtomicBool::new(false),
+            moving: DashMap::new(),
         });
         cluster.nodes.insert(record.id.clone(), record);
         cluster.rescan_nodes().await?;

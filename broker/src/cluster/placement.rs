@@ -61,6 +61,9 @@ impl Cluster {
         if self.draining.load(std::sync::atomic::Ordering::Acquire) {
             return Ok(Home::Nowhere("this node is draining; try again in a moment".into()));
         }
+        if self.moving.contains_key(tenant) {
+            return Ok(Home::Nowhere("this tenant is moving to a new home; try again".into()));
+        }
         if let Some(epoch) = self.mine.get(tenant) {
             return Ok(Home::Here { epoch: *epoch });
         }
@@ -238,21 +241,41 @@ impl Cluster {
 }
 
 impl Cluster {
-    /// Releases every claim of this node (drain): each deleted only while it still names
-    /// this node, so that the next home claims at once instead of waiting out the lease.
+    /// Releases every claim of this node (drain), so that the next home claims at once
+    /// instead of waiting out the lease.
     pub(crate) async fn release_claims(&self) {
-        let me = self.node_id();
         let claims: Vec<String> = self.mine.iter().map(|e| e.key().clone()).collect();
-        self.mine.clear();
         for tenant in claims {
-            let key = self.store.etcd_key(&format!("{PLACEMENT_PREFIX}{tenant}"));
-            let txn = Txn::new()
-                .when([Compare::value(key.clone(), CompareOp::Equal, me.clone().into_bytes())])
-                .and_then([TxnOp::delete(key, None)]);
-            if let Err(e) = self.store.client().kv_client().txn(txn).await {
-                tracing::warn!(tenant, error = %e, "releasing a claim failed; it expires with the lease");
-            }
+            self.release_claim(&tenant).await;
         }
+    }
+
+    /// Releases this node's claim on `tenant`: deleted only while it still names this node.
+    pub(crate) async fn release_claim(&self, tenant: &str) {
+        let me = self.node_id();
+        self.mine.remove(tenant);
+        let key = self.store.etcd_key(&format!("{PLACEMENT_PREFIX}{tenant}"));
+        let txn = Txn::new()
+            .when([Compare::value(key.clone(), CompareOp::Equal, me.into_bytes())])
+            .and_then([TxnOp::delete(key, None)]);
+        if let Err(e) = self.store.client().kv_client().txn(txn).await {
+            tracing::warn!(tenant, error = %e, "releasing a claim failed; it expires with the lease");
+        }
+    }
+
+    /// The claims whose home is not the rendezvous choice over the live nodes now (after
+    /// nodes joined): (tenant, holder, where it should be).
+    pub(crate) async fn misplaced(&self) -> Result<Vec<(String, String, String)>, StoreError> {
+        let ids: Vec<String> = self.nodes.iter().map(|n| n.key().clone()).collect();
+        Ok(self
+            .claims()
+            .await?
+            .into_iter()
+            .filter_map(|(tenant, holder, _)| {
+                let best = rendezvous(&tenant, ids.iter().map(String::as_str))?.to_owned();
+                (best != holder).then_some((tenant, holder, best))
+            })
+            .collect())
     }
 }
 

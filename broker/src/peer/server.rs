@@ -152,6 +152,10 @@ async fn call(
             let n = homed::close_runner(s, t, &tenant, &runner_id, Hop::Peer).await;
             write_frame(&mut send, &PeerResponse::Closed(n.unwrap_or(0))).await.map_err(drop)
         }
+        PeerRequest::ReleaseTenant { tenant } => {
+            let n = homed::release_tenant(s, t, &tenant).await;
+            write_frame(&mut send, &PeerResponse::Closed(n)).await.map_err(drop)
+        }
         PeerRequest::RunnersOnline { tenant, runner_ids } => {
             let online = runner_ids
                 .into_iter()
