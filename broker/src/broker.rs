@@ -481,7 +481,7 @@ async fn fence(cluster: Arc<Cluster>, tenants: Arc<Tenants>) {
             }
         }
         metrics::gauge!(crate::metrics::names::CLUSTER_TENANTS_HOMED)
-            .set(cluster.homed_here().len() as f64);
+            .set(if cluster.lease_valid() { cluster.mine.len() } else { 0 } as f64);
     }
 }
 

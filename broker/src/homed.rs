@@ -64,12 +64,12 @@ async fn tenant_route(shared: &Shared, tenant: &str, hop: Hop) -> Result<Route, 
 enum JobRoute {
     Here,
     There(Arc<PeerClient>, NodeRecord),
-    /// The node that held it is gone.
-    Lost(String),
+    /// The node that held it (under that epoch) is gone.
+    Lost(String, i64),
 }
 
 fn job_route(shared: &Shared, id: &str, hop: Hop) -> JobRoute {
-    let (Some(cluster), Some((node, _))) = (&shared.cluster, JobTable::home_of(id)) else {
+    let (Some(cluster), Some((node, epoch))) = (&shared.cluster, JobTable::home_of(id)) else {
         return JobRoute::Here;
     };
     if node == cluster.node_id() || hop == Hop::Peer {
@@ -78,7 +78,7 @@ fn job_route(shared: &Shared, id: &str, hop: Hop) -> JobRoute {
     match (cluster.nodes.get(node).map(|n| n.clone()), &shared.peers) {
         (Some(n), Some(p)) => JobRoute::There(p.clone(), n),
         (Some(_), None) => JobRoute::Here,
-        (None, _) => JobRoute::Lost(node.to_owned()),
+        (None, _) => JobRoute::Lost(node.to_owned(), epoch),
     }
 }
 
@@ -239,11 +239,15 @@ async fn lost_if_ours(
     if ours { Ok(node_lost(id, node)) } else { Err(ApiError::not_found("no such job")) }
 }
 
-/// A job whose node is gone.
-async fn lost(shared: &Shared, caller: &Caller, id: &str, node: &str) -> Result<JobView, ApiError> {
-    let tenant = caller.tenant()?;
-    let epoch = JobTable::home_of(id).map_or(0, |(_, e)| e);
-    lost_if_ours(shared, tenant, id, node, epoch).await
+/// A job whose node (under `epoch`) is gone.
+async fn lost(
+    shared: &Shared,
+    caller: &Caller,
+    id: &str,
+    node: &str,
+    epoch: i64,
+) -> Result<JobView, ApiError> {
+    lost_if_ours(shared, caller.tenant()?, id, node, epoch).await
 }
 
 /// `GET /v1/jobs/{id}`.
@@ -263,7 +267,7 @@ pub(crate) async fn get_job(
             let req = PeerRequest::GetJob { caller: caller.to_peer(), id: id.to_owned() };
             peers.job(&node, req).await.map_err(peer_error)
         }
-        JobRoute::Lost(node) => lost(shared, caller, id, &node).await,
+        JobRoute::Lost(node, epoch) => lost(shared, caller, id, &node, epoch).await,
     }
 }
 
@@ -318,7 +322,7 @@ pub(crate) async fn cancel_job(
             let req = PeerRequest::CancelJob { caller: caller.to_peer(), id: id.to_owned() };
             peers.job(&node, req).await.map_err(peer_error)
         }
-        JobRoute::Lost(node) => lost(shared, caller, id, &node).await,
+        JobRoute::Lost(node, epoch) => lost(shared, caller, id, &node, epoch).await,
     }
 }
 
@@ -352,7 +356,9 @@ pub(crate) async fn job_output(
             answer.peek().await.map_err(peer_error)?;
             Ok(Output::There(Box::new(answer)))
         }
-        JobRoute::Lost(node) => lost(shared, caller, id, &node).await.map(|_| Output::Nothing),
+        JobRoute::Lost(node, epoch) => {
+            lost(shared, caller, id, &node, epoch).await.map(|_| Output::Nothing)
+        }
     }
 }
 
