@@ -33,13 +33,15 @@ fn default_bin() -> anyhow::Result<PathBuf> {
 
 impl BrokerProc {
     pub(crate) async fn start(bin: Option<&Path>) -> anyhow::Result<Self> {
-        Self::start_with(bin, &[], None).await
+        Self::start_with(bin, "127.0.0.1:0", &[], None).await
     }
 
-    /// A broker with `extra` flags. `operator_key`: the key of a cluster whose first node
-    /// already minted it (later nodes print no key file).
+    /// A broker on `quic_listen` with `extra` flags (where they name the queue limit,
+    /// idle timeout or heartbeat interval, they replace the bench's defaults). `operator_key`: the key of
+    /// a cluster whose first node already minted it (later nodes print no key file).
     pub(crate) async fn start_with(
         bin: Option<&Path>,
+        quic_listen: &str,
         extra: &[String],
         operator_key: Option<&str>,
     ) -> anyhow::Result<Self> {
@@ -48,16 +50,18 @@ impl BrokerProc {
             None => default_bin()?,
         };
         let dir = tempfile::tempdir()?;
+        // The bench's defaults, except those `extra` sets itself.
+        let defaults = [
+            ("--queue-limit", "100000"),
+            ("--idle-timeout", "60s"),
+            ("--heartbeat-interval", "20s"),
+        ]
+        .into_iter()
+        .filter(|(flag, _)| !extra.iter().any(|e| e == flag))
+        .flat_map(|(flag, value)| [flag, value]);
         let mut child = Command::new(&bin)
-            .args(["serve", "--quic-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
-            .args([
-                "--queue-limit",
-                "100000",
-                "--idle-timeout",
-                "60s",
-                "--heartbeat-interval",
-                "20s",
-            ])
+            .args(["serve", "--quic-listen", quic_listen, "--http-listen", "127.0.0.1:0"])
+            .args(defaults)
             .args(extra)
             .arg("--data-dir")
             .arg(dir.path().join("data"))
@@ -100,6 +104,11 @@ impl BrokerProc {
 
     pub(crate) fn usage(&self) -> anyhow::Result<Usage> {
         usage(self.child.id().context("broker exited")?)
+    }
+
+    /// SIGKILL, as a crashed machine: no drain, no lease release.
+    pub(crate) async fn kill(mut self) {
+        let _ = self.child.kill().await;
     }
 
     pub(crate) async fn stop(mut self) {

@@ -8,6 +8,7 @@
 mod broker_proc;
 mod cluster;
 mod drive;
+mod failover;
 mod nats;
 mod proc_usage;
 mod report;
@@ -38,7 +39,8 @@ enum Command {
     /// `load`, then the same targeted request-reply through nats-server (TLS), and the ratio.
     CompareNats(CompareArgs),
     /// etcd + 3 nodes: dispatch through the home and through another node (forwarding
-    /// overhead), then revoke every runner through another node (cross-node latency).
+    /// overhead), revoke every runner through another node (cross-node latency), then
+    /// kill -9 the home N times (failover time).
     Cluster(ClusterArgs),
 }
 
@@ -50,6 +52,9 @@ struct ClusterArgs {
     /// Path of the etcd binary (default: PATH; Debian's etcd-server).
     #[arg(long)]
     etcd_bin: Option<std::path::PathBuf>,
+    /// kill -9 failovers to time (kill the home → first successful dispatch elsewhere).
+    #[arg(long, default_value_t = 5)]
+    failovers: usize,
     #[command(flatten)]
     common: Common,
 }
@@ -142,7 +147,8 @@ fn main() -> anyhow::Result<()> {
             Command::CompareNats(a) => compare_nats(a).await,
             Command::Cluster(a) => {
                 let bin = a.common.broker_bin.clone();
-                cluster::run(bin.as_deref(), a.etcd_bin.as_deref(), a.runners, &a.common).await
+                let etcd = a.etcd_bin.as_deref();
+                cluster::run(bin.as_deref(), etcd, a.runners, a.failovers, &a.common).await
             }
         }
     })

@@ -104,6 +104,23 @@ pub(crate) fn revoke(h: &hdrhistogram::Histogram<u64>, failed: usize) {
     println!("{line}");
 }
 
+/// kill -9 → first successful dispatch, one sample per failover.
+pub(crate) fn failover(samples: &[std::time::Duration]) {
+    let mut secs: Vec<f64> = samples.iter().map(std::time::Duration::as_secs_f64).collect();
+    secs.sort_by(f64::total_cmp);
+    let at = |q: f64| secs.get(((secs.len() as f64 - 1.0) * q).round() as usize).copied();
+    let (min, p50, max) = (at(0.0), at(0.5), at(1.0));
+    let all: Vec<String> = secs.iter().map(|s| format!("{s:.2}")).collect();
+    println!("== runnel failover: kill -9 the home -> first successful dispatch via another node");
+    println!("  runs             {}   ({} s)", secs.len(), all.join(", "));
+    if let (Some(min), Some(p50), Some(max)) = (min, p50, max) {
+        println!("  seconds          min {min:.2}  median {p50:.2}  max {max:.2}");
+    }
+    let line = json!({ "bench": "cluster-failover", "runs": secs.len(), "seconds": secs,
+                       "min_s": min, "median_s": p50, "max_s": max });
+    println!("{line}");
+}
+
 pub(crate) fn connect(n: &usize, c: &Connected, idle: &Usage, with_all: &Usage, idle_cpu: f64) {
     let took = c.took.as_secs_f64();
     let per = (with_all.rss_kib.saturating_sub(idle.rss_kib)) as f64 * 1024.0
