@@ -19,7 +19,9 @@ mod error;
 mod health;
 mod jobs;
 mod keys;
+mod limits;
 mod runners;
+mod serve;
 mod tenants;
 
 use std::sync::Arc;
@@ -30,6 +32,8 @@ use axum::routing::{delete, get, post};
 
 pub(crate) use auth::Caller;
 pub(crate) use error::{ApiError, ApiJson};
+pub(crate) use limits::RateLimits;
+pub(crate) use serve::serve;
 
 use crate::actors::Tenants;
 use crate::shared::Shared;
@@ -79,5 +83,6 @@ pub(crate) fn router(shared: Arc<Shared>, tenants: Arc<Tenants>) -> Router {
         .route("/readyz", get(health::readyz))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(shared.clone(), limits::per_source))
         .with_state(App { shared, tenants })
 }

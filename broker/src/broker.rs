@@ -292,11 +292,16 @@ impl Broker {
         }
         let app = crate::api::router(shared.clone(), tenants.clone());
         let stop = shutdown.clone();
+        let api_shared = shared.clone();
         serving.spawn(async move {
-            let serve = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await });
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "HTTP server failed");
+            crate::api::serve(listener, app, &api_shared.config, stop).await;
+        });
+        let limits_shared = shared.clone();
+        background.spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                limits_shared.rate_limits.forget_idle();
             }
         });
         tracing::info!(%quic_addr, %http_addr, advertise = %shared.advertise, ca = %shared.ca.fingerprint(), "broker started");

@@ -55,6 +55,17 @@ pub(crate) const DEFAULT_GOAWAY_WINDOW: Duration = Duration::from_secs(5);
 pub(crate) const DEFAULT_ETCD_PREFIX: &str = "/runnel";
 /// Default TTL of a node's membership lease in etcd.
 pub(crate) const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(5);
+/// Default longest wait for a client's request headers (and between requests on a
+/// keep-alive connection): a client that sends nothing is closed after this.
+pub(crate) const DEFAULT_HTTP_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default longest wait for a request body to arrive.
+pub(crate) const DEFAULT_HTTP_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default cap on open HTTP API connections; beyond it new ones are closed at once.
+pub(crate) const DEFAULT_HTTP_MAX_CONNECTIONS: usize = 4096;
+/// Default API requests per second from one source address (burst: twice that).
+pub(crate) const DEFAULT_RATE_LIMIT_PER_SOURCE: u32 = 2000;
+/// Default API requests per second with one API key (burst: twice that).
+pub(crate) const DEFAULT_RATE_LIMIT_PER_KEY: u32 = 1000;
 /// Default age after which finished jobs are forgotten.
 pub(crate) const DEFAULT_JOB_RETENTION_AGE: Duration = Duration::from_secs(3600);
 
@@ -126,6 +137,17 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// (cluster) The window a draining node spreads its runners' reconnects over.
     pub goaway_window: Duration,
+    /// Longest wait for a request's headers, and for the next request on an idle
+    /// keep-alive connection.
+    pub http_header_timeout: Duration,
+    /// Longest wait for a request body.
+    pub http_body_timeout: Duration,
+    /// Open HTTP connections at most; more are closed at once.
+    pub http_max_connections: usize,
+    /// API requests per second from one source address (0: no limit).
+    pub rate_limit_per_source: u32,
+    /// API requests per second with one key (0: no limit).
+    pub rate_limit_per_key: u32,
 }
 
 /// The machine's host name, the default node id (`node` when it cannot be read or is not
@@ -170,6 +192,11 @@ impl Default for Config {
             lease_ttl: DEFAULT_LEASE_TTL,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             goaway_window: DEFAULT_GOAWAY_WINDOW,
+            http_header_timeout: DEFAULT_HTTP_HEADER_TIMEOUT,
+            http_body_timeout: DEFAULT_HTTP_BODY_TIMEOUT,
+            http_max_connections: DEFAULT_HTTP_MAX_CONNECTIONS,
+            rate_limit_per_source: DEFAULT_RATE_LIMIT_PER_SOURCE,
+            rate_limit_per_key: DEFAULT_RATE_LIMIT_PER_KEY,
         }
     }
 }
@@ -279,6 +306,14 @@ impl Config {
         }
         if self.goaway_window > Duration::from_secs(600) {
             return invalid("goaway-window", "must be at most 10m");
+        }
+        if self.http_header_timeout < Duration::from_millis(100)
+            || self.http_body_timeout < Duration::from_millis(100)
+        {
+            return invalid("http-header-timeout", "HTTP timeouts must be at least 100ms");
+        }
+        if self.http_max_connections == 0 {
+            return invalid("http-max-connections", "must be at least 1");
         }
         if self.lease_ttl < Duration::from_secs(2) || self.lease_ttl > Duration::from_secs(60) {
             return invalid("lease-ttl", "must be between 2s and 60s");
@@ -401,6 +436,16 @@ pub struct FileConfig {
     pub drain_timeout: Option<String>,
     /// See [`Config::goaway_window`].
     pub goaway_window: Option<String>,
+    /// See [`Config::http_header_timeout`].
+    pub http_header_timeout: Option<String>,
+    /// See [`Config::http_body_timeout`].
+    pub http_body_timeout: Option<String>,
+    /// See [`Config::http_max_connections`].
+    pub http_max_connections: Option<usize>,
+    /// See [`Config::rate_limit_per_source`].
+    pub rate_limit_per_source: Option<u32>,
+    /// See [`Config::rate_limit_per_key`].
+    pub rate_limit_per_key: Option<u32>,
 }
 
 impl FileConfig {

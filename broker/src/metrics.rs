@@ -65,6 +65,12 @@ pub mod names {
     /// Counter, `kind` (dispatch, get, list, cancel, output, close_runner, release_tenant):
     /// calls this node forwarded to a tenant's home over `runnel-peer/1`.
     pub const CLUSTER_FORWARDED: &str = "runnel_cluster_forwarded_total";
+    /// Gauge: open connections to the HTTP API.
+    pub const HTTP_CONNECTIONS: &str = "runnel_http_connections";
+    /// Counter: HTTP connections closed at once because `--http-max-connections` were open.
+    pub const HTTP_CONNECTIONS_REFUSED: &str = "runnel_http_connections_refused_total";
+    /// Counter, `limit` (source, key): requests answered 429 by a rate limit.
+    pub const HTTP_RATE_LIMITED: &str = "runnel_http_rate_limited_total";
     /// Gauge, `version`: always 1.
     pub const BUILD_INFO: &str = "runnel_build_info";
 
@@ -91,6 +97,9 @@ pub mod names {
         CLUSTER_TENANTS_HOMED,
         CLUSTER_REDIRECTS,
         CLUSTER_FORWARDED,
+        HTTP_CONNECTIONS,
+        HTTP_CONNECTIONS_REFUSED,
+        HTTP_RATE_LIMITED,
         BUILD_INFO,
     ];
 }
@@ -165,6 +174,12 @@ fn describe() {
         "QUIC RTT to runners, sampled per heartbeat."
     );
     describe_counter!(names::QUIC_LOST_PACKETS, "QUIC packets lost on runner connections.");
+    describe_gauge!(names::HTTP_CONNECTIONS, "Open connections to the HTTP API.");
+    describe_counter!(
+        names::HTTP_CONNECTIONS_REFUSED,
+        "HTTP connections closed because the connection cap was reached."
+    );
+    describe_counter!(names::HTTP_RATE_LIMITED, "Requests answered 429 by a rate limit, by limit.");
     describe_gauge!(names::BUILD_INFO, "Build information.");
 }
 

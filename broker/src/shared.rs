@@ -41,6 +41,8 @@ pub(crate) struct Shared {
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Calls to other nodes (cluster only).
     pub peers: Option<Arc<crate::peer::PeerClient>>,
+    /// The API's per-source and per-key request rate limits.
+    pub rate_limits: crate::api::RateLimits,
     /// Renders `/metrics` (None when another recorder owns the process).
     pub prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
     conn_seq: AtomicU64,
@@ -65,7 +67,10 @@ impl Shared {
     ) -> Self {
         let jobs = JobTable::new(config.job_retention, config.job_retention_age);
         let tenant_labels = crate::metrics::TenantLabels::new(config.metrics_tenant_labels);
+        let rate_limits =
+            crate::api::RateLimits::new(config.rate_limit_per_source, config.rate_limit_per_key);
         Self {
+            rate_limits,
             tenant_labels,
             prometheus: crate::metrics::install(),
             config,

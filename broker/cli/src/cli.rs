@@ -119,6 +119,24 @@ struct ServeArgs {
     /// TTL of this node's membership lease in etcd (default 5s).
     #[arg(long, env = "RUNNEL_LEASE_TTL")]
     lease_ttl: Option<String>,
+    /// Longest wait for a request's headers, and on an idle keep-alive connection for the
+    /// next request (default 10s).
+    #[arg(long, env = "RUNNEL_HTTP_HEADER_TIMEOUT")]
+    http_header_timeout: Option<String>,
+    /// Longest wait for a request body (default 30s).
+    #[arg(long, env = "RUNNEL_HTTP_BODY_TIMEOUT")]
+    http_body_timeout: Option<String>,
+    /// Open HTTP API connections at most; more are closed at once (default 4096).
+    #[arg(long, env = "RUNNEL_HTTP_MAX_CONNECTIONS")]
+    http_max_connections: Option<usize>,
+    /// API requests per second from one source address, burst twice that; 429 beyond
+    /// (default 2000, 0: off).
+    #[arg(long, env = "RUNNEL_RATE_LIMIT_PER_SOURCE")]
+    rate_limit_per_source: Option<u32>,
+    /// API requests per second with one API key, burst twice that; 429 beyond
+    /// (default 1000, 0: off).
+    #[arg(long, env = "RUNNEL_RATE_LIMIT_PER_KEY")]
+    rate_limit_per_key: Option<u32>,
 }
 
 fn dur(
@@ -198,6 +216,30 @@ impl ServeArgs {
                 .unwrap_or(d.drain_timeout),
             goaway_window: dur(self.goaway_window, file.goaway_window, "goaway-window")?
                 .unwrap_or(d.goaway_window),
+            http_header_timeout: dur(
+                self.http_header_timeout,
+                file.http_header_timeout,
+                "http-header-timeout",
+            )?
+            .unwrap_or(d.http_header_timeout),
+            http_body_timeout: dur(
+                self.http_body_timeout,
+                file.http_body_timeout,
+                "http-body-timeout",
+            )?
+            .unwrap_or(d.http_body_timeout),
+            http_max_connections: self
+                .http_max_connections
+                .or(file.http_max_connections)
+                .unwrap_or(d.http_max_connections),
+            rate_limit_per_source: self
+                .rate_limit_per_source
+                .or(file.rate_limit_per_source)
+                .unwrap_or(d.rate_limit_per_source),
+            rate_limit_per_key: self
+                .rate_limit_per_key
+                .or(file.rate_limit_per_key)
+                .unwrap_or(d.rate_limit_per_key),
             ..d
         };
         config.validate()?;

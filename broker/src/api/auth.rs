@@ -119,6 +119,7 @@ where
             shared.refusals.note(rec.tenant.as_deref(), &format!("key:{}", rec.id), reason);
             return Err(ApiError::unauthorized(format!("API key {why}")));
         }
+        shared.rate_limits.check_key(&rec.id)?;
         // Per request: update in place; allocate the key's entry only on its first use.
         match shared.key_last_used.get_mut(&rec.id) {
             Some(mut t) => *t = now,
