@@ -302,6 +302,7 @@ impl Broker {
             loop {
                 tick.tick().await;
                 limits_shared.rate_limits.forget_idle();
+                limits_shared.jobs.sweep();
             }
         });
         tracing::info!(%quic_addr, %http_addr, advertise = %shared.advertise, ca = %shared.ca.fingerprint(), "broker started");

@@ -30,8 +30,12 @@ pub(crate) const MAX_JOB_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 pub(crate) const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Default heartbeat interval asked of runners.
 pub(crate) const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
-/// Default number of finished jobs kept for `GET /v1/jobs/{id}`.
+/// Default number of finished jobs kept per tenant for `GET /v1/jobs/{id}`.
 pub(crate) const DEFAULT_JOB_RETENTION: usize = 10_000;
+/// Default bytes of payloads and output one tenant's jobs may hold (256 MiB).
+pub(crate) const DEFAULT_JOB_BUDGET_BYTES: usize = 256 << 20;
+/// Default cap on one tenant's queued plus running jobs.
+pub(crate) const DEFAULT_MAX_JOBS_PER_TENANT: usize = 10_000;
 /// Default number of tenants with their own metric label.
 pub(crate) const DEFAULT_METRICS_TENANT_LABELS: usize = 100;
 /// Default audit events kept per log (each tenant's, and the cluster's).
@@ -104,6 +108,11 @@ pub struct Config {
     pub job_retention: usize,
     /// Age after which finished jobs are dropped.
     pub job_retention_age: Duration,
+    /// Bytes of payloads and output one tenant's jobs may hold (oldest finished output
+    /// goes first).
+    pub job_budget_bytes: usize,
+    /// Queued plus running jobs per tenant; past it dispatch answers 429.
+    pub max_jobs_per_tenant: usize,
     /// Tenants that get their own `tenant` metric label (0: none; later ones: `_other`).
     pub metrics_tenant_labels: usize,
     /// Live API keys a tenant may hold; creating more answers 409 `too_many_keys`.
@@ -178,6 +187,8 @@ impl Default for Config {
             heartbeat_interval: DEFAULT_HEARTBEAT,
             job_retention: DEFAULT_JOB_RETENTION,
             job_retention_age: DEFAULT_JOB_RETENTION_AGE,
+            job_budget_bytes: DEFAULT_JOB_BUDGET_BYTES,
+            max_jobs_per_tenant: DEFAULT_MAX_JOBS_PER_TENANT,
             metrics_tenant_labels: DEFAULT_METRICS_TENANT_LABELS,
             max_keys_per_tenant: DEFAULT_MAX_KEYS_PER_TENANT,
             audit_retention_count: DEFAULT_AUDIT_RETENTION_COUNT,
@@ -252,6 +263,16 @@ impl Config {
             || self.audit_aggregate_every < Duration::from_millis(10)
         {
             return invalid("audit-prune-every", "audit intervals must be at least 10ms");
+        }
+        if self.job_retention == 0 || self.max_jobs_per_tenant == 0 {
+            return invalid(
+                "job-retention",
+                "job retention and max-jobs-per-tenant must be at least 1",
+            );
+        }
+        // A budget under one job's largest output plus payload would refuse ordinary jobs.
+        if self.job_budget_bytes < 2 << 20 {
+            return invalid("job-budget-bytes", "must be at least 2 MiB (2097152)");
         }
         if self.max_keys_per_tenant == 0 {
             return invalid("max-keys-per-tenant", "must be at least 1");
@@ -416,6 +437,14 @@ pub struct FileConfig {
     pub metrics_tenant_labels: Option<usize>,
     /// See [`Config::max_keys_per_tenant`].
     pub max_keys_per_tenant: Option<usize>,
+    /// See [`Config::job_retention`].
+    pub job_retention: Option<usize>,
+    /// See [`Config::job_retention_age`].
+    pub job_retention_age: Option<String>,
+    /// See [`Config::job_budget_bytes`].
+    pub job_budget_bytes: Option<usize>,
+    /// See [`Config::max_jobs_per_tenant`].
+    pub max_jobs_per_tenant: Option<usize>,
     /// See [`Config::audit_retention_count`].
     pub audit_retention_count: Option<usize>,
     /// See [`Config::audit_retention_age`].

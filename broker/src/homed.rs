@@ -13,7 +13,7 @@ use runnel_protocol::{DispatchSpec, PeerRequest};
 use crate::actors::{DispatchRefusal, TenantMsg, Tenants};
 use crate::api::{ApiError, Caller};
 use crate::cluster::{Home, NodeRecord};
-use crate::jobs::{JobEntry, JobSpec, JobState, JobTable, JobView};
+use crate::jobs::{JobEntry, JobSpec, JobState, JobTable, JobView, OverBudget, Page};
 use crate::peer::{PeerClient, PeerError};
 use crate::records::Role;
 use crate::shared::{ACTOR_CALL_TIMEOUT, Shared};
@@ -87,7 +87,9 @@ fn peer_error(e: PeerError) -> ApiError {
     match e {
         PeerError::Refused { status, code, message } => {
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
-            ApiError::new(status, static_code(&code), message)
+            let err = ApiError::new(status, static_code(&code), message);
+            // The home's 429s ask for a retry; so does the forwarded answer.
+            if status == StatusCode::TOO_MANY_REQUESTS { err.retry_after(1) } else { err }
         }
         e => {
             tracing::warn!(error = %e, "forwarded call failed");
@@ -107,6 +109,8 @@ fn static_code(code: &str) -> &'static str {
         "conflict",
         "no_runner",
         "queue_full",
+        "too_many_jobs",
+        "over_byte_budget",
         "unavailable",
         "not_home",
         "internal",
@@ -132,6 +136,7 @@ fn node_lost(id: &str, node: &str) -> JobView {
         finished_at_ms: None,
         output: String::new(),
         output_truncated: false,
+        output_expired: false,
     }
 }
 
@@ -167,7 +172,26 @@ pub(crate) async fn dispatch(
         timeout: Duration::from_millis(spec.timeout_ms),
         queue_timeout: Duration::from_millis(spec.queue_timeout_ms),
     };
-    let job = shared.jobs.create(tenant, spec, home.as_ref().map(|(n, e)| (n.as_str(), *e)));
+    let job = shared
+        .jobs
+        .create(tenant, spec, home.as_ref().map(|(n, e)| (n.as_str(), *e)))
+        .map_err(|over| {
+            let outcome = match over {
+                OverBudget::Unfinished(_) => "too_many_jobs",
+                OverBudget::Bytes(_) => "over_byte_budget",
+            };
+            metrics::counter!(crate::metrics::names::DISPATCHES, "outcome" => outcome).increment(1);
+            let message = match over {
+                OverBudget::Unfinished(n) => {
+                    format!("the tenant has {n} jobs queued or running (its limit); retry later")
+                }
+                OverBudget::Bytes(n) => format!(
+                    "the tenant's jobs hold its {} MiB budget of payload and output; retry later",
+                    n >> 20
+                ),
+            };
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, outcome, message).retry_after(1)
+        })?;
     let verdict =
         actor.call(|reply| TenantMsg::Dispatch(job.clone(), reply), Some(ACTOR_CALL_TIMEOUT)).await;
     let refusal = match verdict {
@@ -185,7 +209,7 @@ pub(crate) async fn dispatch(
     };
     if let Some(err) = refusal {
         metrics::counter!(crate::metrics::names::DISPATCHES, "outcome" => err.code).increment(1);
-        shared.jobs.discard(&job.id);
+        shared.jobs.discard(&job);
         return Err(err);
     }
     if wait {
@@ -271,25 +295,31 @@ pub(crate) async fn get_job(
     }
 }
 
-/// `GET /v1/jobs`: the tenant's jobs on its home, newest first, without output.
+/// `GET /v1/jobs`: the tenant's jobs on its home, newest first, without output, one page.
 pub(crate) async fn list_jobs(
     shared: &Shared,
     caller: &Caller,
-    owner: Option<String>,
-    limit: usize,
+    mut page: Page,
     hop: Hop,
 ) -> Result<Vec<JobView>, ApiError> {
     let tenant = caller.tenant()?;
-    let owner = match caller.role {
-        Role::Member => caller.owner.clone(),
-        _ => owner,
-    };
+    if caller.role == Role::Member {
+        page.owner.clone_from(&caller.owner);
+    }
     match tenant_route(shared, tenant, hop).await? {
-        Route::Here(_) => Ok(shared.jobs.list(tenant, owner.as_deref(), limit)),
+        Route::Here(_) => shared.jobs.list(tenant, &page).ok_or_else(|| {
+            ApiError::bad_request(
+                "the job named by before is gone (retention); list from the start",
+            )
+        }),
         Route::There(peers, node) => {
             forwarded(shared, "list");
-            let limit = u32::try_from(limit).unwrap_or(u32::MAX);
-            let req = PeerRequest::ListJobs { caller: caller.to_peer(), owner, limit };
+            let req = PeerRequest::ListJobs {
+                caller: caller.to_peer(),
+                owner: page.owner,
+                limit: u32::try_from(page.limit).unwrap_or(u32::MAX),
+                before: page.before,
+            };
             peers.jobs(&node, req).await.map_err(peer_error)
         }
     }

@@ -3,7 +3,8 @@
 //! Delivery is at most once and every accepted job ends in exactly one terminal state:
 //! [`JobTable::finish`] is the only way to a terminal state and it wins only once, however
 //! many paths (runner result, stream error, connection loss, cancel, timeout) race for it.
-//! Finished jobs are kept for `GET`, bounded in count and age.
+//! Finished jobs are kept for `GET`, per tenant and bounded in count, age and bytes (see
+//! [`Budget`]), so that one tenant's flood never evicts another tenant's results.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -47,8 +48,11 @@ struct JobInner {
     message: String,
     started_at: Option<i64>,
     finished_at: Option<i64>,
+    /// Sent to the runner; let go of when the job ends.
+    payload: Vec<u8>,
     output: Vec<u8>,
     output_truncated: bool,
+    output_expired: bool,
 }
 
 /// One job.
@@ -56,9 +60,12 @@ struct JobInner {
 pub(crate) struct JobEntry {
     /// Job id.
     pub id: String,
+    /// Creation order in the table (the list cursor).
+    seq: u64,
     /// Tenant (from the dispatching key).
     pub tenant: String,
-    /// What it asks.
+    /// What it asks (its payload is held in the entry until the job ends: see
+    /// [`JobEntry::payload`]).
     pub spec: JobSpec,
     /// Creation time, unix milliseconds.
     pub created_at_ms: i64,
@@ -105,13 +112,19 @@ impl JobEntry {
         true
     }
 
-    /// Appends output, up to [`MAX_BUFFERED_OUTPUT`].
-    pub(crate) fn append_output(&self, data: &[u8]) {
+    /// The payload to send to the runner (empty once the job has ended).
+    pub(crate) fn payload(&self) -> Vec<u8> {
+        self.lock().payload.clone()
+    }
+
+    /// Appends output, up to [`MAX_BUFFERED_OUTPUT`] and `room` bytes; answers how many
+    /// bytes it kept (the table accounts them to the tenant).
+    fn append_output(&self, data: &[u8], room: usize) -> usize {
         let mut g = self.lock();
         if g.state.is_terminal() {
-            return;
+            return 0;
         }
-        let room = MAX_BUFFERED_OUTPUT.saturating_sub(g.output.len());
+        let room = MAX_BUFFERED_OUTPUT.saturating_sub(g.output.len()).min(room);
         if data.len() > room {
             g.output_truncated = true;
         }
@@ -119,6 +132,21 @@ impl JobEntry {
         g.output.extend_from_slice(&data[..take]);
         drop(g);
         self.bump();
+        take
+    }
+
+    /// Lets go of a finished job's output; answers the bytes freed.
+    fn expire_output(&self) -> usize {
+        let mut g = self.lock();
+        let freed = std::mem::take(&mut g.output).len();
+        g.output_expired |= freed > 0;
+        freed
+    }
+
+    /// Payload and output bytes the job holds.
+    fn held_bytes(&self) -> usize {
+        let g = self.lock();
+        g.payload.len() + g.output.len()
     }
 
     /// Output from `offset` on, and whether the job is over.
@@ -177,6 +205,7 @@ impl JobEntry {
             finished_at_ms: g.finished_at,
             output,
             output_truncated: g.output_truncated,
+            output_expired: g.output_expired,
         }
     }
 }
@@ -201,40 +230,137 @@ impl Finish {
     }
 }
 
+/// What one tenant may keep in the job table (`--job-retention`, `--job-retention-age`,
+/// `--job-budget-bytes`, `--max-jobs-per-tenant`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Budget {
+    /// Finished jobs kept per tenant, newest.
+    pub retention: usize,
+    /// Finished jobs older than this are forgotten.
+    pub retention_age: Duration,
+    /// Bytes of payloads and output one tenant's jobs may hold. Past it the output of the
+    /// tenant's oldest finished jobs goes first (the jobs stay, `output_expired`); then new
+    /// output is cut (`output_truncated`) and new jobs are refused.
+    pub bytes: usize,
+    /// Queued plus running jobs per tenant.
+    pub unfinished: usize,
+}
+
+/// Why a job was not accepted into the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OverBudget {
+    /// The tenant has `Budget::unfinished` jobs queued or running.
+    Unfinished(usize),
+    /// Its payload does not fit the tenant's byte budget, even with every finished job's
+    /// output let go.
+    Bytes(usize),
+}
+
+/// One page of a tenant's jobs, newest first.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Page {
+    /// Only this owner's jobs.
+    pub owner: Option<String>,
+    /// At most this many.
+    pub limit: usize,
+    /// Only jobs older than this job (the previous page's last id).
+    pub before: Option<String>,
+}
+
+/// One tenant's share of the table.
+#[derive(Debug, Default)]
+struct TenantJobs {
+    /// Every job of the tenant by creation sequence (the list order).
+    by_seq: BTreeMap<u64, Arc<JobEntry>>,
+    /// Finished jobs, oldest first: (finished at, seq), for retention.
+    finished: VecDeque<(Instant, u64)>,
+    /// Finished jobs that still hold output, oldest first (seq).
+    with_output: VecDeque<u64>,
+    /// Payload and output bytes the tenant's jobs hold.
+    bytes: usize,
+    /// Queued or running.
+    unfinished: usize,
+}
+
+impl TenantJobs {
+    /// `bytes` more held (and in the process-wide gauge).
+    fn hold(&mut self, n: usize) {
+        self.bytes += n;
+        metrics::gauge!(names::JOBS_HELD_BYTES).increment(n as f64);
+    }
+
+    /// `n` bytes let go of.
+    fn release(&mut self, n: usize) {
+        let n = n.min(self.bytes);
+        self.bytes -= n;
+        metrics::gauge!(names::JOBS_HELD_BYTES).decrement(n as f64);
+    }
+
+    /// Lets go of the output of the oldest finished jobs until `need` more bytes fit.
+    fn make_room(&mut self, need: usize, budget: usize) {
+        while self.bytes + need > budget {
+            let Some(seq) = self.with_output.pop_front() else { return };
+            if let Some(e) = self.by_seq.get(&seq) {
+                self.release(e.expire_output());
+            }
+        }
+    }
+
+    fn forget(&mut self, seq: u64, ids: &DashMap<String, Arc<JobEntry>>) {
+        if let Some(e) = self.by_seq.remove(&seq) {
+            self.release(e.held_bytes());
+            ids.remove(&e.id);
+        }
+    }
+}
+
 /// All jobs.
 #[derive(Debug)]
 pub(crate) struct JobTable {
     jobs: DashMap<String, Arc<JobEntry>>,
-    finished: Mutex<VecDeque<(Instant, String)>>,
-    retention: usize,
-    retention_age: Duration,
+    tenants: DashMap<String, TenantJobs>,
+    seq: std::sync::atomic::AtomicU64,
+    budget: Budget,
 }
 
 impl JobTable {
-    /// A table keeping `retention` finished jobs for at most `retention_age`.
-    pub(crate) fn new(retention: usize, retention_age: Duration) -> Self {
+    /// A table keeping, per tenant, what `budget` allows.
+    pub(crate) fn new(budget: Budget) -> Self {
         Self {
             jobs: DashMap::new(),
-            finished: Mutex::new(VecDeque::new()),
-            retention,
-            retention_age,
+            tenants: DashMap::new(),
+            seq: std::sync::atomic::AtomicU64::new(1),
+            budget,
         }
     }
 
-    /// Creates and registers a queued job.
+    /// Creates and registers a queued job, unless the tenant is over its budget.
     pub(crate) fn create(
         &self,
         tenant: &str,
-        spec: JobSpec,
+        mut spec: JobSpec,
         home: Option<(&str, i64)>,
-    ) -> Arc<JobEntry> {
+    ) -> Result<Arc<JobEntry>, OverBudget> {
+        let mut t = self.tenants.entry(tenant.to_owned()).or_default();
+        if t.unfinished >= self.budget.unfinished {
+            return Err(OverBudget::Unfinished(self.budget.unfinished));
+        }
+        let payload = std::mem::take(&mut spec.payload);
+        t.make_room(payload.len(), self.budget.bytes);
+        if t.bytes + payload.len() > self.budget.bytes {
+            return Err(OverBudget::Bytes(self.budget.bytes));
+        }
         let (changed, _) = watch::channel(0);
         let id = match home {
             None => crate::secret::new_id("job"),
             Some((node, epoch)) => format!("{}-e{epoch}-{node}", crate::secret::new_id("job")),
         };
+        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        t.hold(payload.len());
+        t.unfinished += 1;
         let entry = Arc::new(JobEntry {
             id,
+            seq,
             tenant: tenant.into(),
             spec,
             created_at_ms: now_ms(),
@@ -247,13 +373,16 @@ impl JobTable {
                 message: String::new(),
                 started_at: None,
                 finished_at: None,
+                payload,
                 output: Vec::new(),
                 output_truncated: false,
+                output_expired: false,
             }),
             changed,
         });
+        t.by_seq.insert(seq, entry.clone());
         self.jobs.insert(entry.id.clone(), entry.clone());
-        entry
+        Ok(entry)
     }
 
     /// (cluster) The home node and epoch a job id names: `job-<hex>-e<epoch>-<node>`. None
@@ -268,8 +397,15 @@ impl JobTable {
     }
 
     /// Forgets a job that was never accepted (its dispatch was refused).
-    pub(crate) fn discard(&self, id: &str) {
-        self.jobs.remove(id);
+    pub(crate) fn discard(&self, entry: &JobEntry) {
+        if let Some(mut t) = self.tenants.get_mut(&entry.tenant)
+            && t.by_seq.contains_key(&entry.seq)
+        {
+            if !entry.state().is_terminal() {
+                t.unfinished = t.unfinished.saturating_sub(1);
+            }
+            t.forget(entry.seq, &self.jobs);
+        }
     }
 
     /// A job of `tenant`; another tenant's job is simply not found.
@@ -277,31 +413,52 @@ impl JobTable {
         self.jobs.get(id).filter(|e| e.tenant == tenant).map(|e| e.clone())
     }
 
-    /// Jobs of a tenant (optionally one owner), newest first, at most `limit`.
-    pub(crate) fn list(&self, tenant: &str, owner: Option<&str>, limit: usize) -> Vec<JobView> {
-        let mut v: Vec<JobView> = self
-            .jobs
-            .iter()
-            .filter(|e| e.tenant == tenant && owner.is_none_or(|o| o == e.spec.owner))
-            .map(|e| e.summary())
-            .collect();
-        v.sort_by_key(|j| std::cmp::Reverse(j.created_at_ms));
-        v.truncate(limit);
-        v
+    /// One page of a tenant's jobs, newest first, without output; None when `before`
+    /// names a job the table no longer has. Costs O(limit) without an owner filter.
+    pub(crate) fn list(&self, tenant: &str, page: &Page) -> Option<Vec<JobView>> {
+        let upto = match &page.before {
+            Some(id) => self.get(tenant, id)?.seq,
+            None => u64::MAX,
+        };
+        let Some(t) = self.tenants.get(tenant) else { return Some(Vec::new()) };
+        let owner = page.owner.as_deref();
+        Some(
+            t.by_seq
+                .range(..upto)
+                .rev()
+                .map(|(_, e)| e)
+                .filter(|e| owner.is_none_or(|o| o == e.spec.owner))
+                .take(page.limit)
+                .map(|e| e.summary())
+                .collect(),
+        )
+    }
+
+    /// Appends output to a running job, within the job's cap and the tenant's budget
+    /// (making room by letting go of the oldest finished jobs' output).
+    pub(crate) fn append_output(&self, entry: &JobEntry, data: &[u8]) {
+        let Some(mut t) = self.tenants.get_mut(&entry.tenant) else { return };
+        t.make_room(data.len(), self.budget.bytes);
+        let room = self.budget.bytes.saturating_sub(t.bytes);
+        let kept = entry.append_output(data, room);
+        t.hold(kept);
+    }
+
+    /// Bytes of payloads and output the tenant's jobs hold now.
+    #[cfg(test)]
+    pub(crate) fn held_bytes(&self, tenant: &str) -> usize {
+        self.tenants.get(tenant).map_or(0, |t| t.bytes)
     }
 
     /// How many jobs of any tenant are not over yet (queued or running).
     pub(crate) fn unfinished_count(&self) -> usize {
-        self.jobs.iter().filter(|e| !e.state().is_terminal()).count()
+        self.tenants.iter().map(|t| t.unfinished).sum()
     }
 
     /// Non-terminal jobs of a tenant (used when its actor restarts).
     pub(crate) fn unfinished(&self, tenant: &str) -> Vec<Arc<JobEntry>> {
-        self.jobs
-            .iter()
-            .filter(|e| e.tenant == tenant && !e.state().is_terminal())
-            .map(|e| e.clone())
-            .collect()
+        let Some(t) = self.tenants.get(tenant) else { return Vec::new() };
+        t.by_seq.values().filter(|e| !e.state().is_terminal()).cloned().collect()
     }
 
     /// Moves a job to a terminal state. Only the first call for a job wins; it returns true.
@@ -318,28 +475,59 @@ impl JobTable {
         metrics::histogram!(names::DISPATCH_LATENCY).record(entry.accepted.elapsed().as_secs_f64());
         g.state = f.state;
         g.exit_code = f.exit_code;
-        g.message = f.message;
+        g.message = cap_message(f.message);
         g.output_truncated |= f.output_truncated;
         g.finished_at = Some(now_ms());
+        // The runner has it or never will: the payload is not needed any more.
+        let freed = std::mem::take(&mut g.payload).len();
+        let has_output = !g.output.is_empty();
         drop(g);
         entry.bump();
         tracing::debug!(job = %entry.id, state = f.state.name(), "job finished");
-        self.retire(&entry.id);
+        self.retire(entry, freed, has_output);
         true
     }
 
-    fn retire(&self, id: &str) {
+    fn retire(&self, entry: &JobEntry, freed: usize, has_output: bool) {
+        let Some(mut t) = self.tenants.get_mut(&entry.tenant) else { return };
+        if !t.by_seq.contains_key(&entry.seq) {
+            return; // discarded already
+        }
+        t.release(freed);
+        t.unfinished = t.unfinished.saturating_sub(1);
         let now = Instant::now();
-        let mut q = self.finished.lock().unwrap_or_else(|p| p.into_inner());
-        q.push_back((now, id.to_owned()));
-        while let Some((at, old)) = q.front() {
-            if q.len() > self.retention || now.duration_since(*at) > self.retention_age {
-                self.jobs.remove(old);
-                q.pop_front();
+        t.finished.push_back((now, entry.seq));
+        if has_output {
+            t.with_output.push_back(entry.seq);
+        }
+        self.expire(&mut t, now);
+    }
+
+    /// Forgets the finished jobs past the count or age of retention.
+    fn expire(&self, t: &mut TenantJobs, now: Instant) {
+        while let Some(&(at, seq)) = t.finished.front() {
+            if t.finished.len() > self.budget.retention
+                || now.duration_since(at) > self.budget.retention_age
+            {
+                t.finished.pop_front();
+                t.forget(seq, &self.jobs);
             } else {
                 break;
             }
         }
+        // Seqs forgotten above leave stale entries at the front of `with_output`.
+        while t.with_output.front().is_some_and(|s| !t.by_seq.contains_key(s)) {
+            t.with_output.pop_front();
+        }
+    }
+
+    /// Applies the age limit to every tenant (a quiet tenant finishes nothing that would).
+    pub(crate) fn sweep(&self) {
+        let now = Instant::now();
+        for mut t in self.tenants.iter_mut() {
+            self.expire(&mut t, now);
+        }
+        self.tenants.retain(|_, t| !t.by_seq.is_empty());
     }
 
     /// Jobs in the table (all states).
@@ -347,6 +535,21 @@ impl JobTable {
     pub(crate) fn len(&self) -> usize {
         self.jobs.len()
     }
+}
+
+/// Longest result message kept (the runner's words, or ours).
+pub(crate) const MAX_MESSAGE: usize = 4096;
+
+/// `m` cut to [`MAX_MESSAGE`] bytes on a character boundary.
+fn cap_message(mut m: String) -> String {
+    if m.len() > MAX_MESSAGE {
+        let mut cut = MAX_MESSAGE;
+        while !m.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        m.truncate(cut);
+    }
+    m
 }
 
 #[cfg(test)]
@@ -365,12 +568,25 @@ mod tests {
         }
     }
 
+    fn table(retention: usize, bytes: usize, unfinished: usize) -> JobTable {
+        let retention_age = Duration::from_secs(60);
+        JobTable::new(Budget { retention, retention_age, bytes, unfinished })
+    }
+
+    fn done(t: &JobTable, tenant: &str, output: usize) -> Arc<JobEntry> {
+        let j = t.create(tenant, spec(), None).expect("budget");
+        assert!(j.mark_running("r"));
+        t.append_output(&j, &vec![b'x'; output]);
+        t.finish(&j, Finish::new(JobState::Succeeded, ""));
+        j
+    }
+
     #[test]
     fn only_the_first_terminal_transition_wins() {
-        let t = JobTable::new(10, Duration::from_secs(60));
-        let homed = t.create("t", spec(), Some(("node-a.1", 42)));
+        let t = table(10, 1 << 30, 100);
+        let homed = t.create("t", spec(), Some(("node-a.1", 42))).unwrap();
         assert_eq!(JobTable::home_of(&homed.id), Some(("node-a.1", 42)));
-        let j = t.create("t", spec(), None);
+        let j = t.create("t", spec(), None).unwrap();
         assert_eq!(JobTable::home_of(&j.id), None);
         for bad in
             ["job-", "job-abc", "job-abc-42-n", "job-abc-ex-n", "job-abc-e1-a/b", "x-abc-e1-n"]
@@ -387,38 +603,123 @@ mod tests {
 
     #[test]
     fn other_tenants_jobs_are_not_found() {
-        let t = JobTable::new(10, Duration::from_secs(60));
-        let j = t.create("a", spec(), None);
+        let t = table(10, 1 << 30, 100);
+        let j = t.create("a", spec(), None).unwrap();
         assert!(t.get("a", &j.id).is_some());
         assert!(t.get("b", &j.id).is_none());
-        assert!(t.list("b", None, 10).is_empty());
+        let page = Page { limit: 10, ..Page::default() };
+        assert_eq!(t.list("b", &page).map(|v| v.len()), Some(0));
+        // A cursor naming another tenant's job is no cursor of this tenant's.
+        let foreign = Page { limit: 10, before: Some(j.id.clone()), ..Page::default() };
+        assert!(t.list("b", &foreign).is_none());
     }
 
     #[test]
-    fn retention_bounds_finished_jobs_but_never_unfinished_ones() {
-        let t = JobTable::new(2, Duration::from_secs(60));
-        let running = t.create("t", spec(), None);
-        let ids: Vec<_> = (0..5)
-            .map(|_| {
-                let j = t.create("t", spec(), None);
-                t.finish(&j, Finish::new(JobState::Failed, "x"));
-                j.id.clone()
-            })
-            .collect();
+    fn retention_is_per_tenant_and_never_drops_unfinished_jobs() {
+        let t = table(2, 1 << 30, 100);
+        let running = t.create("t", spec(), None).unwrap();
+        let keep = done(&t, "b", 0);
+        let ids: Vec<_> = (0..5).map(|_| done(&t, "t", 0).id.clone()).collect();
         assert!(t.get("t", &running.id).is_some());
         assert!(t.get("t", &ids[0]).is_none());
         assert!(t.get("t", &ids[4]).is_some());
-        assert_eq!(t.len(), 3);
+        // Tenant t's flood left tenant b's finished job alone.
+        assert!(t.get("b", &keep.id).is_some());
+        assert_eq!(t.len(), 4);
+        assert_eq!(t.unfinished_count(), 1);
     }
 
     #[test]
-    fn output_is_capped_and_marked() {
-        let t = JobTable::new(2, Duration::from_secs(60));
-        let j = t.create("t", spec(), None);
-        j.append_output(&vec![b'a'; MAX_BUFFERED_OUTPUT - 1]);
-        j.append_output(b"bcd");
+    fn the_byte_budget_lets_go_of_the_oldest_output_first_and_keeps_the_jobs() {
+        let mib = 1 << 20;
+        let t = table(1000, 8 * mib, 100);
+        let jobs: Vec<_> = (0..30).map(|_| done(&t, "t", mib)).collect();
+        assert!(t.held_bytes("t") <= 8 * mib, "{}", t.held_bytes("t"));
+        let expired: Vec<bool> = jobs.iter().map(|j| j.view().output_expired).collect();
+        // A prefix (the oldest) lost its output; the newest kept theirs.
+        let first_kept = expired.iter().position(|e| !e).unwrap();
+        assert!(first_kept >= 22 && expired[first_kept..].iter().all(|e| !e), "{expired:?}");
+        assert!(jobs.iter().all(|j| t.get("t", &j.id).is_some()), "the jobs stay");
+        assert_eq!(jobs[29].view().output.len(), mib);
+        // Another tenant's budget is its own.
+        done(&t, "u", mib);
+        assert_eq!(t.held_bytes("u"), mib);
+    }
+
+    #[test]
+    fn output_is_capped_per_job_and_by_a_running_tenants_budget() {
+        let t = table(2, 4 << 20, 100);
+        let j = t.create("t", spec(), None).unwrap();
+        assert!(j.mark_running("r"));
+        t.append_output(&j, &vec![b'a'; MAX_BUFFERED_OUTPUT - 1]);
+        t.append_output(&j, b"bcd");
         let v = j.view();
         assert_eq!(v.output.len(), MAX_BUFFERED_OUTPUT);
         assert!(v.output_truncated);
+        // Running jobs cannot be let go of: past the budget new output is cut.
+        let (a, b, c, d) = (
+            t.create("t", spec(), None).unwrap(),
+            t.create("t", spec(), None).unwrap(),
+            t.create("t", spec(), None).unwrap(),
+            t.create("t", spec(), None).unwrap(),
+        );
+        for x in [&a, &b, &c, &d] {
+            assert!(x.mark_running("r"));
+            t.append_output(x, &vec![b'z'; MAX_BUFFERED_OUTPUT]);
+        }
+        assert!(t.held_bytes("t") <= 4 << 20);
+        assert!(d.view().output_truncated);
+    }
+
+    #[test]
+    fn unfinished_jobs_and_payload_bytes_are_capped_and_freed_when_jobs_end() {
+        let t = table(10, 4 << 20, 3);
+        let js: Vec<_> = (0..3).map(|_| t.create("t", spec(), None).unwrap()).collect();
+        assert_eq!(t.create("t", spec(), None).err(), Some(OverBudget::Unfinished(3)));
+        assert!(t.create("other", spec(), None).is_ok(), "another tenant is not affected");
+        t.finish(&js[0], Finish::new(JobState::Cancelled, ""));
+        t.discard(&js[1]);
+        assert!(t.create("t", spec(), None).is_ok());
+        // A payload is held while the job is unfinished and let go of when it ends.
+        let big = || JobSpec { payload: vec![0; 3 << 20], ..spec() };
+        let t = table(10, 4 << 20, 10);
+        let j = t.create("t", big(), None).unwrap();
+        assert_eq!(j.payload().len(), 3 << 20);
+        assert_eq!(t.create("t", big(), None).err(), Some(OverBudget::Bytes(4 << 20)));
+        t.finish(&j, Finish::new(JobState::Succeeded, ""));
+        assert!(j.payload().is_empty());
+        assert!(t.create("t", big(), None).is_ok());
+    }
+
+    #[test]
+    fn lists_page_newest_first_by_cursor_without_output() {
+        let t = table(100, 1 << 30, 100);
+        let ids: Vec<String> = (0..7).map(|_| done(&t, "t", 10).id.clone()).collect();
+        let mut seen = Vec::new();
+        let mut before = None;
+        loop {
+            let page = Page { limit: 3, before: before.clone(), ..Page::default() };
+            let got = t.list("t", &page).unwrap();
+            assert!(got.iter().all(|j| j.output.is_empty()));
+            seen.extend(got.iter().map(|j| j.id.clone()));
+            if got.len() < 3 {
+                break;
+            }
+            before = got.last().map(|j| j.id.clone());
+        }
+        let newest_first: Vec<String> = ids.iter().rev().cloned().collect();
+        assert_eq!(seen, newest_first);
+        let only = Page { owner: Some("nobody".into()), limit: 3, before: None };
+        assert!(t.list("t", &only).unwrap().is_empty());
+    }
+
+    #[test]
+    fn messages_are_capped_on_a_character_boundary() {
+        let t = table(10, 1 << 30, 10);
+        let j = t.create("t", spec(), None).unwrap();
+        t.finish(&j, Finish::new(JobState::Failed, "é".repeat(MAX_MESSAGE)));
+        let m = j.view().message;
+        assert!(m.len() <= MAX_MESSAGE && m.len() > MAX_MESSAGE - 2);
+        assert!(m.chars().all(|c| c == 'é'));
     }
 }

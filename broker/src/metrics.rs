@@ -65,6 +65,9 @@ pub mod names {
     /// Counter, `kind` (dispatch, get, list, cancel, output, close_runner, release_tenant):
     /// calls this node forwarded to a tenant's home over `runnel-peer/1`.
     pub const CLUSTER_FORWARDED: &str = "runnel_cluster_forwarded_total";
+    /// Gauge: bytes of job payloads and output the job table holds (every tenant; each
+    /// tenant within `--job-budget-bytes`).
+    pub const JOBS_HELD_BYTES: &str = "runnel_jobs_held_bytes";
     /// Gauge: open connections to the HTTP API.
     pub const HTTP_CONNECTIONS: &str = "runnel_http_connections";
     /// Counter: HTTP connections closed at once because `--http-max-connections` were open.
@@ -97,6 +100,7 @@ pub mod names {
         CLUSTER_TENANTS_HOMED,
         CLUSTER_REDIRECTS,
         CLUSTER_FORWARDED,
+        JOBS_HELD_BYTES,
         HTTP_CONNECTIONS,
         HTTP_CONNECTIONS_REFUSED,
         HTTP_RATE_LIMITED,
@@ -174,6 +178,7 @@ fn describe() {
         "QUIC RTT to runners, sampled per heartbeat."
     );
     describe_counter!(names::QUIC_LOST_PACKETS, "QUIC packets lost on runner connections.");
+    describe_gauge!(names::JOBS_HELD_BYTES, "Bytes of job payloads and output held.");
     describe_gauge!(names::HTTP_CONNECTIONS, "Open connections to the HTTP API.");
     describe_counter!(
         names::HTTP_CONNECTIONS_REFUSED,

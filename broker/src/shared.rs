@@ -65,7 +65,12 @@ impl Shared {
         cluster: Option<Arc<crate::cluster::Cluster>>,
         peers: Option<Arc<crate::peer::PeerClient>>,
     ) -> Self {
-        let jobs = JobTable::new(config.job_retention, config.job_retention_age);
+        let jobs = JobTable::new(crate::jobs::Budget {
+            retention: config.job_retention,
+            retention_age: config.job_retention_age,
+            bytes: config.job_budget_bytes,
+            unfinished: config.max_jobs_per_tenant,
+        });
         let tenant_labels = crate::metrics::TenantLabels::new(config.metrics_tenant_labels);
         let rate_limits =
             crate::api::RateLimits::new(config.rate_limit_per_source, config.rate_limit_per_key);

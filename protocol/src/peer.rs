@@ -93,6 +93,9 @@ pub struct JobInfo {
     pub output: String,
     /// Whether output was cut.
     pub output_truncated: bool,
+    /// Whether the broker let go of the output to stay within the tenant's byte budget
+    /// (the oldest finished jobs' output goes first; the job itself is still kept).
+    pub output_expired: bool,
 }
 
 /// Who a forwarded call is made for, as the node that authenticated the API key saw it.
@@ -165,6 +168,8 @@ pub enum PeerRequest {
         owner: Option<String>,
         /// At most this many.
         limit: u32,
+        /// Only jobs older than this one (the cursor of the previous page).
+        before: Option<String>,
     },
     /// Cancel a job; answered as a job.
     CancelJob {

@@ -88,6 +88,20 @@ struct ServeArgs {
     /// Live API keys one tenant may hold (default 100).
     #[arg(long, env = "RUNNEL_MAX_KEYS_PER_TENANT")]
     max_keys_per_tenant: Option<usize>,
+    /// Finished jobs kept per tenant for GET, newest (default 10000).
+    #[arg(long, env = "RUNNEL_JOB_RETENTION")]
+    job_retention: Option<usize>,
+    /// Finished jobs older than this are forgotten (default 1h).
+    #[arg(long, env = "RUNNEL_JOB_RETENTION_AGE")]
+    job_retention_age: Option<String>,
+    /// Bytes of payloads and output one tenant's jobs may hold; the oldest finished jobs'
+    /// output goes first (default 268435456 = 256 MiB).
+    #[arg(long, env = "RUNNEL_JOB_BUDGET_BYTES")]
+    job_budget_bytes: Option<usize>,
+    /// Queued plus running jobs one tenant may have; dispatch answers 429 past it
+    /// (default 10000).
+    #[arg(long, env = "RUNNEL_MAX_JOBS_PER_TENANT")]
+    max_jobs_per_tenant: Option<usize>,
     /// Audit events kept per log, newest first (default 100000).
     #[arg(long, env = "RUNNEL_AUDIT_RETENTION_COUNT")]
     audit_retention_count: Option<usize>,
@@ -196,6 +210,21 @@ impl ServeArgs {
                 .max_keys_per_tenant
                 .or(file.max_keys_per_tenant)
                 .unwrap_or(d.max_keys_per_tenant),
+            job_retention: self.job_retention.or(file.job_retention).unwrap_or(d.job_retention),
+            job_retention_age: dur(
+                self.job_retention_age,
+                file.job_retention_age,
+                "job-retention-age",
+            )?
+            .unwrap_or(d.job_retention_age),
+            job_budget_bytes: self
+                .job_budget_bytes
+                .or(file.job_budget_bytes)
+                .unwrap_or(d.job_budget_bytes),
+            max_jobs_per_tenant: self
+                .max_jobs_per_tenant
+                .or(file.max_jobs_per_tenant)
+                .unwrap_or(d.max_jobs_per_tenant),
             audit_retention_count: self
                 .audit_retention_count
                 .or(file.audit_retention_count)

@@ -24,7 +24,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use crate::dispatch::ConnId;
 use crate::index::Advertised;
-use crate::jobs::{Finish, JobEntry, JobState};
+use crate::jobs::{Finish, JobEntry, JobState, JobTable};
 use crate::metrics::names;
 use crate::records::{AuditEvent, RunnerState, now_unix};
 use crate::shared::Shared;
@@ -314,7 +314,7 @@ impl ConnectionState {
             tracing::info_span!(parent: &self.span, "job", job = %job.id, kind = %job.spec.kind);
         self.jobs.spawn(tracing::Instrument::instrument(
             async move {
-                let finish = drive_job(&conn, &job).await;
+                let finish = drive_job(&conn, &job, &shared.jobs).await;
                 tracing::info!(state = finish.state.name(), "job ended");
                 shared.jobs.finish(&job, finish);
                 let _ = tenant.send_message(ConnectionEvent::JobDone {
@@ -434,34 +434,53 @@ fn outcome_state(o: JobOutcome) -> JobState {
     }
 }
 
-/// Runs one job over its own stream and says how it ended.
-async fn drive_job(conn: &quinn::Connection, job: &JobEntry) -> Finish {
+/// Runs one job over its own stream and says how it ended. Every step is bounded by the
+/// job's run timeout (plus [`RESULT_GRACE`]) and answers cancel, opening the stream and
+/// sending the request included: a runner that grants no stream or flow credit cannot
+/// keep a job `running`.
+async fn drive_job(conn: &quinn::Connection, job: &JobEntry, table: &JobTable) -> Finish {
     let lost = |m: String| Finish::new(JobState::RunnerLost, m);
-    let (mut send, recv) = match conn.open_bi().await {
-        Ok(s) => s,
-        Err(e) => return lost(format!("could not open job stream: {e}")),
-    };
+    let mut deadline = tokio::time::Instant::now() + job.spec.timeout + RESULT_GRACE;
     let request = BrokerJobFrame::Job(JobRequest {
         job_id: job.id.clone(),
         kind: job.spec.kind.clone(),
-        payload: job.spec.payload.clone(),
+        payload: job.payload(),
         timeout_ms: job.spec.timeout.as_millis() as u64,
     });
-    if let Err(e) = write_frame(&mut send, &request).await {
-        return lost(format!("could not send job: {e}"));
-    }
+    let start = async {
+        let (mut send, recv) =
+            conn.open_bi().await.map_err(|e| format!("could not open job stream: {e}"))?;
+        write_frame(&mut send, &request).await.map_err(|e| format!("could not send job: {e}"))?;
+        Ok::<_, String>((send, recv))
+    };
+    let (mut send, recv) = tokio::select! {
+        started = start => match started {
+            Ok(s) => s,
+            Err(m) => return lost(m),
+        },
+        _ = job.cancel.cancelled() => {
+            return Finish::new(JobState::Cancelled, "cancelled before the runner took the job");
+        }
+        _ = tokio::time::sleep_until(deadline) => {
+            return Finish::new(
+                JobState::TimedOut,
+                "the runner did not take the job stream within the run timeout",
+            );
+        }
+    };
     // A stream of frames, so that waiting for the next one is cancel-safe inside select!.
     let frames = futures::stream::unfold(recv, |mut r| async move {
         let next = read_frame::<RunnerJobFrame, _>(&mut r).await;
         Some((next, r))
     });
     tokio::pin!(frames);
-    let mut deadline = tokio::time::Instant::now() + job.spec.timeout + RESULT_GRACE;
     let mut cancel_sent = false;
     loop {
         tokio::select! {
             next = frames.next() => match next {
-                Some(Ok(Some(RunnerJobFrame::Output { data, .. }))) => job.append_output(&data),
+                Some(Ok(Some(RunnerJobFrame::Output { data, .. }))) => {
+                    table.append_output(job, &data);
+                }
                 Some(Ok(Some(RunnerJobFrame::Result(r)))) => {
                     return Finish {
                         state: outcome_state(r.outcome),
@@ -481,7 +500,9 @@ async fn drive_job(conn: &quinn::Connection, job: &JobEntry) -> Finish {
             },
             _ = job.cancel.cancelled(), if !cancel_sent => {
                 cancel_sent = true;
-                let _ = write_frame(&mut send, &BrokerJobFrame::Cancel).await;
+                // Bounded: a runner that grants no flow credit must not hold the cancel.
+                let cancel = write_frame(&mut send, &BrokerJobFrame::Cancel);
+                let _ = tokio::time::timeout(CANCEL_GRACE, cancel).await;
                 deadline = deadline.min(tokio::time::Instant::now() + CANCEL_GRACE);
             }
             _ = tokio::time::sleep_until(deadline) => {

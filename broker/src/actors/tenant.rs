@@ -578,19 +578,22 @@ mod tests {
     }
 
     fn job(s: &TenantState, owner: &str, kind: &str, runner: Option<&str>) -> Arc<JobEntry> {
-        s.shared.jobs.create(
-            "t",
-            JobSpec {
-                owner: owner.into(),
-                runner_id: runner.map(str::to_owned),
-                labels: BTreeMap::new(),
-                kind: kind.into(),
-                payload: Vec::new(),
-                timeout: Duration::from_secs(60),
-                queue_timeout: Duration::from_millis(200),
-            },
-            None,
-        )
+        s.shared
+            .jobs
+            .create(
+                "t",
+                JobSpec {
+                    owner: owner.into(),
+                    runner_id: runner.map(str::to_owned),
+                    labels: BTreeMap::new(),
+                    kind: kind.into(),
+                    payload: Vec::new(),
+                    timeout: Duration::from_secs(60),
+                    queue_timeout: Duration::from_millis(200),
+                },
+                None,
+            )
+            .expect("within the budget")
     }
 
     #[test]

@@ -18,9 +18,12 @@ use super::{ApiError, ApiJson, Caller};
 use crate::actors::Tenants;
 use crate::config::MAX_JOB_TIMEOUT;
 use crate::homed::{self, Hop, Output};
-use crate::jobs::JobView;
+use crate::jobs::{JobView, Page};
 use crate::records::Role;
 use crate::shared::Shared;
+
+/// Largest page of `GET /v1/jobs`.
+const MAX_LIST: usize = 1000;
 
 /// Largest encoded job payload (it must fit one frame with room to spare).
 pub(super) const MAX_PAYLOAD: usize = 256 * 1024;
@@ -148,21 +151,25 @@ pub(super) async fn get(
     Ok(Json(homed::get_job(&shared, &caller, &id, Hop::Api).await?))
 }
 
-/// `GET /v1/jobs[?owner=o&limit=n]`: newest first, without output.
+/// `GET /v1/jobs[?owner=o&limit=n&before=<job id>]`: newest first, without output, at
+/// most `limit` (1..=1000, default 100); `next_before` is the cursor of the next page.
 pub(super) async fn list(
     State(shared): State<Arc<Shared>>,
     caller: Caller,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = match q.get("limit") {
-        Some(l) => {
-            l.parse::<usize>().map_err(|_| ApiError::bad_request("limit must be a number"))?
-        }
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_LIST).contains(n))
+            .ok_or_else(|| ApiError::bad_request(format!("limit must be 1..={MAX_LIST}")))?,
         None => 100,
     };
-    let owner = q.get("owner").cloned();
-    let jobs = homed::list_jobs(&shared, &caller, owner, limit.min(10_000), Hop::Api).await?;
-    Ok(Json(json!({ "jobs": jobs })))
+    let page = Page { owner: q.get("owner").cloned(), limit, before: q.get("before").cloned() };
+    let jobs = homed::list_jobs(&shared, &caller, page, Hop::Api).await?;
+    let next = (jobs.len() == limit).then(|| jobs.last().map(|j| j.id.clone())).flatten();
+    Ok(Json(json!({ "jobs": jobs, "next_before": next })))
 }
 
 /// `POST /v1/jobs/{id}/cancel`: idempotent; answers the job as it stands.

@@ -129,10 +129,11 @@ async fn call(
             };
             write_job(&mut send, r).await
         }
-        PeerRequest::ListJobs { caller, owner, limit } => {
+        PeerRequest::ListJobs { caller, owner, limit, before } => {
             let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+            let page = crate::jobs::Page { owner, limit, before };
             let r = match caller_of(caller) {
-                Ok(c) => homed::list_jobs(s, &c, owner, limit, Hop::Peer).await,
+                Ok(c) => homed::list_jobs(s, &c, page, Hop::Peer).await,
                 Err(e) => Err(e),
             };
             let frame = match r {

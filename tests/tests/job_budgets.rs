@@ -1,0 +1,187 @@
+//! Per-tenant job budgets on a real broker with real runners: one tenant's flood does not
+//! evict another's results, retained output stays within the tenant's byte budget (oldest
+//! first), a list page costs its page, and a runner that grants no stream credit cannot
+//! keep a job running or make cancel hang.
+#![allow(missing_docs, clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use runnel_protocol::{ClientControl, Hello, write_frame};
+use runnel_tests::TestBroker;
+use serde_json::{Value, json};
+
+fn exec(program: &str, args: &[&str], extra: Value) -> Value {
+    let mut v = json!({ "owner": "alice", "kind": "exec",
+                        "exec": { "program": program, "args": args } });
+    if let (Some(v), Some(extra)) = (v.as_object_mut(), extra.as_object()) {
+        v.extend(extra.clone());
+    }
+    v
+}
+
+#[tokio::test]
+async fn a_tenants_flood_leaves_another_tenants_results_and_a_list_page_costs_its_page() {
+    const FLOOD: usize = 10_000;
+    let b = TestBroker::start().await;
+    let (a_key, b_key) = (b.tenant("a").await, b.tenant("b").await);
+    let dir = tempfile::tempdir().unwrap();
+    let (_, _ra) = b.runner(&a_key, "alice", &dir.path().join("a"), 1).await;
+    let (_, _rb) = b.runner(&b_key, "alice", &dir.path().join("b"), 1).await;
+    let (s, kept) =
+        b.api.post("/v1/jobs", &b_key, exec("echo", &["mine"], json!({"wait": true}))).await;
+    assert_eq!((s, kept["state"].as_str()), (200, Some("succeeded")), "{kept}");
+    let kept = kept["id"].as_str().unwrap().to_owned();
+    // Tenant a's one runner is busy; its flood times out in the queue and is retained.
+    let (s, _) = b.api.post("/v1/jobs", &a_key, exec("sleep", &["60"], json!({}))).await;
+    assert_eq!(s, 201);
+    let flood = json!({ "owner": "alice", "kind": "exec", "queue_timeout_ms": 1,
+                        "exec": { "program": "true" } });
+    // As a client would: a 429 (rate limit, queue full) is retried after a pause.
+    let (api, key) = (&b.api, a_key.as_str());
+    let post = |body: Value| async move {
+        loop {
+            match api.post("/v1/jobs", key, body.clone()).await {
+                (429, _) => tokio::time::sleep(Duration::from_millis(200)).await,
+                (s, v) => return (s, v),
+            }
+        }
+    };
+    let accepted = futures::stream::iter(0..FLOOD)
+        .map(|_| post(flood.clone()))
+        .buffer_unordered(32)
+        // 201 accepted; 200 when it had already timed out by the time of the answer.
+        .filter(|(s, _)| std::future::ready(*s == 201 || *s == 200))
+        .count()
+        .await;
+    assert_eq!(accepted, FLOOD);
+    runnel_tests::wait_for(Duration::from_secs(30), "the flood to time out", || async {
+        let (_, v) = b.api.get("/v1/jobs?limit=2", &a_key).await;
+        (v["jobs"][0]["state"] == "timed_out").then_some(())
+    })
+    .await;
+    // Tenant b's finished job is still there.
+    let (s, v) = b.api.get(&format!("/v1/jobs/{kept}"), &b_key).await;
+    assert_eq!((s, v["output"].as_str()), (200, Some("mine\n")), "{v}");
+    // One job per page, no output, and a cursor that pages on to older jobs.
+    let page = b.api.raw("/v1/jobs?limit=1", &a_key).await;
+    assert!(page.len() < 2048, "a one-job page is small: {} bytes", page.len());
+    let page: Value = serde_json::from_str(&page).unwrap();
+    assert_eq!(page["jobs"].as_array().unwrap().len(), 1);
+    assert_eq!(page["jobs"][0]["output"], "");
+    let next = page["next_before"].as_str().unwrap();
+    let (_, older) = b.api.get(&format!("/v1/jobs?limit=5&before={next}"), &a_key).await;
+    let older = older["jobs"].as_array().unwrap();
+    assert_eq!(older.len(), 5);
+    assert!(older.iter().all(|j| j["id"] != next));
+    assert_eq!(b.api.get("/v1/jobs?limit=0", &a_key).await.0, 400);
+    assert_eq!(b.api.get("/v1/jobs?limit=1&before=job-gone", &a_key).await.0, 400);
+}
+
+#[tokio::test]
+async fn retained_output_stays_within_the_tenants_byte_budget_oldest_first() {
+    const BUDGET: usize = 16 << 20;
+    const JOBS: usize = 300;
+    let b = TestBroker::start_with(|c| c.job_budget_bytes = BUDGET).await;
+    let admin = b.tenant("acme").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, _runner) = b.runner(&admin, "alice", &dir.path().join("r"), 8).await;
+    // 1 MiB of text each (answers without `wait`: a 1 MiB view per call is the test's own
+    // cost, not the broker's).
+    let mib =
+        exec("sh", &["-c", "yes runnel | head -c 1048576"], json!({ "queue_timeout_ms": 600_000 }));
+    let accepted = futures::stream::iter(0..JOBS)
+        .map(|_| b.api.post("/v1/jobs", &admin, mib.clone()))
+        .buffer_unordered(8)
+        .filter(|(s, _)| std::future::ready(*s == 201))
+        .count()
+        .await;
+    assert_eq!(accepted, JOBS);
+    let jobs = runnel_tests::wait_for(Duration::from_secs(300), "every job to end", || async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (_, v) = b.api.get(&format!("/v1/jobs?limit={JOBS}"), &admin).await;
+        let jobs = v["jobs"].as_array()?.clone();
+        jobs.iter()
+            .all(|j| !matches!(j["state"].as_str(), Some("queued" | "running")))
+            .then_some(jobs)
+    })
+    .await;
+    assert!(jobs.iter().all(|j| j["state"] == "succeeded"), "every job succeeded");
+    let held = metric(&b.api.raw("/metrics", "").await, "runnel_jobs_held_bytes");
+    assert!(held <= BUDGET as f64, "{held} bytes held, budget {BUDGET}");
+    assert!(held >= (BUDGET / 2) as f64, "the budget is used, not emptied: {held}");
+    // The output that went is the oldest: every expired job ended no later than every kept
+    // one.
+    let ended = |expired: bool| {
+        jobs.iter()
+            .filter(move |j| j["output_expired"] == expired)
+            .map(|j| j["finished_at_ms"].as_i64().unwrap())
+    };
+    let (newest_expired, oldest_kept) = (ended(true).max(), ended(false).min());
+    assert!(newest_expired.is_some() && oldest_kept.is_some());
+    assert!(newest_expired <= oldest_kept, "the oldest output went first");
+    // A kept job has all of its output; an expired one says so and has none.
+    let kept = jobs.iter().find(|j| j["output_expired"] == false).unwrap();
+    let (_, v) = b.api.get(&format!("/v1/jobs/{}", kept["id"].as_str().unwrap()), &admin).await;
+    assert_eq!(v["output"].as_str().unwrap().len(), 1 << 20);
+    let gone = jobs.iter().find(|j| j["output_expired"] == true).unwrap();
+    let (_, v) = b.api.get(&format!("/v1/jobs/{}", gone["id"].as_str().unwrap()), &admin).await;
+    assert_eq!((v["state"].as_str(), v["output"].as_str()), (Some("succeeded"), Some("")));
+}
+
+/// The value of an unlabelled gauge in Prometheus text.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("{name} not in /metrics"))
+}
+
+#[tokio::test]
+async fn a_runner_that_grants_no_stream_cannot_keep_a_job_running_or_block_cancel() {
+    use runnel_certs::pem;
+    let b = TestBroker::start().await;
+    let admin = b.tenant("acme").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (runner_id, state) = b.enrolled(&admin, "alice", &dir.path().join("r")).await;
+    // A runner that allows the broker no bidirectional stream: open_bi never completes.
+    let ca = pem::certs_from_pem(b.ca().cert_pem()).unwrap().remove(0);
+    let chain = pem::certs_from_pem(&std::fs::read_to_string(state.cert_path()).unwrap()).unwrap();
+    let key = pem::private_key_from_pem(&std::fs::read_to_string(state.key_path()).unwrap());
+    let cfg = runnel_runner::tls::runner_config(ca, chain, key.unwrap(), Duration::from_secs(1), 0)
+        .unwrap();
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = ep.connect_with(cfg, b.handle().quic_addr(), "localhost").unwrap().await.unwrap();
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    let hello = ClientControl::Hello(Hello { capacity: 2, ..hello_of(runnel_tests::hello()) });
+    write_frame(&mut send, &hello).await.unwrap();
+    runnel_tests::wait_runner_status(&b, &admin, &runner_id, "online").await;
+
+    let started = Instant::now();
+    let body = exec("true", &[], json!({ "timeout_ms": 1000 }));
+    let (s, v) = b.api.post("/v1/jobs", &admin, body).await;
+    assert_eq!(s, 201, "{v}");
+    let stuck = v["id"].as_str().unwrap().to_owned();
+    let (s, v) = b.api.post("/v1/jobs", &admin, exec("true", &[], json!({}))).await;
+    assert_eq!(s, 201, "{v}");
+    let cancelled = v["id"].as_str().unwrap().to_owned();
+    runnel_tests::wait_for(Duration::from_secs(5), "both jobs to be sent", || async {
+        let (_, v) = b.api.get(&format!("/v1/jobs/{cancelled}"), &admin).await;
+        (v["state"] == "running").then_some(())
+    })
+    .await;
+    let (s, _) = b.api.post(&format!("/v1/jobs/{cancelled}/cancel"), &admin, json!({})).await;
+    assert_eq!(s, 202);
+    let v = b.job_end(&admin, &cancelled, Duration::from_secs(3)).await;
+    assert_eq!(v["state"], "cancelled", "{v}");
+    // Run timeout 1 s + the broker's 5 s result grace, and slack for a loaded machine.
+    let v = b.job_end(&admin, &stuck, Duration::from_secs(15)).await;
+    assert_eq!(v["state"], "timed_out", "{v}");
+    assert!(started.elapsed() < Duration::from_secs(15));
+}
+
+fn hello_of(c: ClientControl) -> Hello {
+    match c {
+        ClientControl::Hello(h) => h,
+        other => panic!("not a hello: {other:?}"),
+    }
+}
