@@ -114,12 +114,28 @@ where
         got += n;
     }
     let len = body_len(&prefix)?;
-    let mut body = vec![0u8; len];
-    reader.read_exact(&mut body).await.map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => FrameError::Truncated,
-        _ => FrameError::Io(e),
-    })?;
+    let mut body = Vec::new();
+    read_body(reader, len, &mut body).await?;
     decode_body(&body).map(Some)
+}
+
+/// Bytes of a frame body allocated before any of it has arrived.
+const FIRST_READ: usize = 16 * 1024;
+
+/// Reads a body of `len` bytes into `body`, growing it as bytes arrive: a peer that
+/// announces a 1 MiB frame and sends nothing costs [`FIRST_READ`], not 1 MiB.
+async fn read_body<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    len: usize,
+    body: &mut Vec<u8>,
+) -> Result<(), FrameError> {
+    body.reserve_exact(len.min(FIRST_READ));
+    let mut limited = reader.take(len as u64);
+    limited.read_to_end(body).await?;
+    if body.len() < len {
+        return Err(FrameError::Truncated);
+    }
+    Ok(())
 }
 
 /// Encodes `msg` and writes it as one frame.
@@ -131,4 +147,27 @@ where
     let bytes = encode(msg)?;
     writer.write_all(&bytes).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_large_announced_body_is_not_allocated_before_it_arrives() {
+        // 1 MiB announced, 100 bytes sent, then the stream ends.
+        let mut wire = vec![0u8; 100];
+        let mut body = Vec::new();
+        let r = read_body(&mut wire.as_slice(), MAX_FRAME_LEN, &mut body).await;
+        assert!(matches!(r, Err(FrameError::Truncated)));
+        assert_eq!(body.len(), 100);
+        assert!(body.capacity() < 64 * 1024, "capacity {}", body.capacity());
+        // A whole body is read exactly, and nothing past it.
+        wire.extend_from_slice(b"next frame");
+        let mut body = Vec::new();
+        let mut rest = wire.as_slice();
+        read_body(&mut rest, 100, &mut body).await.expect("whole");
+        assert_eq!(body.len(), 100);
+        assert_eq!(rest, b"next frame");
+    }
 }
