@@ -22,8 +22,12 @@ use crate::records::{AuditEvent, Consume, RunnerState, now_unix};
 use crate::secret::{TOKEN_PREFIX, split};
 use crate::shared::Shared;
 
-/// Time an enrolling client has to send its request.
-const ENROLL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time an enrolling client has, from the end of the handshake, to send its request and
+/// be answered (a real client sends it at once; a stranger holding the connection open
+/// gets no more than this).
+const ENROLL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time the client then has to read the answer and close first.
+const ENROLL_CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// Serves one enrollment connection.
 pub(crate) async fn serve(conn: quinn::Connection, shared: Arc<Shared>) {
@@ -46,7 +50,7 @@ pub(crate) async fn serve(conn: quinn::Connection, shared: Arc<Shared>) {
     match tokio::time::timeout(ENROLL_TIMEOUT, exchange).await {
         Ok(Ok(())) => {
             // Let the client read the answer and close first.
-            let _ = tokio::time::timeout(ENROLL_TIMEOUT, conn.closed()).await;
+            let _ = tokio::time::timeout(ENROLL_CLOSE_WAIT, conn.closed()).await;
         }
         Ok(Err(e)) => tracing::info!(%remote, error = %e, "enrollment exchange failed"),
         Err(_) => tracing::info!(%remote, "enrollment timed out"),

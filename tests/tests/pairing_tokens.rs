@@ -181,3 +181,25 @@ async fn concurrent_enrollments_with_one_token_have_one_winner() {
     }
     assert_eq!(wins, 1);
 }
+
+#[tokio::test]
+async fn an_enrollment_connection_that_sends_nothing_is_closed_within_its_deadline() {
+    let b = TestBroker::start().await;
+    let pin = runnel_certs::parse_fingerprint(&b.handle().ca_fingerprint()).unwrap();
+    let mut cfg = runnel_runner::tls::enroll_config(pin).unwrap();
+    // Keep-alives, so that QUIC's idle timeout is not what ends it.
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(std::time::Duration::from_millis(300)));
+    cfg.transport_config(std::sync::Arc::new(transport));
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = ep.connect_with(cfg, b.handle().quic_addr(), "localhost").unwrap().await.unwrap();
+    let started = std::time::Instant::now();
+    // The broker's deadline is 5 s from the handshake; allow a loaded machine its slack.
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(8), conn.closed()).await;
+    let why = closed.expect(
+        "an idle enrollment connection was still open after 8 s (the old deadline was 10 s)",
+    );
+    let took = started.elapsed();
+    assert!(took >= std::time::Duration::from_secs(4), "closed early: {why:?} after {took:?}");
+    assert!(matches!(why, quinn::ConnectionError::ApplicationClosed(_)), "{why:?}");
+}
