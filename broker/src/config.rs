@@ -47,6 +47,8 @@ pub(crate) const DEFAULT_AUDIT_PRUNE_EVERY: Duration = Duration::from_secs(600);
 /// Default window over which anonymous refusals are counted into one audit event per
 /// (source, reason).
 pub(crate) const DEFAULT_AUDIT_AGGREGATE_EVERY: Duration = Duration::from_secs(60);
+/// Default cap on unrevoked (pending or enrolled) runners per tenant.
+pub(crate) const DEFAULT_MAX_RUNNERS_PER_TENANT: usize = 10_000;
 /// Default cap on live (unrevoked, unexpired) API keys per tenant.
 pub(crate) const DEFAULT_MAX_KEYS_PER_TENANT: usize = 100;
 /// Default UDP address of the node-to-node endpoint (`runnel-peer/1`, cluster only).
@@ -117,6 +119,8 @@ pub struct Config {
     pub metrics_tenant_labels: usize,
     /// Live API keys a tenant may hold; creating more answers 409 `too_many_keys`.
     pub max_keys_per_tenant: usize,
+    /// Unrevoked runners per tenant; creating more answers 409.
+    pub max_runners_per_tenant: usize,
     /// Audit events kept per log (the newest).
     pub audit_retention_count: usize,
     /// Audit events older than this are deleted.
@@ -191,6 +195,7 @@ impl Default for Config {
             max_jobs_per_tenant: DEFAULT_MAX_JOBS_PER_TENANT,
             metrics_tenant_labels: DEFAULT_METRICS_TENANT_LABELS,
             max_keys_per_tenant: DEFAULT_MAX_KEYS_PER_TENANT,
+            max_runners_per_tenant: DEFAULT_MAX_RUNNERS_PER_TENANT,
             audit_retention_count: DEFAULT_AUDIT_RETENTION_COUNT,
             audit_retention_age: DEFAULT_AUDIT_RETENTION_AGE,
             audit_prune_every: DEFAULT_AUDIT_PRUNE_EVERY,
@@ -273,6 +278,9 @@ impl Config {
         // A budget under one job's largest output plus payload would refuse ordinary jobs.
         if self.job_budget_bytes < 2 << 20 {
             return invalid("job-budget-bytes", "must be at least 2 MiB (2097152)");
+        }
+        if self.max_runners_per_tenant == 0 {
+            return invalid("max-runners-per-tenant", "must be at least 1");
         }
         if self.max_keys_per_tenant == 0 {
             return invalid("max-keys-per-tenant", "must be at least 1");
@@ -437,6 +445,8 @@ pub struct FileConfig {
     pub metrics_tenant_labels: Option<usize>,
     /// See [`Config::max_keys_per_tenant`].
     pub max_keys_per_tenant: Option<usize>,
+    /// See [`Config::max_runners_per_tenant`].
+    pub max_runners_per_tenant: Option<usize>,
     /// See [`Config::job_retention`].
     pub job_retention: Option<usize>,
     /// See [`Config::job_retention_age`].

@@ -212,6 +212,11 @@ impl RunnerIndex {
         }
     }
 
+    /// Runners of `tenant` that are not revoked (pending or enrolled): its quota count.
+    pub(crate) fn unrevoked(&self, tenant: &str) -> usize {
+        self.map.iter().filter(|e| e.tenant == tenant && e.state != RunnerState::Revoked).count()
+    }
+
     /// Number of runners known.
     pub(crate) fn len(&self) -> usize {
         self.map.len()

@@ -146,3 +146,26 @@ async fn operator_keys_rotate_and_the_operator_revokes_a_tenants_runner() {
     // Tenant keys cannot touch operator keys.
     assert_eq!(b.api.get("/v1/operator-keys", &admin).await.0, 403);
 }
+
+#[tokio::test]
+async fn runners_are_capped_per_tenant_and_a_revoke_makes_room() {
+    let b = TestBroker::start_with(|c| c.max_runners_per_tenant = 2).await;
+    let admin = b.tenant("acme").await;
+    let other = b.tenant("other").await;
+    let create = |key: &str| {
+        let key = key.to_owned();
+        let api = &b.api;
+        async move { api.post("/v1/runners", &key, json!({ "owner": "alice", "name": "r" })).await }
+    };
+    let (s, first) = create(&admin).await;
+    assert_eq!(s, 201, "{first}");
+    assert_eq!(create(&admin).await.0, 201);
+    let (s, v) = create(&admin).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (409, Some("too_many_runners")), "{v}");
+    // Another tenant's quota is its own.
+    assert_eq!(create(&other).await.0, 201);
+    // A revoked (here: pending) runner no longer counts.
+    let id = first["runner_id"].as_str().unwrap();
+    assert_eq!(b.api.delete(&format!("/v1/runners/{id}"), &admin).await.0, 200);
+    assert_eq!(create(&admin).await.0, 201);
+}

@@ -88,6 +88,9 @@ struct ServeArgs {
     /// Live API keys one tenant may hold (default 100).
     #[arg(long, env = "RUNNEL_MAX_KEYS_PER_TENANT")]
     max_keys_per_tenant: Option<usize>,
+    /// Unrevoked runners one tenant may have (default 10000).
+    #[arg(long, env = "RUNNEL_MAX_RUNNERS_PER_TENANT")]
+    max_runners_per_tenant: Option<usize>,
     /// Finished jobs kept per tenant for GET, newest (default 10000).
     #[arg(long, env = "RUNNEL_JOB_RETENTION")]
     job_retention: Option<usize>,
@@ -210,6 +213,10 @@ impl ServeArgs {
                 .max_keys_per_tenant
                 .or(file.max_keys_per_tenant)
                 .unwrap_or(d.max_keys_per_tenant),
+            max_runners_per_tenant: self
+                .max_runners_per_tenant
+                .or(file.max_runners_per_tenant)
+                .unwrap_or(d.max_runners_per_tenant),
             job_retention: self.job_retention.or(file.job_retention).unwrap_or(d.job_retention),
             job_retention_age: dur(
                 self.job_retention_age,

@@ -161,6 +161,13 @@ pub(super) async fn create(
         )));
     }
     validate_labels(&body.labels)?;
+    let (have, cap) = (shared.index.unrevoked(&tenant), shared.config.max_runners_per_tenant);
+    if have >= cap {
+        return Err(ApiError::conflict(
+            "too_many_runners",
+            format!("the tenant already has {have} runners (the cap is {cap}); revoke some"),
+        ));
+    }
     let ttl = match body.token_ttl_secs {
         Some(s) if !(TOKEN_TTL_RANGE.0..=TOKEN_TTL_RANGE.1).contains(&s) => {
             return Err(ApiError::bad_request("token_ttl_secs must be between 1 and 604800"));
