@@ -107,9 +107,13 @@ async fn retained_output_stays_within_the_tenants_byte_budget_oldest_first() {
     })
     .await;
     assert!(jobs.iter().all(|j| j["state"] == "succeeded"), "every job succeeded");
-    let held = metric(&b.api.raw("/metrics", "").await, "runnel_jobs_held_bytes");
-    assert!(held <= BUDGET as f64, "{held} bytes held, budget {BUDGET}");
-    assert!(held >= (BUDGET / 2) as f64, "the budget is used, not emptied: {held}");
+    // The tenant's output held, from its own jobs (a kept job holds its 1 MiB, an expired
+    // one nothing; payloads are let go of when jobs end). The gauge is process-wide (other
+    // tests' brokers share the recorder), so it is only checked to be there.
+    let held = jobs.iter().filter(|j| j["output_expired"] == false).count() << 20;
+    assert!(held <= BUDGET, "{held} bytes of output held, budget {BUDGET}");
+    assert!(held >= BUDGET / 2, "the budget is used, not emptied: {held}");
+    assert!(metric(&b.api.raw("/metrics", "").await, "runnel_jobs_held_bytes") > 0.0);
     // The output that went is the oldest: every expired job ended no later than every kept
     // one.
     let ended = |expired: bool| {
