@@ -73,7 +73,12 @@ impl Client {
         Self {
             url: url.trim_end_matches('/').to_owned(),
             key: key.to_owned(),
-            http: reqwest::Client::new(),
+            // Below the broker's default idle keep-alive timeout (10 s), so that a pooled
+            // connection is never reused just as the broker closes it.
+            http: reqwest::Client::builder()
+                .pool_idle_timeout(std::time::Duration::from_secs(5))
+                .build()
+                .unwrap_or_default(),
         }
     }
 
