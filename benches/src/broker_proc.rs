@@ -59,6 +59,11 @@ impl BrokerProc {
             // it measures the dispatch path, not the rate limiter (BENCHMARKS.md).
             ("--rate-limit-per-source", "0"),
             ("--rate-limit-per-key", "0"),
+            // Fleets of thousands enroll and connect from this one address (`flood` sets
+            // these back to the production defaults).
+            ("--enroll-rate-per-source", "0"),
+            ("--quic-rate-per-source", "0"),
+            ("--max-enrollments", "1024"),
         ]
         .into_iter()
         .filter(|(flag, _)| !extra.iter().any(|e| e == flag))

@@ -9,6 +9,7 @@ mod broker_proc;
 mod cluster;
 mod drive;
 mod failover;
+mod flood;
 mod nats;
 mod proc_usage;
 mod report;
@@ -42,6 +43,21 @@ enum Command {
     /// overhead), revoke every runner through another node (cross-node latency), then
     /// kill -9 the home N times (failover time).
     Cluster(ClusterArgs),
+    /// R runners under the dispatch load, quiet and then while strangers flood the QUIC
+    /// port with handshakes and bad enrollments: p99 and throughput of both, and the ratio.
+    Flood(FloodArgs),
+}
+
+#[derive(Debug, Args)]
+struct FloodArgs {
+    /// Connected runners (one tenant).
+    #[arg(long, short = 'r', default_value_t = 20)]
+    runners: usize,
+    /// Concurrent strangers in the flood, each connecting again as soon as it is done.
+    #[arg(long, default_value_t = 64)]
+    attackers: usize,
+    #[command(flatten)]
+    common: Common,
 }
 
 #[derive(Debug, Args)]
@@ -145,6 +161,7 @@ fn main() -> anyhow::Result<()> {
             Command::Connect(a) => connect(a).await,
             Command::Revoke(a) => revoke(a).await,
             Command::CompareNats(a) => compare_nats(a).await,
+            Command::Flood(a) => flood::run(&a.common, a.runners, a.attackers).await,
             Command::Cluster(a) => {
                 let bin = a.common.broker_bin.clone();
                 let etcd = a.etcd_bin.as_deref();

@@ -23,6 +23,7 @@ mod limits;
 mod runners;
 mod serve;
 mod tenants;
+mod tls;
 
 use std::sync::Arc;
 
@@ -34,6 +35,7 @@ pub(crate) use auth::Caller;
 pub(crate) use error::{ApiError, ApiJson};
 pub(crate) use limits::RateLimits;
 pub(crate) use serve::serve;
+pub(crate) use tls::acceptor as tls_acceptor;
 
 use crate::actors::Tenants;
 use crate::shared::Shared;

@@ -56,6 +56,9 @@ pub enum SpawnError {
     /// rustls refused the TLS configuration.
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
+    /// `--http-tls-cert`/`--http-tls-key` could not be read or do not go together.
+    #[error("API TLS: {0}")]
+    HttpTls(String),
     /// The rustls provider offers no cipher suite QUIC can use.
     #[error("TLS configuration: no cipher suite usable for QUIC")]
     NoQuicCipherSuite,
@@ -127,14 +130,18 @@ fn server_names(config: &Config) -> (Vec<String>, Vec<IpAddr>) {
         .flat_map(|a| a.split(','))
         .filter_map(|a| a.trim().rsplit_once(':').map(|(h, _)| h.to_owned()))
         .collect();
-    let listen_ip =
-        (!config.quic_listen.ip().is_unspecified()).then(|| config.quic_listen.ip().to_string());
+    // The QUIC and the HTTP listen addresses (the same certificate serves `--http-tls auto`).
+    let listen_ips: Vec<String> = [config.quic_listen.ip(), config.http_listen.ip()]
+        .into_iter()
+        .filter(|ip| !ip.is_unspecified())
+        .map(|ip| ip.to_string())
+        .collect();
     for name in config
         .server_names
         .iter()
         .map(String::as_str)
         .chain(advertised_hosts.iter().map(String::as_str))
-        .chain(listen_ip.as_deref())
+        .chain(listen_ips.iter().map(String::as_str))
     {
         let name = name.trim_start_matches('[').trim_end_matches(']');
         match name.parse::<IpAddr>() {
@@ -169,6 +176,7 @@ impl Broker {
         let (server_cert, server_key) = opened.ca.issue_server_cert(&dns, &ips)?;
         let chain = vec![server_cert.cert_der.clone(), opened.ca.cert_der().clone()];
         let key = pem::private_key_from_pem(&server_key)?;
+        let http_tls = crate::api::tls_acceptor(&config.http_tls, (&chain, &key))?;
         let (denial_tx, denial_rx) = mpsc::channel(DENIAL_QUEUE);
         let verifier = Arc::new(PairingVerifier::new(
             opened.ca.cert_der(),
@@ -294,7 +302,7 @@ impl Broker {
         let stop = shutdown.clone();
         let api_shared = shared.clone();
         serving.spawn(async move {
-            crate::api::serve(listener, app, &api_shared.config, stop).await;
+            crate::api::serve(listener, app, &api_shared.config, http_tls, stop).await;
         });
         let limits_shared = shared.clone();
         background.spawn(async move {
@@ -302,6 +310,7 @@ impl Broker {
             loop {
                 tick.tick().await;
                 limits_shared.rate_limits.forget_idle();
+                limits_shared.intake.forget_idle();
                 limits_shared.jobs.sweep();
             }
         });
@@ -502,9 +511,14 @@ impl BrokerHandle {
         self.http_addr
     }
 
-    /// `http://<http addr>`.
+    /// `http://<http addr>`, or `https://` with `--http-tls`.
     pub fn http_url(&self) -> String {
-        format!("http://{}", self.http_addr)
+        let scheme = if self.shared.config.http_tls == crate::config::HttpTls::Off {
+            "http"
+        } else {
+            "https"
+        };
+        format!("{scheme}://{}", self.http_addr)
     }
 
     /// `sha256:<hex>` of the cluster CA.

@@ -72,8 +72,68 @@ pub(crate) const DEFAULT_HTTP_MAX_CONNECTIONS: usize = 4096;
 pub(crate) const DEFAULT_RATE_LIMIT_PER_SOURCE: u32 = 2000;
 /// Default API requests per second with one API key (burst: twice that).
 pub(crate) const DEFAULT_RATE_LIMIT_PER_KEY: u32 = 1000;
+/// Default cap on QUIC connections in their handshake, Hello or enrollment at once.
+pub(crate) const DEFAULT_QUIC_MAX_HANDSHAKES: usize = 1024;
+/// Default cap on enrollments in progress at once.
+pub(crate) const DEFAULT_MAX_ENROLLMENTS: usize = 64;
+/// Default enrollment attempts per second from one source address (burst: twice that).
+pub(crate) const DEFAULT_ENROLL_RATE_PER_SOURCE: u32 = 20;
+/// Default rate of incoming QUIC connections per second (burst: twice that) past which a
+/// source must prove its address with a Retry round trip first.
+pub(crate) const DEFAULT_QUIC_VALIDATE_ABOVE: u32 = 500;
+/// Default incoming QUIC connections per second from one source address (burst: twice
+/// that).
+pub(crate) const DEFAULT_QUIC_RATE_PER_SOURCE: u32 = 200;
 /// Default age after which finished jobs are forgotten.
 pub(crate) const DEFAULT_JOB_RETENTION_AGE: Duration = Duration::from_secs(3600);
+
+/// TLS on the HTTP API.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum HttpTls {
+    /// Plain HTTP (allowed on a loopback address, or with `--http-insecure`).
+    #[default]
+    Off,
+    /// A server certificate issued by the cluster CA at start (the one the QUIC endpoint
+    /// uses): clients pin the CA fingerprint, as runners do.
+    Auto,
+    /// A certificate chain and key from PEM files (e.g. from the operator's own PKI).
+    Files {
+        /// PEM certificate chain, leaf first.
+        cert: PathBuf,
+        /// PEM private key.
+        key: PathBuf,
+    },
+}
+
+impl HttpTls {
+    /// From `--http-tls off|auto` and `--http-tls-cert`/`--http-tls-key`: the two files
+    /// together (with `--http-tls` unset or `files`), or a mode alone.
+    pub fn from_parts(
+        mode: Option<&str>,
+        cert: Option<PathBuf>,
+        key: Option<PathBuf>,
+    ) -> Result<Self, ConfigError> {
+        let invalid =
+            |reason: &str| ConfigError::Invalid { field: "http-tls", reason: reason.into() };
+        match (mode, cert, key) {
+            (None | Some("files"), Some(cert), Some(key)) => Ok(Self::Files { cert, key }),
+            (_, Some(_), None) | (_, None, Some(_)) => {
+                Err(invalid("--http-tls-cert and --http-tls-key go together"))
+            }
+            (Some(m), Some(_), Some(_)) => Err(invalid(&format!(
+                "--http-tls {m} does not take --http-tls-cert/--http-tls-key (omit --http-tls)"
+            ))),
+            (None | Some("off"), None, None) => Ok(Self::Off),
+            (Some("auto"), None, None) => Ok(Self::Auto),
+            (Some("files"), None, None) => {
+                Err(invalid("--http-tls files needs --http-tls-cert and --http-tls-key"))
+            }
+            (Some(m), None, None) => {
+                Err(invalid(&format!("unknown mode {m:?} (use off, auto, or the two file flags)")))
+            }
+        }
+    }
+}
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
@@ -161,6 +221,23 @@ pub struct Config {
     pub rate_limit_per_source: u32,
     /// API requests per second with one key (0: no limit).
     pub rate_limit_per_key: u32,
+    /// QUIC connections in their handshake, Hello or enrollment at once; past it new
+    /// connections are refused (the runner backs off and retries).
+    pub quic_max_handshakes: usize,
+    /// Enrollments in progress at once; past it enrollments are refused "try again".
+    pub max_enrollments: usize,
+    /// Enrollment attempts per second from one source address (0: no limit).
+    pub enroll_rate_per_source: u32,
+    /// Incoming QUIC connections per second past which sources must prove their address
+    /// with a Retry round trip (0: always).
+    pub quic_validate_above: u32,
+    /// Incoming QUIC connections per second from one source address (0: no limit); past
+    /// it a source is sent a Retry, and once its address is proven, refused.
+    pub quic_rate_per_source: u32,
+    /// TLS on the HTTP API.
+    pub http_tls: HttpTls,
+    /// Allow plain HTTP on a non-loopback address (a TLS proxy in front ends TLS).
+    pub http_insecure: bool,
 }
 
 /// The machine's host name, the default node id (`node` when it cannot be read or is not
@@ -213,6 +290,13 @@ impl Default for Config {
             http_max_connections: DEFAULT_HTTP_MAX_CONNECTIONS,
             rate_limit_per_source: DEFAULT_RATE_LIMIT_PER_SOURCE,
             rate_limit_per_key: DEFAULT_RATE_LIMIT_PER_KEY,
+            quic_max_handshakes: DEFAULT_QUIC_MAX_HANDSHAKES,
+            max_enrollments: DEFAULT_MAX_ENROLLMENTS,
+            enroll_rate_per_source: DEFAULT_ENROLL_RATE_PER_SOURCE,
+            quic_validate_above: DEFAULT_QUIC_VALIDATE_ABOVE,
+            quic_rate_per_source: DEFAULT_QUIC_RATE_PER_SOURCE,
+            http_tls: HttpTls::Off,
+            http_insecure: false,
         }
     }
 }
@@ -340,6 +424,28 @@ impl Config {
             || self.http_body_timeout < Duration::from_millis(100)
         {
             return invalid("http-header-timeout", "HTTP timeouts must be at least 100ms");
+        }
+        if self.quic_max_handshakes == 0 || self.max_enrollments == 0 {
+            return invalid(
+                "quic-max-handshakes",
+                "quic-max-handshakes and max-enrollments must be at least 1",
+            );
+        }
+        if self.http_tls == HttpTls::Off
+            && !self.http_listen.ip().is_loopback()
+            && !self.http_insecure
+        {
+            return invalid(
+                "http-listen",
+                &format!(
+                    "{} is not a loopback address and the API has no TLS: API keys would \
+                     cross the network in clear. Use --http-tls auto (a certificate from the \
+                     cluster CA; runnelctl pins it with --ca-fingerprint) or \
+                     --http-tls-cert/--http-tls-key, or pass --http-insecure if a TLS \
+                     proxy in front of it ends TLS",
+                    self.http_listen
+                ),
+            );
         }
         if self.http_max_connections == 0 {
             return invalid("http-max-connections", "must be at least 1");
@@ -485,6 +591,24 @@ pub struct FileConfig {
     pub rate_limit_per_source: Option<u32>,
     /// See [`Config::rate_limit_per_key`].
     pub rate_limit_per_key: Option<u32>,
+    /// See [`Config::quic_max_handshakes`].
+    pub quic_max_handshakes: Option<usize>,
+    /// See [`Config::max_enrollments`].
+    pub max_enrollments: Option<usize>,
+    /// See [`Config::enroll_rate_per_source`].
+    pub enroll_rate_per_source: Option<u32>,
+    /// See [`Config::quic_validate_above`].
+    pub quic_validate_above: Option<u32>,
+    /// See [`Config::quic_rate_per_source`].
+    pub quic_rate_per_source: Option<u32>,
+    /// `off` or `auto`; see [`HttpTls::from_parts`].
+    pub http_tls: Option<String>,
+    /// See [`HttpTls::Files`].
+    pub http_tls_cert: Option<PathBuf>,
+    /// See [`HttpTls::Files`].
+    pub http_tls_key: Option<PathBuf>,
+    /// See [`Config::http_insecure`].
+    pub http_insecure: Option<bool>,
 }
 
 impl FileConfig {
@@ -532,6 +656,37 @@ mod tests {
         assert!(bad.validate().is_err());
         let bad = Config { node_advertise: Some("x".into()), ..Config::default() };
         assert!(bad.validate().is_err());
+        // A public API address needs TLS, or an explicit --http-insecure.
+        let public = SocketAddr::from(([0, 0, 0, 0], 7480));
+        let bad = Config { http_listen: public, ..Config::default() };
+        let err = bad.validate().expect_err("plain HTTP on 0.0.0.0").to_string();
+        assert!(err.contains("not a loopback address") && err.contains("--http-tls auto"), "{err}");
+        for ok in [
+            Config { http_listen: public, http_tls: HttpTls::Auto, ..Config::default() },
+            Config { http_listen: public, http_insecure: true, ..Config::default() },
+        ] {
+            assert!(ok.validate().is_ok());
+        }
+    }
+
+    #[test]
+    fn http_tls_modes_parse_and_contradictions_explain() {
+        let p = |m: Option<&str>, c: Option<&str>, k: Option<&str>| {
+            HttpTls::from_parts(m, c.map(PathBuf::from), k.map(PathBuf::from))
+        };
+        assert_eq!(p(None, None, None).ok(), Some(HttpTls::Off));
+        assert_eq!(p(Some("auto"), None, None).ok(), Some(HttpTls::Auto));
+        assert!(matches!(p(None, Some("c"), Some("k")), Ok(HttpTls::Files { .. })));
+        for (m, c, k) in [
+            (None, Some("c"), None),
+            (None, None, Some("k")),
+            (Some("auto"), Some("c"), Some("k")),
+            (Some("files"), None, None),
+            (Some("yes"), None, None),
+        ] {
+            let e = p(m, c, k).expect_err("contradiction").to_string();
+            assert!(e.starts_with("http-tls: "), "{e}");
+        }
     }
 
     #[test]

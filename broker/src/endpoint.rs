@@ -23,6 +23,9 @@ use crate::cluster::Home;
 use crate::shared::Shared;
 use crate::verifier::PairingVerifier;
 
+mod limits;
+pub(crate) use limits::{Admission, EnrollBusy, IntakeLimits};
+
 /// Time a peer has to finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a runner has to open its control stream and send Hello.
@@ -113,7 +116,6 @@ pub(crate) fn server_config(
     Ok(server)
 }
 
-/// Accepts connections until `shutdown` fires.
 /// How long, at shutdown, connections still in their handshake, Hello or enrollment get to
 /// finish before their tasks are aborted.
 pub(crate) const INTAKE_STOP_WAIT: Duration = Duration::from_secs(2);
@@ -135,7 +137,24 @@ pub(crate) async fn accept_loop(
         };
         let Some(incoming) = incoming else { break };
         while intakes.try_join_next().is_some() {}
-        intakes.spawn(handle_incoming(incoming, shared.clone(), tenants.clone()));
+        let (ip, validated) = (incoming.remote_address().ip(), incoming.remote_address_validated());
+        let permit = match shared.intake.admit(ip, validated) {
+            Admission::Admit(permit) => permit,
+            // (A Retry is impossible only for a source that already came back with one,
+            // and those are admitted above.)
+            Admission::Retry => match incoming.retry() {
+                Ok(()) => continue,
+                Err(e) => {
+                    e.into_incoming().refuse();
+                    continue;
+                }
+            },
+            Admission::Refuse => {
+                incoming.refuse();
+                continue;
+            }
+        };
+        intakes.spawn(handle_incoming(incoming, permit, shared.clone(), tenants.clone()));
     }
     let _ = tokio::time::timeout(INTAKE_STOP_WAIT, async {
         while intakes.join_next().await.is_some() {}
@@ -159,7 +178,15 @@ fn refusal_alert(e: &quinn::ConnectionError) -> Option<&'static str> {
     Some(name)
 }
 
-async fn handle_incoming(incoming: quinn::Incoming, shared: Arc<Shared>, tenants: Arc<Tenants>) {
+/// One connection's intake; `_slot` (its [`IntakeLimits`] slot) is given back when it
+/// ends: Welcome sent (the session then belongs to the tenant actor), enrollment answered,
+/// or refused.
+async fn handle_incoming(
+    incoming: quinn::Incoming,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+    shared: Arc<Shared>,
+    tenants: Arc<Tenants>,
+) {
     let remote = incoming.remote_address();
     let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
         Ok(Ok(c)) => c,

@@ -32,16 +32,31 @@ const ENROLL_CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// Serves one enrollment connection.
 pub(crate) async fn serve(conn: quinn::Connection, shared: Arc<Shared>) {
     let remote = conn.remote_address();
+    // Before anything is read: a source enrolling too often, or a broker with every
+    // enrollment slot taken, answers "try again" (the slot is held until the end).
+    let admitted = shared.intake.enroll(remote.ip());
     let exchange = async {
         let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
-        let response = match read_frame::<EnrollRequest, _>(&mut recv).await {
-            Ok(Some(req)) => enroll(&shared, req, remote).await,
-            Ok(None) => return Err("no enroll request".to_string()),
-            Err(e) => {
-                metrics::counter!(crate::metrics::names::ENROLLMENTS, "result" => "bad_request")
+        let response = match (&admitted, read_frame::<EnrollRequest, _>(&mut recv)) {
+            (Err(busy), _) => {
+                metrics::counter!(crate::metrics::names::ENROLLMENTS, "result" => "busy")
                     .increment(1);
-                refused(ErrorCode::BadRequest, format!("malformed enroll request: {e}"))
+                let reason = match busy {
+                    crate::endpoint::EnrollBusy::Rate(_) => "enrollment rate limited",
+                    crate::endpoint::EnrollBusy::Full => "enrollment slots full",
+                };
+                shared.refusals.note(None, &remote.ip().to_string(), reason);
+                refused(ErrorCode::Unavailable, busy.message())
             }
+            (Ok(_), read) => match read.await {
+                Ok(Some(req)) => enroll(&shared, req, remote).await,
+                Ok(None) => return Err("no enroll request".to_string()),
+                Err(e) => {
+                    metrics::counter!(crate::metrics::names::ENROLLMENTS, "result" => "bad_request")
+                    .increment(1);
+                    refused(ErrorCode::BadRequest, format!("malformed enroll request: {e}"))
+                }
+            },
         };
         write_frame(&mut send, &response).await.map_err(|e| e.to_string())?;
         send.finish().map_err(|e| e.to_string())?;

@@ -217,11 +217,6 @@ impl RunnerIndex {
         self.map.iter().filter(|e| e.tenant == tenant && e.state != RunnerState::Revoked).count()
     }
 
-    /// Number of runners known.
-    pub(crate) fn len(&self) -> usize {
-        self.map.len()
-    }
-
     /// Number of runners with a live session on this node (of `tenant` only, if given).
     pub(crate) fn connected(&self, tenant: Option<&str>) -> usize {
         self.map

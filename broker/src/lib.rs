@@ -44,6 +44,7 @@ mod index;
 mod jobs;
 pub mod metrics;
 mod peer;
+mod rate;
 mod records;
 mod secret;
 mod shared;
@@ -52,7 +53,7 @@ mod verifier;
 
 pub use broker::{Broker, BrokerHandle, SpawnError};
 pub use cluster::JoinError;
-pub use config::{Config, ConfigError, FileConfig, default_node_id, parse_duration};
+pub use config::{Config, ConfigError, FileConfig, HttpTls, default_node_id, parse_duration};
 
 /// Internals the micro-benchmarks measure in isolation (feature `bench-internals`; not a
 /// stable API).

@@ -22,7 +22,8 @@ pub mod names {
     pub const RUNNERS_CONNECTED: &str = "runnel_runners_connected";
     /// Counter, `result` (ok, revoked, unknown, expired, foreign_ca, malformed, retired).
     pub const HANDSHAKES: &str = "runnel_handshakes_total";
-    /// Counter, `result` (ok, unknown, expired, replayed, bad_request, revoked, internal).
+    /// Counter, `result` (ok, unknown, expired, replayed, bad_request, revoked, internal,
+    /// unavailable, busy).
     pub const ENROLLMENTS: &str = "runnel_enrollments_total";
     /// Counter, `outcome` (a terminal job state, or queue_full / no_runner / unknown_runner).
     pub const DISPATCHES: &str = "runnel_dispatches_total";
@@ -74,6 +75,9 @@ pub mod names {
     pub const HTTP_CONNECTIONS_REFUSED: &str = "runnel_http_connections_refused_total";
     /// Counter, `limit` (source, key): requests answered 429 by a rate limit.
     pub const HTTP_RATE_LIMITED: &str = "runnel_http_rate_limited_total";
+    /// Counter, `limit` (retry, source, handshakes, enrollments, enroll_rate): incoming QUIC
+    /// connections and enrollments held back by a QUIC intake limit.
+    pub const QUIC_INTAKE_LIMITED: &str = "runnel_quic_intake_limited_total";
     /// Gauge, `version`: always 1.
     pub const BUILD_INFO: &str = "runnel_build_info";
 
@@ -104,6 +108,7 @@ pub mod names {
         HTTP_CONNECTIONS,
         HTTP_CONNECTIONS_REFUSED,
         HTTP_RATE_LIMITED,
+        QUIC_INTAKE_LIMITED,
         BUILD_INFO,
     ];
 }
@@ -185,6 +190,10 @@ fn describe() {
         "HTTP connections closed because the connection cap was reached."
     );
     describe_counter!(names::HTTP_RATE_LIMITED, "Requests answered 429 by a rate limit, by limit.");
+    describe_counter!(
+        names::QUIC_INTAKE_LIMITED,
+        "Incoming QUIC connections sent a Retry or refused, and enrollments refused, by limit."
+    );
     describe_gauge!(names::BUILD_INFO, "Build information.");
 }
 

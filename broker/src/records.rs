@@ -44,6 +44,8 @@ pub(crate) enum Role {
     Dispatcher,
     /// One owner of one tenant: its jobs and runners.
     Member,
+    /// Cluster-wide, read-only: `GET /metrics` and nothing else (Prometheus's scrape key).
+    Metrics,
 }
 
 impl Role {
@@ -54,12 +56,13 @@ impl Role {
             Role::Admin => "admin",
             Role::Dispatcher => "dispatcher",
             Role::Member => "member",
+            Role::Metrics => "metrics",
         }
     }
 
     /// The role of a name.
     pub(crate) fn from_name(name: &str) -> Option<Self> {
-        [Role::Operator, Role::Admin, Role::Dispatcher, Role::Member]
+        [Role::Operator, Role::Admin, Role::Dispatcher, Role::Member, Role::Metrics]
             .into_iter()
             .find(|r| r.name() == name)
     }

@@ -43,6 +43,8 @@ pub(crate) struct Shared {
     pub peers: Option<Arc<crate::peer::PeerClient>>,
     /// The API's per-source and per-key request rate limits.
     pub rate_limits: crate::api::RateLimits,
+    /// The QUIC endpoint's intake limits (handshakes, enrollments, Retry).
+    pub intake: crate::endpoint::IntakeLimits,
     /// Renders `/metrics` (None when another recorder owns the process).
     pub prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
     conn_seq: AtomicU64,
@@ -75,6 +77,7 @@ impl Shared {
         let rate_limits =
             crate::api::RateLimits::new(config.rate_limit_per_source, config.rate_limit_per_key);
         Self {
+            intake: crate::endpoint::IntakeLimits::new(&config),
             rate_limits,
             tenant_labels,
             prometheus: crate::metrics::install(),

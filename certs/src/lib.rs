@@ -8,6 +8,8 @@
 //!   rustls has already verified.
 //! - [`pem`]: PEM files on disk; private keys are written 0600.
 //! - [`key`]: a runner's local ed25519 key and its CSR.
+//! - [`pin`]: a TLS client config that trusts one CA by its fingerprint (enrollment,
+//!   `runnelctl` over HTTPS).
 //!
 //! Nothing here opens sockets or knows about brokers and runners beyond their names.
 #![deny(clippy::unwrap_used)]
@@ -19,6 +21,7 @@ pub mod identity;
 pub mod key;
 mod parse;
 pub mod pem;
+pub mod pin;
 
 pub use ca::{
     CLOCK_SKEW, ClusterCa, DEFAULT_RUNNER_VALIDITY, IssuedCert, PEER_SERVER_NAME, Validity,

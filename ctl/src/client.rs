@@ -17,8 +17,9 @@ pub enum CtlError {
         /// The error object's human-readable message.
         message: String,
     },
-    /// The broker could not be reached, or the connection broke mid-answer.
-    #[error("cannot reach {url}: {source}")]
+    /// The broker could not be reached, or the connection broke mid-answer (a refused
+    /// TLS certificate included: the message carries every cause).
+    #[error("cannot reach {url}: {}", causes(source))]
     Transport {
         /// Base URL.
         url: String,
@@ -28,6 +29,21 @@ pub enum CtlError {
     /// Configuration is missing or wrong.
     #[error("{0}")]
     Config(String),
+}
+
+/// An error and its sources, `: `-separated (reqwest's own message hides the TLS reason).
+fn causes(e: &reqwest::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur: Option<&dyn std::error::Error> = std::error::Error::source(e);
+    while let Some(c) = cur {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = c.source();
+    }
+    out
 }
 
 /// One answer of the API: its status and its body (JSON, or the text as a JSON string when
@@ -68,18 +84,33 @@ pub struct Client {
 }
 
 impl Client {
-    /// A client for `url` with `key`.
+    /// A client for `url` with `key` (plain HTTP; for `https://` see [`Client::pinned`]).
     pub fn new(url: &str, key: &str) -> Self {
-        Self {
-            url: url.trim_end_matches('/').to_owned(),
-            key: key.to_owned(),
-            // Below the broker's default idle keep-alive timeout (10 s), so that a pooled
-            // connection is never reused just as the broker closes it.
-            http: reqwest::Client::builder()
-                .pool_idle_timeout(std::time::Duration::from_secs(5))
-                .build()
-                .unwrap_or_default(),
-        }
+        let http = Self::builder().build().unwrap_or_default();
+        Self { url: url.trim_end_matches('/').to_owned(), key: key.to_owned(), http }
+    }
+
+    /// A client for an `https://` broker whose certificate chains to the CA with
+    /// fingerprint `ca_fingerprint` (`sha256:<hex>`, as the broker prints at start): the
+    /// only CA it trusts. Another CA fails the TLS handshake.
+    pub fn pinned(url: &str, key: &str, ca_fingerprint: &str) -> Result<Self, CtlError> {
+        let pin = runnel_certs::parse_fingerprint(ca_fingerprint)
+            .map_err(|e| CtlError::Config(format!("--ca-fingerprint: {e}")))?;
+        let mut tls = runnel_certs::pin::client_config(pin)
+            .map_err(|e| CtlError::Config(format!("TLS: {e}")))?;
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let http = Self::builder()
+            .use_preconfigured_tls(tls)
+            .https_only(true)
+            .build()
+            .map_err(|e| CtlError::Config(format!("TLS client: {e}")))?;
+        Ok(Self { url: url.trim_end_matches('/').to_owned(), key: key.to_owned(), http })
+    }
+
+    fn builder() -> reqwest::ClientBuilder {
+        // Below the broker's default idle keep-alive timeout (10 s), so that a pooled
+        // connection is never reused just as the broker closes it.
+        reqwest::Client::builder().pool_idle_timeout(std::time::Duration::from_secs(5))
     }
 
     /// The same broker and connection pool, another key.

@@ -24,7 +24,11 @@ struct Cli {
     /// API key.
     #[arg(long, env = "RUNNEL_KEY", hide_env_values = true, global = true)]
     key: Option<String>,
-    /// Profile from profiles.toml (url and key).
+    /// Fingerprint (sha256:<hex>) of the cluster CA, for an https:// URL: the one CA
+    /// trusted (the broker prints it at start).
+    #[arg(long, env = "RUNNEL_CA_FINGERPRINT", global = true)]
+    ca_fingerprint: Option<String>,
+    /// Profile from profiles.toml (url, key, ca_fingerprint).
     #[arg(long, env = "RUNNEL_PROFILE", global = true)]
     profile: Option<String>,
     /// Output format.
@@ -126,6 +130,13 @@ enum Keys {
     },
     /// Mint another operator key (rotation: create, switch to it, revoke the old one).
     RotateOperator,
+    /// Mint a metrics key: it reads /metrics and nothing else (Prometheus's bearer token;
+    /// revoke it with `keys revoke --operator <id>`).
+    CreateMetrics {
+        /// Seconds until the key stops working (default: never).
+        #[arg(long)]
+        expires_in_secs: Option<u64>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -230,6 +241,7 @@ fn profiles_path() -> PathBuf {
 
 fn client(cli: &Cli) -> Result<Client, CtlError> {
     let (mut url, mut key) = (cli.url.clone(), cli.key.clone());
+    let mut pin = cli.ca_fingerprint.clone();
     if url.is_none() || key.is_none() || cli.profile.is_some() {
         let name = cli.profile.clone().unwrap_or_else(|| "default".into());
         let path = profiles_path();
@@ -239,6 +251,7 @@ fn client(cli: &Cli) -> Result<Client, CtlError> {
             if let Some(p) = all.get(&name) {
                 url = url.or_else(|| p.get("url").cloned());
                 key = key.or_else(|| p.get("key").cloned());
+                pin = pin.or_else(|| p.get("ca_fingerprint").cloned());
             } else if cli.profile.is_some() {
                 return Err(CtlError::Config(format!("no profile {name:?} in {}", path.display())));
             }
@@ -250,7 +263,15 @@ fn client(cli: &Cli) -> Result<Client, CtlError> {
         url.ok_or_else(|| CtlError::Config("set RUNNEL_URL (or --url, or a profile)".into()))?;
     let key =
         key.ok_or_else(|| CtlError::Config("set RUNNEL_KEY (or --key, or a profile)".into()))?;
-    Ok(Client::new(&url, &key))
+    match (url.starts_with("https://"), pin) {
+        (true, Some(pin)) => Client::pinned(&url, &key, &pin),
+        (true, None) => Err(CtlError::Config(
+            "an https:// URL needs the cluster CA's fingerprint: --ca-fingerprint \
+             sha256:<hex> (or RUNNEL_CA_FINGERPRINT), as the broker prints at start"
+                .into(),
+        )),
+        (false, _) => Ok(Client::new(&url, &key)),
+    }
 }
 
 fn s(v: &Value) -> String {
@@ -376,6 +397,18 @@ async fn run(cli: Cli) -> Result<ExitCode, CtlError> {
             let v = c.delete(&path).await?;
             print(&v, format!("key {id} revoked"));
         }
+        Command::Keys(Keys::CreateMetrics { expires_in_secs }) => {
+            let body = json!({ "role": "metrics", "expires_in_secs": expires_in_secs });
+            let v = c.post("/v1/operator-keys", body).await?;
+            print(
+                &v,
+                format!(
+                    "{}\n(metrics key {}, shown once: put it in Prometheus's credentials_file)",
+                    s(&v["key"]),
+                    s(&v["id"])
+                ),
+            );
+        }
         Command::Keys(Keys::RotateOperator) => {
             let v = c.post("/v1/operator-keys", json!({})).await?;
             print(
@@ -474,16 +507,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CtlError> {
             let health = c.get("/healthz").await?;
             let ready = c.get("/readyz").await?;
             let v = json!({ "health": health, "ready": ready });
-            print(
-                &v,
-                format!(
-                    "healthy: {}
-ready: {} ({} runners known)",
-                    s(&health["status"]),
-                    s(&ready["status"]),
-                    s(&ready["runners_known"])
-                ),
-            );
+            print(&v, format!("healthy: {}\nready: {}", s(&health["status"]), s(&ready["status"])));
         }
         Command::Cluster(Cluster::Status) => {
             let v = c.get("/v1/cluster").await?;

@@ -7,7 +7,10 @@
 //! [default]
 //! url = "http://127.0.0.1:7480"
 //! key = "rk_…"
+//! # for an https:// broker (--http-tls): the one CA trusted
+//! ca_fingerprint = "sha256:…"
 //! ```
+//! `RUNNEL_CA_FINGERPRINT` / `--ca-fingerprint` set the same.
 //! `--output json` prints the API's JSON; errors are one line on stderr with exit 1.
 
 #![deny(clippy::unwrap_used)]

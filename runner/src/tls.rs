@@ -1,20 +1,16 @@
 //! Client TLS configurations.
 //!
 //! - Enrollment: the runner has no CA yet, only the fingerprint from the enroll command
-//!   (as `kubeadm join` does). The broker sends `[leaf, CA]`; the CA whose SHA-256 matches
-//!   the pin becomes the only root, and the leaf is verified against it as usual
-//!   (signature, validity, server name).
+//!   (as `kubeadm join` does): [`runnel_certs::pin`] trusts the CA the broker sends if it
+//!   matches.
 //! - Runner: mutual TLS with the runner's certificate, the pinned CA as the only root.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::crypto::rustls::QuicClientConfig;
-use rustls::client::WebPkiServerVerifier;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
-use rustls::{DigitallySignedStruct, SignatureScheme};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::RunnerError;
 
@@ -24,70 +20,6 @@ fn provider() -> Arc<CryptoProvider> {
 
 fn tls_err(e: impl Into<crate::BoxError>) -> RunnerError {
     RunnerError::tls(e)
-}
-
-/// Verifies the broker against the CA it presents, if that CA matches the pin.
-#[derive(Debug)]
-struct PinnedCaVerifier {
-    pin: [u8; 32],
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for PinnedCaVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let ca = intermediates
-            .iter()
-            .find(|c| ring::digest::digest(&ring::digest::SHA256, c).as_ref() == self.pin)
-            .ok_or_else(|| {
-                rustls::Error::General("broker CA does not match --ca-fingerprint".into())
-            })?;
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(ca.clone().into_owned())?;
-        let inner =
-            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-                .build()
-                .map_err(|e| rustls::Error::General(e.to_string()))?;
-        inner.verify_server_cert(end_entity, &[], server_name, ocsp, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 fn quic(
@@ -108,13 +40,7 @@ fn quic(
 
 /// Config for `runnel-enroll/1`, pinned to a CA fingerprint.
 pub fn enroll_config(pin: [u8; 32]) -> Result<quinn::ClientConfig, RunnerError> {
-    let provider = provider();
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(tls_err)?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedCaVerifier { pin, provider }))
-        .with_no_client_auth();
+    let mut tls = runnel_certs::pin::client_config(pin).map_err(tls_err)?;
     tls.alpn_protocols = vec![runnel_protocol::ALPN_ENROLL.to_vec()];
     quic(tls, None, 0)
 }

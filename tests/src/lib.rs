@@ -67,7 +67,7 @@ impl TestBroker {
         let handle = Broker::spawn(config.clone()).await.unwrap();
         // Empty for a cluster node other than the first (see `TestCluster`).
         let operator_key = handle.first_operator_key.clone().unwrap_or_default();
-        let api = Api::new(handle.http_url());
+        let api = Api::for_broker(&handle);
         Self { handle: Some(handle), dir, operator_key, api, config }
     }
 
@@ -195,6 +195,17 @@ impl Api {
         Self { client: runnel_ctl::Client::new(&base, "") }
     }
 
+    /// The API of `handle`: plain HTTP, or HTTPS pinned to its CA (`--http-tls`).
+    pub fn for_broker(handle: &BrokerHandle) -> Self {
+        let url = handle.http_url();
+        if url.starts_with("https://") {
+            let client = runnel_ctl::Client::pinned(&url, "", &handle.ca_fingerprint()).unwrap();
+            Self { client }
+        } else {
+            Self::new(url)
+        }
+    }
+
     /// The client for `key`.
     pub fn as_key(&self, key: &str) -> runnel_ctl::Client {
         self.client.with_key(key)
@@ -262,6 +273,16 @@ impl runnel_runner::JobHandler for Record {
         job.stdout(&job.payload).await;
         runnel_runner::handler::succeeded()
     }
+}
+
+/// The value of one series in Prometheus text: `series` is the name with its labels as
+/// the exporter writes them (`runnel_x_total{limit="retry"}`), or a bare name for an
+/// unlabelled one. None when the series is not there (a counter never incremented).
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let rest = l.strip_prefix(series)?;
+        rest.starts_with(' ').then(|| rest.trim().parse().ok()).flatten()
+    })
 }
 
 /// Path of the real runner binary (only integration tests know it, hence a macro).

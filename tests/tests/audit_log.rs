@@ -98,7 +98,8 @@ async fn a_thousand_anonymous_failed_enrollments_add_a_bounded_number_of_events(
         let counted: u64 = e
             .iter()
             .filter_map(|e| e["detail"].as_str())
-            .filter(|d| d.contains("unknown from"))
+            // Past the per-source enrollment rate the refusal is "try again", counted too.
+            .filter(|d| d.contains("unknown from") || d.contains("enrollment rate limited from"))
             .filter_map(|d| d.split('×').next()?.parse::<u64>().ok())
             .sum();
         (counted == 1000).then_some(e)

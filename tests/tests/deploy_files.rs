@@ -57,18 +57,32 @@ fn promtool_accepts_rules_and_config() {
         eprintln!("SKIPPED: promtool not installed");
         return;
     }
-    for args in [["check", "rules"], ["check", "config"]] {
-        let file = if args[1] == "rules" {
-            "prometheus/runnel-alerts.yml"
-        } else {
-            "prometheus/prometheus.yml"
-        };
-        let out =
-            std::process::Command::new("promtool").args(args).arg(deploy(file)).output().unwrap();
+    // The config names the scrape key and the CA next to it: check a copy of the
+    // directory with stand-ins for both (promtool reads that they exist).
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["prometheus.yml", "runnel-alerts.yml"] {
+        std::fs::copy(deploy(&format!("prometheus/{f}")), dir.path().join(f)).unwrap();
+    }
+    std::fs::write(dir.path().join("runnel-metrics.key"), "rk_stand-in").unwrap();
+    let ca = runnel_certs::ClusterCa::generate("runnel").unwrap();
+    std::fs::write(dir.path().join("runnel-ca.pem"), ca.cert_pem()).unwrap();
+    for (args, file) in
+        [(["check", "rules"], "runnel-alerts.yml"), (["check", "config"], "prometheus.yml")]
+    {
+        let out = std::process::Command::new("promtool")
+            .args(args)
+            .arg(dir.path().join(file))
+            .output()
+            .unwrap();
         assert!(
             out.status.success(),
-            "promtool {args:?}: {}",
-            String::from_utf8_lossy(&out.stdout)
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
         );
     }
+    // It scrapes over TLS with a bearer token (tests/prometheus_scrape.rs runs the same
+    // shape against a real broker).
+    let cfg = std::fs::read_to_string(deploy("prometheus/prometheus.yml")).unwrap();
+    assert!(cfg.contains("scheme: https") && cfg.contains("type: Bearer"), "{cfg}");
 }

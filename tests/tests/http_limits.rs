@@ -92,7 +92,7 @@ async fn connections_past_the_cap_are_closed_at_once_and_a_freed_slot_serves_aga
         (s == 200).then_some(())
     })
     .await;
-    let metrics = b.api.raw("/metrics", "").await;
+    let metrics = b.api.raw("/metrics", &b.operator_key).await;
     assert!(metrics.contains("runnel_http_connections_refused_total"), "{metrics}");
 }
 

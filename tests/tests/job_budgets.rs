@@ -113,7 +113,7 @@ async fn retained_output_stays_within_the_tenants_byte_budget_oldest_first() {
     let held = jobs.iter().filter(|j| j["output_expired"] == false).count() << 20;
     assert!(held <= BUDGET, "{held} bytes of output held, budget {BUDGET}");
     assert!(held >= BUDGET / 2, "the budget is used, not emptied: {held}");
-    assert!(metric(&b.api.raw("/metrics", "").await, "runnel_jobs_held_bytes") > 0.0);
+    assert!(metric(&b.api.raw("/metrics", &b.operator_key).await, "runnel_jobs_held_bytes") > 0.0);
     // The output that went is the oldest: every expired job ended no later than every kept
     // one.
     let ended = |expired: bool| {
@@ -135,9 +135,7 @@ async fn retained_output_stays_within_the_tenants_byte_budget_oldest_first() {
 
 /// The value of an unlabelled gauge in Prometheus text.
 fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("{name} not in /metrics"))
+    runnel_tests::metric_value(text, name).unwrap_or_else(|| panic!("{name} not in /metrics"))
 }
 
 #[tokio::test]

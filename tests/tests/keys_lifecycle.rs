@@ -77,7 +77,7 @@ async fn revoked_and_expired_keys_get_401_and_both_are_audited() {
     let guess = format!("{head}{}", if last == "0" { "1" } else { "0" });
     assert_ne!(guess, dispatcher);
     assert_eq!(b.api.get("/v1/jobs", &guess).await.0, 401);
-    let metrics = b.api.raw("/metrics", "").await;
+    let metrics = b.api.raw("/metrics", &b.operator_key).await;
     assert!(
         metrics.lines().any(|l| l.starts_with("runnel_api_key_failures_total")
             && l.contains(&format!("key=\"{id}\""))

@@ -144,7 +144,7 @@ async fn a_second_session_replaces_the_first_and_only_the_newest_gets_jobs() {
             .any(|e| e["event"] == "replaced" && e["runner_id"] == runner_id.as_str()),
         "{audit}"
     );
-    let metrics = b.api.raw("/metrics", "").await;
+    let metrics = b.api.raw("/metrics", &b.operator_key).await;
     assert!(
         metrics.lines().any(|l| l.starts_with("runnel_sessions_replaced_total ")
             && l.split(' ').nth(1).and_then(|v| v.parse::<f64>().ok()) >= Some(1.0)),

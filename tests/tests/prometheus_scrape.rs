@@ -1,5 +1,7 @@
-//! A real Prometheus scrapes a real broker: the dispatch counter and histogram arrive with
-//! the right values, and `promtool check metrics` accepts the exposition.
+//! A real Prometheus scrapes a real broker over TLS (`--http-tls auto`, the cluster CA as
+//! Prometheus's `ca_file`) with a metrics key as its bearer token: the dispatch counter
+//! and histogram arrive with the right values, a scrape job without the token fails, and
+//! `promtool check metrics` accepts the exposition.
 //! (One test in this file: the metrics recorder is process-wide.)
 #![allow(missing_docs, clippy::unwrap_used)]
 
@@ -40,7 +42,7 @@ async fn prometheus_scrapes_dispatch_counters_and_histograms() {
         eprintln!("SKIPPED: prometheus not installed (apt-get install prometheus)");
         return;
     }
-    let b = TestBroker::start().await;
+    let b = TestBroker::start_with(|c| c.http_tls = runnel_broker::HttpTls::Auto).await;
     let admin = b.tenant("acme").await;
     let dir = tempfile::tempdir().unwrap();
     let (_, _runner) = b.runner(&admin, "alice", &dir.path().join("r"), 2).await;
@@ -52,7 +54,7 @@ async fn prometheus_scrapes_dispatch_counters_and_histograms() {
     assert_eq!(s, 409);
 
     // promtool accepts what we expose.
-    let body = b.api.raw("/metrics", "").await;
+    let body = b.api.raw("/metrics", &b.operator_key).await;
     for name in [
         "runnel_dispatches_total",
         "runnel_dispatch_latency_seconds_bucket",
@@ -82,11 +84,28 @@ async fn prometheus_scrapes_dispatch_counters_and_histograms() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let pdir = tempfile::tempdir().unwrap();
     let cfg = pdir.path().join("prometheus.yml");
+    let (s, key) = b
+        .api
+        .post("/v1/operator-keys", &b.operator_key, serde_json::json!({ "role": "metrics" }))
+        .await;
+    assert_eq!(s, 201, "{key}");
+    std::fs::write(pdir.path().join("runnel-metrics.key"), key["key"].as_str().unwrap()).unwrap();
+    std::fs::write(pdir.path().join("runnel-ca.pem"), b.ca().cert_pem()).unwrap();
+    // The shape of deploy/prometheus/prometheus.yml, and the same job without the token.
+    let target = b.handle().http_addr();
+    let job = |name: &str, auth: &str| {
+        format!(
+            "  - job_name: {name}\n    scheme: https\n{auth}    tls_config:\n      ca_file: runnel-ca.pem\n    static_configs:\n      - targets: ['{target}']\n"
+        )
+    };
+    let bearer =
+        "    authorization:\n      type: Bearer\n      credentials_file: runnel-metrics.key\n";
     std::fs::write(
         &cfg,
         format!(
-            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: runnel\n    static_configs:\n      - targets: ['{}']\n",
-            b.handle().http_addr()
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n{}{}",
+            job("runnel", bearer),
+            job("anonymous", "")
         ),
     )
     .unwrap();
@@ -131,5 +150,12 @@ async fn prometheus_scrapes_dispatch_counters_and_histograms() {
     assert!(p99.is_some_and(|v| v > 0.0 && v < 60.0), "{p99:?}");
     assert_eq!(query(&http, &base, r#"runnel_runners_connected{tenant="acme"}"#).await, Some(1.0));
     assert_eq!(query(&http, &base, r#"runnel_handshakes_total{result="ok"}"#).await, Some(1.0));
+    // The scrape with the token is up; the one without it is down (401).
+    assert_eq!(query(&http, &base, r#"up{job="runnel"}"#).await, Some(1.0));
+    let anonymous = wait_for(Duration::from_secs(30), "the anonymous scrape", || async {
+        query(&http, &base, r#"up{job="anonymous"}"#).await
+    })
+    .await;
+    assert_eq!(anonymous, 0.0, "a scrape without the metrics key must fail");
     prom.kill().await.unwrap();
 }

@@ -9,7 +9,9 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use runnel_broker::{Broker, BrokerHandle, Config, ConfigError, FileConfig, parse_duration};
+use runnel_broker::{
+    Broker, BrokerHandle, Config, ConfigError, FileConfig, HttpTls, parse_duration,
+};
 
 /// Exit status for a bad configuration (EX_USAGE).
 pub const EXIT_CONFIG: u8 = 64;
@@ -154,6 +156,38 @@ struct ServeArgs {
     /// (default 1000, 0: off).
     #[arg(long, env = "RUNNEL_RATE_LIMIT_PER_KEY")]
     rate_limit_per_key: Option<u32>,
+    /// QUIC connections in their handshake, Hello or enrollment at once; more are refused
+    /// and their runners retry after a backoff (default 1024).
+    #[arg(long, env = "RUNNEL_QUIC_MAX_HANDSHAKES")]
+    quic_max_handshakes: Option<usize>,
+    /// Enrollments in progress at once; more are told to try again (default 64).
+    #[arg(long, env = "RUNNEL_MAX_ENROLLMENTS")]
+    max_enrollments: Option<usize>,
+    /// Enrollment attempts per second from one source address, burst twice that
+    /// (default 20, 0: off).
+    #[arg(long, env = "RUNNEL_ENROLL_RATE_PER_SOURCE")]
+    enroll_rate_per_source: Option<u32>,
+    /// Incoming QUIC connections per second (burst twice that) past which a source must
+    /// prove its address with a Retry round trip first (default 500, 0: always).
+    #[arg(long, env = "RUNNEL_QUIC_VALIDATE_ABOVE")]
+    quic_validate_above: Option<u32>,
+    /// Incoming QUIC connections per second from one source address, burst twice that;
+    /// past it the source must do a Retry, and then is refused (default 200, 0: off).
+    #[arg(long, env = "RUNNEL_QUIC_RATE_PER_SOURCE")]
+    quic_rate_per_source: Option<u32>,
+    /// TLS on the HTTP API: off, or auto (a certificate from the cluster CA, which clients
+    /// pin by fingerprint). Default off, which only a loopback --http-listen allows.
+    #[arg(long, env = "RUNNEL_HTTP_TLS")]
+    http_tls: Option<String>,
+    /// PEM certificate chain (leaf first) for the HTTP API; with --http-tls-key.
+    #[arg(long, env = "RUNNEL_HTTP_TLS_CERT")]
+    http_tls_cert: Option<PathBuf>,
+    /// PEM private key for the HTTP API; with --http-tls-cert.
+    #[arg(long, env = "RUNNEL_HTTP_TLS_KEY")]
+    http_tls_key: Option<PathBuf>,
+    /// Allow plain HTTP on a non-loopback --http-listen (a TLS proxy in front ends TLS).
+    #[arg(long, env = "RUNNEL_HTTP_INSECURE")]
+    http_insecure: bool,
 }
 
 fn dur(
@@ -178,6 +212,16 @@ impl ServeArgs {
         };
         let server_names = or_file(self.server_names, file.server_names);
         let etcd = or_file(self.etcd, file.etcd);
+        // The mode and the files come from one layer: flags win over the file as a whole.
+        let http_tls = if self.http_tls.is_some()
+            || self.http_tls_cert.is_some()
+            || self.http_tls_key.is_some()
+        {
+            HttpTls::from_parts(self.http_tls.as_deref(), self.http_tls_cert, self.http_tls_key)?
+        } else {
+            HttpTls::from_parts(file.http_tls.as_deref(), file.http_tls_cert, file.http_tls_key)?
+        };
+        let http_insecure = self.http_insecure || file.http_insecure.unwrap_or(false);
         let config = Config {
             data_dir: self.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
             quic_listen: self.quic_listen.or(file.quic_listen).unwrap_or(d.quic_listen),
@@ -276,6 +320,28 @@ impl ServeArgs {
                 .rate_limit_per_key
                 .or(file.rate_limit_per_key)
                 .unwrap_or(d.rate_limit_per_key),
+            quic_max_handshakes: self
+                .quic_max_handshakes
+                .or(file.quic_max_handshakes)
+                .unwrap_or(d.quic_max_handshakes),
+            max_enrollments: self
+                .max_enrollments
+                .or(file.max_enrollments)
+                .unwrap_or(d.max_enrollments),
+            enroll_rate_per_source: self
+                .enroll_rate_per_source
+                .or(file.enroll_rate_per_source)
+                .unwrap_or(d.enroll_rate_per_source),
+            quic_validate_above: self
+                .quic_validate_above
+                .or(file.quic_validate_above)
+                .unwrap_or(d.quic_validate_above),
+            quic_rate_per_source: self
+                .quic_rate_per_source
+                .or(file.quic_rate_per_source)
+                .unwrap_or(d.quic_rate_per_source),
+            http_tls,
+            http_insecure,
             ..d
         };
         config.validate()?;

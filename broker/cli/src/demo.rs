@@ -234,9 +234,14 @@ async fn script(d: &mut Demo, broker: &BrokerHandle) -> anyhow::Result<()> {
         );
     }
 
-    step(8, "metrics for Prometheus");
-    println!("  scrape {}/metrics, e.g.:", broker.http_url());
-    let body = Client::new(&broker.http_url(), "").text("/metrics").await?;
+    step(8, "metrics for Prometheus (a metrics key reads /metrics and nothing else)");
+    let anonymous = Client::new(&broker.http_url(), "").text("/metrics").await?;
+    println!("  without a key: {}", anonymous.lines().next().unwrap_or_default());
+    let scrape = d.operator.post("/v1/operator-keys", json!({ "role": "metrics" })).await?;
+    let scrape_key = scrape["key"].as_str().context("metrics key")?;
+    let id = scrape["id"].as_str().unwrap_or_default();
+    println!("  with metrics key {id}, {}/metrics:", broker.http_url());
+    let body = Client::new(&broker.http_url(), scrape_key).text("/metrics").await?;
     for l in body.lines().filter(|l| {
         l.starts_with("runnel_dispatches_total")
             || l.starts_with("runnel_runners_connected")

@@ -119,6 +119,10 @@ where
             shared.refusals.note(rec.tenant.as_deref(), &format!("key:{}", rec.id), reason);
             return Err(ApiError::unauthorized(format!("API key {why}")));
         }
+        // A scrape key is good for the scrape and nothing else, whatever a handler checks.
+        if rec.role == Role::Metrics && parts.uri.path() != "/metrics" {
+            return Err(ApiError::forbidden("a metrics key can only read /metrics"));
+        }
         shared.rate_limits.check_key(&rec.id)?;
         // Per request: update in place; allocate the key's entry only on its first use.
         match shared.key_last_used.get_mut(&rec.id) {

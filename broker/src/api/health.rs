@@ -44,12 +44,18 @@ pub(super) async fn readyz(
         .get("meta/cluster")
         .await
         .map_err(|e| ApiError::unavailable(format!("store: {e}")))?;
-    Ok(Json(json!({ "status": "ready", "runners_known": shared.index.len() })))
+    // Anonymous: nothing about tenants or runners (how many there are is not public).
+    Ok(Json(json!({ "status": "ready" })))
 }
 
-/// `GET /metrics`: Prometheus text format.
-pub(super) async fn metrics(State(shared): State<Arc<Shared>>) -> axum::response::Response {
+/// `GET /metrics`: Prometheus text format, for a `metrics` key (Prometheus's) or an
+/// operator key; anyone else gets 401/403 (the series name tenants).
+pub(super) async fn metrics(
+    State(shared): State<Arc<Shared>>,
+    caller: super::Caller,
+) -> Result<axum::response::Response, ApiError> {
     use axum::response::IntoResponse;
+    caller.require(&[crate::records::Role::Metrics, crate::records::Role::Operator])?;
     let body = shared.prometheus.as_ref().map(|h| h.render()).unwrap_or_default();
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response())
 }

@@ -30,6 +30,8 @@ pub(super) struct CreateKey {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct CreateOperatorKey {
+    /// `operator` (default) or `metrics` (read-only, `/metrics` only: for Prometheus).
+    role: Option<Role>,
     /// Seconds until the key stops working (default: never).
     expires_in_secs: Option<u64>,
 }
@@ -126,6 +128,11 @@ pub(super) async fn create(
         (Role::Operator, _) => {
             return Err(ApiError::bad_request("operator keys are not per tenant"));
         }
+        (Role::Metrics, _) => {
+            return Err(ApiError::bad_request(
+                "metrics keys are cluster-wide: POST /v1/operator-keys {\"role\": \"metrics\"}",
+            ));
+        }
         (Role::Member, None) => return Err(ApiError::bad_request("member keys need an owner")),
         (Role::Member, Some(o)) => runnel_certs::identity::validate_segment("owner", o)
             .map_err(|e| ApiError::bad_request(e.to_string()))?,
@@ -215,15 +222,20 @@ pub(super) async fn list_operator(
     Ok(Json(json!({ "keys": listing(&shared, None) })))
 }
 
-/// `POST /v1/operator-keys`: a new operator key (rotation: create, switch, revoke the old).
+/// `POST /v1/operator-keys`: a new operator key (rotation: create, switch, revoke the old),
+/// or with `"role": "metrics"` a key that can only read `/metrics`.
 pub(super) async fn create_operator(
     State(shared): State<Arc<Shared>>,
     caller: Caller,
     ApiJson(body): ApiJson<CreateOperatorKey>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     caller.require(&[Role::Operator])?;
+    let role = match body.role.unwrap_or(Role::Operator) {
+        r @ (Role::Operator | Role::Metrics) => r,
+        _ => return Err(ApiError::bad_request("a cluster-wide key is operator or metrics")),
+    };
     let expires_at = expiry(body.expires_in_secs)?;
-    mint_key(&shared, &caller, Role::Operator, None, None, expires_at).await
+    mint_key(&shared, &caller, role, None, None, expires_at).await
 }
 
 /// `DELETE /v1/operator-keys/{id}`: refused for the last usable operator key.

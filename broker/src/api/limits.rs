@@ -3,88 +3,55 @@
 //! stranger cannot spend someone else's budget). Over the limit: 429 with `Retry-After`.
 
 use std::net::IpAddr;
-use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::Response;
-use governor::clock::{Clock, DefaultClock};
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use super::ApiError;
 use crate::metrics::names;
+use crate::rate::Keyed;
 use crate::shared::Shared;
 
 /// The broker's two keyed limiters; a rate of 0 turns one off.
 #[derive(Debug)]
 pub(crate) struct RateLimits {
-    per_source: Option<DefaultKeyedRateLimiter<IpAddr>>,
-    per_key: Option<DefaultKeyedRateLimiter<String>>,
-    clock: DefaultClock,
-}
-
-/// `rate` requests per second with a burst of twice that; None for 0 (off).
-fn limiter<K: std::hash::Hash + Eq + Clone>(rate: u32) -> Option<DefaultKeyedRateLimiter<K>> {
-    let rate = NonZeroU32::new(rate)?;
-    let burst = rate.saturating_mul(NonZeroU32::MIN.saturating_add(1));
-    Some(RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)))
+    per_source: Keyed<IpAddr>,
+    per_key: Keyed<String>,
 }
 
 impl RateLimits {
     /// Limits of `per_source` and `per_key` requests per second (0: no limit).
     pub(crate) fn new(per_source: u32, per_key: u32) -> Self {
-        Self {
-            per_source: limiter(per_source),
-            per_key: limiter(per_key),
-            clock: DefaultClock::default(),
-        }
+        Self { per_source: Keyed::new(per_source), per_key: Keyed::new(per_key) }
     }
 
-    fn refuse(
-        &self,
-        which: &'static str,
-        not_until: governor::NotUntil<<DefaultClock as Clock>::Instant>,
-    ) -> ApiError {
+    fn refuse(which: &'static str, secs: u64) -> ApiError {
         metrics::counter!(names::HTTP_RATE_LIMITED, "limit" => which).increment(1);
-        let wait = not_until.wait_time_from(self.clock.now());
-        // Whole seconds, rounded up: a client that honours it is not refused again.
-        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
         ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limited",
             format!("too many requests from this {which}; retry after {secs} s"),
         )
-        .retry_after(secs.max(1))
+        .retry_after(secs)
     }
 
     /// One request from `ip`.
     pub(crate) fn check_source(&self, ip: IpAddr) -> Result<(), ApiError> {
-        match &self.per_source {
-            Some(l) => l.check_key(&ip.to_canonical()).map_err(|n| self.refuse("source", n)),
-            None => Ok(()),
-        }
+        self.per_source.check(&ip.to_canonical()).map_err(|s| Self::refuse("source", s))
     }
 
     /// One request with the verified key `key_id`.
     pub(crate) fn check_key(&self, key_id: &str) -> Result<(), ApiError> {
-        match &self.per_key {
-            Some(l) => l.check_key(&key_id.to_owned()).map_err(|n| self.refuse("key", n)),
-            None => Ok(()),
-        }
+        self.per_key.check(&key_id.to_owned()).map_err(|s| Self::refuse("key", s))
     }
 
-    /// Forgets the buckets that are full again (an idle source costs nothing): run
-    /// periodically, so that a scan from many addresses does not grow the table for good.
+    /// Forgets the buckets that are full again (see [`Keyed::forget_idle`]).
     pub(crate) fn forget_idle(&self) {
-        if let Some(l) = &self.per_source {
-            l.retain_recent();
-            l.shrink_to_fit();
-        }
-        if let Some(l) = &self.per_key {
-            l.retain_recent();
-        }
+        self.per_source.forget_idle();
+        self.per_key.forget_idle();
     }
 }
 

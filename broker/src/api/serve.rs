@@ -8,6 +8,8 @@
 //! - At most `--http-max-connections` are open; past that a new connection is closed at
 //!   once (and counted), so half-sent requests cannot take every socket and task.
 //! - The source address reaches the handlers as `ConnectInfo` (per-source rate limit).
+//! - With `--http-tls`, each connection is a TLS 1.3 server handshake (tokio-rustls)
+//!   first, bounded by the header timeout, then HTTP/1.1 inside it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,11 +30,13 @@ use tower_http::timeout::TimeoutBody;
 use crate::config::Config;
 use crate::metrics::names;
 
-/// Serves `app` on `listener` until `stop`; then lets open requests finish.
+/// Serves `app` on `listener` (through `tls` when set) until `stop`; then lets open
+/// requests finish.
 pub(crate) async fn serve(
     listener: TcpListener,
     app: Router,
     config: &Config,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     stop: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(config.http_max_connections));
@@ -63,26 +67,21 @@ pub(crate) async fn serve(
             req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
             req
         });
-        let stop = stop.clone();
+        let (stop, tls) = (stop.clone(), tls.clone());
         conns.spawn(async move {
             let _slot = slot;
             metrics::gauge!(names::HTTP_CONNECTIONS).increment(1.0);
-            let mut http = hyper::server::conn::http1::Builder::new();
-            http.timer(TokioTimer::new()).header_read_timeout(header_timeout);
-            let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
-            tokio::pin!(conn);
-            let done = tokio::select! {
-                r = conn.as_mut() => Some(r),
-                _ = stop.cancelled() => None,
+            let result = match tls {
+                None => drive(stream, svc, header_timeout, stop).await,
+                // The handshake gets the header timeout too: a client that opens a
+                // connection and never says hello is closed like a slow request.
+                Some(tls) => match tokio::time::timeout(header_timeout, tls.accept(stream)).await {
+                    Ok(Ok(stream)) => drive(stream, svc, header_timeout, stop).await,
+                    Ok(Err(e)) => Err(format!("TLS handshake: {e}")),
+                    Err(_) => Err("TLS handshake timed out".to_owned()),
+                },
             };
-            let result = match done {
-                Some(r) => r,
-                None => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            // Timeouts and resets are the client's business; nothing to log at warn.
+            // Timeouts, resets and bad handshakes are the client's business: debug only.
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "HTTP connection ended");
             }
@@ -90,4 +89,40 @@ pub(crate) async fn serve(
         });
     }
     while conns.join_next().await.is_some() {}
+}
+
+/// Serves HTTP/1.1 on one connection until it ends, or `stop` (then gracefully).
+async fn drive<I, S>(
+    io: I,
+    svc: S,
+    header_timeout: Duration,
+    stop: CancellationToken,
+) -> Result<(), String>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: tower::Service<
+            hyper::Request<Incoming>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(header_timeout);
+    let conn = http.serve_connection(TokioIo::new(io), TowerToHyperService::new(svc));
+    tokio::pin!(conn);
+    let done = tokio::select! {
+        r = conn.as_mut() => Some(r),
+        _ = stop.cancelled() => None,
+    };
+    let result = match done {
+        Some(r) => r,
+        None => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    result.map_err(|e| e.to_string())
 }

@@ -1,0 +1,91 @@
+//! Token buckets (GCRA through `governor`) in the one shape the broker uses everywhere: a
+//! rate per second with a burst of twice that, where a rate of 0 means "no limit". The API's
+//! request limits and the QUIC intake limits are built from these.
+
+use std::hash::Hash;
+use std::num::NonZeroU32;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+
+/// `rate` per second, burst `2 × rate`; None for 0.
+fn quota(rate: u32) -> Option<Quota> {
+    let rate = NonZeroU32::new(rate)?;
+    let burst = rate.saturating_mul(NonZeroU32::MIN.saturating_add(1));
+    Some(Quota::per_second(rate).allow_burst(burst))
+}
+
+/// Whole seconds (at least 1) until `not_until`: a client that waits this long is not
+/// refused again.
+fn wait_secs(not_until: &governor::NotUntil<<DefaultClock as Clock>::Instant>) -> u64 {
+    let wait = not_until.wait_time_from(DefaultClock::default().now());
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
+}
+
+/// One bucket per key (a source address, a key id).
+#[derive(Debug)]
+pub(crate) struct Keyed<K: Hash + Eq + Clone> {
+    limiter: Option<DefaultKeyedRateLimiter<K>>,
+}
+
+impl<K: Hash + Eq + Clone> Keyed<K> {
+    /// `rate` per second per key (0: no limit).
+    pub(crate) fn new(rate: u32) -> Self {
+        Self { limiter: quota(rate).map(RateLimiter::keyed) }
+    }
+
+    /// Takes one token of `key`'s bucket; Err: the seconds until one is there.
+    pub(crate) fn check(&self, key: &K) -> Result<(), u64> {
+        match &self.limiter {
+            Some(l) => l.check_key(key).map_err(|n| wait_secs(&n)),
+            None => Ok(()),
+        }
+    }
+
+    /// Forgets the buckets that are full again (an idle key costs nothing): run
+    /// periodically, so that a scan from many addresses does not grow the table for good.
+    pub(crate) fn forget_idle(&self) {
+        if let Some(l) = &self.limiter {
+            l.retain_recent();
+            l.shrink_to_fit();
+        }
+    }
+}
+
+/// One bucket for everything (the rate of incoming QUIC connections).
+#[derive(Debug)]
+pub(crate) struct Direct {
+    limiter: Option<DefaultDirectRateLimiter>,
+}
+
+impl Direct {
+    /// `rate` per second (0: no limit: [`Direct::check`] always passes).
+    pub(crate) fn new(rate: u32) -> Self {
+        Self { limiter: quota(rate).map(RateLimiter::direct) }
+    }
+
+    /// Takes one token; false when the bucket is empty.
+    pub(crate) fn check(&self) -> bool {
+        self.limiter.as_ref().is_none_or(|l| l.check().is_ok())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_of_twice_the_rate_passes_then_the_bucket_holds_and_zero_is_off() {
+        let keyed = Keyed::<u8>::new(5);
+        for _ in 0..10 {
+            keyed.check(&1).expect("within the burst");
+        }
+        let wait = keyed.check(&1).expect_err("over the burst");
+        assert!(wait >= 1, "{wait}");
+        keyed.check(&2).expect("another key has its own bucket");
+        let direct = Direct::new(3);
+        assert_eq!((0..7).filter(|_| direct.check()).count(), 6);
+        let (off, off_direct) = (Keyed::<u8>::new(0), Direct::new(0));
+        assert!((0..10_000).all(|_| off.check(&1).is_ok() && off_direct.check()));
+    }
+}

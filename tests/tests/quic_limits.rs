@@ -1,0 +1,270 @@
+//! The QUIC endpoint under strangers: a flood of connection attempts and bad enrollments
+//! leaves the runners that are already serving connected and their jobs succeeding; past
+//! the incoming rate the broker makes sources prove their address (Retry); the intake cap
+//! refuses what is past it and frees its slots; one source enrolling too often is told to
+//! try again.
+#![allow(missing_docs, clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use runnel_protocol::{EnrollRequest, EnrollResponse, ErrorCode, read_frame, write_frame};
+use runnel_runner::{Runner, RunnerError, RunnerStatus, StateDir};
+use runnel_tests::{Record, TestBroker, metric_value};
+use serde_json::json;
+use tokio::sync::Semaphore;
+
+fn enroll_config(b: &TestBroker) -> quinn::ClientConfig {
+    let pin = runnel_certs::parse_fingerprint(&b.handle().ca_fingerprint()).unwrap();
+    runnel_runner::tls::enroll_config(pin).unwrap()
+}
+
+/// How one flood attempt ended.
+enum Outcome {
+    /// The handshake completed (then the stranger left, or its bad enrollment was
+    /// refused: `enroll_refused` says which).
+    Handshaken { enroll_refused: bool },
+    /// The broker refused the connection before any TLS (CONNECTION_REFUSED).
+    Refused,
+    /// No answer within 10 s.
+    Hung,
+    /// Anything else.
+    Other,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Outcomes {
+    handshaken: usize,
+    enroll_refused: usize,
+    refused: usize,
+    hung: usize,
+    other: usize,
+}
+
+impl Outcomes {
+    fn add(&mut self, o: Outcome) {
+        match o {
+            Outcome::Handshaken { enroll_refused } => {
+                self.handshaken += 1;
+                self.enroll_refused += usize::from(enroll_refused);
+            }
+            Outcome::Refused => self.refused += 1,
+            Outcome::Hung => self.hung += 1,
+            Outcome::Other => self.other += 1,
+        }
+    }
+}
+
+/// One stranger's attempt: a handshake, then gone; or (`enroll`) an enrollment with a token
+/// that does not exist, whose refusal it reads.
+async fn flood_attempt(
+    ep: &quinn::Endpoint,
+    cfg: quinn::ClientConfig,
+    addr: std::net::SocketAddr,
+    enroll: bool,
+) -> Outcome {
+    let conn = match ep.connect_with(cfg, addr, "localhost").unwrap().await {
+        Ok(c) => c,
+        Err(quinn::ConnectionError::ConnectionClosed(c))
+            if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+        {
+            return Outcome::Refused;
+        }
+        Err(_) => return Outcome::Other,
+    };
+    let mut enroll_refused = false;
+    if enroll {
+        let exchange = async {
+            let (mut send, mut recv) = conn.open_bi().await.ok()?;
+            let req = EnrollRequest {
+                version: runnel_protocol::PROTOCOL_VERSION,
+                token: "rt_0123456789abcdef_notarealsecret".into(),
+                csr_pem: "not a csr".into(),
+            };
+            write_frame(&mut send, &req).await.ok()?;
+            send.finish().ok()?;
+            read_frame::<EnrollResponse, _>(&mut recv).await.ok().flatten()
+        };
+        if let Some(EnrollResponse::Refused { code, .. }) = exchange.await {
+            assert!(
+                matches!(
+                    code,
+                    ErrorCode::Unauthenticated | ErrorCode::BadRequest | ErrorCode::Unavailable
+                ),
+                "{code:?}"
+            );
+            enroll_refused = true;
+        }
+    }
+    conn.close(0u32.into(), b"");
+    Outcome::Handshaken { enroll_refused }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_handshakes_and_bad_enrollments_leaves_serving_runners_connected() {
+    // A low incoming rate so that the flood is well past it on any machine.
+    let b = TestBroker::start_with(|c| c.quic_validate_above = 50).await;
+    let admin = b.tenant("acme").await;
+    let dir = tempfile::tempdir().unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut runners = Vec::new();
+    for i in 0..20 {
+        let (id, state) = b.enrolled(&admin, "alice", &dir.path().join(i.to_string())).await;
+        let rec = Record { runner: id, seen: seen.clone() };
+        let h = Runner::builder(state).capacity(2).handler("record", rec).spawn().unwrap();
+        h.wait_connected(Duration::from_secs(10)).await.unwrap();
+        runners.push(h);
+    }
+    let addr = b.handle().quic_addr();
+    let retries_before = metric_value(
+        &b.api.raw("/metrics", &b.operator_key).await,
+        r#"runnel_quic_intake_limited_total{limit="retry"}"#,
+    )
+    .unwrap_or(0.0);
+
+    // The flood: 5,000 connection attempts (a handshake, then gone without a word) and
+    // 1,000 enrollments with a token that does not exist, from many client sockets.
+    let flood = tokio::spawn({
+        let cfg = enroll_config(&b);
+        async move {
+            let gate = Arc::new(Semaphore::new(64));
+            let endpoints: Vec<_> = (0..8)
+                .map(|_| quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap())
+                .collect();
+            let outcomes = Arc::new(std::sync::Mutex::new(Outcomes::default()));
+            let mut tasks = tokio::task::JoinSet::new();
+            for n in 0..6_000usize {
+                let permit = gate.clone().acquire_owned().await.unwrap();
+                let (ep, cfg) = (endpoints[n % endpoints.len()].clone(), cfg.clone());
+                let outcomes = outcomes.clone();
+                tasks.spawn(async move {
+                    let _permit = permit;
+                    let attempt = flood_attempt(&ep, cfg, addr, n.is_multiple_of(6));
+                    let outcome = tokio::time::timeout(Duration::from_secs(10), attempt)
+                        .await
+                        .unwrap_or(Outcome::Hung);
+                    outcomes.lock().unwrap().add(outcome);
+                });
+                while tasks.try_join_next().is_some() {}
+            }
+            while tasks.join_next().await.is_some() {}
+            *outcomes.lock().unwrap()
+        }
+    });
+
+    // Meanwhile the tenant's jobs keep flowing through the 20 runners; every one succeeds.
+    let started = Instant::now();
+    let mut jobs = 0;
+    while !flood.is_finished() {
+        let mut batch = tokio::task::JoinSet::new();
+        for n in 0..8 {
+            let (api, admin) = (b.api.clone(), admin.clone());
+            batch.spawn(async move {
+                api.post(
+                    "/v1/jobs",
+                    &admin,
+                    json!({ "owner": "alice", "kind": "record", "payload": format!("job {n}"), "wait": true }),
+                )
+                .await
+            });
+        }
+        while let Some(r) = batch.join_next().await {
+            let (s, v) = r.unwrap();
+            assert_eq!((s, v["state"].as_str()), (200, Some("succeeded")), "during the flood: {v}");
+            jobs += 1;
+        }
+        assert!(started.elapsed() < Duration::from_secs(240), "the flood did not end in 240 s");
+    }
+    let o = flood.await.unwrap();
+    assert!(jobs >= 8, "only {jobs} jobs ran during the flood");
+    // Every attempt got an answer — a handshake, a refusal, or an enrollment refusal —
+    // and none hung (a few may fail otherwise on a loaded machine).
+    assert!(o.hung + o.other <= 60, "{o:?}");
+    // The flood came from one address: past its rate it was refused before any TLS.
+    assert!(o.refused > 1000 && o.handshaken > 0 && o.enroll_refused > 0, "{o:?}");
+    // No runner lost its session (a reconnect would make it session 2).
+    for h in &runners {
+        assert!(
+            matches!(h.status(), RunnerStatus::Connected { session: 1, .. }),
+            "{:?}",
+            h.status()
+        );
+    }
+    // The broker made the flood prove its addresses.
+    let metrics = b.api.raw("/metrics", &b.operator_key).await;
+    let retries =
+        metric_value(&metrics, r#"runnel_quic_intake_limited_total{limit="retry"}"#).unwrap_or(0.0);
+    assert!(retries - retries_before > 100.0, "{retries} Retry answers\n{metrics}");
+    let (s, v) = b.api.get("/v1/runners", &admin).await;
+    assert_eq!(s, 200);
+    let connected =
+        v["runners"].as_array().unwrap().iter().filter(|r| r["status"] == "online").count();
+    assert_eq!(connected, 20, "{v}");
+    eprintln!("flood over in {:?}: {o:?}, {jobs} jobs, {retries} Retry answers", started.elapsed());
+}
+
+#[tokio::test]
+async fn the_intake_cap_refuses_what_is_past_it_and_gives_slots_back() {
+    let b = TestBroker::start_with(|c| c.quic_max_handshakes = 2).await;
+    let addr = b.handle().quic_addr();
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let cfg = enroll_config(&b);
+    // Two enrollment connections that say nothing hold both slots (up to the enrollment
+    // deadline).
+    let a = ep.connect_with(cfg.clone(), addr, "localhost").unwrap().await.unwrap();
+    let c = ep.connect_with(cfg.clone(), addr, "localhost").unwrap().await.unwrap();
+    let third = ep.connect_with(cfg.clone(), addr, "localhost").unwrap().await;
+    match third {
+        Err(quinn::ConnectionError::ConnectionClosed(close)) => {
+            assert_eq!(close.error_code, quinn::TransportErrorCode::CONNECTION_REFUSED)
+        }
+        other => panic!("a third connection past the cap: {other:?}"),
+    }
+    // Once they are gone, their slots are free again.
+    a.close(0u32.into(), b"");
+    c.close(0u32.into(), b"");
+    runnel_tests::wait_for(Duration::from_secs(5), "a free intake slot", || async {
+        let conn = ep.connect_with(cfg.clone(), addr, "localhost").unwrap().await.ok()?;
+        conn.close(0u32.into(), b"");
+        Some(())
+    })
+    .await;
+    // A runner with a real token still enrolls and connects.
+    let admin = b.tenant("acme").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, h) = b.runner(&admin, "alice", &dir.path().join("r"), 1).await;
+    drop(h);
+}
+
+#[tokio::test]
+async fn a_source_that_enrolls_too_often_is_told_to_try_again() {
+    let b = TestBroker::start_with(|c| c.enroll_rate_per_source = 1).await;
+    let admin = b.tenant("acme").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (addr, fp) = (b.handle().advertise().to_owned(), b.handle().ca_fingerprint());
+    // Burst 2: two enrollments pass, the third from the same address is turned away
+    // before its token is looked at, so the token stays usable.
+    for i in 0..2 {
+        b.enrolled(&admin, "alice", &dir.path().join(i.to_string())).await;
+    }
+    let v = b.create_runner(&admin, "alice", json!({})).await;
+    let token = v["token"].as_str().unwrap();
+    let r = runnel_runner::enroll(&addr, &fp, token, &StateDir::new(dir.path().join("x"))).await;
+    match r {
+        Err(RunnerError::EnrollRefused { code: ErrorCode::Unavailable, message }) => {
+            assert!(message.contains("too many enrollment attempts"), "{message}");
+            assert!(message.contains("try again in"), "{message}");
+        }
+        other => panic!("expected a try-again refusal: {other:?}"),
+    }
+    // After the bucket refills (1 per second), the same token enrolls.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    runnel_runner::enroll(&addr, &fp, token, &StateDir::new(dir.path().join("y"))).await.unwrap();
+    // The refusal is in the cluster's log, counted per source (no token in it).
+    let audit = runnel_tests::wait_for(Duration::from_secs(5), "the refusal audited", || async {
+        let (_, audit) = b.api.get("/v1/audit", &b.operator_key).await;
+        audit.to_string().contains("enrollment rate limited").then_some(audit)
+    })
+    .await;
+    assert!(!audit.to_string().contains(token));
+}
