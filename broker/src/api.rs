@@ -16,6 +16,8 @@
 mod auth;
 mod cluster;
 mod error;
+#[cfg(feature = "bench-internals")]
+pub(crate) mod fuzz;
 mod health;
 mod jobs;
 mod keys;

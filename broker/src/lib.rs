@@ -55,10 +55,12 @@ pub use broker::{Broker, BrokerHandle, SpawnError};
 pub use cluster::JoinError;
 pub use config::{Config, ConfigError, FileConfig, HttpTls, default_node_id, parse_duration};
 
-/// Internals the micro-benchmarks measure in isolation (feature `bench-internals`; not a
-/// stable API).
+/// Internals the micro-benchmarks measure in isolation and the fuzz targets drive (feature
+/// `bench-internals`; not a stable API).
 #[cfg(feature = "bench-internals")]
 pub mod bench_internals {
+    /// The API's JSON bodies, for the `api_json` fuzz target.
+    pub use crate::api::fuzz::{Body, check_body};
     pub use crate::dispatch::{Needs, Pool, Slot};
     pub use crate::index::RunnerIndex;
     pub use crate::records::{RunnerRecord, RunnerState};

@@ -59,6 +59,25 @@ pub(super) struct CreateJob {
     wait: bool,
 }
 
+impl CreateJob {
+    /// Everything about the body that needs no state (the owner waits for the caller's
+    /// role): kind, labels, the payload it encodes, both timeouts (the config's defaults
+    /// where absent). The fuzz target `api_json` runs exactly this.
+    pub(super) fn checked(
+        &self,
+        config: &crate::config::Config,
+    ) -> Result<(Vec<u8>, Duration, Duration), ApiError> {
+        runnel_certs::identity::validate_segment("kind", &self.kind)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        super::runners::validate_labels(&self.labels)?;
+        let payload = job_payload(self)?;
+        let timeout = millis(self.timeout_ms, config.job_timeout, "timeout_ms")?;
+        let queue_timeout =
+            millis(self.queue_timeout_ms, config.queue_timeout, "queue_timeout_ms")?;
+        Ok((payload, timeout, queue_timeout))
+    }
+}
+
 fn job_payload(body: &CreateJob) -> Result<Vec<u8>, ApiError> {
     let payload = match (body.kind.as_str(), &body.exec, &body.payload) {
         ("exec", Some(e), None) => {
@@ -115,22 +134,15 @@ pub(super) async fn create(
     };
     runnel_certs::identity::validate_segment("owner", &owner)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    runnel_certs::identity::validate_segment("kind", &body.kind)
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    super::runners::validate_labels(&body.labels)?;
-    let payload = job_payload(&body)?;
+    let (payload, timeout, queue_timeout) = body.checked(&shared.config)?;
     let spec = DispatchSpec {
         owner,
         runner_id: body.runner_id.clone(),
         labels: body.labels.clone(),
         kind: body.kind.clone(),
         payload,
-        timeout_ms: ms(millis(body.timeout_ms, shared.config.job_timeout, "timeout_ms")?),
-        queue_timeout_ms: ms(millis(
-            body.queue_timeout_ms,
-            shared.config.queue_timeout,
-            "queue_timeout_ms",
-        )?),
+        timeout_ms: ms(timeout),
+        queue_timeout_ms: ms(queue_timeout),
         wait: body.wait,
     };
     let view = homed::dispatch(&shared, &tenants, &caller, spec, Hop::Api).await?;

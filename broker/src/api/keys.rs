@@ -36,6 +36,42 @@ pub(super) struct CreateOperatorKey {
     expires_in_secs: Option<u64>,
 }
 
+impl CreateKey {
+    /// Everything about the body that needs no state: a per-tenant role, the owner rule,
+    /// the expiry (None: never). The fuzz target `api_json` runs exactly this.
+    pub(super) fn checked(&self) -> Result<Option<i64>, ApiError> {
+        match (self.role, &self.owner) {
+            (Role::Operator, _) => {
+                return Err(ApiError::bad_request("operator keys are not per tenant"));
+            }
+            (Role::Metrics, _) => {
+                return Err(ApiError::bad_request(
+                    "metrics keys are cluster-wide: POST /v1/operator-keys {\"role\": \"metrics\"}",
+                ));
+            }
+            (Role::Member, None) => {
+                return Err(ApiError::bad_request("member keys need an owner"));
+            }
+            (Role::Member, Some(o)) => runnel_certs::identity::validate_segment("owner", o)
+                .map_err(|e| ApiError::bad_request(e.to_string()))?,
+            (_, Some(_)) => return Err(ApiError::bad_request("only member keys have an owner")),
+            (_, None) => {}
+        }
+        expiry(self.expires_in_secs)
+    }
+}
+
+impl CreateOperatorKey {
+    /// The role (operator or metrics) and the expiry; see [`CreateKey::checked`].
+    pub(super) fn checked(&self) -> Result<(Role, Option<i64>), ApiError> {
+        let role = match self.role.unwrap_or(Role::Operator) {
+            r @ (Role::Operator | Role::Metrics) => r,
+            _ => return Err(ApiError::bad_request("a cluster-wide key is operator or metrics")),
+        };
+        Ok((role, expiry(self.expires_in_secs)?))
+    }
+}
+
 /// Longest key lifetime asked for at creation (10 years).
 const MAX_KEY_LIFETIME_SECS: u64 = 10 * 365 * 86_400;
 
@@ -124,22 +160,7 @@ pub(super) async fn create(
     ApiJson(body): ApiJson<CreateKey>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     manages(&shared, &caller, &tenant).await?;
-    match (body.role, &body.owner) {
-        (Role::Operator, _) => {
-            return Err(ApiError::bad_request("operator keys are not per tenant"));
-        }
-        (Role::Metrics, _) => {
-            return Err(ApiError::bad_request(
-                "metrics keys are cluster-wide: POST /v1/operator-keys {\"role\": \"metrics\"}",
-            ));
-        }
-        (Role::Member, None) => return Err(ApiError::bad_request("member keys need an owner")),
-        (Role::Member, Some(o)) => runnel_certs::identity::validate_segment("owner", o)
-            .map_err(|e| ApiError::bad_request(e.to_string()))?,
-        (_, Some(_)) => return Err(ApiError::bad_request("only member keys have an owner")),
-        (_, None) => {}
-    }
-    let expires_at = expiry(body.expires_in_secs)?;
+    let expires_at = body.checked()?;
     let now = now_unix();
     let live = shared
         .keys
@@ -230,11 +251,7 @@ pub(super) async fn create_operator(
     ApiJson(body): ApiJson<CreateOperatorKey>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     caller.require(&[Role::Operator])?;
-    let role = match body.role.unwrap_or(Role::Operator) {
-        r @ (Role::Operator | Role::Metrics) => r,
-        _ => return Err(ApiError::bad_request("a cluster-wide key is operator or metrics")),
-    };
-    let expires_at = expiry(body.expires_in_secs)?;
+    let (role, expires_at) = body.checked()?;
     mint_key(&shared, &caller, role, None, None, expires_at).await
 }
 

@@ -36,6 +36,32 @@ pub(super) struct CreateRunner {
     token_ttl_secs: Option<u64>,
 }
 
+impl CreateRunner {
+    /// Everything about the body that needs no state: owner, name, labels, and the token
+    /// lifetime asked for (None: the broker's default). The fuzz target `api_json` runs
+    /// exactly this.
+    pub(super) fn checked(&self) -> Result<Option<Duration>, ApiError> {
+        runnel_certs::identity::validate_segment("owner", &self.owner)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        if self.name.is_empty()
+            || self.name.len() > MAX_NAME_LEN
+            || self.name.chars().any(char::is_control)
+        {
+            return Err(ApiError::bad_request(format!(
+                "name must be 1-{MAX_NAME_LEN} printable characters"
+            )));
+        }
+        validate_labels(&self.labels)?;
+        match self.token_ttl_secs {
+            Some(s) if !(TOKEN_TTL_RANGE.0..=TOKEN_TTL_RANGE.1).contains(&s) => {
+                Err(ApiError::bad_request("token_ttl_secs must be between 1 and 604800"))
+            }
+            Some(s) => Ok(Some(Duration::from_secs(s))),
+            None => Ok(None),
+        }
+    }
+}
+
 /// Checks a label map (keys and values follow the identity segment rule).
 pub(super) fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), ApiError> {
     if labels.len() > MAX_LABELS {
@@ -150,17 +176,7 @@ pub(super) async fn create(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     caller.require(&[Role::Admin])?;
     let tenant = caller.tenant()?.to_owned();
-    runnel_certs::identity::validate_segment("owner", &body.owner)
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    if body.name.is_empty()
-        || body.name.len() > MAX_NAME_LEN
-        || body.name.chars().any(char::is_control)
-    {
-        return Err(ApiError::bad_request(format!(
-            "name must be 1-{MAX_NAME_LEN} printable characters"
-        )));
-    }
-    validate_labels(&body.labels)?;
+    let ttl = body.checked()?.unwrap_or(shared.config.token_ttl);
     let (have, cap) = (shared.index.unrevoked(&tenant), shared.config.max_runners_per_tenant);
     if have >= cap {
         return Err(ApiError::conflict(
@@ -168,13 +184,6 @@ pub(super) async fn create(
             format!("the tenant already has {have} runners (the cap is {cap}); revoke some"),
         ));
     }
-    let ttl = match body.token_ttl_secs {
-        Some(s) if !(TOKEN_TTL_RANGE.0..=TOKEN_TTL_RANGE.1).contains(&s) => {
-            return Err(ApiError::bad_request("token_ttl_secs must be between 1 and 604800"));
-        }
-        Some(s) => Duration::from_secs(s),
-        None => shared.config.token_ttl,
-    };
     let now = now_unix();
     let record = RunnerRecord {
         id: new_id("r"),
