@@ -21,6 +21,10 @@ struct Cli {
     /// Write the built-in seeds into corpus/<target>/ (then commit them).
     #[arg(long)]
     write_corpus: bool,
+    /// Run one input from stdin through the one target named, aborting on a panic: the
+    /// harness shape afl-fuzz drives (see fuzz/README.md).
+    #[arg(long)]
+    stdin: bool,
 }
 
 fn main() -> ExitCode {
@@ -35,6 +39,25 @@ fn main() -> ExitCode {
     {
         eprintln!("runnel-fuzz: unknown target {unknown:?}");
         return ExitCode::from(64);
+    }
+    if cli.stdin {
+        let [t] = chosen.as_slice() else {
+            eprintln!("runnel-fuzz: --stdin takes exactly one target");
+            return ExitCode::from(64);
+        };
+        let mut input = Vec::new();
+        if let Err(e) = std::io::Read::read_to_end(&mut std::io::stdin(), &mut input) {
+            eprintln!("runnel-fuzz: stdin: {e}");
+            return ExitCode::FAILURE;
+        }
+        // A panic must look like a crash (a signal) to afl-fuzz, not an exit status.
+        std::panic::set_hook(Box::new(|info| {
+            eprintln!("{info}");
+            std::process::abort();
+        }));
+        let ctx = runnel_fuzz::Ctx::new();
+        (t.run)(&ctx, &input);
+        return ExitCode::SUCCESS;
     }
     if cli.write_corpus {
         for t in &chosen {
