@@ -1,10 +1,11 @@
 //! runnel-fuzz: a mutation fuzzer for what strangers and peers send the broker — frames,
 //! control/job/enroll/peer messages, enrollment CSRs, API JSON bodies.
 //!
-//! Not coverage-guided (no instrumentation on stable Rust here, see `fuzz/README.md`):
-//! inputs are seeded, deterministic mutations of built-in seeds and of `corpus/<target>/`,
-//! and inputs a target *accepts* join the pool, so mutation reaches deeper structure than
-//! random bytes do. A panic — or a broken property, which the targets assert — is saved to
+//! Two drivers over the same targets: this seeded mutation runner (not coverage-guided:
+//! deterministic mutations of built-in seeds and of `corpus/<target>/`; inputs a target
+//! *accepts* join the pool, so mutation reaches deeper structure than random bytes do), and
+//! afl-fuzz through `runnel-fuzz --stdin TARGET` built with SanitizerCoverage
+//! (`fuzz/afl.sh`, see `fuzz/README.md`). A panic — or a broken property, which the targets assert — is saved to
 //! `crashes/<target>/<sha256 prefix>.bin`; `replay` runs every saved file again.
 //!
 //! # Layout

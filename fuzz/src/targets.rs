@@ -30,24 +30,29 @@ pub enum Outcome {
     Refused,
 }
 
-/// State the targets share: a CA for CSRs, a runtime for the async frame reader.
+/// State the targets share, made on first use (afl-fuzz starts a process per input, so
+/// a target that does not need one must not pay for it): a CA for CSRs, a runtime for the
+/// async frame reader.
+#[derive(Default)]
 pub struct Ctx {
-    ca: runnel_certs::ClusterCa,
-    rt: tokio::runtime::Runtime,
+    ca: std::sync::OnceLock<runnel_certs::ClusterCa>,
+    rt: std::sync::OnceLock<tokio::runtime::Runtime>,
 }
 
 impl Ctx {
     /// A fresh context.
     pub fn new() -> Self {
-        let ca = runnel_certs::ClusterCa::generate("fuzz").expect("a CA");
-        let rt = tokio::runtime::Builder::new_current_thread().build().expect("a runtime");
-        Self { ca, rt }
+        Self::default()
     }
-}
 
-impl Default for Ctx {
-    fn default() -> Self {
-        Self::new()
+    fn ca(&self) -> &runnel_certs::ClusterCa {
+        self.ca.get_or_init(|| runnel_certs::ClusterCa::generate("fuzz").expect("a CA"))
+    }
+
+    fn rt(&self) -> &tokio::runtime::Runtime {
+        self.rt.get_or_init(|| {
+            tokio::runtime::Builder::new_current_thread().build().expect("a runtime")
+        })
     }
 }
 
@@ -98,7 +103,7 @@ fn either(a: Outcome, b: Outcome) -> Outcome {
 fn frame(ctx: &Ctx, bytes: &[u8]) -> Outcome {
     let sliced = roundtrip::<ClientControl>(bytes);
     let mut reader = bytes;
-    let streamed = ctx.rt.block_on(read_frame::<ClientControl, _>(&mut reader));
+    let streamed = ctx.rt().block_on(read_frame::<ClientControl, _>(&mut reader));
     let decoded = decode::<ClientControl>(bytes).ok().map(|(m, _)| m);
     match (streamed, decoded) {
         (Ok(Some(a)), Some(b)) => {
@@ -157,7 +162,7 @@ fn csr(ctx: &Ctx, bytes: &[u8]) -> Outcome {
         owner: "o".into(),
         runner: "r-0".into(),
     };
-    match ctx.ca.issue_runner_cert(&pem, &identity, Duration::from_secs(3600)) {
+    match ctx.ca().issue_runner_cert(&pem, &identity, Duration::from_secs(3600)) {
         Ok(cert) => {
             let parsed = runnel_certs::parse_cert(&cert.cert_der).expect("our own cert parses");
             assert_eq!(
