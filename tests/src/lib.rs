@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 mod cluster;
+pub mod netlab;
 
 pub use cluster::{EtcdServer, NodeProcess, ProcessCluster, TestCluster};
 use runnel_broker::{Broker, BrokerHandle, Config};
