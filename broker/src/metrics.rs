@@ -78,6 +78,9 @@ pub mod names {
     /// Counter, `limit` (retry, source, handshakes, enrollments, enroll_rate): incoming QUIC
     /// connections and enrollments held back by a QUIC intake limit.
     pub const QUIC_INTAKE_LIMITED: &str = "runnel_quic_intake_limited_total";
+    /// Counter: live runner connections whose remote address changed (a NAT rebinding or a
+    /// network change; QUIC migrated the connection, no new handshake), seen at heartbeats.
+    pub const QUIC_MIGRATIONS: &str = "runnel_quic_migrations_total";
     /// Gauge, `version`: always 1.
     pub const BUILD_INFO: &str = "runnel_build_info";
 
@@ -109,6 +112,7 @@ pub mod names {
         HTTP_CONNECTIONS_REFUSED,
         HTTP_RATE_LIMITED,
         QUIC_INTAKE_LIMITED,
+        QUIC_MIGRATIONS,
         BUILD_INFO,
     ];
 }
@@ -190,6 +194,10 @@ fn describe() {
         "HTTP connections closed because the connection cap was reached."
     );
     describe_counter!(names::HTTP_RATE_LIMITED, "Requests answered 429 by a rate limit, by limit.");
+    describe_counter!(
+        names::QUIC_MIGRATIONS,
+        "Runner connections that continued from a new remote address (QUIC migration)."
+    );
     describe_counter!(
         names::QUIC_INTAKE_LIMITED,
         "Incoming QUIC connections sent a Retry or refused, and enrollments refused, by limit."

@@ -79,22 +79,27 @@ async fn ctl(lab: &Lab, key: &str, args: &[&str]) -> (i32, Value, String) {
     (o.status.code().unwrap_or(-1), v, String::from_utf8_lossy(&o.stderr).into_owned())
 }
 
-#[tokio::test]
-async fn a_runner_behind_the_nat_enrolls_and_runs_jobs_and_the_broker_sees_only_the_nat() {
-    let Some(lab) = Lab::up() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let b = broker(&lab, dir.path()).await;
+/// A broker in the lab, tenant `acme`, and a runner process behind the NAT, online.
+struct Natted {
+    b: NatBroker,
+    admin: String,
+    id: String,
+    _runner: tokio::process::Child,
+}
+
+async fn natted(lab: &Lab, dir: &std::path::Path) -> Natted {
+    let b = broker(lab, dir).await;
     let op = &b.operator_key;
-    assert_eq!(ctl(&lab, op, &["tenants", "create", "acme"]).await.0, 0);
-    let (_, k, _) = ctl(&lab, op, &["keys", "create", "--tenant", "acme", "--role", "admin"]).await;
+    assert_eq!(ctl(lab, op, &["tenants", "create", "acme"]).await.0, 0);
+    let (_, k, _) = ctl(lab, op, &["keys", "create", "--tenant", "acme", "--role", "admin"]).await;
     let admin = k["key"].as_str().unwrap().to_owned();
     let (code, r, err) =
-        ctl(&lab, &admin, &["runners", "create", "--owner", "alice", "--name", "natted"]).await;
+        ctl(lab, &admin, &["runners", "create", "--owner", "alice", "--name", "natted"]).await;
     assert_eq!(code, 0, "{err}");
-    let (id, token) = (r["runner_id"].as_str().unwrap(), r["token"].as_str().unwrap());
+    let (id, token) = (r["runner_id"].as_str().unwrap().to_owned(), r["token"].as_str().unwrap());
 
     // The runner, on its private subnet, enrolls and connects through the NAT.
-    let state = dir.path().join("runner");
+    let state = dir.join("runner");
     let enrolled = lab
         .command(Ns::Runner, RUNNER)
         .args(["enroll", "--broker", &format!("{BROKER_IP}:7443")])
@@ -104,7 +109,7 @@ async fn a_runner_behind_the_nat_enrolls_and_runs_jobs_and_the_broker_sees_only_
         .await
         .unwrap();
     assert!(enrolled.status.success(), "{}", String::from_utf8_lossy(&enrolled.stderr));
-    let _runner = lab
+    let runner = lab
         .command(Ns::Runner, RUNNER)
         .args(["run", "--capacity", "2", "--state-dir"])
         .arg(&state)
@@ -112,10 +117,18 @@ async fn a_runner_behind_the_nat_enrolls_and_runs_jobs_and_the_broker_sees_only_
         .spawn()
         .unwrap();
     runnel_tests::wait_for(Duration::from_secs(20), "the runner online", || async {
-        let (_, v, _) = ctl(&lab, &admin, &["runners", "get", id]).await;
+        let (_, v, _) = ctl(lab, &admin, &["runners", "get", &id]).await;
         (v["status"] == "online").then_some(())
     })
     .await;
+    Natted { b, admin, id, _runner: runner }
+}
+
+#[tokio::test]
+async fn a_runner_behind_the_nat_enrolls_and_runs_jobs_and_the_broker_sees_only_the_nat() {
+    let Some(lab) = Lab::up() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let Natted { b, admin, _runner, .. } = natted(&lab, dir.path()).await;
 
     // Jobs run through it.
     for n in 0..3 {
@@ -176,4 +189,46 @@ async fn nothing_gets_in_from_the_broker_side() {
         .await
         .unwrap();
     assert!(!quic.status.success());
+}
+
+#[tokio::test]
+async fn a_nat_rebinding_mid_job_migrates_the_connection_and_the_job_succeeds() {
+    let Some(lab) = Lab::up() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let Natted { b, admin, id, _runner } = natted(&lab, dir.path()).await;
+    // A job that is quiet for 5 s, then prints.
+    let job = lab
+        .command(Ns::Broker, CTL)
+        .args(["-o", "json", "jobs", "run", "--owner", "alice", "--"])
+        .args(["sh", "-c", "sleep 5; echo after-the-rebinding"])
+        .env("RUNNEL_URL", "http://127.0.0.1:7480")
+        .env("RUNNEL_KEY", &admin)
+        .env("RUNNEL_CONFIG_DIR", "/nonexistent")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The NAT forgets its mapping: the runner's next packets leave from a new port.
+    lab.lab("rebind", &[]);
+    let out = tokio::time::timeout(Duration::from_secs(30), job.wait_with_output())
+        .await
+        .expect("the job ended")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("after-the-rebinding"), "{stdout}");
+
+    // The same connection went on from the new address: seen, and no second session.
+    let log = runnel_tests::wait_for(Duration::from_secs(10), "the migration logged", || async {
+        let log = std::fs::read_to_string(&b.log).unwrap();
+        log.contains("the connection migrated").then_some(log)
+    })
+    .await;
+    let migrated = log.lines().find(|l| l.contains("the connection migrated")).unwrap();
+    assert!(migrated.matches(&format!("{NAT_OUTSIDE_IP}:")).count() == 2, "{migrated}");
+    assert_eq!(log.matches("runner connected").count(), 1, "a reconnect:\n{log}");
+    assert_eq!(log.matches("runner disconnected").count(), 0, "{log}");
+    let (_, v, _) = ctl(&lab, &admin, &["runners", "get", &id]).await;
+    assert_eq!((v["status"].as_str(), v["connections"].as_u64()), (Some("online"), Some(1)), "{v}");
 }

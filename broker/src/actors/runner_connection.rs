@@ -118,6 +118,9 @@ pub(crate) struct ConnectionState {
     label: String,
     /// Lost packets already counted.
     lost_counted: u64,
+    /// Where the runner's packets come from now (a NAT rebinding or a network change moves
+    /// it under the live connection: QUIC migration; nothing is keyed by it).
+    remote: std::net::SocketAddr,
     /// When this connection last got a renewed certificate.
     last_renewal: Option<std::time::Instant>,
     /// The public key of the certificate this connection was verified with: a renewal
@@ -182,6 +185,7 @@ impl Actor for RunnerConnection {
         Ok(ConnectionState {
             conn_id: args.conn_id,
             peer_key: peer_key(&conn),
+            remote: conn.remote_address(),
             conn,
             identity,
             tenant: args.tenant,
@@ -334,6 +338,12 @@ impl ConnectionState {
                 metrics::counter!(names::QUIC_LOST_PACKETS)
                     .increment(lost.saturating_sub(self.lost_counted));
                 self.lost_counted = lost;
+                let remote = self.conn.remote_address();
+                if remote != self.remote {
+                    metrics::counter!(names::QUIC_MIGRATIONS).increment(1);
+                    tracing::info!(from = %self.remote, to = %remote, "runner address changed; the connection migrated");
+                    self.remote = remote;
+                }
                 let now = now_unix();
                 self.shared.index.update_presence(&self.identity.runner, |e| {
                     e.last_seen = Some(now);
