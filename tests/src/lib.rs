@@ -276,6 +276,16 @@ impl runnel_runner::JobHandler for Record {
     }
 }
 
+/// Whether `bin` is on PATH (for tests of a real component that may be missing on a
+/// developer machine; CI installs them).
+pub fn installed(bin: &str) -> bool {
+    std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {bin}")])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// The value of one series in Prometheus text: `series` is the name with its labels as
 /// the exporter writes them (`runnel_x_total{limit="retry"}`), or a bare name for an
 /// unlabelled one. None when the series is not there (a counter never incremented).

@@ -2,7 +2,7 @@
 //! drop (a failing test tears them down too), commands run inside one of them.
 
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 /// The broker namespace's address (the runner dials it through the NAT).
 pub const BROKER_IP: &str = "10.77.2.2";
@@ -47,13 +47,7 @@ impl Lab {
     pub fn up() -> Option<Self> {
         let missing: Vec<&str> = ["ip", "iptables", "conntrack", "tc"]
             .into_iter()
-            .filter(|b| {
-                !Command::new("sh")
-                    .args(["-c", &format!("command -v {b}")])
-                    .stdout(Stdio::null())
-                    .status()
-                    .is_ok_and(|s| s.success())
-            })
+            .filter(|b| !crate::installed(b))
             .collect();
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

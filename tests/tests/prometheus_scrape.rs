@@ -8,15 +8,8 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use runnel_tests::{TestBroker, wait_for};
+use runnel_tests::{TestBroker, installed, wait_for};
 use serde_json::Value;
-
-fn installed(bin: &str) -> bool {
-    std::process::Command::new("sh")
-        .args(["-c", &format!("command -v {bin}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
 
 async fn query(http: &reqwest::Client, base: &str, q: &str) -> Option<f64> {
     let v: Value = http
