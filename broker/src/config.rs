@@ -205,10 +205,10 @@ pub struct Config {
     /// TTL of this node's membership lease; a node that cannot renew it for half of this
     /// stops serving its tenants.
     pub lease_ttl: Duration,
-    /// (cluster) On SIGTERM, how long the node waits for the jobs it accepted to end
-    /// before it tells its runners to go away.
+    /// On SIGTERM, how long the node waits (in a cluster) for the jobs it accepted to end
+    /// before it tells its runners to go away, and then for them to leave.
     pub drain_timeout: Duration,
-    /// (cluster) The window a draining node spreads its runners' reconnects over.
+    /// The window a draining node (SIGTERM) spreads its runners' reconnects over.
     pub goaway_window: Duration,
     /// Longest wait for a request's headers, and for the next request on an idle
     /// keep-alive connection.
@@ -496,26 +496,7 @@ pub enum ConfigError {
     },
 }
 
-/// Parses `250ms`, `30s`, `5m`, `1h`, `7d` (a bare number is seconds).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?} (try 30s, 5m, 1h)"))?;
-    let secs = |mult: u64| {
-        n.checked_mul(mult)
-            .map(Duration::from_secs)
-            .ok_or_else(|| format!("duration {s:?} too large"))
-    };
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "" | "s" => secs(1),
-        "m" => secs(60),
-        "h" => secs(3600),
-        "d" => secs(86_400),
-        _ => Err(format!("invalid duration unit in {s:?} (use ms, s, m, h or d)")),
-    }
-}
+pub use runnel_protocol::duration::parse_duration;
 
 /// The `[broker]`-less TOML file: every key optional, unknown keys refused.
 #[derive(Debug, Default, Deserialize)]
@@ -623,17 +604,6 @@ impl FileConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_parse_and_bad_ones_explain() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
-        assert!(parse_duration("5 parsecs").is_err());
-        assert!(parse_duration("").is_err());
-        assert!(parse_duration("99999999999999999999d").is_err());
-    }
 
     #[test]
     fn validation_catches_inconsistent_values() {

@@ -10,6 +10,7 @@
 //! - `peer`: node-to-node calls of ALPN `runnel-peer/1` (a cluster forwards API calls to a
 //!   tenant's home), and the job view and states they carry.
 //! - `error`: numeric error and connection-close codes shared by both sides.
+//! - [`duration`]: `30s`/`5m` as both sides' flags and config files write durations.
 //! - [`limits`] and [`version`]: the constants both sides agree on.
 //!
 //! This crate does no I/O of its own beyond generic `AsyncRead`/`AsyncWrite` helpers in
@@ -20,6 +21,7 @@
 // Type modules are private behind the re-exports below; `limits` and `version` stay public
 // as namespaces of the constants both sides agree on.
 mod control;
+pub mod duration;
 mod enroll;
 mod error;
 mod frame;

@@ -70,6 +70,11 @@ enum Command {
         /// Serve no `exec` jobs at all (the runner stays connected; such jobs are refused).
         #[arg(long, env = "RUNNEL_NO_EXEC")]
         no_exec: bool,
+        /// QUIC keep-alive from the runner's side (default 4s): it keeps the NAT mapping in
+        /// front of the runner alive, so it must be shorter than that NAT's UDP timeout
+        /// (often 30 s, sometimes less). 100ms to 10m.
+        #[arg(long, env = "RUNNEL_KEEP_ALIVE", value_parser = parse_keep_alive)]
+        keep_alive: Option<std::time::Duration>,
     },
 }
 
@@ -79,6 +84,16 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
         return Err(format!("label {s:?} has an empty key"));
     }
     Ok((k.to_owned(), v.to_owned()))
+}
+
+fn parse_keep_alive(s: &str) -> Result<std::time::Duration, String> {
+    let d = runnel_protocol::duration::parse_duration(s)?;
+    let range = std::time::Duration::from_millis(100)..=std::time::Duration::from_secs(600);
+    if range.contains(&d) {
+        Ok(d)
+    } else {
+        Err(format!("keep-alive {s:?} out of range (100ms to 10m)"))
+    }
 }
 
 fn init_tracing(format: &str) -> Result<(), String> {
@@ -151,7 +166,7 @@ pub fn main() -> ExitCode {
                     }
                 }
             }
-            Command::Run { state_dir: dir, capacity, labels, broker, exec_inherit_env, exec_allow, no_exec } => {
+            Command::Run { state_dir: dir, capacity, labels, broker, exec_inherit_env, exec_allow, no_exec, keep_alive } => {
                 let state_dir = match state_dir(dir) {
                     Ok(d) => d,
                     Err(e) => {
@@ -175,6 +190,9 @@ pub fn main() -> ExitCode {
                 }
                 if let Some(addr) = broker {
                     b = b.broker(addr);
+                }
+                if let Some(k) = keep_alive {
+                    b = b.keep_alive(k);
                 }
                 let handle = match b.spawn() {
                     Ok(h) => h,
@@ -202,4 +220,21 @@ pub fn main() -> ExitCode {
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::parse_keep_alive;
+
+    #[test]
+    fn keep_alive_parses_like_the_brokers_durations_and_refuses_the_useless_ones() {
+        assert_eq!(parse_keep_alive("4s"), Ok(Duration::from_secs(4)));
+        assert_eq!(parse_keep_alive("250ms"), Ok(Duration::from_millis(250)));
+        // 0 would spin, an hour is longer than any NAT keeps a UDP mapping.
+        for bad in ["0", "50ms", "1h", "soon", ""] {
+            assert!(parse_keep_alive(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 }
