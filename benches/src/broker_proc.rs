@@ -11,7 +11,9 @@ use crate::proc_usage::{Usage, usage};
 
 pub(crate) struct BrokerProc {
     child: Child,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    args: Vec<String>,
     pub(crate) http: String,
     pub(crate) quic: String,
     pub(crate) operator_key: String,
@@ -29,6 +31,14 @@ fn default_bin() -> anyhow::Result<PathBuf> {
         );
     }
     Ok(bin)
+}
+
+/// What a started broker's banner said.
+struct Banner {
+    http: String,
+    quic: String,
+    fingerprint: String,
+    operator_key: Option<String>,
 }
 
 impl BrokerProc {
@@ -67,13 +77,35 @@ impl BrokerProc {
         ]
         .into_iter()
         .filter(|(flag, _)| !extra.iter().any(|e| e == flag))
-        .flat_map(|(flag, value)| [flag, value]);
-        let mut child = Command::new(&bin)
+        .flat_map(|(flag, value)| [flag.to_owned(), value.to_owned()]);
+        let args: Vec<String> = defaults.chain(extra.iter().cloned()).collect();
+        let expect_key = operator_key.is_none();
+        let (child, banner) = Self::spawn(&bin, quic_listen, &args, dir.path(), expect_key).await?;
+        let operator_key = banner.operator_key.or_else(|| operator_key.map(str::to_owned));
+        Ok(Self {
+            child,
+            dir,
+            bin,
+            args,
+            http: banner.http,
+            quic: banner.quic,
+            operator_key: operator_key.context("no operator key file in banner")?,
+            fingerprint: banner.fingerprint,
+        })
+    }
+
+    async fn spawn(
+        bin: &Path,
+        quic_listen: &str,
+        args: &[String],
+        dir: &Path,
+        expect_key: bool,
+    ) -> anyhow::Result<(Child, Banner)> {
+        let mut child = Command::new(bin)
             .args(["serve", "--quic-listen", quic_listen, "--http-listen", "127.0.0.1:0"])
-            .args(defaults)
-            .args(extra)
+            .args(args)
             .arg("--data-dir")
-            .arg(dir.path().join("data"))
+            .arg(dir.join("data"))
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -82,8 +114,7 @@ impl BrokerProc {
             .with_context(|| format!("starting {}", bin.display()))?;
         let stdout = child.stdout.take().context("no stdout")?;
         let mut lines = BufReader::new(stdout).lines();
-        let (mut http, mut quic, mut fp) = (None, None, None);
-        let mut key = operator_key.map(str::to_owned);
+        let (mut http, mut quic, mut fp, mut key) = (None, None, None, None);
         while let Some(line) = lines.next_line().await? {
             let t = line.trim();
             if let Some(rest) = t.strip_prefix("QUIC (runners):") {
@@ -95,20 +126,45 @@ impl BrokerProc {
             } else if let Some(rest) = t.strip_prefix("Operator key file:") {
                 key = Some(std::fs::read_to_string(rest.trim())?.trim().to_owned());
             }
-            if key.is_some() && http.is_some() && quic.is_some() && fp.is_some() {
+            // The fingerprint line comes after the addresses; a cluster's first node then
+            // names the operator key's file, a later node or a restart does not.
+            if fp.is_some() && (key.is_some() || !expect_key) {
                 break;
             }
         }
         // Keep draining stdout so the broker never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(Self {
-            child,
-            _dir: dir,
+        let banner = Banner {
             http: http.context("no HTTP address in banner")?,
             quic: quic.context("no QUIC address in banner")?,
-            operator_key: key.context("no operator key file in banner")?,
             fingerprint: fp.context("no fingerprint in banner")?,
-        })
+            operator_key: key,
+        };
+        Ok((child, banner))
+    }
+
+    /// Stops the broker (`kill`: SIGKILL, as a crash; else SIGTERM, which drains) and
+    /// starts it again at once on the same QUIC address and data dir. Answers when the new
+    /// process is serving.
+    pub(crate) async fn restart(&mut self, kill: bool) -> anyhow::Result<()> {
+        if kill {
+            let _ = self.child.kill().await;
+        } else {
+            self.terminate().await;
+        }
+        let (child, banner) =
+            Self::spawn(&self.bin, &self.quic, &self.args, self.dir.path(), false).await?;
+        self.child = child;
+        self.http = banner.http;
+        Ok(())
+    }
+
+    async fn terminate(&mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await;
+        }
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(70), self.child.wait()).await;
+        let _ = self.child.kill().await;
     }
 
     pub(crate) fn usage(&self) -> anyhow::Result<Usage> {
@@ -121,10 +177,6 @@ impl BrokerProc {
     }
 
     pub(crate) async fn stop(mut self) {
-        if let Some(pid) = self.child.id() {
-            let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await;
-        }
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), self.child.wait()).await;
-        let _ = self.child.kill().await;
+        self.terminate().await;
     }
 }

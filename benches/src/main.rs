@@ -12,6 +12,7 @@ mod failover;
 mod flood;
 mod nats;
 mod proc_usage;
+mod reconnect;
 mod report;
 mod sim;
 
@@ -46,6 +47,26 @@ enum Command {
     /// R runners under the dispatch load, quiet and then while strangers flood the QUIC
     /// port with handshakes and bad enrollments: p99 and throughput of both, and the ratio.
     Flood(FloodArgs),
+    /// N real runners (the runner library, full-jitter backoff), the broker restarted twice
+    /// (kill -9, then SIGTERM with GoAway): time until 50/99/100% are back, the peak
+    /// handshake rate, the broker's CPU during the storm.
+    Reconnect(ReconnectArgs),
+}
+
+#[derive(Debug, Args)]
+struct ReconnectArgs {
+    /// Runners (one tenant, each its own QUIC endpoint).
+    #[arg(long, short = 'n', default_value_t = 500)]
+    runners: usize,
+    /// The broker's idle timeout: how long a killed broker's runners take to notice.
+    #[arg(long, default_value = "10s")]
+    idle_timeout: String,
+    /// The window a draining broker spreads its runners' reconnects over.
+    #[arg(long, default_value = "5s")]
+    goaway_window: String,
+    /// Path of the runnel-broker binary (default: next to this one).
+    #[arg(long)]
+    broker_bin: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -162,6 +183,10 @@ fn main() -> anyhow::Result<()> {
             Command::Revoke(a) => revoke(a).await,
             Command::CompareNats(a) => compare_nats(a).await,
             Command::Flood(a) => flood::run(&a.common, a.runners, a.attackers).await,
+            Command::Reconnect(a) => {
+                let bin = a.broker_bin.as_deref();
+                reconnect::run(bin, a.runners, &a.idle_timeout, &a.goaway_window).await
+            }
             Command::Cluster(a) => {
                 let bin = a.common.broker_bin.clone();
                 let etcd = a.etcd_bin.as_deref();

@@ -152,7 +152,8 @@ impl Fleet {
                     match read_frame::<ServerControl, _>(&mut recv).await? {
                         Some(ServerControl::Welcome(w)) => {
                             let hb = w.heartbeat_interval_ms;
-                            Ok::<_, anyhow::Error>((conn, send, hb, tenant, id.runner_id.clone()))
+                            let runner_id = id.runner_id.clone();
+                            Ok::<_, anyhow::Error>((conn, send, recv, hb, tenant, runner_id))
                         }
                         other => anyhow::bail!("no Welcome: {other:?}"),
                     }
@@ -166,8 +167,8 @@ impl Fleet {
         let mut failed = 0usize;
         for c in conns {
             match c {
-                Ok((conn, send, hb, tenant, runner_id)) => {
-                    tasks.spawn(serve(conn.clone(), send, hb));
+                Ok((conn, send, recv, hb, tenant, runner_id)) => {
+                    tasks.spawn(serve(conn.clone(), send, recv, hb));
                     live.push(Live { conn, tenant, runner_id });
                 }
                 Err(e) => {
@@ -211,7 +212,12 @@ pub(crate) struct Connected {
     _endpoints: Vec<quinn::Endpoint>,
 }
 
-async fn serve(conn: quinn::Connection, mut control: quinn::SendStream, heartbeat_ms: u32) {
+async fn serve(
+    conn: quinn::Connection,
+    mut control: quinn::SendStream,
+    mut from_broker: quinn::RecvStream,
+    heartbeat_ms: u32,
+) {
     let hb = async move {
         let mut t = tokio::time::interval(Duration::from_millis(u64::from(heartbeat_ms.max(1000))));
         loop {
@@ -247,7 +253,18 @@ async fn serve(conn: quinn::Connection, mut control: quinn::SendStream, heartbea
             });
         }
     };
-    tokio::select! { _ = hb => {}, _ = jobs => {} }
+    // A draining broker's GoAway: leave at once (a simulated runner runs nothing that
+    // outlives its stream), as a real runner with no job running does.
+    let goaway = async {
+        while let Ok(Some(m)) = read_frame::<ServerControl, _>(&mut from_broker).await {
+            if matches!(m, ServerControl::GoAway(_)) {
+                conn.close(0u32.into(), b"going away");
+                return;
+            }
+        }
+        std::future::pending::<()>().await;
+    };
+    tokio::select! { _ = hb => {}, _ = jobs => {}, _ = goaway => {} }
 }
 
 /// `concurrency` dispatchers, each in a loop of `POST /v1/jobs` with `wait`, for `len`.

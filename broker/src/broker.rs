@@ -543,19 +543,27 @@ impl BrokerHandle {
         self.faulty.fail_writes(on);
     }
 
-    /// (cluster) Drains this node, for a rolling restart: it takes no new dispatch (503,
-    /// callers retry and reach the next home), waits up to the drain timeout for the jobs
-    /// it accepted to end, tells its runners to go away (each reconnects after a delay in
-    /// the GoAway window, and finishes what it runs first), and releases its claims so the
-    /// next home claims at once. A single node has nothing to hand over: a no-op.
+    /// Drains this node before it stops (SIGTERM), so that a restart does not cut jobs off
+    /// or bring every runner back at once. It tells its runners to go away, each with its
+    /// own reconnect delay drawn from the GoAway window (each finishes what it runs first),
+    /// and waits, up to the drain timeout, until they have left. From then on its QUIC
+    /// endpoint refuses new connections: a runner whose delay is up before this node has
+    /// stopped backs off rather than settling here again.
+    ///
+    /// In a cluster, first it takes no new dispatch (503, callers retry and reach the next
+    /// home) and waits for the jobs it accepted to end, and at the end it releases its
+    /// claims so that the next home claims at once.
     pub async fn drain(&self) {
-        let Some(cluster) = &self.shared.cluster else { return };
-        cluster.draining.store(true, std::sync::atomic::Ordering::Release);
         let config = &self.shared.config;
         let deadline = tokio::time::Instant::now() + config.drain_timeout;
-        while self.shared.jobs.unfinished_count() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        if let Some(cluster) = &self.shared.cluster {
+            cluster.draining.store(true, std::sync::atomic::Ordering::Release);
+            while self.shared.jobs.unfinished_count() > 0 && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
+        self.shared.intake.close();
         let left = self.shared.jobs.unfinished_count();
         tracing::info!(unfinished = left, "drain: telling runners to go away");
         let window_ms = u32::try_from(config.goaway_window.as_millis()).unwrap_or(u32::MAX);
@@ -566,7 +574,9 @@ impl BrokerHandle {
         while self.shared.index.connected(None) > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        cluster.release_claims().await;
+        if let Some(cluster) = &self.shared.cluster {
+            cluster.release_claims().await;
+        }
     }
 
     fn tenants_running(&self) -> Vec<ractor::ActorRef<crate::actors::TenantMsg>> {

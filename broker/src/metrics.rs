@@ -75,8 +75,9 @@ pub mod names {
     pub const HTTP_CONNECTIONS_REFUSED: &str = "runnel_http_connections_refused_total";
     /// Counter, `limit` (source, key): requests answered 429 by a rate limit.
     pub const HTTP_RATE_LIMITED: &str = "runnel_http_rate_limited_total";
-    /// Counter, `limit` (retry, source, handshakes, enrollments, enroll_rate): incoming QUIC
-    /// connections and enrollments held back by a QUIC intake limit.
+    /// Counter, `limit` (retry, source, handshakes, enrollments, enroll_rate, closed):
+    /// incoming QUIC connections and enrollments held back by a QUIC intake limit, or
+    /// refused because the node drains before it stops (closed).
     pub const QUIC_INTAKE_LIMITED: &str = "runnel_quic_intake_limited_total";
     /// Counter: live runner connections whose remote address changed (a NAT rebinding or a
     /// network change; QUIC migrated the connection, no new handshake), seen at heartbeats.

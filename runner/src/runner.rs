@@ -279,7 +279,9 @@ async fn run_loop(inner: Arc<Inner>) -> Result<(), RunnerError> {
                 target = None;
                 redirects = 0;
                 next = next.wrapping_add(1);
-                backoff.reset();
+                // Should the broker not be back when the delay is up, the fleet must not
+                // then pile onto its successor in step: the lost-session spread.
+                backoff.after_lost_session();
                 tracing::info!(delay_ms = delay.as_millis() as u64, "reconnecting after GoAway");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
@@ -298,7 +300,7 @@ async fn run_loop(inner: Arc<Inner>) -> Result<(), RunnerError> {
         redirects = 0;
         next = next.wrapping_add(1);
         if welcomed {
-            backoff.reset();
+            backoff.after_lost_session();
         }
         let delay = backoff.next_delay(&mut rand::rng());
         tracing::info!(%reason, delay_ms = delay.as_millis() as u64, "reconnecting");

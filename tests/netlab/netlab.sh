@@ -10,7 +10,8 @@
 # Addresses exist only inside these namespaces. <P> is a per-run prefix (letters and
 # digits, at most 8), so that two runs never collide.
 #
-# netlab.sh up P | down P | rebind P | expire P SECS | impair P LOSS% DELAY_MS | exec P r|n|b CMD...
+# netlab.sh up P | down P | rebind P | expire P SECS | impair P LOSS% DELAY_MS
+#           | delay-line P PORT | exec P r|n|b CMD...
 set -euo pipefail
 
 cmd=${1:?usage: netlab.sh up|down|rebind|expire|impair|exec PREFIX ...}
@@ -78,6 +79,14 @@ case "$cmd" in
     loss=${3:?loss percent} delay=${4:?delay ms}
     nsx "$N" tc qdisc replace dev "${p}nb" root netem loss "${loss}%" delay "${delay}ms"
     nsx "$B" tc qdisc replace dev "${p}bn" root netem loss "${loss}%" delay "${delay}ms"
+    ;;
+  # Where the kernel has no netem: new UDP flows from the runner side toward the broker's
+  # QUIC port go to a user-space delay line listening on PORT in the NAT namespace
+  # (tests/src/bin/delay-line-under-test.rs), which relays them with loss and delay.
+  delay-line)
+    port=${3:?port}
+    nsx "$N" iptables -t nat -I PREROUTING -i "${p}nr" -p udp -d "$BROKER_IP" --dport 7443 \
+      -j REDIRECT --to-ports "$port"
     ;;
   exec)
     which=${3:?r|n|b}

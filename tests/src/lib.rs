@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 mod cluster;
+pub mod fleet;
 pub mod netlab;
 
 pub use cluster::{EtcdServer, NodeProcess, ProcessCluster, TestCluster};
@@ -16,6 +17,24 @@ use runnel_broker::{Broker, BrokerHandle, Config};
 pub use runnel_ctl::Method;
 use runnel_runner::{Runner, RunnerHandle, StateDir};
 use serde_json::{Value, json};
+
+/// `main` of the helper bins (`fleet-under-test`, `delay-line-under-test`): runs `f` on a
+/// tokio runtime; an error goes to stderr as `NAME: error` and exits 1.
+pub fn bin_main<F>(name: &str, f: impl FnOnce() -> F) -> std::process::ExitCode
+where
+    F: Future<Output = Result<(), String>>,
+{
+    let result = tokio::runtime::Runtime::new()
+        .map_err(|e| format!("cannot start a runtime: {e}"))
+        .and_then(|rt| rt.block_on(f()));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
 
 /// Polls `f` until it returns `Some`, or panics after `limit` with `what`.
 pub async fn wait_for<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> T

@@ -85,17 +85,23 @@ impl Lab {
         c
     }
 
-    /// Runs `netlab.sh <cmd> <prefix> <args>` (rebind, expire, impair).
+    /// Runs `netlab.sh <cmd> <prefix> <args>` (rebind, expire, impair, delay-line), which
+    /// must succeed.
     pub fn lab(&self, cmd: &str, args: &[&str]) -> Output {
-        let out = Command::new("bash")
+        let out = self.try_lab(cmd, args);
+        assert!(out.status.success(), "netlab.sh {cmd}: {}", String::from_utf8_lossy(&out.stderr));
+        out
+    }
+
+    /// Runs `netlab.sh <cmd> <prefix> <args>`; the caller looks at how it went.
+    pub fn try_lab(&self, cmd: &str, args: &[&str]) -> Output {
+        Command::new("bash")
             .arg(script())
             .arg(cmd)
             .arg(&self.prefix)
             .args(args)
             .output()
-            .expect("netlab.sh runs");
-        assert!(out.status.success(), "netlab.sh {cmd}: {}", String::from_utf8_lossy(&out.stderr));
-        out
+            .expect("netlab.sh runs")
     }
 }
 

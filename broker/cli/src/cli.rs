@@ -129,10 +129,12 @@ struct ServeArgs {
     /// host:port of this node's own QUIC endpoint, where other nodes redirect runners.
     #[arg(long, env = "RUNNEL_NODE_ADVERTISE")]
     node_advertise: Option<String>,
-    /// (cluster) On SIGTERM, longest wait for accepted jobs to end (default 60s).
+    /// On SIGTERM, longest wait for accepted jobs to end and for runners to leave (default
+    /// 60s).
     #[arg(long, env = "RUNNEL_DRAIN_TIMEOUT")]
     drain_timeout: Option<String>,
-    /// (cluster) Window a draining node spreads its runners' reconnects over (default 5s).
+    /// Window a draining broker (SIGTERM) spreads its runners' reconnects over: each gets
+    /// GoAway with its own delay in it (default 5s).
     #[arg(long, env = "RUNNEL_GOAWAY_WINDOW")]
     goaway_window: Option<String>,
     /// TTL of this node's membership lease in etcd (default 5s).

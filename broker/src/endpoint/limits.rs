@@ -12,6 +12,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -66,6 +67,8 @@ pub(crate) struct IntakeLimits {
     always_validate: bool,
     per_source: Keyed<IpAddr>,
     enroll_per_source: Keyed<IpAddr>,
+    /// Set by a drain: the node is going away, every new connection is refused.
+    closed: AtomicBool,
 }
 
 fn limited(which: &'static str) {
@@ -82,7 +85,13 @@ impl IntakeLimits {
             always_validate: config.quic_validate_above == 0,
             per_source: Keyed::new(config.quic_rate_per_source),
             enroll_per_source: Keyed::new(config.enroll_rate_per_source),
+            closed: AtomicBool::new(false),
         }
+    }
+
+    /// From now on every new connection is refused (the node drains before it stops).
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
     }
 
     /// Decides for one incoming connection from `ip`. Every connection spends a token of
@@ -90,6 +99,10 @@ impl IntakeLimits {
     /// has not yet proven its address (`validated`: it came back with our Retry token)
     /// gets a Retry instead, and a proven one over its own rate is refused.
     pub(crate) fn admit(&self, ip: IpAddr, validated: bool) -> Admission {
+        if self.closed.load(Ordering::Acquire) {
+            limited("closed");
+            return Admission::Refuse;
+        }
         let over_rate = !self.incoming.check() || self.always_validate;
         if over_rate && !validated {
             limited("retry");
@@ -140,6 +153,16 @@ mod tests {
         let mut c = Config::default();
         tweak(&mut c);
         IntakeLimits::new(&c)
+    }
+
+    #[test]
+    fn a_closed_intake_refuses_everyone() {
+        let l = limits(|_| {});
+        let ip = IpAddr::from([10, 0, 0, 1]);
+        assert!(matches!(l.admit(ip, true), Admission::Admit(_)));
+        l.close();
+        assert!(matches!(l.admit(ip, true), Admission::Refuse));
+        assert!(matches!(l.admit(ip, false), Admission::Refuse));
     }
 
     #[test]
