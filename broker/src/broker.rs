@@ -546,8 +546,8 @@ impl BrokerHandle {
     /// Drains this node before it stops (SIGTERM), so that a restart does not cut jobs off
     /// or bring every runner back at once. It tells its runners to go away, each with its
     /// own reconnect delay drawn from the GoAway window (each finishes what it runs first),
-    /// and waits, up to the drain timeout, until they have left. From then on its QUIC
-    /// endpoint refuses new connections: a runner whose delay is up before this node has
+    /// and waits, up to the drain timeout, until they have left. A single node's QUIC
+    /// endpoint then refuses new connections: a runner whose delay is up before the node has
     /// stopped backs off rather than settling here again.
     ///
     /// In a cluster, first it takes no new dispatch (503, callers retry and reach the next
@@ -563,7 +563,12 @@ impl BrokerHandle {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
-        self.shared.intake.close();
+        if self.shared.cluster.is_none() {
+            // A single node: nowhere else to send a runner whose delay is up before this
+            // process stops. (A cluster node keeps accepting: a runner that comes back is
+            // redirected to the tenant's next home.)
+            self.shared.intake.close();
+        }
         let left = self.shared.jobs.unfinished_count();
         tracing::info!(unfinished = left, "drain: telling runners to go away");
         let window_ms = u32::try_from(config.goaway_window.as_millis()).unwrap_or(u32::MAX);

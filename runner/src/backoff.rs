@@ -22,12 +22,14 @@ pub(crate) const LOST_SESSION_SPREAD: Duration = Duration::from_secs(3);
 #[derive(Debug, Clone)]
 pub(crate) struct Backoff {
     ceiling: Duration,
+    /// The next delay is drawn from [`LOST_SESSION_SPREAD`] (once).
+    spread_next: bool,
 }
 
 impl Backoff {
     /// Starts at [`BACKOFF_START`].
     pub(crate) fn new() -> Self {
-        Self { ceiling: BACKOFF_START }
+        Self { ceiling: BACKOFF_START, spread_next: false }
     }
 
     /// After a success (a renewal went through): the next failure starts small again.
@@ -36,15 +38,28 @@ impl Backoff {
     }
 
     /// After a session that got as far as Welcome and was then lost: the next delay is
-    /// drawn from [`LOST_SESSION_SPREAD`], and the ceiling doubles from there.
+    /// drawn from [`LOST_SESSION_SPREAD`]; failures after it start small again, so that a
+    /// runner waiting for a failover (its tenant's next home) is not kept away for long.
     pub(crate) fn after_lost_session(&mut self) {
-        self.ceiling = LOST_SESSION_SPREAD;
+        self.ceiling = BACKOFF_START;
+        self.spread_next = true;
+    }
+
+    /// The broker refused a connection (busy, or stopping): the next delay is drawn from at
+    /// least [`LOST_SESSION_SPREAD`]; the ceiling keeps doubling.
+    pub(crate) fn spread(&mut self) {
+        self.spread_next = true;
     }
 
     /// The delay before the next attempt, drawn uniformly in `[0, ceiling]`; the ceiling
     /// then doubles, up to [`BACKOFF_MAX`].
     pub(crate) fn next_delay(&mut self, rng: &mut impl Rng) -> Duration {
-        let ceiling_ms = u64::try_from(self.ceiling.as_millis()).unwrap_or(u64::MAX);
+        let ceiling = if std::mem::take(&mut self.spread_next) {
+            self.ceiling.max(LOST_SESSION_SPREAD)
+        } else {
+            self.ceiling
+        };
+        let ceiling_ms = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
         let delay = Duration::from_millis(rng.random_range(0..=ceiling_ms));
         self.ceiling = (self.ceiling * 2).min(BACKOFF_MAX);
         delay
@@ -71,7 +86,12 @@ mod tests {
         assert_eq!(b.ceiling, BACKOFF_MAX);
         b.after_lost_session();
         assert!(b.next_delay(&mut rng) <= LOST_SESSION_SPREAD);
-        assert_eq!(b.ceiling, LOST_SESSION_SPREAD * 2);
+        // Only the first: the failures after it climb from the start again.
+        assert!(b.next_delay(&mut rng) <= BACKOFF_START * 2);
+        assert_eq!(b.ceiling, BACKOFF_START * 4);
+        b.spread();
+        assert!(b.next_delay(&mut rng) <= LOST_SESSION_SPREAD);
+        assert!(b.next_delay(&mut rng) <= BACKOFF_START * 16);
         b.reset();
         assert!(b.next_delay(&mut rng) <= BACKOFF_START);
     }
@@ -80,8 +100,9 @@ mod tests {
     fn full_jitter_spreads_a_fleet_over_the_whole_window() {
         // 1000 runners at the cap: the delays cover [0, 30 s] rather than bunching.
         let mut rng = StdRng::seed_from_u64(42);
-        let delays: Vec<Duration> =
-            (0..1000).map(|_| Backoff { ceiling: BACKOFF_MAX }.next_delay(&mut rng)).collect();
+        let delays: Vec<Duration> = (0..1000)
+            .map(|_| Backoff { ceiling: BACKOFF_MAX, spread_next: false }.next_delay(&mut rng))
+            .collect();
         let tenth = BACKOFF_MAX / 10;
         for i in 0..10 {
             let (lo, hi) = (tenth * i, tenth * (i + 1));

@@ -272,6 +272,10 @@ async fn run_loop(inner: Arc<Inner>) -> Result<(), RunnerError> {
                 (format!("{MAX_REDIRECTS} redirects in a row (last to {addr})"), false)
             }
             SessionEnd::Retry { reason, welcomed } => (reason, welcomed),
+            SessionEnd::Busy(reason) => {
+                backoff.spread();
+                (reason, false)
+            }
             SessionEnd::GoAway(delay) => {
                 // The broker chose the delay (spread over its window): no backoff, and the
                 // node that sent us away is not dialled first.

@@ -45,6 +45,16 @@ pub(crate) enum SessionEnd {
     /// The broker asked this runner to leave (its node drains): running jobs finished, the
     /// runner reconnects after the delay the broker chose.
     GoAway(Duration),
+    /// The broker refused the connection before the handshake (busy, over a rate, or
+    /// stopping): reconnect after a spread-out delay, not the short end of the backoff,
+    /// so that a fleet waiting for a restarting broker does not arrive in step.
+    Busy(String),
+}
+
+/// Whether the broker refused the connection outright (QUIC `CONNECTION_REFUSED`).
+pub(crate) fn is_refused(e: &quinn::ConnectionError) -> bool {
+    matches!(e, quinn::ConnectionError::ConnectionClosed(c)
+        if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED)
 }
 
 /// Whether a connection ended because this runner is revoked: the broker closed a live
@@ -128,6 +138,7 @@ pub(crate) async fn session(inner: &Arc<Inner>, dial: &str, sessions: &mut u64) 
         c = tokio::time::timeout(CONNECT_TIMEOUT, connecting) => match c {
             Ok(Ok(c)) => c,
             Ok(Err(e)) if is_revocation(&e) => return SessionEnd::Fatal(format!("runner revoked: {e}")),
+            Ok(Err(e)) if is_refused(&e) => return SessionEnd::Busy(format!("connect: {e}")),
             Ok(Err(e)) => return retry(format!("connect: {e}")),
             Err(_) => return retry(format!("connect to {dial}: no answer in {CONNECT_TIMEOUT:?}")),
         },
