@@ -562,8 +562,7 @@ impl BrokerHandle {
             {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-        }
-        if self.shared.cluster.is_none() {
+        } else {
             // A single node: nowhere else to send a runner whose delay is up before this
             // process stops. (A cluster node keeps accepting: a runner that comes back is
             // redirected to the tenant's next home.)

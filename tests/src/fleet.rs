@@ -18,12 +18,6 @@ pub const FLEET_OWNER: &str = "fleet";
 /// Enrollment attempts per runner beyond the first.
 const ENROLL_ATTEMPTS: u64 = 10;
 
-fn note_retry(runner: usize, attempt: u64, e: &dyn std::fmt::Display) {
-    if attempt == 1 {
-        eprintln!("fleet: runner {runner}: enrollment refused ({e}); trying again");
-    }
-}
-
 /// Creates `n` runners (owner [`FLEET_OWNER`]) with `admin` (a tenant admin client) and
 /// enrolls each at `broker` into its own state dir under `dir`, `parallel` at a time.
 pub async fn enroll_fleet(
@@ -51,7 +45,11 @@ pub async fn enroll_fleet(
                         Err(e) if attempt < ENROLL_ATTEMPTS => {
                             attempt += 1;
                             let pause = Duration::from_millis(100 * attempt);
-                            note_retry(i, attempt, &e);
+                            if attempt == 1 {
+                                eprintln!(
+                                    "fleet: runner {i}: enrollment refused ({e}); trying again"
+                                );
+                            }
                             tokio::time::sleep(pause).await;
                         }
                         Err(e) => return Err(e.into()),
@@ -83,7 +81,7 @@ pub type Events = std::pin::Pin<Box<dyn futures::Stream<Item = Connected> + Send
 /// Starts every runner (capacity 1, the `exec` handler). Each `Connected` status comes out
 /// of the stream; dropping the handles stops the runners.
 pub fn run_fleet(states: Vec<StateDir>) -> anyhow::Result<(Vec<RunnerHandle>, Events)> {
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Connected>();
     let mut handles = Vec::with_capacity(states.len());
     for (runner, state) in states.into_iter().enumerate() {
         let handle = Runner::builder(state).capacity(1).spawn()?;
@@ -108,7 +106,6 @@ pub fn run_fleet(states: Vec<StateDir>) -> anyhow::Result<(Vec<RunnerHandle>, Ev
         });
         handles.push(handle);
     }
-    let mut rx: mpsc::UnboundedReceiver<Connected> = rx;
     Ok((handles, Box::pin(futures::stream::poll_fn(move |cx| rx.poll_recv(cx)))))
 }
 
