@@ -1,10 +1,13 @@
 //! A real etcd on loopback, and clusters of real brokers on it (in this process, each
 //! with its own ports and data dir).
 
+use std::collections::HashMap;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use runnel_broker::Config;
+use runnel_runner::StateDir;
 
 use crate::{TestBroker, wait_for};
 
@@ -263,4 +266,61 @@ impl ProcessCluster {
         let operator_key = std::fs::read_to_string(key_file).unwrap().trim().to_owned();
         Some(Self { etcd, nodes, operator_key, _dir: dir })
     }
+
+    /// Creates tenant `id` through the first node; answers an admin key for it.
+    pub async fn tenant(&self, id: &str) -> String {
+        self.nodes[0].api.tenant(&self.operator_key, id).await
+    }
+
+    /// Creates a runner of `owner` through node `via` and enrolls it with every node's
+    /// address, `via`'s first: `via` is the node it dials first, and it can reach the
+    /// others when that one dies; answers (runner id, state).
+    pub async fn enrolled(
+        &self,
+        via: usize,
+        admin: &str,
+        owner: &str,
+        dir: &Path,
+    ) -> (String, StateDir) {
+        let v = self.nodes[via].api.create_runner(admin, owner, serde_json::json!({})).await;
+        let fp = word_after(v["enroll_command"].as_str().unwrap(), "--ca-fingerprint");
+        let n = self.nodes.len();
+        let addrs: Vec<&str> = (0..n).map(|i| self.nodes[(via + i) % n].quic.as_str()).collect();
+        let state = StateDir::new(dir);
+        let token = v["token"].as_str().unwrap();
+        runnel_runner::enroll(&addrs.join(","), fp, token, &state).await.unwrap();
+        (v["runner_id"].as_str().unwrap().to_owned(), state)
+    }
+
+    /// The node that says it serves `tenant` now (None: none does, or none answers).
+    pub async fn home_of(&self, tenant: &str) -> Option<usize> {
+        for (i, n) in self.nodes.iter().enumerate() {
+            if n.child.is_some() && serving(&n.api, &self.operator_key).await.contains_key(tenant) {
+                return Some(i);
+            }
+        }
+        None
+    }
+}
+
+/// What one node says it serves: tenant → epoch (empty when it does not answer in time).
+pub async fn serving(api: &crate::Api, op: &str) -> HashMap<String, i64> {
+    let call = api.try_call(crate::Method::GET, "/v1/cluster", op, None);
+    let Ok(Some((200, v))) = tokio::time::timeout(Duration::from_millis(500), call).await else {
+        return HashMap::new();
+    };
+    v["homed_here"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|h| Some((h["tenant"].as_str()?.to_owned(), h["epoch"].as_i64()?)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The word after `flag` in a command line (an enroll command's `--broker`, say).
+pub fn word_after<'a>(cmd: &'a str, flag: &str) -> &'a str {
+    let mut words = cmd.split_whitespace();
+    words.find(|w| *w == flag).and_then(|_| words.next()).unwrap()
 }

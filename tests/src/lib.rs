@@ -12,7 +12,7 @@ mod cluster;
 pub mod fleet;
 pub mod netlab;
 
-pub use cluster::{EtcdServer, NodeProcess, ProcessCluster, TestCluster};
+pub use cluster::{EtcdServer, NodeProcess, ProcessCluster, TestCluster, serving, word_after};
 use runnel_broker::{Broker, BrokerHandle, Config};
 pub use runnel_ctl::Method;
 use runnel_runner::{Runner, RunnerHandle, StateDir};
@@ -129,27 +129,17 @@ impl TestBroker {
 
     /// Creates a tenant and returns an admin key for it.
     pub async fn tenant(&self, id: &str) -> String {
-        let (s, _) = self.api.post("/v1/tenants", &self.operator_key, json!({ "id": id })).await;
-        assert_eq!(s, 201);
-        self.key(id, json!({ "role": "admin" })).await
+        self.api.tenant(&self.operator_key, id).await
     }
 
     /// Creates a key of a tenant (as operator).
     pub async fn key(&self, tenant: &str, body: Value) -> String {
-        let (s, v) =
-            self.api.post(&format!("/v1/tenants/{tenant}/keys"), &self.operator_key, body).await;
-        assert_eq!(s, 201, "{v}");
-        v["key"].as_str().unwrap().to_owned()
+        self.api.key(&self.operator_key, tenant, body).await
     }
 
     /// Creates a runner record; returns the API answer (runner_id, token, enroll_command).
     pub async fn create_runner(&self, admin: &str, owner: &str, labels: Value) -> Value {
-        let (s, v) = self
-            .api
-            .post("/v1/runners", admin, json!({ "owner": owner, "name": "test", "labels": labels }))
-            .await;
-        assert_eq!(s, 201, "{v}");
-        v
+        self.api.create_runner(admin, owner, labels).await
     }
 
     /// Creates and enrolls a runner (through the real enrollment protocol).
@@ -194,12 +184,7 @@ impl TestBroker {
 
     /// Waits until a job reaches a terminal state; returns its view.
     pub async fn job_end(&self, key: &str, id: &str, limit: Duration) -> Value {
-        wait_for(limit, "job to end", || async {
-            let (_, v) = self.api.get(&format!("/v1/jobs/{id}"), key).await;
-            let s = v["state"].as_str().unwrap_or("").to_owned();
-            (s != "queued" && s != "running").then_some(v)
-        })
-        .await
+        self.api.job_end(key, id, limit).await
     }
 }
 
@@ -269,6 +254,38 @@ impl Api {
 
     pub async fn raw(&self, path: &str, key: &str) -> String {
         self.as_key(key).text(path).await.unwrap()
+    }
+
+    /// Creates a tenant (as operator `op`) and returns an admin key for it.
+    pub async fn tenant(&self, op: &str, id: &str) -> String {
+        let (s, v) = self.post("/v1/tenants", op, json!({ "id": id })).await;
+        assert_eq!(s, 201, "{v}");
+        self.key(op, id, json!({ "role": "admin" })).await
+    }
+
+    /// Creates a key of a tenant (as operator `op`).
+    pub async fn key(&self, op: &str, tenant: &str, body: Value) -> String {
+        let (s, v) = self.post(&format!("/v1/tenants/{tenant}/keys"), op, body).await;
+        assert_eq!(s, 201, "{v}");
+        v["key"].as_str().unwrap().to_owned()
+    }
+
+    /// Creates a runner record; returns the API answer (runner_id, token, enroll_command).
+    pub async fn create_runner(&self, admin: &str, owner: &str, labels: Value) -> Value {
+        let body = json!({ "owner": owner, "name": "test", "labels": labels });
+        let (s, v) = self.post("/v1/runners", admin, body).await;
+        assert_eq!(s, 201, "{v}");
+        v
+    }
+
+    /// Waits until a job reaches a terminal state; returns its view.
+    pub async fn job_end(&self, key: &str, id: &str, limit: Duration) -> Value {
+        wait_for(limit, "job to end", || async {
+            let (_, v) = self.get(&format!("/v1/jobs/{id}"), key).await;
+            let s = v["state"].as_str().unwrap_or("").to_owned();
+            (s != "queued" && s != "running").then_some(v)
+        })
+        .await
     }
 
     pub fn base(&self) -> &str {

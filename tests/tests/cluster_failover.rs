@@ -7,13 +7,12 @@
 //! max(lease TTL, idle timeout) plus the reconnect backoff.
 #![allow(missing_docs, clippy::unwrap_used)]
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use runnel_runner::{Runner, RunnerHandle, StateDir};
-use runnel_tests::{Api, Method, ProcessCluster, wait_for};
+use runnel_runner::{Runner, RunnerHandle};
+use runnel_tests::{Api, Method, ProcessCluster, serving, wait_for};
 use serde_json::{Value, json};
 
 const BROKER: &str = env!("CARGO_BIN_EXE_broker-under-test");
@@ -27,66 +26,17 @@ fn exec(program: &str, args: &[&str], wait: bool) -> Value {
     json!({ "owner": "alice", "kind": "exec", "exec": { "program": program, "args": args }, "wait": wait })
 }
 
-fn word_after<'a>(cmd: &'a str, flag: &str) -> &'a str {
-    let mut words = cmd.split_whitespace();
-    words.find(|w| *w == flag).and_then(|_| words.next()).unwrap()
-}
-
 /// Tenant acme with one runner of alice, online; answers (admin key, home index, runner).
 async fn tenant_with_runner(
     c: &ProcessCluster,
     dir: &std::path::Path,
 ) -> (String, usize, RunnerHandle) {
-    let op = &c.operator_key;
-    let api = &c.nodes[0].api;
-    assert_eq!(api.post("/v1/tenants", op, json!({ "id": "acme" })).await.0, 201);
-    let (_, v) = api.post("/v1/tenants/acme/keys", op, json!({ "role": "admin" })).await;
-    let admin = v["key"].as_str().unwrap().to_owned();
-    let (s, v) = api.post("/v1/runners", &admin, json!({ "owner": "alice", "name": "r" })).await;
-    assert_eq!(s, 201, "{v}");
-    let cmd = v["enroll_command"].as_str().unwrap();
-    let state = StateDir::new(dir.join("runner"));
-    runnel_runner::enroll(
-        word_after(cmd, "--broker"),
-        word_after(cmd, "--ca-fingerprint"),
-        v["token"].as_str().unwrap(),
-        &state,
-    )
-    .await
-    .unwrap();
+    let admin = c.tenant("acme").await;
+    let (_, state) = c.enrolled(0, &admin, "alice", &dir.join("runner")).await;
     let runner = Runner::builder(state).capacity(4).spawn().unwrap();
     runner.wait_connected(Duration::from_secs(20)).await.unwrap();
-    let home = home_of(c, "acme").await.unwrap();
+    let home = c.home_of("acme").await.unwrap();
     (admin, home, runner)
-}
-
-/// The node whose `/v1/cluster` says it serves `tenant` (None: none does now).
-async fn home_of(c: &ProcessCluster, tenant: &str) -> Option<usize> {
-    for (i, n) in c.nodes.iter().enumerate() {
-        if n.child.is_none() {
-            continue;
-        }
-        if serving(&n.api, &c.operator_key).await.contains_key(tenant) {
-            return Some(i);
-        }
-    }
-    None
-}
-
-/// What one node says it serves: tenant → epoch (empty when it does not answer in time).
-async fn serving(api: &Api, op: &str) -> HashMap<String, i64> {
-    let call = api.try_call(Method::GET, "/v1/cluster", op, None);
-    let Ok(Some((200, v))) = tokio::time::timeout(Duration::from_millis(500), call).await else {
-        return HashMap::new();
-    };
-    v["homed_here"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|h| (h["tenant"].as_str().unwrap().to_owned(), h["epoch"].as_i64().unwrap()))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Samples every node's served tenants until stopped; panics if two nodes ever serve
@@ -174,7 +124,7 @@ async fn a_killed_home_is_replaced_within_10s_and_never_two_homes() {
     eprintln!("failover (kill -9 → first successful dispatch): {failover:?}");
     assert!(failover < Duration::from_secs(10), "failover took {failover:?}");
 
-    let new_home = home_of(&c, "acme").await.expect("a new home");
+    let new_home = c.home_of("acme").await.expect("a new home");
     assert_ne!(new_home, home);
     let epoch_after = serving(&c.nodes[new_home].api, &c.operator_key).await["acme"];
     assert!(epoch_after > epoch_before, "the new claim has a newer epoch");
@@ -210,7 +160,7 @@ async fn a_paused_home_loses_its_tenants_and_serves_nothing_after_it_resumes() {
     // Paused for 3x the lease TTL (5 s): etcd gives the tenant away meanwhile.
     c.nodes[home].signal("STOP");
     until_dispatch_succeeds(&c, home, &admin, Duration::from_secs(20)).await;
-    let new_home = home_of(&c, "acme").await.expect("a new home");
+    let new_home = c.home_of("acme").await.expect("a new home");
     assert_ne!(new_home, home);
     tokio::time::sleep(Duration::from_secs(15)).await;
     c.nodes[home].signal("CONT");
@@ -243,18 +193,9 @@ async fn a_rolling_restart_loses_and_doubles_no_accepted_job() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let flags = [FLAGS, &["--drain-timeout", "20s", "--goaway-window", "1s"]].concat();
     let Some(mut c) = ProcessCluster::start(BROKER, 3, &flags).await else { return };
-    let op = c.operator_key.clone();
-    let api = c.nodes[0].api.clone();
-    assert_eq!(api.post("/v1/tenants", &op, json!({ "id": "acme" })).await.0, 201);
-    let (_, v) = api.post("/v1/tenants/acme/keys", &op, json!({ "role": "admin" })).await;
-    let admin = v["key"].as_str().unwrap().to_owned();
-    let (_, v) = api.post("/v1/runners", &admin, json!({ "owner": "alice", "name": "r" })).await;
-    let cmd = v["enroll_command"].as_str().unwrap();
+    let admin = c.tenant("acme").await;
     let dir = tempfile::tempdir().unwrap();
-    let state = StateDir::new(dir.path().join("runner"));
-    let token = v["token"].as_str().unwrap();
-    let (broker, fp) = (word_after(cmd, "--broker"), word_after(cmd, "--ca-fingerprint"));
-    runnel_runner::enroll(broker, fp, token, &state).await.unwrap();
+    let (_, state) = c.enrolled(0, &admin, "alice", &dir.path().join("runner")).await;
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
     let rec = runnel_tests::Record { runner: "r".into(), seen: seen.clone() };
     let runner = Runner::builder(state).capacity(4).handler("record", rec).spawn().unwrap();

@@ -1,4 +1,5 @@
-//! Placement and forwarding on a real etcd: each tenant has one home node; runners that
+//! Placement and forwarding on a real etcd and real `runnel-broker` processes (the
+//! rebalance test: in-process nodes, added one by one): each tenant has one home node; runners that
 //! dial another node are redirected there; API calls through any node reach the home over
 //! `runnel-peer/1` (dispatch, get, list, cancel, output, revoke), exactly once and never
 //! across tenants.
@@ -9,37 +10,32 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use runnel_runner::{Runner, RunnerHandle};
-use runnel_tests::{Record, TestCluster, wait_for};
+use runnel_tests::{ProcessCluster, Record, TestCluster, metric_value, wait_for};
 use serde_json::{Value, json};
 
 fn exec(program: &str, args: &[&str], wait: bool) -> Value {
     json!({ "owner": "alice", "kind": "exec", "exec": { "program": program, "args": args }, "wait": wait })
 }
 
-/// The node index etcd names as `tenant`'s home.
-async fn home_of(c: &TestCluster, tenant: &str) -> usize {
-    let (_, v) = c.nodes[0].api.get("/v1/cluster", c.operator_key()).await;
-    let node = v["tenants"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["tenant"] == tenant)
-        .and_then(|t| t["node"].as_str())
-        .unwrap()
-        .to_owned();
-    c.nodes.iter().position(|n| n.config.node_id == node).unwrap()
+const BROKER: &str = env!("CARGO_BIN_EXE_broker-under-test");
+
+/// The node etcd's placement names as `tenant`'s home (its id).
+async fn placed_on(api: &runnel_tests::Api, op: &str, tenant: &str) -> String {
+    let (_, v) = api.get("/v1/cluster", op).await;
+    let t = v["tenants"].as_array().unwrap().iter().find(|t| t["tenant"] == tenant);
+    t.and_then(|t| t["node"].as_str()).unwrap().to_owned()
 }
 
-/// A runner of `owner` enrolled through node `via` (so it dials that node first).
+/// A runner of `owner` created through node `via`, which it dials first; online.
 async fn runner(
-    c: &TestCluster,
+    c: &ProcessCluster,
     via: usize,
     admin: &str,
     owner: &str,
     dir: &std::path::Path,
     rec: Option<Record>,
 ) -> (String, RunnerHandle) {
-    let (id, state) = c.nodes[via].enrolled(admin, owner, dir).await;
+    let (id, state) = c.enrolled(via, admin, owner, dir).await;
     let mut b = Runner::builder(state).capacity(4);
     if let Some(mut r) = rec {
         r.runner = id.clone();
@@ -50,24 +46,32 @@ async fn runner(
     (id, h)
 }
 
+/// `runnel_cluster_redirects_total` of a node.
+async fn redirects(api: &runnel_tests::Api, op: &str) -> f64 {
+    metric_value(&api.raw("/metrics", op).await, "runnel_cluster_redirects_total").unwrap_or(0.0)
+}
+
 #[tokio::test]
 async fn calls_through_any_node_reach_the_tenants_home() {
-    let Some(c) = TestCluster::start(3, |_| {}).await else { return };
-    let op = c.operator_key().to_owned();
-    let admin = c.nodes[0].tenant("acme").await;
+    let Some(c) = ProcessCluster::start(BROKER, 3, &[]).await else { return };
+    let op = c.operator_key.clone();
+    let admin = c.tenant("acme").await;
     // No runner yet: every node answers as the home would (409), and the home is claimed.
     for n in &c.nodes {
         let (s, v) = n.api.post("/v1/jobs", &admin, exec("true", &[], true)).await;
         assert_eq!(s, 409, "{v}");
         assert_eq!(v["error"]["code"], "no_runner");
     }
-    let home = home_of(&c, "acme").await;
+    let home = c.home_of("acme").await.unwrap();
+    assert_eq!(placed_on(&c.nodes[0].api, &op, "acme").await, c.nodes[home].id);
     let other = (home + 1) % 3;
 
     // A runner enrolled through (and so dialling) another node comes online at the home,
     // and every node shows it online.
     let dir = tempfile::tempdir().unwrap();
+    let before = redirects(&c.nodes[other].api, &op).await;
     let (id, r) = runner(&c, other, &admin, "alice", &dir.path().join("r"), None).await;
+    assert_eq!(redirects(&c.nodes[other].api, &op).await, before + 1.0, "it was redirected");
     for n in &c.nodes {
         wait_for(Duration::from_secs(10), "the runner online everywhere", || async {
             let (_, v) = n.api.get(&format!("/v1/runners/{id}"), &admin).await;
@@ -81,7 +85,7 @@ async fn calls_through_any_node_reach_the_tenants_home() {
         assert_eq!(s, 200, "{v}");
         assert_eq!((v["state"].as_str(), v["output"].as_str()), (Some("succeeded"), Some("hi\n")));
         let job = v["id"].as_str().unwrap().to_owned();
-        let home_id = &c.nodes[home].config.node_id;
+        let home_id = &c.nodes[home].id;
         assert!(job.ends_with(&format!("-{home_id}")), "the id names its home: {job}");
         for m in &c.nodes {
             let (s, got) = m.api.get(&format!("/v1/jobs/{job}"), &admin).await;
@@ -102,11 +106,11 @@ async fn calls_through_any_node_reach_the_tenants_home() {
     let (s, _) =
         c.nodes[other].api.post(&format!("/v1/jobs/{long}/cancel"), &admin, json!({})).await;
     assert_eq!(s, 202);
-    let end = c.nodes[(home + 2) % 3].job_end(&admin, &long, Duration::from_secs(15)).await;
+    let end = c.nodes[(home + 2) % 3].api.job_end(&admin, &long, Duration::from_secs(15)).await;
     assert_eq!(end["state"], "cancelled", "{end}");
 
     // Another tenant sees none of it, through any node.
-    let intruder = c.nodes[0].tenant("globex").await;
+    let intruder = c.tenant("globex").await;
     for n in &c.nodes {
         let (s, _) = n.api.get(&format!("/v1/jobs/{long}"), &intruder).await;
         assert_eq!(s, 404);
@@ -126,7 +130,7 @@ async fn calls_through_any_node_reach_the_tenants_home() {
             serving.push(v["this_node"].as_str().unwrap().to_owned());
         }
     }
-    assert_eq!(serving, [c.nodes[home].config.node_id.clone()]);
+    assert_eq!(serving, [c.nodes[home].id.clone()]);
 
     // Revoked through a node that is not the home: closed on the home, and counted.
     let (s, v) = c.nodes[other].api.delete(&format!("/v1/runners/{id}"), &admin).await;
@@ -138,7 +142,7 @@ async fn calls_through_any_node_reach_the_tenants_home() {
 
 #[tokio::test]
 async fn three_hundred_jobs_through_random_nodes_each_run_once_on_the_right_owner() {
-    let Some(c) = TestCluster::start(3, |_| {}).await else { return };
+    let Some(c) = ProcessCluster::start(BROKER, 3, &[]).await else { return };
     let dir = tempfile::tempdir().unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let rec = Record { runner: String::new(), seen: seen.clone() };
@@ -146,7 +150,7 @@ async fn three_hundred_jobs_through_random_nodes_each_run_once_on_the_right_owne
     let mut owner_of = HashMap::new();
     let mut runners = Vec::new();
     for (i, t) in ["t1", "t2", "t3"].iter().enumerate() {
-        let admin = c.nodes[i].tenant(t).await;
+        let admin = c.nodes[i].api.tenant(&c.operator_key, t).await;
         for (j, owner) in ["alice", "bob"].iter().enumerate() {
             let d = dir.path().join(format!("{t}-{owner}"));
             let (id, h) = runner(&c, (i + j) % 3, &admin, owner, &d, Some(rec.clone())).await;
@@ -203,7 +207,7 @@ async fn joining_nodes_take_no_tenant_until_a_rebalance_moves_them_with_their_ru
     let dir = tempfile::tempdir().unwrap();
     let mut runners = Vec::new();
     for (i, admin) in admins.iter().enumerate() {
-        let (_, h) = runner(&c, 0, admin, "alice", &dir.path().join(format!("r{i}")), None).await;
+        let (_, h) = c.nodes[0].runner(admin, "alice", &dir.path().join(format!("r{i}")), 4).await;
         runners.push(h);
     }
     c.add_node(quick).await;
@@ -234,8 +238,7 @@ async fn joining_nodes_take_no_tenant_until_a_rebalance_moves_them_with_their_ru
         })
         .await;
         if let Some(m) = moved.iter().find(|m| m["tenant"] == t.as_str()) {
-            let home = home_of(&c, &t).await;
-            assert_eq!(c.nodes[home].config.node_id, m["to"].as_str().unwrap(), "{t}");
+            assert_eq!(placed_on(&c.nodes[0].api, &op, &t).await, m["to"].as_str().unwrap(), "{t}");
         }
     }
     // A second rebalance has nothing left to move.
