@@ -38,7 +38,8 @@ enum Command {
     Connect(ConnectArgs),
     /// Revoke N connected runners one by one: DELETE → the runner sees its connection close.
     Revoke(RevokeArgs),
-    /// `load`, then the same targeted request-reply through nats-server (TLS), and the ratio.
+    /// `load`, then the same targeted request-reply through nats-server (TLS), with one
+    /// connection per requester and with all on one, and the ratio to the better NATS row.
     CompareNats(CompareArgs),
     /// etcd + 3 nodes: dispatch through the home and through another node (forwarding
     /// overhead), revoke every runner through another node (cross-node latency), then
@@ -231,14 +232,19 @@ async fn compare_nats(a: CompareArgs) -> anyhow::Result<()> {
         l.tenants * l.runners,
         runners.took.as_secs_f64()
     );
-    let before = server.usage()?;
     let len = Duration::from_secs(c.duration);
-    let d = nats::dispatch(&server, l.tenants, l.runners, c.concurrency, len, c.payload).await?;
-    let after = server.usage()?;
-    let row = report::print("nats", "load", &load_label(l), &d, &before, &after, None);
+    let mut rows = Vec::new();
+    for how in [nats::Requesters::OwnConnection, nats::Requesters::SharedConnection] {
+        let before = server.usage()?;
+        let d = nats::dispatch(&server, l.tenants, l.runners, c.concurrency, len, c.payload, how)
+            .await?;
+        let after = server.usage()?;
+        let label = format!("{}, {}", load_label(l), how.label());
+        rows.push(report::print("nats", "load", &label, &d, &before, &after, None));
+    }
     drop(runners);
     server.stop().await;
-    report::compare(&runnel, Ok(&row));
+    report::compare(&runnel, Ok(&rows));
     Ok(())
 }
 

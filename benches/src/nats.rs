@@ -1,9 +1,10 @@
 //! The peer row: the same targeted dispatch through a real `nats-server` with mutual TLS.
 //!
 //! Each simulated runner has its own NATS connection and subscribes to its own subject
-//! (`bench.t<T>.r<R>`), echoing every request's payload to the reply subject. Requesters
-//! (one connection each, like the HTTP keep-alive connections of the runnel dispatchers) use
-//! request-reply, addressing one runner of their tenant at a time. TLS is 1.3 with ed25519
+//! (`bench.t<T>.r<R>`), echoing every request's payload to the reply subject. Requesters use
+//! request-reply, addressing one runner of their tenant at a time, in two rows: one
+//! connection each (like the HTTP keep-alive connections of the runnel dispatchers), and
+//! all on one shared connection (NATS at its best). TLS is 1.3 with ed25519
 //! certificates from the same CA code runnel uses, and nats-server verifies client certs, so
 //! both systems pay for the same kind of authenticated, encrypted hop.
 
@@ -168,6 +169,25 @@ fn subject(tenant: usize, runner: usize) -> String {
     format!("bench.t{tenant}.r{runner}")
 }
 
+/// How the requesters reach nats-server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Requesters {
+    /// One connection each (like the HTTP keep-alive connections of the runnel row).
+    OwnConnection,
+    /// All on one connection, multiplexed (how NATS applications usually run: NATS at its
+    /// best on this load).
+    SharedConnection,
+}
+
+impl Requesters {
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Requesters::OwnConnection => "one connection per requester",
+            Requesters::SharedConnection => "requesters share one connection",
+        }
+    }
+}
+
 /// `concurrency` requesters for `len`; requester `w` belongs to tenant `w % tenants` and
 /// addresses that tenant's runners in turn.
 pub(crate) async fn dispatch(
@@ -177,10 +197,15 @@ pub(crate) async fn dispatch(
     concurrency: usize,
     len: Duration,
     payload: usize,
+    how: Requesters,
 ) -> anyhow::Result<Dispatched> {
     let mut clients = Vec::with_capacity(concurrency);
     for _ in 0..concurrency {
-        clients.push(n.client().await?);
+        let client = match (how, clients.first()) {
+            (Requesters::SharedConnection, Some(first)) => async_nats::Client::clone(first),
+            _ => n.client().await?,
+        };
+        clients.push(client);
     }
     let clients: Arc<[async_nats::Client]> = clients.into();
     let body = bytes::Bytes::from(vec![b'x'; payload]);
