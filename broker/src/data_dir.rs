@@ -84,7 +84,7 @@ pub(crate) async fn open(config: &Config) -> Result<Opened, DataDirError> {
     } else {
         let options =
             EtcdOptions { endpoints: config.etcd.clone(), prefix: config.etcd_prefix.clone() };
-        let etcd = EtcdStore::connect(&options).await?;
+        let etcd = connect_etcd(&options).await?;
         (Arc::new(etcd.clone()), Some(etcd))
     };
     // The cluster name first: a data dir or prefix of another cluster is left untouched.
@@ -105,6 +105,29 @@ pub(crate) async fn open(config: &Config) -> Result<Opened, DataDirError> {
     };
     let first_operator_key = issue_operator_key_once(store.clone(), dir).await?;
     Ok(Opened { ca, store, etcd, first_operator_key })
+}
+
+/// How long a starting node waits for etcd to answer before it gives up: nodes and etcd
+/// are often started together (one script, one boot), and etcd takes a moment to listen.
+const ETCD_START_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Connects to etcd, retrying while no endpoint answers, for up to [`ETCD_START_WAIT`].
+async fn connect_etcd(options: &EtcdOptions) -> Result<EtcdStore, StoreError> {
+    let deadline = tokio::time::Instant::now() + ETCD_START_WAIT;
+    let mut said = false;
+    loop {
+        match EtcdStore::connect(options).await {
+            Err(StoreError::Unavailable(why)) if tokio::time::Instant::now() < deadline => {
+                if !said {
+                    tracing::warn!(endpoints = ?options.endpoints, error = %why,
+                        "etcd does not answer yet; retrying for up to {}s", ETCD_START_WAIT.as_secs());
+                    said = true;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+            r => return r,
+        }
+    }
 }
 
 const META_CLUSTER: &str = "meta/cluster";

@@ -128,3 +128,21 @@ async fn an_etcd_outage_answers_503_and_heals_without_a_broker_restart() {
     let (s, _) = c.nodes[1].api.post("/v1/tenants", &op, json!({ "id": "other" })).await;
     assert_eq!(s, 201);
 }
+
+#[tokio::test]
+async fn a_node_started_before_etcd_waits_for_it() {
+    let Some(mut c) = ProcessCluster::start(BROKER, 1, &[]).await else { return };
+    c.etcd.stop();
+    c.nodes[0].signal("KILL");
+    c.nodes[0].wait_exit(Duration::from_secs(10)).await;
+    // The node starts while etcd is down (as one boot script or a host reboot starts both),
+    // and is ready once etcd comes up 2 s later, instead of exiting.
+    let (etcd, node) = (&mut c.etcd, &mut c.nodes[0]);
+    let late_etcd = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        etcd.start_again().await;
+    };
+    tokio::join!(node.start_again(), late_etcd);
+    let (s, v) = c.nodes[0].api.get("/v1/cluster", &c.operator_key).await;
+    assert_eq!((s, node_ids(&v)), (200, vec!["n1".to_owned()]), "{v}");
+}

@@ -47,7 +47,7 @@ pub enum JoinError {
     /// etcd failed or could not be reached.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// Another live node holds this id (after waiting out a lease TTL).
+    /// Another live node holds this id (after waiting out two lease TTLs).
     #[error("node id {0:?} is held by a live node; give each node its own --node-id")]
     IdTaken(String),
 }
@@ -282,19 +282,26 @@ async fn register(
     ttl: Duration,
 ) -> Result<NodeRecord, JoinError> {
     let mut lease_client = store.client().lease_client();
-    let granted = lease_client.grant(ttl_secs(ttl), None).await.map_err(etcd_error)?;
-    record.lease = granted.id();
     let key = store.etcd_key(&format!("{NODES_PREFIX}{}", record.id));
-    let value = serde_json::to_vec(&record).map_err(|e| StoreError::Engine(e.to_string()))?;
-    let give_up = Instant::now() + ttl + Duration::from_secs(1);
+    // A node restarted after a crash finds its own old key until the old lease expires. An
+    // etcd that was down meanwhile restores every lease with its full TTL, plus its
+    // election time, when it comes back: so wait two TTLs before calling the id taken.
+    let give_up = Instant::now() + ttl * 2 + Duration::from_secs(2);
+    let mut granted_at: Option<Instant> = None;
     loop {
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                key.clone(),
-                value.clone(),
-                Some(PutOptions::new().with_lease(record.lease)),
-            )]);
+        // Nothing renews the lease while we wait: a fresh one before it could lapse.
+        if granted_at.is_none_or(|at| at.elapsed() >= ttl / 2) {
+            if granted_at.is_some() {
+                let _ = lease_client.revoke(record.lease).await;
+            }
+            record.lease = lease_client.grant(ttl_secs(ttl), None).await.map_err(etcd_error)?.id();
+            granted_at = Some(Instant::now());
+        }
+        let value = serde_json::to_vec(&record).map_err(|e| StoreError::Engine(e.to_string()))?;
+        let txn =
+            Txn::new().when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)]).and_then(
+                [TxnOp::put(key.clone(), value, Some(PutOptions::new().with_lease(record.lease)))],
+            );
         let resp = store.client().kv_client().txn(txn).await.map_err(etcd_error)?;
         if resp.succeeded() {
             return Ok(record);
