@@ -52,9 +52,10 @@ pub(crate) async fn run(
         b.restart(mode == "kill").await?;
         let up = SystemTime::now().duration_since(t).unwrap_or_default();
         let before = b.usage()?;
-        let back = since(t, &until_back(&mut events, runners, session, BACK_LIMIT).await?);
+        let back = until_back(&mut events, runners, session, BACK_LIMIT).await?;
         let after = b.usage()?;
-        let storm = Storm::of(back);
+        let storm = Storm::of(since(t, back.iter().map(|c| c.at)));
+        let dials = Storm::of(since(t, back.iter().map(|c| c.due)));
         let cpu = after.cpu_secs - before.cpu_secs;
         let storm_secs = storm.all.saturating_sub(up).as_secs_f64().max(0.001);
         println!(
@@ -73,6 +74,11 @@ pub(crate) async fn run(
             storm.peak_fraction() * 100.0
         );
         println!(
+            "  dials due      peak {} in 100 ms ({:.1}%): when the runners' backoff let them dial",
+            dials.peak_100ms,
+            dials.peak_fraction() * 100.0
+        );
+        println!(
             "  broker cpu     {cpu:.2}s during the storm ({:.0}% of one core)",
             100.0 * cpu / storm_secs
         );
@@ -80,6 +86,7 @@ pub(crate) async fn run(
         line["bench"] = json!("reconnect");
         line["mode"] = json!(mode);
         line["restart_ms"] = json!(up.as_millis() as u64);
+        line["dials_due_peak_fraction"] = json!(dials.peak_fraction());
         line["broker_cpu_secs"] = json!((cpu * 100.0).round() / 100.0);
         line["broker_rss_kib"] = json!(after.rss_kib);
         println!("{line}");

@@ -31,6 +31,13 @@ pub enum RunnerStatus {
         runner_id: String,
         /// How many sessions this runner has had (1 for the first).
         session: u64,
+        /// When the connection attempt that made this session was due to start (wall
+        /// clock): the end of the reconnect delay before it, or when the runner started.
+        /// After a broker restart, these instants across a fleet show how the backoff
+        /// spread the fleet's return, whatever delayed each handshake after that.
+        dial_due: std::time::SystemTime,
+        /// The reconnect delay the runner waited before that attempt (zero for the first).
+        waited: Duration,
     },
     /// Stopped for good.
     Stopped {
@@ -241,6 +248,9 @@ async fn run_loop(inner: Arc<Inner>) -> Result<(), RunnerError> {
     // The address whose session just failed: skipped once in the rotation, and a redirect
     // back to it (another node that has not noticed it died yet) is not followed.
     let mut avoid: Option<String> = None;
+    // When the next attempt is due (see `RunnerStatus::Connected::dial_due`).
+    let mut dial_due = std::time::SystemTime::now();
+    let mut waited = Duration::ZERO;
     loop {
         let _ = inner.status.send(RunnerStatus::Connecting);
         if configured.len() > 1 && configured.get(next % configured.len()) == avoid.as_ref() {
@@ -249,7 +259,9 @@ async fn run_loop(inner: Arc<Inner>) -> Result<(), RunnerError> {
         let dial = target.clone().unwrap_or_else(|| {
             configured.get(next % configured.len().max(1)).cloned().unwrap_or_default()
         });
-        let (reason, welcomed) = match session(&inner, &dial, &mut sessions).await {
+        let (reason, welcomed) = match session(&inner, &dial, &mut sessions, (dial_due, waited))
+            .await
+        {
             SessionEnd::Finished => {
                 let _ = inner.status.send(RunnerStatus::Stopped { reason: "stopped".into() });
                 return Ok(());
@@ -266,6 +278,7 @@ async fn run_loop(inner: Arc<Inner>) -> Result<(), RunnerError> {
                 tracing::info!(from = %dial, to = %addr, "redirected to the tenant's home node");
                 redirects += 1;
                 target = Some(addr);
+                (dial_due, waited) = (std::time::SystemTime::now(), Duration::ZERO);
                 continue;
             }
             SessionEnd::Redirect(addr) => {
@@ -287,6 +300,7 @@ async fn run_loop(inner: Arc<Inner>) -> Result<(), RunnerError> {
                 // then pile onto its successor in step: the lost-session spread.
                 backoff.after_lost_session();
                 tracing::info!(delay_ms = delay.as_millis() as u64, "reconnecting after GoAway");
+                (dial_due, waited) = (std::time::SystemTime::now() + delay, delay);
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = inner.stop.cancelled() => return Ok(()),
@@ -307,6 +321,7 @@ async fn run_loop(inner: Arc<Inner>) -> Result<(), RunnerError> {
             backoff.after_lost_session();
         }
         let delay = backoff.next_delay(&mut rand::rng());
+        (dial_due, waited) = (std::time::SystemTime::now() + delay, delay);
         tracing::info!(%reason, delay_ms = delay.as_millis() as u64, "reconnecting");
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}

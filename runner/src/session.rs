@@ -103,7 +103,12 @@ fn renew_at(cert_pem: &str) -> Option<std::time::SystemTime> {
     )
 }
 
-pub(crate) async fn session(inner: &Arc<Inner>, dial: &str, sessions: &mut u64) -> SessionEnd {
+pub(crate) async fn session(
+    inner: &Arc<Inner>,
+    dial: &str,
+    sessions: &mut u64,
+    due: (std::time::SystemTime, Duration),
+) -> SessionEnd {
     let st = &inner.state;
     let loaded = (|| -> Result<_, RunnerError> {
         let ca = pem::certs_from_pem(&st.read(&st.ca_path())?)?.into_iter().next();
@@ -144,7 +149,7 @@ pub(crate) async fn session(inner: &Arc<Inner>, dial: &str, sessions: &mut u64) 
         },
         _ = inner.stop.cancelled() => return SessionEnd::Finished,
     };
-    let end = serve_connection(inner, &conn, sessions, &cert_pem).await;
+    let end = serve_connection(inner, &conn, sessions, &cert_pem, due).await;
     endpoint.wait_idle().await;
     end
 }
@@ -154,6 +159,7 @@ async fn serve_connection(
     conn: &quinn::Connection,
     sessions: &mut u64,
     cert_pem: &str,
+    (dial_due, waited): (std::time::SystemTime, Duration),
 ) -> SessionEnd {
     let closed_why = |e: &quinn::ConnectionError| {
         if is_revocation(e) { SessionEnd::Fatal(format!("runner revoked: {e}")) } else { retry(e) }
@@ -219,9 +225,12 @@ async fn serve_connection(
     }
     *sessions += 1;
     tracing::info!(runner = %welcome.runner_id, tenant = %welcome.tenant, owner = %welcome.owner, "connected");
-    let _ = inner
-        .status
-        .send(RunnerStatus::Connected { runner_id: welcome.runner_id.clone(), session: *sessions });
+    let _ = inner.status.send(RunnerStatus::Connected {
+        runner_id: welcome.runner_id.clone(),
+        session: *sessions,
+        dial_due,
+        waited,
+    });
 
     // Control writer: heartbeats, renewal requests, the drain notice.
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<ClientControl>(8);

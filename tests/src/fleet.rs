@@ -73,6 +73,10 @@ pub struct Connected {
     pub session: u64,
     /// Wall clock (so that another process can line it up with its own events).
     pub at: SystemTime,
+    /// When the runner's dial for this session was due (`RunnerStatus::Connected::dial_due`).
+    pub due: SystemTime,
+    /// The reconnect delay it waited before that dial.
+    pub waited: Duration,
 }
 
 /// Every session start of a fleet, in order.
@@ -90,12 +94,13 @@ pub fn run_fleet(states: Vec<StateDir>) -> anyhow::Result<(Vec<RunnerHandle>, Ev
         tokio::spawn(async move {
             let mut last = 0;
             loop {
-                if let RunnerStatus::Connected { session, .. } = *watch.borrow_and_update()
+                if let RunnerStatus::Connected { session, dial_due: due, waited, .. } =
+                    *watch.borrow_and_update()
                     && session != last
                 {
                     last = session;
                     let at = SystemTime::now();
-                    if tx.send(Connected { runner, session, at }).is_err() {
+                    if tx.send(Connected { runner, session, at, due, waited }).is_err() {
                         return;
                     }
                 }
@@ -110,14 +115,14 @@ pub fn run_fleet(states: Vec<StateDir>) -> anyhow::Result<(Vec<RunnerHandle>, Ev
 }
 
 /// Reads `events` until each of the `n` runners has reached session `session` (counted from
-/// 1); answers when each did. Fails after `limit`, saying how many had.
+/// 1); answers each runner's first such event. Fails after `limit`, saying how many had.
 pub async fn until_back(
     events: &mut (impl futures::Stream<Item = Connected> + Unpin),
     n: usize,
     session: u64,
     limit: Duration,
-) -> anyhow::Result<Vec<SystemTime>> {
-    let mut at: Vec<Option<SystemTime>> = vec![None; n];
+) -> anyhow::Result<Vec<Connected>> {
+    let mut back: Vec<Option<Connected>> = vec![None; n];
     let mut left = n;
     let deadline = tokio::time::Instant::now() + limit;
     while left > 0 {
@@ -128,17 +133,17 @@ pub async fn until_back(
             );
         };
         let c = next.ok_or_else(|| anyhow::anyhow!("the fleet stopped"))?;
-        if let Some(slot) = at.get_mut(c.runner).filter(|a| a.is_none() && c.session >= session) {
-            *slot = Some(c.at);
+        if let Some(slot) = back.get_mut(c.runner).filter(|a| a.is_none() && c.session >= session) {
+            *slot = Some(c);
             left -= 1;
         }
     }
-    Ok(at.into_iter().flatten().collect())
+    Ok(back.into_iter().flatten().collect())
 }
 
 /// Each time in `at` as the time since `t0`.
-pub fn since(t0: SystemTime, at: &[SystemTime]) -> Vec<Duration> {
-    at.iter().map(|t| t.duration_since(t0).unwrap_or_default()).collect()
+pub fn since(t0: SystemTime, at: impl IntoIterator<Item = SystemTime>) -> Vec<Duration> {
+    at.into_iter().map(|t| t.duration_since(t0).unwrap_or_default()).collect()
 }
 
 /// When a fleet came back after a restart: times since the restart began.

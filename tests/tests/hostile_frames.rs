@@ -95,17 +95,19 @@ async fn garbage_and_oversized_frames_close_only_the_offender() {
 
     // Through all of it the good runner kept its first session (never dropped, never
     // reconnected), and it still takes work.
-    assert_eq!(
-        good.status(),
-        runnel_runner::RunnerStatus::Connected { runner_id: good_id.clone(), session: 1 }
+    let status = good.status();
+    assert!(
+        matches!(&status, runnel_runner::RunnerStatus::Connected { runner_id, session: 1, .. } if *runner_id == good_id),
+        "{status:?}"
     );
     let (s, v) = b
         .api
         .post("/v1/jobs", &admin, serde_json::json!({ "owner": "alice", "runner_id": good_id, "kind": "exec", "exec": { "program": "echo", "args": ["still fine"] }, "wait": true }))
         .await;
     assert_eq!((s, v["output"].as_str()), (200, Some("still fine\n")), "{v}");
-    assert_eq!(
-        good.status(),
-        runnel_runner::RunnerStatus::Connected { runner_id: good_id, session: 1 }
+    let status = good.status();
+    assert!(
+        matches!(&status, runnel_runner::RunnerStatus::Connected { runner_id, session: 1, .. } if *runner_id == good_id),
+        "{status:?}"
     );
 }

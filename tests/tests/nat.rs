@@ -437,11 +437,15 @@ fn fleet_events(
         loop {
             let line = lines.next_line().await.ok()??;
             let v: Value = serde_json::from_str(&line).ok()?;
-            if let (Some(r), Some(s), Some(t)) =
-                (v["runner"].as_u64(), v["session"].as_u64(), v["at_ms"].as_u64())
+            let ms = |k: &str| v[k].as_u64();
+            if let (Some(r), Some(s), Some(t), Some(d), Some(w)) =
+                (ms("runner"), ms("session"), ms("at_ms"), ms("due_ms"), ms("waited_ms"))
             {
                 let at = UNIX_EPOCH + Duration::from_millis(t);
-                return Some((Connected { runner: r as usize, session: s, at }, lines));
+                let due = UNIX_EPOCH + Duration::from_millis(d);
+                let waited = Duration::from_millis(w);
+                let c = Connected { runner: r as usize, session: s, at, due, waited };
+                return Some((c, lines));
             }
         }
     }))
@@ -481,9 +485,17 @@ async fn a_broker_restart_brings_500_runners_behind_the_nat_back_spread_out() {
     b.child.wait().await.unwrap();
     b = broker_with(&lab, dir.path(), "broker-2.log", &args).await;
     eprintln!("kill -9: serving again after {:?}", killed.elapsed().unwrap_or_default());
-    let back = until_back(&mut events, STORM, 2, Duration::from_secs(120)).await.unwrap();
-    let storm = Storm::of(since(killed, &back));
-    eprintln!("{}", serde_json::json!({ "bench": "nat-storm-kill", "storm": storm.json() }));
+    let back2 = until_back(&mut events, STORM, 2, Duration::from_secs(120)).await.unwrap();
+    let storm = Storm::of(since(killed, back2.iter().map(|c| c.at)));
+    let dials = Storm::of(since(killed, back2.iter().map(|c| c.due)));
+    let mut waited: Vec<Duration> = back2.iter().map(|c| c.waited).collect();
+    waited.sort();
+    let median = waited[waited.len() / 2];
+    eprintln!(
+        "{}",
+        serde_json::json!({ "bench": "nat-storm-kill", "storm": storm.json(), "dials_due": dials.json(),
+            "median_delay_ms": median.as_millis() as u64 })
+    );
 
     // 2. SIGTERM (a rolling restart): the broker drains, each runner gets GoAway with its
     // own delay in the 5 s window, and the broker starts again at once.
@@ -501,25 +513,39 @@ async fn a_broker_restart_brings_500_runners_behind_the_nat_back_spread_out() {
         "SIGTERM: stopped after {stopped:?}, serving again after {:?}",
         sent.elapsed().unwrap_or_default()
     );
-    let back =
-        since(sent, &until_back(&mut events, STORM, 3, Duration::from_secs(120)).await.unwrap());
+    let back3 = until_back(&mut events, STORM, 3, Duration::from_secs(120)).await.unwrap();
+    let back = since(sent, back3.iter().map(|c| c.at));
     let goaway = Storm::of(back.clone());
-    eprintln!("{}", serde_json::json!({ "bench": "nat-storm-goaway", "storm": goaway.json() }));
+    let goaway_dials = Storm::of(since(sent, back3.iter().map(|c| c.due)));
+    eprintln!(
+        "{}",
+        serde_json::json!({ "bench": "nat-storm-goaway", "storm": goaway.json(), "dials_due": goaway_dials.json() })
+    );
 
     // Every runner came back each time, and none is left offline.
     let (_, v, _) = ctl(&lab, &admin, &["runners", "list"]).await;
     let online =
         v["runners"].as_array().map(|a| a.iter().filter(|r| r["status"] == "online").count());
     assert_eq!(online, Some(STORM), "{v}");
-    // The reconnects were spread, not in step. After kill -9 the runners notice together
-    // (they connected together, so they heartbeat in step): with a 200 ms first backoff
-    // all 500 were back within 0.4 s, 32% of them in one 100 ms window; with the 0-2 s
-    // lost-session spread the worst window held 13-21% here, once over 25% (a debug
-    // broker and 500 runners on 2 cores complete handshakes in batches, so this figure is
-    // the machine's as much as the backoff's). The bound sits just under the in-step
-    // figure. After SIGTERM, GoAway over 5 s: 3% (BENCHMARKS.md).
-    assert!(storm.peak_fraction() < 0.3, "kill -9: {storm:?}");
-    assert!(goaway.peak_fraction() < 0.25, "GoAway: {goaway:?}");
+    // The reconnects were spread, not in step, counted at the instants the runners' backoff
+    // let them dial (`dial_due`): after kill -9 the runners notice together (they connected
+    // together, so they heartbeat in step); with a 200 ms first backoff the whole fleet
+    // came back within 0.4 s, 32% of it in one 100 ms window. The Welcome times are printed
+    // for BENCHMARKS.md but not bounded: all 500 runners live in one debug process on the
+    // broker's two cores, and when it is short of CPU (a slower CI machine; here, with two
+    // busy loops beside it) it sees Welcomes in bursts, up to 223 in one 100 ms, more
+    // than the debug broker can even complete in that time (about 40), so that figure
+    // measures the test process, not the fleet's spread. After SIGTERM the broker chose
+    // each runner's delay in its 5 s window.
+    // Both halves of the spread: each runner drew its own delay after noticing (0-2 s:
+    // a median near 1 s; the in-step 200 ms backoff would give under 0.2 s), and the
+    // instants they dialled at are spread across the fleet.
+    assert!(median >= Duration::from_millis(500), "kill -9: median reconnect delay {median:?}");
+    assert!(dials.peak_fraction() < 0.15, "kill -9: dials due {dials:?}, Welcomes {storm:?}");
+    assert!(
+        goaway_dials.peak_fraction() < 0.1,
+        "GoAway: dials due {goaway_dials:?}, Welcomes {goaway:?}"
+    );
     // After GoAway they came back over the window the broker gave, not at once.
     let early = back.iter().filter(|d| **d < Duration::from_millis(2500)).count();
     assert!(early < STORM * 3 / 4 && goaway.all >= Duration::from_millis(2500), "{goaway:?}");

@@ -1,7 +1,9 @@
 //! N real runners in one process (`runnel_tests::fleet`), for the NAT lab's reconnect-storm
 //! tests: it enrolls them through the broker's API and QUIC port, starts them, and prints
 //! one JSON line per event on stdout, until it is killed:
-//! `{"enrolled":N}`, then `{"runner":I,"session":S,"at_ms":UNIX_MS}` at each Welcome.
+//! `{"enrolled":N}`, then `{"runner":I,"session":S,"at_ms":UNIX_MS,"due_ms":UNIX_MS,"waited_ms":MS}`
+//! at each Welcome (`due_ms`: when the runner's dial for it was due, after waiting
+//! `waited_ms`).
 //!
 //! Configured by environment: FLEET_API (http URL), FLEET_KEY (a tenant admin key),
 //! FLEET_BROKER (host:port), FLEET_FINGERPRINT, FLEET_RUNNERS, FLEET_DIR.
@@ -31,8 +33,14 @@ async fn run() -> Result<(), String> {
     let (_handles, mut events) =
         runnel_tests::fleet::run_fleet(states).map_err(|e| format!("start: {e:#}"))?;
     while let Some(c) = futures::StreamExt::next(&mut events).await {
-        let at_ms = c.at.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-        if !say(serde_json::json!({ "runner": c.runner, "session": c.session, "at_ms": at_ms })) {
+        let ms = |t: std::time::SystemTime| {
+            t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+        };
+        let line = serde_json::json!({
+            "runner": c.runner, "session": c.session, "at_ms": ms(c.at), "due_ms": ms(c.due),
+            "waited_ms": c.waited.as_millis() as u64,
+        });
+        if !say(line) {
             break;
         }
     }
