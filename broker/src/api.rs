@@ -33,8 +33,9 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, FromRef};
 use axum::routing::{delete, get, post};
 
-pub(crate) use auth::Caller;
+pub(crate) use auth::{Caller, authenticate, still_good};
 pub(crate) use error::{ApiError, ApiJson};
+pub(crate) use jobs::checked_spec;
 pub(crate) use limits::RateLimits;
 pub(crate) use serve::serve;
 pub(crate) use tls::acceptor as tls_acceptor;

@@ -11,8 +11,8 @@ use std::time::Duration;
 use quinn::crypto::rustls::{HandshakeData, QuicServerConfig};
 use runnel_certs::{Identity, RunnerIdentity, parse_cert};
 use runnel_protocol::{
-    ALPN_ENROLL, ALPN_RUNNER, ClientControl, ErrorCode, Redirect, ServerControl, read_frame,
-    version, write_frame,
+    ALPN_API, ALPN_ENROLL, ALPN_RUNNER, ClientControl, ErrorCode, Redirect, ServerControl,
+    read_frame, version, write_frame,
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_util::sync::CancellationToken;
@@ -95,7 +95,7 @@ pub(crate) fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)?;
-    tls.alpn_protocols = vec![ALPN_RUNNER.to_vec(), ALPN_ENROLL.to_vec()];
+    tls.alpn_protocols = vec![ALPN_RUNNER.to_vec(), ALPN_ENROLL.to_vec(), ALPN_API.to_vec()];
     let crypto = QuicServerConfig::try_from(tls).map_err(|_| SpawnError::NoQuicCipherSuite)?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
@@ -178,12 +178,12 @@ fn refusal_alert(e: &quinn::ConnectionError) -> Option<&'static str> {
     Some(name)
 }
 
-/// One connection's intake; `_slot` (its [`IntakeLimits`] slot) is given back when it
+/// One connection's intake; `slot` (its [`IntakeLimits`] slot) is given back when it
 /// ends: Welcome sent (the session then belongs to the tenant actor), enrollment answered,
-/// or refused.
+/// a native API client's hello answered, or refused.
 async fn handle_incoming(
     incoming: quinn::Incoming,
-    _slot: tokio::sync::OwnedSemaphorePermit,
+    slot: tokio::sync::OwnedSemaphorePermit,
     shared: Arc<Shared>,
     tenants: Arc<Tenants>,
 ) {
@@ -212,6 +212,7 @@ async fn handle_incoming(
     match alpn.as_deref() {
         Some(p) if p == ALPN_ENROLL => crate::enroll::serve(conn, shared).await,
         Some(p) if p == ALPN_RUNNER => runner_intake(conn, remote, &shared, tenants).await,
+        Some(p) if p == ALPN_API => crate::native::serve(conn, slot, shared, tenants).await,
         _ => conn.close(ErrorCode::Protocol.as_u32().into(), b"unknown ALPN"),
     }
 }

@@ -43,6 +43,7 @@ mod homed;
 mod index;
 mod jobs;
 pub mod metrics;
+mod native;
 mod peer;
 mod rate;
 mod records;

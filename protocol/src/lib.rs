@@ -9,6 +9,8 @@
 //! - `enroll`: the single request/response of ALPN `runnel-enroll/1`.
 //! - `peer`: node-to-node calls of ALPN `runnel-peer/1` (a cluster forwards API calls to a
 //!   tenant's home), and the job view and states they carry.
+//! - `api`: the native API of ALPN `runnel-api/1` (clients dispatch over QUIC with an API
+//!   key; the answers are `peer`'s frames).
 //! - `error`: numeric error and connection-close codes shared by both sides.
 //! - [`duration`]: `30s`/`5m` as both sides' flags and config files write durations.
 //! - [`limits`] and [`version`]: the constants both sides agree on.
@@ -20,6 +22,7 @@
 
 // Type modules are private behind the re-exports below; `limits` and `version` stay public
 // as namespaces of the constants both sides agree on.
+mod api;
 mod control;
 pub mod duration;
 mod enroll;
@@ -30,6 +33,7 @@ pub mod limits;
 mod peer;
 pub mod version;
 
+pub use api::{ApiHello, ApiRequest, ApiWelcome};
 pub use control::{ClientControl, GoAway, Heartbeat, Hello, Redirect, ServerControl, Welcome};
 pub use enroll::{EnrollRequest, EnrollResponse, Enrolled};
 pub use error::ErrorCode;
@@ -40,4 +44,4 @@ pub use job::{
 pub use peer::{
     DispatchSpec, JobInfo, JobState, PEER_OUTPUT_CHUNK, PeerCaller, PeerRequest, PeerResponse,
 };
-pub use version::{ALPN_ENROLL, ALPN_PEER, ALPN_RUNNER, PROTOCOL_VERSION};
+pub use version::{ALPN_API, ALPN_ENROLL, ALPN_PEER, ALPN_RUNNER, PROTOCOL_VERSION};

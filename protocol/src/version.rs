@@ -14,6 +14,10 @@ pub const ALPN_RUNNER: &[u8] = b"runnel/1";
 /// ALPN of a node-to-node connection in a cluster (mutual TLS with node certificates).
 pub const ALPN_PEER: &[u8] = b"runnel-peer/1";
 
+/// ALPN of a native API client's connection (server-authenticated TLS; an API key in the
+/// first frame).
+pub const ALPN_API: &[u8] = b"runnel-api/1";
+
 /// ALPN of an enrollment connection (server-authenticated TLS only).
 pub const ALPN_ENROLL: &[u8] = b"runnel-enroll/1";
 

@@ -9,7 +9,7 @@ use axum::http::request::Parts;
 
 use super::ApiError;
 use crate::metrics::names;
-use crate::records::{Role, now_unix};
+use crate::records::{ApiKey, Role, now_unix};
 use crate::secret::{KEY_PREFIX, split};
 use crate::shared::Shared;
 
@@ -91,46 +91,69 @@ where
         let presented = value
             .strip_prefix("Bearer ")
             .ok_or_else(|| ApiError::unauthorized("expected Authorization: Bearer <key>"))?;
-        let fail = |key: &str, reason: &'static str| {
-            metrics::counter!(names::API_KEY_FAILURES, "key" => key.to_owned(), "reason" => reason)
-                .increment(1);
-        };
-        let Some((id, random)) = split(KEY_PREFIX, presented.trim()) else {
-            fail("unknown", "malformed");
-            return Err(ApiError::unauthorized("invalid API key"));
-        };
-        let Some(rec) = shared.keys.get(id).map(|r| r.clone()) else {
-            fail("unknown", "unknown_id");
-            return Err(ApiError::unauthorized("invalid API key"));
-        };
-        // Counted per key id (public, never key material): a wrong secret for a real key
-        // is someone guessing, or a leaked id.
-        if !rec.secret.verify(random) {
-            fail(&rec.id, "bad_secret");
-            return Err(ApiError::unauthorized("invalid API key"));
-        }
-        let now = now_unix();
-        if let Some(why) = rec.unusable(now) {
-            fail(&rec.id, why);
-            // The secret was right, so the key's tenant is proven: the refused use goes in
-            // its log, counted per window (a script looping on a revoked key must not
-            // write one event per request).
-            let reason = if why == "revoked" { "revoked key used" } else { "expired key used" };
-            shared.refusals.note(rec.tenant.as_deref(), &format!("key:{}", rec.id), reason);
-            return Err(ApiError::unauthorized(format!("API key {why}")));
-        }
+        let caller = authenticate(shared, presented)?;
         // A scrape key is good for the scrape and nothing else, whatever a handler checks.
-        if rec.role == Role::Metrics && parts.uri.path() != "/metrics" {
+        if caller.role == Role::Metrics && parts.uri.path() != "/metrics" {
             return Err(ApiError::forbidden("a metrics key can only read /metrics"));
         }
-        shared.rate_limits.check_key(&rec.id)?;
-        // Per request: update in place; allocate the key's entry only on its first use.
-        match shared.key_last_used.get_mut(&rec.id) {
-            Some(mut t) => *t = now,
-            None => {
-                shared.key_last_used.insert(rec.id.clone(), now);
-            }
-        }
-        Ok(Caller { key_id: rec.id, role: rec.role, tenant: rec.tenant, owner: rec.owner })
+        Ok(caller)
     }
+}
+
+fn failed(key: &str, reason: &'static str) {
+    metrics::counter!(names::API_KEY_FAILURES, "key" => key.to_owned(), "reason" => reason)
+        .increment(1);
+}
+
+/// The one check of a presented API key, for HTTP and the native API alike: well formed,
+/// known, the right secret (salted hash, constant time), usable now, within its rate.
+pub(crate) fn authenticate(shared: &Shared, presented: &str) -> Result<Caller, ApiError> {
+    let Some((id, random)) = split(KEY_PREFIX, presented.trim()) else {
+        failed("unknown", "malformed");
+        return Err(ApiError::unauthorized("invalid API key"));
+    };
+    let Some(rec) = shared.keys.get(id).map(|r| r.clone()) else {
+        failed("unknown", "unknown_id");
+        return Err(ApiError::unauthorized("invalid API key"));
+    };
+    // Counted per key id (public, never key material): a wrong secret for a real key
+    // is someone guessing, or a leaked id.
+    if !rec.secret.verify(random) {
+        failed(&rec.id, "bad_secret");
+        return Err(ApiError::unauthorized("invalid API key"));
+    }
+    usable(shared, &rec)?;
+    Ok(Caller { key_id: rec.id, role: rec.role, tenant: rec.tenant, owner: rec.owner })
+}
+
+/// A caller whose secret was already verified (a native API connection, per call): its key
+/// still exists and is usable (not revoked, not expired since), and within its rate.
+pub(crate) fn still_good(shared: &Shared, caller: &Caller) -> Result<(), ApiError> {
+    let Some(rec) = shared.keys.get(&caller.key_id).map(|r| r.clone()) else {
+        failed("unknown", "unknown_id");
+        return Err(ApiError::unauthorized("API key revoked"));
+    };
+    usable(shared, &rec)
+}
+
+fn usable(shared: &Shared, rec: &ApiKey) -> Result<(), ApiError> {
+    let now = now_unix();
+    if let Some(why) = rec.unusable(now) {
+        failed(&rec.id, why);
+        // The secret was right, so the key's tenant is proven: the refused use goes in
+        // its log, counted per window (a script looping on a revoked key must not
+        // write one event per request).
+        let reason = if why == "revoked" { "revoked key used" } else { "expired key used" };
+        shared.refusals.note(rec.tenant.as_deref(), &format!("key:{}", rec.id), reason);
+        return Err(ApiError::unauthorized(format!("API key {why}")));
+    }
+    shared.rate_limits.check_key(&rec.id)?;
+    // Per request: update in place; allocate the key's entry only on its first use.
+    match shared.key_last_used.get_mut(&rec.id) {
+        Some(mut t) => *t = now,
+        None => {
+            shared.key_last_used.insert(rec.id.clone(), now);
+        }
+    }
+    Ok(())
 }

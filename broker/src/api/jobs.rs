@@ -124,16 +124,7 @@ pub(super) async fn create(
 ) -> Result<Response, ApiError> {
     caller.require(&[Role::Admin, Role::Dispatcher, Role::Member])?;
     caller.tenant()?;
-    let owner = match (&caller.role, &body.owner, &caller.owner) {
-        (Role::Member, Some(o), Some(mine)) if o != mine => {
-            return Err(ApiError::forbidden("a member key dispatches only to its own owner"));
-        }
-        (Role::Member, _, Some(mine)) => mine.clone(),
-        (_, Some(o), _) => o.clone(),
-        _ => return Err(ApiError::bad_request("owner is required")),
-    };
-    runnel_certs::identity::validate_segment("owner", &owner)
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let owner = dispatch_owner(&caller, body.owner.as_deref())?;
     let (payload, timeout, queue_timeout) = body.checked(&shared.config)?;
     let spec = DispatchSpec {
         owner,
@@ -148,6 +139,51 @@ pub(super) async fn create(
     let view = homed::dispatch(&shared, &tenants, &caller, spec, Hop::Api).await?;
     let status = if view.state.is_terminal() { StatusCode::OK } else { StatusCode::CREATED };
     Ok((status, Json(view)).into_response())
+}
+
+/// Whose runners a dispatch is for: a member key's own owner (another is refused), else
+/// the owner asked for, which must be a valid name.
+fn dispatch_owner(caller: &Caller, asked: Option<&str>) -> Result<String, ApiError> {
+    let owner = match (&caller.role, asked, &caller.owner) {
+        (Role::Member, Some(o), Some(mine)) if o != mine => {
+            return Err(ApiError::forbidden("a member key dispatches only to its own owner"));
+        }
+        (Role::Member, _, Some(mine)) => mine.clone(),
+        (_, Some(o), _) => o.to_owned(),
+        _ => return Err(ApiError::bad_request("owner is required")),
+    };
+    runnel_certs::identity::validate_segment("owner", &owner)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    Ok(owner)
+}
+
+/// A [`DispatchSpec`] from a native API client, held to the rules `POST /v1/jobs` applies
+/// to its body: the owner (an empty one is the member key's own), kind, labels, payload
+/// size, an `exec` payload that decodes with a program, and timeouts (0: the default).
+pub(crate) fn checked_spec(
+    config: &crate::config::Config,
+    caller: &Caller,
+    mut spec: DispatchSpec,
+) -> Result<DispatchSpec, ApiError> {
+    spec.owner = dispatch_owner(caller, Some(spec.owner.as_str()).filter(|o| !o.is_empty()))?;
+    runnel_certs::identity::validate_segment("kind", &spec.kind)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    super::runners::validate_labels(&spec.labels)?;
+    if spec.payload.len() > MAX_PAYLOAD {
+        return Err(ApiError::bad_request(format!("job payload exceeds {MAX_PAYLOAD} bytes")));
+    }
+    if spec.kind == "exec" {
+        let exec: runnel_protocol::ExecSpec = postcard::from_bytes(&spec.payload)
+            .map_err(|e| ApiError::bad_request(format!("exec payload: {e}")))?;
+        if exec.program.is_empty() {
+            return Err(ApiError::bad_request("exec.program must not be empty"));
+        }
+    }
+    let given = |v: u64| (v != 0).then_some(v);
+    spec.timeout_ms = ms(millis(given(spec.timeout_ms), config.job_timeout, "timeout_ms")?);
+    spec.queue_timeout_ms =
+        ms(millis(given(spec.queue_timeout_ms), config.queue_timeout, "queue_timeout_ms")?);
+    Ok(spec)
 }
 
 fn ms(d: Duration) -> u64 {

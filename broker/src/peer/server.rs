@@ -66,7 +66,8 @@ async fn connection(incoming: quinn::Incoming, shared: Arc<Shared>, tenants: Arc
     }
 }
 
-fn refused(e: &ApiError) -> PeerResponse {
+/// A refusal as the API would answer it.
+pub(crate) fn refused(e: &ApiError) -> PeerResponse {
     PeerResponse::Refused {
         status: e.status.as_u16(),
         code: e.code.to_owned(),
@@ -75,7 +76,10 @@ fn refused(e: &ApiError) -> PeerResponse {
 }
 
 /// A job answer: the view without output, the output in chunks, the end.
-async fn write_job(send: &mut quinn::SendStream, r: Result<JobInfo, ApiError>) -> Result<(), ()> {
+pub(crate) async fn write_job(
+    send: &mut quinn::SendStream,
+    r: Result<JobInfo, ApiError>,
+) -> Result<(), ()> {
     let mut job = match r {
         Ok(j) => j,
         Err(e) => return write_frame(send, &refused(&e)).await.map_err(drop),
@@ -176,11 +180,19 @@ async fn stream_output(
     send: &mut quinn::SendStream,
     r: Result<Output, ApiError>,
 ) -> Result<(), ()> {
-    let job = match r {
-        Ok(Output::Here(job)) => job,
-        Ok(_) => return write_frame(send, &PeerResponse::End).await.map_err(drop),
+    match r {
+        Ok(Output::Here(job)) => send_output(send, &job).await?,
+        Ok(_) => {}
         Err(e) => return write_frame(send, &refused(&e)).await.map_err(drop),
-    };
+    }
+    write_frame(send, &PeerResponse::End).await.map_err(drop)
+}
+
+/// This node's job's output, live until the job ends, in [`PeerResponse::Output`] chunks.
+pub(crate) async fn send_output(
+    send: &mut quinn::SendStream,
+    job: &crate::jobs::JobEntry,
+) -> Result<(), ()> {
     let mut rx = job.subscribe();
     let mut offset = 0usize;
     loop {
@@ -193,7 +205,7 @@ async fn stream_output(
             continue;
         }
         if finished || rx.changed().await.is_err() {
-            return write_frame(send, &PeerResponse::End).await.map_err(drop);
+            return Ok(());
         }
     }
 }

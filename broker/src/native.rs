@@ -1,0 +1,226 @@
+//! `runnel-api/1`, the native API on the broker's QUIC endpoint (see
+//! `runnel_protocol::ApiRequest`): an API key in the first frame, then one stream per call,
+//! many at a time. Every call goes through the same single check sites as the HTTP API:
+//! the key through `api::authenticate` (and `api::still_good` on each call, so a key
+//! revoked while a connection is open stops working on its next call), the spec through
+//! `api::checked_spec`, and the call itself through `homed`, which checks the tenant and
+//! owner and forwards to the tenant's home in a cluster.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use runnel_protocol::{
+    ApiHello, ApiRequest, ApiWelcome, ErrorCode, PROTOCOL_VERSION, PeerResponse, read_frame,
+    write_frame,
+};
+
+use crate::actors::Tenants;
+use crate::api::{ApiError, Caller, authenticate, checked_spec, still_good};
+use crate::homed::{self, Hop, Output};
+use crate::peer::{refused, send_output, write_job};
+use crate::records::Role;
+use crate::shared::Shared;
+
+/// Calls one connection may have open at once (each a bidirectional stream). Runner
+/// connections get only a few; a client pipelines.
+pub(crate) const MAX_CALLS: u32 = 256;
+
+/// How long the client has to send its hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves one native API connection (its handshake done). `slot`, the connection's
+/// intake slot, is given back once the hello is answered.
+pub(crate) async fn serve(
+    conn: quinn::Connection,
+    slot: tokio::sync::OwnedSemaphorePermit,
+    shared: Arc<Shared>,
+    tenants: Arc<Tenants>,
+) {
+    let remote = conn.remote_address();
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, async {
+        let (send, mut recv) = conn.accept_bi().await.ok()?;
+        let hello = read_frame::<ApiHello, _>(&mut recv).await.ok()??;
+        Some((send, hello))
+    })
+    .await;
+    let Ok(Some((mut send, hello))) = hello else {
+        return conn.close(ErrorCode::Protocol.as_u32().into(), b"expected ApiHello");
+    };
+    let caller = match welcome(&shared, &hello) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::info!(%remote, code = e.code, "native API hello refused");
+            let refusal = ApiWelcome::Refused {
+                status: e.status.as_u16(),
+                code: e.code.to_owned(),
+                message: e.message.clone(),
+            };
+            let _ = write_frame(&mut send, &refusal).await;
+            let _ = send.finish();
+            // Give the refusal a moment to arrive before the close overtakes it.
+            let _ = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
+            return conn.close(ErrorCode::Unauthenticated.as_u32().into(), b"refused");
+        }
+    };
+    let ok = ApiWelcome::Welcome {
+        tenant: caller.tenant.clone(),
+        role: caller.role.name().to_owned(),
+        max_calls: MAX_CALLS,
+    };
+    if write_frame(&mut send, &ok).await.is_err() || send.finish().is_err() {
+        return;
+    }
+    drop(slot);
+    conn.set_max_concurrent_bi_streams(MAX_CALLS.into());
+    let caller = Arc::new(caller);
+    let mut calls = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            s = conn.accept_bi() => match s {
+                Ok((send, recv)) => {
+                    calls.spawn(call(send, recv, shared.clone(), tenants.clone(), caller.clone()));
+                }
+                Err(e) => {
+                    tracing::debug!(%remote, error = %e, "native API connection ended");
+                    break;
+                }
+            },
+            Some(_) = calls.join_next(), if !calls.is_empty() => {}
+        }
+    }
+}
+
+/// The hello's key, checked as `Authorization: Bearer` is.
+fn welcome(shared: &Shared, hello: &ApiHello) -> Result<Caller, ApiError> {
+    if hello.version != PROTOCOL_VERSION {
+        return Err(ApiError::bad_request(format!(
+            "native API version {} is not spoken here (this broker: {PROTOCOL_VERSION})",
+            hello.version
+        )));
+    }
+    let caller = authenticate(shared, &hello.key)?;
+    if caller.role == Role::Metrics {
+        return Err(ApiError::forbidden("a metrics key can only read /metrics"));
+    }
+    Ok(caller)
+}
+
+async fn call(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    shared: Arc<Shared>,
+    tenants: Arc<Tenants>,
+    caller: Arc<Caller>,
+) {
+    let req = match read_frame::<ApiRequest, _>(&mut recv).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::debug!(error = %e, "malformed native API request");
+            let _ = send.reset(e.code().as_u32().into());
+            return;
+        }
+    };
+    let (s, t, c) = (&*shared, &*tenants, &*caller);
+    if let Err(e) = still_good(s, c) {
+        let _ = write_frame(&mut send, &refused(&e)).await;
+        let _ = send.finish();
+        return;
+    }
+    let _ = match req {
+        ApiRequest::Dispatch { spec, follow } => dispatch(&mut send, s, t, c, spec, follow).await,
+        ApiRequest::GetJob { id } => {
+            write_job(&mut send, homed::get_job(s, c, &id, Hop::Api).await).await
+        }
+        ApiRequest::CancelJob { id } => {
+            write_job(&mut send, homed::cancel_job(s, t, c, &id, Hop::Api).await).await
+        }
+        ApiRequest::WaitJob { id } => {
+            let ended = match homed::job_output(s, c, &id, Hop::Api).await {
+                Ok(out) => relay(None, out).await,
+                Err(e) => Err(e),
+            };
+            let r = match ended {
+                Ok(()) => homed::get_job(s, c, &id, Hop::Api).await,
+                Err(e) => Err(e),
+            };
+            write_job(&mut send, r).await
+        }
+    };
+    let _ = send.finish();
+}
+
+/// A dispatch; with `follow`, the accepted job, its output live, then the ended job.
+async fn dispatch(
+    send: &mut quinn::SendStream,
+    s: &Shared,
+    t: &Tenants,
+    c: &Caller,
+    spec: runnel_protocol::DispatchSpec,
+    follow: bool,
+) -> Result<(), ()> {
+    let spec = match checked_spec(&s.config, c, spec) {
+        Ok(spec) => spec,
+        Err(e) => return write_frame(send, &refused(&e)).await.map_err(drop),
+    };
+    if !follow {
+        return write_job(send, homed::dispatch(s, t, c, spec, Hop::Api).await).await;
+    }
+    let spec = runnel_protocol::DispatchSpec { wait: false, ..spec };
+    let mut job = match homed::dispatch(s, t, c, spec, Hop::Api).await {
+        Ok(j) => j,
+        Err(e) => return write_frame(send, &refused(&e)).await.map_err(drop),
+    };
+    job.output.clear();
+    let id = job.id.clone();
+    write_frame(send, &PeerResponse::Job(job)).await.map_err(drop)?;
+    // Output first, then the result: a job's end is known once its output stream ends.
+    let streamed = match homed::job_output(s, c, &id, Hop::Api).await {
+        Ok(out) => relay(Some(send), out).await,
+        Err(e) => Err(e),
+    };
+    let r = match streamed {
+        Ok(()) => homed::get_job(s, c, &id, Hop::Api).await,
+        Err(e) => Err(e),
+    };
+    match r {
+        Ok(mut end) => {
+            end.output.clear();
+            write_frame(send, &PeerResponse::Job(end)).await.map_err(drop)?;
+            write_frame(send, &PeerResponse::End).await.map_err(drop)
+        }
+        Err(e) => write_frame(send, &refused(&e)).await.map_err(drop),
+    }
+}
+
+/// Follows a job's output until the job ends, sending it on `send` when given (else only
+/// waiting). A job on another node is read from there; a gone node has nothing more.
+async fn relay(send: Option<&mut quinn::SendStream>, out: Output) -> Result<(), ApiError> {
+    let lost = || ApiError::unavailable("the client went away");
+    match (out, send) {
+        (Output::Here(job), Some(send)) => send_output(send, &job).await.map_err(|()| lost()),
+        (Output::Here(job), None) => {
+            let mut rx = job.subscribe();
+            while !job.output_since(usize::MAX).1 {
+                if rx.changed().await.is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        }
+        (Output::There(mut answer), mut send) => loop {
+            match answer.next().await {
+                Ok(PeerResponse::Output(chunk)) => {
+                    if let Some(send) = send.as_deref_mut() {
+                        write_frame(send, &PeerResponse::Output(chunk))
+                            .await
+                            .map_err(|_| lost())?;
+                    }
+                }
+                Ok(_) => return Ok(()),
+                Err(e) => return Err(ApiError::unavailable(e.to_string())),
+            }
+        },
+        (Output::Nothing, _) => Ok(()),
+    }
+}
