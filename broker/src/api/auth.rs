@@ -129,7 +129,9 @@ pub(crate) fn authenticate(shared: &Shared, presented: &str) -> Result<Caller, A
 /// A caller whose secret was already verified (a native API connection, per call): its key
 /// still exists and is usable (not revoked, not expired since), and within its rate.
 pub(crate) fn still_good(shared: &Shared, caller: &Caller) -> Result<(), ApiError> {
-    let Some(rec) = shared.keys.get(&caller.key_id).map(|r| r.clone()) else {
+    // Read in place (no copy of the record per call); `usable` touches no other entry of
+    // `keys`, so holding the read guard meanwhile is safe.
+    let Some(rec) = shared.keys.get(&caller.key_id) else {
         failed("unknown", "unknown_id");
         return Err(ApiError::unauthorized("API key revoked"));
     };
