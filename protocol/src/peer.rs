@@ -235,3 +235,86 @@ pub enum PeerResponse {
         message: String,
     },
 }
+
+impl PeerResponse {
+    /// What the frame is, in words, for errors.
+    pub fn what(&self) -> &'static str {
+        match self {
+            PeerResponse::Job(_) => "a job",
+            PeerResponse::Jobs(_) => "a job list",
+            PeerResponse::Output(_) => "output",
+            PeerResponse::End => "the end",
+            PeerResponse::Closed(_) => "a count",
+            PeerResponse::Online(_) => "runner status",
+            PeerResponse::Refused { .. } => "a refusal",
+        }
+    }
+}
+
+/// Why an answer (to a node's or a native client's call) could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum AnswerError {
+    /// The call was refused, as the API would have refused it.
+    #[error("{message} ({status} {code})")]
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// Error code.
+        code: String,
+        /// Message.
+        message: String,
+    },
+    /// The stream ended before the answer did.
+    #[error("the answer ended early")]
+    Ended,
+    /// A frame could not be read (the stream broke, or a frame was malformed).
+    #[error(transparent)]
+    Frame(#[from] crate::FrameError),
+    /// A frame that does not belong in this answer.
+    #[error("unexpected {0} in the answer")]
+    Unexpected(&'static str),
+}
+
+/// The next frame of an answer; a refusal and an early end are errors.
+pub async fn read_answer<R>(recv: &mut R) -> Result<PeerResponse, AnswerError>
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    match crate::read_frame::<PeerResponse, _>(recv).await? {
+        Some(PeerResponse::Refused { status, code, message }) => {
+            Err(AnswerError::Refused { status, code, message })
+        }
+        Some(r) => Ok(r),
+        None => Err(AnswerError::Ended),
+    }
+}
+
+/// The rest of a job answer after its `Job` frame: the output chunks up to `End`, put
+/// back into `job.output`.
+pub async fn read_job_output<R>(recv: &mut R, mut job: JobInfo) -> Result<JobInfo, AnswerError>
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    let mut output = Vec::new();
+    loop {
+        match read_answer(recv).await? {
+            PeerResponse::Output(chunk) => output.extend_from_slice(&chunk),
+            PeerResponse::End => break,
+            other => return Err(AnswerError::Unexpected(other.what())),
+        }
+    }
+    // The chunks split the output at any byte; only the whole is text again.
+    job.output = String::from_utf8_lossy(&output).into_owned();
+    Ok(job)
+}
+
+/// A whole job answer: `Job`, its output in `Output` chunks, `End`.
+pub async fn read_job_answer<R>(recv: &mut R) -> Result<JobInfo, AnswerError>
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    match read_answer(recv).await? {
+        PeerResponse::Job(job) => read_job_output(recv, job).await,
+        other => Err(AnswerError::Unexpected(other.what())),
+    }
+}

@@ -137,6 +137,15 @@ impl TestBroker {
         self.api.key(&self.operator_key, tenant, body).await
     }
 
+    /// Revokes `tenant`'s first key of `role`, as its admin `admin`.
+    pub async fn revoke_key_of_role(&self, admin: &str, tenant: &str, role: &str) {
+        let (_, keys) = self.api.get(&format!("/v1/tenants/{tenant}/keys"), admin).await;
+        let key = keys["keys"].as_array().unwrap().iter().find(|k| k["role"] == role);
+        let id = key.unwrap()["id"].as_str().unwrap().to_owned();
+        let (s, v) = self.api.delete(&format!("/v1/tenants/{tenant}/keys/{id}"), admin).await;
+        assert_eq!(s, 200, "{v}");
+    }
+
     /// Creates a runner record; returns the API answer (runner_id, token, enroll_command).
     pub async fn create_runner(&self, admin: &str, owner: &str, labels: Value) -> Value {
         self.api.create_runner(admin, owner, labels).await

@@ -199,13 +199,7 @@ async fn bad_keys_specs_and_frames_get_clear_refusals() {
     assert_eq!(refusal(&frames).map(|r| r.0), Some(404), "{frames:?}");
 
     // A key revoked while its connection is open stops working on the next call.
-    let (_, keys) = b.api.get("/v1/tenants/acme/keys", &acme).await;
-    let id = keys["keys"].as_array().unwrap().iter().find(|k| k["role"] == "member").unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let (s, v) = b.api.delete(&format!("/v1/tenants/acme/keys/{id}"), &acme).await;
-    assert_eq!(s, 200, "{v}");
+    b.revoke_key_of_role(&acme, "acme", "member").await;
     let frames = call(&conn, &ApiRequest::GetJob { id: "j-nothing".into() }).await;
     assert_eq!(refusal(&frames), Some((401, "unauthorized")), "{frames:?}");
 }

@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use dashmap::DashMap;
-use runnel_protocol::{JobInfo, PeerRequest, PeerResponse, read_frame, write_frame};
+use runnel_protocol::{
+    AnswerError, JobInfo, PeerRequest, PeerResponse, read_answer, read_job_answer, write_frame,
+};
 
 use super::{SERVER_NAME, peer_node};
 use crate::cluster::NodeRecord;
@@ -118,20 +120,8 @@ impl PeerClient {
         req: PeerRequest,
     ) -> Result<JobInfo, PeerError> {
         let mut a = self.send(node, &req).await?;
-        let mut job = match a.next().await? {
-            PeerResponse::Job(j) => j,
-            other => return Err(a.unexpected(other)),
-        };
-        let mut output = Vec::new();
-        loop {
-            match a.next().await? {
-                PeerResponse::Output(chunk) => output.extend_from_slice(&chunk),
-                PeerResponse::End => break,
-                other => return Err(a.unexpected(other)),
-            }
-        }
-        job.output = String::from_utf8_lossy(&output).into_owned();
-        Ok(job)
+        let answer = read_job_answer(&mut a.recv).await;
+        answer.map_err(|e| a.error(e))
     }
 
     /// A call answered with one frame, which `pick` takes apart.
@@ -143,7 +133,7 @@ impl PeerClient {
     ) -> Result<T, PeerError> {
         let mut a = self.send(node, &req).await?;
         let frame = a.next().await?;
-        let what = what(&frame);
+        let what = frame.what();
         pick(frame).ok_or_else(|| a.unexpected_named(what))
     }
 
@@ -209,39 +199,25 @@ impl Answer {
     }
 
     async fn read(&mut self) -> Result<PeerResponse, PeerError> {
-        match read_frame::<PeerResponse, _>(&mut self.recv).await {
-            Ok(Some(PeerResponse::Refused { status, code, message })) => {
-                Err(PeerError::Refused { status, code, message })
+        read_answer(&mut self.recv).await.map_err(|e| self.error(e))
+    }
+
+    fn error(&self, e: AnswerError) -> PeerError {
+        let node = self.node.clone();
+        match e {
+            AnswerError::Refused { status, code, message } => {
+                PeerError::Refused { status, code, message }
             }
-            Ok(Some(r)) => Ok(r),
-            Ok(None) => Err(PeerError::Unreachable {
-                node: self.node.clone(),
-                reason: "the answer ended early".into(),
-            }),
-            Err(e) => {
-                Err(PeerError::Unreachable { node: self.node.clone(), reason: e.to_string() })
+            AnswerError::Unexpected(what) => {
+                PeerError::Protocol { node, reason: format!("unexpected {what}") }
+            }
+            e @ (AnswerError::Ended | AnswerError::Frame(_)) => {
+                PeerError::Unreachable { node, reason: e.to_string() }
             }
         }
     }
 
-    fn unexpected(&self, got: PeerResponse) -> PeerError {
-        self.unexpected_named(what(&got))
-    }
-
     fn unexpected_named(&self, what: &'static str) -> PeerError {
-        PeerError::Protocol { node: self.node.clone(), reason: format!("unexpected {what}") }
-    }
-}
-
-/// What a frame is, for errors.
-fn what(r: &PeerResponse) -> &'static str {
-    match r {
-        PeerResponse::Job(_) => "a job",
-        PeerResponse::Jobs(_) => "a job list",
-        PeerResponse::Output(_) => "output",
-        PeerResponse::End => "the end",
-        PeerResponse::Closed(_) => "a count",
-        PeerResponse::Online(_) => "runner status",
-        PeerResponse::Refused { .. } => "a refusal",
+        self.error(AnswerError::Unexpected(what))
     }
 }

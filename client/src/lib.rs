@@ -1,0 +1,52 @@
+//! runnel-client: dispatch jobs to a runnel broker over its native API (`runnel-api/1`,
+//! QUIC on the broker's runner port) with an API key.
+//!
+//! The HTTP API (`POST /v1/jobs`) answers the same calls under the same rules; this path
+//! costs the broker less per call and carries many calls at once on one connection.
+//!
+//! - [`Client::connect`] pins the cluster CA by its fingerprint (as enrollment does), and
+//!   proves the caller with an API key. The key's tenant and role decide what it may do,
+//!   exactly as over HTTP: a job of another tenant is not found (404), a member key
+//!   dispatches only to its own owner (403).
+//! - [`Client::dispatch`] answers a [`JobHandle`] at once: the job's output as it comes,
+//!   then its result. [`Client::submit`] answers once, as `POST /v1/jobs` does (with
+//!   `wait`, the ended job and all of its output). [`Client::get`], [`Client::cancel`]
+//!   and [`Client::wait`] take a job id.
+//! - At most [`Options::max_in_flight`] calls are open at once; more wait for a turn
+//!   (backpressure instead of an unbounded queue in the client or the broker).
+//! - A closed connection (broker restarted, network gone) is dialled again on the next
+//!   call. A call is retried once on the new connection when that cannot run it twice: a
+//!   call whose request never left, or a read (`get`, `wait`, `cancel`, which are
+//!   idempotent). A dispatch whose connection broke after its request left fails with
+//!   [`Error::Lost`]: the broker may have taken it, and a second try could run it twice.
+//!
+//! # Example
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), runnel_client::Error> {
+//! use runnel_client::{Client, exec};
+//!
+//! // The broker's QUIC address, its CA fingerprint (`runnel-broker init` prints it), a key.
+//! let client = Client::connect("broker.example:7443", "sha256:3f…", "rk_…").await?;
+//! let mut job = client.dispatch(exec("alice", "echo", &["hello"])).await?;
+//! while let Some(chunk) = job.output().await? {
+//!     print!("{}", String::from_utf8_lossy(&chunk));
+//! }
+//! let ended = job.result().await?;
+//! println!("{} {:?} exit {:?}", ended.id, ended.state, ended.exit_code);
+//! # Ok(()) }
+//! ```
+//!
+//! `examples/dispatch.rs` is the same as a program.
+#![deny(clippy::unwrap_used)]
+
+mod client;
+mod error;
+mod handle;
+mod spec;
+
+pub use client::{Client, Options};
+pub use error::Error;
+pub use handle::JobHandle;
+pub use runnel_protocol::{DispatchSpec, ExecSpec, JobInfo, JobState};
+pub use spec::{exec, job};
