@@ -138,8 +138,37 @@ struct Common {
     runner_capacity: u32,
 }
 
+/// The API a dispatch phase goes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Api {
+    /// `POST /v1/jobs` with `wait` (HTTP/1.1 keep-alive, JSON).
+    Http,
+    /// `runnel-api/1` through `runnel-client` (one QUIC connection per tenant).
+    Native,
+    /// HTTP, then native.
+    Both,
+}
+
+impl Api {
+    fn phases(self) -> &'static [Api] {
+        match self {
+            Api::Http => &[Api::Http],
+            Api::Native => &[Api::Native],
+            Api::Both => &[Api::Http, Api::Native],
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Api::Http => "HTTP API",
+            Api::Native => "native API",
+            Api::Both => "both APIs",
+        }
+    }
+}
+
 impl Common {
-    /// The dispatch phase these flags describe.
+    /// The dispatch phase these flags describe, through the HTTP API.
     async fn dispatch(
         &self,
         broker: &broker_proc::BrokerProc,
@@ -147,6 +176,22 @@ impl Common {
     ) -> drive::Dispatched {
         let len = Duration::from_secs(self.duration);
         sim::dispatch(broker, fleet, self.concurrency, len, self.payload).await
+    }
+
+    /// The same phase through `api` (`Http` or `Native`).
+    async fn dispatch_via(
+        &self,
+        api: Api,
+        broker: &broker_proc::BrokerProc,
+        fleet: &sim::Fleet,
+    ) -> anyhow::Result<drive::Dispatched> {
+        let len = Duration::from_secs(self.duration);
+        match api {
+            Api::Native => {
+                sim::dispatch_native(broker, fleet, self.concurrency, len, self.payload).await
+            }
+            Api::Http | Api::Both => Ok(self.dispatch(broker, fleet).await),
+        }
     }
 }
 
@@ -158,6 +203,10 @@ struct LoadArgs {
     /// Runners per tenant.
     #[arg(long, short = 'r', default_value_t = 4)]
     runners: usize,
+    /// Which API the dispatchers call: HTTP/JSON, the native QUIC API (runnel-client), or
+    /// one phase of each on the same broker and runners.
+    #[arg(long, value_enum, default_value_t = Api::Both)]
+    api: Api,
     #[command(flatten)]
     common: Common,
 }
@@ -170,6 +219,10 @@ struct ConnectArgs {
     /// Handshakes in flight at once.
     #[arg(long, default_value_t = 256)]
     parallel: usize,
+    /// Which API the dispatchers call: HTTP/JSON, the native QUIC API (runnel-client), or
+    /// one phase of each on the same broker and runners.
+    #[arg(long, value_enum, default_value_t = Api::Both)]
+    api: Api,
     #[command(flatten)]
     common: Common,
 }
@@ -198,26 +251,31 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn load(a: LoadArgs) -> anyhow::Result<()> {
-    load_row(&a).await.map(drop)
+    load_rows(&a).await.map(drop)
 }
 
-/// The runnel row: a fresh broker, `a.tenants × a.runners` enrolled runners, the dispatch phase.
-async fn load_row(a: &LoadArgs) -> anyhow::Result<report::Row> {
+/// The runnel rows: a fresh broker, `a.tenants × a.runners` enrolled runners, a dispatch
+/// phase per API `--api` names, on the same broker and runners one after the other.
+async fn load_rows(a: &LoadArgs) -> anyhow::Result<Vec<report::Row>> {
     let broker = broker_proc::BrokerProc::start(a.common.broker_bin.as_deref()).await?;
     let fleet = sim::Fleet::enroll(&broker, a.tenants, a.runners, 64).await?;
     let connected = fleet.connect(a.common.endpoints, a.common.runner_capacity, 256).await?;
-    let before = broker.usage()?;
-    let d = a.common.dispatch(&broker, &fleet).await;
-    let after = broker.usage()?;
     let runners = Some((connected.conns.len(), connected.failed));
-    let row = report::print("runnel", "load", &load_label(a), &d, &before, &after, runners);
+    let mut rows = Vec::new();
+    for &api in a.api.phases() {
+        let before = broker.usage()?;
+        let d = a.common.dispatch_via(api, &broker, &fleet).await?;
+        let after = broker.usage()?;
+        let label = format!("{}, {}", load_label(a), api.label());
+        rows.push(report::print("runnel", "load", &label, &d, &before, &after, runners));
+    }
     drop(connected);
     broker.stop().await;
-    Ok(row)
+    Ok(rows)
 }
 
 async fn compare_nats(a: CompareArgs) -> anyhow::Result<()> {
-    let runnel = load_row(&a.load).await?;
+    let runnel = load_rows(&a.load).await?;
     let Some(bin) = nats::find_bin(a.nats_bin.as_deref())? else {
         let why = "nats-server not found on PATH or in /usr/sbin (Debian: apt-get install \
                    nats-server, or pass --nats-bin)";
@@ -265,21 +323,24 @@ async fn connect(a: ConnectArgs) -> anyhow::Result<()> {
     tokio::time::sleep(IDLE_WINDOW).await;
     let idle_after = broker.usage()?;
     let idle_cpu = (idle_after.cpu_secs - with_all.cpu_secs) / IDLE_WINDOW.as_secs_f64();
-    let d = a.common.dispatch(&broker, &fleet).await;
-    let after = broker.usage()?;
     report::connect(&a.runners, &connected, &idle, &with_all, idle_cpu);
-    report::print(
-        "runnel",
-        "connect",
-        &format!(
-            "runners={} c={} d={}s payload={}B",
-            a.runners, a.common.concurrency, a.common.duration, a.common.payload
-        ),
-        &d,
-        &idle_after,
-        &after,
-        Some((connected.conns.len(), connected.failed)),
-    );
+    let mut before = idle_after;
+    for &api in a.api.phases() {
+        let d = a.common.dispatch_via(api, &broker, &fleet).await?;
+        let after = broker.usage()?;
+        let c = &a.common;
+        let label = format!(
+            "runners={} c={} d={}s payload={}B, {}",
+            a.runners,
+            c.concurrency,
+            c.duration,
+            c.payload,
+            api.label()
+        );
+        let runners = Some((connected.conns.len(), connected.failed));
+        report::print("runnel", "connect", &label, &d, &before, &after, runners);
+        before = after;
+    }
     drop(connected);
     broker.stop().await;
     Ok(())

@@ -12,6 +12,8 @@ fn ms(us: u64) -> f64 {
 
 /// One measured row: a system under the closed-loop dispatch load.
 pub(crate) struct Row {
+    /// What ran (the label printed with it).
+    pub(crate) label: String,
     pub(crate) jobs_per_sec: f64,
     pub(crate) p99_ms: f64,
 }
@@ -50,7 +52,7 @@ pub(crate) fn print(
         "server_cpu_secs": cpu, "server_rss_kib": after.rss_kib, "server_peak_rss_kib": after.peak_rss_kib,
     });
     println!("{line}");
-    Row { jobs_per_sec: rate, p99_ms: ms(p99) }
+    Row { label: label.to_owned(), jobs_per_sec: rate, p99_ms: ms(p99) }
 }
 
 /// The forwarding overhead: the same load through another node than the home.
@@ -71,30 +73,33 @@ pub(crate) fn forwarding(home: &Row, via: &Row, forwarder_cpu: f64, elapsed: std
     println!("{line}");
 }
 
-/// The runnel/NATS ratios against the better NATS row (the higher throughput), or why
-/// there are none.
-pub(crate) fn compare(runnel: &Row, nats: Result<&[Row], &str>) {
+/// Each runnel row's ratios to the better NATS row (the higher throughput), or why there
+/// are none.
+pub(crate) fn compare(runnel: &[Row], nats: Result<&[Row], &str>) {
     let best =
         nats.map(|rows| rows.iter().max_by(|a, b| a.jobs_per_sec.total_cmp(&b.jobs_per_sec)));
-    match best {
-        Ok(Some(n)) => {
-            let tput = runnel.jobs_per_sec / n.jobs_per_sec.max(f64::MIN_POSITIVE);
-            let p99 = runnel.p99_ms / n.p99_ms.max(f64::MIN_POSITIVE);
-            println!("== runnel / nats (the better NATS row: {:.0} jobs/s)", n.jobs_per_sec);
-            println!("  throughput       {tput:.2}x   (>= 1.0 means runnel dispatches more)");
-            println!("  p99 latency      {p99:.2}x   (<= 1.0 means runnel's tail is shorter)");
-            println!(
-                "{}",
-                json!({ "bench": "compare_nats", "throughput_ratio": tput, "p99_ratio": p99,
-                        "runnel_jobs_per_sec": runnel.jobs_per_sec, "nats_jobs_per_sec": n.jobs_per_sec,
-                        "runnel_p99_ms": runnel.p99_ms, "nats_p99_ms": n.p99_ms })
-            );
-        }
-        Ok(None) => println!("== runnel / nats: no NATS row"),
+    let n = match best {
+        Ok(Some(n)) => n,
+        Ok(None) => return println!("== runnel / nats: no NATS row"),
         Err(why) => {
             println!("== runnel / nats: skipped: {why}");
-            println!("{}", json!({ "bench": "compare_nats", "skipped": why }));
+            return println!("{}", json!({ "bench": "compare_nats", "skipped": why }));
         }
+    };
+    println!("== runnel / nats (the better NATS row: {:.0} jobs/s, {})", n.jobs_per_sec, n.label);
+    for r in runnel {
+        let tput = r.jobs_per_sec / n.jobs_per_sec.max(f64::MIN_POSITIVE);
+        let p99 = r.p99_ms / n.p99_ms.max(f64::MIN_POSITIVE);
+        println!("  {}", r.label);
+        println!("    throughput     {tput:.2}x   (>= 1.0 means runnel dispatches more)");
+        println!("    p99 latency    {p99:.2}x   (<= 1.0 means runnel's tail is shorter)");
+        println!(
+            "{}",
+            json!({ "bench": "compare_nats", "runnel": r.label, "nats": n.label,
+                    "throughput_ratio": tput, "p99_ratio": p99,
+                    "runnel_jobs_per_sec": r.jobs_per_sec, "nats_jobs_per_sec": n.jobs_per_sec,
+                    "runnel_p99_ms": r.p99_ms, "nats_p99_ms": n.p99_ms })
+        );
     }
 }
 

@@ -304,6 +304,44 @@ pub(crate) async fn dispatch(
     .await
 }
 
+/// The same dispatch load over the native API (`runnel-client`): `concurrency`
+/// dispatchers, each in a loop of `submit` with `wait`, for `len`. The dispatchers of a
+/// tenant share one client (one QUIC connection), as NATS requesters share theirs in the
+/// peer row.
+pub(crate) async fn dispatch_native(
+    b: &BrokerProc,
+    fleet: &Fleet,
+    concurrency: usize,
+    len: Duration,
+    payload: usize,
+) -> anyhow::Result<Dispatched> {
+    let mut clients = Vec::new();
+    for t in &fleet.tenants {
+        clients.push(runnel_client::Client::connect(&b.quic, &b.fingerprint, &t.admin).await?);
+    }
+    let clients: Arc<[runnel_client::Client]> = clients.into();
+    let mut spec = runnel_client::job(OWNER, "echo", vec![b'x'; payload]);
+    spec.wait = true;
+    Ok(closed_loop(concurrency, len, move |w, _| {
+        let (spec, clients) = (spec.clone(), clients.clone());
+        async move {
+            let client = &clients[w % clients.len()];
+            let job = client.submit(spec).await.map_err(|e| match e.status() {
+                Some(s) => format!("refused:{s}"),
+                None => "transport".to_string(),
+            })?;
+            if job.state != runnel_protocol::JobState::Succeeded {
+                return Err(format!("state:{:?}", job.state));
+            }
+            if job.output.len() != payload {
+                return Err("wrong_output".to_string());
+            }
+            Ok(())
+        }
+    })
+    .await)
+}
+
 /// Revokes every connected runner, one at a time, and measures DELETE sent → the runner's
 /// connection closed (as the runner sees it).
 pub(crate) async fn revoke_all(
