@@ -48,7 +48,8 @@ fn not_home(node: &NodeRecord) -> ApiError {
 
 async fn tenant_route(shared: &Shared, tenant: &str, hop: Hop) -> Result<Route, ApiError> {
     let Some(cluster) = &shared.cluster else { return Ok(Route::Here(None)) };
-    match cluster.home(tenant).await? {
+    // Boxed: the cluster's future is large, and a single node never builds it.
+    match Box::pin(cluster.home(tenant)).await? {
         Home::Here { epoch } => Ok(Route::Here(Some((cluster.node_id(), epoch)))),
         Home::There(node) if hop == Hop::Api => match &shared.peers {
             Some(p) => Ok(Route::There(p.clone(), node)),
@@ -157,7 +158,7 @@ pub(crate) async fn dispatch(
         Route::There(peers, node) => {
             let req = PeerRequest::Dispatch { caller: caller.to_peer(), spec };
             forwarded(shared, "dispatch");
-            return peers.job(&node, req).await.map_err(peer_error);
+            return Box::pin(peers.job(&node, req)).await.map_err(peer_error);
         }
         Route::Here(home) => home,
     };
@@ -240,7 +241,7 @@ async fn local_job(
         && node == cluster.node_id()
         && cluster.mine.get(tenant).is_none_or(|current| *current != epoch)
     {
-        return lost_if_ours(shared, tenant, id, node, epoch).await.map(Err);
+        return Box::pin(lost_if_ours(shared, tenant, id, node, epoch)).await.map(Err);
     }
     Err(ApiError::not_found("no such job"))
 }
@@ -271,7 +272,7 @@ async fn lost(
     node: &str,
     epoch: i64,
 ) -> Result<JobView, ApiError> {
-    lost_if_ours(shared, caller.tenant()?, id, node, epoch).await
+    Box::pin(lost_if_ours(shared, caller.tenant()?, id, node, epoch)).await
 }
 
 /// `GET /v1/jobs/{id}`.
@@ -289,9 +290,9 @@ pub(crate) async fn get_job(
         JobRoute::There(peers, node) => {
             forwarded(shared, "get");
             let req = PeerRequest::GetJob { caller: caller.to_peer(), id: id.to_owned() };
-            peers.job(&node, req).await.map_err(peer_error)
+            Box::pin(peers.job(&node, req)).await.map_err(peer_error)
         }
-        JobRoute::Lost(node, epoch) => lost(shared, caller, id, &node, epoch).await,
+        JobRoute::Lost(node, epoch) => Box::pin(lost(shared, caller, id, &node, epoch)).await,
     }
 }
 
@@ -320,7 +321,7 @@ pub(crate) async fn list_jobs(
                 limit: u32::try_from(page.limit).unwrap_or(u32::MAX),
                 before: page.before,
             };
-            peers.jobs(&node, req).await.map_err(peer_error)
+            Box::pin(peers.jobs(&node, req)).await.map_err(peer_error)
         }
     }
 }
@@ -350,9 +351,9 @@ pub(crate) async fn cancel_job(
         JobRoute::There(peers, node) => {
             forwarded(shared, "cancel");
             let req = PeerRequest::CancelJob { caller: caller.to_peer(), id: id.to_owned() };
-            peers.job(&node, req).await.map_err(peer_error)
+            Box::pin(peers.job(&node, req)).await.map_err(peer_error)
         }
-        JobRoute::Lost(node, epoch) => lost(shared, caller, id, &node, epoch).await,
+        JobRoute::Lost(node, epoch) => Box::pin(lost(shared, caller, id, &node, epoch)).await,
     }
 }
 
@@ -381,13 +382,13 @@ pub(crate) async fn job_output(
         JobRoute::There(peers, node) => {
             forwarded(shared, "output");
             let req = PeerRequest::JobOutput { caller: caller.to_peer(), id: id.to_owned() };
-            let mut answer = peers.output(&node, req).await.map_err(peer_error)?;
+            let mut answer = Box::pin(peers.output(&node, req)).await.map_err(peer_error)?;
             // A refusal (404, 403) comes first, before any output.
             answer.peek().await.map_err(peer_error)?;
             Ok(Output::There(Box::new(answer)))
         }
         JobRoute::Lost(node, epoch) => {
-            lost(shared, caller, id, &node, epoch).await.map(|_| Output::Nothing)
+            Box::pin(lost(shared, caller, id, &node, epoch)).await.map(|_| Output::Nothing)
         }
     }
 }

@@ -127,45 +127,63 @@ async fn call(
         let _ = send.finish();
         return;
     }
+    // The rarer calls' futures are boxed, so that every call's task stays as small as a
+    // plain dispatch needs (the task is allocated per call).
     let _ = match req {
-        ApiRequest::Dispatch { spec, follow } => dispatch(&mut send, s, t, c, spec, follow).await,
+        ApiRequest::Dispatch { spec, follow: false } => dispatch(&mut send, s, t, c, spec).await,
+        ApiRequest::Dispatch { spec, follow: true } => {
+            Box::pin(follow(&mut send, s, t, c, spec)).await
+        }
         ApiRequest::GetJob { id } => {
             write_job(&mut send, homed::get_job(s, c, &id, Hop::Api).await).await
         }
         ApiRequest::CancelJob { id } => {
             write_job(&mut send, homed::cancel_job(s, t, c, &id, Hop::Api).await).await
         }
-        ApiRequest::WaitJob { id } => {
-            let ended = match homed::job_output(s, c, &id, Hop::Api).await {
-                Ok(out) => relay(None, out).await,
-                Err(e) => Err(e),
-            };
-            let r = match ended {
-                Ok(()) => homed::get_job(s, c, &id, Hop::Api).await,
-                Err(e) => Err(e),
-            };
-            write_job(&mut send, r).await
-        }
+        ApiRequest::WaitJob { id } => Box::pin(wait(&mut send, s, c, &id)).await,
     };
     let _ = send.finish();
 }
 
-/// A dispatch; with `follow`, the accepted job, its output live, then the ended job.
+/// A dispatch, answered as a job (with `spec.wait`, once it ended).
 async fn dispatch(
     send: &mut quinn::SendStream,
     s: &Shared,
     t: &Tenants,
     c: &Caller,
     spec: runnel_protocol::DispatchSpec,
-    follow: bool,
+) -> Result<(), ()> {
+    match checked_spec(&s.config, c, spec) {
+        Ok(spec) => write_job(send, homed::dispatch(s, t, c, spec, Hop::Api).await).await,
+        Err(e) => write_frame(send, &refused(&e)).await.map_err(drop),
+    }
+}
+
+/// Waits for a job's end; answers it as a job.
+async fn wait(send: &mut quinn::SendStream, s: &Shared, c: &Caller, id: &str) -> Result<(), ()> {
+    let ended = match homed::job_output(s, c, id, Hop::Api).await {
+        Ok(out) => relay(None, out).await,
+        Err(e) => Err(e),
+    };
+    let r = match ended {
+        Ok(()) => homed::get_job(s, c, id, Hop::Api).await,
+        Err(e) => Err(e),
+    };
+    write_job(send, r).await
+}
+
+/// A followed dispatch: the accepted job, its output live, then the ended job.
+async fn follow(
+    send: &mut quinn::SendStream,
+    s: &Shared,
+    t: &Tenants,
+    c: &Caller,
+    spec: runnel_protocol::DispatchSpec,
 ) -> Result<(), ()> {
     let spec = match checked_spec(&s.config, c, spec) {
         Ok(spec) => spec,
         Err(e) => return write_frame(send, &refused(&e)).await.map_err(drop),
     };
-    if !follow {
-        return write_job(send, homed::dispatch(s, t, c, spec, Hop::Api).await).await;
-    }
     let spec = runnel_protocol::DispatchSpec { wait: false, ..spec };
     let mut job = match homed::dispatch(s, t, c, spec, Hop::Api).await {
         Ok(j) => j,

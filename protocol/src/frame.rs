@@ -49,8 +49,16 @@ impl FrameError {
 
 /// Encodes `msg` as one frame (length prefix + body).
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
-    let mut out = vec![0u8; LENGTH_PREFIX_LEN];
-    out = postcard::to_extend(msg, out).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let malformed = |e: postcard::Error| FrameError::Malformed(e.to_string());
+    // Sized first (a walk without writing), so the frame is one allocation, not a Vec
+    // doubled from 4 bytes up to the payload's size.
+    let size = postcard::experimental::serialized_size(msg).map_err(malformed)?;
+    if size > MAX_FRAME_LEN {
+        return Err(FrameError::TooLarge { len: size, max: MAX_FRAME_LEN });
+    }
+    let mut out = Vec::with_capacity(LENGTH_PREFIX_LEN + size);
+    out.extend_from_slice(&[0u8; LENGTH_PREFIX_LEN]);
+    out = postcard::to_extend(msg, out).map_err(malformed)?;
     let len = out.len() - LENGTH_PREFIX_LEN;
     if len > MAX_FRAME_LEN {
         return Err(FrameError::TooLarge { len, max: MAX_FRAME_LEN });
@@ -123,17 +131,33 @@ where
 const FIRST_READ: usize = 16 * 1024;
 
 /// Reads a body of `len` bytes into `body`, growing it as bytes arrive: a peer that
-/// announces a 1 MiB frame and sends nothing costs [`FIRST_READ`], not 1 MiB.
+/// announces a 1 MiB frame and sends nothing costs [`FIRST_READ`], not 1 MiB. A body that
+/// fits in [`FIRST_READ`] is one allocation of exactly its size.
 async fn read_body<R: AsyncRead + Unpin>(
     reader: &mut R,
     len: usize,
     body: &mut Vec<u8>,
 ) -> Result<(), FrameError> {
-    body.reserve_exact(len.min(FIRST_READ));
-    let mut limited = reader.take(len as u64);
-    limited.read_to_end(body).await?;
-    if body.len() < len {
-        return Err(FrameError::Truncated);
+    let start = body.len();
+    let mut filled = 0;
+    while filled < len {
+        if body.len() == start + filled {
+            // Double what has arrived, up to what is still announced.
+            let grow = (len - filled).min(FIRST_READ.max(filled));
+            body.resize(start + filled + grow, 0);
+        }
+        let n = match reader.read(&mut body[start + filled..]).await {
+            Ok(n) => n,
+            Err(e) => {
+                body.truncate(start + filled);
+                return Err(e.into());
+            }
+        };
+        if n == 0 {
+            body.truncate(start + filled);
+            return Err(FrameError::Truncated);
+        }
+        filled += n;
     }
     Ok(())
 }

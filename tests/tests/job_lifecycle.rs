@@ -145,3 +145,45 @@ async fn output_streams_live_and_draining_runners_finish_but_take_nothing_new() 
     let v = b.job_end(&admin, &queued, Duration::from_secs(10)).await;
     assert_eq!(v["state"], "timed_out", "a draining runner took a new job: {v}");
 }
+
+/// A runner that takes a job and then says nothing: a cancel it never confirms ends the
+/// job `cancelled` once the cancel grace is over, and a job past its run timeout (plus the
+/// result grace) ends `timed_out`; both with the broker's reason.
+#[tokio::test]
+async fn a_silent_runner_cannot_hold_a_job_past_its_cancel_grace_or_timeout() {
+    use runnel_protocol::{BrokerJobFrame, read_frame};
+    let b = TestBroker::start().await;
+    let admin = b.tenant("acme").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (id, state) = b.enrolled(&admin, "alice", &dir.path().join("r")).await;
+    let (conn, _control) = runnel_tests::welcomed(&b, &state).await;
+    let body = |timeout_ms: u64| {
+        json!({ "owner": "alice", "runner_id": id, "kind": "exec",
+                "exec": { "program": "true" }, "timeout_ms": timeout_ms })
+    };
+    // Cancel: the runner reads the Cancel and does not answer.
+    let (s, v) = b.api.post("/v1/jobs", &admin, body(3_600_000)).await;
+    assert_eq!(s, 201, "{v}");
+    let job = v["id"].as_str().unwrap().to_owned();
+    let (_jsend, mut jrecv) =
+        tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await.unwrap().unwrap();
+    let first = read_frame::<BrokerJobFrame, _>(&mut jrecv).await.unwrap();
+    assert!(matches!(first, Some(BrokerJobFrame::Job(_))), "{first:?}");
+    let t0 = std::time::Instant::now();
+    b.api.post(&format!("/v1/jobs/{job}/cancel"), &admin, json!({})).await;
+    let cancel = read_frame::<BrokerJobFrame, _>(&mut jrecv).await.unwrap();
+    assert!(matches!(cancel, Some(BrokerJobFrame::Cancel)), "{cancel:?}");
+    let v = b.job_end(&admin, &job, Duration::from_secs(20)).await;
+    assert_eq!(v["state"], "cancelled", "{v}");
+    assert!(v["message"].as_str().unwrap().contains("did not confirm the cancel"), "{v}");
+    assert!(t0.elapsed() >= Duration::from_secs(4), "ended before the grace: {v}");
+    // Timeout: 1 s to run, nothing comes back.
+    let (s, v) = b.api.post("/v1/jobs", &admin, body(1000)).await;
+    assert_eq!(s, 201, "{v}");
+    let job = v["id"].as_str().unwrap().to_owned();
+    let (_jsend, _jrecv) =
+        tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await.unwrap().unwrap();
+    let v = b.job_end(&admin, &job, Duration::from_secs(20)).await;
+    assert_eq!(v["state"], "timed_out", "{v}");
+    assert!(v["message"].as_str().unwrap().contains("no result within the run timeout"), "{v}");
+}

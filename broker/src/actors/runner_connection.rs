@@ -450,7 +450,9 @@ fn outcome_state(o: JobOutcome) -> JobState {
 /// keep a job `running`.
 async fn drive_job(conn: &quinn::Connection, job: &JobEntry, table: &JobTable) -> Finish {
     let lost = |m: String| Finish::new(JobState::RunnerLost, m);
-    let mut deadline = tokio::time::Instant::now() + job.spec.timeout + RESULT_GRACE;
+    // One timer for the whole job (reset, never re-registered, per frame).
+    let deadline = tokio::time::sleep(job.spec.timeout + RESULT_GRACE);
+    tokio::pin!(deadline);
     let request = BrokerJobFrame::Job(JobRequest {
         job_id: job.id.clone(),
         kind: job.spec.kind.clone(),
@@ -471,7 +473,7 @@ async fn drive_job(conn: &quinn::Connection, job: &JobEntry, table: &JobTable) -
         _ = job.cancel.cancelled() => {
             return Finish::new(JobState::Cancelled, "cancelled before the runner took the job");
         }
-        _ = tokio::time::sleep_until(deadline) => {
+        _ = &mut deadline => {
             return Finish::new(
                 JobState::TimedOut,
                 "the runner did not take the job stream within the run timeout",
@@ -513,9 +515,12 @@ async fn drive_job(conn: &quinn::Connection, job: &JobEntry, table: &JobTable) -
                 // Bounded: a runner that grants no flow credit must not hold the cancel.
                 let cancel = write_frame(&mut send, &BrokerJobFrame::Cancel);
                 let _ = tokio::time::timeout(CANCEL_GRACE, cancel).await;
-                deadline = deadline.min(tokio::time::Instant::now() + CANCEL_GRACE);
+                let grace = tokio::time::Instant::now() + CANCEL_GRACE;
+                if grace < deadline.deadline() {
+                    deadline.as_mut().reset(grace);
+                }
             }
-            _ = tokio::time::sleep_until(deadline) => {
+            _ = &mut deadline => {
                 let code = if cancel_sent { ErrorCode::Cancelled } else { ErrorCode::Timeout };
                 let _ = send.reset(code.as_u32().into());
                 return if cancel_sent {
