@@ -82,6 +82,12 @@ pub mod names {
     /// Counter: live runner connections whose remote address changed (a NAT rebinding or a
     /// network change; QUIC migrated the connection, no new handshake), seen at heartbeats.
     pub const QUIC_MIGRATIONS: &str = "runnel_quic_migrations_total";
+    /// Gauge: open connections to the native API (`runnel-api/1`) past their hello.
+    pub const NATIVE_CONNECTIONS: &str = "runnel_native_connections";
+    /// Counter, `call` (dispatch, follow, get, cancel, wait, refused_hello,
+    /// malformed): calls on the native API (a dispatch's outcome is in
+    /// `runnel_dispatches_total`, whichever API it came through).
+    pub const NATIVE_CALLS: &str = "runnel_native_calls_total";
     /// Gauge, `version`: always 1.
     pub const BUILD_INFO: &str = "runnel_build_info";
 
@@ -114,6 +120,8 @@ pub mod names {
         HTTP_RATE_LIMITED,
         QUIC_INTAKE_LIMITED,
         QUIC_MIGRATIONS,
+        NATIVE_CONNECTIONS,
+        NATIVE_CALLS,
         BUILD_INFO,
     ];
 }
@@ -190,6 +198,8 @@ fn describe() {
     describe_counter!(names::QUIC_LOST_PACKETS, "QUIC packets lost on runner connections.");
     describe_gauge!(names::JOBS_HELD_BYTES, "Bytes of job payloads and output held.");
     describe_gauge!(names::HTTP_CONNECTIONS, "Open connections to the HTTP API.");
+    describe_gauge!(names::NATIVE_CONNECTIONS, "Open connections to the native API.");
+    describe_counter!(names::NATIVE_CALLS, "Calls on the native API, by call.");
     describe_counter!(
         names::HTTP_CONNECTIONS_REFUSED,
         "HTTP connections closed because the connection cap was reached."

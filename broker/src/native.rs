@@ -17,6 +17,7 @@ use runnel_protocol::{
 use crate::actors::Tenants;
 use crate::api::{ApiError, Caller, authenticate, checked_spec, still_good};
 use crate::homed::{self, Hop, Output};
+use crate::metrics::names;
 use crate::peer::{refused, send_output, write_job};
 use crate::records::Role;
 use crate::shared::Shared;
@@ -50,6 +51,7 @@ pub(crate) async fn serve(
         Ok(c) => c,
         Err(e) => {
             tracing::info!(%remote, code = e.code, "native API hello refused");
+            counted("refused_hello");
             let refusal = ApiWelcome::Refused {
                 status: e.status.as_u16(),
                 code: e.code.to_owned(),
@@ -71,6 +73,7 @@ pub(crate) async fn serve(
         return;
     }
     drop(slot);
+    let _open = Open::new();
     conn.set_max_concurrent_bi_streams(MAX_CALLS.into());
     let caller = Arc::new(caller);
     let mut calls = tokio::task::JoinSet::new();
@@ -87,6 +90,26 @@ pub(crate) async fn serve(
             },
             Some(_) = calls.join_next(), if !calls.is_empty() => {}
         }
+    }
+}
+
+fn counted(call: &'static str) {
+    metrics::counter!(names::NATIVE_CALLS, "call" => call).increment(1);
+}
+
+/// One open native connection in `runnel_native_connections`, for as long as it lives.
+struct Open;
+
+impl Open {
+    fn new() -> Self {
+        metrics::gauge!(names::NATIVE_CONNECTIONS).increment(1.0);
+        Open
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        metrics::gauge!(names::NATIVE_CONNECTIONS).decrement(1.0);
     }
 }
 
@@ -117,10 +140,18 @@ async fn call(
         Ok(None) => return,
         Err(e) => {
             tracing::debug!(error = %e, "malformed native API request");
+            counted("malformed");
             let _ = send.reset(e.code().as_u32().into());
             return;
         }
     };
+    counted(match &req {
+        ApiRequest::Dispatch { follow: false, .. } => "dispatch",
+        ApiRequest::Dispatch { follow: true, .. } => "follow",
+        ApiRequest::GetJob { .. } => "get",
+        ApiRequest::CancelJob { .. } => "cancel",
+        ApiRequest::WaitJob { .. } => "wait",
+    });
     let (s, t, c) = (&*shared, &*tenants, &*caller);
     if let Err(e) = still_good(s, c) {
         let _ = write_frame(&mut send, &refused(&e)).await;

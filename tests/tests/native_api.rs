@@ -9,7 +9,7 @@ use runnel_protocol::{
     PeerResponse, read_frame, write_frame,
 };
 use runnel_runner::Runner;
-use runnel_tests::TestBroker;
+use runnel_tests::{TestBroker, metric_value};
 use serde_json::json;
 
 /// Dials the broker's QUIC port with the native ALPN, pinning its CA, and says hello.
@@ -202,4 +202,15 @@ async fn bad_keys_specs_and_frames_get_clear_refusals() {
     b.revoke_key_of_role(&acme, "acme", "member").await;
     let frames = call(&conn, &ApiRequest::GetJob { id: "j-nothing".into() }).await;
     assert_eq!(refusal(&frames), Some((401, "unauthorized")), "{frames:?}");
+
+    // What an operator sees of it: the refused hellos and the malformed call (only this
+    // test makes them; the recorder is the process's, shared with the other test), the
+    // calls by kind, the connection still open.
+    let text = b.api.raw("/metrics", &b.operator_key).await;
+    let value = |series: &str| metric_value(&text, series).unwrap_or(0.0);
+    assert_eq!(value(r#"runnel_native_calls_total{call="refused_hello"}"#), 2.0, "{text}");
+    assert_eq!(value(r#"runnel_native_calls_total{call="malformed"}"#), 1.0);
+    assert!(value(r#"runnel_native_calls_total{call="dispatch"}"#) >= 4.0);
+    assert!(value(r#"runnel_native_calls_total{call="get"}"#) >= 2.0);
+    assert!(value("runnel_native_connections") >= 1.0);
 }
