@@ -14,8 +14,6 @@ use dashmap::DashMap;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::names;
-
 /// Output kept per job in the broker; later output is dropped and the job marked truncated.
 pub(crate) const MAX_BUFFERED_OUTPUT: usize = 1024 * 1024;
 
@@ -106,8 +104,9 @@ impl JobEntry {
         g.runner_id = Some(runner_id.into());
         g.started_at = Some(now_ms());
         drop(g);
-        metrics::histogram!(names::QUEUE_WAIT).record(self.accepted.elapsed().as_secs_f64());
-        metrics::gauge!(names::JOBS_IN_FLIGHT).increment(1.0);
+        let m = crate::metrics::jobs();
+        m.queue_wait.record(self.accepted.elapsed().as_secs_f64());
+        m.in_flight.increment(1.0);
         self.bump();
         true
     }
@@ -286,14 +285,14 @@ impl TenantJobs {
     /// `bytes` more held (and in the process-wide gauge).
     fn hold(&mut self, n: usize) {
         self.bytes += n;
-        metrics::gauge!(names::JOBS_HELD_BYTES).increment(n as f64);
+        crate::metrics::jobs().held_bytes.increment(n as f64);
     }
 
     /// `n` bytes let go of.
     fn release(&mut self, n: usize) {
         let n = n.min(self.bytes);
         self.bytes -= n;
-        metrics::gauge!(names::JOBS_HELD_BYTES).decrement(n as f64);
+        crate::metrics::jobs().held_bytes.decrement(n as f64);
     }
 
     /// Lets go of the output of the oldest finished jobs until `need` more bytes fit.
@@ -468,11 +467,12 @@ impl JobTable {
         if g.state.is_terminal() {
             return false;
         }
+        let m = crate::metrics::jobs();
         if g.state == JobState::Running {
-            metrics::gauge!(names::JOBS_IN_FLIGHT).decrement(1.0);
+            m.in_flight.decrement(1.0);
         }
-        metrics::counter!(names::DISPATCHES, "outcome" => f.state.name()).increment(1);
-        metrics::histogram!(names::DISPATCH_LATENCY).record(entry.accepted.elapsed().as_secs_f64());
+        m.ended(f.state);
+        m.latency.record(entry.accepted.elapsed().as_secs_f64());
         g.state = f.state;
         g.exit_code = f.exit_code;
         g.message = cap_message(f.message);

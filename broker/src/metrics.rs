@@ -140,6 +140,44 @@ pub const RTT_BUCKETS: &[f64] =
 /// How often the exporter's upkeep runs (drains histogram buffers).
 pub const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
+/// Handles of the metrics every job touches, looked up once: each `counter!`/`gauge!`
+/// call hashes its name and labels into the registry, six times per job otherwise.
+/// Taken at the first job, after [`install`] (a handle is bound to the recorder of the
+/// moment it is made).
+pub(crate) struct JobMetrics {
+    pub(crate) queue_wait: metrics::Histogram,
+    pub(crate) in_flight: metrics::Gauge,
+    pub(crate) held_bytes: metrics::Gauge,
+    pub(crate) latency: metrics::Histogram,
+    ended: Vec<(runnel_protocol::JobState, metrics::Counter)>,
+}
+
+impl JobMetrics {
+    /// `runnel_dispatches_total{outcome}` for a job that ended in `state`.
+    pub(crate) fn ended(&self, state: runnel_protocol::JobState) {
+        match self.ended.iter().find(|(s, _)| *s == state) {
+            Some((_, c)) => c.increment(1),
+            None => metrics::counter!(names::DISPATCHES, "outcome" => state.name()).increment(1),
+        }
+    }
+}
+
+/// The process's [`JobMetrics`].
+pub(crate) fn jobs() -> &'static JobMetrics {
+    use runnel_protocol::JobState::*;
+    static JOBS: OnceLock<JobMetrics> = OnceLock::new();
+    JOBS.get_or_init(|| JobMetrics {
+        queue_wait: metrics::histogram!(names::QUEUE_WAIT),
+        in_flight: metrics::gauge!(names::JOBS_IN_FLIGHT),
+        held_bytes: metrics::gauge!(names::JOBS_HELD_BYTES),
+        latency: metrics::histogram!(names::DISPATCH_LATENCY),
+        ended: [Succeeded, Failed, Cancelled, TimedOut, RunnerLost, Rejected, NodeLost]
+            .into_iter()
+            .map(|s| (s, metrics::counter!(names::DISPATCHES, "outcome" => s.name())))
+            .collect(),
+    })
+}
+
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
 /// Installs the process-wide recorder once and returns its handle. `None` when another
