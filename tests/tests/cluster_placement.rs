@@ -95,6 +95,30 @@ async fn calls_through_any_node_reach_the_tenants_home() {
         let (_, list) = n.api.get("/v1/jobs?limit=100", &admin).await;
         assert!(list["jobs"].as_array().unwrap().iter().any(|j| j["id"] == job.as_str()), "{list}");
     }
+    // The native API through each node: forwarded to the home as HTTP calls are, the
+    // followed output relayed from there.
+    // The CA the runner pinned at enrollment (a cluster's CA lives in etcd).
+    let ca = std::fs::read_to_string(dir.path().join("r").join("ca.pem")).unwrap();
+    let fp = runnel_certs::fingerprint(&runnel_certs::pem::certs_from_pem(&ca).unwrap()[0]);
+    let mut natives = Vec::new();
+    for n in &c.nodes {
+        natives.push(runnel_client::Client::connect(&n.quic, &fp, &admin).await.unwrap());
+    }
+    for (i, client) in natives.iter().enumerate() {
+        let mut spec = runnel_client::exec("alice", "echo", &[&format!("native{i}")]);
+        spec.wait = true;
+        let j = client.submit(spec).await.unwrap();
+        assert_eq!(j.output, format!("native{i}\n"), "{j:?}");
+        assert!(j.id.ends_with(&format!("-{}", c.nodes[home].id)), "homed at the home: {j:?}");
+        for other_client in &natives {
+            assert_eq!(other_client.get(&j.id).await.unwrap().output, j.output);
+        }
+        let script = "echo one; sleep 0.2; echo two";
+        let followed = client.dispatch(runnel_client::exec("alice", "sh", &["-c", script]));
+        let end = followed.await.unwrap().result().await.unwrap();
+        assert_eq!((end.state.name(), end.output.as_str()), ("succeeded", "one\ntwo\n"));
+    }
+
     let (s, v) = c.nodes[other].api.post("/v1/jobs", &admin, exec("sleep", &["30"], false)).await;
     assert_eq!(s, 201, "{v}");
     let long = v["id"].as_str().unwrap().to_owned();
@@ -120,6 +144,14 @@ async fn calls_through_any_node_reach_the_tenants_home() {
         assert_eq!(list["jobs"].as_array().unwrap().len(), 0, "{list}");
         let (s, _) = n.api.get(&format!("/v1/runners/{id}"), &intruder).await;
         assert_eq!(s, 404);
+        let theirs = runnel_client::Client::connect(&n.quic, &fp, &intruder).await.unwrap();
+        assert_eq!(
+            theirs.get(&long).await.unwrap_err().status(),
+            Some(404),
+            "native, via {}",
+            n.id
+        );
+        assert_eq!(theirs.cancel(&long).await.unwrap_err().status(), Some(404));
     }
 
     // Exactly one node claims acme, and only it serves it.
