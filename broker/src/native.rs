@@ -18,7 +18,7 @@ use crate::actors::Tenants;
 use crate::api::{ApiError, Caller, authenticate, checked_spec, still_good};
 use crate::homed::{self, Hop, Output};
 use crate::metrics::names;
-use crate::peer::{refused, send_output, write_job};
+use crate::peer::{refused, send_output, serve_calls, write_job};
 use crate::records::Role;
 use crate::shared::Shared;
 
@@ -76,21 +76,11 @@ pub(crate) async fn serve(
     let _open = Open::new();
     conn.set_max_concurrent_bi_streams(MAX_CALLS.into());
     let caller = Arc::new(caller);
-    let mut calls = tokio::task::JoinSet::new();
-    loop {
-        tokio::select! {
-            s = conn.accept_bi() => match s {
-                Ok((send, recv)) => {
-                    calls.spawn(call(send, recv, shared.clone(), tenants.clone(), caller.clone()));
-                }
-                Err(e) => {
-                    tracing::debug!(%remote, error = %e, "native API connection ended");
-                    break;
-                }
-            },
-            Some(_) = calls.join_next(), if !calls.is_empty() => {}
-        }
-    }
+    let ended = serve_calls(&conn, |send, recv| {
+        call(send, recv, shared.clone(), tenants.clone(), caller.clone())
+    });
+    let ended = ended.await;
+    tracing::debug!(%remote, error = %ended, "native API connection ended");
 }
 
 fn counted(call: &'static str) {

@@ -49,17 +49,27 @@ async fn connection(incoming: quinn::Incoming, shared: Arc<Shared>, tenants: Arc
         return conn
             .close(ErrorCode::Unauthenticated.as_u32().into(), b"node certificate required");
     };
+    let ended = serve_calls(&conn, |send, recv| call(send, recv, shared.clone(), tenants.clone()));
+    let ended = ended.await;
+    tracing::debug!(%node, error = %ended, "peer connection ended");
+}
+
+/// Answers every bidirectional stream the other side of `conn` opens with `call`, each in
+/// a task of its own, until the connection ends (answered: why); the calls still running
+/// end with it. A node's calls and a native API client's are served alike.
+pub(crate) async fn serve_calls<F, Fut>(conn: &quinn::Connection, call: F) -> quinn::ConnectionError
+where
+    F: Fn(quinn::SendStream, quinn::RecvStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let mut calls = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             s = conn.accept_bi() => match s {
                 Ok((send, recv)) => {
-                    calls.spawn(call(send, recv, shared.clone(), tenants.clone()));
+                    calls.spawn(call(send, recv));
                 }
-                Err(e) => {
-                    tracing::debug!(%node, error = %e, "peer connection ended");
-                    break;
-                }
+                Err(e) => return e,
             },
             Some(_) = calls.join_next(), if !calls.is_empty() => {}
         }
