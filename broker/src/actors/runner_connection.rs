@@ -1,8 +1,10 @@
 //! RunnerConnection: one per live QUIC connection of a paired runner.
 //!
 //! It owns the control stream (Welcome, heartbeats, renewal, drain) and opens one
-//! bidirectional stream per job. It stops when the connection closes for any reason; its
-//! TenantActor then fails whatever jobs were still on it.
+//! bidirectional stream per job. Its one I/O task ([`connection_io`]) drives the control
+//! stream and every job of the connection: the TenantActor hands jobs straight to that
+//! task over a channel, with no task spawned per job. It stops when the connection closes
+//! for any reason; its TenantActor then fails whatever jobs were still on it.
 //!
 //! It knows nothing of its tenant's actor but a [`DerivedActorRef`] of [`ConnectionEvent`]s,
 //! the way quinn-proto's connection talks back to its endpoint only through
@@ -19,7 +21,6 @@ use runnel_protocol::{
     RunnerJobFrame, ServerControl, Welcome, read_frame, write_frame,
 };
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::dispatch::ConnId;
@@ -38,6 +39,65 @@ const CANCEL_GRACE: Duration = Duration::from_secs(5);
 const MIN_RENEWAL_SPACING: Duration = Duration::from_secs(1);
 /// Control messages queued for the writer.
 const CONTROL_QUEUE: usize = 16;
+/// Longest one control frame may take to write. The jobs of the connection are driven by
+/// the same task, so a runner that stops reading its control stream must not stall them:
+/// past this, its connection is closed.
+const CONTROL_WRITE_LIMIT: Duration = Duration::from_secs(10);
+
+/// The jobs a TenantActor hands to one connection's I/O task (at most the runner's
+/// capacity at a time). A lock and a wakeup rather than a tokio channel: a channel
+/// allocates a 32-slot block up front on every connection, idle ones included.
+#[derive(Debug)]
+pub(crate) struct JobInbox {
+    /// The jobs not yet taken; None once the I/O task is gone.
+    jobs: std::sync::Mutex<Option<Vec<Arc<JobEntry>>>>,
+    ready: tokio::sync::Notify,
+}
+
+impl JobInbox {
+    pub(crate) fn new() -> Arc<Self> {
+        let jobs = std::sync::Mutex::new(Some(Vec::new()));
+        Arc::new(Self { jobs, ready: tokio::sync::Notify::new() })
+    }
+
+    /// Hands `job` over; false when the connection's I/O task is gone.
+    pub(crate) fn send(&self, job: Arc<JobEntry>) -> bool {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(jobs) = jobs.as_mut() else { return false };
+        jobs.push(job);
+        // A permit is kept when the task is not waiting: no wakeup is lost.
+        self.ready.notify_one();
+        true
+    }
+
+    /// The jobs handed over since the last call, waiting for at least one.
+    async fn recv(&self) -> Vec<Arc<JobEntry>> {
+        loop {
+            let taken = match self.jobs.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                Some(jobs) => std::mem::take(jobs),
+                None => Vec::new(),
+            };
+            if !taken.is_empty() {
+                return taken;
+            }
+            self.ready.notified().await;
+        }
+    }
+
+    /// No more jobs: the I/O task is gone (what a send answers from now on).
+    fn close(&self) {
+        *self.jobs.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
+
+/// Closes the inbox when the I/O task ends, however it ends (also when aborted).
+struct InboxGuard(Arc<JobInbox>);
+
+impl Drop for InboxGuard {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
 
 /// The connection actor.
 #[derive(Debug)]
@@ -85,13 +145,13 @@ pub(crate) struct ConnectionArgs {
     pub tenant: DerivedActorRef<ConnectionEvent>,
     /// Shared state.
     pub shared: Arc<Shared>,
+    /// The jobs to run on this runner, from its tenant.
+    pub jobs: Arc<JobInbox>,
 }
 
 /// Messages to [`RunnerConnection`].
 #[derive(Debug)]
 pub(crate) enum ConnectionMsg {
-    /// Run a job on this runner.
-    StartJob(Arc<JobEntry>),
     /// A control message from the runner.
     Control(ClientControl),
     /// Tell the runner to leave (this node drains) and to reconnect after this delay.
@@ -107,12 +167,10 @@ pub(crate) struct ConnectionState {
     tenant: DerivedActorRef<ConnectionEvent>,
     shared: Arc<Shared>,
     control: mpsc::Sender<Box<ServerControl>>,
-    /// The connection's I/O task ([`connection_io`]); aborted when the state goes, also
-    /// when the actor is killed without `post_stop`.
+    /// The connection's I/O task ([`connection_io`]), which also drives its jobs; aborted
+    /// when the state goes, also when the actor is killed without `post_stop` (the tenant
+    /// then ends the jobs still running `runner_lost`).
     io: AbortOnDropHandle<()>,
-    /// One task per running job ([`drive_job`]); all aborted when the state goes (the
-    /// tenant then ends their jobs `runner_lost`).
-    jobs: JoinSet<()>,
     span: tracing::Span,
     /// The `tenant` metric label.
     label: String,
@@ -168,7 +226,19 @@ impl Actor for RunnerConnection {
             heartbeat_interval_ms: args.shared.config.heartbeat_interval.as_millis() as u32,
             epoch,
         });
-        let io = connection_io(conn.clone(), send, recv, welcome, rx, myself.clone());
+        let jobs = Jobs {
+            conn_id: args.conn_id,
+            tenant: args.tenant.clone(),
+            shared: args.shared.clone(),
+        };
+        let io = connection_io(
+            conn.clone(),
+            (send, recv),
+            welcome,
+            rx,
+            (args.jobs, jobs),
+            myself.clone(),
+        );
         let io =
             AbortOnDropHandle::new(tokio::spawn(tracing::Instrument::instrument(io, span.clone())));
         let now = now_unix();
@@ -192,7 +262,6 @@ impl Actor for RunnerConnection {
             shared: args.shared,
             control: tx,
             io,
-            jobs: JoinSet::new(),
             span,
             label,
             lost_counted: 0,
@@ -207,7 +276,6 @@ impl Actor for RunnerConnection {
         state: &mut ConnectionState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            ConnectionMsg::StartJob(job) => state.start_job(job),
             ConnectionMsg::Control(ctl) => state.control_message(ctl).await,
             ConnectionMsg::GoAway(reconnect_after_ms) => {
                 let go =
@@ -225,7 +293,6 @@ impl Actor for RunnerConnection {
     ) -> Result<(), ActorProcessingErr> {
         close(&state.conn, ErrorCode::GoingAway, "connection actor stopped");
         state.io.abort();
-        state.jobs.abort_all();
         let now = now_unix();
         state.shared.index.update_presence(&state.identity.runner, |e| {
             e.connections = e.connections.saturating_sub(1);
@@ -237,17 +304,38 @@ impl Actor for RunnerConnection {
     }
 }
 
+/// What the I/O task needs to run the connection's jobs.
+struct Jobs {
+    conn_id: ConnId,
+    tenant: DerivedActorRef<ConnectionEvent>,
+    shared: Arc<Shared>,
+}
+
+impl Jobs {
+    /// One job, start to end: its stream, then the job table and the tenant hear the end.
+    async fn run(&self, conn: &quinn::Connection, job: Arc<JobEntry>) {
+        let finish = drive_job(conn, &job, &self.shared.jobs).await;
+        tracing::info!(job = %job.id, kind = %job.spec.kind, state = finish.state.name(), "job ended");
+        self.shared.jobs.finish(&job, finish);
+        let _ = self
+            .tenant
+            .send_message(ConnectionEvent::JobDone { conn: self.conn_id, job_id: job.id.clone() });
+    }
+}
+
 /// The connection's one I/O task: writes Welcome and then whatever the actor queues, turns
-/// every control frame into a message (a bad frame closes the connection), and stops the
+/// every control frame into a message (a bad frame closes the connection), runs every job
+/// the tenant sends (each a future of this task, not a task of its own), and stops the
 /// actor when the connection closes, so the actor lives exactly as long as the connection.
-/// One task rather than a reader, a writer and a close watcher: idle runners are the common
-/// case and each task costs memory (BENCHMARKS.md).
+/// One task rather than a reader, a writer, a close watcher and a task per job: idle
+/// runners are the common case and each task costs memory (BENCHMARKS.md), and a job
+/// costs no spawn, no span and no hop through the actor's mailbox.
 async fn connection_io(
     conn: quinn::Connection,
-    mut send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    (mut send, recv): (quinn::SendStream, quinn::RecvStream),
     welcome: ServerControl,
     mut outbox: mpsc::Receiver<Box<ServerControl>>,
+    (incoming, jobs): (Arc<JobInbox>, Jobs),
     me: ActorRef<ConnectionMsg>,
 ) {
     let mut writing = write_frame(&mut send, &welcome).await.is_ok();
@@ -260,18 +348,34 @@ async fn connection_io(
         Some((next, r))
     });
     tokio::pin!(frames);
+    let incoming = InboxGuard(incoming);
     let closed = conn.closed();
     tokio::pin!(closed);
     let mut reading = true;
+    // Boxed: FuturesUnordered keeps a stub task with room for one future, on every
+    // connection, idle ones included (~1.5 KiB unboxed).
+    let mut running =
+        futures::stream::FuturesUnordered::<futures::future::BoxFuture<'_, ()>>::new();
     loop {
         tokio::select! {
             reason = &mut closed => {
+                // Every job still here fails at once on the closed connection: let each
+                // say so, then stop.
+                while running.next().await.is_some() {}
                 me.stop(Some(format!("connection closed: {reason}")));
                 return;
             }
+            taken = incoming.0.recv() => {
+                for job in taken {
+                    running.push(Box::pin(jobs.run(&conn, job)));
+                }
+            }
+            Some(()) = running.next(), if !running.is_empty() => {}
             msg = outbox.recv(), if writing => match msg {
                 Some(msg) => {
-                    if write_frame(&mut send, &msg).await.is_err() {
+                    let written =
+                        tokio::time::timeout(CONTROL_WRITE_LIMIT, write_frame(&mut send, &msg));
+                    if !matches!(written.await, Ok(Ok(()))) {
                         close(&conn, ErrorCode::Protocol, "control stream write failed");
                         writing = false;
                     }
@@ -305,31 +409,6 @@ async fn connection_io(
 }
 
 impl ConnectionState {
-    /// Runs `job` on its own stream, in a task this connection owns; when it ends, the
-    /// result goes to the job table and the tenant hears `JobDone`.
-    fn start_job(&mut self, job: Arc<JobEntry>) {
-        // Reap finished job tasks so the set holds only running ones.
-        while self.jobs.try_join_next().is_some() {}
-        let conn = self.conn.clone();
-        let shared = self.shared.clone();
-        let tenant = self.tenant.clone();
-        let conn_id = self.conn_id;
-        let span =
-            tracing::info_span!(parent: &self.span, "job", job = %job.id, kind = %job.spec.kind);
-        self.jobs.spawn(tracing::Instrument::instrument(
-            async move {
-                let finish = drive_job(&conn, &job, &shared.jobs).await;
-                tracing::info!(state = finish.state.name(), "job ended");
-                shared.jobs.finish(&job, finish);
-                let _ = tenant.send_message(ConnectionEvent::JobDone {
-                    conn: conn_id,
-                    job_id: job.id.clone(),
-                });
-            },
-            span,
-        ));
-    }
-
     async fn control_message(&mut self, ctl: ClientControl) {
         match ctl {
             ClientControl::Heartbeat(hb) => {
@@ -530,5 +609,60 @@ async fn drive_job(conn: &quinn::Connection, job: &JobEntry, table: &JobTable) -
                 };
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::jobs::{Budget, JobSpec};
+
+    fn job(t: &JobTable) -> Arc<JobEntry> {
+        let spec = JobSpec {
+            owner: "o".into(),
+            runner_id: None,
+            labels: BTreeMap::new(),
+            kind: "exec".into(),
+            payload: vec![],
+            timeout: Duration::from_secs(1),
+            queue_timeout: Duration::from_secs(1),
+        };
+        t.create("t", spec, None).expect("within budget")
+    }
+
+    #[tokio::test]
+    async fn the_inbox_hands_over_every_job_once_and_refuses_after_close() {
+        let budget = Budget {
+            retention: 10,
+            retention_age: Duration::from_secs(60),
+            bytes: 1 << 20,
+            unfinished: 10,
+        };
+        let t = JobTable::new(budget);
+        let inbox = JobInbox::new();
+        // Sent before anyone waits: kept, and the wakeup with them.
+        let (a, b) = (job(&t), job(&t));
+        assert!(inbox.send(a.clone()) && inbox.send(b.clone()));
+        let got = inbox.recv().await;
+        assert_eq!(
+            got.iter().map(|j| j.id.clone()).collect::<Vec<_>>(),
+            [a.id.clone(), b.id.clone()]
+        );
+        // Sent while the task waits: it wakes.
+        let waiter = {
+            let inbox = inbox.clone();
+            tokio::spawn(async move { inbox.recv().await })
+        };
+        tokio::task::yield_now().await;
+        let c = job(&t);
+        assert!(inbox.send(c.clone()));
+        let got = tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].id, c.id);
+        // Gone: the tenant is told, so the job goes elsewhere.
+        drop(InboxGuard(inbox.clone()));
+        assert!(!inbox.send(a));
     }
 }

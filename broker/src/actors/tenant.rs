@@ -15,7 +15,7 @@ use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, Supervi
 use runnel_protocol::ErrorCode;
 
 use super::runner_connection::{
-    Attach, ConnectionArgs, ConnectionEvent, ConnectionMsg, RunnerConnection,
+    Attach, ConnectionArgs, ConnectionEvent, ConnectionMsg, JobInbox, RunnerConnection,
 };
 use crate::dispatch::{ConnId, Needs, Pool, Slot};
 use crate::jobs::{Finish, JobEntry, JobState};
@@ -97,6 +97,8 @@ impl TryFrom<TenantMsg> for ConnectionEvent {
 struct Link {
     actor: ActorRef<ConnectionMsg>,
     conn: quinn::Connection,
+    /// Straight to the connection's I/O task, which runs its jobs.
+    jobs: Arc<JobInbox>,
 }
 
 /// What [`TenantState::place`] did with a job.
@@ -317,10 +319,7 @@ impl TenantState {
         while !starts.is_empty() {
             let mut retry = Vec::new();
             for (conn, job) in starts {
-                let sent = self
-                    .links
-                    .get(&conn)
-                    .is_some_and(|l| l.actor.cast(ConnectionMsg::StartJob(job.clone())).is_ok());
+                let sent = self.links.get(&conn).is_some_and(|l| l.jobs.send(job.clone()));
                 if !sent {
                     // The connection's actor is gone (its exit not yet seen): take the
                     // connection out now, so nothing else is placed on it. Its jobs, this
@@ -392,16 +391,18 @@ impl TenantState {
             last_assigned: 0,
         };
         let conn = a.conn.clone();
+        let jobs = JobInbox::new();
         let args = ConnectionArgs {
             conn_id,
             attach: a,
             tenant: myself.get_derived(),
             shared: self.shared.clone(),
+            jobs: jobs.clone(),
         };
         match Actor::spawn_linked(None, RunnerConnection, args, myself.get_cell()).await {
             Ok((actor, _)) => {
                 self.by_actor.insert(actor.get_id(), conn_id);
-                self.links.insert(conn_id, Link { actor, conn });
+                self.links.insert(conn_id, Link { actor, conn, jobs });
                 let starts = self.add_conn(conn_id, slot);
                 self.start(starts);
             }
