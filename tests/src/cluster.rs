@@ -33,14 +33,22 @@ impl EtcdServer {
             eprintln!("SKIPPED: etcd not installed (apt-get install etcd-server)");
             return None;
         }
-        let mut etcd = Self {
-            child: None,
-            client_port: free_port(),
-            peer_port: free_port(),
-            dir: tempfile::tempdir().unwrap(),
-        };
-        etcd.start_again().await;
-        Some(etcd)
+        // A free port can be taken by another test's process before etcd binds it: then
+        // it exits at once saying so, and it gets other ports.
+        for attempt in 1.. {
+            let mut etcd = Self {
+                child: None,
+                client_port: free_port(),
+                peer_port: free_port(),
+                dir: tempfile::tempdir().unwrap(),
+            };
+            match etcd.launch().await {
+                Ok(()) => return Some(etcd),
+                Err(log) if attempt < 5 && log.contains("address already in use") => continue,
+                Err(log) => panic!("etcd on {} did not start; its log:\n{log}", etcd.url()),
+            }
+        }
+        None
     }
 
     /// `http://127.0.0.1:<port>`.
@@ -56,11 +64,27 @@ impl EtcdServer {
         }
     }
 
-    /// Starts it again on the same ports and data, and waits until it answers.
+    /// Starts it again on the same ports and data, and waits until it answers (a port
+    /// that another process holds for a moment is tried again).
     pub async fn start_again(&mut self) {
+        for attempt in 1.. {
+            match self.launch().await {
+                Ok(()) => return,
+                Err(log) if attempt < 5 && log.contains("address already in use") => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(log) => panic!("etcd on {} did not start again; its log:\n{log}", self.url()),
+            }
+        }
+    }
+
+    /// Starts the process and waits until it is healthy; its log when it exits first or
+    /// is not healthy within 60 s.
+    async fn launch(&mut self) -> Result<(), String> {
         let url = self.url();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let log = std::fs::File::create(self.dir.path().join("etcd.log")).unwrap();
+        let log_path = self.dir.path().join("etcd.log");
+        let log = std::fs::File::create(&log_path).unwrap();
         let child = Command::new("etcd")
             .args(["--name", "t", "--data-dir"])
             .arg(self.dir.path().join("etcd"))
@@ -74,16 +98,18 @@ impl EtcdServer {
         self.child = Some(child);
         let health = format!("127.0.0.1:{}", self.client_port);
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
         loop {
             if healthy(&health).await {
-                return;
+                return Ok(());
+            }
+            let exited = self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+            if exited {
+                self.child = None;
+                return Err(read_log());
             }
             if std::time::Instant::now() > deadline {
-                let log = std::fs::read_to_string(self.dir.path().join("etcd.log"));
-                panic!(
-                    "etcd on {url} did not become healthy; its log:\n{}",
-                    log.unwrap_or_default()
-                );
+                return Err(read_log());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
