@@ -50,8 +50,11 @@ pub struct Client {
 struct Inner {
     endpoint: quinn::Endpoint,
     config: quinn::ClientConfig,
-    addr: SocketAddr,
-    server_name: String,
+    /// Where the broker answers, in the order given: one address, or the nodes of a
+    /// cluster (any node serves any tenant's calls).
+    targets: Vec<Target>,
+    /// The target of the live connection, tried first when dialling again.
+    preferred: std::sync::atomic::AtomicUsize,
     /// The API key (a secret: never printed).
     key: String,
     connect_timeout: Duration,
@@ -67,7 +70,7 @@ struct Inner {
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
-            .field("broker", &self.inner.addr)
+            .field("broker", &self.inner.targets.iter().map(|t| t.addr).collect::<Vec<_>>())
             .field("tenant", &self.inner.tenant)
             .field("role", &self.inner.role)
             .finish_non_exhaustive()
@@ -85,7 +88,8 @@ enum Retry {
 
 impl Client {
     /// Connects to the broker at `addr` (`host:port` of its QUIC port, as runners dial
-    /// it), trusting only the CA with fingerprint `ca_fingerprint` (`sha256:…`), as the
+    /// it; or several, comma-separated, such as a cluster's nodes: tried in turn, when
+    /// connecting and when dialling again), trusting only the CA with fingerprint `ca_fingerprint` (`sha256:…`), as the
     /// holder of API key `key`, with the default [`Options`].
     pub async fn connect(addr: &str, ca_fingerprint: &str, key: &str) -> Result<Self, Error> {
         Self::connect_with(addr, ca_fingerprint, key, Options::default()).await
@@ -100,7 +104,13 @@ impl Client {
     ) -> Result<Self, Error> {
         let pin = runnel_certs::parse_fingerprint(ca_fingerprint)
             .map_err(|e| Error::Fingerprint(e.to_string()))?;
-        let (sock, server_name) = resolve(addr).await?;
+        let mut targets = Vec::new();
+        for one in addr.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+            targets.push(resolve(one).await?);
+        }
+        let Some(first) = targets.first() else {
+            return Err(Error::Address { addr: addr.to_owned(), reason: "no address".into() });
+        };
         let mut tls = runnel_certs::pin::client_config(pin)
             .map_err(|e| Error::Connect(format!("TLS config: {e}")))?;
         tls.alpn_protocols = vec![ALPN_API.to_vec()];
@@ -114,14 +124,15 @@ impl Client {
             .keep_alive_interval(Some(options.keep_alive));
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         config.transport_config(Arc::new(transport));
-        let bind: SocketAddr = if sock.is_ipv6() {
+        // One socket for every target: of the first one's family.
+        let bind: SocketAddr = if first.addr.is_ipv6() {
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         } else {
             (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
         };
         let endpoint = quinn::Endpoint::client(bind).map_err(|e| Error::Connect(e.to_string()))?;
-        let (conn, welcome) =
-            dial(&endpoint, &config, sock, &server_name, key, options.connect_timeout).await?;
+        let (at, conn, welcome) =
+            dial_any(&endpoint, &config, &targets, 0, key, options.connect_timeout).await?;
         let most = usize::try_from(welcome.max_calls).unwrap_or(usize::MAX);
         let max_in_flight = match options.max_in_flight {
             0 => most,
@@ -131,8 +142,8 @@ impl Client {
             inner: Arc::new(Inner {
                 endpoint,
                 config,
-                addr: sock,
-                server_name,
+                targets,
+                preferred: at.into(),
                 key: key.to_owned(),
                 connect_timeout: options.connect_timeout,
                 conn: Mutex::new(conn),
@@ -268,9 +279,11 @@ impl Client {
             return Ok(conn);
         }
         let i = &self.inner;
-        tracing::debug!(broker = %i.addr, why = ?conn.close_reason(), "dialling the broker again");
-        let (conn, _) =
-            dial(&i.endpoint, &i.config, i.addr, &i.server_name, &i.key, i.connect_timeout).await?;
+        tracing::debug!(why = ?conn.close_reason(), "dialling the broker again");
+        let start = i.preferred.load(std::sync::atomic::Ordering::Relaxed);
+        let (at, conn, _) =
+            dial_any(&i.endpoint, &i.config, &i.targets, start, &i.key, i.connect_timeout).await?;
+        i.preferred.store(at, std::sync::atomic::Ordering::Relaxed);
         *i.conn.lock().unwrap_or_else(|p| p.into_inner()) = conn.clone();
         Ok(conn)
     }
@@ -281,6 +294,35 @@ struct Welcomed {
     tenant: Option<String>,
     role: String,
     max_calls: u32,
+}
+
+/// One address of the broker.
+struct Target {
+    addr: SocketAddr,
+    /// The name its certificate must carry (the host as given).
+    server_name: String,
+}
+
+/// [`dial`] each target in turn, from `start`, until one answers; answers which. A
+/// refusal (a bad key) is the same everywhere and ends the search.
+async fn dial_any(
+    endpoint: &quinn::Endpoint,
+    config: &quinn::ClientConfig,
+    targets: &[Target],
+    start: usize,
+    key: &str,
+    limit: Duration,
+) -> Result<(usize, quinn::Connection, Welcomed), Error> {
+    let mut last = None;
+    for i in (0..targets.len()).map(|k| (start + k) % targets.len()) {
+        let t = &targets[i];
+        match dial(endpoint, config, t.addr, &t.server_name, key, limit).await {
+            Ok((conn, welcome)) => return Ok((i, conn, welcome)),
+            Err(e @ Error::Connect(_)) => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| Error::Connect("no address to dial".into())))
 }
 
 /// Handshake, hello with the key, the broker's answer.
@@ -321,7 +363,7 @@ async fn dial(
 }
 
 /// `host:port` → the address to dial and the name the broker's certificate must carry.
-async fn resolve(addr: &str) -> Result<(SocketAddr, String), Error> {
+async fn resolve(addr: &str) -> Result<Target, Error> {
     let bad = |reason: &str| Error::Address { addr: addr.to_owned(), reason: reason.to_owned() };
     let (host, _) = addr.rsplit_once(':').ok_or_else(|| bad("expected host:port"))?;
     let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
@@ -330,5 +372,5 @@ async fn resolve(addr: &str) -> Result<(SocketAddr, String), Error> {
         .map_err(|e| bad(&e.to_string()))?
         .next()
         .ok_or_else(|| bad("does not resolve"))?;
-    Ok((sock, host))
+    Ok(Target { addr: sock, server_name: host })
 }

@@ -4,7 +4,10 @@
 //! The HTTP API (`POST /v1/jobs`) answers the same calls under the same rules; this path
 //! costs the broker less per call and carries many calls at once on one connection.
 //!
-//! - [`Client::connect`] pins the cluster CA by its fingerprint (as enrollment does), and
+//! - [`Client::connect`] takes the broker's QUIC address, or a cluster's nodes
+//!   comma-separated (any node serves any tenant, forwarding to its home; a node that
+//!   does not answer is passed over), pins the cluster CA by its fingerprint (as
+//!   enrollment does), and
 //!   proves the caller with an API key. The key's tenant and role decide what it may do,
 //!   exactly as over HTTP: a job of another tenant is not found (404), a member key
 //!   dispatches only to its own owner (403).

@@ -95,6 +95,16 @@ async fn bad_credentials_fail_clearly_and_a_revoked_key_stops_at_its_next_call()
     assert!(matches!(e, Error::Connect(_)), "{e}");
     assert!(matches!(Client::connect(&addr, "sha256:zz", &acme).await, Err(Error::Fingerprint(_))));
     assert!(matches!(Client::connect("no-port", &fp, &acme).await, Err(Error::Address { .. })));
+    assert!(matches!(Client::connect(" , ", &fp, &acme).await, Err(Error::Address { .. })));
+    // Several addresses (a cluster's nodes): one that does not answer is passed over.
+    let dead = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let both = format!("{},{addr}", dead.local_addr().unwrap());
+    let options = Options { connect_timeout: Duration::from_millis(500), ..Options::default() };
+    let c = Client::connect_with(&both, &fp, &acme, options.clone()).await.unwrap();
+    assert_eq!(refused(c.get("j-nothing").await), 404, "it reached the broker");
+    let only_dead = dead.local_addr().unwrap().to_string();
+    let e = Client::connect_with(&only_dead, &fp, &acme, options).await.unwrap_err();
+    assert!(matches!(e, Error::Connect(_)), "{e}");
     // Wrong and malformed keys: 401 at the hello.
     for key in ["rk_nope_nope", "not a key", ""] {
         assert_eq!(refused(Client::connect(&addr, &fp, key).await), 401, "{key:?}");
