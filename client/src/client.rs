@@ -304,7 +304,7 @@ struct Target {
 }
 
 /// [`dial`] each target in turn, from `start`, until one answers; answers which. A
-/// refusal (a bad key) is the same everywhere and ends the search.
+/// refusal of the caller (a bad key) is the same everywhere and ends the search.
 async fn dial_any(
     endpoint: &quinn::Endpoint,
     config: &quinn::ClientConfig,
@@ -318,8 +318,10 @@ async fn dial_any(
         let t = &targets[i];
         match dial(endpoint, config, t.addr, &t.server_name, key, limit).await {
             Ok((conn, welcome)) => return Ok((i, conn, welcome)),
-            Err(e @ Error::Connect(_)) => last = Some(e),
-            Err(e) => return Err(e),
+            // The caller's own fault (a bad key: 401; 403, 400): the same on every node.
+            Err(e @ Error::Refused { status: 400..=499, .. }) => return Err(e),
+            // Unreachable, unavailable (503 while its etcd is away), stopping: the next.
+            Err(e) => last = Some(e),
         }
     }
     Err(last.unwrap_or_else(|| Error::Connect("no address to dial".into())))
