@@ -553,10 +553,11 @@ fn cap_message(mut m: String) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn spec() -> JobSpec {
+    /// An `exec` job for owner `o`, 1 s limits (the unit tests' job).
+    pub(crate) fn spec() -> JobSpec {
         JobSpec {
             owner: "o".into(),
             runner_id: None,

@@ -83,8 +83,21 @@ pub(crate) async fn serve(
     tracing::debug!(%remote, error = %ended, "native API connection ended");
 }
 
+/// The `call` label values of `runnel_native_calls_total`.
+const CALLS: [&str; 7] =
+    ["dispatch", "follow", "get", "cancel", "wait", "refused_hello", "malformed"];
+
+/// One more `call` in `runnel_native_calls_total`; the handles are looked up once, after
+/// the recorder is installed (as `metrics::jobs()` does for the job path).
 fn counted(call: &'static str) {
-    metrics::counter!(names::NATIVE_CALLS, "call" => call).increment(1);
+    static HANDLES: std::sync::OnceLock<Vec<metrics::Counter>> = std::sync::OnceLock::new();
+    let handles = HANDLES.get_or_init(|| {
+        CALLS.iter().map(|c| metrics::counter!(names::NATIVE_CALLS, "call" => *c)).collect()
+    });
+    match CALLS.iter().position(|c| *c == call).and_then(|i| handles.get(i)) {
+        Some(c) => c.increment(1),
+        None => metrics::counter!(names::NATIVE_CALLS, "call" => call).increment(1),
+    }
 }
 
 /// One open native connection in `runnel_native_connections`, for as long as it lives.
@@ -182,15 +195,20 @@ async fn dispatch(
 
 /// Waits for a job's end; answers it as a job.
 async fn wait(send: &mut quinn::SendStream, s: &Shared, c: &Caller, id: &str) -> Result<(), ()> {
-    let ended = match homed::job_output(s, c, id, Hop::Api).await {
-        Ok(out) => relay(None, out).await,
-        Err(e) => Err(e),
-    };
-    let r = match ended {
-        Ok(()) => homed::get_job(s, c, id, Hop::Api).await,
-        Err(e) => Err(e),
-    };
-    write_job(send, r).await
+    let ended = until_end(None, s, c, id).await;
+    write_job(send, ended).await
+}
+
+/// Follows a job's output until the job ends (sending it on `send` when given), then
+/// answers the ended job: its end is known once its output stream ends.
+async fn until_end(
+    send: Option<&mut quinn::SendStream>,
+    s: &Shared,
+    c: &Caller,
+    id: &str,
+) -> Result<runnel_protocol::JobInfo, ApiError> {
+    relay(send, homed::job_output(s, c, id, Hop::Api).await?).await?;
+    homed::get_job(s, c, id, Hop::Api).await
 }
 
 /// A followed dispatch: the accepted job, its output live, then the ended job.
@@ -213,16 +231,7 @@ async fn follow(
     job.output.clear();
     let id = job.id.clone();
     write_frame(send, &PeerResponse::Job(job)).await.map_err(drop)?;
-    // Output first, then the result: a job's end is known once its output stream ends.
-    let streamed = match homed::job_output(s, c, &id, Hop::Api).await {
-        Ok(out) => relay(Some(send), out).await,
-        Err(e) => Err(e),
-    };
-    let r = match streamed {
-        Ok(()) => homed::get_job(s, c, &id, Hop::Api).await,
-        Err(e) => Err(e),
-    };
-    match r {
+    match until_end(Some(send), s, c, &id).await {
         Ok(mut end) => {
             end.output.clear();
             write_frame(send, &PeerResponse::Job(end)).await.map_err(drop)?;

@@ -614,22 +614,11 @@ async fn drive_job(conn: &quinn::Connection, job: &JobEntry, table: &JobTable) -
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::*;
-    use crate::jobs::{Budget, JobSpec};
+    use crate::jobs::Budget;
 
     fn job(t: &JobTable) -> Arc<JobEntry> {
-        let spec = JobSpec {
-            owner: "o".into(),
-            runner_id: None,
-            labels: BTreeMap::new(),
-            kind: "exec".into(),
-            payload: vec![],
-            timeout: Duration::from_secs(1),
-            queue_timeout: Duration::from_secs(1),
-        };
-        t.create("t", spec, None).expect("within budget")
+        t.create("t", crate::jobs::tests::spec(), None).expect("within budget")
     }
 
     #[tokio::test]
