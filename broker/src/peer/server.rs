@@ -1,8 +1,10 @@
 //! The answering side: every call is answered with local work only.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::{FutureExt, StreamExt};
 use runnel_protocol::{
     ErrorCode, JobInfo, PEER_OUTPUT_CHUNK, PeerRequest, PeerResponse, read_frame, write_frame,
 };
@@ -54,24 +56,28 @@ async fn connection(incoming: quinn::Incoming, shared: Arc<Shared>, tenants: Arc
     tracing::debug!(%node, error = %ended, "peer connection ended");
 }
 
-/// Answers every bidirectional stream the other side of `conn` opens with `call`, each in
-/// a task of its own, until the connection ends (answered: why); the calls still running
-/// end with it. A node's calls and a native API client's are served alike.
+/// Answers every bidirectional stream the other side of `conn` opens with `call`, until
+/// the connection ends (answered: why); the calls still running end with it. A node's calls
+/// and a native API client's are served alike.
+///
+/// The calls are driven here, in the connection's own task, not a task each: no spawn per
+/// call, and answers that come due together (a burst of job results) are written in one
+/// turn of this task, so quinn packs them into fewer datagrams. One connection's calls thus
+/// share one core; a client that needs more opens more connections.
 pub(crate) async fn serve_calls<F, Fut>(conn: &quinn::Connection, call: F) -> quinn::ConnectionError
 where
     F: Fn(quinn::SendStream, quinn::RecvStream) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
 {
-    let mut calls = tokio::task::JoinSet::new();
+    let mut calls = futures::stream::FuturesUnordered::new();
     loop {
         tokio::select! {
             s = conn.accept_bi() => match s {
-                Ok((send, recv)) => {
-                    calls.spawn(call(send, recv));
-                }
+                // A call that panicked (a bug) ends alone, as a task of its own would.
+                Ok((send, recv)) => calls.push(AssertUnwindSafe(call(send, recv)).catch_unwind()),
                 Err(e) => return e,
             },
-            Some(_) = calls.join_next(), if !calls.is_empty() => {}
+            Some(_) = calls.next(), if !calls.is_empty() => {}
         }
     }
 }
