@@ -6,8 +6,6 @@
 //! (see [`crate::failover`]).
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use runnel_ctl::Client;
@@ -15,17 +13,6 @@ use serde_json::json;
 
 use crate::broker_proc::BrokerProc;
 use crate::{report, sim};
-
-/// A real etcd on free loopback ports, killed when dropped.
-pub(crate) struct EtcdProc {
-    child: tokio::process::Child,
-    pub(crate) url: String,
-    _dir: tempfile::TempDir,
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
 
 /// etcd from `--etcd-bin`, PATH or /usr/bin (Debian's etcd-server).
 pub(crate) fn find_etcd(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
@@ -37,52 +24,6 @@ pub(crate) fn find_etcd(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
         return Ok(PathBuf::from(String::from_utf8_lossy(&found.stdout).trim()));
     }
     bail!("etcd not found (Debian: apt-get install etcd-server, or pass --etcd-bin)")
-}
-
-impl EtcdProc {
-    pub(crate) async fn start(bin: &Path) -> anyhow::Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let (client, peer) = (free_port()?, free_port()?);
-        let url = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let child = tokio::process::Command::new(bin)
-            .args(["--name", "bench", "--data-dir"])
-            .arg(dir.path().join("etcd"))
-            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
-            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &format!("bench={peer_url}"), "--log-level", "error"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let etcd = Self { child, url, _dir: dir };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if healthy(client).await {
-                return Ok(etcd);
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        bail!("etcd on {} did not become healthy", etcd.url)
-    }
-
-    pub(crate) async fn stop(mut self) {
-        let _ = self.child.kill().await;
-    }
-}
-
-/// Whether etcd's /health on `port` says it has a leader (plain HTTP/1.0 by hand).
-async fn healthy(port: u16) -> bool {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let check = async {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-        s.write_all(b"GET /health HTTP/1.0\r\n\r\n").await.ok()?;
-        let mut body = String::new();
-        s.read_to_string(&mut body).await.ok()?;
-        Some(body.contains("\"health\":\"true\""))
-    };
-    tokio::time::timeout(Duration::from_secs(2), check).await.ok().flatten().unwrap_or(false)
 }
 
 /// One cluster node: a fixed id and fixed addresses, so that it can start again after a
@@ -169,8 +110,10 @@ pub(crate) async fn run(
     failovers: usize,
     common: &crate::Common,
 ) -> anyhow::Result<()> {
-    let etcd = EtcdProc::start(&find_etcd(etcd_bin)?).await?;
-    let (mut cluster, operator_key) = start_nodes(broker_bin, &etcd.url).await?;
+    let mut etcd = runnel_tests::EtcdServer::start_bin(&find_etcd(etcd_bin)?)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let (mut cluster, operator_key) = start_nodes(broker_bin, &etcd.url()).await?;
     let nodes: Vec<&BrokerProc> = cluster.iter().map(Node::running).collect::<Result<_, _>>()?;
     let fleet = sim::Fleet::enroll(nodes[0], 1, runners, 64).await?;
     // A first dispatch claims the tenant; etcd then names its home.
@@ -232,6 +175,6 @@ pub(crate) async fn run(
             p.stop().await;
         }
     }
-    etcd.stop().await;
+    etcd.stop();
     Ok(())
 }

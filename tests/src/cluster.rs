@@ -2,7 +2,7 @@
 //! with its own ports and data dir).
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -14,14 +14,18 @@ use crate::{TestBroker, wait_for};
 /// A real `etcd` (Debian's `etcd-server`) on free loopback ports with a temp data dir,
 /// killed (by pid) when dropped.
 pub struct EtcdServer {
+    bin: PathBuf,
     child: Option<Child>,
     client_port: u16,
     peer_port: u16,
     dir: tempfile::TempDir,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+fn free_port() -> Result<u16, String> {
+    let port = |l: std::net::TcpListener| l.local_addr().map(|a| a.port());
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(port)
+        .map_err(|e| format!("no free port: {e}"))
 }
 
 impl EtcdServer {
@@ -33,22 +37,29 @@ impl EtcdServer {
             eprintln!("SKIPPED: etcd not installed (apt-get install etcd-server)");
             return None;
         }
-        // A free port can be taken by another test's process before etcd binds it: then
-        // it exits at once saying so, and it gets other ports.
-        for attempt in 1.. {
+        Some(Self::start_bin(Path::new("etcd")).await.unwrap_or_else(|e| panic!("{e}")))
+    }
+
+    /// Starts the etcd binary `bin` (what `runnel-bench cluster` runs too), or says why it
+    /// did not start, with etcd's log. A free port can be taken by another process before
+    /// etcd binds it: then etcd exits at once saying so, and it gets other ports.
+    pub async fn start_bin(bin: &Path) -> Result<Self, String> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
             let mut etcd = Self {
+                bin: bin.to_owned(),
                 child: None,
-                client_port: free_port(),
-                peer_port: free_port(),
-                dir: tempfile::tempdir().unwrap(),
+                client_port: free_port()?,
+                peer_port: free_port()?,
+                dir: tempfile::tempdir().map_err(|e| format!("etcd's temp dir: {e}"))?,
             };
             match etcd.launch().await {
-                Ok(()) => return Some(etcd),
+                Ok(()) => return Ok(etcd),
                 Err(log) if attempt < 5 && log.contains("address already in use") => continue,
-                Err(log) => panic!("etcd on {} did not start; its log:\n{log}", etcd.url()),
+                Err(log) => return Err(format!("etcd on {} did not start; {log}", etcd.url())),
             }
         }
-        None
     }
 
     /// `http://127.0.0.1:<port>`.
@@ -73,7 +84,7 @@ impl EtcdServer {
                 Err(log) if attempt < 5 && log.contains("address already in use") => {
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
-                Err(log) => panic!("etcd on {} did not start again; its log:\n{log}", self.url()),
+                Err(log) => panic!("etcd on {} did not start again; {log}", self.url()),
             }
         }
     }
@@ -84,8 +95,8 @@ impl EtcdServer {
         let url = self.url();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log_path = self.dir.path().join("etcd.log");
-        let log = std::fs::File::create(&log_path).unwrap();
-        let child = Command::new("etcd")
+        let log = std::fs::File::create(&log_path).map_err(|e| format!("etcd's log: {e}"))?;
+        let child = Command::new(&self.bin)
             .args(["--name", "t", "--data-dir"])
             .arg(self.dir.path().join("etcd"))
             .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
@@ -94,11 +105,14 @@ impl EtcdServer {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .unwrap();
+            .map_err(|e| format!("cannot run {}: {e}", self.bin.display()))?;
         self.child = Some(child);
         let health = format!("127.0.0.1:{}", self.client_port);
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+        let read_log = || {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            format!("its log:\n{log}")
+        };
         loop {
             if healthy(&health).await {
                 return Ok(());
@@ -249,8 +263,9 @@ impl ProcessCluster {
     pub async fn start(bin: &str, n: usize, extra: &[&str]) -> Option<Self> {
         let etcd = EtcdServer::start().await?;
         let dir = tempfile::tempdir().unwrap();
-        let ports: Vec<(u16, u16, u16)> =
-            (0..n).map(|_| (free_udp_port(), free_port(), free_udp_port())).collect();
+        let ports: Vec<(u16, u16, u16)> = (0..n)
+            .map(|_| (free_udp_port(), free_port().expect("a free port"), free_udp_port()))
+            .collect();
         let advertise =
             ports.iter().map(|(q, _, _)| format!("127.0.0.1:{q}")).collect::<Vec<_>>().join(",");
         let mut nodes = Vec::new();
