@@ -315,7 +315,9 @@ impl Jobs {
     /// One job, start to end: its stream, then the job table and the tenant hear the end.
     async fn run(&self, conn: &quinn::Connection, job: Arc<JobEntry>) {
         let finish = drive_job(conn, &job, &self.shared.jobs).await;
-        tracing::info!(job = %job.id, kind = %job.spec.kind, state = finish.state.name(), "job ended");
+        // At debug: at info, a busy broker would log a line per job (tens of thousands a second);
+        // runnel_dispatches_total{outcome} counts them.
+        tracing::debug!(job = %job.id, kind = %job.spec.kind, state = finish.state.name(), "job ended");
         self.shared.jobs.finish(&job, finish);
         let _ = self
             .tenant
