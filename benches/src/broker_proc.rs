@@ -106,7 +106,11 @@ impl BrokerProc {
             .args(args)
             .arg("--data-dir")
             .arg(dir.join("data"))
-            .env("RUST_LOG", "warn")
+            // Warnings only, unless RUNNEL_BENCH_BROKER_LOG asks for more (a RUST_LOG filter).
+            .env(
+                "RUST_LOG",
+                std::env::var("RUNNEL_BENCH_BROKER_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)

@@ -229,6 +229,15 @@ struct ConnectArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // The harness's own logs (its runners' and clients' quinn, say) go to stderr only when
+    // RUNNEL_BENCH_LOG asks (a RUST_LOG-style filter); RUNNEL_BENCH_BROKER_LOG is the broker's.
+    if let Ok(filter) = std::env::var("RUNNEL_BENCH_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .init();
+    }
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         match cli.command {
