@@ -64,7 +64,40 @@ pub(crate) fn bind(
         );
     }
     let runtime = Arc::new(quinn::TokioRuntime);
-    quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime)
+    let mut endpoint = quinn::EndpointConfig::default();
+    endpoint.cid_generator(|| Box::new(RandomCids));
+    quinn::Endpoint::new(endpoint, Some(server), socket, runtime)
+}
+
+/// Connection IDs of [`CID_LEN`] random bytes.
+///
+/// quinn's default generator puts only 24 random bits in each 8-byte ID (the other 40 are
+/// a check hash), and it checks a Retry's new ID against nothing. With a few thousand
+/// runners connected (each holding several IDs) and a burst of Retries, a Retry's ID
+/// sometimes equalled a live connection's: the runner's next Initial, sent to that ID, went
+/// to the live connection and was dropped there, and the handshake stalled until QUIC's
+/// idle timeout (about one runner in 2,000 in half of the `connect -n 2000` runs;
+/// BENCHMARKS.md). 64 random bits make that vanishingly rare.
+struct RandomCids;
+
+/// Length of the broker's connection IDs.
+const CID_LEN: usize = 8;
+
+impl quinn::ConnectionIdGenerator for RandomCids {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        use rand::RngCore;
+        let mut id = [0u8; CID_LEN];
+        rand::rng().fill_bytes(&mut id);
+        quinn::ConnectionId::new(&id)
+    }
+
+    fn cid_len(&self) -> usize {
+        CID_LEN
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// A UDP socket on `addr` with [`SOCKET_BUFFER`] asked for, and the receive and send sizes
@@ -364,6 +397,19 @@ mod tests {
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0)
+    }
+
+    /// 200,000 IDs, as many as 40,000 runners hold with their spares, are all distinct. With
+    /// quinn's default generator (24 random bits) about a thousand would collide.
+    #[test]
+    fn connection_ids_do_not_collide_at_fleet_scale() {
+        use quinn::ConnectionIdGenerator;
+        let mut ids = std::collections::HashSet::new();
+        for _ in 0..200_000 {
+            let id = RandomCids.generate_cid();
+            assert_eq!(id.len(), CID_LEN);
+            assert!(ids.insert(id.to_vec()), "a connection ID came twice: {id}");
+        }
     }
 
     /// The socket gets the large buffers, up to what the kernel allows; with the default
