@@ -10,6 +10,7 @@
 //!   (renewal, GoAway), accepting job streams.
 //! - `job`: one job stream: checks, the handler, output, the Result.
 //! - `backoff`: reconnect delays, exponential with full jitter.
+//! - `dial`: which address the next session dials (rotation, redirects, a just-failed node avoided).
 //! - [`handler`]: the [`JobHandler`] trait custom job kinds implement, and [`Job`].
 //! - `exec` ([`Exec`]): the built-in `exec` handler (process group, streamed output, kill on cancel).
 //! - [`cli`]: the `runnel-runner` command line.
@@ -17,6 +18,7 @@
 
 mod backoff;
 pub mod cli;
+mod dial;
 mod enroll;
 mod exec;
 pub mod handler;

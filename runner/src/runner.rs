@@ -5,13 +5,14 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
+use crate::dial::Dialer;
 use crate::handler::JobHandler;
 use crate::session::{SessionEnd, session};
 use crate::state::StateDir;
@@ -231,36 +232,26 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
     }
 }
 
-/// Redirects followed in a row before the runner backs off: a cluster whose nodes disagree
-/// about a tenant's home for a moment (a failover) must not make runners loop.
-const MAX_REDIRECTS: u32 = 3;
-
 async fn run_loop(inner: Arc<Inner>) -> Result<(), RunnerError> {
     let mut backoff = Backoff::new();
     let mut sessions = 0u64;
-    // Where the next session dials: the configured address, or the node a Redirect named.
-    let mut target: Option<String> = None;
-    let mut redirects = 0u32;
-    // With several configured addresses, each failure moves on to the next one.
-    let configured: Vec<String> =
-        crate::tls::broker_addrs(&inner.broker).into_iter().map(str::to_owned).collect();
-    let mut next = 0usize;
-    // The address whose session just failed: skipped once in the rotation, and a redirect
-    // back to it (another node that has not noticed it died yet) is not followed.
-    let mut avoid: Option<String> = None;
+    let mut dialer = Dialer::new(
+        crate::tls::broker_addrs(&inner.broker).into_iter().map(str::to_owned).collect(),
+    );
     // When the next attempt is due (see `RunnerStatus::Connected::dial_due`).
     let mut dial_due = std::time::SystemTime::now();
     let mut waited = Duration::ZERO;
     loop {
         let _ = inner.status.send(RunnerStatus::Connecting);
-        if configured.len() > 1 && configured.get(next % configured.len()) == avoid.as_ref() {
-            next = next.wrapping_add(1);
-        }
-        let dial = target.clone().unwrap_or_else(|| {
-            configured.get(next % configured.len().max(1)).cloned().unwrap_or_default()
-        });
-        let (reason, welcomed) = match session(&inner, &dial, &mut sessions, (dial_due, waited))
-            .await
+        let dial = dialer.address(Instant::now());
+        // (why it ended, whether it got as far as Welcome, whether `dial` stopped answering)
+        let (reason, welcomed, silent) = match session(
+            &inner,
+            &dial,
+            &mut sessions,
+            (dial_due, waited),
+        )
+        .await
         {
             SessionEnd::Finished => {
                 let _ = inner.status.send(RunnerStatus::Stopped { reason: "stopped".into() });
@@ -271,31 +262,26 @@ async fn run_loop(inner: Arc<Inner>) -> Result<(), RunnerError> {
                 let _ = inner.status.send(RunnerStatus::Stopped { reason: reason.clone() });
                 return Err(RunnerError::Refused(reason));
             }
-            SessionEnd::Redirect(addr) if avoid.as_ref() == Some(&addr) => {
-                (format!("redirected to {addr}, which just failed; its node may be gone"), false)
-            }
-            SessionEnd::Redirect(addr) if redirects < MAX_REDIRECTS => {
-                tracing::info!(from = %dial, to = %addr, "redirected to the tenant's home node");
-                redirects += 1;
-                target = Some(addr);
-                (dial_due, waited) = (std::time::SystemTime::now(), Duration::ZERO);
-                continue;
-            }
             SessionEnd::Redirect(addr) => {
-                (format!("{MAX_REDIRECTS} redirects in a row (last to {addr})"), false)
+                match dialer.redirected(&dial, addr.clone(), Instant::now()) {
+                    Ok(()) => {
+                        tracing::info!(from = %dial, to = %addr, "redirected to the tenant's home node");
+                        (dial_due, waited) = (std::time::SystemTime::now(), Duration::ZERO);
+                        continue;
+                    }
+                    Err(reason) => (reason, false, false),
+                }
             }
-            SessionEnd::Retry { reason, welcomed } => (reason, welcomed),
+            SessionEnd::Retry { reason, welcomed } => (reason, welcomed, false),
+            SessionEnd::Silent { reason, welcomed } => (reason, welcomed, true),
             SessionEnd::Busy(reason) => {
                 backoff.spread();
-                (reason, false)
+                (reason, false, false)
             }
             SessionEnd::GoAway(delay) => {
                 // The broker chose the delay (spread over its window): no backoff, and the
                 // node that sent us away is not dialled first.
-                avoid = Some(dial);
-                target = None;
-                redirects = 0;
-                next = next.wrapping_add(1);
+                dialer.move_on();
                 // Should the broker not be back when the delay is up, the fleet must not
                 // then pile onto its successor in step: the lost-session spread.
                 backoff.after_lost_session();
@@ -309,14 +295,11 @@ async fn run_loop(inner: Arc<Inner>) -> Result<(), RunnerError> {
                 continue;
             }
         };
-        // After any failure, start again from the configured (cluster-wide) address: the
-        // node a redirect named may be the one that died.
-        if target.is_some() || configured.len() > 1 {
-            avoid = Some(dial);
+        if silent {
+            dialer.unreachable(dial, Instant::now());
+        } else {
+            dialer.move_on();
         }
-        target = None;
-        redirects = 0;
-        next = next.wrapping_add(1);
         if welcomed {
             backoff.after_lost_session();
         }

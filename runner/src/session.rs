@@ -40,6 +40,9 @@ pub(crate) enum SessionEnd {
     Fatal(String),
     /// Anything else: reconnect. `welcomed` says whether the session got that far.
     Retry { reason: String, welcomed: bool },
+    /// The node stopped answering: the handshake or the connection timed out. It may be
+    /// dead, so it is avoided for a while (`crate::dial`). Reconnect as for `Retry`.
+    Silent { reason: String, welcomed: bool },
     /// (cluster) The node is not this runner's tenant's home: dial this `host:port` now.
     Redirect(String),
     /// The broker asked this runner to leave (its node drains): running jobs finished, the
@@ -79,6 +82,15 @@ pub(crate) fn is_revocation(e: &quinn::ConnectionError) -> bool {
 
 fn retry(reason: impl std::fmt::Display) -> SessionEnd {
     SessionEnd::Retry { reason: reason.to_string(), welcomed: false }
+}
+
+/// A connection that ended with `e`: `Silent` when the node stopped answering, else `Retry`.
+fn lost(e: &quinn::ConnectionError, reason: String, welcomed: bool) -> SessionEnd {
+    if matches!(e, quinn::ConnectionError::TimedOut) {
+        SessionEnd::Silent { reason, welcomed }
+    } else {
+        SessionEnd::Retry { reason, welcomed }
+    }
 }
 
 /// When a certificate valid over `[not_before, not_after]` should be renewed: after 2/3 of
@@ -144,8 +156,11 @@ pub(crate) async fn session(
             Ok(Ok(c)) => c,
             Ok(Err(e)) if is_revocation(&e) => return SessionEnd::Fatal(format!("runner revoked: {e}")),
             Ok(Err(e)) if is_refused(&e) => return SessionEnd::Busy(format!("connect: {e}")),
-            Ok(Err(e)) => return retry(format!("connect: {e}")),
-            Err(_) => return retry(format!("connect to {dial}: no answer in {CONNECT_TIMEOUT:?}")),
+            Ok(Err(e)) => return lost(&e, format!("connect: {e}"), false),
+            Err(_) => {
+                let reason = format!("connect to {dial}: no answer in {CONNECT_TIMEOUT:?}");
+                return SessionEnd::Silent { reason, welcomed: false };
+            }
         },
         _ = inner.stop.cancelled() => return SessionEnd::Finished,
     };
@@ -162,7 +177,11 @@ async fn serve_connection(
     (dial_due, waited): (std::time::SystemTime, Duration),
 ) -> SessionEnd {
     let closed_why = |e: &quinn::ConnectionError| {
-        if is_revocation(e) { SessionEnd::Fatal(format!("runner revoked: {e}")) } else { retry(e) }
+        if is_revocation(e) {
+            SessionEnd::Fatal(format!("runner revoked: {e}"))
+        } else {
+            lost(e, e.to_string(), false)
+        }
     };
     let (mut send, mut recv) = match conn.open_bi().await {
         Ok(s) => s,
@@ -287,7 +306,7 @@ async fn serve_connection(
                     let inner = inner.clone();
                     jobs.spawn(async move { serve_job(&inner, send, recv).await });
                 }
-                Err(e) => break SessionEnd::Retry { reason: e.to_string(), welcomed: true },
+                Err(e) => break lost(&e, e.to_string(), true),
             },
             _ = inner.drain.cancelled(), if !inner.draining.load(Ordering::Relaxed) => {
                 inner.draining.store(true, Ordering::Relaxed);

@@ -241,7 +241,8 @@ fn spawn_node(bin: &str, args: &[String]) -> tokio::process::Child {
     tokio::process::Command::new(bin)
         .arg("serve")
         .args(args)
-        .env("RUST_LOG", "warn")
+        // RUNNEL_TEST_NODE_LOG (a RUST_LOG filter) shows the nodes' logs on stderr.
+        .env("RUST_LOG", std::env::var("RUNNEL_TEST_NODE_LOG").unwrap_or_else(|_| "warn".into()))
         .stdout(Stdio::null())
         .kill_on_drop(true)
         .spawn()

@@ -36,6 +36,15 @@ where
     }
 }
 
+/// Where `RUNNEL_TEST_LOG` holds a `RUST_LOG` filter, this test process's logs (in-process
+/// runners and brokers) go to stderr; run with `--nocapture`. Child brokers of a
+/// [`ProcessCluster`] read `RUNNEL_TEST_NODE_LOG` instead.
+pub fn log_from_env() {
+    if let Ok(filter) = std::env::var("RUNNEL_TEST_LOG") {
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).try_init();
+    }
+}
+
 /// Polls `f` until it returns `Some`, or panics after `limit` with `what`.
 pub async fn wait_for<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> T
 where
