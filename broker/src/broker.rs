@@ -551,8 +551,9 @@ impl BrokerHandle {
     /// stopped backs off rather than settling here again.
     ///
     /// In a cluster, first it takes no new dispatch (503, callers retry and reach the next
-    /// home) and waits for the jobs it accepted to end, and at the end it releases its
-    /// claims so that the next home claims at once.
+    /// home) and waits for the jobs it accepted to end, still taking its own tenants'
+    /// runners (a job waiting for one needs it), and at the end it releases its claims so
+    /// that the next home claims at once.
     pub async fn drain(&self) {
         let config = &self.shared.config;
         let deadline = tokio::time::Instant::now() + config.drain_timeout;
@@ -570,6 +571,10 @@ impl BrokerHandle {
         }
         let left = self.shared.jobs.unfinished_count();
         tracing::info!(unfinished = left, "drain: telling runners to go away");
+        if let Some(cluster) = &self.shared.cluster {
+            // From here no runner attaches (one that does would not be sent away).
+            cluster.runners_leaving.store(true, std::sync::atomic::Ordering::Release);
+        }
         let window_ms = u32::try_from(config.goaway_window.as_millis()).unwrap_or(u32::MAX);
         for tenant in self.tenants_running() {
             let _ = tenant.cast(crate::actors::TenantMsg::GoAway { window_ms });

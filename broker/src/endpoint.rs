@@ -338,7 +338,7 @@ async fn runner_intake(
     // In a cluster, only the tenant's home serves its runners: others redirect there.
     let (epoch, send) = match shared.cluster.as_ref() {
         None => (0, send),
-        Some(cluster) => match cluster.home(&identity.tenant).await {
+        Some(cluster) => match cluster.home_for_runner(&identity.tenant).await {
             Ok(Home::Here { epoch }) => (u64::try_from(epoch).unwrap_or(0), send),
             Ok(Home::There(node)) => {
                 metrics::counter!(crate::metrics::names::CLUSTER_REDIRECTS).increment(1);

@@ -4,7 +4,10 @@
 //!
 //! The nodes run with `--idle-timeout 2s`: a runner notices its node died only when QUIC
 //! gives up on the connection (a killed process sends nothing), so failover takes about
-//! max(lease TTL, idle timeout) plus the reconnect backoff.
+//! max(lease TTL, idle timeout) plus the reconnect backoff: 5.2-5.5 s here. Until the lease
+//! runs out the live nodes redirect the runner to the dead home; a runner that followed
+//! such a redirect waited out a 5 s handshake, and failover took 8.5 s (runner/src/dial.rs).
+//! `RUNNEL_TEST_LOG=runnel_runner=info RUNNEL_TEST_NODE_LOG=runnel_broker=info` shows why.
 #![allow(missing_docs, clippy::unwrap_used)]
 
 use std::sync::Arc;
@@ -117,6 +120,10 @@ async fn until_dispatch_succeeds(
 #[tokio::test]
 async fn a_killed_home_is_replaced_within_10s_and_never_two_homes() {
     let _turn = ONE_AT_A_TIME.lock().await;
+    runnel_tests::log_from_env();
+    if let Ok(f) = std::env::var("RUNNEL_TEST_LOG") {
+        let _ = tracing_subscriber::fmt().with_env_filter(f).try_init();
+    }
     let Some(mut c) = ProcessCluster::start(BROKER, 3, FLAGS).await else { return };
     let dir = tempfile::tempdir().unwrap();
     let (admin, home, runner) = tenant_with_runner(&c, dir.path()).await;
@@ -169,6 +176,7 @@ async fn a_killed_home_is_replaced_within_10s_and_never_two_homes() {
 #[tokio::test]
 async fn a_paused_home_loses_its_tenants_and_serves_nothing_after_it_resumes() {
     let _turn = ONE_AT_A_TIME.lock().await;
+    runnel_tests::log_from_env();
     let Some(c) = ProcessCluster::start(BROKER, 3, FLAGS).await else { return };
     let dir = tempfile::tempdir().unwrap();
     let (admin, home, runner) = tenant_with_runner(&c, dir.path()).await;
@@ -208,6 +216,7 @@ async fn a_paused_home_loses_its_tenants_and_serves_nothing_after_it_resumes() {
 #[tokio::test]
 async fn a_rolling_restart_loses_and_doubles_no_accepted_job() {
     let _turn = ONE_AT_A_TIME.lock().await;
+    runnel_tests::log_from_env();
     let flags = [FLAGS, &["--drain-timeout", "20s", "--goaway-window", "1s"]].concat();
     let Some(mut c) = ProcessCluster::start(BROKER, 3, &flags).await else { return };
     let admin = c.tenant("acme").await;
@@ -270,5 +279,44 @@ async fn a_rolling_restart_loses_and_doubles_no_accepted_job() {
         }
         other => panic!("runner not connected at the end: {other:?}"),
     }
+    runner.shutdown().await.unwrap();
+}
+
+/// A draining home waits (up to the drain timeout) for the jobs it accepted to end, and a
+/// job that waits for a runner needs the runner to reach it: the draining home must take its
+/// tenant's runners until it sends them away, while every other node sends them there.
+/// (It refused them as "draining", and the job failed at the drain timeout.)
+#[tokio::test]
+async fn a_draining_home_takes_its_tenants_runner_for_the_job_it_waits_for() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    runnel_tests::log_from_env();
+    let flags = [FLAGS, &["--drain-timeout", "20s", "--goaway-window", "1s"]].concat();
+    let Some(mut c) = ProcessCluster::start(BROKER, 3, &flags).await else { return };
+    let admin = c.tenant("acme").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, state) = c.enrolled(0, &admin, "alice", &dir.path().join("runner")).await;
+    // No runner online yet: the job waits on the tenant's home.
+    let (s, v) = c.nodes[0].api.post("/v1/jobs", &admin, exec("echo", &["late"], false)).await;
+    assert_eq!(s, 201, "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    let home = c.home_of("acme").await.expect("a home");
+    c.nodes[home].signal("TERM");
+    let api = c.nodes[home].api.clone();
+    wait_for(Duration::from_secs(5), "the home to drain", || async {
+        let ready = api.try_call(Method::GET, "/readyz", "", None).await;
+        (ready.map(|(s, _)| s) == Some(503)).then_some(())
+    })
+    .await;
+
+    let runner = Runner::builder(state).capacity(4).spawn().unwrap();
+    wait_for(Duration::from_secs(15), "the waiting job to run", || async {
+        let (_, v) = api.get(&format!("/v1/jobs/{id}"), &admin).await;
+        assert!(!["failed", "node_lost", "cancelled"].contains(&v["state"].as_str()?), "{v}");
+        (v["state"] == "succeeded").then_some(())
+    })
+    .await;
+    // The drain then ends by itself, well before its timeout.
+    let status = c.nodes[home].wait_exit(Duration::from_secs(15)).await;
+    assert!(status.success(), "the home drains and exits 0: {status:?}");
     runner.shutdown().await.unwrap();
 }

@@ -68,8 +68,11 @@ pub(crate) struct Cluster {
     pub(super) homes: DashMap<String, String>,
     /// The tenants this node is home of now, with the epoch of each claim.
     pub(crate) mine: DashMap<String, i64>,
-    /// Set when the node drains: it takes no new dispatch, claim or runner.
+    /// Set when the node drains: it takes no new dispatch or claim, and no runner of a
+    /// tenant it is not home of.
     pub(crate) draining: std::sync::atomic::AtomicBool,
+    /// Set when the drain tells runners to go away: from then on it takes no runner at all.
+    pub(crate) runners_leaving: std::sync::atomic::AtomicBool,
     /// Tenants being handed to another node (rebalance): no new dispatch or runner here.
     pub(crate) moving: DashMap<String, ()>,
 }
@@ -103,6 +106,7 @@ impl Cluster {
             homes: DashMap::new(),
             mine: DashMap::new(),
             draining: std::sync::atomic::AtomicBool::new(false),
+            runners_leaving: std::sync::atomic::AtomicBool::new(false),
             moving: DashMap::new(),
         });
         cluster.nodes.insert(record.id.clone(), record);

@@ -86,6 +86,23 @@ impl Cluster {
         self.claim(tenant).await
     }
 
+    /// Where `tenant`'s runners are served: as [`Self::home`], except that a draining node
+    /// takes the runners of its own tenants until it tells runners to go away. The first
+    /// phase of a drain waits for the jobs this node accepted, and a job still waiting for a
+    /// runner needs one to reach it here, where the other nodes send it.
+    pub(crate) async fn home_for_runner(&self, tenant: &str) -> Result<Home, StoreError> {
+        use std::sync::atomic::Ordering::Acquire;
+        if self.lease_valid()
+            && self.draining.load(Acquire)
+            && !self.runners_leaving.load(Acquire)
+            && !self.moving.contains_key(tenant)
+            && let Some(epoch) = self.mine.get(tenant).map(|e| *e)
+        {
+            return Ok(Home::Here { epoch });
+        }
+        self.home(tenant).await
+    }
+
     fn there(&self, tenant: &str, node: &str) -> Home {
         match self.nodes.get(node) {
             Some(n) => Home::There(n.clone()),
