@@ -13,7 +13,8 @@
 //!   key; the answers are `peer`'s frames).
 //! - `error`: numeric error and connection-close codes shared by both sides.
 //! - [`duration`]: `30s`/`5m` as both sides' flags and config files write durations.
-//! - [`limits`] and [`version`]: the constants both sides agree on.
+//! - [`limits`] and [`version`]: the constants both sides agree on; [`transport`]: the QUIC
+//!   settings each side asks of its peer (acknowledgement frequency).
 //!
 //! This crate does no I/O of its own beyond generic `AsyncRead`/`AsyncWrite` helpers in
 //! `frame`; it knows nothing of sockets, certificates or actors. Enums only ever grow at
@@ -31,6 +32,7 @@ mod frame;
 mod job;
 pub mod limits;
 mod peer;
+pub mod transport;
 pub mod version;
 
 pub use api::{ApiHello, ApiRequest, ApiWelcome};

@@ -2,7 +2,8 @@
 //! leaves the runners that are already serving connected and their jobs succeeding; past
 //! the incoming rate the broker makes sources prove their address (Retry); the intake cap
 //! refuses what is past it and frees its slots; one source enrolling too often is told to
-//! try again.
+//! try again. And the transport settings both ends ask of each other (acknowledgement
+//! frequency) are in force on a real connection.
 #![allow(missing_docs, clippy::unwrap_used)]
 
 use std::sync::Arc;
@@ -267,4 +268,28 @@ async fn a_source_that_enrolls_too_often_is_told_to_try_again() {
     })
     .await;
     assert!(!audit.to_string().contains(token));
+}
+
+/// The broker and the runner's QUIC config each ask the other to acknowledge less eagerly
+/// (the ACK-frequency extension; `runnel_protocol::transport`). Without the broker's side,
+/// the runner never receives an ACK_FREQUENCY frame; without the runner's, never sends one.
+#[tokio::test]
+async fn broker_and_runner_ask_each_other_for_fewer_acknowledgements() {
+    let b = TestBroker::start().await;
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = ep
+        .connect_with(enroll_config(&b), b.handle().quic_addr(), "localhost")
+        .unwrap()
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let frames = loop {
+        let frames = conn.stats().frame_tx.ack_frequency.min(conn.stats().frame_rx.ack_frequency);
+        if frames > 0 || Instant::now() > deadline {
+            break conn.stats();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(frames.frame_rx.ack_frequency >= 1, "the broker did not ask: {:?}", frames.frame_rx);
+    assert!(frames.frame_tx.ack_frequency >= 1, "the runner did not ask: {:?}", frames.frame_tx);
 }
