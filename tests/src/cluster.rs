@@ -9,7 +9,7 @@ use std::time::Duration;
 use runnel_broker::Config;
 use runnel_runner::StateDir;
 
-use crate::{TestBroker, wait_for};
+use crate::TestBroker;
 
 /// A real `etcd` (Debian's `etcd-server`) on free loopback ports with a temp data dir,
 /// killed (by pid) when dropped.
@@ -227,13 +227,50 @@ impl NodeProcess {
 
     /// Starts the node again with the same flags (same id, ports and data dir).
     pub async fn start_again(&mut self) {
-        self.child = Some(spawn_node(&self.bin, &self.args));
-        let api = self.api.clone();
-        wait_for(Duration::from_secs(30), "the node to be ready", || async {
-            let ready = api.try_call(crate::Method::GET, "/readyz", "", None).await;
-            (ready?.0 == 200).then_some(())
-        })
-        .await;
+        if let Err(e) = self.try_start().await {
+            panic!("{e}");
+        }
+    }
+
+    /// Starts the node and waits until it is ready; an error as soon as the child exits
+    /// (a port taken since it was picked: its stderr says which), or after 30 s.
+    async fn try_start(&mut self) -> Result<(), StartError> {
+        let mut child = spawn_node(&self.bin, &self.args);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(StartError::Exited(format!(
+                    "node {} exited at start: {status}",
+                    self.id
+                )));
+            }
+            let ready = self.api.try_call(crate::Method::GET, "/readyz", "", None).await;
+            if ready.is_some_and(|(s, _)| s == 200) {
+                self.child = Some(child);
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(StartError::NotReady(format!("node {} not ready in 30 s", self.id)));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+/// Why a [`NodeProcess`] did not start.
+#[derive(Debug)]
+enum StartError {
+    /// It exited: most often a port picked free was taken before the node bound it.
+    Exited(String),
+    /// It runs but never said it was ready.
+    NotReady(String),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Exited(m) | Self::NotReady(m) => f.write_str(m),
+        }
     }
 }
 
@@ -249,6 +286,9 @@ fn spawn_node(bin: &str, args: &[String]) -> tokio::process::Child {
         .unwrap()
 }
 
+/// How many clusters [`ProcessCluster::start`] tries before it gives up.
+const START_TRIES: usize = 5;
+
 /// A cluster of real `runnel-broker` processes (the binary at `bin`) on one etcd, each
 /// with its own QUIC endpoint; `--advertise` lists them all, as runners without a load
 /// balancer in front would use them.
@@ -261,7 +301,24 @@ pub struct ProcessCluster {
 
 impl ProcessCluster {
     /// `n` nodes `n1..` with `extra` flags each; None where etcd is not installed.
+    ///
+    /// Ports are picked free and then bound by the nodes, so another process can take one
+    /// in between (CI: "binding QUIC on 127.0.0.1:58188: Address already in use", then 30 s
+    /// of waiting for a node that had exited). A node that exits at start makes a new
+    /// cluster, on a new etcd and new ports, up to [`START_TRIES`] times.
     pub async fn start(bin: &str, n: usize, extra: &[&str]) -> Option<Self> {
+        let mut last = String::new();
+        for _ in 0..START_TRIES {
+            match Self::try_start(bin, n, extra).await? {
+                Ok(c) => return Some(c),
+                Err(StartError::Exited(e)) => last = e,
+                Err(e @ StartError::NotReady(_)) => panic!("{e}"),
+            }
+        }
+        panic!("no cluster after {START_TRIES} tries: {last}");
+    }
+
+    async fn try_start(bin: &str, n: usize, extra: &[&str]) -> Option<Result<Self, StartError>> {
         let etcd = EtcdServer::start().await?;
         let dir = tempfile::tempdir().unwrap();
         let ports: Vec<(u16, u16, u16)> = (0..n)
@@ -300,13 +357,16 @@ impl ProcessCluster {
                 args,
                 bin: bin.to_owned(),
             };
-            // One after the other: the first creates the CA and the operator key.
-            node.start_again().await;
+            // One after the other: the first creates the CA and the operator key. On an
+            // error the nodes already started are killed as they drop.
+            if let Err(e) = node.try_start().await {
+                return Some(Err(e));
+            }
             nodes.push(node);
         }
         let key_file = dir.path().join("n1").join("operator.key");
         let operator_key = std::fs::read_to_string(key_file).unwrap().trim().to_owned();
-        Some(Self { etcd, nodes, operator_key, _dir: dir })
+        Some(Ok(Self { etcd, nodes, operator_key, _dir: dir }))
     }
 
     /// Creates tenant `id` through the first node; answers an admin key for it.
