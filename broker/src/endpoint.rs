@@ -30,8 +30,12 @@ pub(crate) use limits::{Admission, EnrollBusy, IntakeLimits};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a runner has to open its control stream and send Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Streams a runner may open towards the broker (its control stream, with headroom).
-const MAX_RUNNER_STREAMS: u32 = 4;
+/// Streams a peer may open towards the broker before its ALPN is known: a runner opens one
+/// (its control stream), an enrolling client one (its request); jobs are streams the broker
+/// opens. quinn keeps a table entry per stream a peer may open, from the handshake on, so
+/// no headroom. A native API client is allowed its calls once it is known
+/// (`native::MAX_CALLS`), before its welcome.
+const MAX_RUNNER_STREAMS: u32 = 1;
 /// Per-stream receive window: frames are small; job output is the largest traffic.
 const STREAM_WINDOW: u32 = 64 * 1024;
 /// Per-connection receive window.

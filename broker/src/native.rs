@@ -69,12 +69,15 @@ pub(crate) async fn serve(
         role: caller.role.name().to_owned(),
         max_calls: MAX_CALLS,
     };
+    // Its calls are allowed before it hears the welcome: the stream credit then travels
+    // with the welcome, and the client's first calls need not wait for it (the endpoint
+    // allows an unknown peer one stream: `endpoint::MAX_RUNNER_STREAMS`).
+    conn.set_max_concurrent_bi_streams(MAX_CALLS.into());
     if write_frame(&mut send, &ok).await.is_err() || send.finish().is_err() {
         return;
     }
     drop(slot);
     let _open = Open::new();
-    conn.set_max_concurrent_bi_streams(MAX_CALLS.into());
     let caller = Arc::new(caller);
     let ended = serve_calls(&conn, |send, recv| {
         call(send, recv, shared.clone(), tenants.clone(), caller.clone())

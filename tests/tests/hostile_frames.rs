@@ -111,3 +111,26 @@ async fn garbage_and_oversized_frames_close_only_the_offender() {
         "{status:?}"
     );
 }
+
+/// A runner is allowed the one stream it opens (its control stream): quinn keeps a table
+/// entry per stream a peer may open, on every connection, so a runner gets no credit for
+/// a second one. Jobs still flow: they are streams the broker opens. (Fails with the
+/// earlier headroom of 4: the second stream opens at once.)
+#[tokio::test]
+async fn a_runner_may_open_only_its_control_stream() {
+    let b = TestBroker::start().await;
+    let admin = b.tenant("acme").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (id, state) = b.enrolled(&admin, "alice", &dir.path().join("r")).await;
+    let (conn, _control) = welcomed(&b, &state).await;
+    let second = tokio::time::timeout(Duration::from_millis(500), conn.open_bi()).await;
+    assert!(second.is_err(), "a second stream was granted");
+    // A job reaches it all the same, on a stream the broker opens.
+    let body = serde_json::json!({ "owner": "alice", "runner_id": id, "kind": "exec", "exec": { "program": "true" } });
+    let (s, v) = b.api.post("/v1/jobs", &admin, body).await;
+    assert_eq!(s, 201, "{v}");
+    let (_jsend, mut jrecv) =
+        tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await.unwrap().unwrap();
+    let job_frame = read_frame::<runnel_protocol::BrokerJobFrame, _>(&mut jrecv).await.unwrap();
+    assert!(matches!(job_frame, Some(runnel_protocol::BrokerJobFrame::Job(_))), "{job_frame:?}");
+}

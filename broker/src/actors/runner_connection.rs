@@ -445,7 +445,10 @@ impl ConnectionState {
                     }
                 } else {
                     self.last_renewal = Some(std::time::Instant::now());
-                    self.renew(&csr_pem).await
+                    // Boxed: ractor keeps the handler's future inside every idle actor's
+                    // boxed message loop, and the store writes make this path its largest
+                    // by far; a renewal comes once in two thirds of a certificate's life.
+                    Box::pin(self.renew(&csr_pem)).await
                 };
                 let _ = self.control.try_send(Box::new(reply));
             }
