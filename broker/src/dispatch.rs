@@ -102,6 +102,8 @@ impl Pool {
         let slot = self.slots.remove(&conn)?;
         if let Some(set) = self.free.get_mut(&slot.owner) {
             set.remove(&slot.rank(conn));
+            // Empty, it names no connection of the owner that is still here and free; a
+            // busy one that frees up makes the set again.
             if set.is_empty() {
                 self.free.remove(&slot.owner);
             }
@@ -121,15 +123,22 @@ impl Pool {
         let (old_rank, was_free) = (slot.rank(conn), slot.available());
         f(slot);
         let (new_rank, is_free) = (slot.rank(conn), slot.available());
-        let set = self.free.entry(slot.owner.clone()).or_default();
-        if was_free {
-            set.remove(&old_rank);
-        }
-        if is_free {
-            set.insert(new_rank);
-        }
-        if set.is_empty() {
-            self.free.remove(&slot.owner);
+        // An owner's set stays when its runners are all busy (`remove` drops an empty one):
+        // a job's assign and release then allocate nothing here (the owner had been cloned,
+        // and the set's node made again, each time its last free runner filled up).
+        match self.free.get_mut(&slot.owner) {
+            Some(set) => {
+                if was_free {
+                    set.remove(&old_rank);
+                }
+                if is_free {
+                    set.insert(new_rank);
+                }
+            }
+            None if is_free => {
+                self.free.entry(slot.owner.clone()).or_default().insert(new_rank);
+            }
+            None => {}
         }
         self.slots.get(&conn)
     }
@@ -330,5 +339,22 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_busy_owner_keeps_its_free_set_and_its_last_connection_takes_it() {
+        let none = BTreeMap::new();
+        let mut p = pool(vec![(1, slot("a", "alice", 0))]);
+        p.assign(1, 1);
+        p.assign(1, 2);
+        assert_eq!(p.pick(&needs("alice", &none)), None, "full");
+        assert!(p.free.get("alice").is_some_and(BTreeSet::is_empty), "kept, empty");
+        p.release(1);
+        assert_eq!(p.pick(&needs("alice", &none)), Some(1), "freed");
+        p.assign(1, 3);
+        p.assign(1, 4);
+        p.remove(1);
+        assert!(p.free.is_empty(), "no set outlives the owner's last connection");
+        assert_eq!(p.pick(&needs("alice", &none)), None);
     }
 }

@@ -127,8 +127,8 @@ pub(crate) enum ConnectionEvent {
     JobDone {
         /// The connection.
         conn: ConnId,
-        /// The job.
-        job_id: String,
+        /// The job (its entry, not a copy of its id: no allocation per job).
+        job: Arc<JobEntry>,
     },
     /// The runner asked for no new work.
     Draining(ConnId),
@@ -319,9 +319,7 @@ impl Jobs {
         // runnel_dispatches_total{outcome} counts them.
         tracing::debug!(job = %job.id, kind = %job.spec.kind, state = finish.state.name(), "job ended");
         self.shared.jobs.finish(&job, finish);
-        let _ = self
-            .tenant
-            .send_message(ConnectionEvent::JobDone { conn: self.conn_id, job_id: job.id.clone() });
+        let _ = self.tenant.send_message(ConnectionEvent::JobDone { conn: self.conn_id, job });
     }
 }
 

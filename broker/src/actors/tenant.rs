@@ -118,8 +118,9 @@ type Start = (ConnId, Arc<JobEntry>);
 /// State of [`TenantActor`].
 pub(crate) struct TenantState {
     tenant: String,
-    /// This tenant's value of the `tenant` metric label (capped).
-    label: String,
+    /// `runnel_queue_depth` for this tenant (its `tenant` label capped), looked up once:
+    /// set after every message, it had cost a registry lookup and five allocations each.
+    queue_depth: metrics::Gauge,
     shared: Arc<Shared>,
     pool: Pool,
     /// Jobs sent to each connection and not yet done.
@@ -153,7 +154,10 @@ fn needs(job: &JobEntry) -> Needs<'_> {
 impl TenantState {
     fn new(tenant: String, shared: Arc<Shared>) -> Self {
         Self {
-            label: shared.tenant_labels.label(&tenant),
+            queue_depth: metrics::gauge!(
+                crate::metrics::names::QUEUE_DEPTH,
+                "tenant" => shared.tenant_labels.label(&tenant)
+            ),
             tenant,
             shared,
             pool: Pool::new(),
@@ -315,22 +319,29 @@ impl TenantState {
 impl TenantState {
     /// Sends each job to its connection's actor; when that actor is gone the connection
     /// leaves the pool and its jobs end `runner_lost` at once.
-    fn start(&mut self, mut starts: Vec<Start>) {
-        while !starts.is_empty() {
-            let mut retry = Vec::new();
-            for (conn, job) in starts {
-                let sent = self.links.get(&conn).is_some_and(|l| l.jobs.send(job.clone()));
-                if !sent {
-                    // The connection's actor is gone (its exit not yet seen): take the
-                    // connection out now, so nothing else is placed on it. Its jobs, this
-                    // one included, end `runner_lost`; queued work may go elsewhere.
-                    self.remove_conn(conn, "runner connection gone");
-                    self.forget_link(conn);
-                    retry.extend(self.drain_queue());
-                }
-            }
-            starts = retry;
+    fn start(&mut self, starts: impl IntoIterator<Item = Start>) {
+        // No list for the usual one job that is sent: one only for the retries.
+        let mut retry = self.send_each(starts);
+        while !retry.is_empty() {
+            retry = self.send_each(retry);
         }
+    }
+
+    /// Hands each job to its connection's I/O task; answers the jobs that then go elsewhere.
+    fn send_each(&mut self, starts: impl IntoIterator<Item = Start>) -> Vec<Start> {
+        let mut retry = Vec::new();
+        for (conn, job) in starts {
+            let sent = self.links.get(&conn).is_some_and(|l| l.jobs.send(job));
+            if !sent {
+                // The connection's actor is gone (its exit not yet seen): take the
+                // connection out now, so nothing else is placed on it. Its jobs, this
+                // one included, end `runner_lost`; queued work may go elsewhere.
+                self.remove_conn(conn, "runner connection gone");
+                self.forget_link(conn);
+                retry.extend(self.drain_queue());
+            }
+        }
+        retry
     }
 
     fn close(&self, conn: ConnId, code: ErrorCode, reason: &str) {
@@ -440,11 +451,11 @@ impl Actor for TenantActor {
                 let verdict = state.dispatch(job);
                 let _ = reply.send(verdict.as_ref().map(|_| ()).map_err(Clone::clone));
                 if let Ok(start) = verdict {
-                    state.start(start.into_iter().collect());
+                    state.start(start);
                 }
             }
-            TenantMsg::Connection(ConnectionEvent::JobDone { conn, job_id }) => {
-                let starts = state.job_done(conn, &job_id);
+            TenantMsg::Connection(ConnectionEvent::JobDone { conn, job }) => {
+                let starts = state.job_done(conn, &job.id);
                 state.start(starts);
             }
             TenantMsg::Connection(ConnectionEvent::Draining(conn)) => state.pool.drain(conn),
@@ -469,8 +480,7 @@ impl Actor for TenantActor {
             #[cfg(feature = "fault-injection")]
             TenantMsg::Crash => return Err("fault injected".into()),
         }
-        metrics::gauge!(crate::metrics::names::QUEUE_DEPTH, "tenant" => state.label.clone())
-            .set(state.queue.len() as f64);
+        state.queue_depth.set(state.queue.len() as f64);
         Ok(())
     }
 
