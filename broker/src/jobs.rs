@@ -340,7 +340,11 @@ impl JobTable {
         mut spec: JobSpec,
         home: Option<(&str, i64)>,
     ) -> Result<Arc<JobEntry>, OverBudget> {
-        let mut t = self.tenants.entry(tenant.to_owned()).or_default();
+        // The tenant's name is copied only the first time (this runs for every dispatch).
+        let mut t = match self.tenants.get_mut(tenant) {
+            Some(t) => t,
+            None => self.tenants.entry(tenant.to_owned()).or_default(),
+        };
         if t.unfinished >= self.budget.unfinished {
             return Err(OverBudget::Unfinished(self.budget.unfinished));
         }
