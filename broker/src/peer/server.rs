@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use runnel_protocol::{
-    ErrorCode, JobInfo, PEER_OUTPUT_CHUNK, PeerRequest, PeerResponse, read_frame, write_frame,
+    ErrorCode, JobInfo, PEER_OUTPUT_CHUNK, PeerRequest, PeerResponse, encode, read_frame,
+    write_frame,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -92,20 +93,30 @@ pub(crate) fn refused(e: &ApiError) -> PeerResponse {
 }
 
 /// A job answer: the view without output, the output in chunks, the end.
-pub(crate) async fn write_job(
+///
+/// The job's view is encoded here, before anything is awaited, and the future keeps only
+/// bytes: it lives inside every call's future, and holding the view (and the frame built
+/// from it) across the writes had made a native dispatch's call 1.7 KiB, past the size
+/// glibc serves from its per-thread cache (a slow path and a consolidation per job).
+pub(crate) fn write_job(
     send: &mut quinn::SendStream,
     r: Result<JobInfo, ApiError>,
-) -> Result<(), ()> {
-    let mut job = match r {
-        Ok(j) => j,
-        Err(e) => return write_frame(send, &refused(&e)).await.map_err(drop),
+) -> impl std::future::Future<Output = Result<(), ()>> + '_ {
+    let (head, output) = match r {
+        Ok(mut job) => {
+            let output = std::mem::take(&mut job.output).into_bytes();
+            (encode(&PeerResponse::Job(job)), Some(output))
+        }
+        Err(e) => (encode(&refused(&e)), None),
     };
-    let output = std::mem::take(&mut job.output).into_bytes();
-    write_frame(send, &PeerResponse::Job(job)).await.map_err(drop)?;
-    for chunk in output.chunks(PEER_OUTPUT_CHUNK) {
-        write_frame(send, &PeerResponse::Output(chunk.to_vec())).await.map_err(drop)?;
+    async move {
+        send.write_all(&head.map_err(drop)?).await.map_err(drop)?;
+        let Some(output) = output else { return Ok(()) };
+        for chunk in output.chunks(PEER_OUTPUT_CHUNK) {
+            write_frame(send, &PeerResponse::Output(chunk.to_vec())).await.map_err(drop)?;
+        }
+        write_frame(send, &PeerResponse::End).await.map_err(drop)
     }
-    write_frame(send, &PeerResponse::End).await.map_err(drop)
 }
 
 async fn call(
