@@ -90,6 +90,9 @@ pub struct RunnerIndex {
     /// Runner ids by (tenant, owner), so a question about one owner never walks the whole
     /// cluster's runners. Runners are never removed (revoked ones stay, marked).
     by_owner: DashMap<(String, String), BTreeSet<String>>,
+    /// Unrevoked runners (pending or enrolled) per tenant: the quota check on every runner
+    /// created reads it, where it had counted the whole cluster's runners each time.
+    unrevoked: DashMap<String, usize>,
 }
 
 impl RunnerIndex {
@@ -100,23 +103,34 @@ impl RunnerIndex {
 
     /// Inserts or refreshes a runner from its durable record, keeping presence.
     pub fn apply(&self, rec: &RunnerRecord) {
-        let mut entry = self.map.entry(rec.id.clone()).or_insert_with(|| IndexEntry {
-            tenant: rec.tenant.clone(),
-            owner: rec.owner.clone(),
-            labels: BTreeMap::new(),
-            state: rec.state,
-            cert_serial: None,
-            connections: 0,
-            draining: false,
-            last_seen: rec.last_seen,
-            load_milli: 0,
-            in_flight: 0,
-            advertised: None,
-        });
+        let (mut entry, counted_before) = match self.map.entry(rec.id.clone()) {
+            dashmap::Entry::Occupied(o) => {
+                let entry = o.into_ref();
+                let counted = (entry.state != RunnerState::Revoked).then(|| entry.tenant.clone());
+                (entry, counted)
+            }
+            dashmap::Entry::Vacant(v) => {
+                let entry = v.insert(IndexEntry {
+                    tenant: rec.tenant.clone(),
+                    owner: rec.owner.clone(),
+                    labels: BTreeMap::new(),
+                    state: rec.state,
+                    cert_serial: None,
+                    connections: 0,
+                    draining: false,
+                    last_seen: rec.last_seen,
+                    load_milli: 0,
+                    in_flight: 0,
+                    advertised: None,
+                });
+                (entry, None)
+            }
+        };
         // Revocation is final, whatever order updates arrive in.
         if entry.state != RunnerState::Revoked {
             entry.state = rec.state;
         }
+        let counted_after = entry.state != RunnerState::Revoked;
         let moved = (entry.tenant != rec.tenant || entry.owner != rec.owner)
             .then(|| (entry.tenant.clone(), entry.owner.clone()));
         entry.tenant = rec.tenant.clone();
@@ -128,6 +142,14 @@ impl RunnerIndex {
         // Never hold a lock of one map while taking the other's (any_could_match holds
         // `by_owner` while it reads `map`).
         drop(entry);
+        // Worked out under the entry's lock, so each change is counted once however
+        // updates race; applied after it (never one map's lock while taking another's).
+        if let Some(tenant) = counted_before {
+            self.count(&tenant, -1);
+        }
+        if counted_after {
+            self.count(&rec.tenant, 1);
+        }
         if let Some(mut ids) = moved.and_then(|old| self.by_owner.get_mut(&old)) {
             ids.remove(&rec.id);
         }
@@ -139,8 +161,24 @@ impl RunnerIndex {
 
     /// Marks a runner revoked at once.
     pub(crate) fn revoke(&self, runner_id: &str) {
-        if let Some(mut e) = self.map.get_mut(runner_id) {
-            e.state = RunnerState::Revoked;
+        let Some(mut e) = self.map.get_mut(runner_id) else { return };
+        if e.state == RunnerState::Revoked {
+            return;
+        }
+        e.state = RunnerState::Revoked;
+        let tenant = e.tenant.clone();
+        drop(e);
+        self.count(&tenant, -1);
+    }
+
+    /// Moves `tenant`'s unrevoked count by `delta` (the name copied only the first time).
+    fn count(&self, tenant: &str, delta: isize) {
+        match self.unrevoked.get_mut(tenant) {
+            Some(mut n) => *n = n.saturating_add_signed(delta),
+            None => {
+                let mut n = self.unrevoked.entry(tenant.to_owned()).or_default();
+                *n = n.saturating_add_signed(delta);
+            }
         }
     }
 
@@ -214,7 +252,7 @@ impl RunnerIndex {
 
     /// Runners of `tenant` that are not revoked (pending or enrolled): its quota count.
     pub(crate) fn unrevoked(&self, tenant: &str) -> usize {
-        self.map.iter().filter(|e| e.tenant == tenant && e.state != RunnerState::Revoked).count()
+        self.unrevoked.get(tenant).map_or(0, |n| *n)
     }
 
     /// Number of runners with a live session on this node (of `tenant` only, if given).
@@ -359,5 +397,38 @@ mod tests {
             assert!(ids.iter().all(|id| idx.get(id).is_some_and(|e| e.owner == format!("o{o}"))));
         }
         assert!(idx.by_owner.get(&("t".to_string(), "nobody".to_string())).is_none());
+    }
+
+    /// The per-tenant count follows every change exactly once, as the scan it replaced
+    /// would count: new records, re-applied ones, revocation (by record or at once, in
+    /// either order, twice), and a tenant that has none.
+    #[test]
+    fn the_unrevoked_count_matches_a_scan_through_every_change() {
+        let idx = RunnerIndex::new();
+        let scan = |t: &str| {
+            idx.map.iter().filter(|e| e.tenant == t && e.state != RunnerState::Revoked).count()
+        };
+        let in_tenant = |id: &str, tenant: &str, state| {
+            let mut r = rec(id, state);
+            r.tenant = tenant.into();
+            r
+        };
+        for (id, tenant) in [("a", "t"), ("b", "t"), ("c", "u")] {
+            idx.apply(&in_tenant(id, tenant, RunnerState::Pending));
+        }
+        idx.apply(&in_tenant("a", "t", RunnerState::Paired)); // re-applied: no second count
+        idx.apply(&in_tenant("a", "t", RunnerState::Paired));
+        assert_eq!((idx.unrevoked("t"), idx.unrevoked("u")), (2, 1));
+        idx.revoke("a");
+        idx.revoke("a"); // twice: counted once
+        idx.apply(&in_tenant("a", "t", RunnerState::Revoked)); // the record follows
+        idx.apply(&in_tenant("b", "t", RunnerState::Revoked)); // the record first
+        idx.revoke("b");
+        idx.apply(&in_tenant("b", "t", RunnerState::Paired)); // stale: revocation is final
+        idx.revoke("nobody");
+        for t in ["t", "u", "none"] {
+            assert_eq!(idx.unrevoked(t), scan(t), "tenant {t}");
+        }
+        assert_eq!((idx.unrevoked("t"), idx.unrevoked("u"), idx.unrevoked("none")), (0, 1, 0));
     }
 }

@@ -126,15 +126,17 @@ pub(super) async fn create(
     caller.tenant()?;
     let owner = dispatch_owner(&caller, body.owner.as_deref())?;
     let (payload, timeout, queue_timeout) = body.checked(&shared.config)?;
+    // Moved, not copied, out of the body (this runs for every HTTP dispatch).
+    let CreateJob { runner_id, labels, kind, wait, .. } = body;
     let spec = DispatchSpec {
         owner,
-        runner_id: body.runner_id.clone(),
-        labels: body.labels.clone(),
-        kind: body.kind.clone(),
+        runner_id,
+        labels,
+        kind,
         payload,
         timeout_ms: ms(timeout),
         queue_timeout_ms: ms(queue_timeout),
-        wait: body.wait,
+        wait,
     };
     let view = homed::dispatch(&shared, &tenants, &caller, spec, Hop::Api).await?;
     let status = if view.state.is_terminal() { StatusCode::OK } else { StatusCode::CREATED };
