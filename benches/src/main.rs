@@ -323,7 +323,11 @@ fn load_label(a: &LoadArgs) -> String {
 }
 
 async fn connect(a: ConnectArgs) -> anyhow::Result<()> {
-    let broker = broker_proc::BrokerProc::start(a.common.broker_bin.as_deref()).await?;
+    // The fleet is one tenant's, so the per-tenant runner cap (10,000 by default) must
+    // allow all of it: `connect -n 20000` had stopped at the 10,001st runner.
+    let cap = ["--max-runners-per-tenant".to_owned(), a.runners.max(1).to_string()];
+    let bin = a.common.broker_bin.as_deref();
+    let broker = broker_proc::BrokerProc::start_with(bin, "127.0.0.1:0", &cap, None).await?;
     let fleet = sim::Fleet::enroll(&broker, 1, a.runners, 64).await?;
     let idle = broker.usage()?;
     let connected = fleet.connect(a.common.endpoints, a.common.runner_capacity, a.parallel).await?;
