@@ -111,9 +111,10 @@ impl JobEntry {
         true
     }
 
-    /// The payload to send to the runner (empty once the job has ended).
-    pub(crate) fn payload(&self) -> Vec<u8> {
-        self.lock().payload.clone()
+    /// `f` of the payload to send to the runner (empty once the job has ended), read in
+    /// place under the entry's lock (keep `f` short).
+    pub(crate) fn with_payload<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
+        f(&self.lock().payload)
     }
 
     /// Appends output, up to [`MAX_BUFFERED_OUTPUT`] and `room` bytes; answers how many
@@ -689,10 +690,10 @@ pub(crate) mod tests {
         let big = || JobSpec { payload: vec![0; 3 << 20], ..spec() };
         let t = table(10, 4 << 20, 10);
         let j = t.create("t", big(), None).unwrap();
-        assert_eq!(j.payload().len(), 3 << 20);
+        assert_eq!(j.with_payload(<[u8]>::len), 3 << 20);
         assert_eq!(t.create("t", big(), None).err(), Some(OverBudget::Bytes(4 << 20)));
         t.finish(&j, Finish::new(JobState::Succeeded, ""));
-        assert!(j.payload().is_empty());
+        assert!(j.with_payload(<[u8]>::is_empty));
         assert!(t.create("t", big(), None).is_ok());
     }
 

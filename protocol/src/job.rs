@@ -52,6 +52,33 @@ pub enum BrokerJobFrame {
     Cancel,
 }
 
+/// Encodes `BrokerJobFrame::Job` from borrowed parts: the same bytes as the owned frame
+/// (a test holds them equal), without first copying a job's id, kind and payload into a
+/// [`JobRequest`]. The broker sends one per job.
+pub fn encode_job_request(
+    job_id: &str,
+    kind: &str,
+    payload: &[u8],
+    timeout_ms: u64,
+) -> Result<Vec<u8>, crate::FrameError> {
+    /// [`JobRequest`], borrowed: postcard writes `&str` as `String` and `&[u8]` as
+    /// `Vec<u8>` (a length, then the bytes), and field names not at all.
+    #[derive(Serialize)]
+    struct JobRequestRef<'a> {
+        job_id: &'a str,
+        kind: &'a str,
+        payload: &'a [u8],
+        timeout_ms: u64,
+    }
+    /// [`BrokerJobFrame`] up to its `Job` variant, which must stay the first.
+    #[derive(Serialize)]
+    enum BrokerJobFrameRef<'a> {
+        Job(JobRequestRef<'a>),
+    }
+    let frame = BrokerJobFrameRef::Job(JobRequestRef { job_id, kind, payload, timeout_ms });
+    crate::encode(&frame)
+}
+
 /// Which output stream a chunk came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OutputStream {

@@ -42,6 +42,7 @@ pub use error::ErrorCode;
 pub use frame::{FrameError, decode, encode, read_frame, write_frame};
 pub use job::{
     BrokerJobFrame, ExecSpec, JobOutcome, JobRequest, JobResult, OutputStream, RunnerJobFrame,
+    encode_job_request,
 };
 pub use peer::{
     AnswerError, DispatchSpec, JobInfo, JobState, PEER_OUTPUT_CHUNK, PeerCaller, PeerRequest,

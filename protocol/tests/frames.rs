@@ -175,3 +175,23 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    /// The broker encodes each job from borrowed parts (`encode_job_request`); the runner
+    /// decodes the owned `BrokerJobFrame`. The bytes must be the owned frame's exactly, for
+    /// any id, kind, payload (lengths past one varint byte included) and timeout.
+    #[test]
+    fn a_borrowed_job_request_encodes_as_the_owned_frame(
+        job_id in ".{0,40}",
+        kind in "[a-z]{0,12}",
+        payload in proptest::collection::vec(any::<u8>(), 0..600),
+        timeout_ms in any::<u64>(),
+    ) {
+        let borrowed = encode_job_request(&job_id, &kind, &payload, timeout_ms).unwrap();
+        let owned = BrokerJobFrame::Job(JobRequest { job_id, kind, payload, timeout_ms });
+        prop_assert_eq!(&borrowed, &encode(&owned).unwrap());
+        let (back, used): (BrokerJobFrame, usize) = decode(&borrowed).unwrap();
+        prop_assert_eq!(used, borrowed.len());
+        prop_assert_eq!(back, owned);
+    }
+}

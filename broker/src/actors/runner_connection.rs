@@ -17,8 +17,8 @@ use futures::StreamExt;
 use ractor::{Actor, ActorProcessingErr, ActorRef, DerivedActorRef};
 use runnel_certs::RunnerIdentity;
 use runnel_protocol::{
-    BrokerJobFrame, ClientControl, ErrorCode, FrameError, Hello, JobOutcome, JobRequest,
-    RunnerJobFrame, ServerControl, Welcome, read_frame, write_frame,
+    BrokerJobFrame, ClientControl, ErrorCode, FrameError, Hello, JobOutcome, RunnerJobFrame,
+    ServerControl, Welcome, encode_job_request, read_frame, write_frame,
 };
 use tokio::sync::mpsc;
 use tokio_util::task::AbortOnDropHandle;
@@ -535,16 +535,18 @@ async fn drive_job(conn: &quinn::Connection, job: &JobEntry, table: &JobTable) -
     // One timer for the whole job (reset, never re-registered, per frame).
     let deadline = tokio::time::sleep(job.spec.timeout + RESULT_GRACE);
     tokio::pin!(deadline);
-    let request = BrokerJobFrame::Job(JobRequest {
-        job_id: job.id.clone(),
-        kind: job.spec.kind.clone(),
-        payload: job.payload(),
-        timeout_ms: job.spec.timeout.as_millis() as u64,
-    });
+    // Encoded from the entry itself: no copy of the id, kind and payload per job.
+    let timeout_ms = job.spec.timeout.as_millis() as u64;
+    let request = match job
+        .with_payload(|payload| encode_job_request(&job.id, &job.spec.kind, payload, timeout_ms))
+    {
+        Ok(bytes) => bytes,
+        Err(e) => return lost(format!("could not encode job: {e}")),
+    };
     let start = async {
         let (mut send, recv) =
             conn.open_bi().await.map_err(|e| format!("could not open job stream: {e}"))?;
-        write_frame(&mut send, &request).await.map_err(|e| format!("could not send job: {e}"))?;
+        send.write_all(&request).await.map_err(|e| format!("could not send job: {e}"))?;
         Ok::<_, String>((send, recv))
     };
     let (mut send, recv) = tokio::select! {
