@@ -95,9 +95,10 @@ pub(crate) fn refused(e: &ApiError) -> PeerResponse {
 /// A job answer: the view without output, the output in chunks, the end.
 ///
 /// The job's view is encoded here, before anything is awaited, and the future keeps only
-/// bytes: it lives inside every call's future, and holding the view (and the frame built
-/// from it) across the writes had made a native dispatch's call 1.7 KiB, past the size
-/// glibc serves from its per-thread cache (a slow path and a consolidation per job).
+/// bytes: it lives inside every call's future, which is one allocation per call. Holding
+/// the view (and the frame built from it) across the writes had made a native dispatch's
+/// call future 1,696 bytes; it is 1,560 now, most of the rest `homed::dispatch`'s. Both are
+/// past the 1,032 bytes glibc serves from its per-thread cache (BENCHMARKS.md).
 pub(crate) fn write_job(
     send: &mut quinn::SendStream,
     r: Result<JobInfo, ApiError>,
