@@ -149,17 +149,9 @@ pub(crate) fn server_config(
         // 10 datagrams (~13 KiB on every idle connection, heaptrack). Runner traffic is small
         // frames, so one datagram per send costs little and saves that memory.
         .enable_segmentation_offload(false)
-        .ack_frequency_config(Some(ack_frequency()));
+        .ack_frequency_config(Some(runnel_protocol::transport::ack_frequency()));
     server.transport_config(Arc::new(transport));
     Ok(server)
-}
-
-/// Asks the peer to acknowledge less eagerly: see [`runnel_protocol::transport`].
-fn ack_frequency() -> quinn::AckFrequencyConfig {
-    use runnel_protocol::transport::{ACK_ELICITING_THRESHOLD, MAX_ACK_DELAY};
-    let mut ack = quinn::AckFrequencyConfig::default();
-    ack.ack_eliciting_threshold(ACK_ELICITING_THRESHOLD.into()).max_ack_delay(Some(MAX_ACK_DELAY));
-    ack
 }
 
 /// How long, at shutdown, connections still in their handshake, Hello or enrollment get to

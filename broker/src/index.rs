@@ -144,11 +144,14 @@ impl RunnerIndex {
         drop(entry);
         // Worked out under the entry's lock, so each change is counted once however
         // updates race; applied after it (never one map's lock while taking another's).
-        if let Some(tenant) = counted_before {
-            self.count(&tenant, -1);
-        }
-        if counted_after {
-            self.count(&rec.tenant, 1);
+        let counted_after = counted_after.then_some(rec.tenant.as_str());
+        if counted_before.as_deref() != counted_after {
+            if let Some(tenant) = counted_before {
+                self.count(&tenant, -1);
+            }
+            if let Some(tenant) = counted_after {
+                self.count(tenant, 1);
+            }
         }
         if let Some(mut ids) = moved.and_then(|old| self.by_owner.get_mut(&old)) {
             ids.remove(&rec.id);

@@ -122,7 +122,7 @@ impl Client {
             .max_concurrent_bidi_streams(0u32.into())
             .max_concurrent_uni_streams(0u32.into())
             .keep_alive_interval(Some(options.keep_alive))
-            .ack_frequency_config(Some(ack_frequency()));
+            .ack_frequency_config(Some(runnel_protocol::transport::ack_frequency()));
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         config.transport_config(Arc::new(transport));
         // One socket for every target: of the first one's family.
@@ -376,12 +376,4 @@ async fn resolve(addr: &str) -> Result<Target, Error> {
         .next()
         .ok_or_else(|| bad("does not resolve"))?;
     Ok(Target { addr: sock, server_name: host })
-}
-
-/// Asks the peer to acknowledge less eagerly: see [`runnel_protocol::transport`].
-fn ack_frequency() -> quinn::AckFrequencyConfig {
-    use runnel_protocol::transport::{ACK_ELICITING_THRESHOLD, MAX_ACK_DELAY};
-    let mut ack = quinn::AckFrequencyConfig::default();
-    ack.ack_eliciting_threshold(ACK_ELICITING_THRESHOLD.into()).max_ack_delay(Some(MAX_ACK_DELAY));
-    ack
 }

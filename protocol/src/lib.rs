@@ -14,7 +14,8 @@
 //! - `error`: numeric error and connection-close codes shared by both sides.
 //! - [`duration`]: `30s`/`5m` as both sides' flags and config files write durations.
 //! - [`limits`] and [`version`]: the constants both sides agree on; [`transport`]: the QUIC
-//!   settings each side asks of its peer (acknowledgement frequency).
+//!   settings each side asks of its peer (acknowledgement frequency), as a quinn config
+//!   with feature `quinn` (quinn's sans-IO core only: still no sockets here).
 //!
 //! This crate does no I/O of its own beyond generic `AsyncRead`/`AsyncWrite` helpers in
 //! `frame`; it knows nothing of sockets, certificates or actors. Enums only ever grow at

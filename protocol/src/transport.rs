@@ -19,3 +19,12 @@ pub const ACK_ELICITING_THRESHOLD: u32 = 10;
 
 /// The longest the peer may hold back an acknowledgement.
 pub const MAX_ACK_DELAY: Duration = Duration::from_millis(5);
+
+/// [`ACK_ELICITING_THRESHOLD`] and [`MAX_ACK_DELAY`] as the config a quinn endpoint asks
+/// its peer for (feature `quinn`): the broker, the runner and the client all use this one.
+#[cfg(feature = "quinn")]
+pub fn ack_frequency() -> quinn_proto::AckFrequencyConfig {
+    let mut ack = quinn_proto::AckFrequencyConfig::default();
+    ack.ack_eliciting_threshold(ACK_ELICITING_THRESHOLD.into()).max_ack_delay(Some(MAX_ACK_DELAY));
+    ack
+}

@@ -34,17 +34,9 @@ fn quic(
         .keep_alive_interval(keep_alive)
         .max_concurrent_bidi_streams(max_streams.into())
         .max_concurrent_uni_streams(0u32.into())
-        .ack_frequency_config(Some(ack_frequency()));
+        .ack_frequency_config(Some(runnel_protocol::transport::ack_frequency()));
     cfg.transport_config(Arc::new(transport));
     Ok(cfg)
-}
-
-/// Asks the peer to acknowledge less eagerly: see [`runnel_protocol::transport`].
-fn ack_frequency() -> quinn::AckFrequencyConfig {
-    use runnel_protocol::transport::{ACK_ELICITING_THRESHOLD, MAX_ACK_DELAY};
-    let mut ack = quinn::AckFrequencyConfig::default();
-    ack.ack_eliciting_threshold(ACK_ELICITING_THRESHOLD.into()).max_ack_delay(Some(MAX_ACK_DELAY));
-    ack
 }
 
 /// Config for `runnel-enroll/1`, pinned to a CA fingerprint.
