@@ -26,6 +26,25 @@ const MAX_REDIRECTS: u32 = 3;
 /// again soon.
 pub(crate) const AVOID_FOR: Duration = Duration::from_secs(15);
 
+/// Why a Redirect was not followed.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum NotFollowed {
+    /// It named the node that just stopped answering: the cluster has not yet noticed
+    /// that the home died, and will within its lease TTL.
+    HomeJustFailed(String),
+    /// [`MAX_REDIRECTS`] in a row: the nodes disagree about the home.
+    TooMany(String),
+}
+
+impl NotFollowed {
+    /// Says why, for the log.
+    pub(crate) fn into_reason(self) -> String {
+        match self {
+            Self::HomeJustFailed(r) | Self::TooMany(r) => r,
+        }
+    }
+}
+
 /// The runner's choice of address, one session after another.
 #[derive(Debug)]
 pub(crate) struct Dialer {
@@ -71,15 +90,17 @@ impl Dialer {
         from: &str,
         to: String,
         now: Instant,
-    ) -> Result<(), String> {
+    ) -> Result<(), NotFollowed> {
         if self.avoids(&to, now) {
             // `from` is alive but has not yet noticed that `to` died: `to` stays avoided.
-            return Err(format!(
+            return Err(NotFollowed::HomeJustFailed(format!(
                 "{from} redirected to {to}, which just failed; its node may be gone"
-            ));
+            )));
         }
         if self.redirects >= MAX_REDIRECTS {
-            return Err(format!("{MAX_REDIRECTS} redirects in a row (last to {to})"));
+            return Err(NotFollowed::TooMany(format!(
+                "{MAX_REDIRECTS} redirects in a row (last to {to})"
+            )));
         }
         self.redirects += 1;
         self.target = Some(to);
@@ -123,7 +144,8 @@ mod tests {
         for _ in 0..4 {
             let at = d.address(t);
             assert_ne!(at, "a");
-            assert!(d.redirected(&at, "a".into(), t).is_err());
+            let e = d.redirected(&at, "a".into(), t);
+            assert!(matches!(e, Err(NotFollowed::HomeJustFailed(_))), "{e:?}");
             d.move_on();
         }
         // The avoidance ends: a node that only looked dead may still be the home.
@@ -172,7 +194,7 @@ mod tests {
             assert!(d.redirected("x", format!("n{i}"), t).is_ok());
         }
         let e = d.redirected("x", "n9".into(), t).unwrap_err();
-        assert!(e.contains("redirects in a row"), "{e}");
+        assert!(matches!(&e, NotFollowed::TooMany(r) if r.contains("redirects in a row")), "{e:?}");
         d.move_on();
         assert_eq!(d.address(t), "b", "back to the rotation");
     }

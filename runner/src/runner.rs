@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::dial::Dialer;
+use crate::dial::{Dialer, NotFollowed};
 use crate::handler::JobHandler;
 use crate::session::{SessionEnd, session};
 use crate::state::StateDir;
@@ -269,7 +269,11 @@ async fn run_loop(inner: Arc<Inner>) -> Result<(), RunnerError> {
                         (dial_due, waited) = (std::time::SystemTime::now(), Duration::ZERO);
                         continue;
                     }
-                    Err(reason) => (reason, false, false),
+                    Err(NotFollowed::HomeJustFailed(reason)) => {
+                        backoff.awaiting_failover();
+                        (reason, false, false)
+                    }
+                    Err(other) => (other.into_reason(), false, false),
                 }
             }
             SessionEnd::Retry { reason, welcomed } => (reason, welcomed, false),
