@@ -107,6 +107,7 @@ fn selection(c: &mut Criterion) {
                     in_flight: (i % 3) as u32,
                     draining: false,
                     last_assigned: i,
+                    last_failed: false,
                 },
             );
         }
@@ -117,7 +118,7 @@ fn selection(c: &mut Criterion) {
                 let conn = pool.pick(black_box(&needs)).unwrap();
                 seq += 1;
                 pool.assign(conn, seq);
-                pool.release(conn);
+                pool.release(conn, false);
             })
         });
     }

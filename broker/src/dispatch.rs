@@ -7,6 +7,7 @@
 //! turns.
 #![cfg_attr(not(feature = "bench-internals"), allow(unreachable_pub))] // `pub` items: see lib.rs `bench_internals`
 
+use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// Identifies one live connection inside a tenant (a runner may briefly have two).
@@ -31,6 +32,8 @@ pub struct Slot {
     pub draining: bool,
     /// Dispatch sequence number of its latest assignment (0: never).
     pub last_assigned: u64,
+    /// Whether its latest job ended failed, rejected or timed out (see [`Rank`]).
+    pub last_failed: bool,
 }
 
 /// What a job needs of a runner.
@@ -61,8 +64,19 @@ impl Slot {
     }
 }
 
-/// Preference order among free runners: fewest in flight, then least recently assigned.
-type Rank = (u32, u64, ConnId);
+/// Preference order among free runners: fewest in flight (DESIGN.md); among those, one
+/// whose latest job did not fail before one whose did; then the most recently assigned.
+///
+/// - **Most recent first** keeps dispatch on the connections whose state is in the CPU's
+///   caches. Taking turns sent each job to the runner idle the longest, so with 20,000
+///   connected every job touched a cold connection (quinn's and rustls's state, the
+///   actor's, ~40 KiB each): 57 µs of broker CPU per job against 20 with 8 runners, and
+///   17.0k jobs/s against 31.5k with this order (`runnel-bench connect -n 20000`,
+///   BENCHMARKS.md 2026-12-05). Pools of idle connections are LIFO for the same reason.
+/// - **A failed job sends its runner to the back** of its equals: a broken runner (full
+///   disk, missing tool) ends its jobs at once and would otherwise be the most recent
+///   one again at every pick, taking nearly every job. Its next success brings it back.
+type Rank = (u32, bool, Reverse<u64>, ConnId);
 
 /// The connected runners of one tenant, indexed for dispatch.
 ///
@@ -78,7 +92,7 @@ pub struct Pool {
 
 impl Slot {
     fn rank(&self, conn: ConnId) -> Rank {
-        (self.in_flight, self.last_assigned, conn)
+        (self.in_flight, self.last_failed, Reverse(self.last_assigned), conn)
     }
 }
 
@@ -151,9 +165,13 @@ impl Pool {
         })
     }
 
-    /// Records that a job on `conn` ended.
-    pub fn release(&mut self, conn: ConnId) {
-        self.update(conn, |s| s.in_flight = s.in_flight.saturating_sub(1));
+    /// Records that a job on `conn` ended, and whether it failed (failed, rejected or
+    /// timed out: see [`Rank`]).
+    pub fn release(&mut self, conn: ConnId, failed: bool) {
+        self.update(conn, |s| {
+            s.in_flight = s.in_flight.saturating_sub(1);
+            s.last_failed = failed;
+        });
     }
 
     /// Marks `conn` draining: it takes no new job.
@@ -195,7 +213,7 @@ impl Pool {
         self.free
             .get(needs.owner)?
             .iter()
-            .map(|(_, _, c)| *c)
+            .map(|(_, _, _, c)| *c)
             .find(|c| self.slots.get(c).is_some_and(|s| s.fits(needs)))
     }
 
@@ -219,6 +237,7 @@ mod tests {
             in_flight,
             draining: false,
             last_assigned: 0,
+            last_failed: false,
         }
     }
 
@@ -260,7 +279,7 @@ mod tests {
         assert_eq!(p.pick(&other_kind), None, "kind mismatch");
         let explicit = Needs { runner_id: Some("a"), ..needs("alice", &none) };
         assert_eq!(p.pick(&explicit), None, "named runner is full");
-        p.release(1);
+        p.release(1, false);
         assert_eq!(p.pick(&explicit), Some(1), "named runner freed a slot");
         let explicit = Needs { runner_id: Some("b"), ..needs("alice", &none) };
         assert_eq!(p.pick(&explicit), Some(2));
@@ -269,32 +288,68 @@ mod tests {
     }
 
     #[test]
-    fn equal_runners_take_turns_and_the_index_follows_every_change() {
+    fn the_runner_just_freed_takes_the_next_job_and_the_index_follows_every_change() {
         let none = BTreeMap::new();
         let mut p = pool(vec![(1, slot("a", "alice", 0)), (2, slot("b", "alice", 0))]);
-        let mut seq = 0;
+        // One job at a time: the connection that just finished one (its state in the
+        // caches) takes the next, rather than the one idle the longest.
+        let first = p.pick(&needs("alice", &none)).expect("free runner");
         let mut counts = HashMap::new();
-        for _ in 0..10 {
+        for seq in 1..=10 {
             let c = p.pick(&needs("alice", &none)).expect("free runner");
-            seq += 1;
             p.assign(c, seq);
             *counts.entry(c).or_insert(0) += 1;
-            p.release(c);
+            p.release(c, false);
         }
-        assert_eq!(counts.get(&1), Some(&5));
-        assert_eq!(counts.get(&2), Some(&5));
+        assert_eq!(counts.get(&first), Some(&10), "{counts:?}");
+        // Two at a time: least in flight comes first, so both runners work.
+        let a = p.pick(&needs("alice", &none)).unwrap();
+        p.assign(a, 11);
+        let b = p.pick(&needs("alice", &none)).unwrap();
+        assert_ne!(a, b, "the idle runner before a second job on the busy one");
         // Fill both: nothing free; free one: that one.
-        p.assign(1, 11);
-        p.assign(1, 12);
-        p.assign(2, 13);
-        p.assign(2, 14);
+        p.assign(a, 12);
+        p.assign(b, 13);
+        p.assign(b, 14);
         assert_eq!(p.pick(&needs("alice", &none)), None);
-        p.release(2);
+        p.release(2, false);
         assert_eq!(p.pick(&needs("alice", &none)), Some(2));
         assert!(p.remove(2).is_some());
         assert_eq!(p.pick(&needs("alice", &none)), None);
         assert!(p.conns_of("b").is_empty());
         assert_eq!(p.len(), 1);
+    }
+
+    #[test]
+    fn a_runner_that_fails_its_jobs_does_not_take_them_all() {
+        // A broken runner ends each job at once; picked most-recent-first it would be
+        // the most recent again at every pick. After a failure it goes behind its equals.
+        let none = BTreeMap::new();
+        let mut p = pool(vec![
+            (1, slot("broken", "alice", 0)),
+            (2, slot("b", "alice", 0)),
+            (3, slot("c", "alice", 0)),
+        ]);
+        let mut on_broken = 0;
+        for seq in 1..=30 {
+            let c = p.pick(&needs("alice", &none)).expect("free runner");
+            p.assign(c, seq);
+            let failed = c == 1;
+            on_broken += usize::from(failed);
+            p.release(c, failed);
+        }
+        assert!(on_broken <= 1, "the broken runner took {on_broken} of 30");
+        // With the healthy ones busy it still works (least in flight comes first), and
+        // one success puts it back among its equals.
+        p.assign(2, 31);
+        p.assign(3, 32);
+        assert_eq!(p.pick(&needs("alice", &none)), Some(1));
+        p.assign(1, 33);
+        p.release(1, false);
+        p.release(2, false);
+        p.release(3, false);
+        assert!(!p.get(1).unwrap().last_failed);
+        assert_eq!(p.pick(&needs("alice", &none)), Some(1), "back, and the most recent");
     }
 
     /// The indexed pick agrees with a plain scan over random pools.
@@ -312,6 +367,7 @@ mod tests {
             let mut s = slot(&format!("r{c}"), owner, (next() % 3) as u32);
             s.draining = next() % 10 == 0;
             s.last_assigned = next() % 50;
+            s.last_failed = next() % 4 == 0;
             p.insert(c, s);
         }
         for round in 0..500u64 {
@@ -330,7 +386,7 @@ mod tests {
                         p.assign(c, 100 + round);
                     }
                 }
-                1 => p.release(next() % 200),
+                1 => p.release(next() % 200, next() % 4 == 0),
                 _ => {
                     let c = next() % 200;
                     if let Some(s) = p.remove(c) {
@@ -349,7 +405,7 @@ mod tests {
         p.assign(1, 2);
         assert_eq!(p.pick(&needs("alice", &none)), None, "full");
         assert!(p.free.get("alice").is_some_and(BTreeSet::is_empty), "kept, empty");
-        p.release(1);
+        p.release(1, false);
         assert_eq!(p.pick(&needs("alice", &none)), Some(1), "freed");
         p.assign(1, 3);
         p.assign(1, 4);

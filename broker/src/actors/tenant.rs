@@ -259,10 +259,13 @@ impl TenantState {
     }
 
     /// A job on `conn` ended: its slot is free again, so queued work may start.
-    fn job_done(&mut self, conn: ConnId, job_id: &str) -> Vec<Start> {
-        let was_there = self.running.get_mut(&conn).is_some_and(|j| j.remove(job_id).is_some());
+    fn job_done(&mut self, conn: ConnId, job: &JobEntry) -> Vec<Start> {
+        let was_there = self.running.get_mut(&conn).is_some_and(|j| j.remove(&job.id).is_some());
         if was_there {
-            self.pool.release(conn);
+            // The runner's own doing, not the caller's (cancelled) or the connection's.
+            let failed =
+                matches!(job.state(), JobState::Failed | JobState::Rejected | JobState::TimedOut);
+            self.pool.release(conn, failed);
         }
         self.drain_queue()
     }
@@ -400,6 +403,7 @@ impl TenantState {
             in_flight: 0,
             draining: false,
             last_assigned: 0,
+            last_failed: false,
         };
         let conn = a.conn.clone();
         let jobs = JobInbox::new();
@@ -455,7 +459,7 @@ impl Actor for TenantActor {
                 }
             }
             TenantMsg::Connection(ConnectionEvent::JobDone { conn, job }) => {
-                let starts = state.job_done(conn, &job.id);
+                let starts = state.job_done(conn, &job);
                 state.start(starts);
             }
             TenantMsg::Connection(ConnectionEvent::Draining(conn)) => state.pool.drain(conn),
@@ -585,6 +589,7 @@ mod tests {
             in_flight: 0,
             draining: false,
             last_assigned: 0,
+            last_failed: false,
         }
     }
 
@@ -683,13 +688,13 @@ mod tests {
         assert_eq!(s.dispatch(c.clone()).expect("admit").map(|x| x.0), None, "both busy: queued");
         assert_eq!(c.state(), JobState::Queued);
         // The first job ends: the queued one starts on the runner it freed.
-        let starts = s.job_done(first, &a.id);
+        let starts = s.job_done(first, &a);
         assert_eq!(
             starts.iter().map(|(c, j)| (*c, j.id.clone())).collect::<Vec<_>>(),
             [(first, c.id.clone())]
         );
         // A second JobDone for the same job frees nothing (no double release).
-        assert!(s.job_done(first, &a.id).is_empty());
+        assert!(s.job_done(first, &a).is_empty());
         assert_eq!(s.pool.get(first).map(|x| x.in_flight), Some(1));
     }
 
