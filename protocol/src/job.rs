@@ -13,6 +13,7 @@ pub struct JobRequest {
     /// Which handler runs it (`exec` is built in).
     pub kind: String,
     /// Handler-specific payload; for `exec` a postcard [`ExecSpec`].
+    #[serde(with = "crate::bytes")]
     pub payload: Vec<u8>,
     /// Run-time limit; the runner kills the job when it passes.
     pub timeout_ms: u64,
@@ -67,6 +68,7 @@ pub fn encode_job_request(
     struct JobRequestRef<'a> {
         job_id: &'a str,
         kind: &'a str,
+        #[serde(with = "crate::bytes")]
         payload: &'a [u8],
         timeout_ms: u64,
     }
@@ -124,6 +126,7 @@ pub enum RunnerJobFrame {
         /// Which stream.
         stream: OutputStream,
         /// The bytes.
+        #[serde(with = "crate::bytes")]
         data: Vec<u8>,
     },
     /// The end.

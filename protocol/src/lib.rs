@@ -25,6 +25,7 @@
 // Type modules are private behind the re-exports below; `limits` and `version` stay public
 // as namespaces of the constants both sides agree on.
 mod api;
+mod bytes;
 mod control;
 pub mod duration;
 mod enroll;

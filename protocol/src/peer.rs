@@ -123,6 +123,7 @@ pub struct DispatchSpec {
     /// Handler kind.
     pub kind: String,
     /// Handler payload.
+    #[serde(with = "crate::bytes")]
     pub payload: Vec<u8>,
     /// Run-time limit.
     pub timeout_ms: u64,
@@ -218,7 +219,7 @@ pub enum PeerResponse {
     /// A list of jobs (without output).
     Jobs(Vec<JobInfo>),
     /// A piece of output.
-    Output(Vec<u8>),
+    Output(#[serde(with = "crate::bytes")] Vec<u8>),
     /// The end of a job answer or of an output stream.
     End,
     /// Connections closed.

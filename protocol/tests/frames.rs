@@ -195,3 +195,50 @@ proptest! {
         prop_assert_eq!(back, owned);
     }
 }
+
+/// The frames' byte fields as serde's own `Vec<u8>` impls write them (one `u8` at a
+/// time): what every peer built before those fields were written as byte strings sent.
+mod as_a_sequence {
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    pub(crate) enum RunnerJobFrame {
+        Output { stream: runnel_protocol::OutputStream, data: Vec<u8> },
+    }
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    pub(crate) enum PeerResponse {
+        Job(runnel_protocol::JobInfo),
+        Jobs(Vec<runnel_protocol::JobInfo>),
+        Output(Vec<u8>),
+    }
+}
+
+proptest! {
+    /// Output chunks, job payloads and dispatch payloads are written as byte strings now
+    /// (one copy instead of a call per byte): the bytes on the wire are the ones a peer
+    /// that writes and reads them as sequences of `u8` sends and expects, both ways.
+    #[test]
+    fn byte_fields_keep_the_sequence_encoding(
+        data in proptest::collection::vec(any::<u8>(), 0..700),
+    ) {
+        let new = RunnerJobFrame::Output { stream: OutputStream::Stderr, data: data.clone() };
+        let old = as_a_sequence::RunnerJobFrame::Output {
+            stream: OutputStream::Stderr,
+            data: data.clone(),
+        };
+        let bytes = encode(&new).unwrap();
+        prop_assert_eq!(&bytes, &encode(&old).unwrap());
+        let (back, _): (as_a_sequence::RunnerJobFrame, usize) = decode(&bytes).unwrap();
+        prop_assert_eq!(back, old);
+        let (back, _): (RunnerJobFrame, usize) = decode(&bytes).unwrap();
+        prop_assert_eq!(back, new);
+
+        let new = PeerResponse::Output(data.clone());
+        let old = as_a_sequence::PeerResponse::Output(data);
+        let bytes = encode(&new).unwrap();
+        prop_assert_eq!(&bytes, &encode(&old).unwrap());
+        let (back, _): (PeerResponse, usize) = decode(&bytes).unwrap();
+        prop_assert_eq!(back, new);
+    }
+}
