@@ -3,8 +3,8 @@
 //! A runner is eligible when it belongs to the job's owner, is the requested runner (if
 //! one was named), carries every requested label, handles the job's kind, is not draining
 //! and is below its advertised capacity. Among eligible runners the one with the fewest
-//! jobs in flight wins; ties go to the one assigned least recently, so equal runners take
-//! turns.
+//! jobs in flight wins; among those, one whose last job did not fail, then the one assigned
+//! most recently (its connection's state is still in the CPU's caches): see [`Rank`].
 #![cfg_attr(not(feature = "bench-internals"), allow(unreachable_pub))] // `pub` items: see lib.rs `bench_internals`
 
 use std::cmp::Reverse;
