@@ -118,7 +118,7 @@ fn selection(c: &mut Criterion) {
                 let conn = pool.pick(black_box(&needs)).unwrap();
                 seq += 1;
                 pool.assign(conn, seq);
-                pool.release(conn, false);
+                pool.release(conn, Some(false));
             })
         });
     }

@@ -32,7 +32,8 @@ pub struct Slot {
     pub draining: bool,
     /// Dispatch sequence number of its latest assignment (0: never).
     pub last_assigned: u64,
-    /// Whether its latest job ended failed, rejected or timed out (see [`Rank`]).
+    /// Whether its latest job that ended succeeded or failed ended failed, rejected or
+    /// timed out (see [`Rank`]); a cancelled or lost job leaves it as it was.
     pub last_failed: bool,
 }
 
@@ -166,11 +167,13 @@ impl Pool {
     }
 
     /// Records that a job on `conn` ended, and whether it failed (failed, rejected or
-    /// timed out: see [`Rank`]).
-    pub fn release(&mut self, conn: ConnId, failed: bool) {
+    /// timed out: see [`Rank`]); `None` when its end says nothing of the runner (a cancel).
+    pub fn release(&mut self, conn: ConnId, failed: Option<bool>) {
         self.update(conn, |s| {
             s.in_flight = s.in_flight.saturating_sub(1);
-            s.last_failed = failed;
+            if let Some(failed) = failed {
+                s.last_failed = failed;
+            }
         });
     }
 
@@ -279,7 +282,7 @@ mod tests {
         assert_eq!(p.pick(&other_kind), None, "kind mismatch");
         let explicit = Needs { runner_id: Some("a"), ..needs("alice", &none) };
         assert_eq!(p.pick(&explicit), None, "named runner is full");
-        p.release(1, false);
+        p.release(1, Some(false));
         assert_eq!(p.pick(&explicit), Some(1), "named runner freed a slot");
         let explicit = Needs { runner_id: Some("b"), ..needs("alice", &none) };
         assert_eq!(p.pick(&explicit), Some(2));
@@ -299,7 +302,7 @@ mod tests {
             let c = p.pick(&needs("alice", &none)).expect("free runner");
             p.assign(c, seq);
             *counts.entry(c).or_insert(0) += 1;
-            p.release(c, false);
+            p.release(c, Some(false));
         }
         assert_eq!(counts.get(&first), Some(&10), "{counts:?}");
         // Two at a time: least in flight comes first, so both runners work.
@@ -312,7 +315,7 @@ mod tests {
         p.assign(b, 13);
         p.assign(b, 14);
         assert_eq!(p.pick(&needs("alice", &none)), None);
-        p.release(2, false);
+        p.release(2, Some(false));
         assert_eq!(p.pick(&needs("alice", &none)), Some(2));
         assert!(p.remove(2).is_some());
         assert_eq!(p.pick(&needs("alice", &none)), None);
@@ -336,7 +339,7 @@ mod tests {
             p.assign(c, seq);
             let failed = c == 1;
             on_broken += usize::from(failed);
-            p.release(c, failed);
+            p.release(c, Some(failed));
         }
         assert!(on_broken <= 1, "the broken runner took {on_broken} of 30");
         // With the healthy ones busy it still works (least in flight comes first), and
@@ -345,9 +348,9 @@ mod tests {
         p.assign(3, 32);
         assert_eq!(p.pick(&needs("alice", &none)), Some(1));
         p.assign(1, 33);
-        p.release(1, false);
-        p.release(2, false);
-        p.release(3, false);
+        p.release(1, Some(false));
+        p.release(2, Some(false));
+        p.release(3, Some(false));
         assert!(!p.get(1).unwrap().last_failed);
         assert_eq!(p.pick(&needs("alice", &none)), Some(1), "back, and the most recent");
     }
@@ -386,7 +389,10 @@ mod tests {
                         p.assign(c, 100 + round);
                     }
                 }
-                1 => p.release(next() % 200, next() % 4 == 0),
+                1 => p.release(
+                    next() % 200,
+                    [None, Some(false), Some(true)].get(next() as usize % 3).copied().flatten(),
+                ),
                 _ => {
                     let c = next() % 200;
                     if let Some(s) = p.remove(c) {
@@ -405,7 +411,7 @@ mod tests {
         p.assign(1, 2);
         assert_eq!(p.pick(&needs("alice", &none)), None, "full");
         assert!(p.free.get("alice").is_some_and(BTreeSet::is_empty), "kept, empty");
-        p.release(1, false);
+        p.release(1, Some(false));
         assert_eq!(p.pick(&needs("alice", &none)), Some(1), "freed");
         p.assign(1, 3);
         p.assign(1, 4);

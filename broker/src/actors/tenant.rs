@@ -262,9 +262,13 @@ impl TenantState {
     fn job_done(&mut self, conn: ConnId, job: &JobEntry) -> Vec<Start> {
         let was_there = self.running.get_mut(&conn).is_some_and(|j| j.remove(&job.id).is_some());
         if was_there {
-            // The runner's own doing, not the caller's (cancelled) or the connection's.
-            let failed =
-                matches!(job.state(), JobState::Failed | JobState::Rejected | JobState::TimedOut);
+            // What the end says of the runner: a cancel is the caller's doing, a lost job
+            // the connection's or the node's.
+            let failed = match job.state() {
+                JobState::Failed | JobState::Rejected | JobState::TimedOut => Some(true),
+                JobState::Succeeded => Some(false),
+                _ => None,
+            };
             self.pool.release(conn, failed);
         }
         self.drain_queue()
@@ -669,14 +673,20 @@ mod tests {
         assert!(s.dispatch(job(&s, "alice", "exec", None)).is_ok());
     }
 
-    #[test]
-    fn place_prefers_the_least_loaded_runner_and_waits_when_all_are_busy() {
-        let dir = tempfile::tempdir().expect("dir");
-        let mut s = state(&dir, 10);
+    /// Alice's runners r1 (connection 1) and r2 (connection 2), one job at a time each.
+    fn two_runners(dir: &tempfile::TempDir) -> TenantState {
+        let mut s = state(dir, 10);
         pair(&s, "t", "alice", "r1", None);
         pair(&s, "t", "alice", "r2", None);
         assert!(s.add_conn(1, slot("r1", "alice", 1)).is_empty());
         assert!(s.add_conn(2, slot("r2", "alice", 1)).is_empty());
+        s
+    }
+
+    #[test]
+    fn place_prefers_the_least_loaded_runner_and_waits_when_all_are_busy() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut s = two_runners(&dir);
         let (a, b, c) = (
             job(&s, "alice", "exec", None),
             job(&s, "alice", "exec", None),
@@ -696,6 +706,53 @@ mod tests {
         // A second JobDone for the same job frees nothing (no double release).
         assert!(s.job_done(first, &a).is_empty());
         assert_eq!(s.pool.get(first).map(|x| x.in_flight), Some(1));
+    }
+
+    #[test]
+    fn a_runner_whose_job_failed_goes_behind_its_equals_and_a_cancel_says_nothing() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut s = two_runners(&dir);
+        let start = |s: &mut TenantState| {
+            let j = job(s, "alice", "exec", None);
+            let conn = s.dispatch(j.clone()).expect("admit").expect("started").0;
+            (conn, j)
+        };
+        let end = |s: &mut TenantState, (conn, j): (ConnId, Arc<JobEntry>), state: JobState| {
+            s.shared.jobs.finish(&j, Finish::new(state, "test"));
+            assert!(s.job_done(conn, &j).is_empty());
+            conn
+        };
+        let one = start(&mut s);
+        let first = end(&mut s, one, JobState::Succeeded);
+        let again = start(&mut s);
+        assert_eq!(end(&mut s, again, JobState::Succeeded), first, "the most recent again");
+        for failure in [JobState::Failed, JobState::Rejected, JobState::TimedOut] {
+            let on_first = start(&mut s);
+            assert_eq!(end(&mut s, on_first, failure), first);
+            let next = start(&mut s);
+            let other = end(&mut s, next, JobState::Succeeded);
+            assert_ne!(other, first, "after {failure:?} it went behind");
+            // With the other busy it still takes work (fewest in flight comes first), and
+            // a success puts it back in front: it is the most recent again.
+            let busy = start(&mut s);
+            let back = start(&mut s);
+            assert_eq!(end(&mut s, back, JobState::Succeeded), first);
+            end(&mut s, busy, JobState::Succeeded);
+            let next = start(&mut s);
+            assert_eq!(end(&mut s, next, JobState::Succeeded), first, "back in front");
+        }
+        // The first runner fails; then, with the other busy, one of its jobs is cancelled.
+        // A cancel is the caller's doing: the runner stays behind its equals.
+        let on_first = start(&mut s);
+        end(&mut s, on_first, JobState::Failed);
+        let busy = start(&mut s);
+        assert_ne!(busy.0, first);
+        let cancelled = start(&mut s);
+        assert_eq!(end(&mut s, cancelled, JobState::Cancelled), first);
+        assert!(s.pool.get(first).is_some_and(|r| r.last_failed), "still behind");
+        end(&mut s, busy, JobState::Succeeded);
+        let next = start(&mut s);
+        assert_ne!(end(&mut s, next, JobState::Succeeded), first);
     }
 
     #[test]
