@@ -32,8 +32,8 @@ pub struct Slot {
     pub draining: bool,
     /// Dispatch sequence number of its latest assignment (0: never).
     pub last_assigned: u64,
-    /// Whether its latest job that ended succeeded or failed ended failed, rejected or
-    /// timed out (see [`Rank`]); a cancelled or lost job leaves it as it was.
+    /// Whether its latest job that said anything of the runner ended failed, rejected or
+    /// timed out rather than succeeded (see [`Rank`]); a cancelled or lost job leaves it.
     pub last_failed: bool,
 }
 

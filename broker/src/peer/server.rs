@@ -97,8 +97,9 @@ pub(crate) fn refused(e: &ApiError) -> PeerResponse {
 /// The job's view is encoded here, before anything is awaited, and the future keeps only
 /// bytes: it lives inside every call's future, which is one allocation per call. Holding
 /// the view (and the frame built from it) across the writes had made a native dispatch's
-/// call future 1,696 bytes; it is 1,560 now, most of the rest `homed::dispatch`'s. Both are
-/// past the 1,032 bytes glibc serves from its per-thread cache (BENCHMARKS.md).
+/// call future 1,696 bytes; it is 1,560 now, most of the rest `homed::dispatch`'s. (Both
+/// were past glibc's per-thread cache, 1,032 bytes; the broker binary now runs on jemalloc,
+/// whose thread caches serve that size: BENCHMARKS.md.)
 pub(crate) fn write_job(
     send: &mut quinn::SendStream,
     r: Result<JobInfo, ApiError>,
