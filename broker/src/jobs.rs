@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use tokio::sync::watch;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 /// Output kept per job in the broker; later output is dropped and the job marked truncated.
@@ -72,7 +72,10 @@ pub(crate) struct JobEntry {
     /// Fired by `POST /v1/jobs/{id}/cancel`.
     pub cancel: CancellationToken,
     inner: Mutex<JobInner>,
-    changed: watch::Sender<u64>,
+    /// Wakes whoever waits on the job (its end, its output) after each change. One
+    /// `Notify`, not a `watch` channel: a watch allocates 8 of them per channel and locks
+    /// every one at each send, three sends per job (BENCHMARKS.md, 2026-12-05 later).
+    changed: Notify,
 }
 
 fn now_ms() -> i64 {
@@ -86,7 +89,7 @@ impl JobEntry {
     }
 
     fn bump(&self) {
-        self.changed.send_modify(|v| *v += 1);
+        self.changed.notify_waiters();
     }
 
     /// Current state.
@@ -156,25 +159,36 @@ impl JobEntry {
         (chunk, g.state.is_terminal())
     }
 
-    /// A change counter to wait on.
-    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
-        self.changed.subscribe()
+    /// Output from `offset` on once there is some, or once the job is over (then with
+    /// whatever output is left); the bool says whether it is over.
+    pub(crate) async fn next_output(&self, offset: usize) -> (Vec<u8>, bool) {
+        loop {
+            // Made before the check: a `Notified` hears every `notify_waiters` from its
+            // creation on, polled or not, so a change between the check and the await
+            // is not missed.
+            let changed = self.changed.notified();
+            let (chunk, over) = self.output_since(offset);
+            if over || !chunk.is_empty() {
+                return (chunk, over);
+            }
+            changed.await;
+        }
+    }
+
+    /// Waits until the job is over.
+    pub(crate) async fn until_over(&self) {
+        loop {
+            let changed = self.changed.notified();
+            if self.state().is_terminal() {
+                return;
+            }
+            changed.await;
+        }
     }
 
     /// Waits until the job is over or `limit` passes; returns whether it is over.
     pub(crate) async fn wait_terminal(&self, limit: Duration) -> bool {
-        let mut rx = self.subscribe();
-        let wait = async {
-            loop {
-                if self.state().is_terminal() {
-                    return;
-                }
-                if rx.changed().await.is_err() {
-                    return;
-                }
-            }
-        };
-        let _ = tokio::time::timeout(limit, wait).await;
+        let _ = tokio::time::timeout(limit, self.until_over()).await;
         self.state().is_terminal()
     }
 
@@ -354,7 +368,6 @@ impl JobTable {
         if t.bytes + payload.len() > self.budget.bytes {
             return Err(OverBudget::Bytes(self.budget.bytes));
         }
-        let (changed, _) = watch::channel(0);
         let id = match home {
             None => crate::secret::new_id("job"),
             Some((node, epoch)) => format!("{}-e{epoch}-{node}", crate::secret::new_id("job")),
@@ -382,7 +395,7 @@ impl JobTable {
                 output_truncated: false,
                 output_expired: false,
             }),
-            changed,
+            changed: Notify::new(),
         });
         t.by_seq.insert(seq, entry.clone());
         self.jobs.insert(entry.id.clone(), entry.clone());
@@ -605,6 +618,48 @@ pub(crate) mod tests {
         assert!(!t.finish(&j, Finish::new(JobState::RunnerLost, "late")));
         assert_eq!(j.view().state, JobState::Succeeded);
         assert_eq!(j.view().runner_id.as_deref(), Some("r1"));
+    }
+
+    /// Followers waiting before a change hear it: output wakes `next_output`, the end wakes
+    /// it and `until_over` (fails if a change is made without waking, or if a waiter
+    /// checks before it listens and sleeps through the change).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waiters_hear_output_and_the_end() {
+        let t = Arc::new(table(10, 1 << 30, 100));
+        for _ in 0..200 {
+            let j = t.create("t", spec(), None).unwrap();
+            assert!(j.mark_running("r"));
+            let follower = tokio::spawn({
+                let j = j.clone();
+                async move {
+                    let mut got = Vec::new();
+                    loop {
+                        let (chunk, over) = j.next_output(got.len()).await;
+                        // Only the end may come with nothing.
+                        assert!(over || !chunk.is_empty());
+                        got.extend(chunk);
+                        if over {
+                            return got;
+                        }
+                    }
+                }
+            });
+            let waiter = tokio::spawn({
+                let j = j.clone();
+                async move { j.until_over().await }
+            });
+            tokio::task::yield_now().await;
+            t.append_output(&j, b"abc");
+            // Let the follower see the first chunk before the rest comes (or not: both
+            // orders must end the same way).
+            tokio::task::yield_now().await;
+            t.append_output(&j, b"de");
+            t.finish(&j, Finish::new(JobState::Succeeded, ""));
+            let limit = Duration::from_secs(5);
+            let got = tokio::time::timeout(limit, follower).await.expect("follower woke").unwrap();
+            assert_eq!(got, b"abcde");
+            tokio::time::timeout(limit, waiter).await.expect("waiter woke").unwrap();
+        }
     }
 
     #[test]

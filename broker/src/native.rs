@@ -251,12 +251,7 @@ async fn relay(send: Option<&mut quinn::SendStream>, out: Output) -> Result<(), 
     match (out, send) {
         (Output::Here(job), Some(send)) => send_output(send, &job).await.map_err(|()| lost()),
         (Output::Here(job), None) => {
-            let mut rx = job.subscribe();
-            while !job.output_since(usize::MAX).1 {
-                if rx.changed().await.is_err() {
-                    break;
-                }
-            }
+            job.until_over().await;
             Ok(())
         }
         (Output::There(mut answer), mut send) => loop {

@@ -244,26 +244,17 @@ pub(super) async fn output(
 ) -> Result<Response, ApiError> {
     let body = match homed::job_output(&shared, &caller, &id, Hop::Api).await? {
         Output::Here(job) => {
-            let rx = job.subscribe();
-            let stream =
-                futures::stream::unfold((job, rx, 0usize), |(job, mut rx, offset)| async move {
-                    loop {
-                        let (chunk, finished) = job.output_since(offset);
-                        if !chunk.is_empty() {
-                            let next = offset + chunk.len();
-                            return Some((
-                                Ok::<_, std::io::Error>(Bytes::from(chunk)),
-                                (job, rx, next),
-                            ));
-                        }
-                        if finished {
-                            return None;
-                        }
-                        if rx.changed().await.is_err() {
-                            return None;
-                        }
-                    }
-                });
+            // The output as it comes; the body ends once the job is over and all of it
+            // was sent.
+            let stream = futures::stream::unfold(Some((job, 0usize)), |at| async move {
+                let (job, offset) = at?;
+                let (chunk, finished) = job.next_output(offset).await;
+                if chunk.is_empty() {
+                    return None;
+                }
+                let next = (!finished).then(|| (job, offset + chunk.len()));
+                Some((Ok::<_, std::io::Error>(Bytes::from(chunk)), next))
+            });
             Body::from_stream(stream)
         }
         Output::There(answer) => {

@@ -222,18 +222,14 @@ pub(crate) async fn send_output(
     send: &mut quinn::SendStream,
     job: &crate::jobs::JobEntry,
 ) -> Result<(), ()> {
-    let mut rx = job.subscribe();
     let mut offset = 0usize;
     loop {
-        let (chunk, finished) = job.output_since(offset);
-        if !chunk.is_empty() {
-            offset += chunk.len();
-            for piece in chunk.chunks(PEER_OUTPUT_CHUNK) {
-                write_frame(send, &PeerResponse::Output(piece.to_vec())).await.map_err(drop)?;
-            }
-            continue;
+        let (chunk, finished) = job.next_output(offset).await;
+        offset += chunk.len();
+        for piece in chunk.chunks(PEER_OUTPUT_CHUNK) {
+            write_frame(send, &PeerResponse::Output(piece.to_vec())).await.map_err(drop)?;
         }
-        if finished || rx.changed().await.is_err() {
+        if finished {
             return Ok(());
         }
     }
