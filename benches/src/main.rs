@@ -272,11 +272,12 @@ async fn load_rows(a: &LoadArgs) -> anyhow::Result<Vec<report::Row>> {
     let runners = Some((connected.conns.len(), connected.failed));
     let mut rows = Vec::new();
     for &api in a.api.phases() {
-        let before = broker.usage()?;
+        let (before, quic) = (broker.usage()?, connected.quic());
         let d = a.common.dispatch_via(api, &broker, &fleet).await?;
         let after = broker.usage()?;
         let label = format!("{}, {}", load_label(a), api.label());
         rows.push(report::print("runnel", "load", &label, &d, &before, &after, runners));
+        quic.print_per_job(&connected.quic(), d.ok);
     }
     drop(connected);
     broker.stop().await;

@@ -212,6 +212,45 @@ pub(crate) struct Connected {
     _endpoints: Vec<quinn::Endpoint>,
 }
 
+/// What the simulated runners' QUIC connections sent and received, all together.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct QuicCount {
+    datagrams_tx: u64,
+    datagrams_rx: u64,
+    /// Frames the runners sent that are not data or acknowledgements: stream credit
+    /// (`MAX_STREAMS`) and `STOP_SENDING`.
+    credit_tx: u64,
+    stop_tx: u64,
+}
+
+impl Connected {
+    /// The runners' QUIC counters now (quinn's per-connection stats, summed).
+    pub(crate) fn quic(&self) -> QuicCount {
+        self.conns.iter().map(|c| c.conn.stats()).fold(QuicCount::default(), |n, s| QuicCount {
+            datagrams_tx: n.datagrams_tx + s.udp_tx.datagrams,
+            datagrams_rx: n.datagrams_rx + s.udp_rx.datagrams,
+            credit_tx: n.credit_tx + s.frame_tx.max_streams_bidi,
+            stop_tx: n.stop_tx + s.frame_tx.stop_sending,
+        })
+    }
+}
+
+impl QuicCount {
+    /// One report line: per job, what the runners sent and received between `self` and
+    /// `after` (on loopback each of these datagrams is one the broker received or sent).
+    pub(crate) fn print_per_job(&self, after: &QuicCount, jobs: u64) {
+        let per = |a: u64, b: u64| (b.saturating_sub(a)) as f64 / jobs.max(1) as f64;
+        println!(
+            "  runner datagrams sent {:.2}/job, received {:.2}/job (MAX_STREAMS {:.2}/job, \
+             STOP_SENDING {:.2}/job)",
+            per(self.datagrams_tx, after.datagrams_tx),
+            per(self.datagrams_rx, after.datagrams_rx),
+            per(self.credit_tx, after.credit_tx),
+            per(self.stop_tx, after.stop_tx),
+        );
+    }
+}
+
 async fn serve(
     conn: quinn::Connection,
     mut control: quinn::SendStream,
@@ -236,6 +275,12 @@ async fn serve(
                 else {
                     return;
                 };
+                // Done listening, as the real runner is once its handler returns
+                // (`runnel_runner`'s job.rs): it stops the broker's half before the Result
+                // goes out, so the STOP_SENDING rides with it. Dropped only after the
+                // broker acknowledged the Result, it went in a datagram of its own: 1.52
+                // datagrams sent per job, not 1.15 (BENCHMARKS.md, 2026-12-05 later).
+                drop(recv);
                 let out =
                     RunnerJobFrame::Output { stream: OutputStream::Stdout, data: job.payload };
                 let res = RunnerJobFrame::Result(JobResult {
