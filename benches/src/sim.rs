@@ -136,7 +136,7 @@ impl Fleet {
                         chain,
                         key,
                         Duration::from_secs(10),
-                        capacity * 2 + 8,
+                        runnel_runner::tls::job_streams(capacity),
                     )?;
                     let conn = ep.connect_with(cfg, addr, "localhost")?.await?;
                     let (mut send, mut recv) = conn.open_bi().await?;

@@ -22,7 +22,7 @@ use crate::backoff::Backoff;
 use crate::job::serve_job;
 use crate::runner::{Inner, RunnerStatus};
 use crate::state::StateDir;
-use crate::tls::{client_endpoint, resolve, runner_config};
+use crate::tls::{client_endpoint, job_streams, resolve, runner_config};
 
 /// Time a QUIC handshake may take: a node that is gone (killed, unplugged) answers
 /// nothing, and QUIC's own idle timeout would keep the runner waiting far longer.
@@ -134,8 +134,7 @@ pub(crate) async fn session(
         Ok((None, ..)) => return SessionEnd::Fatal("state dir has no CA".into()),
         Err(e) => return SessionEnd::Fatal(e.to_string()),
     };
-    let max_streams = inner.capacity * 2 + 8;
-    let cfg = match runner_config(ca, chain, key, inner.keep_alive, max_streams) {
+    let cfg = match runner_config(ca, chain, key, inner.keep_alive, job_streams(inner.capacity)) {
         Ok(c) => c,
         Err(e) => return SessionEnd::Fatal(e.to_string()),
     };

@@ -46,6 +46,19 @@ pub fn enroll_config(pin: [u8; 32]) -> Result<quinn::ClientConfig, RunnerError> 
     quic(tls, None, 0)
 }
 
+/// The fewest job streams a runner lets the broker have open at once.
+pub const MIN_JOB_STREAMS: u32 = 256;
+
+/// How many job streams a runner of `capacity` lets the broker have open at once: room
+/// for its jobs and for those it refuses or is still closing, and never fewer than
+/// [`MIN_JOB_STREAMS`]. quinn grants new streams once an eighth of this many have closed,
+/// each grant a datagram of its own; at twice the capacity plus 8 (40 for 16) that was one
+/// datagram per 6 jobs (BENCHMARKS.md, 2026-12-05 later). Each allowed stream costs the
+/// runner a map entry of 16 bytes, and the broker nothing.
+pub fn job_streams(capacity: u32) -> u32 {
+    capacity.saturating_mul(2).saturating_add(8).max(MIN_JOB_STREAMS)
+}
+
 /// Config for `runnel/1`: mTLS with the runner's certificate.
 pub fn runner_config(
     ca: CertificateDer<'static>,
@@ -92,4 +105,17 @@ pub fn client_endpoint(target: std::net::SocketAddr) -> Result<quinn::Endpoint, 
         .parse()
         .map_err(RunnerError::connection)?;
     quinn::Endpoint::client(bind).map_err(RunnerError::connection)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_streams_leave_room_past_capacity_and_never_go_below_the_floor() {
+        assert_eq!(job_streams(0), MIN_JOB_STREAMS);
+        assert_eq!(job_streams(16), MIN_JOB_STREAMS);
+        assert_eq!(job_streams(1000), 2008);
+        assert_eq!(job_streams(u32::MAX), u32::MAX);
+    }
 }
