@@ -7,6 +7,7 @@
 //! [`Budget`]), so that one tenant's flood never evicts another tenant's results.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -58,6 +59,8 @@ struct JobInner {
 pub(crate) struct JobEntry {
     /// Job id.
     pub id: String,
+    /// The id's random part: the job's key in [`JobTable`]'s map.
+    key: u64,
     /// Creation order in the table (the list cursor).
     seq: u64,
     /// Tenant (from the dispatching key).
@@ -320,18 +323,46 @@ impl TenantJobs {
         }
     }
 
-    fn forget(&mut self, seq: u64, ids: &DashMap<String, Arc<JobEntry>>) {
+    fn forget(&mut self, seq: u64, ids: &JobsById) {
         if let Some(e) = self.by_seq.remove(&seq) {
             self.release(e.held_bytes());
-            ids.remove(&e.id);
+            ids.remove_if(&e.key, |_, v| Arc::ptr_eq(v, &e));
         }
+    }
+}
+
+/// Every job by its id's random part ([`crate::secret::id_key`]).
+type JobsById = DashMap<u64, Arc<JobEntry>, BuildHasherDefault<RandomKeyHasher>>;
+
+/// Hashes a job's key to itself. The keys in the map are random, made by
+/// [`JobTable::create`], never chosen by a caller, so they need no mixing; a caller's
+/// id only looks one up. Before this the map was keyed by the id string through SipHash:
+/// an allocation, a hash of 20-odd bytes and a string compare per insert and remove, the
+/// remove on a job long out of the cache (BENCHMARKS.md, 2026-12-05 later).
+#[derive(Debug, Default)]
+struct RandomKeyHasher(u64);
+
+impl Hasher for RandomKeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is called for a u64 key; any other input still hashes.
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
     }
 }
 
 /// All jobs.
 #[derive(Debug)]
 pub(crate) struct JobTable {
-    jobs: DashMap<String, Arc<JobEntry>>,
+    jobs: JobsById,
     tenants: DashMap<String, TenantJobs>,
     seq: std::sync::atomic::AtomicU64,
     budget: Budget,
@@ -341,7 +372,7 @@ impl JobTable {
     /// A table keeping, per tenant, what `budget` allows.
     pub(crate) fn new(budget: Budget) -> Self {
         Self {
-            jobs: DashMap::new(),
+            jobs: DashMap::default(),
             tenants: DashMap::new(),
             seq: std::sync::atomic::AtomicU64::new(1),
             budget,
@@ -368,37 +399,45 @@ impl JobTable {
         if t.bytes + payload.len() > self.budget.bytes {
             return Err(OverBudget::Bytes(self.budget.bytes));
         }
-        let id = match home {
-            None => crate::secret::new_id("job"),
-            Some((node, epoch)) => format!("{}-e{epoch}-{node}", crate::secret::new_id("job")),
+        let held = payload.len();
+        let suffix = match home {
+            None => String::new(),
+            Some((node, epoch)) => format!("-e{epoch}-{node}"),
         };
         let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        t.hold(payload.len());
+        let entry = loop {
+            let (key, id) = crate::secret::new_keyed_id("job", &suffix);
+            // Taken: another job's id has the same random part (n jobs in 2^64).
+            let dashmap::Entry::Vacant(slot) = self.jobs.entry(key) else { continue };
+            let entry = Arc::new(JobEntry {
+                id,
+                key,
+                seq,
+                tenant: tenant.into(),
+                spec,
+                created_at_ms: now_ms(),
+                accepted: Instant::now(),
+                cancel: CancellationToken::new(),
+                inner: Mutex::new(JobInner {
+                    state: JobState::Queued,
+                    runner_id: None,
+                    exit_code: None,
+                    message: String::new(),
+                    started_at: None,
+                    finished_at: None,
+                    payload,
+                    output: Vec::new(),
+                    output_truncated: false,
+                    output_expired: false,
+                }),
+                changed: Notify::new(),
+            });
+            slot.insert(entry.clone());
+            break entry;
+        };
+        t.hold(held);
         t.unfinished += 1;
-        let entry = Arc::new(JobEntry {
-            id,
-            seq,
-            tenant: tenant.into(),
-            spec,
-            created_at_ms: now_ms(),
-            accepted: Instant::now(),
-            cancel: CancellationToken::new(),
-            inner: Mutex::new(JobInner {
-                state: JobState::Queued,
-                runner_id: None,
-                exit_code: None,
-                message: String::new(),
-                started_at: None,
-                finished_at: None,
-                payload,
-                output: Vec::new(),
-                output_truncated: false,
-                output_expired: false,
-            }),
-            changed: Notify::new(),
-        });
         t.by_seq.insert(seq, entry.clone());
-        self.jobs.insert(entry.id.clone(), entry.clone());
         Ok(entry)
     }
 
@@ -427,7 +466,8 @@ impl JobTable {
 
     /// A job of `tenant`; another tenant's job is simply not found.
     pub(crate) fn get(&self, tenant: &str, id: &str) -> Option<Arc<JobEntry>> {
-        self.jobs.get(id).filter(|e| e.tenant == tenant).map(|e| e.clone())
+        let key = crate::secret::id_key("job", id)?;
+        self.jobs.get(&key).filter(|e| e.id == id && e.tenant == tenant).map(|e| e.clone())
     }
 
     /// One page of a tenant's jobs, newest first, without output; None when `before`
@@ -660,6 +700,44 @@ pub(crate) mod tests {
             assert_eq!(got, b"abcde");
             tokio::time::timeout(limit, waiter).await.expect("waiter woke").unwrap();
         }
+    }
+
+    /// A job is found by its whole id only: not by another id with the same random part
+    /// (another node's suffix, a cut or padded id, a different prefix), and forgetting a
+    /// job leaves another under the same key alone.
+    #[test]
+    fn jobs_are_found_by_their_whole_id() {
+        let t = table(1, 1 << 30, 100);
+        let j = t.create("t", spec(), Some(("node-a", 7))).unwrap();
+        assert!(j.id.ends_with("-e7-node-a"), "{}", j.id);
+        assert!(t.get("t", &j.id).is_some());
+        let random = &j.id[..4 + 16];
+        let key = crate::secret::id_key("job", &j.id).unwrap();
+        assert_eq!(crate::secret::id_key("job", random), Some(key));
+        for wrong in [
+            random.to_owned(),
+            format!("{random}-e7-node-b"),
+            format!("{}x", j.id),
+            j.id.replacen("job-", "r-", 1),
+            j.id.to_uppercase(),
+            format!("job-+{}", &j.id[5..]),
+            // The same key, other digits: upper case (unless there is no letter in it).
+            format!("job-{}{}", random[4..].to_uppercase(), &j.id[random.len()..]),
+        ]
+        .into_iter()
+        .filter(|w| *w != j.id)
+        {
+            assert!(t.get("t", &wrong).is_none(), "{wrong}");
+        }
+        assert_eq!(crate::secret::id_key("job", "job-12"), None);
+        assert_eq!(crate::secret::id_key("job", "job-zzzzzzzzzzzzzzzz"), None);
+        // Retention 1: the next finished job forgets the first; its key goes with it.
+        t.finish(&j, Finish::new(JobState::Succeeded, ""));
+        let k = t.create("t", spec(), None).unwrap();
+        t.finish(&k, Finish::new(JobState::Succeeded, ""));
+        assert!(t.get("t", &j.id).is_none());
+        assert!(t.get("t", &k.id).is_some());
+        assert_eq!(t.len(), 1);
     }
 
     #[test]

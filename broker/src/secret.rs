@@ -43,16 +43,33 @@ const ID_BYTES: usize = 8;
 /// A random id with a readable prefix, for runners and jobs: `<prefix>-<16 hex digits>`,
 /// built in one allocation (a job id is made for every dispatch).
 pub(crate) fn new_id(prefix: &str) -> String {
-    let mut random = [0u8; ID_BYTES];
-    rand::rng().fill_bytes(&mut random);
+    new_keyed_id(prefix, "").1
+}
+
+/// [`new_id`] with `suffix` appended, and its random part as a number (the key a table
+/// can find the id by: see [`id_key`]).
+pub(crate) fn new_keyed_id(prefix: &str, suffix: &str) -> (u64, String) {
+    let key = rand::rng().next_u64();
     let mut hex = [0u8; 2 * ID_BYTES];
     // Cannot fail: the output is exactly twice the input.
-    let _ = hex::encode_to_slice(random, &mut hex);
-    let mut id = String::with_capacity(prefix.len() + 1 + hex.len());
+    let _ = hex::encode_to_slice(key.to_be_bytes(), &mut hex);
+    let mut id = String::with_capacity(prefix.len() + 1 + hex.len() + suffix.len());
     id.push_str(prefix);
     id.push('-');
     id.extend(hex.iter().map(|&b| char::from(b)));
-    id
+    id.push_str(suffix);
+    (key, id)
+}
+
+/// The random part of an id [`new_keyed_id`] made with `prefix`, as that function
+/// answered it; None when `id` does not start like one. Only a key: two ids can share
+/// one, so whoever finds an entry by it still compares the whole id.
+pub(crate) fn id_key(prefix: &str, id: &str) -> Option<u64> {
+    let hex = id.strip_prefix(prefix)?.strip_prefix('-')?.get(..2 * ID_BYTES)?;
+    if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None; // from_str_radix would take a leading '+'
+    }
+    u64::from_str_radix(hex, 16).ok()
 }
 
 fn digest(salt: &[u8], secret: &[u8]) -> Vec<u8> {
