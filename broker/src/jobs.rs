@@ -124,8 +124,9 @@ impl JobEntry {
     }
 
     /// Appends output, up to [`MAX_BUFFERED_OUTPUT`] and `room` bytes; answers how many
-    /// bytes it kept (the table accounts them to the tenant).
-    fn append_output(&self, data: &[u8], room: usize) -> usize {
+    /// bytes it kept (the table accounts them to the tenant). The first chunk that fits
+    /// whole becomes the output as it is, not a copy.
+    fn append_output(&self, data: Vec<u8>, room: usize) -> usize {
         let mut g = self.lock();
         if g.state.is_terminal() {
             return 0;
@@ -135,7 +136,11 @@ impl JobEntry {
             g.output_truncated = true;
         }
         let take = data.len().min(room);
-        g.output.extend_from_slice(&data[..take]);
+        if g.output.is_empty() && take == data.len() {
+            g.output = data;
+        } else {
+            g.output.extend_from_slice(&data[..take]);
+        }
         drop(g);
         self.bump();
         take
@@ -493,7 +498,7 @@ impl JobTable {
 
     /// Appends output to a running job, within the job's cap and the tenant's budget
     /// (making room by letting go of the oldest finished jobs' output).
-    pub(crate) fn append_output(&self, entry: &JobEntry, data: &[u8]) {
+    pub(crate) fn append_output(&self, entry: &JobEntry, data: Vec<u8>) {
         let Some(mut t) = self.tenants.get_mut(&entry.tenant) else { return };
         t.make_room(data.len(), self.budget.bytes);
         let room = self.budget.bytes.saturating_sub(t.bytes);
@@ -635,7 +640,7 @@ pub(crate) mod tests {
     fn done(t: &JobTable, tenant: &str, output: usize) -> Arc<JobEntry> {
         let j = t.create(tenant, spec(), None).expect("budget");
         assert!(j.mark_running("r"));
-        t.append_output(&j, &vec![b'x'; output]);
+        t.append_output(&j, vec![b'x'; output]);
         t.finish(&j, Finish::new(JobState::Succeeded, ""));
         j
     }
@@ -689,11 +694,11 @@ pub(crate) mod tests {
                 async move { j.until_over().await }
             });
             tokio::task::yield_now().await;
-            t.append_output(&j, b"abc");
+            t.append_output(&j, b"abc".to_vec());
             // Let the follower see the first chunk before the rest comes (or not: both
             // orders must end the same way).
             tokio::task::yield_now().await;
-            t.append_output(&j, b"de");
+            t.append_output(&j, b"de".to_vec());
             t.finish(&j, Finish::new(JobState::Succeeded, ""));
             let limit = Duration::from_secs(5);
             let got = tokio::time::timeout(limit, follower).await.expect("follower woke").unwrap();
@@ -790,8 +795,8 @@ pub(crate) mod tests {
         let t = table(2, 4 << 20, 100);
         let j = t.create("t", spec(), None).unwrap();
         assert!(j.mark_running("r"));
-        t.append_output(&j, &vec![b'a'; MAX_BUFFERED_OUTPUT - 1]);
-        t.append_output(&j, b"bcd");
+        t.append_output(&j, vec![b'a'; MAX_BUFFERED_OUTPUT - 1]);
+        t.append_output(&j, b"bcd".to_vec());
         let v = j.view();
         assert_eq!(v.output.len(), MAX_BUFFERED_OUTPUT);
         assert!(v.output_truncated);
@@ -804,7 +809,7 @@ pub(crate) mod tests {
         );
         for x in [&a, &b, &c, &d] {
             assert!(x.mark_running("r"));
-            t.append_output(x, &vec![b'z'; MAX_BUFFERED_OUTPUT]);
+            t.append_output(x, vec![b'z'; MAX_BUFFERED_OUTPUT]);
         }
         assert!(t.held_bytes("t") <= 4 << 20);
         assert!(d.view().output_truncated);

@@ -49,6 +49,36 @@ impl FrameError {
 
 /// Encodes `msg` as one frame (length prefix + body).
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
+    let mut out = Vec::new();
+    encode_append(&mut out, msg)?;
+    Ok(out)
+}
+
+/// A postcard output that appends to a borrowed buffer (its own `ExtendFlavor` takes the
+/// buffer and gives it back only on success).
+struct AppendTo<'a>(&'a mut Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for AppendTo<'_> {
+    type Output = ();
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.push(data);
+        Ok(())
+    }
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
+}
+
+/// [`encode`], appended to `out` (several frames in one buffer, for one write). On an
+/// error `out` is left as it was.
+pub fn encode_append<T: Serialize>(out: &mut Vec<u8>, msg: &T) -> Result<(), FrameError> {
     let malformed = |e: postcard::Error| FrameError::Malformed(e.to_string());
     // Sized first (a walk without writing), so the frame is one allocation, not a Vec
     // doubled from 4 bytes up to the payload's size.
@@ -56,17 +86,23 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
     if size > MAX_FRAME_LEN {
         return Err(FrameError::TooLarge { len: size, max: MAX_FRAME_LEN });
     }
-    let mut out = Vec::with_capacity(LENGTH_PREFIX_LEN + size);
+    let start = out.len();
+    out.reserve(LENGTH_PREFIX_LEN + size);
     out.extend_from_slice(&[0u8; LENGTH_PREFIX_LEN]);
-    out = postcard::to_extend(msg, out).map_err(malformed)?;
-    let len = out.len() - LENGTH_PREFIX_LEN;
-    if len > MAX_FRAME_LEN {
-        return Err(FrameError::TooLarge { len, max: MAX_FRAME_LEN });
+    if let Err(e) = postcard::serialize_with_flavor(msg, AppendTo(out)) {
+        out.truncate(start);
+        return Err(malformed(e));
     }
-    let prefix =
-        u32::try_from(len).map_err(|_| FrameError::TooLarge { len, max: MAX_FRAME_LEN })?;
-    out[..LENGTH_PREFIX_LEN].copy_from_slice(&prefix.to_be_bytes());
-    Ok(out)
+    let len = out.len() - start - LENGTH_PREFIX_LEN;
+    let prefix = match u32::try_from(len) {
+        Ok(p) if len <= MAX_FRAME_LEN => p,
+        _ => {
+            out.truncate(start);
+            return Err(FrameError::TooLarge { len, max: MAX_FRAME_LEN });
+        }
+    };
+    out[start..start + LENGTH_PREFIX_LEN].copy_from_slice(&prefix.to_be_bytes());
+    Ok(())
 }
 
 /// Reads the length prefix at the start of `buf`, checking it against the limit.

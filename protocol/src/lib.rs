@@ -41,13 +41,13 @@ pub use api::{ApiHello, ApiRequest, ApiWelcome};
 pub use control::{ClientControl, GoAway, Heartbeat, Hello, Redirect, ServerControl, Welcome};
 pub use enroll::{EnrollRequest, EnrollResponse, Enrolled};
 pub use error::ErrorCode;
-pub use frame::{FrameError, decode, encode, read_frame, write_frame};
+pub use frame::{FrameError, decode, encode, encode_append, read_frame, write_frame};
 pub use job::{
     BrokerJobFrame, ExecSpec, JobOutcome, JobRequest, JobResult, OutputStream, RunnerJobFrame,
     encode_job_request,
 };
 pub use peer::{
     AnswerError, DispatchSpec, JobInfo, JobState, PEER_OUTPUT_CHUNK, PeerCaller, PeerRequest,
-    PeerResponse, read_answer, read_job_answer, read_job_output,
+    PeerResponse, encode_job_answer, read_answer, read_job_answer, read_job_output,
 };
 pub use version::{ALPN_API, ALPN_ENROLL, ALPN_PEER, ALPN_RUNNER, PROTOCOL_VERSION};

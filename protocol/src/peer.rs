@@ -252,6 +252,32 @@ impl PeerResponse {
     }
 }
 
+/// A job's whole answer, as [`read_job_answer`] reads it, in one buffer (one write):
+/// [`PeerResponse::Job`] with `job` (its `output` must be empty), `output` in
+/// [`PeerResponse::Output`] chunks of at most [`PEER_OUTPUT_CHUNK`] bytes, then
+/// [`PeerResponse::End`]. The output is copied once, into the buffer; the frames are the
+/// same bytes as each encoded on its own (`tests/frames.rs`).
+pub fn encode_job_answer(job: &JobInfo, output: &[u8]) -> Result<Vec<u8>, crate::FrameError> {
+    /// [`PeerResponse`] up to its `End` variant, the output borrowed: the variants keep
+    /// their places, so postcard writes the same index for each.
+    #[derive(Serialize)]
+    enum PeerResponseRef<'a> {
+        Job(&'a JobInfo),
+        _Jobs,
+        Output(#[serde(with = "crate::bytes")] &'a [u8]),
+        End,
+    }
+    let chunks = output.len().div_ceil(PEER_OUTPUT_CHUNK);
+    // Prefix, variant and a length of at most 3 bytes per chunk; End is 5 bytes.
+    let mut out = Vec::with_capacity(output.len() + 8 * chunks + 5 + 256);
+    crate::encode_append(&mut out, &PeerResponseRef::Job(job))?;
+    for chunk in output.chunks(PEER_OUTPUT_CHUNK) {
+        crate::encode_append(&mut out, &PeerResponseRef::Output(chunk))?;
+    }
+    crate::encode_append(&mut out, &PeerResponseRef::End)?;
+    Ok(out)
+}
+
 /// Why an answer (to a node's or a native client's call) could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum AnswerError {

@@ -242,3 +242,67 @@ proptest! {
         prop_assert_eq!(back, new);
     }
 }
+
+fn ended_job() -> JobInfo {
+    JobInfo {
+        id: "job-0123456789abcdef".into(),
+        owner: "ci".into(),
+        kind: "exec".into(),
+        state: JobState::Succeeded,
+        runner_id: Some("r-1".into()),
+        exit_code: Some(0),
+        message: "exited 0".into(),
+        created_at_ms: 1,
+        started_at_ms: Some(2),
+        finished_at_ms: Some(3),
+        output: String::new(),
+        output_truncated: false,
+        output_expired: false,
+    }
+}
+
+/// The job answer in one buffer is, byte for byte, its frames encoded one by one (the
+/// Job, each output chunk, the End), and reads back as that job and that output; at
+/// every chunk boundary (fails if the borrowed variants drift from `PeerResponse`'s).
+#[test]
+fn a_job_answer_in_one_buffer_is_its_frames_one_by_one() {
+    let job = ended_job();
+    for len in [0, 1, 256, PEER_OUTPUT_CHUNK - 1, PEER_OUTPUT_CHUNK, PEER_OUTPUT_CHUNK + 1, 150_000]
+    {
+        let output: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let mut expected = encode(&PeerResponse::Job(job.clone())).unwrap();
+        for chunk in output.chunks(PEER_OUTPUT_CHUNK) {
+            expected.extend(encode(&PeerResponse::Output(chunk.to_vec())).unwrap());
+        }
+        expected.extend(encode(&PeerResponse::End).unwrap());
+        let answer = encode_job_answer(&job, &output).unwrap();
+        assert_eq!(answer, expected, "{len} bytes of output");
+        let (back, used): (PeerResponse, usize) = decode(&answer).unwrap();
+        assert_eq!(back, PeerResponse::Job(job.clone()));
+        let mut rest = &answer[used..];
+        let mut got = Vec::new();
+        loop {
+            let (frame, used): (PeerResponse, usize) = decode(rest).unwrap();
+            rest = &rest[used..];
+            match frame {
+                PeerResponse::Output(chunk) => got.extend(chunk),
+                PeerResponse::End => break,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(rest.is_empty());
+        assert_eq!(got, output);
+    }
+}
+
+/// A frame too large to encode leaves what the buffer held before it as it was.
+#[test]
+fn a_refused_frame_leaves_the_buffer_as_it_was() {
+    let mut out = encode(&PeerResponse::End).unwrap();
+    let before = out.clone();
+    let big = PeerResponse::Output(vec![0; MAX_FRAME_LEN + 1]);
+    assert!(matches!(encode_append(&mut out, &big), Err(FrameError::TooLarge { .. })));
+    assert_eq!(out, before);
+    encode_append(&mut out, &PeerResponse::End).unwrap();
+    assert_eq!(out, [before.clone(), before].concat());
+}

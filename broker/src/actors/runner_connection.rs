@@ -575,7 +575,7 @@ async fn drive_job(conn: &quinn::Connection, job: &JobEntry, table: &JobTable) -
         tokio::select! {
             next = frames.next() => match next {
                 Some(Ok(Some(RunnerJobFrame::Output { data, .. }))) => {
-                    table.append_output(job, &data);
+                    table.append_output(job, data);
                 }
                 Some(Ok(Some(RunnerJobFrame::Result(r)))) => {
                     return Finish {

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use runnel_protocol::{
-    ErrorCode, JobInfo, PEER_OUTPUT_CHUNK, PeerRequest, PeerResponse, encode, read_frame,
-    write_frame,
+    ErrorCode, JobInfo, PEER_OUTPUT_CHUNK, PeerRequest, PeerResponse, encode, encode_job_answer,
+    read_frame, write_frame,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -92,7 +92,8 @@ pub(crate) fn refused(e: &ApiError) -> PeerResponse {
     }
 }
 
-/// A job answer: the view without output, the output in chunks, the end.
+/// A job answer: the view without output, the output in chunks, the end, all in one write
+/// (`encode_job_answer`).
 ///
 /// The job's view is encoded here, before anything is awaited, and the future keeps only
 /// bytes: it lives inside every call's future, which is one allocation per call. Holding
@@ -104,21 +105,14 @@ pub(crate) fn write_job(
     send: &mut quinn::SendStream,
     r: Result<JobInfo, ApiError>,
 ) -> impl std::future::Future<Output = Result<(), ()>> + '_ {
-    let (head, output) = match r {
+    let answer = match r {
         Ok(mut job) => {
-            let output = std::mem::take(&mut job.output).into_bytes();
-            (encode(&PeerResponse::Job(job)), Some(output))
+            let output = std::mem::take(&mut job.output);
+            encode_job_answer(&job, output.as_bytes())
         }
-        Err(e) => (encode(&refused(&e)), None),
+        Err(e) => encode(&refused(&e)),
     };
-    async move {
-        send.write_all(&head.map_err(drop)?).await.map_err(drop)?;
-        let Some(output) = output else { return Ok(()) };
-        for chunk in output.chunks(PEER_OUTPUT_CHUNK) {
-            write_frame(send, &PeerResponse::Output(chunk.to_vec())).await.map_err(drop)?;
-        }
-        write_frame(send, &PeerResponse::End).await.map_err(drop)
-    }
+    async move { send.write_all(&answer.map_err(drop)?).await.map_err(drop) }
 }
 
 async fn call(
