@@ -187,3 +187,67 @@ async fn a_silent_runner_cannot_hold_a_job_past_its_cancel_grace_or_timeout() {
     assert_eq!(v["state"], "timed_out", "{v}");
     assert!(v["message"].as_str().unwrap().contains("no result within the run timeout"), "{v}");
 }
+
+/// After a job's Result the broker ends its half of the job stream by itself, with no
+/// other job on the connection, so the runner's stream credit comes back. Both ways a
+/// runner may leave the stream are tried: reading on to the end (the broker's FIN) and
+/// stopping it (then the broker resets it). Fails, hanging until the 5 s limit, if the
+/// broker keeps a job's send half (tried, for fewer datagrams: BENCHMARKS.md, 2026-12-05
+/// later) and never lets go of it.
+#[tokio::test]
+async fn the_broker_ends_a_job_stream_after_its_result_without_a_next_job() {
+    use runnel_protocol::{
+        BrokerJobFrame, JobOutcome, JobResult, OutputStream, RunnerJobFrame, read_frame,
+        write_frame,
+    };
+    let b = TestBroker::start().await;
+    let admin = b.tenant("acme").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (id, state) = b.enrolled(&admin, "alice", &dir.path().join("r")).await;
+    let (conn, _control) = runnel_tests::welcomed(&b, &state).await;
+    for stop_reading in [false, true] {
+        let (api, admin, id) = (b.api.clone(), admin.clone(), id.clone());
+        let job = tokio::spawn(async move {
+            api.post("/v1/jobs", &admin, json!({ "owner": "alice", "runner_id": id, "kind": "exec", "exec": { "program": "true" }, "wait": true })).await
+        });
+        let (mut jsend, mut jrecv) =
+            tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await.unwrap().unwrap();
+        let first = read_frame::<BrokerJobFrame, _>(&mut jrecv).await.unwrap();
+        assert!(matches!(first, Some(BrokerJobFrame::Job(_))), "{first:?}");
+        if stop_reading {
+            jrecv.stop(0u32.into()).unwrap();
+        }
+        let out = RunnerJobFrame::Output { stream: OutputStream::Stdout, data: b"hi\n".to_vec() };
+        write_frame(&mut jsend, &out).await.unwrap();
+        let result = RunnerJobFrame::Result(JobResult {
+            outcome: JobOutcome::Succeeded,
+            exit_code: Some(0),
+            message: String::new(),
+            output_truncated: false,
+        });
+        write_frame(&mut jsend, &result).await.unwrap();
+        jsend.finish().unwrap();
+        let (s, v) = job.await.unwrap();
+        assert_eq!(
+            (s, v["state"].as_str(), v["output"].as_str()),
+            (200, Some("succeeded"), Some("hi\n")),
+            "{v}"
+        );
+        let limit = Duration::from_secs(5);
+        if stop_reading {
+            // The stopped receive half cannot be read any more: the broker's RESET_STREAM
+            // shows in the connection's frame counts.
+            wait_for(limit, "the broker's reset of the stopped stream", || {
+                let resets = conn.stats().frame_rx.reset_stream;
+                async move { (resets >= 1).then_some(()) }
+            })
+            .await;
+        } else {
+            let end = tokio::time::timeout(limit, read_frame::<BrokerJobFrame, _>(&mut jrecv))
+                .await
+                .expect("the broker ended its half of the stream");
+            assert!(matches!(end, Ok(None)), "{end:?}");
+            assert_eq!(conn.stats().frame_rx.reset_stream, 0);
+        }
+    }
+}
