@@ -53,8 +53,9 @@ pub const MIN_JOB_STREAMS: u32 = 256;
 /// for its jobs and for those it refuses or is still closing, and never fewer than
 /// [`MIN_JOB_STREAMS`]. quinn grants new streams once an eighth of this many have closed,
 /// each grant a datagram of its own; at twice the capacity plus 8 (40 for 16) that was one
-/// datagram per 6 jobs (BENCHMARKS.md, 2026-12-05 later). Each allowed stream costs the
-/// runner a map entry of 16 bytes, and the broker nothing.
+/// datagram per 6 jobs (BENCHMARKS.md, 2026-12-05 later). quinn keeps two map entries per
+/// allowed stream on the runner's one connection (about 10 KiB at 256), and nothing on the
+/// broker's side.
 pub fn job_streams(capacity: u32) -> u32 {
     capacity.saturating_mul(2).saturating_add(8).max(MIN_JOB_STREAMS)
 }
