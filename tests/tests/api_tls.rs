@@ -94,6 +94,46 @@ async fn the_api_serves_the_operators_own_certificate_files() {
     assert!(err.contains("--http-tls-key") && err.contains("missing.key"), "{err}");
 }
 
+/// A worker-thread count tokio cannot use is a configuration error with a clear message
+/// (tokio itself would panic on it), and a good one starts the broker.
+#[tokio::test]
+async fn a_bad_worker_thread_count_is_a_configuration_error() {
+    let dir = tempfile::tempdir().unwrap();
+    for bad in ["0", "two", "-1", " 2", ""] {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_broker-under-test"))
+            .args(["serve", "--http-listen", "127.0.0.1:0", "--quic-listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(dir.path().join("d"))
+            .env("TOKIO_WORKER_THREADS", bad)
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{bad:?}: {stderr}");
+        assert!(
+            stderr.contains("TOKIO_WORKER_THREADS must be a positive whole number"),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    let mut ok = tokio::process::Command::new(env!("CARGO_BIN_EXE_broker-under-test"))
+        .args(["serve", "--http-listen", "127.0.0.1:0", "--quic-listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.path().join("d"))
+        .env("TOKIO_WORKER_THREADS", "1")
+        .env("RUST_LOG", "warn")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Still running after a moment: it started (a refusal exits at once).
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(ok.try_wait().unwrap().is_none(), "the broker exited with one worker thread");
+    ok.kill().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_public_bind_without_tls_is_refused_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();

@@ -389,13 +389,33 @@ async fn wait_for_signal() {
     }
 }
 
+/// The environment variable tokio reads for its number of worker threads.
+const WORKER_THREADS_ENV: &str = "TOKIO_WORKER_THREADS";
+
+/// The runtime: a worker thread per CPU, or as many as `TOKIO_WORKER_THREADS` says. tokio
+/// reads that variable itself and panics on anything but a positive whole number; it is
+/// checked here first, so a bad value is a configuration error like a bad flag.
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    let usable = |v: &std::ffi::OsStr| v.to_str().and_then(|s| s.parse::<usize>().ok()) > Some(0);
+    if let Some(v) = std::env::var_os(WORKER_THREADS_ENV)
+        && !usable(&v)
+    {
+        eprintln!(
+            "runnel-broker: invalid configuration: {WORKER_THREADS_ENV} must be a positive \
+             whole number (worker threads), not {v:?}"
+        );
+        return Err(ExitCode::from(EXIT_CONFIG));
+    }
+    tokio::runtime::Runtime::new().map_err(|e| {
+        eprintln!("runnel-broker: cannot start runtime: {e}");
+        ExitCode::FAILURE
+    })
+}
+
 fn run_demo() -> ExitCode {
-    let rt = match tokio::runtime::Runtime::new() {
+    let rt = match runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("runnel-broker: cannot start runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match rt.block_on(crate::demo::run()) {
         Ok(()) => ExitCode::SUCCESS,
@@ -426,12 +446,9 @@ pub fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let rt = match tokio::runtime::Runtime::new() {
+    let rt = match runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("runnel-broker: cannot start runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     rt.block_on(async move {
         let handle = match Broker::spawn(config).await {
