@@ -189,11 +189,13 @@ async fn a_silent_runner_cannot_hold_a_job_past_its_cancel_grace_or_timeout() {
 }
 
 /// After a job's Result the broker ends its half of the job stream by itself, with no
-/// other job on the connection, so the runner's stream credit comes back. Both ways a
-/// runner may leave the stream are tried: reading on to the end (the broker's FIN) and
-/// stopping it (then the broker resets it). Fails, hanging until the 5 s limit, if the
-/// broker keeps a job's send half (tried, for fewer datagrams: BENCHMARKS.md, 2026-12-05
-/// later) and never lets go of it.
+/// other job on the connection (it keeps it a few ms for one: `STREAM_END_DELAY`), so the
+/// runner's stream credit comes back. Both ways a runner may leave the stream are tried:
+/// reading on to the end (the broker's FIN) and stopping it (then the broker resets it).
+/// And the broker reads the runner's FIN that came with the Result, so it sends no
+/// `STOP_SENDING` (a frame per job, which had cost a datagram per job in a big fleet).
+/// Fails, hanging until the 5 s limit, if a kept send half is never let go, and on the
+/// frame count if the broker drops a finished stream unread.
 #[tokio::test]
 async fn the_broker_ends_a_job_stream_after_its_result_without_a_next_job() {
     use runnel_protocol::{
@@ -250,4 +252,5 @@ async fn the_broker_ends_a_job_stream_after_its_result_without_a_next_job() {
             assert_eq!(conn.stats().frame_rx.reset_stream, 0);
         }
     }
+    assert_eq!(conn.stats().frame_rx.stop_sending, 0, "the broker stopped a finished stream");
 }

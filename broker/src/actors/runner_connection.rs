@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use ractor::{Actor, ActorProcessingErr, ActorRef, DerivedActorRef};
 use runnel_certs::RunnerIdentity;
 use runnel_protocol::{
@@ -43,6 +43,17 @@ const CONTROL_QUEUE: usize = 16;
 /// the same task, so a runner that stops reading its control stream must not stall them:
 /// past this, its connection is closed.
 const CONTROL_WRITE_LIMIT: Duration = Duration::from_secs(10);
+
+/// Longest a job stream's broker half is kept open after its `Result` was read, for the
+/// next job on the connection to carry its end (`RESET_STREAM` after the runner's
+/// `STOP_SENDING`, else a FIN) in the same datagram. Sent at once, the end took a datagram
+/// of its own whenever the next job went elsewhere, as it nearly always does in a big fleet
+/// (2,000 runners: 1.97 datagrams to a runner per job, 1.04 with this and the read of the
+/// runner's FIN in `drive_job`; BENCHMARKS.md, 2026-12-05 later). Below the time the runner
+/// allows the broker to acknowledge its `Result`
+/// (`runnel_protocol::transport::MAX_ACK_DELAY`, 5 ms), so that acknowledgement leaves with
+/// the end at the latest rather than alone before it.
+const STREAM_END_DELAY: Duration = Duration::from_millis(4);
 
 /// The jobs a TenantActor hands to one connection's I/O task (at most the runner's
 /// capacity at a time). A lock and a wakeup rather than a tokio channel: a channel
@@ -313,13 +324,16 @@ struct Jobs {
 
 impl Jobs {
     /// One job, start to end: its stream, then the job table and the tenant hear the end.
-    async fn run(&self, conn: &quinn::Connection, job: Arc<JobEntry>) {
-        let finish = drive_job(conn, &job, &self.shared.jobs).await;
+    /// Answers the stream's send half when it is still open after the `Result` (the caller
+    /// ends it: see [`STREAM_END_DELAY`]).
+    async fn run(&self, conn: &quinn::Connection, job: Arc<JobEntry>) -> Option<quinn::SendStream> {
+        let (finish, send) = drive_job(conn, &job, &self.shared.jobs).await;
         // At debug: at info, a busy broker would log a line per job (tens of thousands a second);
         // runnel_dispatches_total{outcome} counts them.
         tracing::debug!(job = %job.id, kind = %job.spec.kind, state = finish.state.name(), "job ended");
         self.shared.jobs.finish(&job, finish);
         let _ = self.tenant.send_message(ConnectionEvent::JobDone { conn: self.conn_id, job });
+        send
     }
 }
 
@@ -354,8 +368,14 @@ async fn connection_io(
     let mut reading = true;
     // Boxed: FuturesUnordered keeps a stub task with room for one future, on every
     // connection, idle ones included (~1.5 KiB unboxed).
-    let mut running =
-        futures::stream::FuturesUnordered::<futures::future::BoxFuture<'_, ()>>::new();
+    let mut running = futures::stream::FuturesUnordered::<
+        futures::future::BoxFuture<'_, Option<quinn::SendStream>>,
+    >::new();
+    // Send halves of ended jobs, ended (dropped) together with the next jobs' requests or
+    // after STREAM_END_DELAY, whichever comes first. The timer is boxed: an idle
+    // connection holds only a None.
+    let mut ended: Vec<quinn::SendStream> = Vec::new();
+    let mut end_by: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     loop {
         tokio::select! {
             reason = &mut closed => {
@@ -369,8 +389,25 @@ async fn connection_io(
                 for job in taken {
                     running.push(Box::pin(jobs.run(&conn, job)));
                 }
+                // Start the new jobs now (their requests written), then end the ended
+                // jobs' streams: quinn's driver runs after this task, so the ends share the
+                // requests' datagrams.
+                while let Some(Some(done)) = running.next().now_or_never() {
+                    ended.extend(done);
+                }
+                ended.clear();
+                end_by = None;
             }
-            Some(()) = running.next(), if !running.is_empty() => {}
+            Some(done) = running.next(), if !running.is_empty() => {
+                if let Some(send) = done {
+                    ended.push(send);
+                    end_by.get_or_insert_with(|| Box::pin(tokio::time::sleep(STREAM_END_DELAY)));
+                }
+            }
+            Some(()) = futures::future::OptionFuture::from(end_by.as_mut()), if end_by.is_some() => {
+                ended.clear();
+                end_by = None;
+            }
             msg = outbox.recv(), if writing => match msg {
                 Some(msg) => {
                     let written =
@@ -526,12 +563,17 @@ fn outcome_state(o: JobOutcome) -> JobState {
     }
 }
 
-/// Runs one job over its own stream and says how it ended. Every step is bounded by the
-/// job's run timeout (plus [`RESULT_GRACE`]) and answers cancel, opening the stream and
-/// sending the request included: a runner that grants no stream or flow credit cannot
-/// keep a job `running`.
-async fn drive_job(conn: &quinn::Connection, job: &JobEntry, table: &JobTable) -> Finish {
-    let lost = |m: String| Finish::new(JobState::RunnerLost, m);
+/// Runs one job over its own stream and says how it ended, with the stream's send half
+/// when the runner answered (still open: the caller ends it, see [`STREAM_END_DELAY`]).
+/// Every step is bounded by the job's run timeout (plus [`RESULT_GRACE`]) and answers
+/// cancel, opening the stream and sending the request included: a runner that grants no
+/// stream or flow credit cannot keep a job `running`.
+async fn drive_job(
+    conn: &quinn::Connection,
+    job: &JobEntry,
+    table: &JobTable,
+) -> (Finish, Option<quinn::SendStream>) {
+    let lost = |m: String| (Finish::new(JobState::RunnerLost, m), None);
     // One timer for the whole job (reset, never re-registered, per frame).
     let deadline = tokio::time::sleep(job.spec.timeout + RESULT_GRACE);
     tokio::pin!(deadline);
@@ -555,13 +597,15 @@ async fn drive_job(conn: &quinn::Connection, job: &JobEntry, table: &JobTable) -
             Err(m) => return lost(m),
         },
         _ = job.cancel.cancelled() => {
-            return Finish::new(JobState::Cancelled, "cancelled before the runner took the job");
+            let f = Finish::new(JobState::Cancelled, "cancelled before the runner took the job");
+            return (f, None);
         }
         _ = &mut deadline => {
-            return Finish::new(
+            let f = Finish::new(
                 JobState::TimedOut,
                 "the runner did not take the job stream within the run timeout",
             );
+            return (f, None);
         }
     };
     // A stream of frames, so that waiting for the next one is cancel-safe inside select!.
@@ -578,12 +622,19 @@ async fn drive_job(conn: &quinn::Connection, job: &JobEntry, table: &JobTable) -
                     table.append_output(job, data);
                 }
                 Some(Ok(Some(RunnerJobFrame::Result(r)))) => {
-                    return Finish {
+                    let f = Finish {
                         state: outcome_state(r.outcome),
                         exit_code: r.exit_code,
                         message: r.message,
                         output_truncated: r.output_truncated,
                     };
+                    // The runner's end of the stream (its FIN) usually came with the
+                    // Result: read it if it is here. A receive half dropped before its end
+                    // was read sends the runner a STOP_SENDING (quinn cannot tell a
+                    // finished stream from one still missing data), one more frame per
+                    // job, and at once, in a datagram of its own (BENCHMARKS.md).
+                    let _ = frames.next().now_or_never();
+                    return (f, Some(send));
                 }
                 Some(Ok(None)) | None => return lost("job stream ended without a result".into()),
                 Some(Err(FrameError::Io(e))) => return lost(format!("job stream: {e}")),
@@ -607,11 +658,12 @@ async fn drive_job(conn: &quinn::Connection, job: &JobEntry, table: &JobTable) -
             _ = &mut deadline => {
                 let code = if cancel_sent { ErrorCode::Cancelled } else { ErrorCode::Timeout };
                 let _ = send.reset(code.as_u32().into());
-                return if cancel_sent {
+                let f = if cancel_sent {
                     Finish::new(JobState::Cancelled, "runner did not confirm the cancel in time")
                 } else {
                     Finish::new(JobState::TimedOut, "no result within the run timeout")
                 };
+                return (f, None);
             }
         }
     }
