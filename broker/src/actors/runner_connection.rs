@@ -339,8 +339,9 @@ impl Jobs {
 
 /// The connection's one I/O task: writes Welcome and then whatever the actor queues, turns
 /// every control frame into a message (a bad frame closes the connection), runs every job
-/// the tenant sends (each a future of this task, not a task of its own), and stops the
-/// actor when the connection closes, so the actor lives exactly as long as the connection.
+/// the tenant sends (each a future of this task, not a task of its own) and ends its stream
+/// with the next job's request or after [`STREAM_END_DELAY`], and stops the actor when the
+/// connection closes, so the actor lives exactly as long as the connection.
 /// One task rather than a reader, a writer, a close watcher and a task per job: idle
 /// runners are the common case and each task costs memory (BENCHMARKS.md), and a job
 /// costs no spawn, no span and no hop through the actor's mailbox.
