@@ -185,13 +185,8 @@ impl JobEntry {
 
     /// Waits until the job is over.
     pub(crate) async fn until_over(&self) {
-        loop {
-            let changed = self.changed.notified();
-            if self.state().is_terminal() {
-                return;
-            }
-            changed.await;
-        }
+        // No output lies past usize::MAX: this answers only once the job is over.
+        let _ = self.next_output(usize::MAX).await;
     }
 
     /// Waits until the job is over or `limit` passes; returns whether it is over.

@@ -252,28 +252,36 @@ impl PeerResponse {
     }
 }
 
-/// A job's whole answer, as [`read_job_answer`] reads it, in one buffer (one write):
-/// [`PeerResponse::Job`] with `job` (its `output` must be empty), `output` in
-/// [`PeerResponse::Output`] chunks of at most [`PEER_OUTPUT_CHUNK`] bytes, then
-/// [`PeerResponse::End`]. The output is copied once, into the buffer; the frames are the
-/// same bytes as each encoded on its own (`tests/frames.rs`).
-pub fn encode_job_answer(job: &JobInfo, output: &[u8]) -> Result<Vec<u8>, crate::FrameError> {
-    /// [`PeerResponse`] up to its `End` variant, the output borrowed: the variants keep
-    /// their places, so postcard writes the same index for each.
-    #[derive(Serialize)]
-    enum PeerResponseRef<'a> {
-        Job(&'a JobInfo),
-        _Jobs,
-        Output(#[serde(with = "crate::bytes")] &'a [u8]),
-        End,
-    }
-    let chunks = output.len().div_ceil(PEER_OUTPUT_CHUNK);
-    // Prefix, variant and a length of at most 3 bytes per chunk; End is 5 bytes.
-    let mut out = Vec::with_capacity(output.len() + 8 * chunks + 5 + 256);
-    crate::encode_append(&mut out, &PeerResponseRef::Job(job))?;
+/// [`PeerResponse`] up to its `End` variant, the job and the output borrowed: the variants
+/// keep their places, so postcard writes the same index for each.
+#[derive(Serialize)]
+enum PeerResponseRef<'a> {
+    Job(&'a JobInfo),
+    _Jobs,
+    Output(#[serde(with = "crate::bytes")] &'a [u8]),
+    End,
+}
+
+/// `output` as [`PeerResponse::Output`] frames of at most [`PEER_OUTPUT_CHUNK`] bytes,
+/// appended to `out` (no copy of the output but into `out`).
+pub fn encode_output(out: &mut Vec<u8>, output: &[u8]) -> Result<(), crate::FrameError> {
+    // Prefix, variant and a length of at most 3 bytes per chunk.
+    out.reserve(output.len() + 8 * output.len().div_ceil(PEER_OUTPUT_CHUNK));
     for chunk in output.chunks(PEER_OUTPUT_CHUNK) {
-        crate::encode_append(&mut out, &PeerResponseRef::Output(chunk))?;
+        crate::encode_append(out, &PeerResponseRef::Output(chunk))?;
     }
+    Ok(())
+}
+
+/// A job's whole answer, as [`read_job_answer`] reads it, in one buffer (one write):
+/// [`PeerResponse::Job`] with `job` (its `output` must be empty), `output` as
+/// [`encode_output`] writes it, then [`PeerResponse::End`]. The frames are the same bytes
+/// as each encoded on its own (`tests/frames.rs`).
+pub fn encode_job_answer(job: &JobInfo, output: &[u8]) -> Result<Vec<u8>, crate::FrameError> {
+    // The job's frame is small; End is 5 bytes.
+    let mut out = Vec::with_capacity(256);
+    crate::encode_append(&mut out, &PeerResponseRef::Job(job))?;
+    encode_output(&mut out, output)?;
     crate::encode_append(&mut out, &PeerResponseRef::End)?;
     Ok(out)
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use runnel_protocol::{
-    ErrorCode, JobInfo, PEER_OUTPUT_CHUNK, PeerRequest, PeerResponse, encode, encode_job_answer,
+    ErrorCode, JobInfo, PeerRequest, PeerResponse, encode, encode_job_answer, encode_output,
     read_frame, write_frame,
 };
 use tokio_util::sync::CancellationToken;
@@ -220,9 +220,9 @@ pub(crate) async fn send_output(
     loop {
         let (chunk, finished) = job.next_output(offset).await;
         offset += chunk.len();
-        for piece in chunk.chunks(PEER_OUTPUT_CHUNK) {
-            write_frame(send, &PeerResponse::Output(piece.to_vec())).await.map_err(drop)?;
-        }
+        let mut frames = Vec::new();
+        encode_output(&mut frames, &chunk).map_err(drop)?;
+        send.write_all(&frames).await.map_err(drop)?;
         if finished {
             return Ok(());
         }
