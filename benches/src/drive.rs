@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use tokio::task::JoinSet;
 
+use crate::proc_usage::usage;
+
 /// What a dispatch phase measured.
 pub(crate) struct Dispatched {
     /// Latency of successful requests, microseconds.
@@ -16,6 +18,12 @@ pub(crate) struct Dispatched {
     /// Failed requests by kind (`http:429`, `timeout`, ...).
     pub(crate) errors: BTreeMap<String, u64>,
     pub(crate) elapsed: Duration,
+    /// CPU seconds the harness itself (this process: requesters and simulated runners)
+    /// spent in the phase. On a machine whose cores the harness shares with the server,
+    /// throughput is bounded by both, so the report prints it per job next to the server's.
+    pub(crate) harness_cpu_secs: f64,
+    /// More lines for the report, printed under the row (what one API's phase counts).
+    pub(crate) notes: Vec<String>,
 }
 
 /// A latency histogram in microseconds, 1 µs to 60 s, 3 significant digits.
@@ -30,6 +38,8 @@ where
     F: Fn(usize, u64) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = Result<(), String>> + Send,
 {
+    let own_cpu = || usage(std::process::id()).map(|u| u.cpu_secs).unwrap_or(0.0);
+    let cpu0 = own_cpu();
     let t0 = Instant::now();
     let deadline = t0 + len;
     let mut workers = JoinSet::new();
@@ -65,5 +75,6 @@ where
             Err(_) => *errors.entry("worker_panicked".to_string()).or_insert(0) += 1,
         }
     }
-    Dispatched { hist, ok, errors, elapsed: t0.elapsed() }
+    let elapsed = t0.elapsed();
+    Dispatched { hist, ok, errors, elapsed, harness_cpu_secs: own_cpu() - cpu0, notes: Vec::new() }
 }

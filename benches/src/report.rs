@@ -31,25 +31,46 @@ pub(crate) fn print(
 ) -> Row {
     let secs = d.elapsed.as_secs_f64();
     let rate = d.ok as f64 / secs;
-    let (p50, p99, p999) = (
+    let (p50, p90, p99, p999) = (
         d.hist.value_at_quantile(0.5),
+        d.hist.value_at_quantile(0.9),
         d.hist.value_at_quantile(0.99),
         d.hist.value_at_quantile(0.999),
     );
     let cpu = after.cpu_secs - before.cpu_secs;
     println!("== {system} {kind}: {label}");
     println!("  jobs ok          {:>10}   ({rate:.0} jobs/s over {secs:.1}s)", d.ok);
-    println!("  latency ms       p50 {:.2}  p99 {:.2}  p999 {:.2}", ms(p50), ms(p99), ms(p999));
+    println!(
+        "  latency ms       p50 {:.2}  p90 {:.2}  p99 {:.2}  p999 {:.2}",
+        ms(p50),
+        ms(p90),
+        ms(p99),
+        ms(p999)
+    );
     println!("  errors           {:?}", d.errors);
-    println!("  server cpu       {cpu:.2}s ({:.0}% of one core)", 100.0 * cpu / secs);
+    let per_job = |cpu: f64| 1e6 * cpu / (d.ok.max(1) as f64);
+    println!(
+        "  server cpu       {cpu:.2}s ({:.0}% of one core, {:.1} us/job)",
+        100.0 * cpu / secs,
+        per_job(cpu)
+    );
+    println!(
+        "  harness cpu      {:.2}s ({:.0}% of one core, {:.1} us/job)",
+        d.harness_cpu_secs,
+        100.0 * d.harness_cpu_secs / secs,
+        per_job(d.harness_cpu_secs)
+    );
     println!("  server rss       {} KiB (peak {} KiB)", after.rss_kib, after.peak_rss_kib);
     if let Some((ok, failed)) = runners {
         println!("  runners          {ok} connected, {failed} failed");
     }
+    for note in &d.notes {
+        println!("{note}");
+    }
     let line = json!({
         "bench": kind, "system": system, "label": label, "jobs_ok": d.ok, "jobs_per_sec": rate,
-        "p50_ms": ms(p50), "p99_ms": ms(p99), "p999_ms": ms(p999), "errors": d.errors,
-        "server_cpu_secs": cpu, "server_rss_kib": after.rss_kib, "server_peak_rss_kib": after.peak_rss_kib,
+        "p50_ms": ms(p50), "p90_ms": ms(p90), "p99_ms": ms(p99), "p999_ms": ms(p999), "errors": d.errors,
+        "server_cpu_secs": cpu, "harness_cpu_secs": d.harness_cpu_secs, "server_rss_kib": after.rss_kib, "server_peak_rss_kib": after.peak_rss_kib,
     });
     println!("{line}");
     Row { label: label.to_owned(), jobs_per_sec: rate, p99_ms: ms(p99) }

@@ -367,7 +367,9 @@ pub(crate) async fn dispatch_native(
     let clients: Arc<[runnel_client::Client]> = clients.into();
     let mut spec = runnel_client::job(OWNER, "echo", vec![b'x'; payload]);
     spec.wait = true;
-    Ok(closed_loop(concurrency, len, move |w, _| {
+    let before: Vec<_> = clients.iter().map(runnel_client::Client::stats).collect();
+    let stats = clients.clone();
+    let mut r = closed_loop(concurrency, len, move |w, _| {
         let (spec, clients) = (spec.clone(), clients.clone());
         async move {
             let client = &clients[w % clients.len()];
@@ -384,7 +386,20 @@ pub(crate) async fn dispatch_native(
             Ok(())
         }
     })
-    .await)
+    .await;
+    let (mut sent, mut received) = (0, 0);
+    for (c, a) in stats.iter().zip(before) {
+        let b = c.stats();
+        sent += b.datagrams_sent.saturating_sub(a.datagrams_sent);
+        received += b.datagrams_received.saturating_sub(a.datagrams_received);
+    }
+    let per = |n: u64| n as f64 / r.ok.max(1) as f64;
+    r.notes.push(format!(
+        "  client datagrams sent {:.2}/job, received {:.2}/job",
+        per(sent),
+        per(received)
+    ));
+    Ok(r)
 }
 
 /// Revokes every connected runner, one at a time, and measures DELETE sent → the runner's

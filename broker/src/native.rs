@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use runnel_protocol::{
     ApiHello, ApiRequest, ApiWelcome, ErrorCode, PROTOCOL_VERSION, PeerResponse, read_frame,
-    write_frame,
+    take_end, write_frame,
 };
 
 use crate::actors::Tenants;
@@ -142,7 +142,11 @@ async fn call(
     caller: Arc<Caller>,
 ) {
     let req = match read_frame::<ApiRequest, _>(&mut recv).await {
-        Ok(Some(r)) => r,
+        Ok(Some(r)) => {
+            // The request is the whole stream; its end came with it.
+            take_end(&mut recv);
+            r
+        }
         Ok(None) => return,
         Err(e) => {
             tracing::debug!(error = %e, "malformed native API request");

@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use runnel_protocol::{
     ALPN_API, ApiHello, ApiRequest, ApiWelcome, DispatchSpec, JobInfo, PROTOCOL_VERSION,
-    PeerResponse, read_answer, read_frame, read_job_answer, write_frame,
+    PeerResponse, encode, read_answer, read_frame, read_job_answer, take_end, write_frame,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::Error;
 use crate::handle::JobHandle;
+use crate::outbox::{self, Outbox, Outgoing};
 
 /// How a [`Client`] connects and how much it may ask at once.
 #[derive(Debug, Clone)]
@@ -40,6 +41,20 @@ impl Default for Options {
     }
 }
 
+/// What the client's connection has carried: [`Client::stats`]. Calls made at about the
+/// same time share datagrams, so under load there are fewer datagrams than calls.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// UDP datagrams sent to the broker.
+    pub datagrams_sent: u64,
+    /// UDP datagrams received from the broker.
+    pub datagrams_received: u64,
+    /// Bytes of those datagrams sent.
+    pub bytes_sent: u64,
+    /// Bytes of those datagrams received.
+    pub bytes_received: u64,
+}
+
 /// A connection to a broker's native API for one API key. Cheap to clone: clones share
 /// the connection and the in-flight bound.
 #[derive(Clone)]
@@ -63,6 +78,8 @@ struct Inner {
     /// Held while dialling again, so that one caller dials and the others wait for it.
     dialling: tokio::sync::Mutex<()>,
     calls: Arc<Semaphore>,
+    /// Where calls put their requests to be written (`outbox.rs`).
+    outbox: Outbox,
     tenant: Option<String>,
     role: String,
 }
@@ -150,6 +167,7 @@ impl Client {
                 conn: Mutex::new(conn),
                 dialling: tokio::sync::Mutex::new(()),
                 calls: Arc::new(Semaphore::new(max_in_flight.max(1))),
+                outbox: outbox::start(),
                 tenant: welcome.tenant,
                 role: welcome.role,
             }),
@@ -166,6 +184,18 @@ impl Client {
         &self.inner.role
     }
 
+    /// The live connection's counters, since it was dialled (a connection dialled again
+    /// starts from zero).
+    pub fn stats(&self) -> Stats {
+        let s = self.current().stats();
+        Stats {
+            datagrams_sent: s.udp_tx.datagrams,
+            datagrams_received: s.udp_rx.datagrams,
+            bytes_sent: s.udp_tx.bytes,
+            bytes_received: s.udp_rx.bytes,
+        }
+    }
+
     /// Calls that may still start now without waiting for a turn.
     pub fn available_calls(&self) -> usize {
         self.inner.calls.available_permits()
@@ -175,11 +205,17 @@ impl Client {
     /// its output as it comes, then its result. `spec.wait` is ignored (the handle waits).
     pub async fn dispatch(&self, spec: DispatchSpec) -> Result<JobHandle, Error> {
         let req = ApiRequest::Dispatch { spec: DispatchSpec { wait: false, ..spec }, follow: true };
-        let (permit, conn, mut recv) = self.open(&req, Retry::IfUnsent).await?;
+        let (permit, conn, mut recv) = self.open(&req).await?;
         let job = match read_answer(&mut recv).await {
             Ok(PeerResponse::Job(job)) => job,
-            Ok(other) => return Err(Error::Protocol(format!("unexpected {}", other.what()))),
-            Err(e) => return Err(Error::answer(e, &conn)),
+            Ok(other) => {
+                take_end(&mut recv);
+                return Err(Error::Protocol(format!("unexpected {}", other.what())));
+            }
+            Err(e) => {
+                take_end(&mut recv);
+                return Err(Error::answer(e, &conn));
+            }
         };
         Ok(JobHandle::new(job, recv, conn, permit))
     }
@@ -213,13 +249,17 @@ impl Client {
 
     /// A call answered as one job, retried once on a new connection as `retry` allows.
     async fn job_call(&self, req: &ApiRequest, retry: Retry) -> Result<JobInfo, Error> {
-        let (_permit, conn, mut recv) = self.open(req, retry).await?;
-        match read_job_answer(&mut recv).await {
+        let (_permit, conn, mut recv) = self.open(req).await?;
+        let answer = read_job_answer(&mut recv).await;
+        take_end(&mut recv);
+        match answer {
             Ok(job) => Ok(job),
             Err(e) => match Error::answer(e, &conn) {
                 Error::Lost(_) if retry == Retry::Once => {
-                    let (_permit, conn, mut recv) = self.open(req, Retry::IfUnsent).await?;
-                    read_job_answer(&mut recv).await.map_err(|e| Error::answer(e, &conn))
+                    let (_permit, conn, mut recv) = self.open(req).await?;
+                    let answer = read_job_answer(&mut recv).await;
+                    take_end(&mut recv);
+                    answer.map_err(|e| Error::answer(e, &conn))
                 }
                 e => Err(e),
             },
@@ -231,7 +271,6 @@ impl Client {
     async fn open(
         &self,
         req: &ApiRequest,
-        retry: Retry,
     ) -> Result<(OwnedSemaphorePermit, quinn::Connection, quinn::RecvStream), Error> {
         let permit = self
             .inner
@@ -240,24 +279,21 @@ impl Client {
             .acquire_owned()
             .await
             .map_err(|_| Error::Lost("the client is closed".into()))?;
+        let frame = encode(req).map_err(|e| Error::Protocol(format!("request: {e}")))?;
         let mut last = None;
         for _ in 0..2 {
             let conn = self.connection().await?;
-            let (mut send, recv) = match conn.open_bi().await {
-                Ok(s) => s,
-                // Nothing left: always safe to try once more on a new connection.
-                Err(e) => {
-                    last = Some(e.to_string());
-                    continue;
+            // Nothing has left when opening fails: always safe to try once more on a new
+            // connection.
+            match conn.open_bi().await {
+                Ok((send, recv)) => {
+                    self.inner
+                        .outbox
+                        .send(Outgoing { send, frame })
+                        .map_err(|_| Error::Lost("the client is closed".into()))?;
+                    return Ok((permit, conn, recv));
                 }
-            };
-            match write_frame(&mut send, req).await.map(|()| send.finish()) {
-                Ok(Ok(())) => return Ok((permit, conn, recv)),
-                Ok(Err(e)) => last = Some(e.to_string()),
                 Err(e) => last = Some(e.to_string()),
-            }
-            if retry == Retry::IfUnsent {
-                break;
             }
         }
         Err(Error::Lost(last.unwrap_or_default()))

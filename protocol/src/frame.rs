@@ -198,6 +198,24 @@ async fn read_body<R: AsyncRead + Unpin>(
     Ok(())
 }
 
+/// Reads the end of a stream if it has already arrived, without waiting (it nearly always
+/// comes with the last frame); answers whether it was there.
+///
+/// A QUIC receiver that drops a stream before reading its end asks the peer to stop
+/// sending: quinn cannot tell a finished stream from one still missing data. That
+/// `STOP_SENDING` frame goes out at once, usually in a datagram of its own, one per call
+/// (BENCHMARKS.md). Bytes past the last frame (a peer's error) are read and dropped.
+pub fn take_end<R: AsyncRead + Unpin>(reader: &mut R) -> bool {
+    use std::task::{Context, Poll, Waker};
+    let mut byte = [0u8; 1];
+    let mut buf = tokio::io::ReadBuf::new(&mut byte);
+    let mut cx = Context::from_waker(Waker::noop());
+    match std::pin::Pin::new(reader).poll_read(&mut cx, &mut buf) {
+        Poll::Ready(Ok(())) => buf.filled().is_empty(),
+        _ => false,
+    }
+}
+
 /// Encodes `msg` and writes it as one frame.
 pub async fn write_frame<T, W>(writer: &mut W, msg: &T) -> Result<(), FrameError>
 where
@@ -229,5 +247,19 @@ mod tests {
         read_body(&mut rest, 100, &mut body).await.expect("whole");
         assert_eq!(body.len(), 100);
         assert_eq!(rest, b"next frame");
+    }
+
+    #[tokio::test]
+    async fn the_end_is_taken_only_when_it_is_there() {
+        let (mut near, mut far) = tokio::io::duplex(64);
+        write_frame(&mut far, &7u32).await.expect("write");
+        assert_eq!(read_frame::<u32, _>(&mut near).await.expect("read"), Some(7));
+        // The peer has not ended the stream: nothing is waited for.
+        assert!(!take_end(&mut near));
+        // A byte past the last frame is not an end.
+        far.write_all(b"x").await.expect("write");
+        assert!(!take_end(&mut near));
+        drop(far);
+        assert!(take_end(&mut near));
     }
 }

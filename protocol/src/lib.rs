@@ -41,7 +41,7 @@ pub use api::{ApiHello, ApiRequest, ApiWelcome};
 pub use control::{ClientControl, GoAway, Heartbeat, Hello, Redirect, ServerControl, Welcome};
 pub use enroll::{EnrollRequest, EnrollResponse, Enrolled};
 pub use error::ErrorCode;
-pub use frame::{FrameError, decode, encode, encode_append, read_frame, write_frame};
+pub use frame::{FrameError, decode, encode, encode_append, read_frame, take_end, write_frame};
 pub use job::{
     BrokerJobFrame, ExecSpec, JobOutcome, JobRequest, JobResult, OutputStream, RunnerJobFrame,
     encode_job_request,
