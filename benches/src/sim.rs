@@ -10,8 +10,8 @@ use hdrhistogram::Histogram;
 use runnel_certs::pem;
 use runnel_ctl::{Client, Method};
 use runnel_protocol::{
-    BrokerJobFrame, ClientControl, Heartbeat, Hello, JobOutcome, JobResult, OutputStream,
-    RunnerJobFrame, ServerControl, read_frame, write_frame,
+    BrokerJobFrame, ClientControl, Heartbeat, Hello, JobOutcome, JobResult, Outbox, OutputStream,
+    RunnerJobFrame, ServerControl, encode_append, read_frame, write_frame,
 };
 use serde_json::json;
 use tokio::task::JoinSet;
@@ -267,20 +267,18 @@ async fn serve(
             }
         }
     };
+    // Results leave through one task per connection, as the real runner's do
+    // (`runnel_runner`'s session.rs): written together, they share datagrams.
+    let outbox = Outbox::start();
     let jobs = async {
-        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+        while let Ok((send, mut recv)) = conn.accept_bi().await {
+            let outbox = outbox.clone();
             tokio::spawn(async move {
                 let Ok(Some(BrokerJobFrame::Job(job))) =
                     read_frame::<BrokerJobFrame, _>(&mut recv).await
                 else {
                     return;
                 };
-                // Done listening, as the real runner is once its handler returns
-                // (`runnel_runner`'s job.rs): it stops the broker's half before the Result
-                // goes out, so the STOP_SENDING rides with it. Dropped only after the
-                // broker acknowledged the Result, it went in a datagram of its own: 1.52
-                // datagrams sent per job, not 1.15 (BENCHMARKS.md, 2026-12-05 later).
-                drop(recv);
                 let out =
                     RunnerJobFrame::Output { stream: OutputStream::Stdout, data: job.payload };
                 let res = RunnerJobFrame::Result(JobResult {
@@ -289,11 +287,18 @@ async fn serve(
                     message: String::new(),
                     output_truncated: false,
                 });
-                if write_frame(&mut send, &out).await.is_ok()
-                    && write_frame(&mut send, &res).await.is_ok()
+                // The real runner writes the output queued before the Result with it.
+                let mut answer = Vec::new();
+                if encode_append(&mut answer, &out).is_ok()
+                    && encode_append(&mut answer, &res).is_ok()
+                    && let Ok(send) = outbox.deliver(send, answer).await
                 {
-                    let _ = send.finish();
                     let _ = send.stopped().await;
+                    // Then the broker's end, as the real runner waits for it: dropped
+                    // unread, the stream would make quinn send a STOP_SENDING, which would
+                    // leave alone, ahead of the Result in the outbox (BENCHMARKS.md).
+                    let end = read_frame::<BrokerJobFrame, _>(&mut recv);
+                    let _ = tokio::time::timeout(Duration::from_secs(1), end).await;
                 }
             });
         }

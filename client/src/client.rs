@@ -5,15 +5,15 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use runnel_protocol::transport::Stats;
 use runnel_protocol::{
-    ALPN_API, ApiHello, ApiRequest, ApiWelcome, DispatchSpec, JobInfo, PROTOCOL_VERSION,
+    ALPN_API, ApiHello, ApiRequest, ApiWelcome, DispatchSpec, JobInfo, Outbox, PROTOCOL_VERSION,
     PeerResponse, encode, read_answer, read_frame, read_job_answer, take_end, write_frame,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::Error;
 use crate::handle::JobHandle;
-use crate::outbox::{self, Outbox, Outgoing};
 
 /// How a [`Client`] connects and how much it may ask at once.
 #[derive(Debug, Clone)]
@@ -41,20 +41,6 @@ impl Default for Options {
     }
 }
 
-/// What the client's connection has carried: [`Client::stats`]. Calls made at about the
-/// same time share datagrams, so under load there are fewer datagrams than calls.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Stats {
-    /// UDP datagrams sent to the broker.
-    pub datagrams_sent: u64,
-    /// UDP datagrams received from the broker.
-    pub datagrams_received: u64,
-    /// Bytes of those datagrams sent.
-    pub bytes_sent: u64,
-    /// Bytes of those datagrams received.
-    pub bytes_received: u64,
-}
-
 /// A connection to a broker's native API for one API key. Cheap to clone: clones share
 /// the connection and the in-flight bound.
 #[derive(Clone)]
@@ -78,8 +64,8 @@ struct Inner {
     /// Held while dialling again, so that one caller dials and the others wait for it.
     dialling: tokio::sync::Mutex<()>,
     calls: Arc<Semaphore>,
-    /// Where calls put their requests to be written (`outbox.rs`).
-    outbox: Outbox,
+    /// Where calls post their requests, so that calls made together share datagrams.
+    outbox: Outbox<quinn::SendStream>,
     tenant: Option<String>,
     role: String,
 }
@@ -167,7 +153,7 @@ impl Client {
                 conn: Mutex::new(conn),
                 dialling: tokio::sync::Mutex::new(()),
                 calls: Arc::new(Semaphore::new(max_in_flight.max(1))),
-                outbox: outbox::start(),
+                outbox: Outbox::start(),
                 tenant: welcome.tenant,
                 role: welcome.role,
             }),
@@ -187,13 +173,7 @@ impl Client {
     /// The live connection's counters, since it was dialled (a connection dialled again
     /// starts from zero).
     pub fn stats(&self) -> Stats {
-        let s = self.current().stats();
-        Stats {
-            datagrams_sent: s.udp_tx.datagrams,
-            datagrams_received: s.udp_rx.datagrams,
-            bytes_sent: s.udp_tx.bytes,
-            bytes_received: s.udp_rx.bytes,
-        }
+        Stats::from(&self.current().stats())
     }
 
     /// Calls that may still start now without waiting for a turn.
@@ -289,7 +269,7 @@ impl Client {
                 Ok((send, recv)) => {
                     self.inner
                         .outbox
-                        .send(Outgoing { send, frame })
+                        .post(send, frame)
                         .map_err(|_| Error::Lost("the client is closed".into()))?;
                     return Ok((permit, conn, recv));
                 }

@@ -48,11 +48,11 @@
 mod client;
 mod error;
 mod handle;
-mod outbox;
 mod spec;
 
-pub use client::{Client, Options, Stats};
+pub use client::{Client, Options};
 pub use error::Error;
 pub use handle::JobHandle;
+pub use runnel_protocol::transport::Stats;
 pub use runnel_protocol::{DispatchSpec, ExecSpec, JobInfo, JobState};
 pub use spec::{exec, job};

@@ -11,6 +11,8 @@
 //!   tenant's home), and the job view and states they carry.
 //! - `api`: the native API of ALPN `runnel-api/1` (clients dispatch over QUIC with an API
 //!   key; the answers are `peer`'s frames).
+//! - `outbox`: a stream's last frame written by one task per connection, so that frames
+//!   posted together share datagrams (a client's requests, a runner's results).
 //! - `error`: numeric error and connection-close codes shared by both sides.
 //! - [`duration`]: `30s`/`5m` as both sides' flags and config files write durations.
 //! - [`limits`] and [`version`]: the constants both sides agree on; [`transport`]: the QUIC
@@ -18,7 +20,7 @@
 //!   with feature `quinn` (quinn's sans-IO core only: still no sockets here).
 //!
 //! This crate does no I/O of its own beyond generic `AsyncRead`/`AsyncWrite` helpers in
-//! `frame`; it knows nothing of sockets, certificates or actors. Enums only ever grow at
+//! `frame` and `outbox`; it knows nothing of sockets, certificates or actors. Enums only ever grow at
 //! the end, so an older peer decodes every variant it knows.
 #![deny(clippy::unwrap_used)]
 
@@ -33,6 +35,7 @@ mod error;
 mod frame;
 mod job;
 pub mod limits;
+mod outbox;
 mod peer;
 pub mod transport;
 pub mod version;
@@ -46,6 +49,7 @@ pub use job::{
     BrokerJobFrame, ExecSpec, JobOutcome, JobRequest, JobResult, OutputStream, RunnerJobFrame,
     encode_job_request,
 };
+pub use outbox::Outbox;
 pub use peer::{
     AnswerError, DispatchSpec, JobInfo, JobState, PEER_OUTPUT_CHUNK, PeerCaller, PeerRequest,
     PeerResponse, encode_job_answer, encode_output, read_answer, read_job_answer, read_job_output,

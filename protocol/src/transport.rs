@@ -28,3 +28,31 @@ pub fn ack_frequency() -> quinn_proto::AckFrequencyConfig {
     ack.ack_eliciting_threshold(ACK_ELICITING_THRESHOLD.into()).max_ack_delay(Some(MAX_ACK_DELAY));
     ack
 }
+
+/// What a QUIC connection has carried, as a runnel client or runner reports it
+/// (`runnel_client::Client::stats`, `runnel_runner::RunnerHandle::stats`). Under load a
+/// busy connection carries fewer datagrams than calls or jobs: frames written together
+/// share them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// UDP datagrams sent.
+    pub datagrams_sent: u64,
+    /// UDP datagrams received.
+    pub datagrams_received: u64,
+    /// Bytes of the datagrams sent.
+    pub bytes_sent: u64,
+    /// Bytes of the datagrams received.
+    pub bytes_received: u64,
+}
+
+#[cfg(feature = "quinn")]
+impl From<&quinn_proto::ConnectionStats> for Stats {
+    fn from(s: &quinn_proto::ConnectionStats) -> Self {
+        Self {
+            datagrams_sent: s.udp_tx.datagrams,
+            datagrams_received: s.udp_rx.datagrams,
+            bytes_sent: s.udp_tx.bytes,
+            bytes_received: s.udp_rx.bytes,
+        }
+    }
+}

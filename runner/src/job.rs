@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use runnel_protocol::{
-    BrokerJobFrame, ErrorCode, JobOutcome, JobRequest, RunnerJobFrame, read_frame, write_frame,
+    BrokerJobFrame, ErrorCode, JobOutcome, JobRequest, Outbox, RunnerJobFrame, encode_append,
+    read_frame, write_frame,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -20,10 +21,16 @@ use crate::runner::Inner;
 const JOB_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 /// Output frames buffered per job before the handler waits.
 const OUTPUT_QUEUE: usize = 32;
+/// How long, after its Result, a job's stream waits for the broker to end its half. The
+/// broker ends it with its next job on the connection or within a few milliseconds
+/// (`STREAM_END_DELAY`); a stream dropped before its end was read would make quinn ask the
+/// broker to stop sending (`STOP_SENDING`), which then left alone, ahead of the Result.
+const END_WAIT: Duration = Duration::from_secs(1);
 
 /// Serves one job stream: read the Job, run its handler, stream output, send the Result.
 pub(crate) async fn serve_job(
     inner: &Arc<Inner>,
+    outbox: Outbox<quinn::SendStream>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
@@ -38,12 +45,13 @@ pub(crate) async fn serve_job(
             }
         };
     let span = tracing::info_span!("job", job = %req.job_id, kind = %req.kind);
-    run_job(inner, req, send, recv).instrument(span).await
+    run_job(inner, outbox, req, send, recv).instrument(span).await
 }
 
 /// Runs one job whose request has been read (inside its span).
 async fn run_job(
     inner: &Arc<Inner>,
+    outbox: Outbox<quinn::SendStream>,
     req: JobRequest,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
@@ -80,17 +88,33 @@ async fn run_job(
             _ => listen_cancel.cancel(),
         }
     }));
-    // Runner → broker: output frames, then the Result.
+    // Runner → broker: output frames, then the Result. Frames already queued are written
+    // together, and the last write (the Result, with whatever output came just before it,
+    // and the stream's end) goes through the connection's outbox, to share a datagram with
+    // the other jobs' results written at about the same time.
     let writer = tokio::spawn(async move {
+        let mut bytes = Vec::new();
         while let Some(frame) = frames_rx.recv().await {
-            let last = matches!(frame, RunnerJobFrame::Result(_));
-            if write_frame(&mut send, &frame).await.is_err() {
-                return;
+            bytes.clear();
+            let mut next = Some(frame);
+            let mut last = false;
+            while let Some(frame) = next.take() {
+                last = matches!(frame, RunnerJobFrame::Result(_));
+                if encode_append(&mut bytes, &frame).is_err() {
+                    return;
+                }
+                if !last {
+                    next = frames_rx.try_recv().ok();
+                }
             }
             if last {
-                let _ = send.finish();
-                // Keep the stream until the broker has it.
-                let _ = send.stopped().await;
+                if let Ok(send) = outbox.deliver(send, bytes).await {
+                    // Keep the stream until the broker has it.
+                    let _ = send.stopped().await;
+                }
+                return;
+            }
+            if send.write_all(&bytes).await.is_err() {
                 return;
             }
         }
@@ -122,7 +146,6 @@ async fn run_job(
         _ = stop.cancelled() => { cancel.cancel(); run.await }
     };
     timer.abort();
-    listener.abort();
     if timed_out.load(Ordering::Relaxed) && result.outcome == JobOutcome::Cancelled {
         result.outcome = JobOutcome::TimedOut;
         result.message = format!("run timeout of {timeout:?} passed; process group killed");
@@ -133,4 +156,6 @@ async fn run_job(
     let _ = frames_tx.send(RunnerJobFrame::Result(result)).await;
     drop(frames_tx);
     let _ = writer.await;
+    // A Cancel now is too late to matter; the listener only reads the broker's end.
+    let _ = tokio::time::timeout(END_WAIT, listener).await;
 }

@@ -31,6 +31,7 @@ pub mod tls;
 pub use enroll::enroll;
 pub use exec::Exec;
 pub use handler::{Job, JobHandler};
+pub use runnel_protocol::transport::Stats;
 pub use runner::{Runner, RunnerBuilder, RunnerHandle, RunnerStatus};
 pub use state::{RunnerInfo, StateDir};
 

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::time::{Duration, Instant};
 
+use runnel_protocol::transport::Stats;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -118,6 +119,7 @@ impl RunnerBuilder {
         let (status_tx, status) = watch::channel(RunnerStatus::Connecting);
         let drain = CancellationToken::new();
         let stop = CancellationToken::new();
+        let live = Arc::new(std::sync::Mutex::new(None));
         let inner = Arc::new(Inner {
             state: self.state,
             handlers: self.handlers,
@@ -131,9 +133,10 @@ impl RunnerBuilder {
             drain: drain.clone(),
             stop: stop.clone(),
             status: status_tx,
+            live: live.clone(),
         });
-        let task = Some(tokio::spawn(run_loop(inner)));
-        Ok(RunnerHandle { status, drain, stop, task })
+        let task = Some(tokio::spawn(run_loop(inner.clone())));
+        Ok(RunnerHandle { status, drain, stop, task, live })
     }
 }
 
@@ -144,6 +147,7 @@ pub struct RunnerHandle {
     drain: CancellationToken,
     stop: CancellationToken,
     task: Option<JoinHandle<Result<(), RunnerError>>>,
+    live: Live,
 }
 
 impl Drop for RunnerHandle {
@@ -156,6 +160,13 @@ impl RunnerHandle {
     /// Current status.
     pub fn status(&self) -> RunnerStatus {
         self.status.borrow().clone()
+    }
+
+    /// What the connection to the broker has carried since it was dialled; `None` while
+    /// there is none.
+    pub fn stats(&self) -> Option<Stats> {
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        live.as_ref().map(|c| Stats::from(&c.stats()))
     }
 
     /// A receiver of status changes.
@@ -220,7 +231,12 @@ pub(crate) struct Inner {
     pub(crate) drain: CancellationToken,
     pub(crate) stop: CancellationToken,
     pub(crate) status: watch::Sender<RunnerStatus>,
+    /// The connection of the session now (for [`RunnerHandle::stats`]).
+    pub(crate) live: Live,
 }
+
+/// The connection of the session now, if there is one.
+pub(crate) type Live = Arc<std::sync::Mutex<Option<quinn::Connection>>>;
 
 /// The text of a panic payload (`panic!` gives a `&str` or a `String`).
 fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use runnel_certs::{CLOCK_SKEW, key, parse_cert, pem};
 use runnel_protocol::{
-    ClientControl, ErrorCode, Heartbeat, Hello, PROTOCOL_VERSION, ServerControl, read_frame,
-    version::MIN_PROTOCOL_VERSION, write_frame,
+    ClientControl, ErrorCode, Heartbeat, Hello, Outbox, PROTOCOL_VERSION, ServerControl,
+    read_frame, version::MIN_PROTOCOL_VERSION, write_frame,
 };
 use tokio::sync::mpsc;
 use tokio_util::task::AbortOnDropHandle;
@@ -163,7 +163,11 @@ pub(crate) async fn session(
         },
         _ = inner.stop.cancelled() => return SessionEnd::Finished,
     };
+    let live =
+        |c: Option<quinn::Connection>| *inner.live.lock().unwrap_or_else(|p| p.into_inner()) = c;
+    live(Some(conn.clone()));
     let end = serve_connection(inner, &conn, sessions, &cert_pem, due).await;
+    live(None);
     endpoint.wait_idle().await;
     end
 }
@@ -288,6 +292,9 @@ async fn serve_connection(
     let _tasks = (writer, heartbeats, reader);
 
     let mut jobs = tokio::task::JoinSet::new();
+    // The jobs' results leave through one task, so that results written together share
+    // datagrams (runnel_protocol::Outbox).
+    let outbox = Outbox::start();
     // Set by the broker's GoAway: finish the running jobs, then leave.
     let mut leaving: Option<Duration> = None;
     let end = loop {
@@ -302,8 +309,8 @@ async fn serve_connection(
             }
             s = conn.accept_bi() => match s {
                 Ok((send, recv)) => {
-                    let inner = inner.clone();
-                    jobs.spawn(async move { serve_job(&inner, send, recv).await });
+                    let (inner, outbox) = (inner.clone(), outbox.clone());
+                    jobs.spawn(async move { serve_job(&inner, outbox, send, recv).await });
                 }
                 Err(e) => break lost(&e, e.to_string(), true),
             },

@@ -254,3 +254,57 @@ async fn the_broker_ends_a_job_stream_after_its_result_without_a_next_job() {
     }
     assert_eq!(conn.stats().frame_rx.stop_sending, 0, "the broker stopped a finished stream");
 }
+
+/// A handler whose jobs all end together: each waits until `n` of them are running.
+struct Together(std::sync::Arc<tokio::sync::Barrier>);
+
+#[async_trait::async_trait]
+impl runnel_runner::JobHandler for Together {
+    async fn run(&self, _job: runnel_runner::Job) -> runnel_protocol::JobResult {
+        self.0.wait().await;
+        runnel_runner::handler::succeeded()
+    }
+}
+
+/// Jobs that end together send their Results together: the runner writes each job's last
+/// frame through one outbox per connection (`runnel_protocol::Outbox`), and reads the
+/// broker's end of each job stream instead of dropping it unread, which made quinn send a
+/// `STOP_SENDING` at once, alone, ahead of the Result. With either undone, each Result went
+/// in a datagram of its own. One worker thread: tokio runs the task a wake-up names next
+/// on it, as on a busy runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn results_of_jobs_that_end_together_share_datagrams() {
+    const JOBS: usize = 16;
+    const ROUNDS: usize = 5;
+    let b = TestBroker::start().await;
+    let acme = b.tenant("acme").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, state) = b.enrolled(&acme, "alice", &dir.path().join("r")).await;
+    let together = Together(std::sync::Arc::new(tokio::sync::Barrier::new(JOBS)));
+    let runner = runnel_runner::Runner::builder(state)
+        .capacity(JOBS as u32)
+        .handler("together", together)
+        .spawn()
+        .unwrap();
+    runner.wait_connected(Duration::from_secs(10)).await.unwrap();
+    let h = b.handle();
+    let c =
+        runnel_client::Client::connect(h.advertise(), &h.ca_fingerprint(), &acme).await.unwrap();
+    let before = runner.stats().unwrap();
+    for _ in 0..ROUNDS {
+        let all = futures::future::join_all((0..JOBS).map(|_| {
+            let c = c.clone();
+            async move {
+                let mut spec = runnel_client::job("alice", "together", Vec::new());
+                spec.wait = true;
+                c.submit(spec).await
+            }
+        }));
+        for job in all.await {
+            assert_eq!(job.unwrap().state, runnel_client::JobState::Succeeded);
+        }
+    }
+    let sent = runner.stats().unwrap().datagrams_sent - before.datagrams_sent;
+    let jobs = (JOBS * ROUNDS) as u64;
+    assert!(sent * 2 <= jobs, "{jobs} results took {sent} datagrams");
+}
