@@ -308,3 +308,43 @@ async fn results_of_jobs_that_end_together_share_datagrams() {
     let jobs = (JOBS * ROUNDS) as u64;
     assert!(sent * 2 <= jobs, "{jobs} results took {sent} datagrams");
 }
+
+/// Jobs dispatched at about the same time through the HTTP API reach their runner
+/// together: the connection's I/O task, woken by the first, lets the other ready tasks
+/// (each HTTP connection's) hand theirs over before it writes, so the Job frames share
+/// datagrams. It wrote each one as it came, a datagram per job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn jobs_dispatched_together_reach_the_runner_together() {
+    const JOBS: usize = 16;
+    const ROUNDS: usize = 5;
+    let b = TestBroker::start().await;
+    let acme = b.tenant("acme").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, state) = b.enrolled(&acme, "alice", &dir.path().join("r")).await;
+    let together = Together(std::sync::Arc::new(tokio::sync::Barrier::new(JOBS)));
+    let runner = runnel_runner::Runner::builder(state)
+        .capacity(JOBS as u32)
+        .handler("together", together)
+        .spawn()
+        .unwrap();
+    runner.wait_connected(Duration::from_secs(10)).await.unwrap();
+    let before = runner.stats().unwrap();
+    for _ in 0..ROUNDS {
+        let posts: Vec<_> = (0..JOBS)
+            .map(|_| {
+                let (api, key) = (b.api.clone(), acme.clone());
+                tokio::spawn(async move {
+                    let body = json!({ "owner": "alice", "kind": "together", "wait": true });
+                    api.post("/v1/jobs", &key, body).await
+                })
+            })
+            .collect();
+        for post in posts {
+            let (s, v) = post.await.unwrap();
+            assert_eq!((s, v["state"].as_str()), (200, Some("succeeded")), "{v}");
+        }
+    }
+    let received = runner.stats().unwrap().datagrams_received - before.datagrams_received;
+    let jobs = (JOBS * ROUNDS) as u64;
+    assert!(received * 2 <= jobs, "{jobs} jobs came in {received} datagrams");
+}

@@ -81,7 +81,10 @@ impl JobInbox {
         true
     }
 
-    /// The jobs handed over since the last call, waiting for at least one.
+    /// The jobs handed over since the last call, waiting for at least one. Woken, it first
+    /// lets the tasks that are ready run ([`tokio::task::yield_now`]), so that jobs handed
+    /// over at about the same time (by the API's connections, or the tenant's actor) are
+    /// taken together and their requests share datagrams.
     async fn recv(&self) -> Vec<Arc<JobEntry>> {
         loop {
             let taken = match self.jobs.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
@@ -92,6 +95,7 @@ impl JobInbox {
                 return taken;
             }
             self.ready.notified().await;
+            tokio::task::yield_now().await;
         }
     }
 
