@@ -266,6 +266,25 @@ impl runnel_runner::JobHandler for Together {
     }
 }
 
+/// A broker, tenant acme's admin key, and alice's runner of `jobs` slots whose `together`
+/// jobs end `jobs` at a time (the temporary directory holds its state).
+async fn together_runner(
+    jobs: usize,
+) -> (TestBroker, String, runnel_runner::RunnerHandle, tempfile::TempDir) {
+    let b = TestBroker::start().await;
+    let acme = b.tenant("acme").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, state) = b.enrolled(&acme, "alice", &dir.path().join("r")).await;
+    let together = Together(std::sync::Arc::new(tokio::sync::Barrier::new(jobs)));
+    let runner = runnel_runner::Runner::builder(state)
+        .capacity(jobs as u32)
+        .handler("together", together)
+        .spawn()
+        .unwrap();
+    runner.wait_connected(Duration::from_secs(10)).await.unwrap();
+    (b, acme, runner, dir)
+}
+
 /// Jobs that end together send their Results together: the runner writes each job's last
 /// frame through one outbox per connection (`runnel_protocol::Outbox`), and reads the
 /// broker's end of each job stream instead of dropping it unread, which made quinn send a
@@ -276,17 +295,7 @@ impl runnel_runner::JobHandler for Together {
 async fn results_of_jobs_that_end_together_share_datagrams() {
     const JOBS: usize = 16;
     const ROUNDS: usize = 5;
-    let b = TestBroker::start().await;
-    let acme = b.tenant("acme").await;
-    let dir = tempfile::tempdir().unwrap();
-    let (_, state) = b.enrolled(&acme, "alice", &dir.path().join("r")).await;
-    let together = Together(std::sync::Arc::new(tokio::sync::Barrier::new(JOBS)));
-    let runner = runnel_runner::Runner::builder(state)
-        .capacity(JOBS as u32)
-        .handler("together", together)
-        .spawn()
-        .unwrap();
-    runner.wait_connected(Duration::from_secs(10)).await.unwrap();
+    let (b, acme, runner, _dir) = together_runner(JOBS).await;
     let h = b.handle();
     let c =
         runnel_client::Client::connect(h.advertise(), &h.ca_fingerprint(), &acme).await.unwrap();
@@ -317,17 +326,7 @@ async fn results_of_jobs_that_end_together_share_datagrams() {
 async fn jobs_dispatched_together_reach_the_runner_together() {
     const JOBS: usize = 16;
     const ROUNDS: usize = 5;
-    let b = TestBroker::start().await;
-    let acme = b.tenant("acme").await;
-    let dir = tempfile::tempdir().unwrap();
-    let (_, state) = b.enrolled(&acme, "alice", &dir.path().join("r")).await;
-    let together = Together(std::sync::Arc::new(tokio::sync::Barrier::new(JOBS)));
-    let runner = runnel_runner::Runner::builder(state)
-        .capacity(JOBS as u32)
-        .handler("together", together)
-        .spawn()
-        .unwrap();
-    runner.wait_connected(Duration::from_secs(10)).await.unwrap();
+    let (b, acme, runner, _dir) = together_runner(JOBS).await;
     let before = runner.stats().unwrap();
     for _ in 0..ROUNDS {
         let posts: Vec<_> = (0..JOBS)
