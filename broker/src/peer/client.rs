@@ -1,10 +1,14 @@
-//! The calling side: one cached connection per node, one stream per call.
+//! The calling side: one cached connection per node, one stream per call. Requests leave
+//! through one outbox (`runnel_protocol::Outbox`), so that calls forwarded at about the
+//! same time (each from its own API request's task) share datagrams; each answer's stream
+//! end is read (`take_end`), so that no `STOP_SENDING` follows a call alone.
 
 use std::time::Duration;
 
 use dashmap::DashMap;
 use runnel_protocol::{
-    AnswerError, JobInfo, PeerRequest, PeerResponse, read_answer, read_job_answer, write_frame,
+    AnswerError, JobInfo, Outbox, PeerRequest, PeerResponse, encode, read_answer, read_job_answer,
+    take_end,
 };
 
 use super::{SERVER_NAME, peer_node};
@@ -50,6 +54,7 @@ pub(crate) struct PeerClient {
     config: quinn::ClientConfig,
     cluster: String,
     conns: DashMap<String, quinn::Connection>,
+    outbox: Outbox<quinn::SendStream>,
 }
 
 impl std::fmt::Debug for PeerClient {
@@ -59,13 +64,15 @@ impl std::fmt::Debug for PeerClient {
 }
 
 impl PeerClient {
-    /// Calls go out from `endpoint` (the node's own peer endpoint) with `config`.
+    /// Calls go out from `endpoint` (the node's own peer endpoint) with `config`. Starts
+    /// the outbox's task on the current runtime.
     pub(crate) fn new(
         endpoint: quinn::Endpoint,
         config: quinn::ClientConfig,
         cluster: &str,
     ) -> Self {
-        Self { endpoint, config, cluster: cluster.into(), conns: DashMap::new() }
+        let outbox = Outbox::start();
+        Self { endpoint, config, cluster: cluster.into(), conns: DashMap::new(), outbox }
     }
 
     async fn connection(&self, node: &NodeRecord) -> Result<quinn::Connection, PeerError> {
@@ -107,9 +114,13 @@ impl PeerClient {
     async fn send(&self, node: &NodeRecord, req: &PeerRequest) -> Result<Answer, PeerError> {
         let conn = self.connection(node).await?;
         let broken = |reason: String| PeerError::Unreachable { node: node.id.clone(), reason };
-        let (mut send, recv) = conn.open_bi().await.map_err(|e| broken(e.to_string()))?;
-        write_frame(&mut send, req).await.map_err(|e| broken(e.to_string()))?;
-        send.finish().map_err(|e| broken(e.to_string()))?;
+        let frame = encode(req).map_err(|e| PeerError::Protocol {
+            node: node.id.clone(),
+            reason: format!("request: {e}"),
+        })?;
+        let (send, recv) = conn.open_bi().await.map_err(|e| broken(e.to_string()))?;
+        // A write that fails shows as the answer's read failing (the connection broke).
+        self.outbox.post(send, frame).map_err(|_| broken("the node is stopping".into()))?;
         Ok(Answer { node: node.id.clone(), recv, peeked: None })
     }
 
@@ -121,6 +132,7 @@ impl PeerClient {
     ) -> Result<JobInfo, PeerError> {
         let mut a = self.send(node, &req).await?;
         let answer = read_job_answer(&mut a.recv).await;
+        take_end(&mut a.recv);
         answer.map_err(|e| a.error(e))
     }
 
@@ -132,7 +144,9 @@ impl PeerClient {
         pick: impl FnOnce(PeerResponse) -> Option<T>,
     ) -> Result<T, PeerError> {
         let mut a = self.send(node, &req).await?;
-        let frame = a.next().await?;
+        let frame = a.next().await;
+        take_end(&mut a.recv);
+        let frame = frame?;
         let what = frame.what();
         pick(frame).ok_or_else(|| a.unexpected_named(what))
     }

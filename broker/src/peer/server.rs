@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures::{FutureExt, StreamExt};
 use runnel_protocol::{
     ErrorCode, JobInfo, PeerRequest, PeerResponse, encode, encode_job_answer, encode_output,
-    read_frame, write_frame,
+    read_frame, take_end, write_frame,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -122,7 +122,11 @@ async fn call(
     tenants: Arc<Tenants>,
 ) {
     let req = match read_frame::<PeerRequest, _>(&mut recv).await {
-        Ok(Some(r)) => r,
+        Ok(Some(r)) => {
+            // The request is the whole stream; its end came with it.
+            take_end(&mut recv);
+            r
+        }
         Ok(None) => return,
         Err(e) => {
             tracing::warn!(error = %e, "malformed peer request");
