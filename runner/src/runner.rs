@@ -135,7 +135,7 @@ impl RunnerBuilder {
             status: status_tx,
             live: live.clone(),
         });
-        let task = Some(tokio::spawn(run_loop(inner.clone())));
+        let task = Some(tokio::spawn(run_loop(inner)));
         Ok(RunnerHandle { status, drain, stop, task, live })
     }
 }

@@ -163,13 +163,28 @@ pub(crate) async fn session(
         },
         _ = inner.stop.cancelled() => return SessionEnd::Finished,
     };
-    let live =
-        |c: Option<quinn::Connection>| *inner.live.lock().unwrap_or_else(|p| p.into_inner()) = c;
-    live(Some(conn.clone()));
+    let live = LiveConnection::set(inner, &conn);
     let end = serve_connection(inner, &conn, sessions, &cert_pem, due).await;
-    live(None);
+    drop(live);
     endpoint.wait_idle().await;
     end
+}
+
+/// The session's connection in `RunnerHandle::stats`, for as long as the session serves
+/// it (however the session ends: also when its future is dropped).
+struct LiveConnection<'a>(&'a Inner);
+
+impl<'a> LiveConnection<'a> {
+    fn set(inner: &'a Inner, conn: &quinn::Connection) -> Self {
+        *inner.live.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
+        Self(inner)
+    }
+}
+
+impl Drop for LiveConnection<'_> {
+    fn drop(&mut self) {
+        *self.0.live.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
 }
 
 async fn serve_connection(
