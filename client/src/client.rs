@@ -8,7 +8,7 @@ use std::time::Duration;
 use runnel_protocol::transport::Stats;
 use runnel_protocol::{
     ALPN_API, ApiHello, ApiRequest, ApiWelcome, DispatchSpec, JobInfo, Outbox, PROTOCOL_VERSION,
-    PeerResponse, encode, read_answer, read_frame, read_job_answer, take_end, write_frame,
+    PeerResponse, encode, read_answer, read_frame, read_job_answer, write_frame,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -188,14 +188,8 @@ impl Client {
         let (permit, conn, mut recv) = self.open(&req).await?;
         let job = match read_answer(&mut recv).await {
             Ok(PeerResponse::Job(job)) => job,
-            Ok(other) => {
-                take_end(&mut recv);
-                return Err(Error::Protocol(format!("unexpected {}", other.what())));
-            }
-            Err(e) => {
-                take_end(&mut recv);
-                return Err(Error::answer(e, &conn));
-            }
+            Ok(other) => return Err(Error::Protocol(format!("unexpected {}", other.what()))),
+            Err(e) => return Err(Error::answer(e, &conn)),
         };
         Ok(JobHandle::new(job, recv, conn, permit))
     }
@@ -230,16 +224,12 @@ impl Client {
     /// A call answered as one job, retried once on a new connection as `retry` allows.
     async fn job_call(&self, req: &ApiRequest, retry: Retry) -> Result<JobInfo, Error> {
         let (_permit, conn, mut recv) = self.open(req).await?;
-        let answer = read_job_answer(&mut recv).await;
-        take_end(&mut recv);
-        match answer {
+        match read_job_answer(&mut recv).await {
             Ok(job) => Ok(job),
             Err(e) => match Error::answer(e, &conn) {
                 Error::Lost(_) if retry == Retry::Once => {
                     let (_permit, conn, mut recv) = self.open(req).await?;
-                    let answer = read_job_answer(&mut recv).await;
-                    take_end(&mut recv);
-                    answer.map_err(|e| Error::answer(e, &conn))
+                    read_job_answer(&mut recv).await.map_err(|e| Error::answer(e, &conn))
                 }
                 e => Err(e),
             },

@@ -1,6 +1,6 @@
 //! A followed dispatch: the accepted job, its output as it comes, its result.
 
-use runnel_protocol::{JobInfo, PeerResponse, read_answer, take_end};
+use runnel_protocol::{JobInfo, PeerResponse, read_answer};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::error::Error;
@@ -48,9 +48,9 @@ impl JobHandle {
             PeerResponse::Output(chunk) => Ok(Some(chunk)),
             PeerResponse::Job(end) => {
                 match self.next().await? {
-                    PeerResponse::End => take_end(&mut self.recv),
+                    PeerResponse::End => {}
                     other => return Err(unexpected(&other)),
-                };
+                }
                 self.ended = Some(end);
                 Ok(None)
             }

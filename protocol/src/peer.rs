@@ -310,14 +310,22 @@ pub enum AnswerError {
     Unexpected(&'static str),
 }
 
-/// The next frame of an answer; a refusal and an early end are errors.
+/// The next frame of an answer; a refusal and an early end are errors. After an answer's
+/// last frame (`End`, or a refusal) it also reads the stream's end when that came with it
+/// ([`crate::take_end`]), so that the reader may drop the stream without quinn asking the
+/// peer to stop sending, one `STOP_SENDING` per call.
 pub async fn read_answer<R>(recv: &mut R) -> Result<PeerResponse, AnswerError>
 where
     R: tokio::io::AsyncRead + Unpin,
 {
     match crate::read_frame::<PeerResponse, _>(recv).await? {
         Some(PeerResponse::Refused { status, code, message }) => {
+            crate::take_end(recv);
             Err(AnswerError::Refused { status, code, message })
+        }
+        Some(PeerResponse::End) => {
+            crate::take_end(recv);
+            Ok(PeerResponse::End)
         }
         Some(r) => Ok(r),
         None => Err(AnswerError::Ended),

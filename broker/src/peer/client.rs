@@ -1,7 +1,8 @@
 //! The calling side: one cached connection per node, one stream per call. Requests leave
 //! through one outbox (`runnel_protocol::Outbox`), so that calls forwarded at about the
 //! same time (each from its own API request's task) share datagrams; each answer's stream
-//! end is read (`take_end`), so that no `STOP_SENDING` follows a call alone.
+//! end is read (`read_answer` after a job answer or a refusal, `take_end` after a
+//! one-frame answer), so that no `STOP_SENDING` follows a call alone.
 
 use std::time::Duration;
 
@@ -132,7 +133,6 @@ impl PeerClient {
     ) -> Result<JobInfo, PeerError> {
         let mut a = self.send(node, &req).await?;
         let answer = read_job_answer(&mut a.recv).await;
-        take_end(&mut a.recv);
         answer.map_err(|e| a.error(e))
     }
 
