@@ -13,7 +13,7 @@ use runnel_protocol::{DispatchSpec, PeerRequest};
 use crate::actors::{DispatchRefusal, TenantMsg, Tenants};
 use crate::api::{ApiError, Caller};
 use crate::cluster::{Home, NodeRecord};
-use crate::jobs::{JobEntry, JobSpec, JobState, JobTable, JobView, OverBudget, Page};
+use crate::jobs::{JobEntry, JobInfoRef, JobSpec, JobState, JobTable, JobView, OverBudget, Page};
 use crate::peer::{PeerClient, PeerError};
 use crate::records::Role;
 use crate::shared::{ACTOR_CALL_TIMEOUT, Shared};
@@ -141,6 +141,39 @@ fn node_lost(id: &str, node: &str) -> JobView {
     }
 }
 
+/// A job as a call answers it: this node's entry, or the view the job's home answered.
+/// The entry is answered from without a copy of its strings ([`JobAnswer::with_view`]).
+pub(crate) enum JobAnswer {
+    /// The job is this node's.
+    Here(Arc<JobEntry>),
+    /// The view another node answered.
+    There(JobView),
+}
+
+impl JobAnswer {
+    /// `f` of the job's view, with its output (borrowed: see [`JobEntry::with_view`]).
+    pub(crate) fn with_view<R>(&self, f: impl FnOnce(JobInfoRef<'_>) -> R) -> R {
+        match self {
+            JobAnswer::Here(job) => job.with_view(true, f),
+            JobAnswer::There(view) => f(view.borrowed()),
+        }
+    }
+
+    /// The job's view, owned.
+    pub(crate) fn into_view(self) -> JobView {
+        match self {
+            JobAnswer::Here(job) => job.view(),
+            JobAnswer::There(view) => view,
+        }
+    }
+}
+
+impl From<JobView> for JobAnswer {
+    fn from(view: JobView) -> Self {
+        JobAnswer::There(view)
+    }
+}
+
 /// `POST /v1/jobs`: one message to exactly one TenantActor, the caller's, on its home.
 pub(crate) async fn dispatch(
     shared: &Shared,
@@ -148,7 +181,7 @@ pub(crate) async fn dispatch(
     caller: &Caller,
     spec: DispatchSpec,
     hop: Hop,
-) -> Result<JobView, ApiError> {
+) -> Result<JobAnswer, ApiError> {
     caller.require(&[Role::Admin, Role::Dispatcher, Role::Member])?;
     if !caller.sees_owner(&spec.owner) {
         return Err(ApiError::forbidden("a member key dispatches only to its own owner"));
@@ -158,7 +191,7 @@ pub(crate) async fn dispatch(
         Route::There(peers, node) => {
             let req = PeerRequest::Dispatch { caller: caller.to_peer(), spec };
             forwarded(shared, "dispatch");
-            return Box::pin(peers.job(&node, req)).await.map_err(peer_error);
+            return Box::pin(peers.job(&node, req)).await.map(JobAnswer::There).map_err(peer_error);
         }
         Route::Here(home) => home,
     };
@@ -218,7 +251,7 @@ pub(crate) async fn dispatch(
             (job.spec.queue_timeout + job.spec.timeout + Duration::from_secs(10)).min(MAX_WAIT);
         job.wait_terminal(limit).await;
     }
-    Ok(job.view())
+    Ok(JobAnswer::Here(job))
 }
 
 fn forwarded(_shared: &Shared, kind: &'static str) {

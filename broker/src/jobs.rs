@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 /// Output kept per job in the broker; later output is dropped and the job marked truncated.
 pub(crate) const MAX_BUFFERED_OUTPUT: usize = 1024 * 1024;
 
-pub(crate) use runnel_protocol::{JobInfo as JobView, JobState};
+pub(crate) use runnel_protocol::{JobInfo as JobView, JobInfoRef, JobState};
 
 /// What a job asks of its runner (fixed at creation).
 #[derive(Debug, Clone)]
@@ -197,33 +197,36 @@ impl JobEntry {
 
     /// The API view.
     pub(crate) fn view(&self) -> JobView {
-        let g = self.lock();
-        let output = String::from_utf8_lossy(&g.output).into_owned();
-        self.view_of(&g, output)
+        self.with_view(true, |v| v.to_owned())
     }
 
     /// [`JobEntry::view`] without the output (lists: a job's output is fetched alone).
     pub(crate) fn summary(&self) -> JobView {
-        let g = self.lock();
-        self.view_of(&g, String::new())
+        self.with_view(false, |v| v.to_owned())
     }
 
-    fn view_of(&self, g: &JobInner, output: String) -> JobView {
-        JobView {
-            id: self.id.clone(),
-            owner: self.spec.owner.clone(),
-            kind: self.spec.kind.clone(),
+    /// `f` of the API view borrowed from the entry (under its lock: `f` must not block),
+    /// with the output when `with_output`. An answer is encoded from it without copying the
+    /// entry's strings first.
+    pub(crate) fn with_view<R>(&self, with_output: bool, f: impl FnOnce(JobInfoRef<'_>) -> R) -> R {
+        let g = self.lock();
+        // Borrowed when the output is valid UTF-8, as it nearly always is.
+        let output = if with_output { String::from_utf8_lossy(&g.output) } else { "".into() };
+        f(JobInfoRef {
+            id: &self.id,
+            owner: &self.spec.owner,
+            kind: &self.spec.kind,
             state: g.state,
-            runner_id: g.runner_id.clone(),
+            runner_id: g.runner_id.as_deref(),
             exit_code: g.exit_code,
-            message: g.message.clone(),
+            message: &g.message,
             created_at_ms: self.created_at_ms,
             started_at_ms: g.started_at,
             finished_at_ms: g.finished_at,
-            output,
+            output: &output,
             output_truncated: g.output_truncated,
             output_expired: g.output_expired,
-        }
+        })
     }
 }
 

@@ -232,7 +232,7 @@ async fn follow(
     };
     let spec = runnel_protocol::DispatchSpec { wait: false, ..spec };
     let mut job = match homed::dispatch(s, t, c, spec, Hop::Api).await {
-        Ok(j) => j,
+        Ok(j) => j.into_view(),
         Err(e) => return write_frame(send, &refused(&e)).await.map_err(drop),
     };
     job.output.clear();

@@ -51,7 +51,8 @@ pub use job::{
 };
 pub use outbox::Outbox;
 pub use peer::{
-    AnswerError, DispatchSpec, JobInfo, JobState, PEER_OUTPUT_CHUNK, PeerCaller, PeerRequest,
-    PeerResponse, encode_job_answer, encode_output, read_answer, read_job_answer, read_job_output,
+    AnswerError, DispatchSpec, JobInfo, JobInfoRef, JobState, PEER_OUTPUT_CHUNK, PeerCaller,
+    PeerRequest, PeerResponse, encode_job_answer, encode_output, read_answer, read_job_answer,
+    read_job_output,
 };
 pub use version::{ALPN_API, ALPN_ENROLL, ALPN_PEER, ALPN_RUNNER, PROTOCOL_VERSION};

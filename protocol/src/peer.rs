@@ -98,6 +98,81 @@ pub struct JobInfo {
     pub output_expired: bool,
 }
 
+/// [`JobInfo`] borrowed: the same fields in the same order, so that postcard and JSON write
+/// the same bytes for it as for the owned view (`tests/frames.rs`). A broker answers a job
+/// from its entry with it, without copying the entry's strings into a [`JobInfo`] first.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct JobInfoRef<'a> {
+    /// Job id.
+    pub id: &'a str,
+    /// Owner.
+    pub owner: &'a str,
+    /// Kind.
+    pub kind: &'a str,
+    /// State.
+    pub state: JobState,
+    /// Runner that took it.
+    pub runner_id: Option<&'a str>,
+    /// Exit code, where the process exited.
+    pub exit_code: Option<i32>,
+    /// How it ended, in words.
+    pub message: &'a str,
+    /// Creation time (unix ms).
+    pub created_at_ms: i64,
+    /// Start (unix ms).
+    pub started_at_ms: Option<i64>,
+    /// End (unix ms).
+    pub finished_at_ms: Option<i64>,
+    /// Output so far (UTF-8, lossy).
+    pub output: &'a str,
+    /// Whether output was cut.
+    pub output_truncated: bool,
+    /// Whether the broker let go of the output.
+    pub output_expired: bool,
+}
+
+impl JobInfo {
+    /// This view, borrowed.
+    pub fn borrowed(&self) -> JobInfoRef<'_> {
+        JobInfoRef {
+            id: &self.id,
+            owner: &self.owner,
+            kind: &self.kind,
+            state: self.state,
+            runner_id: self.runner_id.as_deref(),
+            exit_code: self.exit_code,
+            message: &self.message,
+            created_at_ms: self.created_at_ms,
+            started_at_ms: self.started_at_ms,
+            finished_at_ms: self.finished_at_ms,
+            output: &self.output,
+            output_truncated: self.output_truncated,
+            output_expired: self.output_expired,
+        }
+    }
+}
+
+impl JobInfoRef<'_> {
+    /// The owned view.
+    pub fn to_owned(&self) -> JobInfo {
+        JobInfo {
+            id: self.id.to_owned(),
+            owner: self.owner.to_owned(),
+            kind: self.kind.to_owned(),
+            state: self.state,
+            runner_id: self.runner_id.map(str::to_owned),
+            exit_code: self.exit_code,
+            message: self.message.to_owned(),
+            created_at_ms: self.created_at_ms,
+            started_at_ms: self.started_at_ms,
+            finished_at_ms: self.finished_at_ms,
+            output: self.output.to_owned(),
+            output_truncated: self.output_truncated,
+            output_expired: self.output_expired,
+        }
+    }
+}
+
 /// Who a forwarded call is made for, as the node that authenticated the API key saw it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerCaller {
@@ -256,7 +331,7 @@ impl PeerResponse {
 /// keep their places, so postcard writes the same index for each.
 #[derive(Serialize)]
 enum PeerResponseRef<'a> {
-    Job(&'a JobInfo),
+    Job(JobInfoRef<'a>),
     _Jobs,
     Output(#[serde(with = "crate::bytes")] &'a [u8]),
     End,
@@ -274,12 +349,14 @@ pub fn encode_output(out: &mut Vec<u8>, output: &[u8]) -> Result<(), crate::Fram
 }
 
 /// A job's whole answer, as [`read_job_answer`] reads it, in one buffer (one write):
-/// [`PeerResponse::Job`] with `job` (its `output` must be empty), `output` as
-/// [`encode_output`] writes it, then [`PeerResponse::End`]. The frames are the same bytes
-/// as each encoded on its own (`tests/frames.rs`).
-pub fn encode_job_answer(job: &JobInfo, output: &[u8]) -> Result<Vec<u8>, crate::FrameError> {
+/// [`PeerResponse::Job`] with `job` less its output, the output as [`encode_output`] writes
+/// it, then [`PeerResponse::End`]. The frames are the same bytes as each encoded on its own
+/// (`tests/frames.rs`).
+pub fn encode_job_answer(job: JobInfoRef<'_>) -> Result<Vec<u8>, crate::FrameError> {
+    let output = job.output.as_bytes();
+    let job = JobInfoRef { output: "", ..job };
     // The job's frame is small; End is 5 bytes.
-    let mut out = Vec::with_capacity(256);
+    let mut out = Vec::with_capacity(256 + output.len());
     crate::encode_append(&mut out, &PeerResponseRef::Job(job))?;
     encode_output(&mut out, output)?;
     crate::encode_append(&mut out, &PeerResponseRef::End)?;

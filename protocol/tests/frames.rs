@@ -196,6 +196,40 @@ proptest! {
     }
 }
 
+prop_compose! {
+    fn any_job()(
+        (id, owner, kind) in (".{0,40}", ".{0,20}", "[a-z]{0,12}"),
+        state in prop_oneof![Just(JobState::Queued), Just(JobState::Succeeded), Just(JobState::NodeLost)],
+        runner_id in proptest::option::of(".{0,20}"),
+        exit_code in proptest::option::of(any::<i32>()),
+        message in ".{0,60}",
+        times in (any::<i64>(), proptest::option::of(any::<i64>()), proptest::option::of(any::<i64>())),
+        output in ".{0,300}",
+        flags in (any::<bool>(), any::<bool>()),
+    ) -> JobInfo {
+        JobInfo {
+            id, owner, kind, state, runner_id, exit_code, message,
+            created_at_ms: times.0, started_at_ms: times.1, finished_at_ms: times.2,
+            output, output_truncated: flags.0, output_expired: flags.1,
+        }
+    }
+}
+
+proptest! {
+    /// A broker answers from its job entry through the borrowed view: postcard and JSON
+    /// write the owned view's bytes for it, for any job (fails if a field is added to one
+    /// and not the other, or their order drifts), and it converts back to the same job.
+    #[test]
+    fn a_borrowed_job_view_encodes_as_the_owned_one(job in any_job()) {
+        prop_assert_eq!(encode(&job.borrowed()).unwrap(), encode(&job).unwrap());
+        prop_assert_eq!(
+            serde_json::to_vec(&job.borrowed()).unwrap(),
+            serde_json::to_vec(&job).unwrap()
+        );
+        prop_assert_eq!(job.borrowed().to_owned(), job);
+    }
+}
+
 /// The frames' byte fields as serde's own `Vec<u8>` impls write them (one `u8` at a
 /// time): what every peer built before those fields were written as byte strings sent.
 mod as_a_sequence {
@@ -269,13 +303,17 @@ fn a_job_answer_in_one_buffer_is_its_frames_one_by_one() {
     let job = ended_job();
     for len in [0, 1, 256, PEER_OUTPUT_CHUNK - 1, PEER_OUTPUT_CHUNK, PEER_OUTPUT_CHUNK + 1, 150_000]
     {
-        let output: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        // Two-byte characters, so that chunks also split one.
+        let output: String = (0..len).map(|i| if i % 7 == 0 { 'é' } else { 'x' }).collect();
+        let output = output.as_bytes()[..len].to_vec();
+        let output = String::from_utf8_lossy(&output).into_owned();
         let mut expected = encode(&PeerResponse::Job(job.clone())).unwrap();
-        for chunk in output.chunks(PEER_OUTPUT_CHUNK) {
+        for chunk in output.as_bytes().chunks(PEER_OUTPUT_CHUNK) {
             expected.extend(encode(&PeerResponse::Output(chunk.to_vec())).unwrap());
         }
         expected.extend(encode(&PeerResponse::End).unwrap());
-        let answer = encode_job_answer(&job, &output).unwrap();
+        let with_output = JobInfo { output: output.clone(), ..job.clone() };
+        let answer = encode_job_answer(with_output.borrowed()).unwrap();
         assert_eq!(answer, expected, "{len} bytes of output");
         let (back, used): (PeerResponse, usize) = decode(&answer).unwrap();
         assert_eq!(back, PeerResponse::Job(job.clone()));
@@ -291,7 +329,7 @@ fn a_job_answer_in_one_buffer_is_its_frames_one_by_one() {
             }
         }
         assert!(rest.is_empty());
-        assert_eq!(got, output);
+        assert_eq!(got, output.as_bytes());
     }
 }
 

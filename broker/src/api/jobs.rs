@@ -138,9 +138,11 @@ pub(super) async fn create(
         queue_timeout_ms: ms(queue_timeout),
         wait,
     };
-    let view = homed::dispatch(&shared, &tenants, &caller, spec, Hop::Api).await?;
-    let status = if view.state.is_terminal() { StatusCode::OK } else { StatusCode::CREATED };
-    Ok((status, Json(view)).into_response())
+    let answer = homed::dispatch(&shared, &tenants, &caller, spec, Hop::Api).await?;
+    Ok(answer.with_view(|view| {
+        let status = if view.state.is_terminal() { StatusCode::OK } else { StatusCode::CREATED };
+        (status, Json(view)).into_response()
+    }))
 }
 
 /// Whose runners a dispatch is for: a member key's own owner (another is refused), else

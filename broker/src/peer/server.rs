@@ -6,15 +6,15 @@ use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use runnel_protocol::{
-    ErrorCode, JobInfo, PeerRequest, PeerResponse, encode, encode_job_answer, encode_output,
-    read_frame, take_end, write_frame,
+    ErrorCode, PeerRequest, PeerResponse, encode, encode_job_answer, encode_output, read_frame,
+    take_end, write_frame,
 };
 use tokio_util::sync::CancellationToken;
 
 use super::peer_node;
 use crate::actors::Tenants;
 use crate::api::{ApiError, Caller};
-use crate::homed::{self, Hop, Output};
+use crate::homed::{self, Hop, JobAnswer, Output};
 use crate::shared::Shared;
 
 /// Longest a peer handshake may take.
@@ -103,13 +103,10 @@ pub(crate) fn refused(e: &ApiError) -> PeerResponse {
 /// whose thread caches serve that size: BENCHMARKS.md.)
 pub(crate) fn write_job(
     send: &mut quinn::SendStream,
-    r: Result<JobInfo, ApiError>,
+    r: Result<impl Into<JobAnswer>, ApiError>,
 ) -> impl std::future::Future<Output = Result<(), ()>> + '_ {
     let answer = match r {
-        Ok(mut job) => {
-            let output = std::mem::take(&mut job.output);
-            encode_job_answer(&job, output.as_bytes())
-        }
+        Ok(job) => job.into().with_view(encode_job_answer),
         Err(e) => encode(&refused(&e)),
     };
     async move { send.write_all(&answer.map_err(drop)?).await.map_err(drop) }
