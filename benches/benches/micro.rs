@@ -99,7 +99,7 @@ fn selection(c: &mut Criterion) {
             pool.insert(
                 i,
                 Slot {
-                    runner_id: format!("r{i}"),
+                    runner_id: format!("r{i}").into(),
                     owner: format!("o{}", i as usize % owners),
                     labels: BTreeMap::new(),
                     kinds: vec!["exec".into()],

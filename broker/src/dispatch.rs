@@ -16,8 +16,8 @@ pub(crate) type ConnId = u64;
 /// What the tenant knows of one connected runner.
 #[derive(Debug, Clone)]
 pub struct Slot {
-    /// Runner id.
-    pub runner_id: String,
+    /// Runner id (shared with the jobs it runs: see [`crate::jobs::JobEntry::mark_running`]).
+    pub runner_id: std::sync::Arc<str>,
     /// Owner.
     pub owner: String,
     /// Effective labels (admin-set, then the runner's own where the admin set none).
@@ -54,7 +54,7 @@ impl Slot {
     /// Whether this runner could take the job at all (ignoring load).
     pub(crate) fn fits(&self, needs: &Needs<'_>) -> bool {
         self.owner == needs.owner
-            && needs.runner_id.is_none_or(|id| id == self.runner_id)
+            && needs.runner_id.is_none_or(|id| id == &*self.runner_id)
             && needs.labels.iter().all(|(k, v)| self.labels.get(k) == Some(v))
             && self.kinds.iter().any(|k| k == needs.kind)
     }
@@ -88,7 +88,7 @@ type Rank = (u32, bool, Reverse<u64>, ConnId);
 pub struct Pool {
     slots: HashMap<ConnId, Slot>,
     free: HashMap<String, BTreeSet<Rank>>,
-    by_runner: HashMap<String, Vec<ConnId>>,
+    by_runner: HashMap<std::sync::Arc<str>, Vec<ConnId>>,
 }
 
 impl Slot {
@@ -123,10 +123,10 @@ impl Pool {
                 self.free.remove(&slot.owner);
             }
         }
-        if let Some(v) = self.by_runner.get_mut(&slot.runner_id) {
+        if let Some(v) = self.by_runner.get_mut(&*slot.runner_id) {
             v.retain(|c| *c != conn);
             if v.is_empty() {
-                self.by_runner.remove(&slot.runner_id);
+                self.by_runner.remove(&*slot.runner_id);
             }
         }
         Some(slot)

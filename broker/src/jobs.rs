@@ -42,7 +42,7 @@ pub(crate) struct JobSpec {
 #[derive(Debug)]
 struct JobInner {
     state: JobState,
-    runner_id: Option<String>,
+    runner_id: Option<Arc<str>>,
     exit_code: Option<i32>,
     message: String,
     started_at: Option<i64>,
@@ -95,19 +95,24 @@ impl JobEntry {
         self.changed.notify_waiters();
     }
 
+    /// The job's key in the table: its id's random part, unique among the table's jobs.
+    pub(crate) fn key(&self) -> u64 {
+        self.key
+    }
+
     /// Current state.
     pub(crate) fn state(&self) -> JobState {
         self.lock().state
     }
 
     /// Queued → running on `runner_id`; false if the job is no longer queued.
-    pub(crate) fn mark_running(&self, runner_id: &str) -> bool {
+    pub(crate) fn mark_running(&self, runner_id: &Arc<str>) -> bool {
         let mut g = self.lock();
         if g.state != JobState::Queued {
             return false;
         }
         g.state = JobState::Running;
-        g.runner_id = Some(runner_id.into());
+        g.runner_id = Some(runner_id.clone());
         g.started_at = Some(now_ms());
         drop(g);
         let m = crate::metrics::jobs();
@@ -343,7 +348,11 @@ type JobsById = DashMap<u64, Arc<JobEntry>, BuildHasherDefault<RandomKeyHasher>>
 /// an allocation, a hash of 20-odd bytes and a string compare per insert and remove, the
 /// remove on a job long out of the cache (BENCHMARKS.md, 2026-12-05 later).
 #[derive(Debug, Default)]
-struct RandomKeyHasher(u64);
+pub(crate) struct RandomKeyHasher(u64);
+
+/// Jobs (or anything of a job) by their [`JobEntry::key`], hashed as [`JobsById`] is.
+pub(crate) type ByJobKey<V> =
+    std::collections::HashMap<u64, V, BuildHasherDefault<RandomKeyHasher>>;
 
 impl Hasher for RandomKeyHasher {
     fn finish(&self) -> u64 {
@@ -637,7 +646,7 @@ pub(crate) mod tests {
 
     fn done(t: &JobTable, tenant: &str, output: usize) -> Arc<JobEntry> {
         let j = t.create(tenant, spec(), None).expect("budget");
-        assert!(j.mark_running("r"));
+        assert!(j.mark_running(&"r".into()));
         t.append_output(&j, vec![b'x'; output]);
         t.finish(&j, Finish::new(JobState::Succeeded, ""));
         j
@@ -655,8 +664,8 @@ pub(crate) mod tests {
         {
             assert_eq!(JobTable::home_of(bad), None, "{bad}");
         }
-        assert!(j.mark_running("r1"));
-        assert!(!j.mark_running("r2"));
+        assert!(j.mark_running(&"r1".into()));
+        assert!(!j.mark_running(&"r2".into()));
         assert!(t.finish(&j, Finish::new(JobState::Succeeded, "")));
         assert!(!t.finish(&j, Finish::new(JobState::RunnerLost, "late")));
         assert_eq!(j.view().state, JobState::Succeeded);
@@ -671,7 +680,7 @@ pub(crate) mod tests {
         let t = Arc::new(table(10, 1 << 30, 100));
         for _ in 0..200 {
             let j = t.create("t", spec(), None).unwrap();
-            assert!(j.mark_running("r"));
+            assert!(j.mark_running(&"r".into()));
             let follower = tokio::spawn({
                 let j = j.clone();
                 async move {
@@ -792,7 +801,7 @@ pub(crate) mod tests {
     fn output_is_capped_per_job_and_by_a_running_tenants_budget() {
         let t = table(2, 4 << 20, 100);
         let j = t.create("t", spec(), None).unwrap();
-        assert!(j.mark_running("r"));
+        assert!(j.mark_running(&"r".into()));
         t.append_output(&j, vec![b'a'; MAX_BUFFERED_OUTPUT - 1]);
         t.append_output(&j, b"bcd".to_vec());
         let v = j.view();
@@ -806,7 +815,7 @@ pub(crate) mod tests {
             t.create("t", spec(), None).unwrap(),
         );
         for x in [&a, &b, &c, &d] {
-            assert!(x.mark_running("r"));
+            assert!(x.mark_running(&"r".into()));
             t.append_output(x, vec![b'z'; MAX_BUFFERED_OUTPUT]);
         }
         assert!(t.held_bytes("t") <= 4 << 20);

@@ -18,7 +18,7 @@ use super::runner_connection::{
     Attach, ConnectionArgs, ConnectionEvent, ConnectionMsg, JobInbox, RunnerConnection,
 };
 use crate::dispatch::{ConnId, Needs, Pool, Slot};
-use crate::jobs::{Finish, JobEntry, JobState};
+use crate::jobs::{ByJobKey, Finish, JobEntry, JobState};
 use crate::records::RunnerState;
 use crate::shared::Shared;
 
@@ -124,7 +124,7 @@ pub(crate) struct TenantState {
     shared: Arc<Shared>,
     pool: Pool,
     /// Jobs sent to each connection and not yet done.
-    running: HashMap<ConnId, HashMap<String, Arc<JobEntry>>>,
+    running: HashMap<ConnId, ByJobKey<Arc<JobEntry>>>,
     queue: VecDeque<Arc<JobEntry>>,
     seq: u64,
     links: HashMap<ConnId, Link>,
@@ -218,7 +218,7 @@ impl TenantState {
         }
         self.seq += 1;
         self.pool.assign(conn, self.seq);
-        self.running.entry(conn).or_default().insert(job.id.clone(), job.clone());
+        self.running.entry(conn).or_default().insert(job.key(), job.clone());
         Placed::On(conn)
     }
 
@@ -260,7 +260,7 @@ impl TenantState {
 
     /// A job on `conn` ended: its slot is free again, so queued work may start.
     fn job_done(&mut self, conn: ConnId, job: &JobEntry) -> Vec<Start> {
-        let was_there = self.running.get_mut(&conn).is_some_and(|j| j.remove(&job.id).is_some());
+        let was_there = self.running.get_mut(&conn).is_some_and(|j| j.remove(&job.key()).is_some());
         if was_there {
             // What the end says of the runner: a cancel is the caller's doing, a lost job
             // the connection's or the node's.
@@ -399,7 +399,7 @@ impl TenantState {
         labels.extend(record_labels);
         let conn_id = self.shared.next_conn_id();
         let slot = Slot {
-            runner_id: id.runner.clone(),
+            runner_id: id.runner.as_str().into(),
             owner: id.owner.clone(),
             labels,
             kinds: a.hello.kinds.clone(),

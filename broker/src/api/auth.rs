@@ -16,8 +16,8 @@ use crate::shared::Shared;
 /// Who is calling, from a verified API key.
 #[derive(Debug, Clone)]
 pub(crate) struct Caller {
-    /// Key id (for the audit log).
-    pub key_id: String,
+    /// Key id (for the audit log and its rate limit).
+    pub key_id: Arc<str>,
     /// Role.
     pub role: Role,
     /// Tenant (None for operators).
@@ -54,7 +54,7 @@ impl Caller {
     /// The caller as a forwarded call carries it to the tenant's home.
     pub(crate) fn to_peer(&self) -> runnel_protocol::PeerCaller {
         runnel_protocol::PeerCaller {
-            key_id: self.key_id.clone(),
+            key_id: self.key_id.to_string(),
             role: self.role.name().to_owned(),
             tenant: self.tenant.clone(),
             owner: self.owner.clone(),
@@ -65,7 +65,7 @@ impl Caller {
     /// key); None for a role this build does not know.
     pub(crate) fn from_peer(p: runnel_protocol::PeerCaller) -> Option<Self> {
         let role = Role::from_name(&p.role)?;
-        Some(Self { key_id: p.key_id, role, tenant: p.tenant, owner: p.owner })
+        Some(Self { key_id: p.key_id.into(), role, tenant: p.tenant, owner: p.owner })
     }
 
     /// `actor` string for audit events.
@@ -112,7 +112,8 @@ pub(crate) fn authenticate(shared: &Shared, presented: &str) -> Result<Caller, A
         failed("unknown", "malformed");
         return Err(ApiError::unauthorized("invalid API key"));
     };
-    let Some(rec) = shared.keys.get(id).map(|r| r.clone()) else {
+    // Read in place, as `still_good` does (no copy of the whole record per request).
+    let Some(rec) = shared.keys.get(id) else {
         failed("unknown", "unknown_id");
         return Err(ApiError::unauthorized("invalid API key"));
     };
@@ -122,8 +123,9 @@ pub(crate) fn authenticate(shared: &Shared, presented: &str) -> Result<Caller, A
         failed(&rec.id, "bad_secret");
         return Err(ApiError::unauthorized("invalid API key"));
     }
-    usable(shared, &rec)?;
-    Ok(Caller { key_id: rec.id, role: rec.role, tenant: rec.tenant, owner: rec.owner })
+    let key_id: Arc<str> = rec.id.as_str().into();
+    usable(shared, &rec, &key_id)?;
+    Ok(Caller { key_id, role: rec.role, tenant: rec.tenant.clone(), owner: rec.owner.clone() })
 }
 
 /// A caller whose secret was already verified (a native API connection, per call): its key
@@ -131,14 +133,15 @@ pub(crate) fn authenticate(shared: &Shared, presented: &str) -> Result<Caller, A
 pub(crate) fn still_good(shared: &Shared, caller: &Caller) -> Result<(), ApiError> {
     // Read in place (no copy of the record per call); `usable` touches no other entry of
     // `keys`, so holding the read guard meanwhile is safe.
-    let Some(rec) = shared.keys.get(&caller.key_id) else {
+    let Some(rec) = shared.keys.get(&*caller.key_id) else {
         failed("unknown", "unknown_id");
         return Err(ApiError::unauthorized("API key revoked"));
     };
-    usable(shared, &rec)
+    usable(shared, &rec, &caller.key_id)
 }
 
-fn usable(shared: &Shared, rec: &ApiKey) -> Result<(), ApiError> {
+/// `rec`, the record of key `key_id`, is usable now, and the key within its rate.
+fn usable(shared: &Shared, rec: &ApiKey, key_id: &Arc<str>) -> Result<(), ApiError> {
     let now = now_unix();
     if let Some(why) = rec.unusable(now) {
         failed(&rec.id, why);
@@ -149,7 +152,7 @@ fn usable(shared: &Shared, rec: &ApiKey) -> Result<(), ApiError> {
         shared.refusals.note(rec.tenant.as_deref(), &format!("key:{}", rec.id), reason);
         return Err(ApiError::unauthorized(format!("API key {why}")));
     }
-    shared.rate_limits.check_key(&rec.id)?;
+    shared.rate_limits.check_key(key_id)?;
     // Per request: update in place; allocate the key's entry only on its first use.
     match shared.key_last_used.get_mut(&rec.id) {
         Some(mut t) => *t = now,

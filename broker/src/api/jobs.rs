@@ -120,11 +120,11 @@ pub(super) async fn create(
     State(shared): State<Arc<Shared>>,
     State(tenants): State<Arc<Tenants>>,
     caller: Caller,
-    ApiJson(body): ApiJson<CreateJob>,
+    ApiJson(mut body): ApiJson<CreateJob>,
 ) -> Result<Response, ApiError> {
     caller.require(&[Role::Admin, Role::Dispatcher, Role::Member])?;
     caller.tenant()?;
-    let owner = dispatch_owner(&caller, body.owner.as_deref())?;
+    let owner = dispatch_owner(&caller, body.owner.take())?;
     let (payload, timeout, queue_timeout) = body.checked(&shared.config)?;
     // Moved, not copied, out of the body (this runs for every HTTP dispatch).
     let CreateJob { runner_id, labels, kind, wait, .. } = body;
@@ -147,13 +147,13 @@ pub(super) async fn create(
 
 /// Whose runners a dispatch is for: a member key's own owner (another is refused), else
 /// the owner asked for, which must be a valid name.
-fn dispatch_owner(caller: &Caller, asked: Option<&str>) -> Result<String, ApiError> {
+fn dispatch_owner(caller: &Caller, asked: Option<String>) -> Result<String, ApiError> {
     let owner = match (&caller.role, asked, &caller.owner) {
-        (Role::Member, Some(o), Some(mine)) if o != mine => {
+        (Role::Member, Some(o), Some(mine)) if o != *mine => {
             return Err(ApiError::forbidden("a member key dispatches only to its own owner"));
         }
         (Role::Member, _, Some(mine)) => mine.clone(),
-        (_, Some(o), _) => o.to_owned(),
+        (_, Some(o), _) => o,
         _ => return Err(ApiError::bad_request("owner is required")),
     };
     runnel_certs::identity::validate_segment("owner", &owner)
@@ -169,7 +169,8 @@ pub(crate) fn checked_spec(
     caller: &Caller,
     mut spec: DispatchSpec,
 ) -> Result<DispatchSpec, ApiError> {
-    spec.owner = dispatch_owner(caller, Some(spec.owner.as_str()).filter(|o| !o.is_empty()))?;
+    let asked = Some(std::mem::take(&mut spec.owner)).filter(|o| !o.is_empty());
+    spec.owner = dispatch_owner(caller, asked)?;
     runnel_certs::identity::validate_segment("kind", &spec.kind)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     super::runners::validate_labels(&spec.labels)?;

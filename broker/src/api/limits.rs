@@ -19,7 +19,8 @@ use crate::shared::Shared;
 #[derive(Debug)]
 pub(crate) struct RateLimits {
     per_source: Keyed<IpAddr>,
-    per_key: Keyed<String>,
+    /// By key id, shared with the callers ([`super::Caller::key_id`]): no copy per request.
+    per_key: Keyed<Arc<str>>,
 }
 
 impl RateLimits {
@@ -44,8 +45,8 @@ impl RateLimits {
     }
 
     /// One request with the verified key `key_id`.
-    pub(crate) fn check_key(&self, key_id: &str) -> Result<(), ApiError> {
-        self.per_key.check(&key_id.to_owned()).map_err(|s| Self::refuse("key", s))
+    pub(crate) fn check_key(&self, key_id: &Arc<str>) -> Result<(), ApiError> {
+        self.per_key.check(key_id).map_err(|s| Self::refuse("key", s))
     }
 
     /// Forgets the buckets that are full again (see [`Keyed::forget_idle`]).
@@ -85,15 +86,17 @@ mod tests {
         assert!(refused.retry_after.is_some_and(|s| s >= 1));
         // Another source has its own bucket.
         l.check_source([10, 0, 0, 2].into()).expect("another source");
+        let (k1, k2): (Arc<str>, Arc<str>) = ("k1".into(), "k2".into());
         for _ in 0..6 {
-            l.check_key("k1").expect("within the burst");
+            l.check_key(&k1).expect("within the burst");
         }
-        assert!(l.check_key("k1").is_err());
-        assert!(l.check_key("k2").is_ok());
+        // Another Arc of the same id is the same key.
+        assert!(l.check_key(&"k1".into()).is_err());
+        assert!(l.check_key(&k2).is_ok());
         let off = RateLimits::new(0, 0);
         for _ in 0..10_000 {
             off.check_source(ip).expect("no limit");
-            off.check_key("k1").expect("no limit");
+            off.check_key(&k1).expect("no limit");
         }
     }
 }
