@@ -51,6 +51,7 @@ mod secret;
 mod shared;
 mod store;
 mod verifier;
+mod wake_gate;
 
 pub use broker::{Broker, BrokerHandle, SpawnError};
 pub use cluster::JoinError;

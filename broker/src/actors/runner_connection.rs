@@ -10,10 +10,11 @@
 //! the way quinn-proto's connection talks back to its endpoint only through
 //! `EndpointEvent`: the tree's imports point down, tenant → connection, never back.
 
+use std::future::{Future, poll_fn};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{FutureExt, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use ractor::{Actor, ActorProcessingErr, ActorRef, DerivedActorRef};
 use runnel_certs::RunnerIdentity;
 use runnel_protocol::{
@@ -29,6 +30,7 @@ use crate::jobs::{Finish, JobEntry, JobState, JobTable};
 use crate::metrics::names;
 use crate::records::{AuditEvent, RunnerState, now_unix};
 use crate::shared::Shared;
+use crate::wake_gate::WakeGate;
 
 /// How long after its run-time limit a job may take to report before the broker gives up.
 const RESULT_GRACE: Duration = Duration::from_secs(5);
@@ -370,6 +372,10 @@ async fn connection_io(
     let incoming = InboxGuard(incoming);
     let closed = conn.closed();
     tokio::pin!(closed);
+    // The close, the actor's messages and the runner's control frames come seldom; the
+    // task wakes several times per job. Behind the gate they are polled only once woken
+    // (each poll of the control stream takes the connection's lock).
+    let gate = WakeGate::new();
     let mut reading = true;
     // Boxed: FuturesUnordered keeps a stub task with room for one future, on every
     // connection, idle ones included (~1.5 KiB unboxed).
@@ -383,7 +389,7 @@ async fn connection_io(
     let mut end_by: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     loop {
         tokio::select! {
-            reason = &mut closed => {
+            reason = poll_fn(|cx| gate.poll(0, cx, |cx| closed.as_mut().poll(cx))) => {
                 // Every job still here fails at once on the closed connection: let each
                 // say so, then stop.
                 while running.next().await.is_some() {}
@@ -413,7 +419,7 @@ async fn connection_io(
                 ended.clear();
                 end_by = None;
             }
-            msg = outbox.recv(), if writing => match msg {
+            msg = poll_fn(|cx| gate.poll(1, cx, |cx| outbox.poll_recv(cx))), if writing => match msg {
                 Some(msg) => {
                     let written =
                         tokio::time::timeout(CONTROL_WRITE_LIMIT, write_frame(&mut send, &msg));
@@ -426,7 +432,8 @@ async fn connection_io(
                 // post_stop): the connection goes with it, so the runner reconnects.
                 None => return close(&conn, ErrorCode::GoingAway, "connection actor stopped"),
             },
-            next = frames.next(), if reading => match next {
+            next = poll_fn(|cx| gate.poll(2, cx, |cx| frames.as_mut().poll_next(cx))), if reading => {
+                match next {
                 Some(Ok(Some(msg))) => {
                     if me.cast(ConnectionMsg::Control(msg)).is_err() {
                         return close(&conn, ErrorCode::GoingAway, "connection actor stopped");
@@ -445,7 +452,8 @@ async fn connection_io(
                     close(&conn, e.code(), "bad control frame");
                     reading = false;
                 }
-            },
+                }
+            }
         }
     }
 }
