@@ -202,12 +202,12 @@ impl JobEntry {
 
     /// The API view.
     pub(crate) fn view(&self) -> JobView {
-        self.with_view(true, |v| v.to_owned())
+        self.with_view(true, |v| v.to_info())
     }
 
     /// [`JobEntry::view`] without the output (lists: a job's output is fetched alone).
     pub(crate) fn summary(&self) -> JobView {
-        self.with_view(false, |v| v.to_owned())
+        self.with_view(false, |v| v.to_info())
     }
 
     /// `f` of the API view borrowed from the entry (under its lock: `f` must not block),

@@ -154,7 +154,7 @@ impl JobInfo {
 
 impl JobInfoRef<'_> {
     /// The owned view.
-    pub fn to_owned(&self) -> JobInfo {
+    pub fn to_info(&self) -> JobInfo {
         JobInfo {
             id: self.id.to_owned(),
             owner: self.owner.to_owned(),

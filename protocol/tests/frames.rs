@@ -226,7 +226,7 @@ proptest! {
             serde_json::to_vec(&job.borrowed()).unwrap(),
             serde_json::to_vec(&job).unwrap()
         );
-        prop_assert_eq!(job.borrowed().to_owned(), job);
+        prop_assert_eq!(job.borrowed().to_info(), job);
     }
 }
 
