@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use runnel_protocol::{
     BrokerJobFrame, ErrorCode, JobOutcome, JobRequest, Outbox, RunnerJobFrame, encode_append,
-    read_frame, write_frame,
+    read_frame,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -56,26 +56,16 @@ async fn run_job(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    let refuse = |why: &str| RunnerJobFrame::Result(handler::rejected(why));
     let (handler, permit) =
         match (inner.handlers.get(&req.kind), inner.permits.clone().try_acquire_owned()) {
             _ if inner.draining.load(Ordering::Relaxed) => {
-                let _ = write_frame(&mut send, &refuse("runner is draining")).await;
-                let _ = send.finish();
-                return;
+                return refuse(&outbox, send, recv, "runner is draining").await;
             }
             (None, _) => {
-                let _ =
-                    write_frame(&mut send, &refuse(&format!("no handler for kind {:?}", req.kind)))
-                        .await;
-                let _ = send.finish();
-                return;
+                let why = format!("no handler for kind {:?}", req.kind);
+                return refuse(&outbox, send, recv, &why).await;
             }
-            (_, Err(_)) => {
-                let _ = write_frame(&mut send, &refuse("runner is at capacity")).await;
-                let _ = send.finish();
-                return;
-            }
+            (_, Err(_)) => return refuse(&outbox, send, recv, "runner is at capacity").await,
             (Some(h), Ok(p)) => (h.clone(), p),
         };
     let cancel = CancellationToken::new();
@@ -158,4 +148,20 @@ async fn run_job(
     let _ = writer.await;
     // A Cancel now is too late to matter; the listener only reads the broker's end.
     let _ = tokio::time::timeout(END_WAIT, listener).await;
+}
+
+/// Refuses a job: its Result says why, and its stream ends as every job's does after the
+/// Result (through the outbox, then the broker's end read rather than the stream dropped
+/// unread, which would send a `STOP_SENDING`).
+async fn refuse(
+    outbox: &Outbox<quinn::SendStream>,
+    send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    why: &str,
+) {
+    let mut bytes = Vec::new();
+    if encode_append(&mut bytes, &RunnerJobFrame::Result(handler::rejected(why))).is_ok() {
+        let _ = outbox.deliver(send, bytes).await;
+    }
+    let _ = tokio::time::timeout(END_WAIT, read_frame::<BrokerJobFrame, _>(&mut recv)).await;
 }

@@ -432,8 +432,7 @@ async fn connection_io(
                 // post_stop): the connection goes with it, so the runner reconnects.
                 None => return close(&conn, ErrorCode::GoingAway, "connection actor stopped"),
             },
-            next = poll_fn(|cx| gate.poll(2, cx, |cx| frames.as_mut().poll_next(cx))), if reading => {
-                match next {
+            next = poll_fn(|cx| gate.poll(2, cx, |cx| frames.as_mut().poll_next(cx))), if reading => match next {
                 Some(Ok(Some(msg))) => {
                     if me.cast(ConnectionMsg::Control(msg)).is_err() {
                         return close(&conn, ErrorCode::GoingAway, "connection actor stopped");
@@ -452,8 +451,7 @@ async fn connection_io(
                     close(&conn, e.code(), "bad control frame");
                     reading = false;
                 }
-                }
-            }
+            },
         }
     }
 }
