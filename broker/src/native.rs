@@ -1,24 +1,30 @@
 //! `runnel-api/1`, the native API on the broker's QUIC endpoint (see
 //! `runnel_protocol::ApiRequest`): an API key in the first frame, then one stream per call,
-//! many at a time. Every call goes through the same single check sites as the HTTP API:
-//! the key through `api::authenticate` (and `api::still_good` on each call, so a key
+//! many at a time, or many calls on one stream (a lane). Every call goes through the same
+//! single check sites as the HTTP API: the key through `api::authenticate` (and `api::still_good` on each call, so a key
 //! revoked while a connection is open stops working on its next call), the spec through
 //! `api::checked_spec`, and the call itself through `homed`, which checks the tenant and
 //! owner and forwards to the tenant's home in a cluster.
 
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+use runnel_protocol::limits::{LANE_MAX_CALLS, LANE_MAX_UNWRITTEN};
 use runnel_protocol::{
-    ApiHello, ApiRequest, ApiWelcome, ErrorCode, PROTOCOL_VERSION, PeerResponse, read_frame,
-    take_end, write_frame,
+    ApiHello, ApiRequest, ApiWelcome, ErrorCode, LaneAnswer, LaneCall, PROTOCOL_VERSION,
+    PeerResponse, encode, encode_append, read_frame, take_end, write_frame,
 };
 
 use crate::actors::Tenants;
 use crate::api::{ApiError, Caller, authenticate, checked_spec, still_good};
 use crate::homed::{self, Hop, Output};
 use crate::metrics::names;
-use crate::peer::{refused, send_output, serve_calls, write_job};
+use crate::peer::{job_answer, refused, send_output, serve_calls};
 use crate::records::Role;
 use crate::shared::Shared;
 
@@ -87,8 +93,8 @@ pub(crate) async fn serve(
 }
 
 /// The `call` label values of `runnel_native_calls_total`.
-const CALLS: [&str; 7] =
-    ["dispatch", "follow", "get", "cancel", "wait", "refused_hello", "malformed"];
+const CALLS: [&str; 8] =
+    ["dispatch", "follow", "get", "cancel", "wait", "lane", "refused_hello", "malformed"];
 
 /// One more `call` in `runnel_native_calls_total`; the handles are looked up once, after
 /// the recorder is installed (as `metrics::jobs()` does for the job path).
@@ -142,6 +148,10 @@ async fn call(
     caller: Arc<Caller>,
 ) {
     let req = match read_frame::<ApiRequest, _>(&mut recv).await {
+        // Its calls follow on this stream.
+        Ok(Some(ApiRequest::Lane)) => {
+            return Box::pin(lane(send, recv, &shared, &tenants, &caller)).await;
+        }
         Ok(Some(r)) => {
             // The request is the whole stream; its end came with it.
             take_end(&mut recv);
@@ -155,55 +165,172 @@ async fn call(
             return;
         }
     };
+    let (s, t, c) = (&*shared, &*tenants, &*caller);
+    let _ = match req {
+        // The rarer call's future is boxed, so that every call's future stays as small as
+        // a plain dispatch needs (it is allocated per call).
+        ApiRequest::Dispatch { spec, follow: true } => {
+            counted("follow");
+            match still_good(s, c) {
+                Ok(()) => Box::pin(follow(&mut send, s, t, c, spec)).await,
+                Err(e) => write_frame(&mut send, &refused(&e)).await.map_err(drop),
+            }
+        }
+        req => match answer(req, s, t, c).await {
+            Ok(bytes) => send.write_all(&bytes).await.map_err(drop),
+            Err(_) => Err(()),
+        },
+    };
+    let _ = send.finish();
+}
+
+/// A call answered once (every call but a followed dispatch), on a stream of its own or
+/// on a lane: the answer's bytes (a job answer, or `Refused`).
+async fn answer(
+    req: ApiRequest,
+    s: &Shared,
+    t: &Tenants,
+    c: &Caller,
+) -> Result<Vec<u8>, runnel_protocol::FrameError> {
     counted(match &req {
         ApiRequest::Dispatch { follow: false, .. } => "dispatch",
         ApiRequest::Dispatch { follow: true, .. } => "follow",
         ApiRequest::GetJob { .. } => "get",
         ApiRequest::CancelJob { .. } => "cancel",
         ApiRequest::WaitJob { .. } => "wait",
+        ApiRequest::Lane => "lane",
     });
-    let (s, t, c) = (&*shared, &*tenants, &*caller);
     if let Err(e) = still_good(s, c) {
-        let _ = write_frame(&mut send, &refused(&e)).await;
-        let _ = send.finish();
-        return;
+        return encode(&refused(&e));
     }
-    // The rarer calls' futures are boxed, so that every call's task stays as small as a
-    // plain dispatch needs (the task is allocated per call).
-    let _ = match req {
-        ApiRequest::Dispatch { spec, follow: false } => dispatch(&mut send, s, t, c, spec).await,
-        ApiRequest::Dispatch { spec, follow: true } => {
-            Box::pin(follow(&mut send, s, t, c, spec)).await
+    match req {
+        ApiRequest::Dispatch { spec, follow: false } => match checked_spec(&s.config, c, spec) {
+            Ok(spec) => job_answer(homed::dispatch(s, t, c, spec, Hop::Api).await),
+            Err(e) => encode(&refused(&e)),
+        },
+        ApiRequest::GetJob { id } => job_answer(homed::get_job(s, c, &id, Hop::Api).await),
+        ApiRequest::CancelJob { id } => job_answer(homed::cancel_job(s, t, c, &id, Hop::Api).await),
+        ApiRequest::WaitJob { id } => {
+            Box::pin(async { job_answer(until_end(None, s, c, &id).await) }).await
         }
-        ApiRequest::GetJob { id } => {
-            write_job(&mut send, homed::get_job(s, c, &id, Hop::Api).await).await
-        }
-        ApiRequest::CancelJob { id } => {
-            write_job(&mut send, homed::cancel_job(s, t, c, &id, Hop::Api).await).await
-        }
-        ApiRequest::WaitJob { id } => Box::pin(wait(&mut send, s, c, &id)).await,
-    };
-    let _ = send.finish();
+        ApiRequest::Dispatch { follow: true, .. } | ApiRequest::Lane => encode(&refused(
+            &ApiError::bad_request("a followed dispatch or a lane needs a stream of its own"),
+        )),
+    }
 }
 
-/// A dispatch, answered as a job (with `spec.wait`, once it ended).
-async fn dispatch(
-    send: &mut quinn::SendStream,
+/// How a lane ended.
+enum LaneEnd {
+    /// The client ended it and every call was answered; or the client or the connection
+    /// went away (nothing more can be said to it).
+    Done,
+    /// A frame that is not a call: the lane is reset with its error code.
+    Malformed(runnel_protocol::FrameError),
+}
+
+/// A lane ([`ApiRequest::Lane`]): [`LaneCall`]s read from `recv` are answered on `send`
+/// as they are ready, each a [`LaneAnswer`] and the call's answer. All of it is driven
+/// here, in the connection's task: answers that come due together are written together.
+/// No more calls are read while [`LANE_MAX_CALLS`] are unanswered or
+/// [`LANE_MAX_UNWRITTEN`] bytes of answers wait for the client to read them, so a client
+/// that sends without reading is held back by its own lane.
+async fn lane(
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
     s: &Shared,
     t: &Tenants,
     c: &Caller,
-    spec: runnel_protocol::DispatchSpec,
-) -> Result<(), ()> {
-    match checked_spec(&s.config, c, spec) {
-        Ok(spec) => write_job(send, homed::dispatch(s, t, c, spec, Hop::Api).await).await,
-        Err(e) => write_frame(send, &refused(&e)).await.map_err(drop),
+) {
+    counted("lane");
+    let mut calls = Box::pin(futures::stream::unfold(recv, |mut recv| async move {
+        let next = read_frame::<LaneCall, _>(&mut recv).await.transpose()?;
+        Some((next, recv))
+    }));
+    let mut running = FuturesUnordered::new();
+    // Answers not yet written, from `out[sent..]`.
+    let (mut out, mut sent) = (Vec::new(), 0usize);
+    let mut reading = true;
+    let ended = std::future::poll_fn(|cx| {
+        loop {
+            let mut moved = false;
+            while let Poll::Ready(Some((call, answered))) = running.poll_next_unpin(cx) {
+                if let Err(e) = append(&mut out, call, answered) {
+                    return Poll::Ready(LaneEnd::Malformed(e));
+                }
+                moved = true;
+            }
+            while reading && running.len() < LANE_MAX_CALLS && out.len() - sent < LANE_MAX_UNWRITTEN
+            {
+                match calls.poll_next_unpin(cx) {
+                    Poll::Ready(Some(Ok(LaneCall { call, request }))) => {
+                        // A call that panics (a bug) is answered 500; the lane goes on.
+                        let answered = AssertUnwindSafe(answer(request, s, t, c)).catch_unwind();
+                        running.push(answered.map(move |a| (call, a)));
+                        moved = true;
+                    }
+                    Poll::Ready(Some(Err(runnel_protocol::FrameError::Io(_)))) => {
+                        return Poll::Ready(LaneEnd::Done);
+                    }
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(LaneEnd::Malformed(e)),
+                    Poll::Ready(None) => reading = false,
+                    Poll::Pending => break,
+                }
+            }
+            while sent < out.len() {
+                match Pin::new(&mut send).poll_write(cx, &out[sent..]) {
+                    Poll::Ready(Ok(n)) if n > 0 => {
+                        sent += n;
+                        moved = true;
+                    }
+                    Poll::Ready(_) => return Poll::Ready(LaneEnd::Done),
+                    Poll::Pending => break,
+                }
+            }
+            if sent == out.len() {
+                // Written: keep the buffer for the next answers, unless a large answer
+                // grew it.
+                if out.capacity() > 64 * 1024 {
+                    out = Vec::new();
+                }
+                out.clear();
+                sent = 0;
+            }
+            if !reading && running.is_empty() && out.is_empty() {
+                return Poll::Ready(LaneEnd::Done);
+            }
+            if !moved {
+                return Poll::Pending;
+            }
+        }
+    })
+    .await;
+    match ended {
+        LaneEnd::Done => {
+            let _ = send.finish();
+        }
+        LaneEnd::Malformed(e) => {
+            tracing::debug!(error = %e, "malformed call on a native API lane");
+            counted("malformed");
+            let _ = send.reset(e.code().as_u32().into());
+        }
     }
 }
 
-/// Waits for a job's end; answers it as a job.
-async fn wait(send: &mut quinn::SendStream, s: &Shared, c: &Caller, id: &str) -> Result<(), ()> {
-    let ended = until_end(None, s, c, id).await;
-    write_job(send, ended).await
+/// One answer on a lane, appended to `out`: its head, then its bytes (an answer that
+/// could not be encoded, or whose call panicked, is answered 500).
+fn append(
+    out: &mut Vec<u8>,
+    call: u32,
+    answered: std::thread::Result<Result<Vec<u8>, runnel_protocol::FrameError>>,
+) -> Result<(), runnel_protocol::FrameError> {
+    let bytes = match answered {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(e)) => encode(&refused(&ApiError::internal(e)))?,
+        Err(_) => encode(&refused(&ApiError::internal("a lane call panicked")))?,
+    };
+    encode_append(out, &LaneAnswer { call })?;
+    out.extend_from_slice(&bytes);
+    Ok(())
 }
 
 /// Follows a job's output until the job ends (sending it on `send` when given), then

@@ -20,7 +20,7 @@ use runnel_protocol::ALPN_PEER;
 use rustls_pki_types::CertificateDer;
 
 pub(crate) use client::{Answer, PeerClient, PeerError};
-pub(crate) use server::{refused, send_output, serve, serve_calls, write_job};
+pub(crate) use server::{job_answer, refused, send_output, serve, serve_calls};
 
 use crate::broker::SpawnError;
 

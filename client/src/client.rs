@@ -1,5 +1,6 @@
-//! The connection to the broker: dialled on first use and again after it closed, one
-//! stream per call, a bounded number of calls at once.
+//! The connection to the broker: dialled on first use and again after it closed; the
+//! calls answered once on its lane, a followed dispatch on a stream of its own; a bounded
+//! number of calls at once.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -8,12 +9,13 @@ use std::time::Duration;
 use runnel_protocol::transport::Stats;
 use runnel_protocol::{
     ALPN_API, ApiHello, ApiRequest, ApiWelcome, DispatchSpec, JobInfo, Outbox, PROTOCOL_VERSION,
-    PeerResponse, encode, read_answer, read_frame, read_job_answer, write_frame,
+    PeerResponse, encode, read_answer, read_frame, write_frame,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::Error;
 use crate::handle::JobHandle;
+use crate::lane::{Failed, Lane};
 
 /// How a [`Client`] connects and how much it may ask at once.
 #[derive(Debug, Clone)]
@@ -59,8 +61,8 @@ struct Inner {
     /// The API key (a secret: never printed).
     key: String,
     connect_timeout: Duration,
-    /// The live connection; replaced when it has closed.
-    conn: Mutex<quinn::Connection>,
+    /// The live connection and its lane; replaced when it has closed.
+    live: Mutex<Live>,
     /// Held while dialling again, so that one caller dials and the others wait for it.
     dialling: tokio::sync::Mutex<()>,
     calls: Arc<Semaphore>,
@@ -78,6 +80,13 @@ impl std::fmt::Debug for Client {
             .field("role", &self.inner.role)
             .finish_non_exhaustive()
     }
+}
+
+/// A connection and its lane (the calls answered once).
+#[derive(Clone)]
+struct Live {
+    conn: quinn::Connection,
+    lane: Arc<Lane>,
 }
 
 /// Which calls may be sent again on a new connection after their connection broke.
@@ -135,7 +144,7 @@ impl Client {
             (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
         };
         let endpoint = quinn::Endpoint::client(bind).map_err(|e| Error::Connect(e.to_string()))?;
-        let (at, conn, welcome) =
+        let (at, live, welcome) =
             dial_any(&endpoint, &config, &targets, 0, key, options.connect_timeout).await?;
         let most = usize::try_from(welcome.max_calls).unwrap_or(usize::MAX);
         let max_in_flight = match options.max_in_flight {
@@ -150,7 +159,7 @@ impl Client {
                 preferred: at.into(),
                 key: key.to_owned(),
                 connect_timeout: options.connect_timeout,
-                conn: Mutex::new(conn),
+                live: Mutex::new(live),
                 dialling: tokio::sync::Mutex::new(()),
                 calls: Arc::new(Semaphore::new(max_in_flight.max(1))),
                 outbox: Outbox::start(),
@@ -173,7 +182,7 @@ impl Client {
     /// The live connection's counters, since it was dialled (a connection dialled again
     /// starts from zero).
     pub fn stats(&self) -> Stats {
-        Stats::from(&self.current().stats())
+        Stats::from(&self.current().conn.stats())
     }
 
     /// Calls that may still start now without waiting for a turn.
@@ -218,22 +227,37 @@ impl Client {
     /// Closes the connection; calls still open fail with [`Error::Lost`]. A later call
     /// dials again.
     pub fn close(&self) {
-        self.current().close(0u32.into(), b"client closed");
+        self.current().conn.close(0u32.into(), b"client closed");
     }
 
-    /// A call answered as one job, retried once on a new connection as `retry` allows.
+    /// A call answered as one job, on the connection's lane; sent again on a new
+    /// connection as `retry` allows.
     async fn job_call(&self, req: &ApiRequest, retry: Retry) -> Result<JobInfo, Error> {
-        let (_permit, conn, mut recv) = self.open(req).await?;
-        match read_job_answer(&mut recv).await {
-            Ok(job) => Ok(job),
-            Err(e) => match Error::answer(e, &conn) {
-                Error::Lost(_) if retry == Retry::Once => {
-                    let (_permit, conn, mut recv) = self.open(req).await?;
-                    read_job_answer(&mut recv).await.map_err(|e| Error::answer(e, &conn))
+        let _permit = self.turn().await?;
+        let mut resent = false;
+        for _ in 0..3 {
+            let lane = self.live().await?.lane;
+            match lane.call(req).await {
+                Ok(job) => return Ok(job),
+                // Its lane had broken: nothing left, the next try dials again.
+                Err(Failed::Unsent) => {}
+                Err(Failed::Sent(Error::Lost(_))) if retry == Retry::Once && !resent => {
+                    resent = true;
                 }
-                e => Err(e),
-            },
+                Err(Failed::Sent(e)) => return Err(e),
+            }
         }
+        Err(Error::Lost("the connection broke again and again".into()))
+    }
+
+    /// A turn among [`Options::max_in_flight`].
+    async fn turn(&self) -> Result<OwnedSemaphorePermit, Error> {
+        self.inner
+            .calls
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::Lost("the client is closed".into()))
     }
 
     /// Waits for a turn, then sends `req` on a new stream of a live connection; answers
@@ -242,17 +266,11 @@ impl Client {
         &self,
         req: &ApiRequest,
     ) -> Result<(OwnedSemaphorePermit, quinn::Connection, quinn::RecvStream), Error> {
-        let permit = self
-            .inner
-            .calls
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| Error::Lost("the client is closed".into()))?;
+        let permit = self.turn().await?;
         let frame = encode(req).map_err(|e| Error::Protocol(format!("request: {e}")))?;
         let mut last = None;
         for _ in 0..2 {
-            let conn = self.connection().await?;
+            let conn = self.live().await?.conn;
             // Nothing has left when opening fails: always safe to try once more on a new
             // connection.
             match conn.open_bi().await {
@@ -269,30 +287,30 @@ impl Client {
         Err(Error::Lost(last.unwrap_or_default()))
     }
 
-    fn current(&self) -> quinn::Connection {
+    fn current(&self) -> Live {
         // A poisoned lock still holds a valid connection handle.
-        self.inner.conn.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.inner.live.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The live connection, dialled again if it has closed.
-    async fn connection(&self) -> Result<quinn::Connection, Error> {
-        let conn = self.current();
-        if conn.close_reason().is_none() {
-            return Ok(conn);
+    async fn live(&self) -> Result<Live, Error> {
+        let live = self.current();
+        if live.conn.close_reason().is_none() {
+            return Ok(live);
         }
         let _dialling = self.inner.dialling.lock().await;
-        let conn = self.current();
-        if conn.close_reason().is_none() {
-            return Ok(conn);
+        let live = self.current();
+        if live.conn.close_reason().is_none() {
+            return Ok(live);
         }
         let i = &self.inner;
-        tracing::debug!(why = ?conn.close_reason(), "dialling the broker again");
+        tracing::debug!(why = ?live.conn.close_reason(), "dialling the broker again");
         let start = i.preferred.load(std::sync::atomic::Ordering::Relaxed);
-        let (at, conn, _) =
+        let (at, live, _) =
             dial_any(&i.endpoint, &i.config, &i.targets, start, &i.key, i.connect_timeout).await?;
         i.preferred.store(at, std::sync::atomic::Ordering::Relaxed);
-        *i.conn.lock().unwrap_or_else(|p| p.into_inner()) = conn.clone();
-        Ok(conn)
+        *i.live.lock().unwrap_or_else(|p| p.into_inner()) = live.clone();
+        Ok(live)
     }
 }
 
@@ -319,7 +337,7 @@ async fn dial_any(
     start: usize,
     key: &str,
     limit: Duration,
-) -> Result<(usize, quinn::Connection, Welcomed), Error> {
+) -> Result<(usize, Live, Welcomed), Error> {
     let mut last = None;
     for i in (0..targets.len()).map(|k| (start + k) % targets.len()) {
         let t = &targets[i];
@@ -334,7 +352,7 @@ async fn dial_any(
     Err(last.unwrap_or_else(|| Error::Connect("no address to dial".into())))
 }
 
-/// Handshake, hello with the key, the broker's answer.
+/// Handshake, hello with the key, the broker's answer; then the connection's lane.
 async fn dial(
     endpoint: &quinn::Endpoint,
     config: &quinn::ClientConfig,
@@ -342,7 +360,7 @@ async fn dial(
     server_name: &str,
     key: &str,
     limit: Duration,
-) -> Result<(quinn::Connection, Welcomed), Error> {
+) -> Result<(Live, Welcomed), Error> {
     let connect = |e: &dyn std::fmt::Display| Error::Connect(e.to_string());
     let hello = async {
         let conn = endpoint
@@ -357,7 +375,8 @@ async fn dial(
         let welcome = read_frame::<ApiWelcome, _>(&mut recv).await;
         match welcome {
             Ok(Some(ApiWelcome::Welcome { tenant, role, max_calls })) => {
-                Ok((conn, Welcomed { tenant, role, max_calls }))
+                let lane = Arc::new(Lane::open(&conn).await?);
+                Ok((Live { conn, lane }, Welcomed { tenant, role, max_calls }))
             }
             Ok(Some(ApiWelcome::Refused { status, code, message })) => {
                 Err(Error::Refused { status, code, message })

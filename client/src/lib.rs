@@ -17,8 +17,10 @@
 //!   and [`Client::wait`] take a job id.
 //! - At most [`Options::max_in_flight`] calls are open at once; more wait for a turn
 //!   (backpressure instead of an unbounded queue in the client or the broker).
-//! - Requests are written by one task per client, so that calls made at about the same
-//!   time leave in the same datagrams ([`Client::stats`] counts them).
+//! - The calls answered once (`submit`, `get`, `cancel`, `wait`) share one stream of the
+//!   connection, a lane: no stream to open and close per call. A followed dispatch has a
+//!   stream of its own. Requests are written by one task per client, so that calls made
+//!   at about the same time leave in the same datagrams ([`Client::stats`] counts them).
 //! - A closed connection (broker restarted, network gone) is dialled again on the next
 //!   call. A call is retried once on the new connection when that cannot run it twice: a
 //!   call whose request never left, or a read (`get`, `wait`, `cancel`, which are
@@ -48,6 +50,7 @@
 mod client;
 mod error;
 mod handle;
+mod lane;
 mod spec;
 
 pub use client::{Client, Options};

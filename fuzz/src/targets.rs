@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use runnel_protocol::{
-    BrokerJobFrame, ClientControl, EnrollRequest, EnrollResponse, ExecSpec, PeerRequest,
-    PeerResponse, RunnerJobFrame, ServerControl, decode, encode, read_frame,
+    ApiRequest, BrokerJobFrame, ClientControl, EnrollRequest, EnrollResponse, ExecSpec, LaneAnswer,
+    LaneCall, PeerRequest, PeerResponse, RunnerJobFrame, ServerControl, decode, encode, read_frame,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -121,11 +121,14 @@ fn control(_: &Ctx, bytes: &[u8]) -> Outcome {
     either(roundtrip::<ClientControl>(&f), roundtrip::<ServerControl>(&f))
 }
 
-/// Job stream frames both ways, the exec payload a runner decodes, and the peer calls.
+/// Job stream frames both ways, the exec payload a runner decodes, the peer calls and the
+/// native API's calls (on a stream of their own or on a lane).
 fn job(_: &Ctx, bytes: &[u8]) -> Outcome {
     let f = framed(bytes);
     let a = either(roundtrip::<BrokerJobFrame>(&f), roundtrip::<RunnerJobFrame>(&f));
     let b = either(roundtrip::<PeerRequest>(&f), roundtrip::<PeerResponse>(&f));
+    let api = either(roundtrip::<ApiRequest>(&f), roundtrip::<LaneCall>(&f));
+    let b = either(b, either(api, roundtrip::<LaneAnswer>(&f)));
     let exec = match postcard::from_bytes::<ExecSpec>(bytes) {
         Ok(spec) => {
             let again = postcard::to_allocvec(&spec).expect("encodes");

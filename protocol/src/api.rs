@@ -10,6 +10,15 @@
 //!   job is `Job`, its output in `Output` chunks, `End`; a refusal is one `Refused` with
 //!   the status and code the HTTP API would give. One set of dispatch messages
 //!   ([`DispatchSpec`], [`JobInfo`]) serves clients and nodes.
+//! - Or many calls on one stream, a *lane*: its first frame is [`ApiRequest::Lane`], then
+//!   [`LaneCall`]s, each answered, in the order the answers are ready, with a
+//!   [`LaneAnswer`] naming the call and then the call's answer as on a stream of its own
+//!   (the stream is not ended after it). Every call but a followed dispatch may go on a
+//!   lane; a lane spares a stream's opening, state and acknowledgements per call. The
+//!   broker reads no more of a lane while it has [`LANE_MAX_CALLS`](crate::limits::LANE_MAX_CALLS)
+//!   calls unanswered (or answers the client has not read); a malformed frame resets the
+//!   lane, the calls still on it unanswered. Ending the lane's send side ends the lane
+//!   once its calls are answered.
 //!
 //! [`PeerResponse`]: crate::PeerResponse
 
@@ -85,4 +94,25 @@ pub enum ApiRequest {
         /// Which.
         id: String,
     },
+    /// This stream is a lane: [`LaneCall`]s follow (the first frame of a stream only).
+    Lane,
+}
+
+/// One call on a lane. `R` is [`ApiRequest`], or a reference to one when encoding
+/// (serde writes both alike).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LaneCall<R = ApiRequest> {
+    /// The caller's number for it, echoed in its [`LaneAnswer`]; unique among the lane's
+    /// calls not yet answered.
+    pub call: u32,
+    /// The call.
+    pub request: R,
+}
+
+/// The head of one answer on a lane: the call's answer frames follow, as on a stream of
+/// its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaneAnswer {
+    /// Which call ([`LaneCall::call`]).
+    pub call: u32,
 }

@@ -40,7 +40,7 @@ mod peer;
 pub mod transport;
 pub mod version;
 
-pub use api::{ApiHello, ApiRequest, ApiWelcome};
+pub use api::{ApiHello, ApiRequest, ApiWelcome, LaneAnswer, LaneCall};
 pub use control::{ClientControl, GoAway, Heartbeat, Hello, Redirect, ServerControl, Welcome};
 pub use enroll::{EnrollRequest, EnrollResponse, Enrolled};
 pub use error::ErrorCode;
@@ -49,10 +49,10 @@ pub use job::{
     BrokerJobFrame, ExecSpec, JobOutcome, JobRequest, JobResult, OutputStream, RunnerJobFrame,
     encode_job_request,
 };
-pub use outbox::Outbox;
+pub use outbox::{Outbox, gather};
 pub use peer::{
     AnswerError, DispatchSpec, JobInfo, JobInfoRef, JobState, PEER_OUTPUT_CHUNK, PeerCaller,
     PeerRequest, PeerResponse, encode_job_answer, encode_output, read_answer, read_job_answer,
-    read_job_output,
+    read_job_output, read_lane_answer,
 };
 pub use version::{ALPN_API, ALPN_ENROLL, ALPN_PEER, ALPN_RUNNER, PROTOCOL_VERSION};

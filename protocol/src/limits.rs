@@ -9,3 +9,11 @@ pub const MAX_OUTPUT_CHUNK: usize = 32 * 1024;
 
 /// Length of the big-endian length prefix in front of every frame.
 pub const LENGTH_PREFIX_LEN: usize = 4;
+
+/// Calls a native API lane may have unanswered at once; past it the broker reads no more
+/// of the lane until answers have gone out. Also the most a client keeps unanswered.
+pub const LANE_MAX_CALLS: usize = 256;
+
+/// Bytes of answers a lane may hold unwritten (a client that does not read) before the
+/// broker stops taking its calls.
+pub const LANE_MAX_UNWRITTEN: usize = 1024 * 1024;

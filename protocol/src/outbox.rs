@@ -77,6 +77,20 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Outbox<W> {
     }
 }
 
+/// Lets the tasks already woken run first and post theirs ([`tokio::task::yield_now`]),
+/// then takes what has come into `queue` meanwhile, until `round` holds `most`. How a
+/// writer that has just been woken by one frame collects the others of the same moment,
+/// so that they share datagrams (the outbox, a client's lane).
+pub async fn gather<T>(queue: &mut mpsc::UnboundedReceiver<T>, round: &mut Vec<T>, most: usize) {
+    tokio::task::yield_now().await;
+    while round.len() < most {
+        match queue.try_recv() {
+            Ok(more) => round.push(more),
+            Err(_) => break,
+        }
+    }
+}
+
 /// Writes each letter and ends its stream. A write that cannot finish at once (stream or
 /// connection credit) waits without holding back the others.
 async fn write_letters<W: AsyncWrite + Unpin>(mut queue: mpsc::UnboundedReceiver<Letter<W>>) {
@@ -90,14 +104,7 @@ async fn write_letters<W: AsyncWrite + Unpin>(mut queue: mpsc::UnboundedReceiver
                 if n == 0 {
                     break;
                 }
-                // The tasks already woken run first and post theirs.
-                tokio::task::yield_now().await;
-                while round.len() < ROUND {
-                    match queue.try_recv() {
-                        Ok(more) => round.push(more),
-                        Err(_) => break,
-                    }
-                }
+                gather(&mut queue, &mut round, ROUND).await;
                 for Letter { mut stream, frame, back } in round.drain(..) {
                     writes.push(async move {
                         let written = match stream.write_all(&frame).await {

@@ -395,13 +395,34 @@ pub async fn read_answer<R>(recv: &mut R) -> Result<PeerResponse, AnswerError>
 where
     R: tokio::io::AsyncRead + Unpin,
 {
+    next_frame(recv, Then::TakeEnd).await
+}
+
+/// What follows an answer's last frame.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Then {
+    /// The stream's end (a call on a stream of its own).
+    TakeEnd,
+    /// The next answer (a lane): nothing may be read past the answer.
+    More,
+}
+
+async fn next_frame<R>(recv: &mut R, then: Then) -> Result<PeerResponse, AnswerError>
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    let last = |recv: &mut R| {
+        if then == Then::TakeEnd {
+            crate::take_end(recv);
+        }
+    };
     match crate::read_frame::<PeerResponse, _>(recv).await? {
         Some(PeerResponse::Refused { status, code, message }) => {
-            crate::take_end(recv);
+            last(recv);
             Err(AnswerError::Refused { status, code, message })
         }
         Some(PeerResponse::End) => {
-            crate::take_end(recv);
+            last(recv);
             Ok(PeerResponse::End)
         }
         Some(r) => Ok(r),
@@ -411,13 +432,20 @@ where
 
 /// The rest of a job answer after its `Job` frame: the output chunks up to `End`, put
 /// back into `job.output`.
-pub async fn read_job_output<R>(recv: &mut R, mut job: JobInfo) -> Result<JobInfo, AnswerError>
+pub async fn read_job_output<R>(recv: &mut R, job: JobInfo) -> Result<JobInfo, AnswerError>
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    job_output(recv, job, Then::TakeEnd).await
+}
+
+async fn job_output<R>(recv: &mut R, mut job: JobInfo, then: Then) -> Result<JobInfo, AnswerError>
 where
     R: tokio::io::AsyncRead + Unpin,
 {
     let mut output = Vec::new();
     loop {
-        match read_answer(recv).await? {
+        match next_frame(recv, then).await? {
             PeerResponse::Output(chunk) => output.extend_from_slice(&chunk),
             PeerResponse::End => break,
             other => return Err(AnswerError::Unexpected(other.what())),
@@ -433,8 +461,34 @@ pub async fn read_job_answer<R>(recv: &mut R) -> Result<JobInfo, AnswerError>
 where
     R: tokio::io::AsyncRead + Unpin,
 {
-    match read_answer(recv).await? {
-        PeerResponse::Job(job) => read_job_output(recv, job).await,
+    job_answer(recv, Then::TakeEnd).await
+}
+
+async fn job_answer<R>(recv: &mut R, then: Then) -> Result<JobInfo, AnswerError>
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    match next_frame(recv, then).await? {
+        PeerResponse::Job(job) => job_output(recv, job, then).await,
         other => Err(AnswerError::Unexpected(other.what())),
+    }
+}
+
+/// The next answer on a lane ([`crate::ApiRequest::Lane`]): which call, and its job or
+/// its refusal (`Err(AnswerError::Refused)`, the lane going on). `Ok(None)`: the lane
+/// ended between answers. Any other error breaks the lane.
+pub async fn read_lane_answer<R>(
+    recv: &mut R,
+) -> Result<Option<(u32, Result<JobInfo, AnswerError>)>, AnswerError>
+where
+    R: tokio::io::AsyncRead + Unpin,
+{
+    let Some(crate::LaneAnswer { call }) = crate::read_frame(recv).await? else {
+        return Ok(None);
+    };
+    match job_answer(recv, Then::More).await {
+        Ok(job) => Ok(Some((call, Ok(job)))),
+        Err(e @ AnswerError::Refused { .. }) => Ok(Some((call, Err(e)))),
+        Err(e) => Err(e),
     }
 }

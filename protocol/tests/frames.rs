@@ -344,3 +344,54 @@ fn a_refused_frame_leaves_the_buffer_as_it_was() {
     encode_append(&mut out, &PeerResponse::End).unwrap();
     assert_eq!(out, [before.clone(), before].concat());
 }
+
+/// A lane's answers follow one another on one stream: each is read whole and nothing of
+/// the next (a reader that took a stream's end after each answer, as a call on a stream
+/// of its own does, would eat the next answer's first byte). A refusal is that call's
+/// answer, not the lane's end; the lane's clean end is `None`.
+#[tokio::test]
+async fn lane_answers_back_to_back_are_read_one_by_one() {
+    let job = JobInfo { output: "out".into(), ..ended_job() };
+    let mut wire = Vec::new();
+    for call in [3u32, 1, 2] {
+        wire.extend(encode(&LaneAnswer { call }).unwrap());
+        if call == 1 {
+            let refusal = PeerResponse::Refused {
+                status: 404,
+                code: "not_found".into(),
+                message: "no".into(),
+            };
+            wire.extend(encode(&refusal).unwrap());
+        } else {
+            wire.extend(encode_job_answer(job.borrowed()).unwrap());
+        }
+    }
+    let mut reader = wire.as_slice();
+    let (call, first) = read_lane_answer(&mut reader).await.unwrap().unwrap();
+    assert_eq!((call, first.unwrap()), (3, job.clone()));
+    let (call, second) = read_lane_answer(&mut reader).await.unwrap().unwrap();
+    assert_eq!(call, 1);
+    assert!(matches!(second, Err(AnswerError::Refused { status: 404, .. })), "{second:?}");
+    let (call, third) = read_lane_answer(&mut reader).await.unwrap().unwrap();
+    assert_eq!((call, third.unwrap()), (2, job));
+    assert!(read_lane_answer(&mut reader).await.unwrap().is_none());
+    // An answer cut short breaks the lane.
+    let cut = &wire[..wire.len() - 3];
+    let mut reader = cut;
+    for _ in 0..2 {
+        let (_, answer) = read_lane_answer(&mut reader).await.unwrap().unwrap();
+        assert!(answer.is_ok() || matches!(answer, Err(AnswerError::Refused { .. })));
+    }
+    assert!(read_lane_answer(&mut reader).await.is_err());
+}
+
+/// A call encoded from a borrowed request is the owned call's bytes (the client encodes
+/// its requests without a copy).
+#[test]
+fn a_lane_call_borrowed_or_owned_is_the_same_bytes() {
+    let request = ApiRequest::GetJob { id: "job-1".into() };
+    let borrowed = encode(&LaneCall { call: 9, request: &request }).unwrap();
+    assert_eq!(borrowed, encode(&LaneCall { call: 9, request: request.clone() }).unwrap());
+    roundtrip(LaneCall { call: u32::MAX, request });
+    roundtrip(ApiRequest::Lane);
+}

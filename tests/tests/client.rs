@@ -155,14 +155,14 @@ async fn calls_beyond_max_in_flight_wait_for_a_turn() {
     assert_eq!(c.available_calls(), 2);
 }
 
-/// Calls made at about the same time by different tasks leave together: the client writes
-/// requests from one task (`outbox.rs`), so quinn packs them into shared datagrams, and it
-/// reads each answer's stream end after its last frame (`read_answer`, after `End` or a
-/// refusal), so that no `STOP_SENDING` follows each call alone. With either undone, 640
-/// calls took 640 datagrams or more (the end's read undone for one kind of answer: half of
-/// them); with both, about 20. One worker
-/// thread: tokio runs the task a wake-up names next on it, as on a busy runtime (with an
-/// idle second worker, quinn's driver runs beside the writer and sends as it writes).
+/// Calls made at about the same time by different tasks leave together: they go on the
+/// connection's lane (`lane.rs`), whose one writing task lets the tasks already woken post
+/// theirs before it writes (`runnel_protocol::gather`), so quinn packs them into shared
+/// datagrams. 640 calls take about 22 datagrams; without the gathering, 641. (Before the
+/// lane, each call had a stream of its own, written through the same gathering in
+/// `Outbox`; followed dispatches still are.) One worker thread: tokio runs the task a
+/// wake-up names next on it, as on a busy runtime (with an idle second worker, quinn's
+/// driver runs beside the writer and sends as it writes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn calls_made_together_share_datagrams() {
     let b = TestBroker::start().await;

@@ -105,11 +105,18 @@ pub(crate) fn write_job(
     send: &mut quinn::SendStream,
     r: Result<impl Into<JobAnswer>, ApiError>,
 ) -> impl std::future::Future<Output = Result<(), ()>> + '_ {
-    let answer = match r {
+    let answer = job_answer(r);
+    async move { send.write_all(&answer.map_err(drop)?).await.map_err(drop) }
+}
+
+/// A job answer's bytes, as [`write_job`] writes them (a refusal as `Refused`).
+pub(crate) fn job_answer(
+    r: Result<impl Into<JobAnswer>, ApiError>,
+) -> Result<Vec<u8>, runnel_protocol::FrameError> {
+    match r {
         Ok(job) => job.into().with_view(encode_job_answer),
         Err(e) => encode(&refused(&e)),
-    };
-    async move { send.write_all(&answer.map_err(drop)?).await.map_err(drop) }
+    }
 }
 
 async fn call(
