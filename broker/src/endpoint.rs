@@ -120,6 +120,16 @@ fn udp_socket(addr: SocketAddr) -> std::io::Result<(std::net::UdpSocket, usize, 
     Ok((socket, recv, send))
 }
 
+/// No TLS session is resumed, and no ticket handed out: rustls resumes a session without
+/// verifying the client certificate again, so the pairing check (a runner's current
+/// serial, its validity, a node's certificate) would be skipped for a client that kept a
+/// ticket. rustls's default would send two tickets per handshake and keep each session in
+/// a cache: CPU and bytes spent on every runner's handshake for nothing.
+pub(crate) fn resume_nothing(tls: &mut rustls::ServerConfig) {
+    tls.send_tls13_tickets = 0;
+    tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+}
+
 /// Builds the endpoint's QUIC server config.
 pub(crate) fn server_config(
     chain: Vec<CertificateDer<'static>>,
@@ -133,6 +143,7 @@ pub(crate) fn server_config(
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)?;
     tls.alpn_protocols = vec![ALPN_RUNNER.to_vec(), ALPN_ENROLL.to_vec(), ALPN_API.to_vec()];
+    resume_nothing(&mut tls);
     let crypto = QuicServerConfig::try_from(tls).map_err(|_| SpawnError::NoQuicCipherSuite)?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();

@@ -80,6 +80,7 @@ impl PeerTls {
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain.clone(), key.clone_key())?;
         tls.alpn_protocols = vec![ALPN_PEER.to_vec()];
+        crate::endpoint::resume_nothing(&mut tls);
         let crypto = QuicServerConfig::try_from(tls).map_err(|_| SpawnError::NoQuicCipherSuite)?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server.transport_config(transport());
@@ -89,6 +90,8 @@ impl PeerTls {
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)?;
         tls.alpn_protocols = vec![ALPN_PEER.to_vec()];
+        // Nothing to resume (peers hand out no tickets): no ticket store either.
+        tls.resumption = rustls::client::Resumption::disabled();
         let crypto = QuicClientConfig::try_from(tls).map_err(|_| SpawnError::NoQuicCipherSuite)?;
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
         client.transport_config(transport());

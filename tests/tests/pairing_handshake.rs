@@ -215,3 +215,105 @@ async fn strangers_claiming_a_tenant_cannot_write_into_its_audit_log() {
     assert_eq!(s, 200);
     assert_eq!(after["events"].as_array().unwrap().len(), before, "{after}");
 }
+
+/// A client's ticket store that counts the session tickets the server gave it.
+#[derive(Debug, Default)]
+struct CountingTickets {
+    inner: std::sync::OnceLock<std::sync::Arc<rustls::client::ClientSessionMemoryCache>>,
+    given: std::sync::atomic::AtomicUsize,
+}
+
+impl CountingTickets {
+    fn cache(&self) -> &rustls::client::ClientSessionMemoryCache {
+        self.inner
+            .get_or_init(|| std::sync::Arc::new(rustls::client::ClientSessionMemoryCache::new(8)))
+    }
+}
+
+impl rustls::client::ClientSessionStore for CountingTickets {
+    fn set_kx_hint(&self, n: rustls::pki_types::ServerName<'static>, g: rustls::NamedGroup) {
+        self.cache().set_kx_hint(n, g)
+    }
+    fn kx_hint(&self, n: &rustls::pki_types::ServerName<'_>) -> Option<rustls::NamedGroup> {
+        self.cache().kx_hint(n)
+    }
+    fn set_tls12_session(
+        &self,
+        n: rustls::pki_types::ServerName<'static>,
+        v: rustls::client::Tls12ClientSessionValue,
+    ) {
+        self.cache().set_tls12_session(n, v)
+    }
+    fn tls12_session(
+        &self,
+        n: &rustls::pki_types::ServerName<'_>,
+    ) -> Option<rustls::client::Tls12ClientSessionValue> {
+        self.cache().tls12_session(n)
+    }
+    fn remove_tls12_session(&self, n: &rustls::pki_types::ServerName<'static>) {
+        self.cache().remove_tls12_session(n)
+    }
+    fn insert_tls13_ticket(
+        &self,
+        n: rustls::pki_types::ServerName<'static>,
+        v: rustls::client::Tls13ClientSessionValue,
+    ) {
+        self.given.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.cache().insert_tls13_ticket(n, v)
+    }
+    fn take_tls13_ticket(
+        &self,
+        n: &rustls::pki_types::ServerName<'static>,
+    ) -> Option<rustls::client::Tls13ClientSessionValue> {
+        self.cache().take_tls13_ticket(n)
+    }
+}
+
+/// Every handshake runs the pairing check, because the broker hands out no TLS session
+/// tickets: rustls resumes a session without verifying the client certificate again, so
+/// a client that kept a ticket (the real runner builds a fresh TLS config per session; a
+/// hostile one need not) could come back on a certificate that has since expired or been
+/// replaced by a renewal. Tickets would also cost every handshake their encryption and a
+/// cache entry. Runner and native API connections alike (one server config).
+#[tokio::test]
+async fn the_broker_hands_out_no_session_tickets() {
+    let b = TestBroker::start().await;
+    let admin = b.tenant("acme").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, state) = b.enrolled(&admin, "alice", &dir.path().join("r")).await;
+    let ca = pem::certs_from_pem(b.ca().cert_pem()).unwrap().remove(0);
+    let chain = pem::certs_from_pem(&std::fs::read_to_string(state.cert_path()).unwrap()).unwrap();
+    let key =
+        pem::private_key_from_pem(&std::fs::read_to_string(state.key_path()).unwrap()).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots);
+    let tickets = std::sync::Arc::new(CountingTickets::default());
+    let runner = builder.clone().with_client_auth_cert(chain, key).unwrap();
+    let api = builder.with_no_client_auth();
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    for (mut tls, alpn) in
+        [(runner, runnel_protocol::ALPN_RUNNER), (api, runnel_protocol::ALPN_API)]
+    {
+        tls.alpn_protocols = vec![alpn.to_vec()];
+        tls.resumption = rustls::client::Resumption::store(tickets.clone());
+        let cfg = quinn::ClientConfig::new(std::sync::Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+        ));
+        let conn =
+            ep.connect_with(cfg, b.handle().quic_addr(), "localhost").unwrap().await.unwrap();
+        // Tickets come right after the handshake; a round trip on a stream lets them in.
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let _ = write_frame(&mut send, &hello()).await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), read_frame::<ServerControl, _>(&mut recv))
+                .await;
+        conn.close(0u32.into(), b"done");
+    }
+    let given = tickets.given.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(given, 0, "the broker handed out {given} session tickets");
+}
