@@ -266,11 +266,13 @@ async fn handle_incoming(
     }
 }
 
-/// The verified identity of a `runnel/1` peer (the verifier already accepted the cert).
-fn peer_identity(conn: &quinn::Connection) -> Option<RunnerIdentity> {
+/// The verified identity of a `runnel/1` peer (the verifier already accepted the cert),
+/// and its certificate's public key: one parse for both.
+fn peer_identity(conn: &quinn::Connection) -> Option<(RunnerIdentity, Vec<u8>)> {
     let certs = conn.peer_identity()?.downcast::<Vec<CertificateDer<'static>>>().ok()?;
-    match parse_cert(certs.first()?).ok()?.identity {
-        Identity::Runner(r) => Some(r),
+    let cert = parse_cert(certs.first()?).ok()?;
+    match cert.identity {
+        Identity::Runner(r) => Some((r, cert.public_key)),
         Identity::Node(_) => None,
     }
 }
@@ -300,7 +302,7 @@ async fn runner_intake(
     shared: &Shared,
     tenants: Arc<Tenants>,
 ) {
-    let Some(identity) = peer_identity(&conn) else {
+    let Some((identity, peer_key)) = peer_identity(&conn) else {
         // runnel/1 without a client certificate: nothing is read from it.
         return refuse(&conn, ErrorCode::Unauthenticated, "client certificate required");
     };
@@ -388,8 +390,15 @@ async fn runner_intake(
             return refuse(&conn, ErrorCode::Internal, "broker busy");
         }
     };
-    let attach =
-        Attach { conn: conn.clone(), identity, hello, version, control: (send, recv), epoch };
+    let attach = Attach {
+        conn: conn.clone(),
+        identity,
+        peer_key,
+        hello,
+        version,
+        control: (send, recv),
+        epoch,
+    };
     if tenant.cast(TenantMsg::Attach(Box::new(attach))).is_err() {
         refuse(&conn, ErrorCode::TenantRestart, "tenant restarting");
     }

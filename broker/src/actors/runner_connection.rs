@@ -127,6 +127,8 @@ pub(crate) struct Attach {
     pub conn: quinn::Connection,
     /// Identity from the verified certificate.
     pub identity: RunnerIdentity,
+    /// The verified certificate's public key (a renewal must keep it).
+    pub peer_key: Vec<u8>,
     /// The runner's Hello.
     pub hello: Hello,
     /// Negotiated protocol version.
@@ -200,14 +202,7 @@ pub(crate) struct ConnectionState {
     last_renewal: Option<std::time::Instant>,
     /// The public key of the certificate this connection was verified with: a renewal
     /// must keep it (None when the peer's certificate cannot be read: renewals refused).
-    peer_key: Option<Vec<u8>>,
-}
-
-/// The public key of the connection's verified peer certificate.
-fn peer_key(conn: &quinn::Connection) -> Option<Vec<u8>> {
-    let chain =
-        conn.peer_identity()?.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok()?;
-    runnel_certs::parse_cert(chain.first()?).ok().map(|p| p.public_key)
+    peer_key: Vec<u8>,
 }
 
 fn close(conn: &quinn::Connection, code: ErrorCode, reason: &str) {
@@ -224,7 +219,8 @@ impl Actor for RunnerConnection {
         myself: ActorRef<Self::Msg>,
         args: ConnectionArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let Attach { conn, identity, version, hello, control: (send, recv), epoch } = args.attach;
+        let Attach { conn, identity, peer_key, version, hello, control: (send, recv), epoch } =
+            args.attach;
         let span = tracing::info_span!(
             "runner_conn",
             tenant = %identity.tenant,
@@ -271,7 +267,7 @@ impl Actor for RunnerConnection {
         metrics::gauge!(names::RUNNERS_CONNECTED, "tenant" => label.clone()).increment(1.0);
         Ok(ConnectionState {
             conn_id: args.conn_id,
-            peer_key: peer_key(&conn),
+            peer_key,
             remote: conn.remote_address(),
             conn,
             identity,
@@ -512,7 +508,7 @@ impl ConnectionState {
         // certificate must not become a new key's certificate (key rotation would be its
         // own, explicit step).
         match (runnel_certs::csr_public_key(csr_pem), &self.peer_key) {
-            (Ok(asked), Some(held)) if asked == *held => {}
+            (Ok(asked), held) if asked == *held => {}
             (Err(e), _) => return refuse(ErrorCode::BadRequest, format!("bad CSR: {e}")),
             _ => {
                 let id = &self.identity;
