@@ -537,6 +537,12 @@ impl BrokerHandle {
         self.tenants.get(tenant).is_some_and(|t| t.cast(crate::actors::TenantMsg::Crash).is_ok())
     }
 
+    /// Keeps a tenant's actor busy for `d`, its mailbox unread (tests only).
+    #[cfg(feature = "fault-injection")]
+    pub fn stall_tenant(&self, tenant: &str, d: std::time::Duration) -> bool {
+        self.tenants.get(tenant).is_some_and(|t| t.cast(crate::actors::TenantMsg::Stall(d)).is_ok())
+    }
+
     /// Makes every store write fail from now on (`true`) or succeed again (tests only).
     #[cfg(feature = "fault-injection")]
     pub fn fail_store_writes(&self, on: bool) {

@@ -194,12 +194,6 @@ impl JobEntry {
         let _ = self.next_output(usize::MAX).await;
     }
 
-    /// Waits until the job is over or `limit` passes; returns whether it is over.
-    pub(crate) async fn wait_terminal(&self, limit: Duration) -> bool {
-        let _ = tokio::time::timeout(limit, self.until_over()).await;
-        self.state().is_terminal()
-    }
-
     /// The API view.
     pub(crate) fn view(&self) -> JobView {
         self.with_view(true, |v| v.to_info())

@@ -68,6 +68,25 @@ async fn a_crashed_tenant_actor_restarts_without_touching_other_tenants() {
     assert_eq!(v["output"], "other ok\n");
 }
 
+/// A tenant actor that does not answer (busy, stuck on its store) costs a dispatch 503
+/// after `ACTOR_CALL_TIMEOUT` (5 s), not a call that hangs until the actor wakes.
+#[tokio::test]
+async fn a_dispatch_to_a_stalled_tenant_actor_is_answered_unavailable_in_time() {
+    let b = TestBroker::start().await;
+    let a = b.tenant("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, _runner) = b.runner(&a, "alice", &dir.path().join("a"), 2).await;
+    assert!(b.handle().stall_tenant("a", Duration::from_secs(9)));
+    let started = std::time::Instant::now();
+    let (status, v) = b.run(&a, "alice", "echo", &["stalled"]).await;
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(v["error"]["code"], "unavailable", "{v}");
+    assert!(started.elapsed() < Duration::from_secs(9), "answered only once the actor woke");
+    // The job it created is not left behind as queued.
+    let (_, jobs) = b.api.get("/v1/jobs", &a).await;
+    assert_eq!(jobs["jobs"].as_array().map(Vec::len), Some(0), "{jobs}");
+}
+
 #[tokio::test]
 async fn certificates_renew_over_the_live_connection() {
     let b = TestBroker::start_with(|c| c.runner_cert_validity = Duration::from_secs(3)).await;

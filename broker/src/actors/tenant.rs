@@ -73,6 +73,10 @@ pub(crate) enum TenantMsg {
     /// Make this actor fail (tests of supervision only).
     #[cfg(feature = "fault-injection")]
     Crash,
+    /// Keep this actor busy, its mailbox unread, for this long (tests of the callers'
+    /// time limits only).
+    #[cfg(feature = "fault-injection")]
+    Stall(Duration),
 }
 
 impl From<ConnectionEvent> for TenantMsg {
@@ -487,6 +491,8 @@ impl Actor for TenantActor {
             TenantMsg::Tick => state.expire_queue(Instant::now()),
             #[cfg(feature = "fault-injection")]
             TenantMsg::Crash => return Err("fault injected".into()),
+            #[cfg(feature = "fault-injection")]
+            TenantMsg::Stall(d) => tokio::time::sleep(d).await,
         }
         state.queue_depth.set(state.queue.len() as f64);
         Ok(())
