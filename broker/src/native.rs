@@ -1,14 +1,16 @@
 //! `runnel-api/1`, the native API on the broker's QUIC endpoint (see
 //! `runnel_protocol::ApiRequest`): an API key in the first frame, then one stream per call,
-//! many at a time, or many calls on one stream (a lane). Every call goes through the same
-//! single check sites as the HTTP API: the key through `api::authenticate` (and `api::still_good` on each call, so a key
-//! revoked while a connection is open stops working on its next call), the spec through
+//! many at a time, or many calls on one stream (a lane, one per connection). Every call
+//! goes through the same single check sites as the HTTP API: the key through
+//! `api::authenticate` (and `api::still_good` on each call, so a key revoked while a
+//! connection is open stops working on its next call), the spec through
 //! `api::checked_spec`, and the call itself through `homed`, which checks the tenant and
 //! owner and forwards to the tenant's home in a cluster.
 
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -28,8 +30,10 @@ use crate::peer::{job_answer, refused, send_output, serve_calls};
 use crate::records::Role;
 use crate::shared::Shared;
 
-/// Calls one connection may have open at once (each a bidirectional stream). Runner
-/// connections get only a few; a client pipelines.
+/// Calls one connection may have open at once on streams of their own (each a
+/// bidirectional stream). Runner connections get only a few; a client pipelines. Its one
+/// lane holds up to `LANE_MAX_CALLS` more, so a connection has at most twice this many
+/// calls under way.
 pub(crate) const MAX_CALLS: u32 = 256;
 
 /// How long the client has to send its hello.
@@ -85,8 +89,10 @@ pub(crate) async fn serve(
     drop(slot);
     let _open = Open::new();
     let caller = Arc::new(caller);
+    let lane_open = Arc::new(AtomicBool::new(false));
     let ended = serve_calls(&conn, |send, recv| {
-        call(send, recv, shared.clone(), tenants.clone(), caller.clone())
+        let ctx = (shared.clone(), tenants.clone(), caller.clone(), lane_open.clone());
+        call(send, recv, ctx)
     });
     let ended = ended.await;
     tracing::debug!(%remote, error = %ended, "native API connection ended");
@@ -140,17 +146,28 @@ fn welcome(shared: &Shared, hello: &ApiHello) -> Result<Caller, ApiError> {
     Ok(caller)
 }
 
+/// What every call of a connection shares: the broker, the key's caller, and whether the
+/// connection's one lane is open.
+type CallContext = (Arc<Shared>, Arc<Tenants>, Arc<Caller>, Arc<AtomicBool>);
+
 async fn call(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    shared: Arc<Shared>,
-    tenants: Arc<Tenants>,
-    caller: Arc<Caller>,
+    (shared, tenants, caller, lane_open): CallContext,
 ) {
     let req = match read_frame::<ApiRequest, _>(&mut recv).await {
-        // Its calls follow on this stream.
+        // Its calls follow on this stream; a second lane would double what one connection
+        // may have under way.
+        Ok(Some(ApiRequest::Lane)) if lane_open.swap(true, Ordering::AcqRel) => {
+            tracing::debug!("a second native API lane on one connection refused");
+            counted("malformed");
+            let _ = send.reset(ErrorCode::BadRequest.as_u32().into());
+            return;
+        }
         Ok(Some(ApiRequest::Lane)) => {
-            return Box::pin(lane(send, recv, &shared, &tenants, &caller)).await;
+            Box::pin(lane(send, recv, &shared, &tenants, &caller)).await;
+            lane_open.store(false, Ordering::Release);
+            return;
         }
         Ok(Some(r)) => {
             // The request is the whole stream; its end came with it.
@@ -226,6 +243,8 @@ enum LaneEnd {
     Done,
     /// A frame that is not a call: the lane is reset with its error code.
     Malformed(runnel_protocol::FrameError),
+    /// An answer that could not be encoded, even as a refusal (a bug): the lane is reset.
+    Unanswerable(runnel_protocol::FrameError),
 }
 
 /// A lane ([`ApiRequest::Lane`]): [`LaneCall`]s read from `recv` are answered on `send`
@@ -255,7 +274,7 @@ async fn lane(
             let mut moved = false;
             while let Poll::Ready(Some((call, answered))) = running.poll_next_unpin(cx) {
                 if let Err(e) = append(&mut out, call, answered) {
-                    return Poll::Ready(LaneEnd::Malformed(e));
+                    return Poll::Ready(LaneEnd::Unanswerable(e));
                 }
                 moved = true;
             }
@@ -312,6 +331,10 @@ async fn lane(
             tracing::debug!(error = %e, "malformed call on a native API lane");
             counted("malformed");
             let _ = send.reset(e.code().as_u32().into());
+        }
+        LaneEnd::Unanswerable(e) => {
+            tracing::error!(error = %e, "a native API lane's answer could not be encoded");
+            let _ = send.reset(ErrorCode::Internal.as_u32().into());
         }
     }
 }

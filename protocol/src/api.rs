@@ -18,7 +18,8 @@
 //!   broker reads no more of a lane while it has [`LANE_MAX_CALLS`](crate::limits::LANE_MAX_CALLS)
 //!   calls unanswered (or answers the client has not read); a malformed frame resets the
 //!   lane, the calls still on it unanswered. Ending the lane's send side ends the lane
-//!   once its calls are answered.
+//!   once its calls are answered. A connection has one lane at a time: a second is reset
+//!   (`ErrorCode::BadRequest`) unread.
 //!
 //! [`PeerResponse`]: crate::PeerResponse
 

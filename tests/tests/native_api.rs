@@ -361,6 +361,14 @@ async fn bad_keys_specs_and_frames_get_clear_refusals() {
     lane_calls(&mut send, &[(3, ApiRequest::GetJob { id: "j-nothing".into() })]).await;
     let (call_no, frames) = lane_answer(&mut recv).await;
     assert_eq!((call_no, refusal(&frames).map(|r| r.0)), (3, Some(404)), "{frames:?}");
+    // One lane per connection: a second, while the first is open, is reset unread (a
+    // lane holds up to LANE_MAX_CALLS calls; more lanes would multiply what one connection
+    // may have under way).
+    let (mut second, mut second_recv) = lane(&conn).await;
+    lane_calls(&mut second, &[(1, ApiRequest::GetJob { id: "j-nothing".into() })]).await;
+    let reset =
+        tokio::time::timeout(Duration::from_secs(5), read_frame::<LaneAnswer, _>(&mut second_recv));
+    assert!(matches!(reset.await, Ok(Err(_))), "a second lane was served");
 
     // A key revoked while its connection is open stops working on the next call.
     b.revoke_key_of_role(&acme, "acme", "member").await;
@@ -376,7 +384,7 @@ async fn bad_keys_specs_and_frames_get_clear_refusals() {
     let text = b.api.raw("/metrics", &b.operator_key).await;
     let value = |series: &str| metric_value(&text, series).unwrap_or(0.0);
     assert_eq!(value(r#"runnel_native_calls_total{call="refused_hello"}"#), 2.0, "{text}");
-    assert_eq!(value(r#"runnel_native_calls_total{call="malformed"}"#), 2.0);
+    assert_eq!(value(r#"runnel_native_calls_total{call="malformed"}"#), 3.0);
     assert!(value(r#"runnel_native_calls_total{call="dispatch"}"#) >= 4.0);
     assert!(value(r#"runnel_native_calls_total{call="get"}"#) >= 2.0);
     assert!(value("runnel_native_connections") >= 1.0);
