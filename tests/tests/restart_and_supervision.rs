@@ -69,22 +69,29 @@ async fn a_crashed_tenant_actor_restarts_without_touching_other_tenants() {
 }
 
 /// A tenant actor that does not answer (busy, stuck on its store) costs a dispatch 503
-/// after `ACTOR_CALL_TIMEOUT` (5 s), not a call that hangs until the actor wakes.
+/// after `ACTOR_CALL_TIMEOUT` (5 s), not a call that hangs until the actor wakes; and the
+/// job the caller was told was not taken never runs once the actor does wake.
 #[tokio::test]
-async fn a_dispatch_to_a_stalled_tenant_actor_is_answered_unavailable_in_time() {
+async fn a_dispatch_to_a_stalled_tenant_actor_is_answered_unavailable_and_never_runs() {
     let b = TestBroker::start().await;
     let a = b.tenant("a").await;
     let dir = tempfile::tempdir().unwrap();
     let (_, _runner) = b.runner(&a, "alice", &dir.path().join("a"), 2).await;
-    assert!(b.handle().stall_tenant("a", Duration::from_secs(9)));
+    let ghost = dir.path().join("ghost");
+    assert!(b.handle().stall_tenant("a", Duration::from_secs(7)));
     let started = std::time::Instant::now();
-    let (status, v) = b.run(&a, "alice", "echo", &["stalled"]).await;
+    let (status, v) = b.run(&a, "alice", "touch", &[ghost.to_str().unwrap()]).await;
     assert_eq!(status, 503, "{v}");
     assert_eq!(v["error"]["code"], "unavailable", "{v}");
-    assert!(started.elapsed() < Duration::from_secs(9), "answered only once the actor woke");
-    // The job it created is not left behind as queued.
+    assert!(started.elapsed() < Duration::from_secs(7), "answered only once the actor woke");
     let (_, jobs) = b.api.get("/v1/jobs", &a).await;
     assert_eq!(jobs["jobs"].as_array().map(Vec::len), Some(0), "{jobs}");
+    // The actor wakes and reads the refused dispatch first, then the later one: only the
+    // later one runs.
+    let (status, v) = b.run(&a, "alice", "echo", &["after"]).await;
+    assert_eq!((status, v["output"].as_str()), (200, Some("after\n")), "{v}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!ghost.exists(), "the job answered 503 ran anyway");
 }
 
 #[tokio::test]

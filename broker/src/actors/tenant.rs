@@ -459,6 +459,9 @@ impl Actor for TenantActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             TenantMsg::Attach(a) => state.attach(&myself, *a).await,
+            // A caller that stopped waiting (its time limit passed while this actor was
+            // busy) has answered 503 and discarded the job: it must not run.
+            TenantMsg::Dispatch(_, reply) if reply.is_closed() => {}
             TenantMsg::Dispatch(job, reply) => {
                 let verdict = state.dispatch(job);
                 let _ = reply.send(verdict.as_ref().map(|_| ()).map_err(Clone::clone));
