@@ -1,5 +1,5 @@
 //! `runnel-api/1`, the native API on the broker's QUIC endpoint (see
-//! `runnel_protocol::ApiRequest`): an API key in the first frame, then one stream per call,
+//! `runnel_protocol::ApiRequest`): an API key in the first frame, then a stream per call,
 //! many at a time, or many calls on one stream (a lane, one per connection). Every call
 //! goes through the same single check sites as the HTTP API: the key through
 //! `api::authenticate` (and `api::still_good` on each call, so a key revoked while a
