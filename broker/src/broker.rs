@@ -531,10 +531,24 @@ impl BrokerHandle {
         &self.shared.advertise
     }
 
+    /// The node-to-node endpoint's bound address (cluster only).
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.peer_endpoint.as_ref().and_then(|e| e.local_addr().ok())
+    }
+
     /// Makes a tenant's actor fail, to exercise supervision (tests only).
     #[cfg(feature = "fault-injection")]
     pub fn crash_tenant(&self, tenant: &str) -> bool {
         self.tenants.get(tenant).is_some_and(|t| t.cast(crate::actors::TenantMsg::Crash).is_ok())
+    }
+
+    /// The cluster CA with its key, as this node holds it (a cluster keeps it in etcd, not
+    /// in the data dir), to issue certificates in tests (tests only).
+    #[cfg(feature = "fault-injection")]
+    pub fn cluster_ca(&self) -> runnel_certs::ClusterCa {
+        let ca = &self.shared.ca;
+        runnel_certs::ClusterCa::from_pem(ca.cluster(), ca.cert_pem(), &ca.key_pem())
+            .expect("the CA this node runs on parses")
     }
 
     /// Keeps a tenant's actor busy for `d`, its mailbox unread (tests only).

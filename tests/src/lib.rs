@@ -449,3 +449,57 @@ pub async fn closed_with(conn: &quinn::Connection) -> u32 {
         other => panic!("unexpected close: {other:?}"),
     }
 }
+
+/// A client's ticket store that counts the session tickets the server gave it.
+#[derive(Debug, Default)]
+pub struct CountingTickets {
+    inner: std::sync::OnceLock<std::sync::Arc<rustls::client::ClientSessionMemoryCache>>,
+    /// Tickets handed to it so far.
+    pub given: std::sync::atomic::AtomicUsize,
+}
+
+impl CountingTickets {
+    fn cache(&self) -> &rustls::client::ClientSessionMemoryCache {
+        self.inner
+            .get_or_init(|| std::sync::Arc::new(rustls::client::ClientSessionMemoryCache::new(8)))
+    }
+}
+
+impl rustls::client::ClientSessionStore for CountingTickets {
+    fn set_kx_hint(&self, n: rustls::pki_types::ServerName<'static>, g: rustls::NamedGroup) {
+        self.cache().set_kx_hint(n, g)
+    }
+    fn kx_hint(&self, n: &rustls::pki_types::ServerName<'_>) -> Option<rustls::NamedGroup> {
+        self.cache().kx_hint(n)
+    }
+    fn set_tls12_session(
+        &self,
+        n: rustls::pki_types::ServerName<'static>,
+        v: rustls::client::Tls12ClientSessionValue,
+    ) {
+        self.cache().set_tls12_session(n, v)
+    }
+    fn tls12_session(
+        &self,
+        n: &rustls::pki_types::ServerName<'_>,
+    ) -> Option<rustls::client::Tls12ClientSessionValue> {
+        self.cache().tls12_session(n)
+    }
+    fn remove_tls12_session(&self, n: &rustls::pki_types::ServerName<'static>) {
+        self.cache().remove_tls12_session(n)
+    }
+    fn insert_tls13_ticket(
+        &self,
+        n: rustls::pki_types::ServerName<'static>,
+        v: rustls::client::Tls13ClientSessionValue,
+    ) {
+        self.given.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.cache().insert_tls13_ticket(n, v)
+    }
+    fn take_tls13_ticket(
+        &self,
+        n: &rustls::pki_types::ServerName<'static>,
+    ) -> Option<rustls::client::Tls13ClientSessionValue> {
+        self.cache().take_tls13_ticket(n)
+    }
+}

@@ -280,3 +280,45 @@ async fn joining_nodes_take_no_tenant_until_a_rebalance_moves_them_with_their_ru
         h.shutdown().await.unwrap();
     }
 }
+
+/// A node hands its peers no TLS session tickets either: a node certificate that has since
+/// expired could otherwise come back on a kept ticket without its chain checked again
+/// (`endpoint::resume_nothing`, as on the runners' port).
+#[tokio::test]
+async fn a_node_hands_its_peers_no_session_tickets() {
+    use runnel_protocol::{PeerRequest, PeerResponse, read_frame, write_frame};
+    let Some(c) = TestCluster::start(1, |_| {}).await else { return };
+    let node = &c.nodes[0];
+    let ca = node.handle().cluster_ca();
+    let (cert, key_pem) = ca.issue_node_cert("n9").unwrap();
+    let chain = vec![cert.cert_der.clone(), ca.cert_der().clone()];
+    let key = runnel_certs::pem::private_key_from_pem(&key_pem).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.cert_der().clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    tls.alpn_protocols = vec![runnel_protocol::ALPN_PEER.to_vec()];
+    let tickets = Arc::new(runnel_tests::CountingTickets::default());
+    tls.resumption = rustls::client::Resumption::store(tickets.clone());
+    let cfg = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+    ));
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = node.handle().peer_addr().expect("a cluster node has a peer endpoint");
+    let conn = ep.connect_with(cfg, addr, runnel_certs::PEER_SERVER_NAME).unwrap().await.unwrap();
+    // A call answered: the handshake's tickets, if any, came before it.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let ask = PeerRequest::RunnersOnline { tenant: "nobody".into(), runner_ids: vec![] };
+    write_frame(&mut send, &ask).await.unwrap();
+    send.finish().unwrap();
+    let answer =
+        tokio::time::timeout(Duration::from_secs(5), read_frame::<PeerResponse, _>(&mut recv));
+    assert!(matches!(answer.await, Ok(Ok(Some(PeerResponse::Online(_))))), "no answer");
+    let given = tickets.given.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(given, 0, "the node handed out {given} session tickets");
+}

@@ -216,59 +216,6 @@ async fn strangers_claiming_a_tenant_cannot_write_into_its_audit_log() {
     assert_eq!(after["events"].as_array().unwrap().len(), before, "{after}");
 }
 
-/// A client's ticket store that counts the session tickets the server gave it.
-#[derive(Debug, Default)]
-struct CountingTickets {
-    inner: std::sync::OnceLock<std::sync::Arc<rustls::client::ClientSessionMemoryCache>>,
-    given: std::sync::atomic::AtomicUsize,
-}
-
-impl CountingTickets {
-    fn cache(&self) -> &rustls::client::ClientSessionMemoryCache {
-        self.inner
-            .get_or_init(|| std::sync::Arc::new(rustls::client::ClientSessionMemoryCache::new(8)))
-    }
-}
-
-impl rustls::client::ClientSessionStore for CountingTickets {
-    fn set_kx_hint(&self, n: rustls::pki_types::ServerName<'static>, g: rustls::NamedGroup) {
-        self.cache().set_kx_hint(n, g)
-    }
-    fn kx_hint(&self, n: &rustls::pki_types::ServerName<'_>) -> Option<rustls::NamedGroup> {
-        self.cache().kx_hint(n)
-    }
-    fn set_tls12_session(
-        &self,
-        n: rustls::pki_types::ServerName<'static>,
-        v: rustls::client::Tls12ClientSessionValue,
-    ) {
-        self.cache().set_tls12_session(n, v)
-    }
-    fn tls12_session(
-        &self,
-        n: &rustls::pki_types::ServerName<'_>,
-    ) -> Option<rustls::client::Tls12ClientSessionValue> {
-        self.cache().tls12_session(n)
-    }
-    fn remove_tls12_session(&self, n: &rustls::pki_types::ServerName<'static>) {
-        self.cache().remove_tls12_session(n)
-    }
-    fn insert_tls13_ticket(
-        &self,
-        n: rustls::pki_types::ServerName<'static>,
-        v: rustls::client::Tls13ClientSessionValue,
-    ) {
-        self.given.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.cache().insert_tls13_ticket(n, v)
-    }
-    fn take_tls13_ticket(
-        &self,
-        n: &rustls::pki_types::ServerName<'static>,
-    ) -> Option<rustls::client::Tls13ClientSessionValue> {
-        self.cache().take_tls13_ticket(n)
-    }
-}
-
 /// Every handshake runs the pairing check, because the broker hands out no TLS session
 /// tickets: rustls resumes a session without verifying the client certificate again, so
 /// a client that kept a ticket (the real runner builds a fresh TLS config per session; a
@@ -292,7 +239,7 @@ async fn the_broker_hands_out_no_session_tickets() {
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
         .with_root_certificates(roots);
-    let tickets = std::sync::Arc::new(CountingTickets::default());
+    let tickets = std::sync::Arc::new(runnel_tests::CountingTickets::default());
     let runner = builder.clone().with_client_auth_cert(chain, key).unwrap();
     let api = builder.with_no_client_auth();
     let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
