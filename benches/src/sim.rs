@@ -142,7 +142,8 @@ impl Fleet {
                     let (mut send, mut recv) = conn.open_bi().await?;
                     let hello = ClientControl::Hello(Hello {
                         min_version: 1,
-                        max_version: runnel_protocol::PROTOCOL_VERSION,
+                        // A stream per job, as runnel-runner speaks today.
+                        max_version: 2,
                         runner_version: "bench".into(),
                         labels: Default::default(),
                         capacity,

@@ -19,6 +19,7 @@
 //! connection's tasks (its I/O task, one per running job) are owned by its state, so a
 //! killed actor leaves none running.
 
+mod job_lane;
 mod root;
 mod runner_connection;
 mod tenant;

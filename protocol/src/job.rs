@@ -1,7 +1,14 @@
-//! Job streams: the broker opens one bidirectional stream per job.
-//! It sends [`BrokerJobFrame::Job`] and may later send [`BrokerJobFrame::Cancel`]; the
-//! runner answers with any number of [`RunnerJobFrame::Output`] and exactly one
-//! [`RunnerJobFrame::Result`].
+//! Jobs between a broker and a runner.
+//!
+//! - Protocol 2: the broker opens one bidirectional stream per job. It sends
+//!   [`BrokerJobFrame::Job`] and may later send [`BrokerJobFrame::Cancel`]; the runner
+//!   answers with any number of [`RunnerJobFrame::Output`] and exactly one
+//!   [`RunnerJobFrame::Result`].
+//! - Protocol 3, the *job lane*: the broker opens one bidirectional stream for all of the
+//!   connection's jobs, with its first job, and the same frames travel on it each in a
+//!   [`LaneFrame`] naming the job by the broker's number for it (unique on the connection
+//!   among the jobs not yet ended). A frame for a number the other side has already ended
+//!   (a Result after the broker gave up on the job, a Cancel after the Result) is ignored.
 
 use serde::{Deserialize, Serialize};
 
@@ -62,23 +69,47 @@ pub fn encode_job_request(
     payload: &[u8],
     timeout_ms: u64,
 ) -> Result<Vec<u8>, crate::FrameError> {
-    /// [`JobRequest`], borrowed: postcard writes `&str` as `String` and `&[u8]` as
-    /// `Vec<u8>` (a length, then the bytes), and field names not at all.
-    #[derive(Serialize)]
-    struct JobRequestRef<'a> {
-        job_id: &'a str,
-        kind: &'a str,
-        #[serde(with = "crate::bytes")]
-        payload: &'a [u8],
-        timeout_ms: u64,
-    }
-    /// [`BrokerJobFrame`] up to its `Job` variant, which must stay the first.
-    #[derive(Serialize)]
-    enum BrokerJobFrameRef<'a> {
-        Job(JobRequestRef<'a>),
-    }
+    crate::encode(&BrokerJobFrameRef::Job(JobRequestRef { job_id, kind, payload, timeout_ms }))
+}
+
+/// [`encode_job_request`] on a job lane: `LaneFrame { job, frame: Job(..) }`, appended to
+/// `out` (the same bytes as the owned frame's; a test holds them equal).
+pub fn encode_lane_job_request(
+    out: &mut Vec<u8>,
+    job: u32,
+    job_id: &str,
+    kind: &str,
+    payload: &[u8],
+    timeout_ms: u64,
+) -> Result<(), crate::FrameError> {
     let frame = BrokerJobFrameRef::Job(JobRequestRef { job_id, kind, payload, timeout_ms });
-    crate::encode(&frame)
+    crate::encode_append(out, &LaneFrame { job, frame })
+}
+
+/// [`JobRequest`], borrowed: postcard writes `&str` as `String` and `&[u8]` as `Vec<u8>`
+/// (a length, then the bytes), and field names not at all.
+#[derive(Serialize)]
+struct JobRequestRef<'a> {
+    job_id: &'a str,
+    kind: &'a str,
+    #[serde(with = "crate::bytes")]
+    payload: &'a [u8],
+    timeout_ms: u64,
+}
+
+/// [`BrokerJobFrame`] up to its `Job` variant, which must stay the first.
+#[derive(Serialize)]
+enum BrokerJobFrameRef<'a> {
+    Job(JobRequestRef<'a>),
+}
+
+/// One frame on a job lane (protocol 3): a job's frame and the broker's number for the job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LaneFrame<F> {
+    /// The job's number on this connection.
+    pub job: u32,
+    /// Its frame ([`BrokerJobFrame`] from the broker, [`RunnerJobFrame`] from the runner).
+    pub frame: F,
 }
 
 /// Which output stream a chunk came from.

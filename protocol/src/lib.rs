@@ -5,7 +5,8 @@
 //!   *incomplete* frame (wait for more bytes) apart from a *bad* one (close the peer).
 //! - `control`: the control stream a runner opens after the handshake (Hello/Welcome,
 //!   Heartbeat, RenewCert, GoAway, Redirect).
-//! - `job`: one bidirectional stream per job (Job, Output, Result, Cancel).
+//! - `job`: the job frames (Job, Output, Result, Cancel), on a stream per job (protocol 2)
+//!   or on one job lane per connection (protocol 3).
 //! - `enroll`: the single request/response of ALPN `runnel-enroll/1`.
 //! - `peer`: node-to-node calls of ALPN `runnel-peer/1` (a cluster forwards API calls to a
 //!   tenant's home), and the job view and states they carry.
@@ -46,8 +47,8 @@ pub use enroll::{EnrollRequest, EnrollResponse, Enrolled};
 pub use error::ErrorCode;
 pub use frame::{FrameError, decode, encode, encode_append, read_frame, take_end, write_frame};
 pub use job::{
-    BrokerJobFrame, ExecSpec, JobOutcome, JobRequest, JobResult, OutputStream, RunnerJobFrame,
-    encode_job_request,
+    BrokerJobFrame, ExecSpec, JobOutcome, JobRequest, JobResult, LaneFrame, OutputStream,
+    RunnerJobFrame, encode_job_request, encode_lane_job_request,
 };
 pub use outbox::{Outbox, gather};
 pub use peer::{

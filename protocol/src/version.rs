@@ -1,8 +1,9 @@
 //! Protocol versions and ALPN identifiers.
 
 /// The protocol version this build speaks best. 2: `Welcome` carries the tenant's epoch,
-/// and a node that is not the tenant's home answers `Hello` with `Redirect`.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// and a node that is not the tenant's home answers `Hello` with `Redirect`. 3: a
+/// connection's jobs share one job lane (`LaneFrame`) instead of a stream each.
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// The oldest protocol version this build still speaks (1 had no epoch in `Welcome`; no
 /// release spoke it).
@@ -36,6 +37,7 @@ mod tests {
     fn negotiates_highest_common_version() {
         assert_eq!(negotiate(1, 1), None, "protocol 1 is no longer spoken");
         assert_eq!(negotiate(2, 2), Some(2));
+        assert_eq!(negotiate(2, 3), Some(3));
         assert_eq!(negotiate(1, 9), Some(PROTOCOL_VERSION));
         assert_eq!(negotiate(PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 3), None);
         assert_eq!(negotiate(3, 2), None);

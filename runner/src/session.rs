@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use runnel_certs::{CLOCK_SKEW, key, parse_cert, pem};
 use runnel_protocol::{
-    ClientControl, ErrorCode, Heartbeat, Hello, Outbox, PROTOCOL_VERSION, ServerControl,
-    read_frame, version::MIN_PROTOCOL_VERSION, write_frame,
+    ClientControl, ErrorCode, Heartbeat, Hello, Outbox, ServerControl, read_frame,
+    version::MIN_PROTOCOL_VERSION, write_frame,
 };
 use tokio::sync::mpsc;
 use tokio_util::task::AbortOnDropHandle;
@@ -23,6 +23,9 @@ use crate::job::serve_job;
 use crate::runner::{Inner, RunnerStatus};
 use crate::state::StateDir;
 use crate::tls::{client_endpoint, job_streams, resolve, runner_config};
+
+/// The newest protocol this runner speaks: 2, a stream per job.
+pub(crate) const RUNNER_PROTOCOL_VERSION: u16 = 2;
 
 /// Time a QUIC handshake may take: a node that is gone (killed, unplugged) answers
 /// nothing, and QUIC's own idle timeout would keep the runner waiting far longer.
@@ -207,7 +210,9 @@ async fn serve_connection(
     };
     let hello = ClientControl::Hello(Hello {
         min_version: MIN_PROTOCOL_VERSION,
-        max_version: PROTOCOL_VERSION,
+        // Protocol 3 (the job lane) is the broker's so far; this runner takes a stream per
+        // job.
+        max_version: RUNNER_PROTOCOL_VERSION,
         runner_version: env!("CARGO_PKG_VERSION").into(),
         labels: inner.labels.clone(),
         capacity: inner.capacity,

@@ -383,11 +383,17 @@ pub fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
-/// A Hello as a well-behaved runner sends it.
+/// A Hello as a well-behaved runner sends it, speaking protocol 2 (a stream per job):
+/// what the tests that take jobs by hand expect. [`hello_v`] for another version.
 pub fn hello() -> runnel_protocol::ClientControl {
+    hello_v(2)
+}
+
+/// [`hello`] speaking at most protocol `max`.
+pub fn hello_v(max: u16) -> runnel_protocol::ClientControl {
     runnel_protocol::ClientControl::Hello(runnel_protocol::Hello {
         min_version: runnel_protocol::version::MIN_PROTOCOL_VERSION,
-        max_version: runnel_protocol::PROTOCOL_VERSION,
+        max_version: max,
         runner_version: "test".into(),
         labels: BTreeMap::new(),
         capacity: 1,
@@ -424,10 +430,19 @@ pub async fn welcomed_full(
     b: &TestBroker,
     state: &StateDir,
 ) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
+    welcomed_speaking(b, state, hello()).await
+}
+
+/// [`welcomed_full`] with `hello` (another protocol version, say: [`hello_v`]).
+pub async fn welcomed_speaking(
+    b: &TestBroker,
+    state: &StateDir,
+    hello: runnel_protocol::ClientControl,
+) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
     use runnel_protocol::{ServerControl, read_frame, write_frame};
     let conn = connect_as(b, state).await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    write_frame(&mut send, &hello()).await.unwrap();
+    write_frame(&mut send, &hello).await.unwrap();
     let welcome = read_frame::<ServerControl, _>(&mut recv).await;
     assert!(matches!(welcome, Ok(Some(ServerControl::Welcome(_)))), "{welcome:?}");
     (conn, send, recv)

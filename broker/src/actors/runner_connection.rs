@@ -24,6 +24,7 @@ use runnel_protocol::{
 use tokio::sync::mpsc;
 use tokio_util::task::AbortOnDropHandle;
 
+use super::job_lane::JobLane;
 use crate::dispatch::ConnId;
 use crate::index::Advertised;
 use crate::jobs::{Finish, JobEntry, JobState, JobTable};
@@ -33,9 +34,9 @@ use crate::shared::Shared;
 use crate::wake_gate::WakeGate;
 
 /// How long after its run-time limit a job may take to report before the broker gives up.
-const RESULT_GRACE: Duration = Duration::from_secs(5);
+pub(super) const RESULT_GRACE: Duration = Duration::from_secs(5);
 /// How long a runner has to confirm a cancel.
-const CANCEL_GRACE: Duration = Duration::from_secs(5);
+pub(super) const CANCEL_GRACE: Duration = Duration::from_secs(5);
 /// Least time between two certificate renewals on one connection (a runner renews at 2/3
 /// of its certificate's life; anything faster is a misbehaving or hostile peer).
 const MIN_RENEWAL_SPACING: Duration = Duration::from_secs(1);
@@ -246,6 +247,7 @@ impl Actor for RunnerConnection {
         };
         let io = connection_io(
             conn.clone(),
+            version,
             (send, recv),
             welcome,
             rx,
@@ -317,24 +319,32 @@ impl Actor for RunnerConnection {
     }
 }
 
+/// The first protocol version whose jobs share one lane per connection.
+const JOB_LANE_VERSION: u16 = 3;
+
 /// What the I/O task needs to run the connection's jobs.
-struct Jobs {
+pub(super) struct Jobs {
     conn_id: ConnId,
     tenant: DerivedActorRef<ConnectionEvent>,
-    shared: Arc<Shared>,
+    pub(super) shared: Arc<Shared>,
 }
 
 impl Jobs {
+    /// A job that ended: the job table and the tenant hear it.
+    pub(super) fn ended(&self, job: Arc<JobEntry>, finish: Finish) {
+        // At debug: at info, a busy broker would log a line per job (tens of thousands a
+        // second); runnel_dispatches_total{outcome} counts them.
+        tracing::debug!(job = %job.id, kind = %job.spec.kind, state = finish.state.name(), "job ended");
+        self.shared.jobs.finish(&job, finish);
+        let _ = self.tenant.send_message(ConnectionEvent::JobDone { conn: self.conn_id, job });
+    }
+
     /// One job, start to end: its stream, then the job table and the tenant hear the end.
     /// Answers the stream's send half when it is still open after the `Result` (the caller
     /// ends it: see [`STREAM_END_DELAY`]).
     async fn run(&self, conn: &quinn::Connection, job: Arc<JobEntry>) -> Option<quinn::SendStream> {
         let (finish, send) = drive_job(conn, &job, &self.shared.jobs).await;
-        // At debug: at info, a busy broker would log a line per job (tens of thousands a second);
-        // runnel_dispatches_total{outcome} counts them.
-        tracing::debug!(job = %job.id, kind = %job.spec.kind, state = finish.state.name(), "job ended");
-        self.shared.jobs.finish(&job, finish);
-        let _ = self.tenant.send_message(ConnectionEvent::JobDone { conn: self.conn_id, job });
+        self.ended(job, finish);
         send
     }
 }
@@ -349,6 +359,7 @@ impl Jobs {
 /// costs no spawn, no span and no hop through the actor's mailbox.
 async fn connection_io(
     conn: quinn::Connection,
+    version: u16,
     (mut send, recv): (quinn::SendStream, quinn::RecvStream),
     welcome: ServerControl,
     mut outbox: mpsc::Receiver<Box<ServerControl>>,
@@ -383,16 +394,27 @@ async fn connection_io(
     // connection holds only a None.
     let mut ended: Vec<quinn::SendStream> = Vec::new();
     let mut end_by: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    // Protocol 3: every job on one lane instead (`job_lane.rs`).
+    let mut lane = JobLane::default();
+    let mut lane_ok = true;
     loop {
         tokio::select! {
             reason = poll_fn(|cx| gate.poll(0, cx, |cx| closed.as_mut().poll(cx))) => {
                 // Every job still here fails at once on the closed connection: let each
                 // say so, then stop.
                 while running.next().await.is_some() {}
+                lane.lose_all(&jobs, "connection closed");
                 me.stop(Some(format!("connection closed: {reason}")));
                 return;
             }
-            taken = incoming.0.recv() => {
+            taken = incoming.0.recv(), if version >= JOB_LANE_VERSION => {
+                lane.start(&conn, &jobs, taken).await;
+            }
+            broken = poll_fn(|cx| lane.poll(cx, &jobs)), if lane_ok && lane.is_open() => {
+                close(&conn, broken.code, broken.reason);
+                lane_ok = false;
+            }
+            taken = incoming.0.recv(), if version < JOB_LANE_VERSION => {
                 for job in taken {
                     running.push(Box::pin(jobs.run(&conn, job)));
                 }
@@ -560,7 +582,7 @@ impl ConnectionState {
     }
 }
 
-fn outcome_state(o: JobOutcome) -> JobState {
+pub(super) fn outcome_state(o: JobOutcome) -> JobState {
     match o {
         JobOutcome::Succeeded => JobState::Succeeded,
         JobOutcome::Failed => JobState::Failed,

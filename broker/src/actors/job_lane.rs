@@ -1,0 +1,270 @@
+//! A runner connection's job lane (protocol 3): one stream, opened with the connection's
+//! first job, carries every job of the connection, each frame a `LaneFrame` naming the job
+//! by this connection's number for it. No stream is opened, tracked, credited and ended
+//! per job, on either side (BENCHMARKS.md: the spike measured −15% of the harness's CPU
+//! per job and about −4% of the broker's).
+//!
+//! The same rules as a job stream's (`drive_job`): a job ends with the runner's `Result`;
+//! it is bounded by its run timeout plus `RESULT_GRACE`; a cancel is sent as `Cancel` and
+//! the runner then has `CANCEL_GRACE` to confirm it; a job the broker gave up on is sent a
+//! `Cancel` too, so that the runner stops it. A frame for a job the broker has already
+//! ended is ignored (the runner may not have heard yet); a malformed frame closes the
+//! connection. All of it is driven by the connection's one I/O task.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::future::{AbortHandle, Abortable, BoxFuture};
+use futures::stream::{BoxStream, FuturesUnordered};
+use futures::{FutureExt, StreamExt};
+use runnel_protocol::{
+    BrokerJobFrame, FrameError, LaneFrame, RunnerJobFrame, encode_append, encode_lane_job_request,
+    read_frame,
+};
+
+use super::runner_connection::{CANCEL_GRACE, Jobs, RESULT_GRACE, outcome_state};
+use crate::jobs::{Finish, JobEntry, JobState};
+
+/// What a job's watch reports.
+enum Watch {
+    /// The job was cancelled (by the API).
+    Cancelled(u32),
+    /// Its time (run timeout and grace, or the cancel's grace) is up.
+    Expired(u32),
+}
+
+/// A job on the lane, not yet ended.
+struct Running {
+    job: Arc<JobEntry>,
+    cancel_sent: bool,
+    /// Stops the job's watch once it has ended.
+    watch: AbortHandle,
+}
+
+/// Why the lane cannot go on: the connection is closed with this.
+pub(super) struct Broken {
+    pub code: runnel_protocol::ErrorCode,
+    pub reason: &'static str,
+}
+
+/// One connection's job lane.
+#[derive(Default)]
+pub(super) struct JobLane {
+    send: Option<quinn::SendStream>,
+    frames: Option<BoxStream<'static, Result<Option<LaneFrame<RunnerJobFrame>>, FrameError>>>,
+    running: HashMap<u32, Running>,
+    watches: FuturesUnordered<Abortable<BoxFuture<'static, Watch>>>,
+    next: u32,
+    /// Frames not yet written, from `out[sent..]`.
+    out: Vec<u8>,
+    sent: usize,
+}
+
+impl JobLane {
+    /// Sends `taken` to the runner (the lane opened first if this is the connection's
+    /// first job). Jobs that cannot be sent end `runner_lost` at once.
+    pub(super) async fn start(
+        &mut self,
+        conn: &quinn::Connection,
+        jobs: &Jobs,
+        taken: Vec<Arc<JobEntry>>,
+    ) {
+        if self.send.is_none() {
+            match conn.open_bi().await {
+                Ok((send, recv)) => {
+                    self.send = Some(send);
+                    self.frames = Some(
+                        futures::stream::unfold(recv, |mut recv| async move {
+                            let next = read_frame::<LaneFrame<RunnerJobFrame>, _>(&mut recv).await;
+                            Some((next, recv))
+                        })
+                        .boxed(),
+                    );
+                }
+                Err(e) => {
+                    for job in taken {
+                        let m = format!("could not open the job lane: {e}");
+                        jobs.ended(job, Finish::new(JobState::RunnerLost, m));
+                    }
+                    return;
+                }
+            }
+        }
+        for job in taken {
+            self.next = self.next.wrapping_add(1);
+            let n = self.next;
+            let timeout_ms = job.spec.timeout.as_millis() as u64;
+            // Encoded from the entry itself: no copy of the id, kind and payload per job.
+            let encoded = job.with_payload(|payload| {
+                encode_lane_job_request(
+                    &mut self.out,
+                    n,
+                    &job.id,
+                    &job.spec.kind,
+                    payload,
+                    timeout_ms,
+                )
+            });
+            if let Err(e) = encoded {
+                jobs.ended(
+                    job,
+                    Finish::new(JobState::RunnerLost, format!("could not encode job: {e}")),
+                );
+                continue;
+            }
+            let cancel = job.cancel.clone();
+            let limit = job.spec.timeout + RESULT_GRACE;
+            let watch = async move {
+                tokio::select! {
+                    () = cancel.cancelled_owned() => Watch::Cancelled(n),
+                    () = tokio::time::sleep(limit) => Watch::Expired(n),
+                }
+            };
+            let watch = self.watch(watch.boxed());
+            self.running.insert(n, Running { job, cancel_sent: false, watch });
+        }
+    }
+
+    fn watch(&mut self, f: BoxFuture<'static, Watch>) -> AbortHandle {
+        let (handle, registration) = AbortHandle::new_pair();
+        self.watches.push(Abortable::new(f, registration));
+        handle
+    }
+
+    /// Whether there is anything to drive (a lane opened).
+    pub(super) fn is_open(&self) -> bool {
+        self.send.is_some()
+    }
+
+    /// Drives the lane: the runner's frames, the jobs' watches, the writes. Ready only
+    /// when the lane is broken (the caller closes the connection).
+    pub(super) fn poll(&mut self, cx: &mut Context<'_>, jobs: &Jobs) -> Poll<Broken> {
+        loop {
+            let mut moved = false;
+            if let Some(frames) = self.frames.as_mut() {
+                while let Poll::Ready(next) = frames.poll_next_unpin(cx) {
+                    moved = true;
+                    match next {
+                        Some(Ok(Some(LaneFrame { job, frame }))) => {
+                            on_frame(&mut self.running, job, frame, jobs);
+                        }
+                        Some(Ok(None)) | None => {
+                            return Poll::Ready(broken(
+                                runnel_protocol::ErrorCode::Protocol,
+                                "job lane ended",
+                            ));
+                        }
+                        Some(Err(FrameError::Io(_) | FrameError::Truncated)) => {
+                            return Poll::Ready(broken(
+                                runnel_protocol::ErrorCode::Protocol,
+                                "job lane broken",
+                            ));
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "bad job frame from runner; closing");
+                            return Poll::Ready(broken(e.code(), "bad job frame"));
+                        }
+                    }
+                }
+            }
+            while let Poll::Ready(Some(fired)) = self.watches.poll_next_unpin(cx) {
+                moved = true;
+                match fired {
+                    Ok(Watch::Cancelled(n)) => self.cancelled(n),
+                    Ok(Watch::Expired(n)) => self.expired(n, jobs),
+                    // Its job ended first.
+                    Err(_aborted) => {}
+                }
+            }
+            if let Some(send) = self.send.as_mut() {
+                while self.sent < self.out.len() {
+                    match Pin::new(&mut *send).poll_write(cx, &self.out[self.sent..]) {
+                        Poll::Ready(Ok(n)) if n > 0 => {
+                            self.sent += n;
+                            moved = true;
+                        }
+                        Poll::Ready(_) => {
+                            return Poll::Ready(broken(
+                                runnel_protocol::ErrorCode::Protocol,
+                                "job lane write failed",
+                            ));
+                        }
+                        Poll::Pending => break,
+                    }
+                }
+                if self.sent == self.out.len() {
+                    self.out.clear();
+                    self.sent = 0;
+                }
+            }
+            if !moved {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    /// The API cancelled job `n`: tell the runner, and give it `CANCEL_GRACE` to confirm.
+    fn cancelled(&mut self, n: u32) {
+        let Some(r) = self.running.get_mut(&n) else { return };
+        r.cancel_sent = true;
+        let _ = encode_append(&mut self.out, &LaneFrame { job: n, frame: BrokerJobFrame::Cancel });
+        let grace = async move {
+            tokio::time::sleep(CANCEL_GRACE).await;
+            Watch::Expired(n)
+        };
+        let watch = self.watch(grace.boxed());
+        if let Some(r) = self.running.get_mut(&n) {
+            r.watch = watch;
+        }
+    }
+
+    /// Job `n`'s time is up: it ends without the runner, which is told to stop it.
+    fn expired(&mut self, n: u32, jobs: &Jobs) {
+        let Some(r) = self.running.remove(&n) else { return };
+        let f = if r.cancel_sent {
+            Finish::new(JobState::Cancelled, "runner did not confirm the cancel in time")
+        } else {
+            let _ =
+                encode_append(&mut self.out, &LaneFrame { job: n, frame: BrokerJobFrame::Cancel });
+            Finish::new(JobState::TimedOut, "no result within the run timeout")
+        };
+        jobs.ended(r.job, f);
+    }
+
+    /// The connection is gone: every job still on the lane ends `runner_lost`.
+    pub(super) fn lose_all(&mut self, jobs: &Jobs, why: &str) {
+        for (_, r) in self.running.drain() {
+            r.watch.abort();
+            jobs.ended(r.job, Finish::new(JobState::RunnerLost, why.to_owned()));
+        }
+    }
+}
+
+fn broken(code: runnel_protocol::ErrorCode, reason: &'static str) -> Broken {
+    Broken { code, reason }
+}
+
+/// A frame from the runner, for job `n`.
+fn on_frame(running: &mut HashMap<u32, Running>, n: u32, frame: RunnerJobFrame, jobs: &Jobs) {
+    match frame {
+        RunnerJobFrame::Output { data, .. } => {
+            if let Some(r) = running.get(&n) {
+                jobs.shared.jobs.append_output(&r.job, data);
+            }
+        }
+        RunnerJobFrame::Result(r) => {
+            if let Some(done) = running.remove(&n) {
+                done.watch.abort();
+                let f = Finish {
+                    state: outcome_state(r.outcome),
+                    exit_code: r.exit_code,
+                    message: r.message,
+                    output_truncated: r.output_truncated,
+                };
+                jobs.ended(done.job, f);
+            }
+        }
+    }
+}
