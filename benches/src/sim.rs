@@ -10,8 +10,8 @@ use hdrhistogram::Histogram;
 use runnel_certs::pem;
 use runnel_ctl::{Client, Method};
 use runnel_protocol::{
-    BrokerJobFrame, ClientControl, Heartbeat, Hello, JobOutcome, JobResult, Outbox, OutputStream,
-    RunnerJobFrame, ServerControl, encode_append, read_frame, write_frame,
+    BrokerJobFrame, ClientControl, Heartbeat, Hello, JobOutcome, JobResult, LaneFrame, Outbox,
+    OutputStream, RunnerJobFrame, ServerControl, encode_append, read_frame, write_frame,
 };
 use serde_json::json;
 use tokio::task::JoinSet;
@@ -142,8 +142,7 @@ impl Fleet {
                     let (mut send, mut recv) = conn.open_bi().await?;
                     let hello = ClientControl::Hello(Hello {
                         min_version: 1,
-                        // A stream per job, as runnel-runner speaks today.
-                        max_version: 2,
+                        max_version: runnel_protocol::PROTOCOL_VERSION,
                         runner_version: "bench".into(),
                         labels: Default::default(),
                         capacity,
@@ -152,7 +151,7 @@ impl Fleet {
                     write_frame(&mut send, &hello).await?;
                     match read_frame::<ServerControl, _>(&mut recv).await? {
                         Some(ServerControl::Welcome(w)) => {
-                            let hb = w.heartbeat_interval_ms;
+                            let hb = (w.heartbeat_interval_ms, w.version);
                             let runner_id = id.runner_id.clone();
                             Ok::<_, anyhow::Error>((conn, send, recv, hb, tenant, runner_id))
                         }
@@ -256,7 +255,7 @@ async fn serve(
     conn: quinn::Connection,
     mut control: quinn::SendStream,
     mut from_broker: quinn::RecvStream,
-    heartbeat_ms: u32,
+    (heartbeat_ms, version): (u32, u16),
 ) {
     let hb = async move {
         let mut t = tokio::time::interval(Duration::from_millis(u64::from(heartbeat_ms.max(1000))));
@@ -269,9 +268,16 @@ async fn serve(
         }
     };
     // Results leave through one task per connection, as the real runner's do
-    // (`runnel_runner`'s session.rs): written together, they share datagrams.
+    // (`runnel_runner`'s session.rs): written together, they share datagrams. With
+    // protocol 3 every job comes on one lane, as the real runner takes them.
     let outbox = Outbox::start();
     let jobs = async {
+        if version >= 3 {
+            if let Ok((send, recv)) = conn.accept_bi().await {
+                lane_jobs(send, recv).await;
+            }
+            return;
+        }
         while let Ok((send, mut recv)) = conn.accept_bi().await {
             let outbox = outbox.clone();
             tokio::spawn(async move {
@@ -280,18 +286,8 @@ async fn serve(
                 else {
                     return;
                 };
-                let out =
-                    RunnerJobFrame::Output { stream: OutputStream::Stdout, data: job.payload };
-                let res = RunnerJobFrame::Result(JobResult {
-                    outcome: JobOutcome::Succeeded,
-                    exit_code: Some(0),
-                    message: String::new(),
-                    output_truncated: false,
-                });
-                // The real runner writes the output queued before the Result with it.
                 let mut answer = Vec::new();
-                if encode_append(&mut answer, &out).is_ok()
-                    && encode_append(&mut answer, &res).is_ok()
+                if echo(job.payload).iter().all(|f| encode_append(&mut answer, f).is_ok())
                     && let Ok(send) = outbox.deliver(send, answer).await
                 {
                     let _ = send.stopped().await;
@@ -316,6 +312,56 @@ async fn serve(
         std::future::pending::<()>().await;
     };
     tokio::select! { _ = hb => {}, _ = jobs => {}, _ = goaway => {} }
+}
+
+/// An echo's answer: the payload as output, then a successful Result (the real runner
+/// writes the output queued before the Result with it).
+fn echo(payload: Vec<u8>) -> [RunnerJobFrame; 2] {
+    let output = RunnerJobFrame::Output { stream: OutputStream::Stdout, data: payload };
+    let result = RunnerJobFrame::Result(JobResult {
+        outcome: JobOutcome::Succeeded,
+        exit_code: Some(0),
+        message: String::new(),
+        output_truncated: false,
+    });
+    [output, result]
+}
+
+/// A simulated runner's job lane (protocol 3): every job read in one task and answered
+/// through one writer, which writes what comes together at once (as the real runner's
+/// lane writer does).
+async fn lane_jobs(mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let writer = async move {
+        let (mut round, mut out) = (Vec::new(), Vec::new());
+        while rx.recv_many(&mut round, 256).await > 0 {
+            runnel_protocol::gather(&mut rx, &mut round, 256).await;
+            for frame in round.drain(..) {
+                out.extend_from_slice(&frame);
+            }
+            if send.write_all(&out).await.is_err() {
+                return;
+            }
+            out.clear();
+        }
+    };
+    let reader = async move {
+        while let Ok(Some(LaneFrame { job, frame })) =
+            read_frame::<LaneFrame<BrokerJobFrame>, _>(&mut recv).await
+        {
+            let BrokerJobFrame::Job(req) = frame else { continue };
+            let mut answer = Vec::new();
+            for frame in echo(req.payload) {
+                if encode_append(&mut answer, &LaneFrame { job, frame }).is_err() {
+                    return;
+                }
+            }
+            if tx.send(answer).is_err() {
+                return;
+            }
+        }
+    };
+    tokio::join!(writer, reader);
 }
 
 /// `concurrency` dispatchers, each in a loop of `POST /v1/jobs` with `wait`, for `len`.

@@ -81,13 +81,31 @@ impl<W: AsyncWrite + Unpin + Send + 'static> Outbox<W> {
 /// then takes what has come into `queue` meanwhile, until `round` holds `most`. How a
 /// writer that has just been woken by one frame collects the others of the same moment,
 /// so that they share datagrams (the outbox, a client's lane).
-pub async fn gather<T>(queue: &mut mpsc::UnboundedReceiver<T>, round: &mut Vec<T>, most: usize) {
+pub async fn gather<T>(queue: &mut impl Queue<T>, round: &mut Vec<T>, most: usize) {
     tokio::task::yield_now().await;
     while round.len() < most {
-        match queue.try_recv() {
-            Ok(more) => round.push(more),
-            Err(_) => break,
+        match queue.take() {
+            Some(more) => round.push(more),
+            None => break,
         }
+    }
+}
+
+/// A channel's receiving end that [`gather`] takes from without waiting.
+pub trait Queue<T> {
+    /// The next item if one is there.
+    fn take(&mut self) -> Option<T>;
+}
+
+impl<T> Queue<T> for mpsc::UnboundedReceiver<T> {
+    fn take(&mut self) -> Option<T> {
+        self.try_recv().ok()
+    }
+}
+
+impl<T> Queue<T> for mpsc::Receiver<T> {
+    fn take(&mut self) -> Option<T> {
+        self.try_recv().ok()
     }
 }
 

@@ -1,13 +1,14 @@
-//! One job stream on the runner: read the Job, check kind, drain and capacity, run the
-//! handler with its run-time limit and cancel, stream its output, then the Result.
+//! One job on the runner: check kind, drain and capacity, run the handler with its
+//! run-time limit and cancel, stream its output, then the Result; on a stream of its own
+//! (protocol 2) or on the connection's job lane (protocol 3, `lane.rs`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use runnel_protocol::{
-    BrokerJobFrame, ErrorCode, JobOutcome, JobRequest, Outbox, RunnerJobFrame, encode_append,
-    read_frame,
+    BrokerJobFrame, ErrorCode, JobOutcome, JobRequest, LaneFrame, Outbox, RunnerJobFrame,
+    encode_append, read_frame,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -48,7 +49,8 @@ pub(crate) async fn serve_job(
     run_job(inner, outbox, req, send, recv).instrument(span).await
 }
 
-/// Runs one job whose request has been read (inside its span).
+/// Runs one job whose request has been read (inside its span), on its own stream
+/// (protocol 2).
 async fn run_job(
     inner: &Arc<Inner>,
     outbox: Outbox<quinn::SendStream>,
@@ -56,18 +58,6 @@ async fn run_job(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    let (handler, permit) =
-        match (inner.handlers.get(&req.kind), inner.permits.clone().try_acquire_owned()) {
-            _ if inner.draining.load(Ordering::Relaxed) => {
-                return refuse(&outbox, send, recv, "runner is draining").await;
-            }
-            (None, _) => {
-                let why = format!("no handler for kind {:?}", req.kind);
-                return refuse(&outbox, send, recv, &why).await;
-            }
-            (_, Err(_)) => return refuse(&outbox, send, recv, "runner is at capacity").await,
-            (Some(h), Ok(p)) => (h.clone(), p),
-        };
     let cancel = CancellationToken::new();
     let (frames_tx, mut frames_rx) = mpsc::channel::<RunnerJobFrame>(OUTPUT_QUEUE);
     // Broker → runner after the Job: Cancel, or the stream breaking (also a cancel).
@@ -109,6 +99,71 @@ async fn run_job(
             }
         }
     });
+    let result = execute(inner, req, frames_tx.clone(), cancel).await;
+    let _ = frames_tx.send(RunnerJobFrame::Result(result)).await;
+    drop(frames_tx);
+    let _ = writer.await;
+    // A Cancel now is too late to matter; the listener only reads the broker's end. (The
+    // broker ends its half after the Result; a stream dropped before its end was read
+    // would make quinn send a STOP_SENDING, which would leave alone.)
+    let _ = tokio::time::timeout(END_WAIT, listener).await;
+}
+
+/// One job on the connection's job lane (protocol 3): its output and then its Result go
+/// to the lane's writer as `LaneFrame`s of job `n`; `cancel` is fired by the lane's
+/// reader when the broker sends `Cancel` for it.
+pub(crate) async fn run_lane_job(
+    inner: &Arc<Inner>,
+    n: u32,
+    req: JobRequest,
+    lane: mpsc::Sender<Vec<u8>>,
+    cancel: CancellationToken,
+) {
+    let (frames_tx, mut frames_rx) = mpsc::channel::<RunnerJobFrame>(OUTPUT_QUEUE);
+    let forward = {
+        let lane = lane.clone();
+        async move {
+            while let Some(frame) = frames_rx.recv().await {
+                let mut bytes = Vec::new();
+                if encode_append(&mut bytes, &LaneFrame { job: n, frame }).is_err()
+                    || lane.send(bytes).await.is_err()
+                {
+                    return;
+                }
+            }
+        }
+    };
+    // Every output frame has gone to the lane before the Result: the forwarder ends once
+    // the handler's senders are gone.
+    let (result, ()) = tokio::join!(execute(inner, req, frames_tx, cancel), forward);
+    let mut bytes = Vec::new();
+    if encode_append(&mut bytes, &LaneFrame { job: n, frame: RunnerJobFrame::Result(result) })
+        .is_ok()
+    {
+        let _ = lane.send(bytes).await;
+    }
+}
+
+/// What a job is on either protocol: the drain, kind and capacity checks (a refusal is a
+/// `Rejected` result, nothing run), then its handler under its run timeout, `cancel` and
+/// the runner's stop, its output into `frames` as it comes. Answers its Result, the
+/// capacity permit already given back (the broker counts the job done when the Result
+/// arrives and may send the next one at once).
+async fn execute(
+    inner: &Arc<Inner>,
+    req: JobRequest,
+    frames: mpsc::Sender<RunnerJobFrame>,
+    cancel: CancellationToken,
+) -> runnel_protocol::JobResult {
+    let (handler, permit) =
+        match (inner.handlers.get(&req.kind), inner.permits.clone().try_acquire_owned()) {
+            _ if inner.draining.load(Ordering::Relaxed) => {
+                return handler::rejected("runner is draining");
+            }
+            (None, _) => return handler::rejected(&format!("no handler for kind {:?}", req.kind)),
+            (_, Err(_)) => return handler::rejected("runner is at capacity"),
+            (Some(h), Ok(p)) => (h.clone(), p),
+        };
     let timeout = Duration::from_millis(req.timeout_ms);
     let timed_out = Arc::new(AtomicBool::new(false));
     let timer = {
@@ -125,7 +180,7 @@ async fn run_job(
         kind: req.kind,
         payload: req.payload,
         timeout,
-        frames: frames_tx.clone(),
+        frames,
         cancel: cancel.clone(),
     };
     let stop = inner.stop.clone();
@@ -140,28 +195,6 @@ async fn run_job(
         result.outcome = JobOutcome::TimedOut;
         result.message = format!("run timeout of {timeout:?} passed; process group killed");
     }
-    // Free the permit before the broker can see the Result: the broker counts the job done
-    // when the Result arrives and may send the next one at once.
     drop(permit);
-    let _ = frames_tx.send(RunnerJobFrame::Result(result)).await;
-    drop(frames_tx);
-    let _ = writer.await;
-    // A Cancel now is too late to matter; the listener only reads the broker's end.
-    let _ = tokio::time::timeout(END_WAIT, listener).await;
-}
-
-/// Refuses a job: its Result says why, and its stream ends as every job's does after the
-/// Result (through the outbox, then the broker's end read rather than the stream dropped
-/// unread, which would send a `STOP_SENDING`).
-async fn refuse(
-    outbox: &Outbox<quinn::SendStream>,
-    send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-    why: &str,
-) {
-    let mut bytes = Vec::new();
-    if encode_append(&mut bytes, &RunnerJobFrame::Result(handler::rejected(why))).is_ok() {
-        let _ = outbox.deliver(send, bytes).await;
-    }
-    let _ = tokio::time::timeout(END_WAIT, read_frame::<BrokerJobFrame, _>(&mut recv)).await;
+    result
 }

@@ -23,6 +23,7 @@ mod enroll;
 mod exec;
 pub mod handler;
 mod job;
+mod lane;
 mod runner;
 mod session;
 mod state;

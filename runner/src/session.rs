@@ -9,23 +9,26 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use futures::future::OptionFuture;
 use runnel_certs::{CLOCK_SKEW, key, parse_cert, pem};
 use runnel_protocol::{
-    ClientControl, ErrorCode, Heartbeat, Hello, Outbox, ServerControl, read_frame,
-    version::MIN_PROTOCOL_VERSION, write_frame,
+    ClientControl, ErrorCode, Heartbeat, Hello, Outbox, PROTOCOL_VERSION, ServerControl,
+    read_frame, version::MIN_PROTOCOL_VERSION, write_frame,
 };
 use tokio::sync::mpsc;
 use tokio_util::task::AbortOnDropHandle;
+use tracing::Instrument;
 
 use crate::RunnerError;
 use crate::backoff::Backoff;
-use crate::job::serve_job;
+use crate::job::{run_lane_job, serve_job};
+use crate::lane::Lane;
 use crate::runner::{Inner, RunnerStatus};
 use crate::state::StateDir;
 use crate::tls::{client_endpoint, job_streams, resolve, runner_config};
 
-/// The newest protocol this runner speaks: 2, a stream per job.
-pub(crate) const RUNNER_PROTOCOL_VERSION: u16 = 2;
+/// The first protocol version whose jobs come on one lane (`lane.rs`).
+const JOB_LANE_VERSION: u16 = 3;
 
 /// Time a QUIC handshake may take: a node that is gone (killed, unplugged) answers
 /// nothing, and QUIC's own idle timeout would keep the runner waiting far longer.
@@ -210,9 +213,7 @@ async fn serve_connection(
     };
     let hello = ClientControl::Hello(Hello {
         min_version: MIN_PROTOCOL_VERSION,
-        // Protocol 3 (the job lane) is the broker's so far; this runner takes a stream per
-        // job.
-        max_version: RUNNER_PROTOCOL_VERSION,
+        max_version: PROTOCOL_VERSION,
         runner_version: env!("CARGO_PKG_VERSION").into(),
         labels: inner.labels.clone(),
         capacity: inner.capacity,
@@ -315,6 +316,8 @@ async fn serve_connection(
     // The jobs' results leave through one task, so that results written together share
     // datagrams (runnel_protocol::Outbox).
     let outbox = Outbox::start();
+    // Protocol 3: the job lane, once the broker has opened it.
+    let mut lane: Option<Lane> = None;
     // Set by the broker's GoAway: finish the running jobs, then leave.
     let mut leaving: Option<Duration> = None;
     let end = loop {
@@ -324,16 +327,39 @@ async fn serve_connection(
                 leaving = Some(Duration::from_millis(u64::from(ms)));
             }
             _ = std::future::ready(()), if leaving.is_some() && jobs.is_empty() => {
+                if let Some(lane) = lane.take() {
+                    lane.flush().await;
+                }
                 conn.close(ErrorCode::Ok.as_u32().into(), b"go away");
                 break SessionEnd::GoAway(leaving.unwrap_or_default());
             }
             s = conn.accept_bi() => match s {
+                // Protocol 3: the broker's first stream is the job lane, and the only one.
+                Ok((mut send, recv)) if welcome.version >= JOB_LANE_VERSION => {
+                    if lane.is_some() {
+                        let _ = send.reset(ErrorCode::Protocol.as_u32().into());
+                    } else {
+                        lane = Some(Lane::open(conn.clone(), send, recv, inner.capacity));
+                    }
+                }
                 Ok((send, recv)) => {
                     let (inner, outbox) = (inner.clone(), outbox.clone());
                     jobs.spawn(async move { serve_job(&inner, outbox, send, recv).await });
                 }
                 Err(e) => break lost(&e, e.to_string(), true),
             },
+            Some(Some((n, req, cancel))) = OptionFuture::from(lane.as_mut().map(|l| l.jobs.recv())), if lane.is_some() => {
+                let Some(l) = lane.as_ref() else { continue };
+                let (inner, writer, cancels) = (inner.clone(), l.writer.clone(), l.cancels());
+                let span = tracing::info_span!("job", job = %req.job_id, kind = %req.kind);
+                jobs.spawn(
+                    async move {
+                        run_lane_job(&inner, n, req, writer, cancel).await;
+                        cancels.ended(n);
+                    }
+                    .instrument(span),
+                );
+            }
             _ = inner.drain.cancelled(), if !inner.draining.load(Ordering::Relaxed) => {
                 inner.draining.store(true, Ordering::Relaxed);
                 tracing::info!(in_flight = jobs.len(), "draining: finishing running jobs, refusing new ones");
@@ -341,6 +367,9 @@ async fn serve_connection(
             }
             Some(_) = jobs.join_next(), if !jobs.is_empty() => {}
             _ = std::future::ready(()), if inner.draining.load(Ordering::Relaxed) && jobs.is_empty() => {
+                if let Some(lane) = lane.take() {
+                    lane.flush().await;
+                }
                 conn.close(ErrorCode::Ok.as_u32().into(), b"drained");
                 break SessionEnd::Finished;
             }

@@ -150,11 +150,13 @@ impl JobLane {
                         Some(Ok(Some(LaneFrame { job, frame }))) => {
                             on_frame(&mut self.running, job, frame, jobs);
                         }
+                        // The runner ended its side: it is leaving (drained, sent away) and
+                        // sends nothing more; its connection's close follows. A job still
+                        // on the lane cannot end any other way.
                         Some(Ok(None)) | None => {
-                            return Poll::Ready(broken(
-                                runnel_protocol::ErrorCode::Protocol,
-                                "job lane ended",
-                            ));
+                            self.frames = None;
+                            self.lose_all(jobs, "the runner ended its job lane");
+                            break;
                         }
                         Some(Err(FrameError::Io(_) | FrameError::Truncated)) => {
                             return Poll::Ready(broken(
