@@ -160,7 +160,7 @@ async fn execute(
             _ if inner.draining.load(Ordering::Relaxed) => {
                 return handler::rejected("runner is draining");
             }
-            (None, _) => return handler::rejected(&format!("no handler for kind {:?}", req.kind)),
+            (None, _) => return handler::rejected(format!("no handler for kind {:?}", req.kind)),
             (_, Err(_)) => return handler::rejected("runner is at capacity"),
             (Some(h), Ok(p)) => (h.clone(), p),
         };

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use runnel_protocol::{BrokerJobFrame, JobRequest, LaneFrame, gather, read_frame};
+use runnel_protocol::{BrokerJobFrame, ErrorCode, JobRequest, LaneFrame, gather, read_frame};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
@@ -109,14 +109,16 @@ impl Lane {
         Self { jobs, writer, cancels, _tasks: (write, read) }
     }
 
-    /// Writes what the jobs queued and waits, [`FLUSH_WAIT`] at most, until the broker has
-    /// it: called once no job runs, before the session closes the connection on leaving
-    /// (a close drops what is still unsent, and a Result lost so would end its job
+    /// Closes `conn` as a session that leaves (drained, sent away) once no job runs: the
+    /// lane's queued frames first, [`FLUSH_WAIT`] at most until the broker has them (a
+    /// close drops what is still unsent, and a Result lost so would end its job
     /// `runner_lost`).
-    pub(crate) async fn flush(self) {
-        let Lane { writer, _tasks: (write, _read), .. } = self;
-        drop(writer);
-        let _ = tokio::time::timeout(FLUSH_WAIT, write).await;
+    pub(crate) async fn leave(lane: Option<Self>, conn: &quinn::Connection, why: &[u8]) {
+        if let Some(Lane { writer, _tasks: (write, _read), .. }) = lane {
+            drop(writer);
+            let _ = tokio::time::timeout(FLUSH_WAIT, write).await;
+        }
+        conn.close(ErrorCode::Ok.as_u32().into(), why);
     }
 
     /// The cancels, for a job to say it has ended.

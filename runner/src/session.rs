@@ -327,10 +327,7 @@ async fn serve_connection(
                 leaving = Some(Duration::from_millis(u64::from(ms)));
             }
             _ = std::future::ready(()), if leaving.is_some() && jobs.is_empty() => {
-                if let Some(lane) = lane.take() {
-                    lane.flush().await;
-                }
-                conn.close(ErrorCode::Ok.as_u32().into(), b"go away");
+                Lane::leave(lane.take(), conn, b"go away").await;
                 break SessionEnd::GoAway(leaving.unwrap_or_default());
             }
             s = conn.accept_bi() => match s {
@@ -367,10 +364,7 @@ async fn serve_connection(
             }
             Some(_) = jobs.join_next(), if !jobs.is_empty() => {}
             _ = std::future::ready(()), if inner.draining.load(Ordering::Relaxed) && jobs.is_empty() => {
-                if let Some(lane) = lane.take() {
-                    lane.flush().await;
-                }
-                conn.close(ErrorCode::Ok.as_u32().into(), b"drained");
+                Lane::leave(lane.take(), conn, b"drained").await;
                 break SessionEnd::Finished;
             }
             _ = inner.stop.cancelled() => {

@@ -140,6 +140,17 @@ fn metric(text: &str, name: &str) -> f64 {
 
 #[tokio::test]
 async fn a_runner_that_grants_no_stream_cannot_keep_a_job_running_or_block_cancel() {
+    a_runner_that_grants_no_stream(2).await;
+}
+
+/// The same on protocol 3, where the one stream that the runner does not grant is the job
+/// lane: the connection's jobs wait for it without holding up their deadlines or cancels.
+#[tokio::test]
+async fn a_runner_that_grants_no_job_lane_cannot_keep_a_job_running_or_block_cancel() {
+    a_runner_that_grants_no_stream(3).await;
+}
+
+async fn a_runner_that_grants_no_stream(version: u16) {
     use runnel_certs::pem;
     let b = TestBroker::start().await;
     let admin = b.tenant("acme").await;
@@ -154,7 +165,8 @@ async fn a_runner_that_grants_no_stream_cannot_keep_a_job_running_or_block_cance
     let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     let conn = ep.connect_with(cfg, b.handle().quic_addr(), "localhost").unwrap().await.unwrap();
     let (mut send, _recv) = conn.open_bi().await.unwrap();
-    let hello = ClientControl::Hello(Hello { capacity: 2, ..hello_of(runnel_tests::hello()) });
+    let hello =
+        ClientControl::Hello(Hello { capacity: 2, ..hello_of(runnel_tests::hello_v(version)) });
     write_frame(&mut send, &hello).await.unwrap();
     runnel_tests::wait_runner_status(&b, &admin, &runner_id, "online").await;
 

@@ -9,7 +9,11 @@
 //! the runner then has `CANCEL_GRACE` to confirm it; a job the broker gave up on is sent a
 //! `Cancel` too, so that the runner stops it. A frame for a job the broker has already
 //! ended is ignored (the runner may not have heard yet); a malformed frame closes the
-//! connection. All of it is driven by the connection's one I/O task.
+//! connection. The lane's opening waits on the runner's stream credit, so it is polled
+//! with the rest, never awaited: jobs taken before it is open are watched from the start
+//! and sent when it opens, and one cancelled or past its time before that ends without
+//! ever reaching the runner (a runner that grants no stream holds no job). All of it is
+//! driven by the connection's one I/O task.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -38,6 +42,8 @@ enum Watch {
 /// A job on the lane, not yet ended.
 struct Running {
     job: Arc<JobEntry>,
+    /// Its request is in `out` (or written); until the lane is open it is not.
+    sent: bool,
     cancel_sent: bool,
     /// Stops the job's watch once it has ended.
     watch: AbortHandle,
@@ -49,9 +55,14 @@ pub(super) struct Broken {
     pub reason: &'static str,
 }
 
+type Opening = BoxFuture<'static, Result<(quinn::SendStream, quinn::RecvStream), String>>;
+
 /// One connection's job lane.
 #[derive(Default)]
 pub(super) struct JobLane {
+    /// The lane being opened (the runner may grant no stream: nothing waits on it but the
+    /// jobs, whose watches run meanwhile).
+    opening: Option<Opening>,
     send: Option<quinn::SendStream>,
     frames: Option<BoxStream<'static, Result<Option<LaneFrame<RunnerJobFrame>>, FrameError>>>,
     running: HashMap<u32, Running>,
@@ -63,57 +74,22 @@ pub(super) struct JobLane {
 }
 
 impl JobLane {
-    /// Sends `taken` to the runner (the lane opened first if this is the connection's
-    /// first job). Jobs that cannot be sent end `runner_lost` at once.
-    pub(super) async fn start(
+    /// Takes `taken` for the runner: each is sent on the lane, which is opened with the
+    /// connection's first job, and watched for its cancel and deadline from now on.
+    pub(super) fn start(
         &mut self,
         conn: &quinn::Connection,
         jobs: &Jobs,
         taken: Vec<Arc<JobEntry>>,
     ) {
-        if self.send.is_none() {
-            match conn.open_bi().await {
-                Ok((send, recv)) => {
-                    self.send = Some(send);
-                    self.frames = Some(
-                        futures::stream::unfold(recv, |mut recv| async move {
-                            let next = read_frame::<LaneFrame<RunnerJobFrame>, _>(&mut recv).await;
-                            Some((next, recv))
-                        })
-                        .boxed(),
-                    );
-                }
-                Err(e) => {
-                    for job in taken {
-                        let m = format!("could not open the job lane: {e}");
-                        jobs.ended(job, Finish::new(JobState::RunnerLost, m));
-                    }
-                    return;
-                }
-            }
+        if self.send.is_none() && self.opening.is_none() {
+            let conn = conn.clone();
+            self.opening =
+                Some(async move { conn.open_bi().await.map_err(|e| e.to_string()) }.boxed());
         }
         for job in taken {
             self.next = self.next.wrapping_add(1);
             let n = self.next;
-            let timeout_ms = job.spec.timeout.as_millis() as u64;
-            // Encoded from the entry itself: no copy of the id, kind and payload per job.
-            let encoded = job.with_payload(|payload| {
-                encode_lane_job_request(
-                    &mut self.out,
-                    n,
-                    &job.id,
-                    &job.spec.kind,
-                    payload,
-                    timeout_ms,
-                )
-            });
-            if let Err(e) = encoded {
-                jobs.ended(
-                    job,
-                    Finish::new(JobState::RunnerLost, format!("could not encode job: {e}")),
-                );
-                continue;
-            }
             let cancel = job.cancel.clone();
             let limit = job.spec.timeout + RESULT_GRACE;
             let watch = async move {
@@ -123,7 +99,37 @@ impl JobLane {
                 }
             };
             let watch = self.watch(watch.boxed());
-            self.running.insert(n, Running { job, cancel_sent: false, watch });
+            self.running.insert(n, Running { job, sent: false, cancel_sent: false, watch });
+            if self.send.is_some() {
+                self.send_job(n, jobs);
+            }
+        }
+    }
+
+    /// Puts job `n`'s request in `out`; a job that cannot be encoded ends `runner_lost`.
+    fn send_job(&mut self, n: u32, jobs: &Jobs) {
+        let Some(r) = self.running.get_mut(&n) else { return };
+        let job = &r.job;
+        let timeout_ms = job.spec.timeout.as_millis() as u64;
+        // Encoded from the entry itself: no copy of the id, kind and payload per job.
+        let encoded = job.with_payload(|payload| {
+            encode_lane_job_request(&mut self.out, n, &job.id, &job.spec.kind, payload, timeout_ms)
+        });
+        r.sent = true;
+        if let Err(e) = encoded {
+            self.end(
+                n,
+                jobs,
+                Finish::new(JobState::RunnerLost, format!("could not encode job: {e}")),
+            );
+        }
+    }
+
+    /// Job `n` ends here, without its Result.
+    fn end(&mut self, n: u32, jobs: &Jobs, finish: Finish) {
+        if let Some(r) = self.running.remove(&n) {
+            r.watch.abort();
+            jobs.ended(r.job, finish);
         }
     }
 
@@ -133,9 +139,28 @@ impl JobLane {
         handle
     }
 
-    /// Whether there is anything to drive (a lane opened).
+    /// Whether there is anything to drive (a lane opened or being opened).
     pub(super) fn is_open(&self) -> bool {
-        self.send.is_some()
+        self.send.is_some() || self.opening.is_some()
+    }
+
+    /// The lane is open: the jobs that waited for it are sent.
+    fn opened(&mut self, (send, recv): (quinn::SendStream, quinn::RecvStream), jobs: &Jobs) {
+        self.send = Some(send);
+        self.frames = Some(
+            futures::stream::unfold(recv, |mut recv| async move {
+                let next = read_frame::<LaneFrame<RunnerJobFrame>, _>(&mut recv).await;
+                Some((next, recv))
+            })
+            .boxed(),
+        );
+        let mut waiting: Vec<u32> =
+            self.running.iter().filter(|(_, r)| !r.sent).map(|(n, _)| *n).collect();
+        // In the order they came.
+        waiting.sort_unstable_by_key(|n| std::cmp::Reverse(self.next.wrapping_sub(*n)));
+        for n in waiting {
+            self.send_job(n, jobs);
+        }
     }
 
     /// Drives the lane: the runner's frames, the jobs' watches, the writes. Ready only
@@ -143,6 +168,23 @@ impl JobLane {
     pub(super) fn poll(&mut self, cx: &mut Context<'_>, jobs: &Jobs) -> Poll<Broken> {
         loop {
             let mut moved = false;
+            if let Some(opening) = self.opening.as_mut()
+                && let Poll::Ready(opened) = opening.poll_unpin(cx)
+            {
+                self.opening = None;
+                moved = true;
+                match opened {
+                    Ok(streams) => self.opened(streams, jobs),
+                    // The connection is gone; its close ends the jobs.
+                    Err(e) => {
+                        tracing::debug!(error = %e, "could not open the job lane");
+                        return Poll::Ready(broken(
+                            runnel_protocol::ErrorCode::Protocol,
+                            "could not open the job lane",
+                        ));
+                    }
+                }
+            }
             if let Some(frames) = self.frames.as_mut() {
                 while let Poll::Ready(next) = frames.poll_next_unpin(cx) {
                     moved = true;
@@ -174,7 +216,7 @@ impl JobLane {
             while let Poll::Ready(Some(fired)) = self.watches.poll_next_unpin(cx) {
                 moved = true;
                 match fired {
-                    Ok(Watch::Cancelled(n)) => self.cancelled(n),
+                    Ok(Watch::Cancelled(n)) => self.cancelled(n, jobs),
                     Ok(Watch::Expired(n)) => self.expired(n, jobs),
                     // Its job ended first.
                     Err(_aborted) => {}
@@ -208,8 +250,13 @@ impl JobLane {
     }
 
     /// The API cancelled job `n`: tell the runner, and give it `CANCEL_GRACE` to confirm.
-    fn cancelled(&mut self, n: u32) {
+    /// A job not yet sent (the lane is not open) is cancelled at once.
+    fn cancelled(&mut self, n: u32, jobs: &Jobs) {
         let Some(r) = self.running.get_mut(&n) else { return };
+        if !r.sent {
+            let f = Finish::new(JobState::Cancelled, "cancelled before it reached the runner");
+            return self.end(n, jobs, f);
+        }
         r.cancel_sent = true;
         let _ = encode_append(&mut self.out, &LaneFrame { job: n, frame: BrokerJobFrame::Cancel });
         let grace = async move {
@@ -227,6 +274,8 @@ impl JobLane {
         let Some(r) = self.running.remove(&n) else { return };
         let f = if r.cancel_sent {
             Finish::new(JobState::Cancelled, "runner did not confirm the cancel in time")
+        } else if !r.sent {
+            Finish::new(JobState::TimedOut, "the runner opened no job lane within the run timeout")
         } else {
             let _ =
                 encode_append(&mut self.out, &LaneFrame { job: n, frame: BrokerJobFrame::Cancel });

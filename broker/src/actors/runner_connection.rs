@@ -408,7 +408,7 @@ async fn connection_io(
                 return;
             }
             taken = incoming.0.recv(), if version >= JOB_LANE_VERSION => {
-                lane.start(&conn, &jobs, taken).await;
+                lane.start(&conn, &jobs, taken);
             }
             broken = poll_fn(|cx| lane.poll(cx, &jobs)), if lane_ok && lane.is_open() => {
                 close(&conn, broken.code, broken.reason);
