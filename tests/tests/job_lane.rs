@@ -185,3 +185,39 @@ async fn a_malformed_lane_frame_closes_the_connection_and_its_jobs_are_lost() {
     let v = b.job_end(&admin, &lost, Duration::from_secs(10)).await;
     assert_eq!(v["state"], "runner_lost", "{v}");
 }
+
+/// A runner that takes its lane and never reads it cannot make the broker pile up job
+/// requests (each job past its time frees the runner's slot for the next): once a job's
+/// time is up before the runner has even read its request, the connection is closed.
+#[tokio::test]
+async fn a_runner_that_does_not_read_its_lane_is_closed_once_a_job_could_not_reach_it() {
+    let b = TestBroker::start().await;
+    let admin = b.tenant("acme").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (id, state) = b.enrolled(&admin, "alice", &dir.path().join("r")).await;
+    let (conn, _control, _from_broker) =
+        runnel_tests::welcomed_speaking(&b, &state, hello3(16)).await;
+    // 16 requests of 200 KB: more than the runner's stream window lets through unread.
+    let big = "a".repeat(200_000);
+    let mut ids = Vec::new();
+    for _ in 0..16 {
+        let (s, v) = b.api.post("/v1/jobs", &admin, job(&id, &big, 1000)).await;
+        assert_eq!(s, 201, "{v}");
+        ids.push(v["id"].as_str().unwrap().to_owned());
+    }
+    let (_lane_send, _lane_recv) =
+        tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await.unwrap().unwrap();
+    // Run timeout 1 s + the result grace of 5 s, and slack for a loaded machine.
+    let closed = tokio::time::timeout(Duration::from_secs(20), conn.closed()).await;
+    match closed {
+        Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
+            assert_eq!(c.error_code, runnel_protocol::ErrorCode::Timeout.as_u32().into());
+            assert_eq!(&c.reason[..], b"runner does not read its job lane");
+        }
+        other => panic!("a runner that reads nothing kept its connection: {other:?}"),
+    }
+    for id in &ids {
+        let v = b.job_end(&admin, id, Duration::from_secs(10)).await;
+        assert!(v["state"] == "timed_out" || v["state"] == "runner_lost", "{v}");
+    }
+}

@@ -12,8 +12,11 @@
 //! connection. The lane's opening waits on the runner's stream credit, so it is polled
 //! with the rest, never awaited: jobs taken before it is open are watched from the start
 //! and sent when it opens, and one cancelled or past its time before that ends without
-//! ever reaching the runner (a runner that grants no stream holds no job). All of it is
-//! driven by the connection's one I/O task.
+//! ever reaching the runner (a runner that grants no stream holds no job). Writes never
+//! wait: what the runner has not read stays in the lane's buffer, and a job whose time is
+//! up before its request was even written closes the connection (a runner that reads
+//! nothing cannot make requests pile up here). All of it is driven by the connection's
+//! one I/O task.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -44,6 +47,8 @@ struct Running {
     job: Arc<JobEntry>,
     /// Its request is in `out` (or written); until the lane is open it is not.
     sent: bool,
+    /// Where its request ends in the lane's bytes (counted as `JobLane::written`).
+    request_end: u64,
     cancel_sent: bool,
     /// Stops the job's watch once it has ended.
     watch: AbortHandle,
@@ -71,6 +76,8 @@ pub(super) struct JobLane {
     /// Frames not yet written, from `out[sent..]`.
     out: Vec<u8>,
     sent: usize,
+    /// Bytes written on the lane so far.
+    written: u64,
 }
 
 impl JobLane {
@@ -99,7 +106,8 @@ impl JobLane {
                 }
             };
             let watch = self.watch(watch.boxed());
-            self.running.insert(n, Running { job, sent: false, cancel_sent: false, watch });
+            self.running
+                .insert(n, Running { job, sent: false, request_end: 0, cancel_sent: false, watch });
             if self.send.is_some() {
                 self.send_job(n, jobs);
             }
@@ -116,6 +124,7 @@ impl JobLane {
             encode_lane_job_request(&mut self.out, n, &job.id, &job.spec.kind, payload, timeout_ms)
         });
         r.sent = true;
+        r.request_end = self.written + (self.out.len() - self.sent) as u64;
         if let Err(e) = encoded {
             self.end(
                 n,
@@ -217,7 +226,11 @@ impl JobLane {
                 moved = true;
                 match fired {
                     Ok(Watch::Cancelled(n)) => self.cancelled(n, jobs),
-                    Ok(Watch::Expired(n)) => self.expired(n, jobs),
+                    Ok(Watch::Expired(n)) => {
+                        if let Some(b) = self.expired(n, jobs) {
+                            return Poll::Ready(b);
+                        }
+                    }
                     // Its job ended first.
                     Err(_aborted) => {}
                 }
@@ -227,6 +240,7 @@ impl JobLane {
                     match Pin::new(&mut *send).poll_write(cx, &self.out[self.sent..]) {
                         Poll::Ready(Ok(n)) if n > 0 => {
                             self.sent += n;
+                            self.written += n as u64;
                             moved = true;
                         }
                         Poll::Ready(_) => {
@@ -269,9 +283,13 @@ impl JobLane {
         }
     }
 
-    /// Job `n`'s time is up: it ends without the runner, which is told to stop it.
-    fn expired(&mut self, n: u32, jobs: &Jobs) {
-        let Some(r) = self.running.remove(&n) else { return };
+    /// Job `n`'s time is up: it ends without the runner, which is told to stop it. A runner
+    /// that has not even read the job's request by then does not read its lane: its
+    /// connection is closed (what it leaves unread would otherwise pile up here, one
+    /// request after another).
+    fn expired(&mut self, n: u32, jobs: &Jobs) -> Option<Broken> {
+        let r = self.running.remove(&n)?;
+        let unread = r.sent && self.written < r.request_end;
         let f = if r.cancel_sent {
             Finish::new(JobState::Cancelled, "runner did not confirm the cancel in time")
         } else if !r.sent {
@@ -282,6 +300,9 @@ impl JobLane {
             Finish::new(JobState::TimedOut, "no result within the run timeout")
         };
         jobs.ended(r.job, f);
+        unread.then(|| {
+            broken(runnel_protocol::ErrorCode::Timeout, "runner does not read its job lane")
+        })
     }
 
     /// The connection is gone: every job still on the lane ends `runner_lost`.
