@@ -386,7 +386,7 @@ pub(crate) async fn cancel_job(
                 Err(lost) => return Ok(lost),
             };
             if !job.state().is_terminal() {
-                job.cancel.cancel();
+                job.cancel();
                 if let Some(t) = tenants.get(&job.tenant) {
                     let _ = t.cast(TenantMsg::Cancel(job.id.clone()));
                 }

@@ -8,10 +8,13 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Context;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
+use futures::task::AtomicWaker;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -39,9 +42,34 @@ pub(crate) struct JobSpec {
     pub queue_timeout: Duration,
 }
 
+/// What a job lane watches for its jobs' cancels: one flag and one waker for all of them,
+/// so that a lane holds no future per job (`actors/job_lane.rs`). A job taken by a lane
+/// is hooked to it ([`JobEntry::hook_cancel`]); [`JobEntry::cancel`] fires the hook.
+#[derive(Debug, Default)]
+pub(crate) struct CancelHook {
+    fired: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl CancelHook {
+    /// Whether a hooked job was cancelled since the last call; the task of `cx` is woken
+    /// at the next one.
+    pub(crate) fn take(&self, cx: &Context<'_>) -> bool {
+        self.waker.register(cx.waker());
+        self.fired.swap(false, Ordering::AcqRel)
+    }
+
+    fn fire(&self) {
+        self.fired.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+}
+
 #[derive(Debug)]
 struct JobInner {
     state: JobState,
+    /// The lane that holds the job, told of its cancel.
+    cancel_hook: Option<Arc<CancelHook>>,
     runner_id: Option<Arc<str>>,
     exit_code: Option<i32>,
     message: String,
@@ -120,6 +148,21 @@ impl JobEntry {
         m.in_flight.increment(1.0);
         self.bump();
         true
+    }
+
+    /// Cancels the job: its token fires, and the lane that holds it hears.
+    pub(crate) fn cancel(&self) {
+        self.cancel.cancel();
+        if let Some(hook) = self.lock().cancel_hook.clone() {
+            hook.fire();
+        }
+    }
+
+    /// A job lane takes the job: its cancel is told to `hook` from now on. Answers whether
+    /// it was cancelled already.
+    pub(crate) fn hook_cancel(&self, hook: &Arc<CancelHook>) -> bool {
+        self.lock().cancel_hook = Some(hook.clone());
+        self.cancel.is_cancelled()
     }
 
     /// `f` of the payload to send to the runner (empty once the job has ended), read in
@@ -426,6 +469,7 @@ impl JobTable {
                 cancel: CancellationToken::new(),
                 inner: Mutex::new(JobInner {
                     state: JobState::Queued,
+                    cancel_hook: None,
                     runner_id: None,
                     exit_code: None,
                     message: String::new(),
@@ -544,6 +588,7 @@ impl JobTable {
         g.finished_at = Some(now_ms());
         // The runner has it or never will: the payload is not needed any more.
         let freed = std::mem::take(&mut g.payload).len();
+        g.cancel_hook = None;
         let has_output = !g.output.is_empty();
         drop(g);
         entry.bump();

@@ -19,7 +19,7 @@ use futures::{FutureExt, StreamExt};
 use runnel_protocol::limits::{LANE_MAX_CALLS, LANE_MAX_UNWRITTEN};
 use runnel_protocol::{
     ApiHello, ApiRequest, ApiWelcome, ErrorCode, LaneAnswer, LaneCall, PROTOCOL_VERSION,
-    PeerResponse, encode, encode_append, read_frame, take_end, write_frame,
+    PeerResponse, encode, encode_append, lane_reader, read_frame, take_end, write_frame,
 };
 
 use crate::actors::Tenants;
@@ -261,7 +261,7 @@ async fn lane(
     c: &Caller,
 ) {
     counted("lane");
-    let mut calls = Box::pin(futures::stream::unfold(recv, |mut recv| async move {
+    let mut calls = Box::pin(futures::stream::unfold(lane_reader(recv), |mut recv| async move {
         let next = read_frame::<LaneCall, _>(&mut recv).await.transpose()?;
         Some((next, recv))
     }));

@@ -51,6 +51,12 @@ impl WakeGate {
         Self { inner, waker }
     }
 
+    /// Makes every future due at its next turn without waking the task: for a task that
+    /// gave one of them work itself, and polls again before it sleeps.
+    pub(crate) fn set_due(&self) {
+        self.inner.due.store(u8::MAX, Ordering::Release);
+    }
+
     /// Polls `poll` (future `slot`, 0..8) with the gate's waker if it is due; else
     /// `Pending` (the task is woken when it is due). A future that answered `Ready` stays
     /// due: a stream may have its next item at once.

@@ -12,7 +12,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use runnel_protocol::{ApiRequest, ErrorCode, JobInfo, LaneCall, encode, gather, read_lane_answer};
+use runnel_protocol::{
+    ApiRequest, ErrorCode, JobInfo, LaneCall, encode, gather, lane_reader, read_lane_answer,
+};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::Error;
@@ -132,10 +134,11 @@ async fn write_calls(
 /// Hands each answer to its caller; when the lane ends, fails the calls still waiting and
 /// closes the connection.
 async fn read_answers(
-    mut recv: quinn::RecvStream,
+    recv: quinn::RecvStream,
     waiting: Arc<Mutex<Waiting>>,
     conn: quinn::Connection,
 ) {
+    let mut recv = lane_reader(recv);
     let why = loop {
         match read_lane_answer(&mut recv).await {
             Ok(Some((call, answer))) => {

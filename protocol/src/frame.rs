@@ -198,6 +198,18 @@ async fn read_body<R: AsyncRead + Unpin>(
     Ok(())
 }
 
+/// Bytes a lane's reader takes from its stream at once.
+const LANE_READ_BUFFER: usize = 4096;
+
+/// The reader of a lane (a stream that carries many frames, one after another: a job lane,
+/// a native API lane): [`read_frame`] through a buffer, so that one read of the stream takes
+/// every frame that has arrived, not two reads per frame (each read of a quinn stream
+/// takes its connection's lock). Nothing may be read past a frame by other means
+/// ([`take_end`]): the buffer may hold the next one.
+pub fn lane_reader<R: AsyncRead>(reader: R) -> tokio::io::BufReader<R> {
+    tokio::io::BufReader::with_capacity(LANE_READ_BUFFER, reader)
+}
+
 /// Reads the end of a stream if it has already arrived, without waiting (it nearly always
 /// comes with the last frame); answers whether it was there.
 ///

@@ -45,7 +45,9 @@ pub use api::{ApiHello, ApiRequest, ApiWelcome, LaneAnswer, LaneCall};
 pub use control::{ClientControl, GoAway, Heartbeat, Hello, Redirect, ServerControl, Welcome};
 pub use enroll::{EnrollRequest, EnrollResponse, Enrolled};
 pub use error::ErrorCode;
-pub use frame::{FrameError, decode, encode, encode_append, read_frame, take_end, write_frame};
+pub use frame::{
+    FrameError, decode, encode, encode_append, lane_reader, read_frame, take_end, write_frame,
+};
 pub use job::{
     BrokerJobFrame, ExecSpec, JobOutcome, JobRequest, JobResult, LaneFrame, OutputStream,
     RunnerJobFrame, encode_job_request, encode_lane_job_request,

@@ -7,7 +7,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use runnel_protocol::{BrokerJobFrame, ErrorCode, JobRequest, LaneFrame, gather, read_frame};
+use runnel_protocol::{
+    BrokerJobFrame, ErrorCode, JobRequest, LaneFrame, gather, lane_reader, read_frame,
+};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
@@ -54,7 +56,7 @@ impl Lane {
     pub(crate) fn open(
         conn: quinn::Connection,
         mut send: quinn::SendStream,
-        mut recv: quinn::RecvStream,
+        recv: quinn::RecvStream,
         capacity: u32,
     ) -> Self {
         let (writer, mut frames) = mpsc::channel::<Vec<u8>>(LANE_QUEUE);
@@ -81,6 +83,7 @@ impl Lane {
         let cancels = Cancels::default();
         let running = cancels.clone();
         let read = AbortOnDropHandle::new(tokio::spawn(async move {
+            let mut recv = lane_reader(recv);
             loop {
                 match read_frame::<LaneFrame<BrokerJobFrame>, _>(&mut recv).await {
                     Ok(Some(LaneFrame { job, frame: BrokerJobFrame::Job(req) })) => {

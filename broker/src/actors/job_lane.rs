@@ -9,8 +9,10 @@
 //! the runner then has `CANCEL_GRACE` to confirm it; a job the broker gave up on is sent a
 //! `Cancel` too, so that the runner stops it. A frame for a job the broker has already
 //! ended is ignored (the runner may not have heard yet); a malformed frame closes the
-//! connection. The lane's opening waits on the runner's stream credit, so it is polled
-//! with the rest, never awaited: jobs taken before it is open are watched from the start
+//! connection. The lane holds no future, task or timer per job: its jobs' deadlines are
+//! kept in order with one timer for the earliest, and a cancel reaches it through the
+//! lane's `CancelHook`. The lane's opening waits on the runner's stream credit, so it is
+//! polled with the rest, never awaited: jobs taken before it is open are watched from the start
 //! and sent when it opens, and one cancelled or past its time before that ends without
 //! ever reaching the runner (a runner that grants no stream holds no job). Writes never
 //! wait: what the runner has not read stays in the lane's buffer, and a job whose time is
@@ -18,29 +20,22 @@
 //! nothing cannot make requests pile up here). All of it is driven by the connection's
 //! one I/O task.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use futures::future::{AbortHandle, Abortable, BoxFuture};
-use futures::stream::{BoxStream, FuturesUnordered};
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 use runnel_protocol::{
     BrokerJobFrame, FrameError, LaneFrame, RunnerJobFrame, encode_append, encode_lane_job_request,
-    read_frame,
+    lane_reader, read_frame,
 };
+use tokio::time::{Instant, Sleep};
 
 use super::runner_connection::{CANCEL_GRACE, Jobs, RESULT_GRACE, outcome_state};
-use crate::jobs::{Finish, JobEntry, JobState};
-
-/// What a job's watch reports.
-enum Watch {
-    /// The job was cancelled (by the API).
-    Cancelled(u32),
-    /// Its time (run timeout and grace, or the cancel's grace) is up.
-    Expired(u32),
-}
+use crate::jobs::{CancelHook, Finish, JobEntry, JobState};
 
 /// A job on the lane, not yet ended.
 struct Running {
@@ -50,8 +45,8 @@ struct Running {
     /// Where its request ends in the lane's bytes (counted as `JobLane::written`).
     request_end: u64,
     cancel_sent: bool,
-    /// Stops the job's watch once it has ended.
-    watch: AbortHandle,
+    /// When the broker gives up on it (its key in `JobLane::deadlines`).
+    deadline: Instant,
 }
 
 /// Why the lane cannot go on: the connection is closed with this.
@@ -66,12 +61,18 @@ type Opening = BoxFuture<'static, Result<(quinn::SendStream, quinn::RecvStream),
 #[derive(Default)]
 pub(super) struct JobLane {
     /// The lane being opened (the runner may grant no stream: nothing waits on it but the
-    /// jobs, whose watches run meanwhile).
+    /// jobs, whose deadlines and cancels are watched meanwhile).
     opening: Option<Opening>,
     send: Option<quinn::SendStream>,
     frames: Option<BoxStream<'static, Result<Option<LaneFrame<RunnerJobFrame>>, FrameError>>>,
     running: HashMap<u32, Running>,
-    watches: FuturesUnordered<Abortable<BoxFuture<'static, Watch>>>,
+    /// The running jobs' deadlines, earliest first.
+    deadlines: BTreeSet<(Instant, u32)>,
+    /// Fires at or before the earliest deadline (a job that ended leaves it early: it is
+    /// set again when it fires, not each time a job ends).
+    timer: Option<Pin<Box<Sleep>>>,
+    /// Told of a cancel of any job on the lane.
+    cancels: Arc<CancelHook>,
     next: u32,
     /// Frames not yet written, from `out[sent..]`.
     out: Vec<u8>,
@@ -94,23 +95,33 @@ impl JobLane {
             self.opening =
                 Some(async move { conn.open_bi().await.map_err(|e| e.to_string()) }.boxed());
         }
+        let now = Instant::now();
         for job in taken {
             self.next = self.next.wrapping_add(1);
             let n = self.next;
-            let cancel = job.cancel.clone();
-            let limit = job.spec.timeout + RESULT_GRACE;
-            let watch = async move {
-                tokio::select! {
-                    () = cancel.cancelled_owned() => Watch::Cancelled(n),
-                    () = tokio::time::sleep(limit) => Watch::Expired(n),
-                }
-            };
-            let watch = self.watch(watch.boxed());
-            self.running
-                .insert(n, Running { job, sent: false, request_end: 0, cancel_sent: false, watch });
+            let deadline = now + job.spec.timeout + RESULT_GRACE;
+            let cancelled = job.hook_cancel(&self.cancels);
+            self.running.insert(
+                n,
+                Running { job, sent: false, request_end: 0, cancel_sent: false, deadline },
+            );
+            self.set_deadline(n, deadline);
             if self.send.is_some() {
                 self.send_job(n, jobs);
             }
+            if cancelled {
+                self.cancelled(n, jobs);
+            }
+        }
+    }
+
+    /// Job `n` is given up on at `at` (its earlier deadline, if any, already removed).
+    fn set_deadline(&mut self, n: u32, at: Instant) {
+        self.deadlines.insert((at, n));
+        match self.timer.as_mut() {
+            None => self.timer = Some(Box::pin(tokio::time::sleep_until(at))),
+            Some(t) if t.deadline() > at => t.as_mut().reset(at),
+            Some(_) => {}
         }
     }
 
@@ -134,18 +145,18 @@ impl JobLane {
         }
     }
 
-    /// Job `n` ends here, without its Result.
-    fn end(&mut self, n: u32, jobs: &Jobs, finish: Finish) {
-        if let Some(r) = self.running.remove(&n) {
-            r.watch.abort();
-            jobs.ended(r.job, finish);
-        }
+    /// Job `n` leaves the lane; answers it (`None` if it had already left).
+    fn remove(&mut self, n: u32) -> Option<Running> {
+        let r = self.running.remove(&n)?;
+        self.deadlines.remove(&(r.deadline, n));
+        Some(r)
     }
 
-    fn watch(&mut self, f: BoxFuture<'static, Watch>) -> AbortHandle {
-        let (handle, registration) = AbortHandle::new_pair();
-        self.watches.push(Abortable::new(f, registration));
-        handle
+    /// Job `n` ends here, without its Result.
+    fn end(&mut self, n: u32, jobs: &Jobs, finish: Finish) {
+        if let Some(r) = self.remove(n) {
+            jobs.ended(r.job, finish);
+        }
     }
 
     /// Whether there is anything to drive (a lane opened or being opened).
@@ -157,7 +168,7 @@ impl JobLane {
     fn opened(&mut self, (send, recv): (quinn::SendStream, quinn::RecvStream), jobs: &Jobs) {
         self.send = Some(send);
         self.frames = Some(
-            futures::stream::unfold(recv, |mut recv| async move {
+            futures::stream::unfold(lane_reader(recv), |mut recv| async move {
                 let next = read_frame::<LaneFrame<RunnerJobFrame>, _>(&mut recv).await;
                 Some((next, recv))
             })
@@ -172,8 +183,8 @@ impl JobLane {
         }
     }
 
-    /// Drives the lane: the runner's frames, the jobs' watches, the writes. Ready only
-    /// when the lane is broken (the caller closes the connection).
+    /// Drives the lane: its opening, the runner's frames, the jobs' cancels and deadlines,
+    /// the writes. Ready only when the lane is broken (the caller closes the connection).
     pub(super) fn poll(&mut self, cx: &mut Context<'_>, jobs: &Jobs) -> Poll<Broken> {
         loop {
             let mut moved = false;
@@ -194,45 +205,54 @@ impl JobLane {
                     }
                 }
             }
-            if let Some(frames) = self.frames.as_mut() {
-                while let Poll::Ready(next) = frames.poll_next_unpin(cx) {
-                    moved = true;
-                    match next {
-                        Some(Ok(Some(LaneFrame { job, frame }))) => {
-                            on_frame(&mut self.running, job, frame, jobs);
-                        }
-                        // The runner ended its side: it is leaving (drained, sent away) and
-                        // sends nothing more; its connection's close follows. A job still
-                        // on the lane cannot end any other way.
-                        Some(Ok(None)) | None => {
-                            self.frames = None;
-                            self.lose_all(jobs, "the runner ended its job lane");
-                            break;
-                        }
-                        Some(Err(FrameError::Io(_) | FrameError::Truncated)) => {
-                            return Poll::Ready(broken(
-                                runnel_protocol::ErrorCode::Protocol,
-                                "job lane broken",
-                            ));
-                        }
-                        Some(Err(e)) => {
-                            tracing::warn!(error = %e, "bad job frame from runner; closing");
-                            return Poll::Ready(broken(e.code(), "bad job frame"));
-                        }
+            while let Some(frames) = self.frames.as_mut()
+                && let Poll::Ready(next) = frames.poll_next_unpin(cx)
+            {
+                moved = true;
+                match next {
+                    Some(Ok(Some(LaneFrame { job, frame }))) => self.on_frame(job, frame, jobs),
+                    // The runner ended its side: it is leaving (drained, sent away) and sends
+                    // nothing more; its connection's close follows. A job still on the lane
+                    // cannot end any other way.
+                    Some(Ok(None)) | None => {
+                        self.frames = None;
+                        self.lose_all(jobs, "the runner ended its job lane");
+                    }
+                    Some(Err(FrameError::Io(_) | FrameError::Truncated)) => {
+                        let code = runnel_protocol::ErrorCode::Protocol;
+                        return Poll::Ready(broken(code, "job lane broken"));
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "bad job frame from runner; closing");
+                        return Poll::Ready(broken(e.code(), "bad job frame"));
                     }
                 }
             }
-            while let Poll::Ready(Some(fired)) = self.watches.poll_next_unpin(cx) {
+            if self.cancels.take(cx) {
                 moved = true;
-                match fired {
-                    Ok(Watch::Cancelled(n)) => self.cancelled(n, jobs),
-                    Ok(Watch::Expired(n)) => {
-                        if let Some(b) = self.expired(n, jobs) {
-                            return Poll::Ready(b);
-                        }
+                let cancelled: Vec<u32> = self
+                    .running
+                    .iter()
+                    .filter(|(_, r)| !r.cancel_sent && r.job.cancel.is_cancelled())
+                    .map(|(n, _)| *n)
+                    .collect();
+                for n in cancelled {
+                    self.cancelled(n, jobs);
+                }
+            }
+            if self.timer.as_mut().is_some_and(|t| t.as_mut().poll(cx).is_ready()) {
+                moved = true;
+                let now = Instant::now();
+                while let Some(&(at, n)) = self.deadlines.first()
+                    && at <= now
+                {
+                    if let Some(b) = self.expired(n, jobs) {
+                        return Poll::Ready(b);
                     }
-                    // Its job ended first.
-                    Err(_aborted) => {}
+                }
+                match (self.deadlines.first(), self.timer.as_mut()) {
+                    (Some(&(at, _)), Some(t)) => t.as_mut().reset(at),
+                    _ => self.timer = None,
                 }
             }
             if let Some(send) = self.send.as_mut() {
@@ -263,6 +283,26 @@ impl JobLane {
         }
     }
 
+    /// A frame from the runner, for job `n`.
+    fn on_frame(&mut self, n: u32, frame: RunnerJobFrame, jobs: &Jobs) {
+        match frame {
+            RunnerJobFrame::Output { data, .. } => {
+                if let Some(r) = self.running.get(&n) {
+                    jobs.shared.jobs.append_output(&r.job, data);
+                }
+            }
+            RunnerJobFrame::Result(r) => {
+                let f = Finish {
+                    state: outcome_state(r.outcome),
+                    exit_code: r.exit_code,
+                    message: r.message,
+                    output_truncated: r.output_truncated,
+                };
+                self.end(n, jobs, f);
+            }
+        }
+    }
+
     /// The API cancelled job `n`: tell the runner, and give it `CANCEL_GRACE` to confirm.
     /// A job not yet sent (the lane is not open) is cancelled at once.
     fn cancelled(&mut self, n: u32, jobs: &Jobs) {
@@ -272,15 +312,11 @@ impl JobLane {
             return self.end(n, jobs, f);
         }
         r.cancel_sent = true;
+        let (old, grace) = (r.deadline, Instant::now() + CANCEL_GRACE);
+        r.deadline = grace;
+        self.deadlines.remove(&(old, n));
+        self.set_deadline(n, grace);
         let _ = encode_append(&mut self.out, &LaneFrame { job: n, frame: BrokerJobFrame::Cancel });
-        let grace = async move {
-            tokio::time::sleep(CANCEL_GRACE).await;
-            Watch::Expired(n)
-        };
-        let watch = self.watch(grace.boxed());
-        if let Some(r) = self.running.get_mut(&n) {
-            r.watch = watch;
-        }
     }
 
     /// Job `n`'s time is up: it ends without the runner, which is told to stop it. A runner
@@ -288,7 +324,7 @@ impl JobLane {
     /// connection is closed (what it leaves unread would otherwise pile up here, one
     /// request after another).
     fn expired(&mut self, n: u32, jobs: &Jobs) -> Option<Broken> {
-        let r = self.running.remove(&n)?;
+        let r = self.remove(n)?;
         let unread = r.sent && self.written < r.request_end;
         let f = if r.cancel_sent {
             Finish::new(JobState::Cancelled, "runner did not confirm the cancel in time")
@@ -307,8 +343,8 @@ impl JobLane {
 
     /// The connection is gone: every job still on the lane ends `runner_lost`.
     pub(super) fn lose_all(&mut self, jobs: &Jobs, why: &str) {
+        self.deadlines.clear();
         for (_, r) in self.running.drain() {
-            r.watch.abort();
             jobs.ended(r.job, Finish::new(JobState::RunnerLost, why.to_owned()));
         }
     }
@@ -316,27 +352,4 @@ impl JobLane {
 
 fn broken(code: runnel_protocol::ErrorCode, reason: &'static str) -> Broken {
     Broken { code, reason }
-}
-
-/// A frame from the runner, for job `n`.
-fn on_frame(running: &mut HashMap<u32, Running>, n: u32, frame: RunnerJobFrame, jobs: &Jobs) {
-    match frame {
-        RunnerJobFrame::Output { data, .. } => {
-            if let Some(r) = running.get(&n) {
-                jobs.shared.jobs.append_output(&r.job, data);
-            }
-        }
-        RunnerJobFrame::Result(r) => {
-            if let Some(done) = running.remove(&n) {
-                done.watch.abort();
-                let f = Finish {
-                    state: outcome_state(r.outcome),
-                    exit_code: r.exit_code,
-                    message: r.message,
-                    output_truncated: r.output_truncated,
-                };
-                jobs.ended(done.job, f);
-            }
-        }
-    }
 }

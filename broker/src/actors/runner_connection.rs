@@ -394,8 +394,11 @@ async fn connection_io(
     // connection holds only a None.
     let mut ended: Vec<quinn::SendStream> = Vec::new();
     let mut end_by: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
-    // Protocol 3: every job on one lane instead (`job_lane.rs`).
+    // Protocol 3: every job on one lane instead (`job_lane.rs`), behind a gate of its own:
+    // polling it reads quinn's stream state under the connection's lock, so it is polled
+    // only when something of its own woke it or it was handed jobs.
     let mut lane = JobLane::default();
+    let lane_gate = WakeGate::new();
     let mut lane_ok = true;
     loop {
         tokio::select! {
@@ -409,8 +412,9 @@ async fn connection_io(
             }
             taken = incoming.0.recv(), if version >= JOB_LANE_VERSION => {
                 lane.start(&conn, &jobs, taken);
+                lane_gate.set_due();
             }
-            broken = poll_fn(|cx| lane.poll(cx, &jobs)), if lane_ok && lane.is_open() => {
+            broken = poll_fn(|cx| lane_gate.poll(0, cx, |cx| lane.poll(cx, &jobs))), if lane_ok && lane.is_open() => {
                 close(&conn, broken.code, broken.reason);
                 lane_ok = false;
             }
