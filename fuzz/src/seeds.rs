@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 
 use runnel_protocol::{
     BrokerJobFrame, ClientControl, EnrollRequest, EnrollResponse, ErrorCode, ExecSpec, GoAway,
-    Heartbeat, Hello, JobOutcome, JobRequest, JobResult, OutputStream, Redirect, RunnerJobFrame,
-    ServerControl, encode,
+    Heartbeat, Hello, JobOutcome, JobRequest, JobResult, LaneFrame, OutputStream, Redirect,
+    RunnerJobFrame, ServerControl, encode,
 };
 
 /// A frame's body: the encoding without its 4-byte length prefix.
@@ -79,6 +79,11 @@ pub fn of(name: &str) -> Vec<Vec<u8>> {
                 timeout_ms: 60_000,
             })),
             body(&BrokerJobFrame::Cancel),
+            body(&LaneFrame { job: 7, frame: BrokerJobFrame::Cancel }),
+            body(&LaneFrame {
+                job: u32::MAX,
+                frame: RunnerJobFrame::Output { stream: OutputStream::Stdout, data: b"x".to_vec() },
+            }),
             body(&RunnerJobFrame::Output { stream: OutputStream::Stderr, data: b"out\n".to_vec() }),
             body(&RunnerJobFrame::Result(JobResult {
                 outcome: JobOutcome::Succeeded,

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use runnel_protocol::{
     ApiRequest, BrokerJobFrame, ClientControl, EnrollRequest, EnrollResponse, ExecSpec, LaneAnswer,
-    LaneCall, PeerRequest, PeerResponse, RunnerJobFrame, ServerControl, decode, encode, read_frame,
+    LaneCall, LaneFrame, PeerRequest, PeerResponse, RunnerJobFrame, ServerControl, decode, encode,
+    read_frame,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -121,11 +122,17 @@ fn control(_: &Ctx, bytes: &[u8]) -> Outcome {
     either(roundtrip::<ClientControl>(&f), roundtrip::<ServerControl>(&f))
 }
 
-/// Job stream frames both ways, the exec payload a runner decodes, the peer calls and the
-/// native API's calls (on a stream of their own or on a lane).
+/// Job frames both ways (on a stream per job, or on a job lane), the exec payload a runner
+/// decodes, the peer calls and the native API's calls (on a stream of their own or on a
+/// lane).
 fn job(_: &Ctx, bytes: &[u8]) -> Outcome {
     let f = framed(bytes);
     let a = either(roundtrip::<BrokerJobFrame>(&f), roundtrip::<RunnerJobFrame>(&f));
+    let lane = either(
+        roundtrip::<LaneFrame<BrokerJobFrame>>(&f),
+        roundtrip::<LaneFrame<RunnerJobFrame>>(&f),
+    );
+    let a = either(a, lane);
     let b = either(roundtrip::<PeerRequest>(&f), roundtrip::<PeerResponse>(&f));
     let api = either(roundtrip::<ApiRequest>(&f), roundtrip::<LaneCall>(&f));
     let b = either(b, either(api, roundtrip::<LaneAnswer>(&f)));
