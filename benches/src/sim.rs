@@ -272,7 +272,7 @@ async fn serve(
     // protocol 3 every job comes on one lane, as the real runner takes them.
     let outbox = Outbox::start();
     let jobs = async {
-        if version >= 3 {
+        if version >= runnel_protocol::version::JOB_LANE {
             if let Ok((send, recv)) = conn.accept_bi().await {
                 lane_jobs(send, recv).await;
             }
@@ -330,22 +330,13 @@ fn echo(payload: Vec<u8>) -> [RunnerJobFrame; 2] {
 /// A simulated runner's job lane (protocol 3): every job read in one task and answered
 /// through one writer, which writes what comes together at once (as the real runner's
 /// lane writer does).
-async fn lane_jobs(mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+async fn lane_jobs(mut send: quinn::SendStream, recv: quinn::RecvStream) {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
     let writer = async move {
-        let (mut round, mut out) = (Vec::new(), Vec::new());
-        while rx.recv_many(&mut round, 256).await > 0 {
-            runnel_protocol::gather(&mut rx, &mut round, 256).await;
-            for frame in round.drain(..) {
-                out.extend_from_slice(&frame);
-            }
-            if send.write_all(&out).await.is_err() {
-                return;
-            }
-            out.clear();
-        }
+        runnel_protocol::write_lane(&mut send, &mut rx, Vec::new()).await;
     };
     let reader = async move {
+        let mut recv = runnel_protocol::lane_reader(recv);
         while let Ok(Some(LaneFrame { job, frame })) =
             read_frame::<LaneFrame<BrokerJobFrame>, _>(&mut recv).await
         {

@@ -13,14 +13,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use runnel_protocol::{
-    ApiRequest, ErrorCode, JobInfo, LaneCall, encode, gather, lane_reader, read_lane_answer,
+    ApiRequest, ErrorCode, JobInfo, LaneCall, encode, lane_reader, read_lane_answer, write_lane,
 };
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::Error;
-
-/// Calls written per round at most (more wait for the next round).
-const ROUND: usize = runnel_protocol::limits::LANE_MAX_CALLS;
 
 /// The calls of one connection that are answered once.
 pub(crate) struct Lane {
@@ -114,21 +111,11 @@ async fn write_calls(
     mut calls: mpsc::UnboundedReceiver<Vec<u8>>,
     first: Vec<u8>,
 ) {
-    let mut round = Vec::with_capacity(ROUND);
-    let mut out = first;
-    while calls.recv_many(&mut round, ROUND).await > 0 {
-        gather(&mut calls, &mut round, ROUND).await;
-        for frame in round.drain(..) {
-            out.extend_from_slice(&frame);
-        }
-        // A failed write breaks the connection's stream: the reader sees it and answers
-        // every waiting call.
-        if send.write_all(&out).await.is_err() {
-            return;
-        }
-        out.clear();
+    // A failed write breaks the connection's stream: the reader sees it and answers every
+    // waiting call.
+    if write_lane(&mut send, &mut calls, first).await {
+        let _ = send.finish();
     }
-    let _ = send.finish();
 }
 
 /// Hands each answer to its caller; when the lane ends, fails the calls still waiting and

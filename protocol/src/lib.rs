@@ -52,7 +52,7 @@ pub use job::{
     BrokerJobFrame, ExecSpec, JobOutcome, JobRequest, JobResult, LaneFrame, OutputStream,
     RunnerJobFrame, encode_job_request, encode_lane_job_request,
 };
-pub use outbox::{Outbox, gather};
+pub use outbox::{Outbox, Queue, gather, write_lane};
 pub use peer::{
     AnswerError, DispatchSpec, JobInfo, JobInfoRef, JobState, PEER_OUTPUT_CHUNK, PeerCaller,
     PeerRequest, PeerResponse, encode_job_answer, encode_output, read_answer, read_job_answer,

@@ -15,6 +15,8 @@
 //! Generic over the stream (`AsyncWrite`, ended with `shutdown`: for a quinn `SendStream`,
 //! `finish`), so this crate stays without sockets.
 
+use std::task::{Context, Poll};
+
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -91,21 +93,56 @@ pub async fn gather<T>(queue: &mut impl Queue<T>, round: &mut Vec<T>, most: usiz
     }
 }
 
-/// A channel's receiving end that [`gather`] takes from without waiting.
+/// Writes the frames posted to `queue` on a lane (`send`), `first` ahead of them: those
+/// posted together ([`gather`]) in one write, so that they share datagrams. Answers when
+/// every sender is gone and all is written (`true`), or when a write failed (`false`).
+/// The writer of a client's lane, a runner's job lane and a simulated runner's.
+pub async fn write_lane<W, Q>(send: &mut W, queue: &mut Q, first: Vec<u8>) -> bool
+where
+    W: AsyncWrite + Unpin,
+    Q: Queue<Vec<u8>>,
+{
+    let mut round = Vec::with_capacity(ROUND);
+    let mut out = first;
+    while std::future::poll_fn(|cx| queue.poll_many(cx, &mut round, ROUND)).await > 0 {
+        gather(queue, &mut round, ROUND).await;
+        for frame in round.drain(..) {
+            out.extend_from_slice(&frame);
+        }
+        if send.write_all(&out).await.is_err() {
+            return false;
+        }
+        out.clear();
+    }
+    out.is_empty() || send.write_all(&out).await.is_ok()
+}
+
+/// A channel's receiving end that [`gather`] and [`write_lane`] take from.
 pub trait Queue<T> {
     /// The next item if one is there.
     fn take(&mut self) -> Option<T>;
+    /// Waits for items and moves up to `most` of them into `buf`; `0` once every sender
+    /// is gone and nothing is left.
+    fn poll_many(&mut self, cx: &mut Context<'_>, buf: &mut Vec<T>, most: usize) -> Poll<usize>;
 }
 
 impl<T> Queue<T> for mpsc::UnboundedReceiver<T> {
     fn take(&mut self) -> Option<T> {
         self.try_recv().ok()
     }
+
+    fn poll_many(&mut self, cx: &mut Context<'_>, buf: &mut Vec<T>, most: usize) -> Poll<usize> {
+        self.poll_recv_many(cx, buf, most)
+    }
 }
 
 impl<T> Queue<T> for mpsc::Receiver<T> {
     fn take(&mut self) -> Option<T> {
         self.try_recv().ok()
+    }
+
+    fn poll_many(&mut self, cx: &mut Context<'_>, buf: &mut Vec<T>, most: usize) -> Poll<usize> {
+        self.poll_recv_many(cx, buf, most)
     }
 }
 
@@ -144,6 +181,55 @@ async fn write_letters<W: AsyncWrite + Unpin>(mut queue: mpsc::UnboundedReceiver
 mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
+
+    /// Records each write it is given.
+    #[derive(Default)]
+    struct Writes(Vec<Vec<u8>>);
+
+    impl AsyncWrite for Writes {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.0.push(buf.to_vec());
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lane_writes_what_was_posted_together_in_one_write_first_ahead() {
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(8);
+        for frame in [b"a".to_vec(), b"b".to_vec(), b"c".to_vec()] {
+            tx.send(frame).await.expect("open");
+        }
+        let later = tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            tx.send(b"d".to_vec()).await.expect("open");
+        });
+        let mut send = Writes::default();
+        assert!(write_lane(&mut send, &mut rx, b"first:".to_vec()).await, "all written");
+        later.await.expect("sent");
+        assert_eq!(send.0, [b"first:abc".to_vec(), b"d".to_vec()]);
+        // Nothing ever posted: `first` is written all the same.
+        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        drop(tx);
+        let mut send = Writes::default();
+        assert!(write_lane(&mut send, &mut rx, b"only".to_vec()).await);
+        assert_eq!(send.0, [b"only".to_vec()]);
+    }
 
     #[tokio::test]
     async fn frames_are_written_and_their_streams_ended() {

@@ -5,6 +5,9 @@
 /// connection's jobs share one job lane (`LaneFrame`) instead of a stream each.
 pub const PROTOCOL_VERSION: u16 = 3;
 
+/// The first protocol version whose jobs share one job lane per connection (`LaneFrame`).
+pub const JOB_LANE: u16 = 3;
+
 /// The oldest protocol version this build still speaks (1 had no epoch in `Welcome`; no
 /// release spoke it).
 pub const MIN_PROTOCOL_VERSION: u16 = 2;

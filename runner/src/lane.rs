@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use runnel_protocol::{
-    BrokerJobFrame, ErrorCode, JobRequest, LaneFrame, gather, lane_reader, read_frame,
+    BrokerJobFrame, ErrorCode, JobRequest, LaneFrame, lane_reader, read_frame, write_lane,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -18,8 +18,6 @@ use tokio_util::task::AbortOnDropHandle;
 const LANE_QUEUE: usize = 64;
 /// How long a session that leaves waits for the broker to have the lane's last frames.
 const FLUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
-/// Frames written per round at most.
-const ROUND: usize = 256;
 
 /// A job read from the lane: its number, its request, and its cancel (fired when the
 /// broker sends `Cancel` for it).
@@ -61,17 +59,8 @@ impl Lane {
     ) -> Self {
         let (writer, mut frames) = mpsc::channel::<Vec<u8>>(LANE_QUEUE);
         let write = AbortOnDropHandle::new(tokio::spawn(async move {
-            let mut round = Vec::with_capacity(ROUND);
-            let mut out = Vec::new();
-            while frames.recv_many(&mut round, ROUND).await > 0 {
-                gather(&mut frames, &mut round, ROUND).await;
-                for frame in round.drain(..) {
-                    out.extend_from_slice(&frame);
-                }
-                if send.write_all(&out).await.is_err() {
-                    return;
-                }
-                out.clear();
+            if !write_lane(&mut send, &mut frames, Vec::new()).await {
+                return;
             }
             // Every job's frames are written: end the lane, and keep it until the broker
             // has all of it (the session closes the connection next).

@@ -13,7 +13,7 @@ use futures::future::OptionFuture;
 use runnel_certs::{CLOCK_SKEW, key, parse_cert, pem};
 use runnel_protocol::{
     ClientControl, ErrorCode, Heartbeat, Hello, Outbox, PROTOCOL_VERSION, ServerControl,
-    read_frame, version::MIN_PROTOCOL_VERSION, write_frame,
+    read_frame, version, version::MIN_PROTOCOL_VERSION, write_frame,
 };
 use tokio::sync::mpsc;
 use tokio_util::task::AbortOnDropHandle;
@@ -26,9 +26,6 @@ use crate::lane::Lane;
 use crate::runner::{Inner, RunnerStatus};
 use crate::state::StateDir;
 use crate::tls::{client_endpoint, job_streams, resolve, runner_config};
-
-/// The first protocol version whose jobs come on one lane (`lane.rs`).
-const JOB_LANE_VERSION: u16 = 3;
 
 /// Time a QUIC handshake may take: a node that is gone (killed, unplugged) answers
 /// nothing, and QUIC's own idle timeout would keep the runner waiting far longer.
@@ -332,7 +329,7 @@ async fn serve_connection(
             }
             s = conn.accept_bi() => match s {
                 // Protocol 3: the broker's first stream is the job lane, and the only one.
-                Ok((mut send, recv)) if welcome.version >= JOB_LANE_VERSION => {
+                Ok((mut send, recv)) if welcome.version >= version::JOB_LANE => {
                     if lane.is_some() {
                         let _ = send.reset(ErrorCode::Protocol.as_u32().into());
                     } else {

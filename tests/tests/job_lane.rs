@@ -25,6 +25,27 @@ fn hello3(capacity: u32) -> ClientControl {
     })
 }
 
+/// A broker, tenant `acme`'s admin key, and a runner of owner alice (`id`) that said Hello
+/// by hand, speaking protocol 3 with `capacity`.
+struct Speaking {
+    b: TestBroker,
+    admin: String,
+    id: String,
+    conn: quinn::Connection,
+    /// Kept: the runner's control stream, and its state dir.
+    _held: (quinn::SendStream, quinn::RecvStream, tempfile::TempDir),
+}
+
+async fn speaking(capacity: u32) -> Speaking {
+    let b = TestBroker::start().await;
+    let admin = b.tenant("acme").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (id, state) = b.enrolled(&admin, "alice", &dir.path().join("r")).await;
+    let (conn, control, from_broker) =
+        runnel_tests::welcomed_speaking(&b, &state, hello3(capacity)).await;
+    Speaking { b, admin, id, conn, _held: (control, from_broker, dir) }
+}
+
 /// A job for runner `id`, not waited for.
 fn job(id: &str, arg: &str, timeout_ms: u64) -> Value {
     json!({ "owner": "alice", "runner_id": id, "kind": "exec",
@@ -58,12 +79,7 @@ fn answer(out: &mut Vec<u8>, n: u32, data: &[u8]) {
 
 #[tokio::test]
 async fn a_connections_jobs_share_one_lane_each_frame_naming_its_job() {
-    let b = TestBroker::start().await;
-    let admin = b.tenant("acme").await;
-    let dir = tempfile::tempdir().unwrap();
-    let (id, state) = b.enrolled(&admin, "alice", &dir.path().join("r")).await;
-    let (conn, _control, _from_broker) =
-        runnel_tests::welcomed_speaking(&b, &state, hello3(8)).await;
+    let Speaking { b, admin, id, conn, _held } = speaking(8).await;
     let mut ids = Vec::new();
     for i in 0..4 {
         let (s, v) = b.api.post("/v1/jobs", &admin, job(&id, &format!("j{i}"), 60_000)).await;
@@ -126,12 +142,7 @@ async fn a_connections_jobs_share_one_lane_each_frame_naming_its_job() {
 /// `timed_out`, and the runner is told to stop it.
 #[tokio::test]
 async fn on_a_lane_a_silent_runner_cannot_hold_a_job_past_its_cancel_grace_or_timeout() {
-    let b = TestBroker::start().await;
-    let admin = b.tenant("acme").await;
-    let dir = tempfile::tempdir().unwrap();
-    let (id, state) = b.enrolled(&admin, "alice", &dir.path().join("r")).await;
-    let (conn, _control, _from_broker) =
-        runnel_tests::welcomed_speaking(&b, &state, hello3(4)).await;
+    let Speaking { b, admin, id, conn, _held } = speaking(4).await;
     let (s, v) = b.api.post("/v1/jobs", &admin, job(&id, "x", 3_600_000)).await;
     assert_eq!(s, 201, "{v}");
     let cancelled = v["id"].as_str().unwrap().to_owned();
@@ -162,12 +173,7 @@ async fn on_a_lane_a_silent_runner_cannot_hold_a_job_past_its_cancel_grace_or_ti
 
 #[tokio::test]
 async fn a_malformed_lane_frame_closes_the_connection_and_its_jobs_are_lost() {
-    let b = TestBroker::start().await;
-    let admin = b.tenant("acme").await;
-    let dir = tempfile::tempdir().unwrap();
-    let (id, state) = b.enrolled(&admin, "alice", &dir.path().join("r")).await;
-    let (conn, _control, _from_broker) =
-        runnel_tests::welcomed_speaking(&b, &state, hello3(4)).await;
+    let Speaking { b, admin, id, conn, _held } = speaking(4).await;
     let (s, v) = b.api.post("/v1/jobs", &admin, job(&id, "x", 60_000)).await;
     assert_eq!(s, 201, "{v}");
     let lost = v["id"].as_str().unwrap().to_owned();
@@ -191,12 +197,7 @@ async fn a_malformed_lane_frame_closes_the_connection_and_its_jobs_are_lost() {
 /// time is up before the runner has even read its request, the connection is closed.
 #[tokio::test]
 async fn a_runner_that_does_not_read_its_lane_is_closed_once_a_job_could_not_reach_it() {
-    let b = TestBroker::start().await;
-    let admin = b.tenant("acme").await;
-    let dir = tempfile::tempdir().unwrap();
-    let (id, state) = b.enrolled(&admin, "alice", &dir.path().join("r")).await;
-    let (conn, _control, _from_broker) =
-        runnel_tests::welcomed_speaking(&b, &state, hello3(16)).await;
+    let Speaking { b, admin, id, conn, _held } = speaking(16).await;
     // 16 requests of 200 KB: more than the runner's stream window lets through unread.
     let big = "a".repeat(200_000);
     let mut ids = Vec::new();

@@ -319,9 +319,6 @@ impl Actor for RunnerConnection {
     }
 }
 
-/// The first protocol version whose jobs share one lane per connection.
-const JOB_LANE_VERSION: u16 = 3;
-
 /// What the I/O task needs to run the connection's jobs.
 pub(super) struct Jobs {
     conn_id: ConnId,
@@ -410,7 +407,7 @@ async fn connection_io(
                 me.stop(Some(format!("connection closed: {reason}")));
                 return;
             }
-            taken = incoming.0.recv(), if version >= JOB_LANE_VERSION => {
+            taken = incoming.0.recv(), if version >= runnel_protocol::version::JOB_LANE => {
                 lane.start(&conn, &jobs, taken);
                 lane_gate.set_due();
             }
@@ -418,7 +415,7 @@ async fn connection_io(
                 close(&conn, broken.code, broken.reason);
                 lane_ok = false;
             }
-            taken = incoming.0.recv(), if version < JOB_LANE_VERSION => {
+            taken = incoming.0.recv(), if version < runnel_protocol::version::JOB_LANE => {
                 for job in taken {
                     running.push(Box::pin(jobs.run(&conn, job)));
                 }
