@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use futures::task::AtomicWaker;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 /// Output kept per job in the broker; later output is dropped and the job marked truncated.
 pub(crate) const MAX_BUFFERED_OUTPUT: usize = 1024 * 1024;
@@ -100,8 +99,11 @@ pub(crate) struct JobEntry {
     pub created_at_ms: i64,
     /// When it was accepted (for queue-wait and latency).
     pub accepted: Instant,
-    /// Fired by `POST /v1/jobs/{id}/cancel`.
-    pub cancel: CancellationToken,
+    /// Set by `POST /v1/jobs/{id}/cancel` ([`JobEntry::cancel`]). A flag and the entry's
+    /// `changed`, not a `CancellationToken`: a token is an `Arc`'d node with a mutex that
+    /// every job would allocate and, long after, drop cold when retention forgets it
+    /// (1.4% of the broker's CPU per job, BENCHMARKS.md).
+    cancelled: AtomicBool,
     inner: Mutex<JobInner>,
     /// Wakes whoever waits on the job (its end, its output) after each change. One
     /// `Notify`, not a `watch` channel: a watch allocates 8 of them per channel and locks
@@ -150,11 +152,30 @@ impl JobEntry {
         true
     }
 
-    /// Cancels the job: its token fires, and the lane that holds it hears.
+    /// Cancels the job: whoever waits on [`JobEntry::cancelled`] wakes, and the lane that
+    /// holds it hears.
     pub(crate) fn cancel(&self) {
-        self.cancel.cancel();
+        self.cancelled.store(true, Ordering::Release);
+        self.bump();
         if let Some(hook) = self.lock().cancel_hook.clone() {
             hook.fire();
+        }
+    }
+
+    /// Whether the job was cancelled.
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Acquire)
+    }
+
+    /// Waits until the job is cancelled.
+    pub(crate) async fn cancelled(&self) {
+        loop {
+            // Made before the check, as in `next_output`.
+            let changed = self.changed.notified();
+            if self.is_cancelled() {
+                return;
+            }
+            changed.await;
         }
     }
 
@@ -162,7 +183,7 @@ impl JobEntry {
     /// it was cancelled already.
     pub(crate) fn hook_cancel(&self, hook: &Arc<CancelHook>) -> bool {
         self.lock().cancel_hook = Some(hook.clone());
-        self.cancel.is_cancelled()
+        self.is_cancelled()
     }
 
     /// `f` of the payload to send to the runner (empty once the job has ended), read in
@@ -466,7 +487,7 @@ impl JobTable {
                 spec,
                 created_at_ms: now_ms(),
                 accepted: Instant::now(),
-                cancel: CancellationToken::new(),
+                cancelled: AtomicBool::new(false),
                 inner: Mutex::new(JobInner {
                     state: JobState::Queued,
                     cancel_hook: None,

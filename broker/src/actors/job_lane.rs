@@ -233,7 +233,7 @@ impl JobLane {
                 let cancelled: Vec<u32> = self
                     .running
                     .iter()
-                    .filter(|(_, r)| !r.cancel_sent && r.job.cancel.is_cancelled())
+                    .filter(|(_, r)| !r.cancel_sent && r.job.is_cancelled())
                     .map(|(n, _)| *n)
                     .collect();
                 for n in cancelled {

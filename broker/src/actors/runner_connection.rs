@@ -626,7 +626,7 @@ async fn drive_job(
             Ok(s) => s,
             Err(m) => return lost(m),
         },
-        _ = job.cancel.cancelled() => {
+        _ = job.cancelled() => {
             let f = Finish::new(JobState::Cancelled, "cancelled before the runner took the job");
             return (f, None);
         }
@@ -675,7 +675,7 @@ async fn drive_job(
                     return lost(format!("runner sent a bad frame: {e}"));
                 }
             },
-            _ = job.cancel.cancelled(), if !cancel_sent => {
+            _ = job.cancelled(), if !cancel_sent => {
                 cancel_sent = true;
                 // Bounded: a runner that grants no flow credit must not hold the cancel.
                 let cancel = write_frame(&mut send, &BrokerJobFrame::Cancel);
