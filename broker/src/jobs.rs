@@ -774,6 +774,36 @@ pub(crate) mod tests {
         }
     }
 
+    /// A cancel wakes whoever waits on it and the lane the job is hooked to, and a lane
+    /// that takes a job already cancelled hears it from the hook's answer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancel_reaches_its_waiters_and_its_lane() {
+        let t = table(10, 1 << 30, 100);
+        let hook = Arc::new(CancelHook::default());
+        let noop = Context::from_waker(std::task::Waker::noop());
+        let j = t.create("t", spec(), None).unwrap();
+        assert!(!j.hook_cancel(&hook), "not cancelled yet");
+        assert!(!hook.take(&noop));
+        let waiter = tokio::spawn({
+            let j = j.clone();
+            async move { j.cancelled().await }
+        });
+        tokio::task::yield_now().await;
+        j.cancel();
+        assert!(j.is_cancelled());
+        assert!(hook.take(&noop), "the lane hears it");
+        assert!(!hook.take(&noop), "once");
+        tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("woke").unwrap();
+        // Cancelled before a lane took it: the lane learns it when it hooks the job.
+        let k = t.create("t", spec(), None).unwrap();
+        k.cancel();
+        assert!(k.hook_cancel(&hook));
+        // A job that has ended lets go of its lane's hook.
+        t.finish(&j, Finish::new(JobState::Cancelled, ""));
+        j.cancel();
+        assert!(!hook.take(&noop));
+    }
+
     /// A job is found by its whole id only: not by another id with the same random part
     /// (another node's suffix, a cut or padded id, a different prefix), and forgetting a
     /// job leaves another under the same key alone.
