@@ -52,6 +52,23 @@ fn job(id: &str, arg: &str, timeout_ms: u64) -> Value {
             "exec": { "program": "echo", "args": [arg] }, "timeout_ms": timeout_ms })
 }
 
+/// The job lane the broker opens on `conn` with its first job.
+async fn lane_of(conn: &quinn::Connection) -> (quinn::SendStream, quinn::RecvStream) {
+    tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await.unwrap().unwrap()
+}
+
+/// How the broker closed `conn` within `limit` (for `why`).
+async fn closed_by_broker(
+    conn: &quinn::Connection,
+    limit: Duration,
+    why: &str,
+) -> quinn::ApplicationClose {
+    match tokio::time::timeout(limit, conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(c)) => c,
+        other => panic!("the broker did not close the connection for {why}: {other:?}"),
+    }
+}
+
 async fn next_frame(recv: &mut quinn::RecvStream) -> LaneFrame<BrokerJobFrame> {
     let read = read_frame::<LaneFrame<BrokerJobFrame>, _>(recv);
     tokio::time::timeout(Duration::from_secs(10), read).await.unwrap().unwrap().unwrap()
@@ -86,8 +103,7 @@ async fn a_connections_jobs_share_one_lane_each_frame_naming_its_job() {
         assert_eq!(s, 201, "{v}");
         ids.push(v["id"].as_str().unwrap().to_owned());
     }
-    let (mut lane_send, mut lane_recv) =
-        tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await.unwrap().unwrap();
+    let (mut lane_send, mut lane_recv) = lane_of(&conn).await;
     let mut given = Vec::new();
     for _ in 0..4 {
         given.push(job_of(next_frame(&mut lane_recv).await));
@@ -146,8 +162,7 @@ async fn on_a_lane_a_silent_runner_cannot_hold_a_job_past_its_cancel_grace_or_ti
     let (s, v) = b.api.post("/v1/jobs", &admin, job(&id, "x", 3_600_000)).await;
     assert_eq!(s, 201, "{v}");
     let cancelled = v["id"].as_str().unwrap().to_owned();
-    let (_lane_send, mut lane_recv) =
-        tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await.unwrap().unwrap();
+    let (_lane_send, mut lane_recv) = lane_of(&conn).await;
     let (n, _) = job_of(next_frame(&mut lane_recv).await);
     let t0 = std::time::Instant::now();
     b.api.post(&format!("/v1/jobs/{cancelled}/cancel"), &admin, json!({})).await;
@@ -177,17 +192,11 @@ async fn a_malformed_lane_frame_closes_the_connection_and_its_jobs_are_lost() {
     let (s, v) = b.api.post("/v1/jobs", &admin, job(&id, "x", 60_000)).await;
     assert_eq!(s, 201, "{v}");
     let lost = v["id"].as_str().unwrap().to_owned();
-    let (mut lane_send, mut lane_recv) =
-        tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await.unwrap().unwrap();
+    let (mut lane_send, mut lane_recv) = lane_of(&conn).await;
     job_of(next_frame(&mut lane_recv).await);
     lane_send.write_all(&[0, 0, 0, 3, 0xff, 0xff, 0xff]).await.unwrap();
-    let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
-    match closed {
-        Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
-            assert_eq!(c.error_code, runnel_protocol::ErrorCode::Protocol.as_u32().into())
-        }
-        other => panic!("the connection was not closed for its bad frame: {other:?}"),
-    }
+    let c = closed_by_broker(&conn, Duration::from_secs(5), "its bad frame").await;
+    assert_eq!(c.error_code, runnel_protocol::ErrorCode::Protocol.as_u32().into());
     let v = b.job_end(&admin, &lost, Duration::from_secs(10)).await;
     assert_eq!(v["state"], "runner_lost", "{v}");
 }
@@ -206,17 +215,11 @@ async fn a_runner_that_does_not_read_its_lane_is_closed_once_a_job_could_not_rea
         assert_eq!(s, 201, "{v}");
         ids.push(v["id"].as_str().unwrap().to_owned());
     }
-    let (_lane_send, _lane_recv) =
-        tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await.unwrap().unwrap();
+    let (_lane_send, _lane_recv) = lane_of(&conn).await;
     // Run timeout 1 s + the result grace of 5 s, and slack for a loaded machine.
-    let closed = tokio::time::timeout(Duration::from_secs(20), conn.closed()).await;
-    match closed {
-        Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
-            assert_eq!(c.error_code, runnel_protocol::ErrorCode::Timeout.as_u32().into());
-            assert_eq!(&c.reason[..], b"runner does not read its job lane");
-        }
-        other => panic!("a runner that reads nothing kept its connection: {other:?}"),
-    }
+    let c = closed_by_broker(&conn, Duration::from_secs(20), "reading nothing").await;
+    assert_eq!(c.error_code, runnel_protocol::ErrorCode::Timeout.as_u32().into());
+    assert_eq!(&c.reason[..], b"runner does not read its job lane");
     for id in &ids {
         let v = b.job_end(&admin, id, Duration::from_secs(10)).await;
         assert!(v["state"] == "timed_out" || v["state"] == "runner_lost", "{v}");
