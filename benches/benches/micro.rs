@@ -1,5 +1,6 @@
-//! Micro-benchmarks: frame encode/decode, the handshake verifier's decision, and runner
-//! selection in a tenant with 10,000 runners.
+//! Micro-benchmarks: frame encode/decode, the handshake verifier's decision, runner
+//! selection in a tenant with 10,000 runners, and a TLS 1.3 handshake in memory with each
+//! cipher-suite order.
 //!
 //! `cargo bench -p runnel-bench --bench micro`
 #![allow(missing_docs, clippy::unwrap_used)]
@@ -64,14 +65,18 @@ fn verifier(c: &mut Criterion) {
         index
             .apply(&record(i, if i % 7 == 0 { RunnerState::Revoked } else { RunnerState::Paired }));
     }
-    let v = PairingVerifier::new(ca.cert_der(), "runnel", index, None).unwrap();
     let csr = key::csr_pem(&key::generate_key().unwrap()).unwrap();
-    let issue = |i: usize| {
-        let r = record(i, RunnerState::Paired);
+    // The index accepts only a runner's current certificate: its record carries the serial.
+    let issue = |i: usize, state| {
+        let mut r = record(i, state);
         let id = RunnerIdentity::new("runnel", &r.tenant, &r.owner, &r.id).unwrap();
-        ca.issue_runner_cert(&csr, &id, Duration::from_secs(3600)).unwrap().cert_der
+        let der = ca.issue_runner_cert(&csr, &id, Duration::from_secs(3600)).unwrap().cert_der;
+        r.cert_serial = Some(runnel_certs::parse_cert(&der).unwrap().serial_hex);
+        index.apply(&r);
+        der
     };
-    let (paired, revoked) = (issue(1), issue(7));
+    let (paired, revoked) = (issue(1, RunnerState::Paired), issue(7, RunnerState::Revoked));
+    let v = PairingVerifier::new(ca.cert_der(), "runnel", index, None).unwrap();
     let foreign = {
         let other = ClusterCa::generate("runnel").unwrap();
         let r = record(1, RunnerState::Paired);
@@ -124,9 +129,62 @@ fn selection(c: &mut Criterion) {
     }
 }
 
+/// A whole TLS 1.3 handshake in memory (both sides' CPU, Ed25519 certificates as the
+/// broker's), on the suite a runnel server picks and on the one rustls's default order
+/// picks.
+fn tls_handshake(c: &mut Criterion) {
+    let ca = ClusterCa::generate("bench").unwrap();
+    let (leaf, key) = ca.issue_server_cert(&["broker.test".into()], &[]).unwrap();
+    let key = runnel_certs::pem::private_key_from_pem(&key).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.cert_der().clone()).unwrap();
+    let default = Arc::new(rustls::crypto::ring::default_provider());
+    let client = Arc::new(
+        rustls::ClientConfig::builder_with_provider(default.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    for (label, provider, ours) in [
+        ("AES-128-GCM-SHA256 (runnel's order)", runnel_certs::tls::provider(), true),
+        ("AES-256-GCM-SHA384 (rustls's default order)", default.clone(), false),
+    ] {
+        let mut server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![leaf.cert_der.clone()], key.clone_key())
+            .unwrap();
+        server.send_tls13_tickets = 0;
+        if ours {
+            runnel_certs::tls::keep_our_order(&mut server);
+        }
+        let server = Arc::new(server);
+        c.bench_function(&format!("tls/handshake in memory, {label}"), |b| {
+            b.iter(|| {
+                let name = "broker.test".try_into().unwrap();
+                let mut cl = rustls::ClientConnection::new(client.clone(), name).unwrap();
+                let mut sv = rustls::ServerConnection::new(server.clone()).unwrap();
+                while cl.is_handshaking() || sv.is_handshaking() {
+                    let mut buf = Vec::new();
+                    cl.write_tls(&mut buf).unwrap();
+                    sv.read_tls(&mut buf.as_slice()).unwrap();
+                    sv.process_new_packets().unwrap();
+                    buf.clear();
+                    sv.write_tls(&mut buf).unwrap();
+                    cl.read_tls(&mut buf.as_slice()).unwrap();
+                    cl.process_new_packets().unwrap();
+                }
+                black_box(sv.negotiated_cipher_suite())
+            })
+        });
+    }
+}
+
 criterion_group! {
     name = micro;
     config = Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
-    targets = frames, verifier, selection
+    targets = frames, verifier, selection, tls_handshake
 }
 criterion_main!(micro);

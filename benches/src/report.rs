@@ -165,7 +165,9 @@ pub(crate) fn connect(n: &usize, c: &Connected, idle: &Usage, with_all: &Usage, 
         idle.rss_kib, with_all.rss_kib
     );
     println!("  rss per runner   {:.1} KiB", per / 1024.0);
-    println!("  broker cpu       {:.2}s for the handshakes", with_all.cpu_secs - idle.cpu_secs);
+    let hs_cpu = with_all.cpu_secs - idle.cpu_secs;
+    let per_hs_ms = 1000.0 * hs_cpu / c.conns.len().max(1) as f64;
+    println!("  broker cpu       {hs_cpu:.2}s for the handshakes ({per_hs_ms:.3} ms each)");
     println!(
         "  idle broker cpu  {:.1}% of one core with all connected and no jobs",
         100.0 * idle_cpu
@@ -174,6 +176,6 @@ pub(crate) fn connect(n: &usize, c: &Connected, idle: &Usage, with_all: &Usage, 
         "{}",
         json!({ "bench": "connect_scale", "runners": c.conns.len(), "failed": c.failed, "online_secs": took,
                 "handshakes_per_sec": c.conns.len() as f64 / took, "rss_per_runner_bytes": per,
-                "idle_cpu_cores": idle_cpu })
+                "broker_cpu_per_handshake_ms": per_hs_ms, "idle_cpu_cores": idle_cpu })
     );
 }

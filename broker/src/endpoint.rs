@@ -137,13 +137,14 @@ pub(crate) fn server_config(
     verifier: Arc<PairingVerifier>,
     idle_timeout: Duration,
 ) -> Result<quinn::ServerConfig, SpawnError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = runnel_certs::tls::provider();
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)?;
     tls.alpn_protocols = vec![ALPN_RUNNER.to_vec(), ALPN_ENROLL.to_vec(), ALPN_API.to_vec()];
     resume_nothing(&mut tls);
+    runnel_certs::tls::keep_our_order(&mut tls);
     let crypto = QuicServerConfig::try_from(tls).map_err(|_| SpawnError::NoQuicCipherSuite)?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();

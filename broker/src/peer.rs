@@ -64,7 +64,7 @@ impl PeerTls {
         let (cert, key_pem) = ca.issue_node_cert(node)?;
         let chain = vec![cert.cert_der.clone(), ca.cert_der().clone()];
         let key = pem::private_key_from_pem(&key_pem)?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = runnel_certs::tls::provider();
         let mut roots = rustls::RootCertStore::empty();
         roots.add(ca.cert_der().clone())?;
         let roots = Arc::new(roots);
@@ -81,6 +81,7 @@ impl PeerTls {
             .with_single_cert(chain.clone(), key.clone_key())?;
         tls.alpn_protocols = vec![ALPN_PEER.to_vec()];
         crate::endpoint::resume_nothing(&mut tls);
+        runnel_certs::tls::keep_our_order(&mut tls);
         let crypto = QuicServerConfig::try_from(tls).map_err(|_| SpawnError::NoQuicCipherSuite)?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server.transport_config(transport());

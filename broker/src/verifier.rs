@@ -101,7 +101,7 @@ impl PairingVerifier {
         roots.add(ca.clone())?;
         let webpki = WebPkiClientVerifier::builder_with_provider(
             Arc::new(roots),
-            Arc::new(rustls::crypto::ring::default_provider()),
+            runnel_certs::tls::provider(),
         )
         .allow_unauthenticated()
         .build()

@@ -10,6 +10,8 @@
 //! - [`key`]: a runner's local ed25519 key and its CSR.
 //! - [`pin`]: a TLS client config that trusts one CA by its fingerprint (enrollment,
 //!   `runnelctl` over HTTPS).
+//! - [`tls`]: the one rustls crypto provider every endpoint uses (AES-128-GCM-SHA256
+//!   first), and the server side's "our suite order, not the client's".
 //!
 //! Nothing here opens sockets or knows about brokers and runners beyond their names.
 #![deny(clippy::unwrap_used)]
@@ -22,6 +24,7 @@ pub mod key;
 mod parse;
 pub mod pem;
 pub mod pin;
+pub mod tls;
 
 pub use ca::{
     CLOCK_SKEW, ClusterCa, DEFAULT_RUNNER_VALIDITY, IssuedCert, PEER_SERVER_NAME, Validity,

@@ -15,7 +15,7 @@ use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 /// A TLS 1.3 client config (ring) that trusts only the CA with fingerprint `pin`, with
 /// no client certificate and no ALPN (callers set theirs).
 pub fn client_config(pin: [u8; 32]) -> Result<rustls::ClientConfig, rustls::Error> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = crate::tls::provider();
     Ok(rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()

@@ -477,7 +477,7 @@ pub(crate) fn accept_renewed(state: &StateDir, cert_pem: &str) -> Result<(), Str
     roots.add(ca).map_err(|e| e.to_string())?;
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(roots),
-        Arc::new(rustls::crypto::ring::default_provider()),
+        runnel_certs::tls::provider(),
     )
     .build()
     .map_err(|e| e.to_string())?;

@@ -15,7 +15,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use crate::RunnerError;
 
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    runnel_certs::tls::provider()
 }
 
 fn tls_err(e: impl Into<crate::BoxError>) -> RunnerError {

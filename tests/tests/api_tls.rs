@@ -207,3 +207,75 @@ async fn metrics_need_a_metrics_key_and_a_metrics_key_reads_nothing_else() {
     let (s, ready) = b.api.get("/readyz", "").await;
     assert_eq!((s, ready.as_object().map(|o| o.len())), (200, Some(1)), "{ready}");
 }
+
+/// Records the length of each TLS secret a handshake derives: 32 bytes for a SHA-256 suite
+/// (AES-128-GCM or ChaCha20), 48 for AES-256-GCM-SHA384.
+#[derive(Debug, Default)]
+struct SecretLengths(std::sync::Mutex<Vec<usize>>);
+
+impl rustls::KeyLog for SecretLengths {
+    fn log(&self, _label: &str, _client_random: &[u8], secret: &[u8]) {
+        self.0.lock().unwrap().push(secret.len());
+    }
+}
+
+/// A client on rustls's default provider (AES-256-GCM-SHA384 first), trusting `ca`,
+/// logging its secrets' lengths into `lengths`.
+fn aes_256_first_client(
+    ca: &str,
+    alpn: &[u8],
+    lengths: &std::sync::Arc<SecretLengths>,
+) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(runnel_certs::pem::certs_from_pem(ca).unwrap().remove(0)).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    tls.key_log = lengths.clone();
+    tls
+}
+
+#[tokio::test]
+async fn both_endpoints_pick_a_sha256_suite_for_a_client_that_prefers_aes_256() {
+    let b = TestBroker::start_with(|c| c.http_tls = HttpTls::Auto).await;
+    let ca = b.ca().cert_pem().to_owned();
+
+    // The QUIC endpoint (the native API's ALPN; runners' and peers' configs are built the
+    // same way).
+    let quic = std::sync::Arc::new(SecretLengths::default());
+    let tls = aes_256_first_client(&ca, runnel_protocol::ALPN_API, &quic);
+    let cfg = quinn::ClientConfig::new(std::sync::Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
+    ));
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = ep.connect_with(cfg, b.handle().quic_addr(), "localhost").unwrap().await.unwrap();
+    conn.close(0u32.into(), b"done");
+
+    // The HTTPS API (`--http-tls auto`).
+    let https = std::sync::Arc::new(SecretLengths::default());
+    let tls = aes_256_first_client(&ca, b"http/1.1", &https);
+    let addr = b.handle().http_url().trim_start_matches("https://").to_owned();
+    let host = addr.rsplit_once(':').unwrap().0.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let name = rustls_pki_types::ServerName::try_from(host).unwrap();
+        let mut client = rustls::ClientConnection::new(std::sync::Arc::new(tls), name).unwrap();
+        let mut sock = std::net::TcpStream::connect(&addr).unwrap();
+        while client.is_handshaking() {
+            client.complete_io(&mut sock).unwrap();
+        }
+        let suite = client.negotiated_cipher_suite().unwrap().suite();
+        assert_eq!(suite, rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    })
+    .await
+    .unwrap();
+
+    for (endpoint, lengths) in [("QUIC", quic), ("HTTPS", https)] {
+        let lengths = lengths.0.lock().unwrap().clone();
+        assert!(!lengths.is_empty(), "{endpoint}: no secrets logged");
+        assert!(lengths.iter().all(|&n| n == 32), "{endpoint}: secret lengths {lengths:?}");
+    }
+}

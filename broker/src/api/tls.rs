@@ -39,12 +39,13 @@ pub(crate) fn acceptor(
             (chain, pk)
         }
     };
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = runnel_certs::tls::provider();
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .map_err(|e| SpawnError::HttpTls(format!("certificate and key: {e}")))?;
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    runnel_certs::tls::keep_our_order(&mut tls);
     Ok(Some(TlsAcceptor::from(Arc::new(tls))))
 }
