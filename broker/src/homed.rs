@@ -320,24 +320,27 @@ async fn lost(
     Box::pin(lost_if_ours(shared, caller.tenant()?, id, node, epoch)).await
 }
 
-/// `GET /v1/jobs/{id}`.
+/// `GET /v1/jobs/{id}`: this node's job lent from its entry (no copy of its output until
+/// it is encoded), or the view its home (or its loss) answered.
 pub(crate) async fn get_job(
     shared: &Shared,
     caller: &Caller,
     id: &str,
     hop: Hop,
-) -> Result<JobView, ApiError> {
+) -> Result<JobAnswer, ApiError> {
     match job_route(shared, id, hop) {
         JobRoute::Here => Ok(match local_job(shared, caller, id).await? {
-            Ok(job) => job.view(),
-            Err(lost) => lost,
+            Ok(job) => JobAnswer::Here(job),
+            Err(lost) => lost.into(),
         }),
         JobRoute::There(peers, node) => {
             forwarded(shared, "get");
             let req = PeerRequest::GetJob { caller: caller.to_peer(), id: id.to_owned() };
-            Box::pin(peers.job(&node, req)).await.map_err(peer_error)
+            Box::pin(peers.job(&node, req)).await.map(JobAnswer::There).map_err(peer_error)
         }
-        JobRoute::Lost(node, epoch) => Box::pin(lost(shared, caller, id, &node, epoch)).await,
+        JobRoute::Lost(node, epoch) => {
+            Box::pin(lost(shared, caller, id, &node, epoch)).await.map(JobAnswer::There)
+        }
     }
 }
 
@@ -371,19 +374,20 @@ pub(crate) async fn list_jobs(
     }
 }
 
-/// `POST /v1/jobs/{id}/cancel`: idempotent; answers the job as it stands.
+/// `POST /v1/jobs/{id}/cancel`: idempotent; answers the job as it stands (lent, as
+/// [`get_job`] does).
 pub(crate) async fn cancel_job(
     shared: &Shared,
     tenants: &Tenants,
     caller: &Caller,
     id: &str,
     hop: Hop,
-) -> Result<JobView, ApiError> {
+) -> Result<JobAnswer, ApiError> {
     match job_route(shared, id, hop) {
         JobRoute::Here => {
             let job = match local_job(shared, caller, id).await? {
                 Ok(job) => job,
-                Err(lost) => return Ok(lost),
+                Err(lost) => return Ok(lost.into()),
             };
             if !job.state().is_terminal() {
                 job.cancel();
@@ -391,14 +395,16 @@ pub(crate) async fn cancel_job(
                     let _ = t.cast(TenantMsg::Cancel(job.id.clone()));
                 }
             }
-            Ok(job.view())
+            Ok(JobAnswer::Here(job))
         }
         JobRoute::There(peers, node) => {
             forwarded(shared, "cancel");
             let req = PeerRequest::CancelJob { caller: caller.to_peer(), id: id.to_owned() };
-            Box::pin(peers.job(&node, req)).await.map_err(peer_error)
+            Box::pin(peers.job(&node, req)).await.map(JobAnswer::There).map_err(peer_error)
         }
-        JobRoute::Lost(node, epoch) => Box::pin(lost(shared, caller, id, &node, epoch)).await,
+        JobRoute::Lost(node, epoch) => {
+            Box::pin(lost(shared, caller, id, &node, epoch)).await.map(JobAnswer::There)
+        }
     }
 }
 

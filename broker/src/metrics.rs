@@ -88,6 +88,9 @@ pub mod names {
     /// malformed): calls on the native API (a dispatch's outcome is in
     /// `runnel_dispatches_total`, whichever API it came through).
     pub const NATIVE_CALLS: &str = "runnel_native_calls_total";
+    /// Gauge: bytes of native API answers encoded and not yet taken by quinn (a client
+    /// that does not read holds them; bounded per connection, see `native.rs`).
+    pub const NATIVE_ANSWER_BYTES: &str = "runnel_native_answer_bytes";
     /// Gauge, `version`: always 1.
     pub const BUILD_INFO: &str = "runnel_build_info";
 
@@ -122,6 +125,7 @@ pub mod names {
         QUIC_MIGRATIONS,
         NATIVE_CONNECTIONS,
         NATIVE_CALLS,
+        NATIVE_ANSWER_BYTES,
         BUILD_INFO,
     ];
 }
@@ -238,6 +242,10 @@ fn describe() {
     describe_gauge!(names::HTTP_CONNECTIONS, "Open connections to the HTTP API.");
     describe_gauge!(names::NATIVE_CONNECTIONS, "Open connections to the native API.");
     describe_counter!(names::NATIVE_CALLS, "Calls on the native API, by call.");
+    describe_gauge!(
+        names::NATIVE_ANSWER_BYTES,
+        "Bytes of native API answers encoded and not yet taken by the transport."
+    );
     describe_counter!(
         names::HTTP_CONNECTIONS_REFUSED,
         "HTTP connections closed because the connection cap was reached."

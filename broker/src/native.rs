@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
-use runnel_protocol::limits::{LANE_MAX_CALLS, LANE_MAX_UNWRITTEN};
+use runnel_protocol::limits::{ANSWER_BUDGET, LANE_MAX_CALLS, LANE_MAX_UNWRITTEN};
 use runnel_protocol::{
     ApiHello, ApiRequest, ApiWelcome, ErrorCode, LaneAnswer, LaneCall, PROTOCOL_VERSION,
     PeerResponse, encode, encode_append, lane_reader, read_frame, take_end, write_frame,
@@ -24,7 +24,7 @@ use runnel_protocol::{
 
 use crate::actors::Tenants;
 use crate::api::{ApiError, Caller, authenticate, checked_spec, still_good};
-use crate::homed::{self, Hop, Output};
+use crate::homed::{self, Hop, JobAnswer, Output};
 use crate::metrics::names;
 use crate::peer::{job_answer, refused, send_output, serve_calls};
 use crate::records::Role;
@@ -38,6 +38,44 @@ pub(crate) const MAX_CALLS: u32 = 256;
 
 /// How long the client has to send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connection's [`ANSWER_BUDGET`], and the `runnel_native_answer_bytes` it adds to.
+struct AnswerBudget(tokio::sync::Semaphore);
+
+/// Bytes of the budget one answer holds until dropped.
+struct HeldAnswer<'a> {
+    _permit: tokio::sync::SemaphorePermit<'a>,
+    bytes: u32,
+}
+
+impl AnswerBudget {
+    fn new() -> Self {
+        Self(tokio::sync::Semaphore::new(ANSWER_BUDGET))
+    }
+
+    /// Room for an answer of about `bytes` (one larger than the whole budget waits for
+    /// all of it).
+    async fn acquire(&self, bytes: usize) -> Result<HeldAnswer<'_>, tokio::sync::AcquireError> {
+        let bytes = u32::try_from(bytes.min(ANSWER_BUDGET)).unwrap_or(u32::MAX);
+        let permit = self.0.acquire_many(bytes).await?;
+        held_answer_bytes(i64::from(bytes));
+        Ok(HeldAnswer { _permit: permit, bytes })
+    }
+}
+
+impl Drop for HeldAnswer<'_> {
+    fn drop(&mut self) {
+        held_answer_bytes(-i64::from(self.bytes));
+    }
+}
+
+/// `runnel_native_answer_bytes` moved by `delta`.
+fn held_answer_bytes(delta: i64) {
+    static GAUGE: std::sync::OnceLock<metrics::Gauge> = std::sync::OnceLock::new();
+    let gauge = GAUGE.get_or_init(|| metrics::gauge!(names::NATIVE_ANSWER_BYTES));
+    #[allow(clippy::cast_precision_loss)] // answer sizes are far below 2^52
+    gauge.increment(delta as f64);
+}
 
 /// Serves one native API connection (its handshake done). `slot`, the connection's
 /// intake slot, is given back once the hello is answered.
@@ -90,9 +128,10 @@ pub(crate) async fn serve(
     let _open = Open::new();
     let caller = Arc::new(caller);
     let lane_open = Arc::new(AtomicBool::new(false));
+    let budget = Arc::new(AnswerBudget::new());
     let ended = serve_calls(&conn, |send, recv| {
         let ctx = (shared.clone(), tenants.clone(), caller.clone(), lane_open.clone());
-        call(send, recv, ctx)
+        call(send, recv, ctx, budget.clone())
     });
     let ended = ended.await;
     tracing::debug!(%remote, error = %ended, "native API connection ended");
@@ -154,6 +193,7 @@ async fn call(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     (shared, tenants, caller, lane_open): CallContext,
+    budget: Arc<AnswerBudget>,
 ) {
     let req = match read_frame::<ApiRequest, _>(&mut recv).await {
         // Its calls follow on this stream; a second lane would double what one connection
@@ -193,22 +233,37 @@ async fn call(
                 Err(e) => write_frame(&mut send, &refused(&e)).await.map_err(drop),
             }
         }
-        req => match answer(req, s, t, c).await {
-            Ok(bytes) => send.write_all(&bytes).await.map_err(drop),
-            Err(_) => Err(()),
-        },
+        req => {
+            let answered = answer(req, s, t, c).await;
+            // Encoded (a copy of the job's output) only once the connection's budget has
+            // room for it, and held only until quinn has taken it.
+            let Ok(_held) = budget.acquire(answer_size(&answered)).await else { return };
+            match job_answer(answered) {
+                Ok(bytes) => send.write_all(&bytes).await.map_err(drop),
+                Err(_) => Err(()),
+            }
+        }
     };
     let _ = send.finish();
 }
 
+/// A call's answer before it is encoded: the job (this node's lent from its entry, without
+/// a copy of its output) or why the call was refused.
+type Answered = Result<JobAnswer, ApiError>;
+
+/// About the bytes [`job_answer`] encodes `answered` into: its output and message, and
+/// the rest of a job's view (ids, names, times), which is small.
+fn answer_size(answered: &Answered) -> usize {
+    const REST: usize = 512;
+    match answered {
+        Ok(job) => job.with_view(|v| v.output.len() + v.message.len() + REST),
+        Err(e) => e.message.len() + REST,
+    }
+}
+
 /// A call answered once (every call but a followed dispatch), on a stream of its own or
-/// on a lane: the answer's bytes (a job answer, or `Refused`).
-async fn answer(
-    req: ApiRequest,
-    s: &Shared,
-    t: &Tenants,
-    c: &Caller,
-) -> Result<Vec<u8>, runnel_protocol::FrameError> {
+/// on a lane: the job, or why it was refused.
+async fn answer(req: ApiRequest, s: &Shared, t: &Tenants, c: &Caller) -> Answered {
     counted(match &req {
         ApiRequest::Dispatch { follow: false, .. } => "dispatch",
         ApiRequest::Dispatch { follow: true, .. } => "follow",
@@ -217,22 +272,17 @@ async fn answer(
         ApiRequest::WaitJob { .. } => "wait",
         ApiRequest::Lane => "lane",
     });
-    if let Err(e) = still_good(s, c) {
-        return encode(&refused(&e));
-    }
+    still_good(s, c)?;
     match req {
-        ApiRequest::Dispatch { spec, follow: false } => match checked_spec(&s.config, c, spec) {
-            Ok(spec) => job_answer(homed::dispatch(s, t, c, spec, Hop::Api).await),
-            Err(e) => encode(&refused(&e)),
-        },
-        ApiRequest::GetJob { id } => job_answer(homed::get_job(s, c, &id, Hop::Api).await),
-        ApiRequest::CancelJob { id } => job_answer(homed::cancel_job(s, t, c, &id, Hop::Api).await),
-        ApiRequest::WaitJob { id } => {
-            Box::pin(async { job_answer(until_end(None, s, c, &id).await) }).await
+        ApiRequest::Dispatch { spec, follow: false } => {
+            homed::dispatch(s, t, c, checked_spec(&s.config, c, spec)?, Hop::Api).await
         }
-        ApiRequest::Dispatch { follow: true, .. } | ApiRequest::Lane => encode(&refused(
-            &ApiError::bad_request("a followed dispatch or a lane needs a stream of its own"),
-        )),
+        ApiRequest::GetJob { id } => homed::get_job(s, c, &id, Hop::Api).await,
+        ApiRequest::CancelJob { id } => homed::cancel_job(s, t, c, &id, Hop::Api).await,
+        ApiRequest::WaitJob { id } => Box::pin(until_end(None, s, c, &id)).await,
+        ApiRequest::Dispatch { follow: true, .. } | ApiRequest::Lane => {
+            Err(ApiError::bad_request("a followed dispatch or a lane needs a stream of its own"))
+        }
     }
 }
 
@@ -252,7 +302,9 @@ enum LaneEnd {
 /// here, in the connection's task: answers that come due together are written together.
 /// No more calls are read while [`LANE_MAX_CALLS`] are unanswered or
 /// [`LANE_MAX_UNWRITTEN`] bytes of answers wait for the client to read them, so a client
-/// that sends without reading is held back by its own lane.
+/// that sends without reading is held back by its own lane; and answers are encoded only
+/// while fewer than that wait, so the calls already under way hold their jobs lent, not
+/// copies of their output.
 async fn lane(
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
@@ -266,19 +318,30 @@ async fn lane(
         Some((next, recv))
     }));
     let mut running = FuturesUnordered::new();
+    // Answered calls waiting for room in `out`.
+    let mut ready = std::collections::VecDeque::new();
     // Answers not yet written, from `out[sent..]`.
     let (mut out, mut sent) = (Vec::new(), 0usize);
     let mut reading = true;
     let ended = std::future::poll_fn(|cx| {
         loop {
             let mut moved = false;
-            while let Poll::Ready(Some((call, answered))) = running.poll_next_unpin(cx) {
+            while let Poll::Ready(Some(answered)) = running.poll_next_unpin(cx) {
+                ready.push_back(answered);
+                moved = true;
+            }
+            while out.len() - sent < LANE_MAX_UNWRITTEN {
+                let Some((call, answered)) = ready.pop_front() else { break };
+                let before = out.len();
                 if let Err(e) = append(&mut out, call, answered) {
                     return Poll::Ready(LaneEnd::Unanswerable(e));
                 }
+                held_answer_bytes(i64::try_from(out.len() - before).unwrap_or(i64::MAX));
                 moved = true;
             }
-            while reading && running.len() < LANE_MAX_CALLS && out.len() - sent < LANE_MAX_UNWRITTEN
+            while reading
+                && running.len() + ready.len() < LANE_MAX_CALLS
+                && out.len() - sent < LANE_MAX_UNWRITTEN
             {
                 match calls.poll_next_unpin(cx) {
                     Poll::Ready(Some(Ok(LaneCall { call, request }))) => {
@@ -299,6 +362,7 @@ async fn lane(
                 match Pin::new(&mut send).poll_write(cx, &out[sent..]) {
                     Poll::Ready(Ok(n)) if n > 0 => {
                         sent += n;
+                        held_answer_bytes(-i64::try_from(n).unwrap_or(i64::MAX));
                         moved = true;
                     }
                     Poll::Ready(_) => return Poll::Ready(LaneEnd::Done),
@@ -314,7 +378,7 @@ async fn lane(
                 out.clear();
                 sent = 0;
             }
-            if !reading && running.is_empty() && out.is_empty() {
+            if !reading && running.is_empty() && ready.is_empty() && out.is_empty() {
                 return Poll::Ready(LaneEnd::Done);
             }
             if !moved {
@@ -323,6 +387,7 @@ async fn lane(
         }
     })
     .await;
+    held_answer_bytes(-i64::try_from(out.len() - sent).unwrap_or(i64::MAX));
     match ended {
         LaneEnd::Done => {
             let _ = send.finish();
@@ -344,9 +409,9 @@ async fn lane(
 fn append(
     out: &mut Vec<u8>,
     call: u32,
-    answered: std::thread::Result<Result<Vec<u8>, runnel_protocol::FrameError>>,
+    answered: std::thread::Result<Answered>,
 ) -> Result<(), runnel_protocol::FrameError> {
-    let bytes = match answered {
+    let bytes = match answered.map(job_answer) {
         Ok(Ok(bytes)) => bytes,
         Ok(Err(e)) => encode(&refused(&ApiError::internal(e)))?,
         Err(_) => encode(&refused(&ApiError::internal("a lane call panicked")))?,
@@ -363,7 +428,7 @@ async fn until_end(
     s: &Shared,
     c: &Caller,
     id: &str,
-) -> Result<runnel_protocol::JobInfo, ApiError> {
+) -> Result<JobAnswer, ApiError> {
     relay(send, homed::job_output(s, c, id, Hop::Api).await?).await?;
     homed::get_job(s, c, id, Hop::Api).await
 }
@@ -389,7 +454,8 @@ async fn follow(
     let id = job.id.clone();
     write_frame(send, &PeerResponse::Job(job)).await.map_err(drop)?;
     match until_end(Some(send), s, c, &id).await {
-        Ok(mut end) => {
+        Ok(end) => {
+            let mut end = end.into_view();
             end.output.clear();
             write_frame(send, &PeerResponse::Job(end)).await.map_err(drop)?;
             write_frame(send, &PeerResponse::End).await.map_err(drop)

@@ -199,3 +199,117 @@ fn hello_of(c: ClientControl) -> Hello {
         other => panic!("not a hello: {other:?}"),
     }
 }
+
+/// A native API connection whose client grants the broker little receive credit (16 KiB
+/// per stream, 64 KiB in all), as a client that does not read its answers would.
+async fn native_reading_little(b: &TestBroker, key: &str) -> quinn::Connection {
+    use runnel_protocol::{ALPN_API, ApiHello, ApiWelcome, PROTOCOL_VERSION, read_frame};
+    let pin = runnel_certs::parse_fingerprint(&b.handle().ca_fingerprint()).unwrap();
+    let mut tls = runnel_certs::pin::client_config(pin).unwrap();
+    tls.alpn_protocols = vec![ALPN_API.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut cfg = quinn::ClientConfig::new(std::sync::Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .stream_receive_window(16_384u32.into())
+        .receive_window(65_536u32.into())
+        .keep_alive_interval(Some(Duration::from_millis(500)));
+    cfg.transport_config(std::sync::Arc::new(transport));
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn =
+        endpoint.connect_with(cfg, b.handle().quic_addr(), "localhost").unwrap().await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    write_frame(&mut send, &ApiHello { version: PROTOCOL_VERSION, key: key.to_owned() })
+        .await
+        .unwrap();
+    send.finish().unwrap();
+    let welcome = read_frame::<ApiWelcome, _>(&mut recv).await.unwrap();
+    assert!(matches!(welcome, Some(ApiWelcome::Welcome { .. })), "{welcome:?}");
+    conn
+}
+
+/// The output bytes of one job answer read from `recv`, up to its `End`.
+async fn answer_output(recv: &mut quinn::RecvStream) -> usize {
+    use runnel_protocol::{PeerResponse, read_frame};
+    let mut bytes = 0;
+    loop {
+        match read_frame::<PeerResponse, _>(recv).await.unwrap().expect("a frame") {
+            PeerResponse::Output(o) => bytes += o.len(),
+            PeerResponse::End => return bytes,
+            PeerResponse::Job(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_native_client_that_does_not_read_holds_at_most_its_connections_answer_budget() {
+    use runnel_protocol::limits::{ANSWER_BUDGET, LANE_MAX_UNWRITTEN};
+    use runnel_protocol::{ApiRequest, LaneAnswer, LaneCall, encode, read_frame};
+    const CALLS: u32 = 32;
+    const MIB: usize = 1 << 20;
+    let b = TestBroker::start().await;
+    let admin = b.tenant("acme").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, _runner) = b.runner(&admin, "alice", &dir.path().join("r"), 1).await;
+    let (s, job) = b
+        .api
+        .post(
+            "/v1/jobs",
+            &admin,
+            exec("sh", &["-c", "yes runnel | head -c 1048576"], json!({"wait": true})),
+        )
+        .await;
+    assert_eq!((s, job["state"].as_str()), (200, Some("succeeded")), "{job}");
+    let id = job["id"].as_str().unwrap().to_owned();
+    let get = ApiRequest::GetJob { id };
+
+    // 32 reads of the 1 MiB job on streams of their own and 32 on a lane, none read.
+    let conn = native_reading_little(&b, &admin).await;
+    let mut streams = Vec::new();
+    for _ in 0..CALLS {
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        write_frame(&mut send, &get).await.unwrap();
+        send.finish().unwrap();
+        streams.push(recv);
+    }
+    let (mut lane_send, mut lane_recv) = conn.open_bi().await.unwrap();
+    write_frame(&mut lane_send, &ApiRequest::Lane).await.unwrap();
+    let mut calls = Vec::new();
+    for call in 0..CALLS {
+        calls.extend(encode(&LaneCall { call, request: &get }).unwrap());
+    }
+    lane_send.write_all(&calls).await.unwrap();
+
+    // What the broker holds for them settles at the connection's budget: 4 MiB for the
+    // streams, 1 MiB and one answer for the lane (64 MiB if every answer were encoded).
+    let held = || async {
+        let text = b.api.raw("/metrics", &b.operator_key).await;
+        runnel_tests::metric_value(&text, "runnel_native_answer_bytes").unwrap_or(0.0) as usize
+    };
+    let mut most = 0;
+    let settled = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < settled {
+        most = most.max(held().await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let bound = ANSWER_BUDGET + LANE_MAX_UNWRITTEN + MIB + 64 * 1024;
+    assert!(most >= 2 * MIB, "the calls were answered up to the budget: {most}");
+    assert!(most <= bound, "{most} bytes of answers held, bound {bound}");
+
+    // Nothing was lost: read now, every call gets the whole output.
+    for mut recv in streams {
+        assert_eq!(answer_output(&mut recv).await, MIB);
+    }
+    let mut answered = std::collections::HashSet::new();
+    for _ in 0..CALLS {
+        let LaneAnswer { call } = read_frame(&mut lane_recv).await.unwrap().expect("an answer");
+        assert_eq!(answer_output(&mut lane_recv).await, MIB, "call {call}");
+        answered.insert(call);
+    }
+    assert_eq!(answered.len(), CALLS as usize);
+    runnel_tests::wait_for(Duration::from_secs(5), "the held answers let go of", || async {
+        (held().await == 0).then_some(())
+    })
+    .await;
+}

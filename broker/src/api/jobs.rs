@@ -18,7 +18,7 @@ use super::{ApiError, ApiJson, Caller};
 use crate::actors::Tenants;
 use crate::config::MAX_JOB_TIMEOUT;
 use crate::homed::{self, Hop, Output};
-use crate::jobs::{JobView, Page};
+use crate::jobs::Page;
 use crate::records::Role;
 use crate::shared::Shared;
 
@@ -200,8 +200,9 @@ pub(super) async fn get(
     State(shared): State<Arc<Shared>>,
     caller: Caller,
     Path(id): Path<String>,
-) -> Result<Json<JobView>, ApiError> {
-    Ok(Json(homed::get_job(&shared, &caller, &id, Hop::Api).await?))
+) -> Result<Response, ApiError> {
+    let job = homed::get_job(&shared, &caller, &id, Hop::Api).await?;
+    Ok(job.with_view(|view| Json(view).into_response()))
 }
 
 /// `GET /v1/jobs[?owner=o&limit=n&before=<job id>]`: newest first, without output, at
@@ -231,9 +232,9 @@ pub(super) async fn cancel(
     State(tenants): State<Arc<Tenants>>,
     caller: Caller,
     Path(id): Path<String>,
-) -> Result<(StatusCode, Json<JobView>), ApiError> {
-    let view = homed::cancel_job(&shared, &tenants, &caller, &id, Hop::Api).await?;
-    Ok((StatusCode::ACCEPTED, Json(view)))
+) -> Result<Response, ApiError> {
+    let job = homed::cancel_job(&shared, &tenants, &caller, &id, Hop::Api).await?;
+    Ok(job.with_view(|view| (StatusCode::ACCEPTED, Json(view)).into_response()))
 }
 
 type Chunk = Result<Bytes, std::io::Error>;
