@@ -17,6 +17,7 @@ use std::time::Duration;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use runnel_protocol::limits::{ANSWER_BUDGET, LANE_MAX_CALLS, LANE_MAX_UNWRITTEN};
+use runnel_protocol::version::MIN_PROTOCOL_VERSION;
 use runnel_protocol::{
     ApiHello, ApiRequest, ApiWelcome, ErrorCode, LaneAnswer, LaneCall, PROTOCOL_VERSION,
     PeerResponse, encode, encode_append, lane_reader, read_frame, take_end, write_frame,
@@ -170,11 +171,15 @@ impl Drop for Open {
     }
 }
 
-/// The hello's key, checked as `Authorization: Bearer` is.
+/// The hello's key, checked as `Authorization: Bearer` is. Any version this broker
+/// speaks is welcome: the native API's frames are the same in all of them (protocol 3
+/// changed only the runners' job streams), so a client older than the broker, as in a
+/// rolling upgrade that does the brokers first, keeps working.
 fn welcome(shared: &Shared, hello: &ApiHello) -> Result<Caller, ApiError> {
-    if hello.version != PROTOCOL_VERSION {
+    if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&hello.version) {
         return Err(ApiError::bad_request(format!(
-            "native API version {} is not spoken here (this broker: {PROTOCOL_VERSION})",
+            "native API version {} is not spoken here (this broker: {MIN_PROTOCOL_VERSION} to \
+             {PROTOCOL_VERSION})",
             hello.version
         )));
     }

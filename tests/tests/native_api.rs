@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use runnel_protocol::limits::LANE_MAX_CALLS;
+use runnel_protocol::version::MIN_PROTOCOL_VERSION;
 use runnel_protocol::{
     ALPN_API, ApiHello, ApiRequest, ApiWelcome, DispatchSpec, ExecSpec, JobState, LaneAnswer,
     LaneCall, PROTOCOL_VERSION, PeerResponse, encode, read_frame, write_frame,
@@ -16,6 +17,15 @@ use serde_json::json;
 
 /// Dials the broker's QUIC port with the native ALPN, pinning its CA, and says hello.
 async fn connect(b: &TestBroker, key: &str) -> (quinn::Endpoint, quinn::Connection, ApiWelcome) {
+    connect_speaking(b, key, PROTOCOL_VERSION).await
+}
+
+/// [`connect`], saying hello in protocol `version`.
+async fn connect_speaking(
+    b: &TestBroker,
+    key: &str,
+    version: u16,
+) -> (quinn::Endpoint, quinn::Connection, ApiWelcome) {
     let h = b.handle.as_ref().unwrap();
     let pin = runnel_certs::parse_fingerprint(&h.ca_fingerprint()).unwrap();
     let mut tls = runnel_certs::pin::client_config(pin).unwrap();
@@ -25,7 +35,7 @@ async fn connect(b: &TestBroker, key: &str) -> (quinn::Endpoint, quinn::Connecti
     let cfg = quinn::ClientConfig::new(std::sync::Arc::new(crypto));
     let conn = endpoint.connect_with(cfg, h.quic_addr(), "localhost").unwrap().await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let hello = ApiHello { version: PROTOCOL_VERSION, key: key.to_owned() };
+    let hello = ApiHello { version, key: key.to_owned() };
     write_frame(&mut send, &hello).await.unwrap();
     send.finish().unwrap();
     let welcome = read_frame::<ApiWelcome, _>(&mut recv).await.unwrap().unwrap();
@@ -321,6 +331,22 @@ async fn bad_keys_specs_and_frames_get_clear_refusals() {
         let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
         assert!(closed.is_ok(), "the connection stays open after a refused hello");
     }
+    // A client of any version this broker speaks is served (an older client, in a rolling
+    // upgrade that does the brokers first); one of a version it does not speak is refused,
+    // told which it does.
+    let (_e, older, welcome) = connect_speaking(&b, &acme, MIN_PROTOCOL_VERSION).await;
+    assert!(matches!(welcome, ApiWelcome::Welcome { .. }), "{welcome:?}");
+    let frames = call(&older, &ApiRequest::GetJob { id: "j-nothing".into() }).await;
+    assert_eq!(refusal(&frames), Some((404, "not_found")), "{frames:?}");
+    for version in [MIN_PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1] {
+        let (_e, _conn, welcome) = connect_speaking(&b, &acme, version).await;
+        match welcome {
+            ApiWelcome::Refused { status: 400, message, .. } => {
+                assert!(message.contains("is not spoken here"), "{message}")
+            }
+            other => panic!("version {version}: {other:?}"),
+        }
+    }
     let member = b.key("acme", json!({ "role": "member", "owner": "alice" })).await;
     let (_e, conn, _) = connect(&b, &member).await;
     // A member key dispatches only to its own owner; an empty owner is its own.
@@ -383,7 +409,7 @@ async fn bad_keys_specs_and_frames_get_clear_refusals() {
     // calls by kind, the connection still open.
     let text = b.api.raw("/metrics", &b.operator_key).await;
     let value = |series: &str| metric_value(&text, series).unwrap_or(0.0);
-    assert_eq!(value(r#"runnel_native_calls_total{call="refused_hello"}"#), 2.0, "{text}");
+    assert_eq!(value(r#"runnel_native_calls_total{call="refused_hello"}"#), 4.0, "{text}");
     assert_eq!(value(r#"runnel_native_calls_total{call="malformed"}"#), 3.0);
     assert!(value(r#"runnel_native_calls_total{call="dispatch"}"#) >= 4.0);
     assert!(value(r#"runnel_native_calls_total{call="get"}"#) >= 2.0);
