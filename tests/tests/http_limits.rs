@@ -141,3 +141,27 @@ async fn the_per_key_and_per_source_limits_answer_429_with_retry_after() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(get(&admin).await.unwrap().status(), 200);
 }
+
+#[tokio::test]
+async fn a_request_body_that_stops_arriving_is_answered_after_the_body_timeout() {
+    let b = TestBroker::start_with(|c| c.http_body_timeout = Duration::from_secs(1)).await;
+    let admin = b.tenant("acme").await;
+    let mut s = TcpStream::connect(b.handle().http_addr()).await.unwrap();
+    // 100 bytes promised, 9 sent.
+    let head = format!(
+        "POST /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {admin}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"owner\""
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(8), s.read_to_end(&mut answer)).await;
+    let took = started.elapsed();
+    assert!(read.is_ok(), "still waiting for the body after 8 s");
+    assert!(took >= Duration::from_millis(800), "gave up on the body after {took:?}");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 4"), "{answer}");
+    // Nothing was dispatched from the half body.
+    let (_, jobs) = b.api.get("/v1/jobs", &admin).await;
+    assert_eq!(jobs["jobs"].as_array().map(Vec::len), Some(0), "{jobs}");
+}
