@@ -68,6 +68,8 @@ pub(crate) const DEFAULT_HTTP_HEADER_TIMEOUT: Duration = Duration::from_secs(10)
 pub(crate) const DEFAULT_HTTP_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default cap on open HTTP API connections; beyond it new ones are closed at once.
 pub(crate) const DEFAULT_HTTP_MAX_CONNECTIONS: usize = 4096;
+/// Default cap on one tenant's open native API connections.
+pub(crate) const DEFAULT_NATIVE_MAX_CONNECTIONS_PER_TENANT: usize = 256;
 /// Default API requests per second from one source address (burst: twice that).
 pub(crate) const DEFAULT_RATE_LIMIT_PER_SOURCE: u32 = 2000;
 /// Default API requests per second with one API key (burst: twice that).
@@ -217,6 +219,10 @@ pub struct Config {
     pub http_body_timeout: Duration,
     /// Open HTTP connections at most; more are closed at once.
     pub http_max_connections: usize,
+    /// Open native API connections one tenant may have (operator keys count together);
+    /// past it a hello is refused 429. Each may hold up to `limits::ANSWER_BUDGET` plus a
+    /// lane's `LANE_MAX_UNWRITTEN` and one answer for a client that does not read.
+    pub native_max_connections_per_tenant: usize,
     /// API requests per second from one source address (0: no limit).
     pub rate_limit_per_source: u32,
     /// API requests per second with one key (0: no limit).
@@ -288,6 +294,7 @@ impl Default for Config {
             http_header_timeout: DEFAULT_HTTP_HEADER_TIMEOUT,
             http_body_timeout: DEFAULT_HTTP_BODY_TIMEOUT,
             http_max_connections: DEFAULT_HTTP_MAX_CONNECTIONS,
+            native_max_connections_per_tenant: DEFAULT_NATIVE_MAX_CONNECTIONS_PER_TENANT,
             rate_limit_per_source: DEFAULT_RATE_LIMIT_PER_SOURCE,
             rate_limit_per_key: DEFAULT_RATE_LIMIT_PER_KEY,
             quic_max_handshakes: DEFAULT_QUIC_MAX_HANDSHAKES,
@@ -450,6 +457,9 @@ impl Config {
         if self.http_max_connections == 0 {
             return invalid("http-max-connections", "must be at least 1");
         }
+        if self.native_max_connections_per_tenant == 0 {
+            return invalid("native-max-connections-per-tenant", "must be at least 1");
+        }
         if self.lease_ttl < Duration::from_secs(2) || self.lease_ttl > Duration::from_secs(60) {
             return invalid("lease-ttl", "must be between 2s and 60s");
         }
@@ -568,6 +578,8 @@ pub struct FileConfig {
     pub http_body_timeout: Option<String>,
     /// See [`Config::http_max_connections`].
     pub http_max_connections: Option<usize>,
+    /// See [`Config::native_max_connections_per_tenant`].
+    pub native_max_connections_per_tenant: Option<usize>,
     /// See [`Config::rate_limit_per_source`].
     pub rate_limit_per_source: Option<u32>,
     /// See [`Config::rate_limit_per_key`].

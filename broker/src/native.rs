@@ -96,7 +96,7 @@ pub(crate) async fn serve(
     let Ok(Some((mut send, hello))) = hello else {
         return conn.close(ErrorCode::Protocol.as_u32().into(), b"expected ApiHello");
     };
-    let caller = match welcome(&shared, &hello) {
+    let (caller, _counted) = match welcome(&shared, &hello) {
         Ok(c) => c,
         Err(e) => {
             tracing::info!(%remote, code = e.code, "native API hello refused");
@@ -171,11 +171,48 @@ impl Drop for Open {
     }
 }
 
-/// The hello's key, checked as `Authorization: Bearer` is. Any version this broker
-/// speaks is welcome: the native API's frames are the same in all of them (protocol 3
-/// changed only the runners' job streams), so a client older than the broker, as in a
-/// rolling upgrade that does the brokers first, keeps working.
-fn welcome(shared: &Shared, hello: &ApiHello) -> Result<Caller, ApiError> {
+/// Open native API connections per tenant (`""` for operator keys), against
+/// `--native-max-connections-per-tenant`: one tenant's clients cannot take every
+/// connection the broker can hold, nor multiply the answers a connection may hold.
+#[derive(Debug, Default)]
+pub(crate) struct TenantConnections(dashmap::DashMap<String, usize>);
+
+/// One of a tenant's open connections, counted until dropped.
+struct TenantConnection<'a> {
+    all: &'a TenantConnections,
+    tenant: String,
+}
+
+impl TenantConnections {
+    /// Counts one more connection of `tenant`, unless it has `most` open already.
+    fn open(&self, tenant: &str, most: usize) -> Option<TenantConnection<'_>> {
+        let mut open = self.0.entry(tenant.to_owned()).or_insert(0);
+        if *open >= most {
+            return None;
+        }
+        *open += 1;
+        Some(TenantConnection { all: self, tenant: tenant.to_owned() })
+    }
+}
+
+impl Drop for TenantConnection<'_> {
+    fn drop(&mut self) {
+        self.all.0.remove_if_mut(&self.tenant, |_, open| {
+            *open = open.saturating_sub(1);
+            *open == 0
+        });
+    }
+}
+
+/// The hello's key, checked as `Authorization: Bearer` is, and the key's tenant within
+/// its connection cap. Any version this broker speaks is welcome: the native API's frames
+/// are the same in all of them (protocol 3 changed only the runners' job streams), so a
+/// client older than the broker, as in a rolling upgrade that does the brokers first,
+/// keeps working.
+fn welcome<'a>(
+    shared: &'a Shared,
+    hello: &ApiHello,
+) -> Result<(Caller, TenantConnection<'a>), ApiError> {
     if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&hello.version) {
         return Err(ApiError::bad_request(format!(
             "native API version {} is not spoken here (this broker: {MIN_PROTOCOL_VERSION} to \
@@ -187,7 +224,17 @@ fn welcome(shared: &Shared, hello: &ApiHello) -> Result<Caller, ApiError> {
     if caller.role == Role::Metrics {
         return Err(ApiError::forbidden("a metrics key can only read /metrics"));
     }
-    Ok(caller)
+    let most = shared.config.native_max_connections_per_tenant;
+    let tenant = caller.tenant.as_deref().unwrap_or_default();
+    let Some(counted) = shared.native_connections.open(tenant, most) else {
+        return Err(ApiError::new(
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            "too_many_connections",
+            format!("this tenant has {most} native API connections open, the most it may"),
+        )
+        .retry_after(1));
+    };
+    Ok((caller, counted))
 }
 
 /// What every call of a connection shares: the broker, the key's caller, and whether the

@@ -45,6 +45,8 @@ pub(crate) struct Shared {
     pub rate_limits: crate::api::RateLimits,
     /// The QUIC endpoint's intake limits (handshakes, enrollments, Retry).
     pub intake: crate::endpoint::IntakeLimits,
+    /// Open native API connections per tenant (`--native-max-connections-per-tenant`).
+    pub native_connections: crate::native::TenantConnections,
     /// Renders `/metrics` (None when another recorder owns the process).
     pub prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
     conn_seq: AtomicU64,
@@ -78,6 +80,7 @@ impl Shared {
             crate::api::RateLimits::new(config.rate_limit_per_source, config.rate_limit_per_key);
         Self {
             intake: crate::endpoint::IntakeLimits::new(&config),
+            native_connections: crate::native::TenantConnections::default(),
             rate_limits,
             tenant_labels,
             prometheus: crate::metrics::install(),

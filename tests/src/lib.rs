@@ -418,6 +418,34 @@ pub async fn connect_with_cert(
     ep.connect_with(cfg, b.handle().quic_addr(), "localhost").unwrap().await
 }
 
+/// A raw native API (`runnel-api/1`) connection: dials the broker pinning its CA, says
+/// hello with `key` in protocol `version`, and answers the broker's welcome. `transport`
+/// sets the client's own QUIC limits (a client that grants little receive credit, say).
+pub async fn native_hello(
+    b: &TestBroker,
+    key: &str,
+    version: u16,
+    transport: Option<quinn::TransportConfig>,
+) -> (quinn::Endpoint, quinn::Connection, runnel_protocol::ApiWelcome) {
+    use runnel_protocol::{ALPN_API, ApiHello, ApiWelcome, read_frame, write_frame};
+    let pin = runnel_certs::parse_fingerprint(&b.handle().ca_fingerprint()).unwrap();
+    let mut tls = runnel_certs::pin::client_config(pin).unwrap();
+    tls.alpn_protocols = vec![ALPN_API.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut cfg = quinn::ClientConfig::new(std::sync::Arc::new(crypto));
+    if let Some(t) = transport {
+        cfg.transport_config(std::sync::Arc::new(t));
+    }
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn =
+        endpoint.connect_with(cfg, b.handle().quic_addr(), "localhost").unwrap().await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    write_frame(&mut send, &ApiHello { version, key: key.to_owned() }).await.unwrap();
+    send.finish().unwrap();
+    let welcome = read_frame::<ApiWelcome, _>(&mut recv).await.unwrap().unwrap();
+    (endpoint, conn, welcome)
+}
+
 /// [`connect_with_cert`] with an enrolled runner's own files.
 pub async fn connect_as(b: &TestBroker, state: &StateDir) -> quinn::Connection {
     let cert = std::fs::read_to_string(state.cert_path()).unwrap();

@@ -202,30 +202,17 @@ fn hello_of(c: ClientControl) -> Hello {
 
 /// A native API connection whose client grants the broker little receive credit (16 KiB
 /// per stream, 64 KiB in all), as a client that does not read its answers would.
-async fn native_reading_little(b: &TestBroker, key: &str) -> quinn::Connection {
-    use runnel_protocol::{ALPN_API, ApiHello, ApiWelcome, PROTOCOL_VERSION, read_frame};
-    let pin = runnel_certs::parse_fingerprint(&b.handle().ca_fingerprint()).unwrap();
-    let mut tls = runnel_certs::pin::client_config(pin).unwrap();
-    tls.alpn_protocols = vec![ALPN_API.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-    let mut cfg = quinn::ClientConfig::new(std::sync::Arc::new(crypto));
+async fn native_reading_little(b: &TestBroker, key: &str) -> (quinn::Endpoint, quinn::Connection) {
     let mut transport = quinn::TransportConfig::default();
     transport
         .stream_receive_window(16_384u32.into())
         .receive_window(65_536u32.into())
         .keep_alive_interval(Some(Duration::from_millis(500)));
-    cfg.transport_config(std::sync::Arc::new(transport));
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    let conn =
-        endpoint.connect_with(cfg, b.handle().quic_addr(), "localhost").unwrap().await.unwrap();
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    write_frame(&mut send, &ApiHello { version: PROTOCOL_VERSION, key: key.to_owned() })
-        .await
-        .unwrap();
-    send.finish().unwrap();
-    let welcome = read_frame::<ApiWelcome, _>(&mut recv).await.unwrap();
-    assert!(matches!(welcome, Some(ApiWelcome::Welcome { .. })), "{welcome:?}");
-    conn
+    let version = runnel_protocol::PROTOCOL_VERSION;
+    let (endpoint, conn, welcome) =
+        runnel_tests::native_hello(b, key, version, Some(transport)).await;
+    assert!(matches!(welcome, runnel_protocol::ApiWelcome::Welcome { .. }), "{welcome:?}");
+    (endpoint, conn)
 }
 
 /// The output bytes of one job answer read from `recv`, up to its `End`.
@@ -265,7 +252,7 @@ async fn a_native_client_that_does_not_read_holds_at_most_its_connections_answer
     let get = ApiRequest::GetJob { id };
 
     // 32 reads of the 1 MiB job on streams of their own and 32 on a lane, none read.
-    let conn = native_reading_little(&b, &admin).await;
+    let (_endpoint, conn) = native_reading_little(&b, &admin).await;
     let mut streams = Vec::new();
     for _ in 0..CALLS {
         let (mut send, recv) = conn.open_bi().await.unwrap();

@@ -8,8 +8,8 @@ use std::time::Duration;
 use runnel_protocol::limits::LANE_MAX_CALLS;
 use runnel_protocol::version::MIN_PROTOCOL_VERSION;
 use runnel_protocol::{
-    ALPN_API, ApiHello, ApiRequest, ApiWelcome, DispatchSpec, ExecSpec, JobState, LaneAnswer,
-    LaneCall, PROTOCOL_VERSION, PeerResponse, encode, read_frame, write_frame,
+    ApiRequest, ApiWelcome, DispatchSpec, ExecSpec, JobState, LaneAnswer, LaneCall,
+    PROTOCOL_VERSION, PeerResponse, encode, read_frame, write_frame,
 };
 use runnel_runner::{Runner, RunnerHandle};
 use runnel_tests::{TestBroker, metric_value};
@@ -26,20 +26,7 @@ async fn connect_speaking(
     key: &str,
     version: u16,
 ) -> (quinn::Endpoint, quinn::Connection, ApiWelcome) {
-    let h = b.handle.as_ref().unwrap();
-    let pin = runnel_certs::parse_fingerprint(&h.ca_fingerprint()).unwrap();
-    let mut tls = runnel_certs::pin::client_config(pin).unwrap();
-    tls.alpn_protocols = vec![ALPN_API.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    let cfg = quinn::ClientConfig::new(std::sync::Arc::new(crypto));
-    let conn = endpoint.connect_with(cfg, h.quic_addr(), "localhost").unwrap().await.unwrap();
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let hello = ApiHello { version, key: key.to_owned() };
-    write_frame(&mut send, &hello).await.unwrap();
-    send.finish().unwrap();
-    let welcome = read_frame::<ApiWelcome, _>(&mut recv).await.unwrap().unwrap();
-    (endpoint, conn, welcome)
+    runnel_tests::native_hello(b, key, version, None).await
 }
 
 /// One call: every answer frame up to the end of the stream.

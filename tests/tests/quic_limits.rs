@@ -2,14 +2,17 @@
 //! leaves the runners that are already serving connected and their jobs succeeding; past
 //! the incoming rate the broker makes sources prove their address (Retry); the intake cap
 //! refuses what is past it and frees its slots; one source enrolling too often is told to
-//! try again. And the transport settings both ends ask of each other (acknowledgement
-//! frequency) are in force on a real connection.
+//! try again; one tenant opens at most its cap of native API connections. And the
+//! transport settings both ends ask of each other (acknowledgement frequency) are in force
+//! on a real connection.
 #![allow(missing_docs, clippy::unwrap_used)]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use runnel_protocol::{EnrollRequest, EnrollResponse, ErrorCode, read_frame, write_frame};
+use runnel_protocol::{
+    ApiWelcome, EnrollRequest, EnrollResponse, ErrorCode, read_frame, write_frame,
+};
 use runnel_runner::{Runner, RunnerError, RunnerStatus, StateDir};
 use runnel_tests::{Record, TestBroker, metric_value};
 use serde_json::json;
@@ -292,4 +295,34 @@ async fn broker_and_runner_ask_each_other_for_fewer_acknowledgements() {
     };
     assert!(frames.frame_rx.ack_frequency >= 1, "the broker did not ask: {:?}", frames.frame_rx);
     assert!(frames.frame_tx.ack_frequency >= 1, "the runner did not ask: {:?}", frames.frame_tx);
+}
+
+/// A native API client's hello with `key`.
+async fn native(b: &TestBroker, key: &str) -> (quinn::Endpoint, quinn::Connection, ApiWelcome) {
+    runnel_tests::native_hello(b, key, runnel_protocol::PROTOCOL_VERSION, None).await
+}
+
+#[tokio::test]
+async fn a_tenant_opens_at_most_its_share_of_native_connections_and_another_tenant_still_gets_in() {
+    let b = TestBroker::start_with(|c| c.native_max_connections_per_tenant = 2).await;
+    let acme = b.tenant("acme").await;
+    let other = b.tenant("other").await;
+    let (_e1, first, w1) = native(&b, &acme).await;
+    let (_e2, _second, w2) = native(&b, &acme).await;
+    assert!(matches!(w1, ApiWelcome::Welcome { .. }) && matches!(w2, ApiWelcome::Welcome { .. }));
+    // The third of acme's: refused, saying why; another tenant's key is not held back.
+    let (_e3, _third, refused) = native(&b, &acme).await;
+    match refused {
+        ApiWelcome::Refused { status: 429, code, .. } => assert_eq!(code, "too_many_connections"),
+        other => panic!("{other:?}"),
+    }
+    let (_e4, _theirs, welcome) = native(&b, &other).await;
+    assert!(matches!(welcome, ApiWelcome::Welcome { .. }), "{welcome:?}");
+    // One of acme's closes: its place is free again.
+    first.close(0u32.into(), b"done");
+    runnel_tests::wait_for(Duration::from_secs(10), "a freed connection slot", || async {
+        let (_e, conn, welcome) = native(&b, &acme).await;
+        matches!(welcome, ApiWelcome::Welcome { .. }).then_some((_e, conn))
+    })
+    .await;
 }

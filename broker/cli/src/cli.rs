@@ -150,6 +150,10 @@ struct ServeArgs {
     /// Open HTTP API connections at most; more are closed at once (default 4096).
     #[arg(long, env = "RUNNEL_HTTP_MAX_CONNECTIONS")]
     http_max_connections: Option<usize>,
+    /// Open native API connections one tenant may have; past it a client's hello is
+    /// refused 429 (default 256).
+    #[arg(long, env = "RUNNEL_NATIVE_MAX_CONNECTIONS_PER_TENANT")]
+    native_max_connections_per_tenant: Option<usize>,
     /// API requests per second from one source address, burst twice that; 429 beyond
     /// (default 2000, 0: off).
     #[arg(long, env = "RUNNEL_RATE_LIMIT_PER_SOURCE")]
@@ -314,6 +318,10 @@ impl ServeArgs {
                 .http_max_connections
                 .or(file.http_max_connections)
                 .unwrap_or(d.http_max_connections),
+            native_max_connections_per_tenant: self
+                .native_max_connections_per_tenant
+                .or(file.native_max_connections_per_tenant)
+                .unwrap_or(d.native_max_connections_per_tenant),
             rate_limit_per_source: self
                 .rate_limit_per_source
                 .or(file.rate_limit_per_source)
