@@ -104,6 +104,10 @@ struct CompareArgs {
     /// Path of the nats-server binary (default: PATH, then /usr/sbin/nats-server).
     #[arg(long)]
     nats_bin: Option<std::path::PathBuf>,
+    /// Whole runs (each with its own broker and nats-server); past one, each runnel row's
+    /// ratios and their median are printed at the end.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+    runs: u32,
 }
 
 #[derive(Debug, Args)]
@@ -285,12 +289,23 @@ async fn load_rows(a: &LoadArgs) -> anyhow::Result<Vec<report::Row>> {
 }
 
 async fn compare_nats(a: CompareArgs) -> anyhow::Result<()> {
+    let mut runs = Vec::new();
+    for _ in 0..a.runs {
+        runs.push(compare_once(&a).await?);
+    }
+    if runs.len() > 1 {
+        report::compare_runs(&runs);
+    }
+    Ok(())
+}
+
+/// One `compare-nats` run: runnel's rows, then both NATS rows, then the ratios.
+async fn compare_once(a: &CompareArgs) -> anyhow::Result<Vec<report::Ratio>> {
     let runnel = load_rows(&a.load).await?;
     let Some(bin) = nats::find_bin(a.nats_bin.as_deref())? else {
         let why = "nats-server not found on PATH or in /usr/sbin (Debian: apt-get install \
                    nats-server, or pass --nats-bin)";
-        report::compare(&runnel, Err(why));
-        return Ok(());
+        return Ok(report::compare(&runnel, Err(why)));
     };
     let (l, c) = (&a.load, &a.load.common);
     let server = nats::NatsProc::start(&bin).await?;
@@ -312,8 +327,7 @@ async fn compare_nats(a: CompareArgs) -> anyhow::Result<()> {
     }
     drop(runners);
     server.stop().await;
-    report::compare(&runnel, Ok(&rows));
-    Ok(())
+    Ok(report::compare(&runnel, Ok(&rows)))
 }
 
 fn load_label(a: &LoadArgs) -> String {

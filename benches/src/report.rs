@@ -96,17 +96,32 @@ pub(crate) fn forwarding(home: &Row, via: &Row, forwarder_cpu: f64, elapsed: std
 
 /// Each runnel row's ratios to the better NATS row (the higher throughput), or why there
 /// are none.
-pub(crate) fn compare(runnel: &[Row], nats: Result<&[Row], &str>) {
+/// One runnel row against the better NATS row of the same run.
+pub(crate) struct Ratio {
+    /// The runnel row's label.
+    pub(crate) label: String,
+    /// runnel's throughput over NATS's.
+    pub(crate) throughput: f64,
+    /// runnel's p99 over NATS's.
+    pub(crate) p99: f64,
+}
+
+pub(crate) fn compare(runnel: &[Row], nats: Result<&[Row], &str>) -> Vec<Ratio> {
     let best =
         nats.map(|rows| rows.iter().max_by(|a, b| a.jobs_per_sec.total_cmp(&b.jobs_per_sec)));
     let n = match best {
         Ok(Some(n)) => n,
-        Ok(None) => return println!("== runnel / nats: no NATS row"),
+        Ok(None) => {
+            println!("== runnel / nats: no NATS row");
+            return Vec::new();
+        }
         Err(why) => {
             println!("== runnel / nats: skipped: {why}");
-            return println!("{}", json!({ "bench": "compare_nats", "skipped": why }));
+            println!("{}", json!({ "bench": "compare_nats", "skipped": why }));
+            return Vec::new();
         }
     };
+    let mut ratios = Vec::new();
     println!("== runnel / nats (the better NATS row: {:.0} jobs/s, {})", n.jobs_per_sec, n.label);
     for r in runnel {
         let tput = r.jobs_per_sec / n.jobs_per_sec.max(f64::MIN_POSITIVE);
@@ -121,6 +136,46 @@ pub(crate) fn compare(runnel: &[Row], nats: Result<&[Row], &str>) {
                     "runnel_jobs_per_sec": r.jobs_per_sec, "nats_jobs_per_sec": n.jobs_per_sec,
                     "runnel_p99_ms": r.p99_ms, "nats_p99_ms": n.p99_ms })
         );
+        ratios.push(Ratio { label: r.label.clone(), throughput: tput, p99 });
+    }
+    ratios
+}
+
+/// The middle of `v` (the mean of the two middle values for an even count).
+fn median(v: &mut [f64]) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
+}
+
+/// Each runnel row's ratios over `runs` (each a whole `compare-nats` run: its own broker,
+/// its own nats-server), and their medians: BENCHMARKS.md quotes the median of three.
+pub(crate) fn compare_runs(runs: &[Vec<Ratio>]) {
+    let labels: Vec<&str> =
+        runs.first().map(|r| r.iter().map(|x| x.label.as_str()).collect()).unwrap_or_default();
+    println!("== runnel / nats over {} runs (median)", runs.len());
+    for label in labels {
+        let of = |f: fn(&Ratio) -> f64| -> Vec<f64> {
+            runs.iter().flatten().filter(|r| r.label == label).map(f).collect()
+        };
+        let (mut tput, mut p99) = (of(|r| r.throughput), of(|r| r.p99));
+        let each: Vec<String> = tput.iter().map(|t| format!("{t:.3}")).collect();
+        let line = json!({ "bench": "compare_nats_runs", "runnel": label, "runs": tput.len(),
+                           "throughput_ratios": tput.clone(), "p99_ratios": p99.clone(),
+                           "median_throughput_ratio": median(&mut tput),
+                           "median_p99_ratio": median(&mut p99) });
+        println!("  {label}");
+        println!(
+            "    throughput     {:.3}x median   ({})",
+            median(&mut tput).unwrap_or(f64::NAN),
+            each.join(", ")
+        );
+        println!("    p99 latency    {:.3}x median", median(&mut p99).unwrap_or(f64::NAN));
+        println!("{line}");
     }
 }
 
