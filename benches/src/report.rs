@@ -141,15 +141,15 @@ pub(crate) fn compare(runnel: &[Row], nats: Result<&[Row], &str>) -> Vec<Ratio> 
     ratios
 }
 
-/// The middle of `v` (the mean of the two middle values for an even count).
+/// The `q` quantile (0 = min, 0.5 = median, 1 = max) of `sorted`, the nearest sample.
+fn quantile(sorted: &[f64], q: f64) -> Option<f64> {
+    sorted.get(((sorted.len() as f64 - 1.0) * q).round() as usize).copied()
+}
+
+/// The median of `v` (sorted in place).
 fn median(v: &mut [f64]) -> Option<f64> {
     v.sort_by(f64::total_cmp);
-    let n = v.len();
-    match n {
-        0 => None,
-        _ if n % 2 == 1 => Some(v[n / 2]),
-        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
-    }
+    quantile(v, 0.5)
 }
 
 /// Each runnel row's ratios over `runs` (each a whole `compare-nats` run: its own broker,
@@ -193,8 +193,7 @@ pub(crate) fn revoke(h: &hdrhistogram::Histogram<u64>, failed: usize) {
 pub(crate) fn failover(samples: &[std::time::Duration]) {
     let mut secs: Vec<f64> = samples.iter().map(std::time::Duration::as_secs_f64).collect();
     secs.sort_by(f64::total_cmp);
-    let at = |q: f64| secs.get(((secs.len() as f64 - 1.0) * q).round() as usize).copied();
-    let (min, p50, max) = (at(0.0), at(0.5), at(1.0));
+    let (min, p50, max) = (quantile(&secs, 0.0), quantile(&secs, 0.5), quantile(&secs, 1.0));
     let all: Vec<String> = secs.iter().map(|s| format!("{s:.2}")).collect();
     println!("== runnel failover: kill -9 the home -> first successful dispatch via another node");
     println!("  runs             {}   ({} s)", secs.len(), all.join(", "));

@@ -126,7 +126,6 @@ pub(crate) async fn serve(
         return;
     }
     drop(slot);
-    let _open = Open::new();
     let caller = Arc::new(caller);
     let lane_open = Arc::new(AtomicBool::new(false));
     let budget = Arc::new(AnswerBudget::new());
@@ -155,29 +154,14 @@ fn counted(call: &'static str) {
     }
 }
 
-/// One open native connection in `runnel_native_connections`, for as long as it lives.
-struct Open;
-
-impl Open {
-    fn new() -> Self {
-        metrics::gauge!(names::NATIVE_CONNECTIONS).increment(1.0);
-        Open
-    }
-}
-
-impl Drop for Open {
-    fn drop(&mut self) {
-        metrics::gauge!(names::NATIVE_CONNECTIONS).decrement(1.0);
-    }
-}
-
 /// Open native API connections per tenant (`""` for operator keys), against
 /// `--native-max-connections-per-tenant`: one tenant's clients cannot take every
 /// connection the broker can hold, nor multiply the answers a connection may hold.
 #[derive(Debug, Default)]
 pub(crate) struct TenantConnections(dashmap::DashMap<String, usize>);
 
-/// One of a tenant's open connections, counted until dropped.
+/// One of a tenant's open connections, counted (and in `runnel_native_connections`) until
+/// dropped.
 struct TenantConnection<'a> {
     all: &'a TenantConnections,
     tenant: String,
@@ -191,12 +175,14 @@ impl TenantConnections {
             return None;
         }
         *open += 1;
+        metrics::gauge!(names::NATIVE_CONNECTIONS).increment(1.0);
         Some(TenantConnection { all: self, tenant: tenant.to_owned() })
     }
 }
 
 impl Drop for TenantConnection<'_> {
     fn drop(&mut self) {
+        metrics::gauge!(names::NATIVE_CONNECTIONS).decrement(1.0);
         self.all.0.remove_if_mut(&self.tenant, |_, open| {
             *open = open.saturating_sub(1);
             *open == 0
