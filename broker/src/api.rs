@@ -13,6 +13,7 @@
 //! | `POST /v1/cluster/rebalance` | operator: move tenants to their rendezvous node (draining) |
 //! | `GET /healthz`, `GET /readyz`, `GET /metrics` | anyone (keep the HTTP port private) |
 
+mod answers;
 mod auth;
 mod cluster;
 mod error;
@@ -33,6 +34,7 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, FromRef};
 use axum::routing::{delete, get, post};
 
+pub(crate) use answers::AnswerBudgets;
 pub(crate) use auth::{Caller, authenticate, still_good};
 pub(crate) use error::{ApiError, ApiJson};
 pub(crate) use jobs::checked_spec;

@@ -70,6 +70,8 @@ pub(crate) const DEFAULT_HTTP_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 pub(crate) const DEFAULT_HTTP_MAX_CONNECTIONS: usize = 4096;
 /// Default cap on one tenant's open native API connections.
 pub(crate) const DEFAULT_NATIVE_MAX_CONNECTIONS_PER_TENANT: usize = 256;
+/// Default bytes of HTTP answers one tenant's clients may leave unread in the broker.
+pub(crate) const DEFAULT_HTTP_ANSWER_BUDGET_BYTES: usize = 64 << 20;
 /// Default API requests per second from one source address (burst: twice that).
 pub(crate) const DEFAULT_RATE_LIMIT_PER_SOURCE: u32 = 2000;
 /// Default API requests per second with one API key (burst: twice that).
@@ -219,6 +221,10 @@ pub struct Config {
     pub http_body_timeout: Duration,
     /// Open HTTP connections at most; more are closed at once.
     pub http_max_connections: usize,
+    /// Bytes of HTTP answers over `api::answers::UNCOUNTED` one tenant's clients may
+    /// leave unread in the broker (one larger than it takes all of it); past it the
+    /// tenant's next such answer waits for room, another tenant's does not.
+    pub http_answer_budget_bytes: usize,
     /// Open native API connections one tenant may have (operator keys count together);
     /// past it a hello is refused 429. Each may hold up to `limits::ANSWER_BUDGET` plus a
     /// lane's `LANE_MAX_UNWRITTEN` and one answer for a client that does not read.
@@ -295,6 +301,7 @@ impl Default for Config {
             http_body_timeout: DEFAULT_HTTP_BODY_TIMEOUT,
             http_max_connections: DEFAULT_HTTP_MAX_CONNECTIONS,
             native_max_connections_per_tenant: DEFAULT_NATIVE_MAX_CONNECTIONS_PER_TENANT,
+            http_answer_budget_bytes: DEFAULT_HTTP_ANSWER_BUDGET_BYTES,
             rate_limit_per_source: DEFAULT_RATE_LIMIT_PER_SOURCE,
             rate_limit_per_key: DEFAULT_RATE_LIMIT_PER_KEY,
             quic_max_handshakes: DEFAULT_QUIC_MAX_HANDSHAKES,
@@ -460,6 +467,9 @@ impl Config {
         if self.native_max_connections_per_tenant == 0 {
             return invalid("native-max-connections-per-tenant", "must be at least 1");
         }
+        if self.http_answer_budget_bytes < 1 << 20 {
+            return invalid("http-answer-budget-bytes", "must be at least 1 MiB (1048576)");
+        }
         if self.lease_ttl < Duration::from_secs(2) || self.lease_ttl > Duration::from_secs(60) {
             return invalid("lease-ttl", "must be between 2s and 60s");
         }
@@ -580,6 +590,8 @@ pub struct FileConfig {
     pub http_max_connections: Option<usize>,
     /// See [`Config::native_max_connections_per_tenant`].
     pub native_max_connections_per_tenant: Option<usize>,
+    /// See [`Config::http_answer_budget_bytes`].
+    pub http_answer_budget_bytes: Option<usize>,
     /// See [`Config::rate_limit_per_source`].
     pub rate_limit_per_source: Option<u32>,
     /// See [`Config::rate_limit_per_key`].

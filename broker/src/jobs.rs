@@ -81,6 +81,11 @@ struct JobInner {
     output_expired: bool,
 }
 
+/// Most output one read of a job's live output takes: a follower's copy, and what a
+/// reader that does not keep up leaves queued on its connection, stay this small
+/// however much output the job has.
+pub(crate) const OUTPUT_PIECE: usize = 64 * 1024;
+
 /// One job.
 #[derive(Debug)]
 pub(crate) struct JobEntry {
@@ -229,15 +234,18 @@ impl JobEntry {
         g.payload.len() + g.output.len()
     }
 
-    /// Output from `offset` on, and whether the job is over.
+    /// Output from `offset` on, at most [`OUTPUT_PIECE`] bytes of it, and whether the job
+    /// is over with nothing after this piece.
     pub(crate) fn output_since(&self, offset: usize) -> (Vec<u8>, bool) {
         let g = self.lock();
-        let chunk = g.output.get(offset..).map(<[u8]>::to_vec).unwrap_or_default();
-        (chunk, g.state.is_terminal())
+        let rest = g.output.get(offset..).unwrap_or_default();
+        let piece = &rest[..rest.len().min(OUTPUT_PIECE)];
+        (piece.to_vec(), g.state.is_terminal() && piece.len() == rest.len())
     }
 
-    /// Output from `offset` on once there is some, or once the job is over (then with
-    /// whatever output is left); the bool says whether it is over.
+    /// Output from `offset` on (at most [`OUTPUT_PIECE`] bytes) once there is some, or
+    /// once the job is over; the bool says whether the job is over and this was the
+    /// last of its output.
     pub(crate) async fn next_output(&self, offset: usize) -> (Vec<u8>, bool) {
         loop {
             // Made before the check: a `Notified` hears every `notify_waiters` from its
@@ -730,6 +738,30 @@ pub(crate) mod tests {
         assert!(!t.finish(&j, Finish::new(JobState::RunnerLost, "late")));
         assert_eq!(j.view().state, JobState::Succeeded);
         assert_eq!(j.view().runner_id.as_deref(), Some("r1"));
+    }
+
+    /// A follower of a finished job with more output than one piece reads it in pieces,
+    /// and hears the end only with the last.
+    #[tokio::test]
+    async fn output_is_read_in_pieces_and_the_end_comes_with_the_last() {
+        let t = table(10, 1 << 30, 100);
+        let j = t.create("t", spec(), None).unwrap();
+        assert!(j.mark_running(&"r".into()));
+        let output: Vec<u8> = (0..(2 * OUTPUT_PIECE + 100)).map(|i| (i % 251) as u8).collect();
+        t.append_output(&j, output.clone());
+        t.finish(&j, Finish::new(JobState::Succeeded, ""));
+        let mut got = Vec::new();
+        let mut pieces = Vec::new();
+        loop {
+            let (piece, over) = j.next_output(got.len()).await;
+            pieces.push((piece.len(), over));
+            got.extend(piece);
+            if over {
+                break;
+            }
+        }
+        assert_eq!(pieces, [(OUTPUT_PIECE, false), (OUTPUT_PIECE, false), (100, true)]);
+        assert_eq!(got, output);
     }
 
     /// Followers waiting before a change hear it: output wakes `next_output`, the end wakes

@@ -91,6 +91,9 @@ pub mod names {
     /// Gauge: bytes of native API answers encoded and not yet taken by quinn (a client
     /// that does not read holds them; bounded per connection, see `native.rs`).
     pub const NATIVE_ANSWER_BYTES: &str = "runnel_native_answer_bytes";
+    /// Gauge: bytes of HTTP answers held for their clients to read (answers over 64 KiB,
+    /// bounded per tenant by `--http-answer-budget-bytes`, see `api/answers.rs`).
+    pub const HTTP_ANSWER_BYTES: &str = "runnel_http_answer_bytes";
     /// Gauge, `version`: always 1.
     pub const BUILD_INFO: &str = "runnel_build_info";
 
@@ -126,6 +129,7 @@ pub mod names {
         NATIVE_CONNECTIONS,
         NATIVE_CALLS,
         NATIVE_ANSWER_BYTES,
+        HTTP_ANSWER_BYTES,
         BUILD_INFO,
     ];
 }
@@ -245,6 +249,10 @@ fn describe() {
     describe_gauge!(
         names::NATIVE_ANSWER_BYTES,
         "Bytes of native API answers encoded and not yet taken by the transport."
+    );
+    describe_gauge!(
+        names::HTTP_ANSWER_BYTES,
+        "Bytes of HTTP answers over 64 KiB made and not yet written out."
     );
     describe_counter!(
         names::HTTP_CONNECTIONS_REFUSED,

@@ -47,6 +47,8 @@ pub(crate) struct Shared {
     pub intake: crate::endpoint::IntakeLimits,
     /// Open native API connections per tenant (`--native-max-connections-per-tenant`).
     pub native_connections: crate::native::TenantConnections,
+    /// Each tenant's room for unread HTTP answers (`--http-answer-budget-bytes`).
+    pub http_answers: crate::api::AnswerBudgets,
     /// Renders `/metrics` (None when another recorder owns the process).
     pub prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
     conn_seq: AtomicU64,
@@ -81,6 +83,7 @@ impl Shared {
         Self {
             intake: crate::endpoint::IntakeLimits::new(&config),
             native_connections: crate::native::TenantConnections::default(),
+            http_answers: crate::api::AnswerBudgets::new(config.http_answer_budget_bytes),
             rate_limits,
             tenant_labels,
             prometheus: crate::metrics::install(),

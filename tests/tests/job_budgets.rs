@@ -1,7 +1,8 @@
 //! Per-tenant job budgets on a real broker with real runners: one tenant's flood does not
 //! evict another's results, retained output stays within the tenant's byte budget (oldest
-//! first), a list page costs its page, and a runner that grants no stream credit cannot
-//! keep a job running or make cancel hang.
+//! first), a list page costs its page, a runner that grants no stream credit cannot keep
+//! a job running or make cancel hang, and a client (native or HTTP) that does not read
+//! its answers holds at most its budget of them.
 #![allow(missing_docs, clippy::unwrap_used)]
 
 use std::time::{Duration, Instant};
@@ -270,16 +271,7 @@ async fn a_native_client_that_does_not_read_holds_at_most_its_connections_answer
 
     // What the broker holds for them settles at the connection's budget: 4 MiB for the
     // streams, 1 MiB and one answer for the lane (64 MiB if every answer were encoded).
-    let held = || async {
-        let text = b.api.raw("/metrics", &b.operator_key).await;
-        runnel_tests::metric_value(&text, "runnel_native_answer_bytes").unwrap_or(0.0) as usize
-    };
-    let mut most = 0;
-    let settled = Instant::now() + Duration::from_secs(3);
-    while Instant::now() < settled {
-        most = most.max(held().await);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let most = most_held(&b, "runnel_native_answer_bytes").await;
     let bound = ANSWER_BUDGET + LANE_MAX_UNWRITTEN + MIB + 64 * 1024;
     assert!(most >= 2 * MIB, "the calls were answered up to the budget: {most}");
     assert!(most <= bound, "{most} bytes of answers held, bound {bound}");
@@ -296,7 +288,115 @@ async fn a_native_client_that_does_not_read_holds_at_most_its_connections_answer
     }
     assert_eq!(answered.len(), CALLS as usize);
     runnel_tests::wait_for(Duration::from_secs(5), "the held answers let go of", || async {
-        (held().await == 0).then_some(())
+        (held(&b, "runnel_native_answer_bytes").await == 0).then_some(())
+    })
+    .await;
+}
+
+/// Bytes of answers the broker holds now, by its gauge `metric`.
+async fn held(b: &TestBroker, metric: &str) -> usize {
+    let text = b.api.raw("/metrics", &b.operator_key).await;
+    runnel_tests::metric_value(&text, metric).unwrap_or(0.0) as usize
+}
+
+/// The most `metric` showed over 3 s of looking, every 50 ms.
+async fn most_held(b: &TestBroker, metric: &str) -> usize {
+    let mut most = 0;
+    let settled = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < settled {
+        most = most.max(held(b, metric).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    most
+}
+
+/// An HTTP/1.1 answer read off a raw connection: its status and its JSON body (by its
+/// Content-Length).
+async fn read_http_answer(s: &mut tokio::net::TcpStream) -> (u16, Value) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let head_end = loop {
+        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        let mut more = [0u8; 4096];
+        let n = s.read(&mut more).await.unwrap();
+        assert!(n > 0, "the connection closed before the answer's head");
+        buf.extend_from_slice(&more[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+    let status = head[9..12].parse().unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .expect("a content-length")
+        .trim()
+        .parse()
+        .unwrap();
+    let mut body = buf.split_off(head_end);
+    let have = body.len();
+    body.resize(length, 0);
+    s.read_exact(&mut body[have..]).await.unwrap();
+    (status, serde_json::from_slice(&body).unwrap())
+}
+
+#[tokio::test]
+async fn an_http_client_that_does_not_read_holds_at_most_its_tenants_answer_budget() {
+    use tokio::io::AsyncWriteExt;
+    const MIB: usize = 1 << 20;
+    const BUDGET: usize = 8 * MIB;
+    const CALLS: usize = 12;
+    let b = TestBroker::start_with(|c| c.http_answer_budget_bytes = BUDGET).await;
+    let (acme, other) = (b.tenant("acme").await, b.tenant("other").await);
+    let dir = tempfile::tempdir().unwrap();
+    let (_, _ra) = b.runner(&acme, "alice", &dir.path().join("a"), 1).await;
+    let (_, _rb) = b.runner(&other, "alice", &dir.path().join("b"), 1).await;
+    // 1 MiB of NULs: ~6 MiB of JSON (`\u0000` each), more than the kernel's socket
+    // buffers take off the broker's hands (up to 4 MiB on loopback).
+    let big = exec("sh", &["-c", "head -c 1048576 /dev/zero"], json!({"wait": true}));
+    let mut ids = Vec::new();
+    for key in [&acme, &other] {
+        let (s, job) = b.api.post("/v1/jobs", key, big.clone()).await;
+        assert_eq!((s, job["state"].as_str()), (200, Some("succeeded")), "{job}");
+        ids.push(job["id"].as_str().unwrap().to_owned());
+    }
+
+    // acme reads its job on 12 connections that take almost nothing off the wire.
+    let mut conns = Vec::new();
+    for _ in 0..CALLS {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut s = socket.connect(b.handle().http_addr()).await.unwrap();
+        let get = format!(
+            "GET /v1/jobs/{} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {acme}\r\n\r\n",
+            ids[0]
+        );
+        s.write_all(get.as_bytes()).await.unwrap();
+        conns.push(s);
+    }
+
+    // What the broker holds for them settles at the tenant's budget (72 MiB if every
+    // answer were made and kept).
+    let most = most_held(&b, "runnel_http_answer_bytes").await;
+    assert!(most >= 2 * MIB, "the reads were answered up to the budget: {most}");
+    assert!(most <= BUDGET, "{most} bytes of answers held, budget {BUDGET}");
+
+    // Another tenant's answers are not held up by acme's.
+    let (s, job) = tokio::time::timeout(
+        Duration::from_secs(5),
+        b.api.get(&format!("/v1/jobs/{}", ids[1]), &other),
+    )
+    .await
+    .expect("another tenant's read answered while acme's budget is full");
+    assert_eq!((s, job["output"].as_str().map(str::len)), (200, Some(MIB)));
+
+    // Nothing was lost: read now, every connection gets the whole job.
+    for mut s in conns {
+        let (status, job) = read_http_answer(&mut s).await;
+        assert_eq!((status, job["output"].as_str().map(str::len)), (200, Some(MIB)));
+    }
+    runnel_tests::wait_for(Duration::from_secs(5), "the held answers let go of", || async {
+        (held(&b, "runnel_http_answer_bytes").await == 0).then_some(())
     })
     .await;
 }

@@ -154,6 +154,10 @@ struct ServeArgs {
     /// refused 429 (default 256).
     #[arg(long, env = "RUNNEL_NATIVE_MAX_CONNECTIONS_PER_TENANT")]
     native_max_connections_per_tenant: Option<usize>,
+    /// Bytes of HTTP answers one tenant's clients may leave unread in the broker; past it
+    /// the tenant's next large answer waits for room (default 67108864 = 64 MiB).
+    #[arg(long, env = "RUNNEL_HTTP_ANSWER_BUDGET_BYTES")]
+    http_answer_budget_bytes: Option<usize>,
     /// API requests per second from one source address, burst twice that; 429 beyond
     /// (default 2000, 0: off).
     #[arg(long, env = "RUNNEL_RATE_LIMIT_PER_SOURCE")]
@@ -322,6 +326,10 @@ impl ServeArgs {
                 .native_max_connections_per_tenant
                 .or(file.native_max_connections_per_tenant)
                 .unwrap_or(d.native_max_connections_per_tenant),
+            http_answer_budget_bytes: self
+                .http_answer_budget_bytes
+                .or(file.http_answer_budget_bytes)
+                .unwrap_or(d.http_answer_budget_bytes),
             rate_limit_per_source: self
                 .rate_limit_per_source
                 .or(file.rate_limit_per_source)

@@ -4,21 +4,19 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use serde_json::{Value, json};
 
 use runnel_protocol::{DispatchSpec, PeerResponse};
 
 use super::{ApiError, ApiJson, Caller};
 use crate::actors::Tenants;
 use crate::config::MAX_JOB_TIMEOUT;
-use crate::homed::{self, Hop, Output};
-use crate::jobs::Page;
+use crate::homed::{self, Hop, JobAnswer, Output};
+use crate::jobs::{JobInfoRef, JobView, Page};
 use crate::records::Role;
 use crate::shared::Shared;
 
@@ -139,10 +137,23 @@ pub(super) async fn create(
         wait,
     };
     let answer = homed::dispatch(&shared, &tenants, &caller, spec, Hop::Api).await?;
-    Ok(answer.with_view(|view| {
-        let status = if view.state.is_terminal() { StatusCode::OK } else { StatusCode::CREATED };
-        (status, Json(view)).into_response()
-    }))
+    answered(&shared, &caller, &answer, |view| {
+        if view.state.is_terminal() { StatusCode::OK } else { StatusCode::CREATED }
+    })
+    .await
+}
+
+/// A job's JSON, held to the caller's tenant's budget of unread answers
+/// ([`super::answers`]); `status` of the view the answer was made from.
+async fn answered(
+    shared: &Shared,
+    caller: &Caller,
+    job: &JobAnswer,
+    status: impl Fn(&JobInfoRef<'_>) -> StatusCode,
+) -> Result<Response, ApiError> {
+    let tenant = caller.tenant().unwrap_or_default();
+    let make = || job.with_view(|view| Ok((status(&view), serde_json::to_vec(&view)?)));
+    shared.http_answers.json(tenant, make).await
 }
 
 /// Whose runners a dispatch is for: a member key's own owner (another is refused), else
@@ -202,7 +213,7 @@ pub(super) async fn get(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let job = homed::get_job(&shared, &caller, &id, Hop::Api).await?;
-    Ok(job.with_view(|view| Json(view).into_response()))
+    answered(&shared, &caller, &job, |_| StatusCode::OK).await
 }
 
 /// `GET /v1/jobs[?owner=o&limit=n&before=<job id>]`: newest first, without output, at
@@ -211,7 +222,7 @@ pub(super) async fn list(
     State(shared): State<Arc<Shared>>,
     caller: Caller,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let limit = match q.get("limit") {
         Some(l) => l
             .parse::<usize>()
@@ -222,8 +233,17 @@ pub(super) async fn list(
     };
     let page = Page { owner: q.get("owner").cloned(), limit, before: q.get("before").cloned() };
     let jobs = homed::list_jobs(&shared, &caller, page, Hop::Api).await?;
-    let next = (jobs.len() == limit).then(|| jobs.last().map(|j| j.id.clone())).flatten();
-    Ok(Json(json!({ "jobs": jobs, "next_before": next })))
+    let next_before = (jobs.len() == limit).then(|| jobs.last().map(|j| j.id.as_str())).flatten();
+    let page = ListAnswer { jobs: &jobs, next_before };
+    let make = || Ok((StatusCode::OK, serde_json::to_vec(&page)?));
+    shared.http_answers.json(caller.tenant().unwrap_or_default(), make).await
+}
+
+/// A page of `GET /v1/jobs`.
+#[derive(serde::Serialize)]
+struct ListAnswer<'a> {
+    jobs: &'a [JobView],
+    next_before: Option<&'a str>,
 }
 
 /// `POST /v1/jobs/{id}/cancel`: idempotent; answers the job as it stands.
@@ -234,7 +254,7 @@ pub(super) async fn cancel(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let job = homed::cancel_job(&shared, &tenants, &caller, &id, Hop::Api).await?;
-    Ok(job.with_view(|view| (StatusCode::ACCEPTED, Json(view)).into_response()))
+    answered(&shared, &caller, &job, |_| StatusCode::ACCEPTED).await
 }
 
 type Chunk = Result<Bytes, std::io::Error>;
