@@ -650,6 +650,9 @@ mod tests {
         assert!(bad.validate().is_err());
         let bad = Config { node_advertise: Some("x".into()), ..Config::default() };
         assert!(bad.validate().is_err());
+        let bad = Config { http_answer_budget_bytes: (1 << 20) - 1, ..Config::default() };
+        let err = bad.validate().expect_err("a budget under 1 MiB").to_string();
+        assert!(err.contains("http-answer-budget-bytes"), "{err}");
         // A public API address needs TLS, or an explicit --http-insecure.
         let public = SocketAddr::from(([0, 0, 0, 0], 7480));
         let bad = Config { http_listen: public, ..Config::default() };
