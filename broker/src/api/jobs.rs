@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use runnel_protocol::{DispatchSpec, PeerResponse};
 
+use super::answers::UNCOUNTED;
 use super::{ApiError, ApiJson, Caller};
 use crate::actors::Tenants;
 use crate::config::MAX_JOB_TIMEOUT;
@@ -152,7 +153,16 @@ async fn answered(
     status: impl Fn(&JobInfoRef<'_>) -> StatusCode,
 ) -> Result<Response, ApiError> {
     let tenant = caller.tenant().unwrap_or_default();
-    let make = || job.with_view(|view| Ok((status(&view), serde_json::to_vec(&view)?)));
+    let write = |view: JobInfoRef<'_>| Ok((status(&view), serde_json::to_vec(&view)?));
+    let make = || match job {
+        JobAnswer::There(view) => write(view.borrowed()),
+        // Written from the entry, lent, under its lock; a job with more output is copied
+        // out first and escaped outside the lock, which its runner's output appends (and
+        // so that runner's connection task) would otherwise wait on for milliseconds.
+        JobAnswer::Here(entry) => entry
+            .with_view(true, |view| (view.output.len() <= UNCOUNTED).then(|| write(view)))
+            .unwrap_or_else(|| write(entry.view().borrowed())),
+    };
     shared.http_answers.json(tenant, make).await
 }
 
