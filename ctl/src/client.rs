@@ -2,6 +2,7 @@
 //! tests that check what the API answers.
 
 use reqwest::Method;
+use reqwest::header::{AUTHORIZATION, HeaderValue};
 use serde_json::Value;
 
 /// A failure, printed as one line.
@@ -74,12 +75,42 @@ impl Answer {
     }
 }
 
+/// `Bearer <key>` as a sensitive header value; None for a key no header can carry (the
+/// request then fails as reqwest reports it).
+fn bearer(key: &str) -> Option<HeaderValue> {
+    let mut v = HeaderValue::from_str(&format!("Bearer {key}")).ok()?;
+    v.set_sensitive(true);
+    Some(v)
+}
+
+/// `base` with `path` (`/v1/...`, maybe with `?query`) after its own path: what parsing
+/// `{base}{path}` gives, without parsing the scheme and host again.
+fn joined(base: &reqwest::Url, path: &str) -> reqwest::Url {
+    let (path, query) = match path.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path, None),
+    };
+    let mut url = base.clone();
+    match base.path() {
+        "/" | "" => url.set_path(path),
+        prefix => url.set_path(&format!("{prefix}{path}")),
+    }
+    url.set_query(query);
+    url
+}
+
 /// An API client for one base URL and one API key. Cloning is cheap (the connection pool
 /// is shared), and [`Client::with_key`] gives a client for another key on the same pool.
 #[derive(Debug, Clone)]
 pub struct Client {
     url: String,
+    /// `url` parsed once: each request's URL is this with its path set, not a whole URL
+    /// parsed again (host and all: ~6% of a client's CPU per request). None when `url`
+    /// does not parse; each request then fails as reqwest reports it.
+    base: Option<reqwest::Url>,
     key: String,
+    /// `Bearer <key>`, made once, marked sensitive (never printed).
+    auth: Option<HeaderValue>,
     http: reqwest::Client,
 }
 
@@ -87,7 +118,13 @@ impl Client {
     /// A client for `url` with `key` (plain HTTP; for `https://` see [`Client::pinned`]).
     pub fn new(url: &str, key: &str) -> Self {
         let http = Self::builder().build().unwrap_or_default();
-        Self { url: url.trim_end_matches('/').to_owned(), key: key.to_owned(), http }
+        Self::with_http(url, key, http)
+    }
+
+    fn with_http(url: &str, key: &str, http: reqwest::Client) -> Self {
+        let url = url.trim_end_matches('/').to_owned();
+        let base = reqwest::Url::parse(&url).ok().filter(|u| u.query().is_none());
+        Self { url, base, key: key.to_owned(), auth: bearer(key), http }
     }
 
     /// A client for an `https://` broker whose certificate chains to the CA with
@@ -104,7 +141,7 @@ impl Client {
             .https_only(true)
             .build()
             .map_err(|e| CtlError::Config(format!("TLS client: {e}")))?;
-        Ok(Self { url: url.trim_end_matches('/').to_owned(), key: key.to_owned(), http })
+        Ok(Self::with_http(url, key, http))
     }
 
     fn builder() -> reqwest::ClientBuilder {
@@ -115,7 +152,7 @@ impl Client {
 
     /// The same broker and connection pool, another key.
     pub fn with_key(&self, key: &str) -> Self {
-        Self { url: self.url.clone(), key: key.to_owned(), http: self.http.clone() }
+        Self { key: key.to_owned(), auth: bearer(key), ..self.clone() }
     }
 
     /// The base URL (no trailing slash).
@@ -128,7 +165,14 @@ impl Client {
     }
 
     fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
-        self.http.request(method, format!("{}{path}", self.url)).bearer_auth(&self.key)
+        let req = match &self.base {
+            Some(base) => self.http.request(method, joined(base, path)),
+            None => self.http.request(method, format!("{}{path}", self.url)),
+        };
+        match &self.auth {
+            Some(auth) => req.header(AUTHORIZATION, auth.clone()),
+            None => req.bearer_auth(&self.key),
+        }
     }
 
     /// Sends one request and returns whatever the API answered, error statuses included.
@@ -215,5 +259,51 @@ impl Client {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_path_on_the_parsed_base_is_the_url_parsing_base_and_path_gives() {
+        let bases =
+            ["http://127.0.0.1:7480", "https://broker.example:443", "http://[::1]:80/runnel"];
+        let paths = [
+            "/v1/jobs",
+            "/v1/jobs?owner=alice&limit=10",
+            "/v1/jobs/job-0123abcd/output",
+            "/v1/runners/a b",
+            "/v1/jobs/x%2Fy",
+            "/v1/../v1/jobs",
+            "/v1/jobs?before=job-1&owner=a%20b",
+            "/v1/tenants/ünï/keys",
+        ];
+        for base in bases {
+            let parsed = reqwest::Url::parse(base).expect("base");
+            for path in paths {
+                let whole = reqwest::Url::parse(&format!("{base}{path}")).expect("whole");
+                assert_eq!(joined(&parsed, path), whole, "{base} + {path}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_key_header_is_sensitive_and_a_bad_url_fails_as_a_transport_error() {
+        let c = Client::new("http://127.0.0.1:1/", "rnl_x_y");
+        assert_eq!(c.url(), "http://127.0.0.1:1");
+        let auth = c.auth.as_ref().expect("a header");
+        assert!(auth.is_sensitive());
+        assert_eq!(auth.to_str().ok(), Some("Bearer rnl_x_y"));
+        let other = c.with_key("rnl_a_b");
+        assert_eq!(other.auth.as_ref().and_then(|a| a.to_str().ok()), Some("Bearer rnl_a_b"));
+        assert!(other.base.is_some());
+
+        let bad = Client::new("not a url", "k");
+        assert!(bad.base.is_none());
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+        let err = rt.block_on(bad.call(Method::GET, "/v1/jobs", None)).expect_err("no URL");
+        assert!(matches!(err, CtlError::Transport { .. }), "{err}");
     }
 }
