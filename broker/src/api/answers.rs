@@ -89,6 +89,17 @@ impl AnswerBudgets {
     }
 }
 
+impl AnswerBudgets {
+    /// `v` as a 200's JSON, within the budget of `tenant` (an operator's: `None`).
+    pub(crate) async fn value(
+        &self,
+        tenant: Option<&str>,
+        v: &impl serde::Serialize,
+    ) -> Result<Response, ApiError> {
+        self.json(tenant.unwrap_or_default(), || Ok((StatusCode::OK, serde_json::to_vec(v)?))).await
+    }
+}
+
 fn json_response(status: StatusCode, body: Body) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }

@@ -245,8 +245,7 @@ pub(super) async fn list(
     let jobs = homed::list_jobs(&shared, &caller, page, Hop::Api).await?;
     let next_before = (jobs.len() == limit).then(|| jobs.last().map(|j| j.id.as_str())).flatten();
     let page = ListAnswer { jobs: &jobs, next_before };
-    let make = || Ok((StatusCode::OK, serde_json::to_vec(&page)?));
-    shared.http_answers.json(caller.tenant().unwrap_or_default(), make).await
+    shared.http_answers.value(caller.tenant.as_deref(), &page).await
 }
 
 /// A page of `GET /v1/jobs`.

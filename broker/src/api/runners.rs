@@ -255,7 +255,7 @@ pub(super) async fn list(
     State(shared): State<Arc<Shared>>,
     caller: Caller,
     Query(q): Query<ListQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
     let tenant = caller.tenant()?;
     let records: Vec<RunnerRecord> = shared
         .registry
@@ -267,7 +267,8 @@ pub(super) async fn list(
     let remote =
         remote_status(&shared, tenant, records.iter().map(|r| r.id.clone()).collect()).await;
     let runners: Vec<RunnerView> = records.into_iter().map(|r| view(&shared, r, &remote)).collect();
-    Ok(Json(json!({ "runners": runners })))
+    // Unpaged (up to a tenant's runner cap): megabytes for a big fleet.
+    shared.http_answers.value(Some(tenant), &json!({ "runners": runners })).await
 }
 
 /// `GET /v1/runners/{id}`.

@@ -67,7 +67,7 @@ pub(super) async fn audit(
     State(shared): State<Arc<Shared>>,
     caller: Caller,
     Query(q): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
     caller.require(&[Role::Operator, Role::Admin])?;
     let limit = match q.get("limit") {
         Some(l) => {
@@ -84,5 +84,6 @@ pub(super) async fn audit(
         return Err(ApiError::bad_request("before must be a cursor from next_before"));
     }
     let (events, next) = shared.registry.audit_log(caller.tenant.as_deref(), before, limit).await?;
-    Ok(Json(json!({ "events": events, "next_before": next })))
+    let page = json!({ "events": events, "next_before": next });
+    shared.http_answers.value(caller.tenant.as_deref(), &page).await
 }
