@@ -66,6 +66,9 @@ pub(crate) const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(5);
 pub(crate) const DEFAULT_HTTP_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default longest wait for a request body to arrive.
 pub(crate) const DEFAULT_HTTP_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default longest a client may leave an answer unread while the broker waits to write
+/// more of it (nginx's `send_timeout` is 60s).
+pub(crate) const DEFAULT_HTTP_SEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default cap on open HTTP API connections; beyond it new ones are closed at once.
 pub(crate) const DEFAULT_HTTP_MAX_CONNECTIONS: usize = 4096;
 /// Default cap on one tenant's open native API connections.
@@ -219,6 +222,9 @@ pub struct Config {
     pub http_header_timeout: Duration,
     /// Longest wait for a request body.
     pub http_body_timeout: Duration,
+    /// Longest the broker waits, with an answer to write, for the client to take more of
+    /// it off the wire; then the connection is closed (and the answer let go of).
+    pub http_send_timeout: Duration,
     /// Open HTTP connections at most; more are closed at once.
     pub http_max_connections: usize,
     /// Bytes of HTTP answers over `api::answers::UNCOUNTED` one tenant's clients may
@@ -299,6 +305,7 @@ impl Default for Config {
             goaway_window: DEFAULT_GOAWAY_WINDOW,
             http_header_timeout: DEFAULT_HTTP_HEADER_TIMEOUT,
             http_body_timeout: DEFAULT_HTTP_BODY_TIMEOUT,
+            http_send_timeout: DEFAULT_HTTP_SEND_TIMEOUT,
             http_max_connections: DEFAULT_HTTP_MAX_CONNECTIONS,
             native_max_connections_per_tenant: DEFAULT_NATIVE_MAX_CONNECTIONS_PER_TENANT,
             http_answer_budget_bytes: DEFAULT_HTTP_ANSWER_BUDGET_BYTES,
@@ -436,6 +443,7 @@ impl Config {
         }
         if self.http_header_timeout < Duration::from_millis(100)
             || self.http_body_timeout < Duration::from_millis(100)
+            || self.http_send_timeout < Duration::from_millis(100)
         {
             return invalid("http-header-timeout", "HTTP timeouts must be at least 100ms");
         }
@@ -586,6 +594,8 @@ pub struct FileConfig {
     pub http_header_timeout: Option<String>,
     /// See [`Config::http_body_timeout`].
     pub http_body_timeout: Option<String>,
+    /// See [`Config::http_send_timeout`].
+    pub http_send_timeout: Option<String>,
     /// See [`Config::http_max_connections`].
     pub http_max_connections: Option<usize>,
     /// See [`Config::native_max_connections_per_tenant`].

@@ -400,3 +400,42 @@ async fn an_http_client_that_does_not_read_holds_at_most_its_tenants_answer_budg
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_client_that_stops_taking_its_answer_is_closed_after_the_send_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let b = TestBroker::start_with(|c| c.http_send_timeout = Duration::from_secs(1)).await;
+    let acme = b.tenant("acme").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, _runner) = b.runner(&acme, "alice", &dir.path().join("r"), 1).await;
+    // ~6 MiB of JSON: more than the kernel's socket buffers take.
+    let big = exec("sh", &["-c", "head -c 1048576 /dev/zero"], json!({"wait": true}));
+    let (s, job) = b.api.post("/v1/jobs", &acme, big).await;
+    assert_eq!((s, job["state"].as_str()), (200, Some("succeeded")), "{job}");
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut s = socket.connect(b.handle().http_addr()).await.unwrap();
+    let get = format!(
+        "GET /v1/jobs/{} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {acme}\r\n\r\n",
+        job["id"].as_str().unwrap()
+    );
+    s.write_all(get.as_bytes()).await.unwrap();
+    runnel_tests::wait_for(Duration::from_secs(5), "the answer held", || async {
+        (held(&b, "runnel_http_answer_bytes").await > 0).then_some(())
+    })
+    .await;
+    // The client takes nothing for 3 s; the broker gives up on it after its 1 s and lets
+    // the answer go.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(held(&b, "runnel_http_answer_bytes").await, 0, "the stalled answer let go of");
+    // What was sent before the cut arrives, then the connection's end (not a whole answer).
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await;
+    assert!(read.is_ok(), "the connection was not closed");
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&got[..64.min(got.len())])
+    );
+    assert!(got.len() < 6 << 20, "the whole answer came: {}", got.len());
+}

@@ -147,6 +147,10 @@ struct ServeArgs {
     /// Longest wait for a request body (default 30s).
     #[arg(long, env = "RUNNEL_HTTP_BODY_TIMEOUT")]
     http_body_timeout: Option<String>,
+    /// Longest a client may leave an answer unread while the broker waits to write more
+    /// of it; then its connection is closed (default 60s).
+    #[arg(long, env = "RUNNEL_HTTP_SEND_TIMEOUT")]
+    http_send_timeout: Option<String>,
     /// Open HTTP API connections at most; more are closed at once (default 4096).
     #[arg(long, env = "RUNNEL_HTTP_MAX_CONNECTIONS")]
     http_max_connections: Option<usize>,
@@ -318,6 +322,12 @@ impl ServeArgs {
                 "http-body-timeout",
             )?
             .unwrap_or(d.http_body_timeout),
+            http_send_timeout: dur(
+                self.http_send_timeout,
+                file.http_send_timeout,
+                "http-send-timeout",
+            )?
+            .unwrap_or(d.http_send_timeout),
             http_max_connections: self
                 .http_max_connections
                 .or(file.http_max_connections)

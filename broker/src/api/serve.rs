@@ -5,6 +5,9 @@
 //!   keep-alive connection the same timer runs from the end of one response to the end of
 //!   the next request's headers, so an idle connection is closed after it too.
 //! - A request body must arrive within `--http-body-timeout`.
+//! - A client with an answer to take must take some of it within `--http-send-timeout`
+//!   of the socket filling up, or its connection is closed (and the answer, with its
+//!   share of the tenant's answer budget, let go of).
 //! - At most `--http-max-connections` are open; past that a new connection is closed at
 //!   once (and counted), so half-sent requests cannot take every socket and task.
 //! - The source address reaches the handlers as `ConnectInfo` (per-source rate limit).
@@ -43,6 +46,7 @@ pub(crate) async fn serve(
 ) {
     let slots = Arc::new(Semaphore::new(config.http_max_connections));
     let (header_timeout, body_timeout) = (config.http_header_timeout, config.http_body_timeout);
+    let send_timeout = config.http_send_timeout;
     let mut conns = JoinSet::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -64,6 +68,7 @@ pub(crate) async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let stream = SendDeadline::new(stream, send_timeout);
         let svc = app.clone().map_request(move |req: hyper::Request<Incoming>| {
             let mut req = req.map(|b| axum::body::Body::new(BodyDeadline::new(b, body_timeout)));
             req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
@@ -136,13 +141,38 @@ where
 /// dropped one for every frame (1.5% of the broker's CPU per HTTP job).
 struct BodyDeadline {
     body: Incoming,
-    limit: Duration,
-    waiting: Option<Pin<Box<tokio::time::Sleep>>>,
+    stall: Stall,
 }
 
 impl BodyDeadline {
     fn new(body: Incoming, limit: Duration) -> Self {
-        Self { body, limit, waiting: None }
+        Self { body, stall: Stall::new(limit) }
+    }
+}
+
+/// A timer armed only while something waits: it fires `limit` after a wait began, unless
+/// progress came first. Nothing is armed for what is ready at once.
+struct Stall {
+    limit: Duration,
+    waiting: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Stall {
+    fn new(limit: Duration) -> Self {
+        Self { limit, waiting: None }
+    }
+
+    /// After a poll that made progress: the next wait starts afresh.
+    fn progressed(&mut self) {
+        self.waiting = None;
+    }
+
+    /// After a poll that did not: whether `limit` has passed since the wait began (else
+    /// `cx` is woken when it does).
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let limit = self.limit;
+        let waiting = self.waiting.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        waiting.as_mut().poll(cx).is_ready()
     }
 }
 
@@ -162,18 +192,13 @@ impl hyper::body::Body for BodyDeadline {
         let this = &mut *self;
         match Pin::new(&mut this.body).poll_frame(cx) {
             Poll::Ready(frame) => {
-                this.waiting = None;
+                this.stall.progressed();
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
-            Poll::Pending => {
-                let limit = this.limit;
-                let waiting =
-                    this.waiting.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-                match waiting.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimedOut)))),
-                    Poll::Pending => Poll::Pending,
-                }
+            Poll::Pending if this.stall.expired(cx) => {
+                Poll::Ready(Some(Err(Box::new(BodyTimedOut))))
             }
+            Poll::Pending => Poll::Pending,
         }
     }
 
@@ -183,5 +208,83 @@ impl hyper::body::Body for BodyDeadline {
 
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.body.size_hint()
+    }
+}
+
+/// A connection whose writes must make progress: once the socket stops taking bytes, the
+/// client has `limit` (`--http-send-timeout`) to take some, or the write fails and hyper
+/// closes the connection. The timer is armed only while a write waits, so a client that
+/// reads costs none.
+struct SendDeadline<I> {
+    io: I,
+    stall: Stall,
+}
+
+impl<I> SendDeadline<I> {
+    fn new(io: I, limit: Duration) -> Self {
+        Self { io, stall: Stall::new(limit) }
+    }
+
+    /// `polled`, a write's outcome, held to the deadline.
+    fn held<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        if polled.is_ready() {
+            self.stall.progressed();
+            return polled;
+        }
+        if self.stall.expired(cx) {
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client took none of its answer within the send timeout",
+            )));
+        }
+        Poll::Pending
+    }
+}
+
+impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for SendDeadline<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for SendDeadline<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.held(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.held(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let polled = Pin::new(&mut self.io).poll_flush(cx);
+        self.held(cx, polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let polled = Pin::new(&mut self.io).poll_shutdown(cx);
+        self.held(cx, polled)
     }
 }
