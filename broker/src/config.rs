@@ -71,6 +71,8 @@ pub(crate) const DEFAULT_HTTP_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 pub(crate) const DEFAULT_HTTP_SEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default cap on open HTTP API connections; beyond it new ones are closed at once.
 pub(crate) const DEFAULT_HTTP_MAX_CONNECTIONS: usize = 4096;
+/// Default cap on one source address's open HTTP API connections.
+pub(crate) const DEFAULT_HTTP_MAX_CONNECTIONS_PER_SOURCE: usize = 256;
 /// Default cap on one tenant's open native API connections.
 pub(crate) const DEFAULT_NATIVE_MAX_CONNECTIONS_PER_TENANT: usize = 256;
 /// Default bytes of HTTP answers one tenant's clients may leave unread in the broker.
@@ -227,6 +229,9 @@ pub struct Config {
     pub http_send_timeout: Duration,
     /// Open HTTP connections at most; more are closed at once.
     pub http_max_connections: usize,
+    /// Open HTTP connections from one source address at most; more from it are closed at
+    /// once, so one client cannot take every place `http_max_connections` leaves.
+    pub http_max_connections_per_source: usize,
     /// Bytes of HTTP answers over `api::answers::UNCOUNTED` one tenant's clients may
     /// leave unread in the broker (one larger than it takes all of it); past it the
     /// tenant's next such answer waits for room, another tenant's does not.
@@ -308,6 +313,7 @@ impl Default for Config {
             http_send_timeout: DEFAULT_HTTP_SEND_TIMEOUT,
             http_max_connections: DEFAULT_HTTP_MAX_CONNECTIONS,
             native_max_connections_per_tenant: DEFAULT_NATIVE_MAX_CONNECTIONS_PER_TENANT,
+            http_max_connections_per_source: DEFAULT_HTTP_MAX_CONNECTIONS_PER_SOURCE,
             http_answer_budget_bytes: DEFAULT_HTTP_ANSWER_BUDGET_BYTES,
             rate_limit_per_source: DEFAULT_RATE_LIMIT_PER_SOURCE,
             rate_limit_per_key: DEFAULT_RATE_LIMIT_PER_KEY,
@@ -472,6 +478,9 @@ impl Config {
         if self.http_max_connections == 0 {
             return invalid("http-max-connections", "must be at least 1");
         }
+        if self.http_max_connections_per_source == 0 {
+            return invalid("http-max-connections-per-source", "must be at least 1");
+        }
         if self.native_max_connections_per_tenant == 0 {
             return invalid("native-max-connections-per-tenant", "must be at least 1");
         }
@@ -600,6 +609,8 @@ pub struct FileConfig {
     pub http_max_connections: Option<usize>,
     /// See [`Config::native_max_connections_per_tenant`].
     pub native_max_connections_per_tenant: Option<usize>,
+    /// See [`Config::http_max_connections_per_source`].
+    pub http_max_connections_per_source: Option<usize>,
     /// See [`Config::http_answer_budget_bytes`].
     pub http_answer_budget_bytes: Option<usize>,
     /// See [`Config::rate_limit_per_source`].

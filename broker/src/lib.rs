@@ -44,6 +44,7 @@ mod index;
 mod jobs;
 pub mod metrics;
 mod native;
+mod open_counts;
 mod peer;
 mod rate;
 mod records;

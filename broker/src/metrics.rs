@@ -71,7 +71,9 @@ pub mod names {
     pub const JOBS_HELD_BYTES: &str = "runnel_jobs_held_bytes";
     /// Gauge: open connections to the HTTP API.
     pub const HTTP_CONNECTIONS: &str = "runnel_http_connections";
-    /// Counter: HTTP connections closed at once because `--http-max-connections` were open.
+    /// Counter, `limit` (all, source): HTTP connections closed at once because
+    /// `--http-max-connections` were open, or `--http-max-connections-per-source` from
+    /// their source address.
     pub const HTTP_CONNECTIONS_REFUSED: &str = "runnel_http_connections_refused_total";
     /// Counter, `limit` (source, key): requests answered 429 by a rate limit.
     pub const HTTP_RATE_LIMITED: &str = "runnel_http_rate_limited_total";
@@ -256,7 +258,7 @@ fn describe() {
     );
     describe_counter!(
         names::HTTP_CONNECTIONS_REFUSED,
-        "HTTP connections closed because the connection cap was reached."
+        "HTTP connections closed because a connection cap (all, per source) was reached."
     );
     describe_counter!(names::HTTP_RATE_LIMITED, "Requests answered 429 by a rate limit, by limit.");
     describe_counter!(

@@ -27,6 +27,7 @@ use crate::actors::Tenants;
 use crate::api::{ApiError, Caller, authenticate, checked_spec, still_good};
 use crate::homed::{self, Hop, JobAnswer, Output};
 use crate::metrics::names;
+use crate::open_counts::Counted;
 use crate::peer::{job_answer, refused, send_output, serve_calls};
 use crate::records::Role;
 use crate::shared::Shared;
@@ -154,39 +155,25 @@ fn counted(call: &'static str) {
     }
 }
 
-/// Open native API connections per tenant (`""` for operator keys), against
-/// `--native-max-connections-per-tenant`: one tenant's clients cannot take every
-/// connection the broker can hold, nor multiply the answers a connection may hold.
-#[derive(Debug, Default)]
-pub(crate) struct TenantConnections(dashmap::DashMap<String, usize>);
-
-/// One of a tenant's open connections, counted (and in `runnel_native_connections`) until
-/// dropped.
-struct TenantConnection<'a> {
-    all: &'a TenantConnections,
-    tenant: String,
+/// One of a tenant's open native API connections (`""` for operator keys), counted
+/// against `--native-max-connections-per-tenant` (so one tenant's clients cannot take
+/// every connection the broker can hold, nor multiply the answers a connection may hold)
+/// and in `runnel_native_connections`, until dropped.
+struct TenantConnection {
+    _counted: Counted<String>,
 }
 
-impl TenantConnections {
-    /// Counts one more connection of `tenant`, unless it has `most` open already.
-    fn open(&self, tenant: &str, most: usize) -> Option<TenantConnection<'_>> {
-        let mut open = self.0.entry(tenant.to_owned()).or_insert(0);
-        if *open >= most {
-            return None;
-        }
-        *open += 1;
+impl TenantConnection {
+    fn open(shared: &Shared, tenant: &str, most: usize) -> Option<Self> {
+        let counted = shared.native_connections.open(tenant.to_owned(), most)?;
         metrics::gauge!(names::NATIVE_CONNECTIONS).increment(1.0);
-        Some(TenantConnection { all: self, tenant: tenant.to_owned() })
+        Some(Self { _counted: counted })
     }
 }
 
-impl Drop for TenantConnection<'_> {
+impl Drop for TenantConnection {
     fn drop(&mut self) {
         metrics::gauge!(names::NATIVE_CONNECTIONS).decrement(1.0);
-        self.all.0.remove_if_mut(&self.tenant, |_, open| {
-            *open = open.saturating_sub(1);
-            *open == 0
-        });
     }
 }
 
@@ -195,10 +182,7 @@ impl Drop for TenantConnection<'_> {
 /// are the same in all of them (protocol 3 changed only the runners' job streams), so a
 /// client older than the broker, as in a rolling upgrade that does the brokers first,
 /// keeps working.
-fn welcome<'a>(
-    shared: &'a Shared,
-    hello: &ApiHello,
-) -> Result<(Caller, TenantConnection<'a>), ApiError> {
+fn welcome(shared: &Shared, hello: &ApiHello) -> Result<(Caller, TenantConnection), ApiError> {
     if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&hello.version) {
         return Err(ApiError::bad_request(format!(
             "native API version {} is not spoken here (this broker: {MIN_PROTOCOL_VERSION} to \
@@ -212,7 +196,7 @@ fn welcome<'a>(
     }
     let most = shared.config.native_max_connections_per_tenant;
     let tenant = caller.tenant.as_deref().unwrap_or_default();
-    let Some(counted) = shared.native_connections.open(tenant, most) else {
+    let Some(counted) = TenantConnection::open(shared, tenant, most) else {
         return Err(ApiError::new(
             axum::http::StatusCode::TOO_MANY_REQUESTS,
             "too_many_connections",

@@ -46,7 +46,7 @@ pub(crate) struct Shared {
     /// The QUIC endpoint's intake limits (handshakes, enrollments, Retry).
     pub intake: crate::endpoint::IntakeLimits,
     /// Open native API connections per tenant (`--native-max-connections-per-tenant`).
-    pub native_connections: crate::native::TenantConnections,
+    pub native_connections: Arc<crate::open_counts::OpenCounts<String>>,
     /// Each tenant's room for unread HTTP answers (`--http-answer-budget-bytes`).
     pub http_answers: crate::api::AnswerBudgets,
     /// Renders `/metrics` (None when another recorder owns the process).
@@ -82,7 +82,7 @@ impl Shared {
             crate::api::RateLimits::new(config.rate_limit_per_source, config.rate_limit_per_key);
         Self {
             intake: crate::endpoint::IntakeLimits::new(&config),
-            native_connections: crate::native::TenantConnections::default(),
+            native_connections: Arc::default(),
             http_answers: crate::api::AnswerBudgets::new(config.http_answer_budget_bytes),
             rate_limits,
             tenant_labels,

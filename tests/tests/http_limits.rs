@@ -1,7 +1,7 @@
 //! The HTTP API under a slow or greedy client: half-sent requests and idle keep-alive
 //! connections are closed after the header timeout, the API keeps answering while 500 of
-//! them are open, the connection cap holds, and the rate limits answer 429 with
-//! `Retry-After`.
+//! them are open, the connection caps hold (all sources, one source), and the rate limits
+//! answer 429 with `Retry-After`.
 #![allow(missing_docs, clippy::unwrap_used)]
 
 use std::time::{Duration, Instant};
@@ -27,13 +27,21 @@ async fn closed_within(s: &mut TcpStream, limit: Duration) -> Option<Duration> {
     tokio::time::timeout(limit, wait).await.ok().map(|_| started.elapsed())
 }
 
+/// A connection to `addr` from the loopback address `127.0.0.<n>`.
+async fn from(n: u8, addr: std::net::SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(([127, 0, 0, n], 0).into()).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
 #[tokio::test]
 async fn half_sent_requests_are_closed_after_the_header_timeout_and_the_api_keeps_answering() {
     let b = TestBroker::start_with(|c| c.http_header_timeout = Duration::from_secs(2)).await;
     let addr = b.handle().http_addr();
     let mut slow = Vec::new();
-    for _ in 0..500 {
-        let mut s = TcpStream::connect(addr).await.unwrap();
+    // From five source addresses (one may open 256): the clients of a slowloris.
+    for n in 0..500 {
+        let mut s = from(10 + (n % 5) as u8, addr).await;
         // No final blank line: the headers never end.
         s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.unwrap();
         slow.push(s);
@@ -94,6 +102,55 @@ async fn connections_past_the_cap_are_closed_at_once_and_a_freed_slot_serves_aga
     .await;
     let metrics = b.api.raw("/metrics", &b.operator_key).await;
     assert!(metrics.contains("runnel_http_connections_refused_total"), "{metrics}");
+}
+
+#[tokio::test]
+async fn one_source_holds_at_most_its_share_of_connections_and_another_source_still_gets_in() {
+    let b = TestBroker::start_with(|c| c.http_max_connections_per_source = 3).await;
+    let addr = b.handle().http_addr();
+    // 127.0.0.3 opens three connections and sends half a request on each.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut s = from(3, addr).await;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        held.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Its fourth is closed at once, though the broker has room for thousands.
+    let mut extra = from(3, addr).await;
+    let _ = extra.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(
+        closed_within(&mut extra, Duration::from_secs(2)).await.is_some(),
+        "a fourth connection from one source must be closed at once"
+    );
+    // Another source is served meanwhile.
+    let mut other = from(2, addr).await;
+    other
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), other.read_to_end(&mut answer))
+        .await
+        .expect("another source answered")
+        .unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
+    // A closed connection gives the source its place back.
+    drop(held.pop());
+    runnel_tests::wait_for(Duration::from_secs(5), "a place to free", || async {
+        let mut s = from(3, addr).await;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.ok()?;
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer).await.ok()?;
+        answer.starts_with(b"HTTP/1.1 200").then_some(())
+    })
+    .await;
+    let metrics = b.api.raw("/metrics", &b.operator_key).await;
+    let refused = runnel_tests::metric_value(
+        &metrics,
+        "runnel_http_connections_refused_total{limit=\"source\"}",
+    );
+    assert!(refused >= Some(1.0), "{metrics}");
 }
 
 #[tokio::test]

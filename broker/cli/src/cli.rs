@@ -158,6 +158,10 @@ struct ServeArgs {
     /// refused 429 (default 256).
     #[arg(long, env = "RUNNEL_NATIVE_MAX_CONNECTIONS_PER_TENANT")]
     native_max_connections_per_tenant: Option<usize>,
+    /// Open HTTP API connections from one source address; more from it are closed at once
+    /// (default 256).
+    #[arg(long, env = "RUNNEL_HTTP_MAX_CONNECTIONS_PER_SOURCE")]
+    http_max_connections_per_source: Option<usize>,
     /// Bytes of HTTP answers one tenant's clients may leave unread in the broker; past it
     /// the tenant's next large answer waits for room (default 67108864 = 64 MiB).
     #[arg(long, env = "RUNNEL_HTTP_ANSWER_BUDGET_BYTES")]
@@ -336,6 +340,10 @@ impl ServeArgs {
                 .native_max_connections_per_tenant
                 .or(file.native_max_connections_per_tenant)
                 .unwrap_or(d.native_max_connections_per_tenant),
+            http_max_connections_per_source: self
+                .http_max_connections_per_source
+                .or(file.http_max_connections_per_source)
+                .unwrap_or(d.http_max_connections_per_source),
             http_answer_budget_bytes: self
                 .http_answer_budget_bytes
                 .or(file.http_answer_budget_bytes)

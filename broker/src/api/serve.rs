@@ -8,14 +8,16 @@
 //! - A client with an answer to take must take some of it within `--http-send-timeout`
 //!   of the socket filling up, or its connection is closed (and the answer, with its
 //!   share of the tenant's answer budget, let go of).
-//! - At most `--http-max-connections` are open; past that a new connection is closed at
-//!   once (and counted), so half-sent requests cannot take every socket and task.
+//! - At most `--http-max-connections` are open, and at most
+//!   `--http-max-connections-per-source` from one source address; past either a new
+//!   connection is closed at once (and counted by `limit`), so half-sent requests cannot
+//!   take every socket and task, and one client cannot take every place.
 //! - The source address reaches the handlers as `ConnectInfo` (per-source rate limit).
 //! - With `--http-tls`, each connection is a TLS 1.3 server handshake (tokio-rustls)
 //!   first, bounded by the header timeout, then HTTP/1.1 inside it.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -34,6 +36,7 @@ use tower::ServiceExt;
 
 use crate::config::Config;
 use crate::metrics::names;
+use crate::open_counts::OpenCounts;
 
 /// Serves `app` on `listener` (through `tls` when set) until `stop`; then lets open
 /// requests finish.
@@ -45,6 +48,8 @@ pub(crate) async fn serve(
     stop: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(config.http_max_connections));
+    let per_source = Arc::new(OpenCounts::<IpAddr>::default());
+    let most_per_source = config.http_max_connections_per_source;
     let (header_timeout, body_timeout) = (config.http_header_timeout, config.http_body_timeout);
     let send_timeout = config.http_send_timeout;
     let mut conns = JoinSet::new();
@@ -63,7 +68,12 @@ pub(crate) async fn serve(
             },
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            metrics::counter!(names::HTTP_CONNECTIONS_REFUSED).increment(1);
+            metrics::counter!(names::HTTP_CONNECTIONS_REFUSED, "limit" => "all").increment(1);
+            drop(stream);
+            continue;
+        };
+        let Some(source_slot) = per_source.open(peer.ip(), most_per_source) else {
+            metrics::counter!(names::HTTP_CONNECTIONS_REFUSED, "limit" => "source").increment(1);
             drop(stream);
             continue;
         };
@@ -76,7 +86,7 @@ pub(crate) async fn serve(
         });
         let (stop, tls) = (stop.clone(), tls.clone());
         conns.spawn(async move {
-            let _slot = slot;
+            let _slots = (slot, source_slot);
             metrics::gauge!(names::HTTP_CONNECTIONS).increment(1.0);
             let result = match tls {
                 None => drive(stream, svc, header_timeout, stop).await,
