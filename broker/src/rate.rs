@@ -3,6 +3,7 @@
 //! request limits and the QUIC intake limits are built from these.
 
 use std::hash::Hash;
+use std::net::IpAddr;
 use std::num::NonZeroU32;
 
 use governor::clock::{Clock, DefaultClock};
@@ -20,6 +21,19 @@ fn quota(rate: u32) -> Option<Quota> {
 fn wait_secs(not_until: &governor::NotUntil<<DefaultClock as Clock>::Instant>) -> u64 {
     let wait = not_until.wait_time_from(DefaultClock::default().now());
     (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
+}
+
+/// The source a limit per source counts `ip` under: an IPv4 address (an IPv4-mapped IPv6
+/// one too) as it is, an IPv6 address by its /64, the prefix one host or site is usually
+/// given, so that one client cannot take a new place with each of its 2^64 addresses.
+pub(crate) fn source_of(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !(u128::from(u64::MAX));
+            IpAddr::V6(prefix.into())
+        }
+        v4 => v4,
+    }
 }
 
 /// One bucket per key (a source address, a key id).
@@ -73,6 +87,17 @@ impl Direct {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_source_is_an_ipv4_address_or_an_ipv6_slash_64() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        assert_eq!(source_of(ip("10.0.0.1")), ip("10.0.0.1"));
+        assert_eq!(source_of(ip("::ffff:10.0.0.1")), ip("10.0.0.1"));
+        assert_eq!(source_of(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(source_of(ip("2001:db8:1:2:ffff:ffff:ffff:ffff")), ip("2001:db8:1:2::"));
+        assert_ne!(source_of(ip("2001:db8:1:3::1")), source_of(ip("2001:db8:1:2::1")));
+        assert_eq!(source_of(ip("::1")), ip("::"));
+    }
 
     #[test]
     fn a_burst_of_twice_the_rate_passes_then_the_bucket_holds_and_zero_is_off() {

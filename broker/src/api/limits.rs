@@ -39,9 +39,9 @@ impl RateLimits {
         .retry_after(secs)
     }
 
-    /// One request from `ip`.
+    /// One request from `ip` (its source: [`crate::rate::source_of`]).
     pub(crate) fn check_source(&self, ip: IpAddr) -> Result<(), ApiError> {
-        self.per_source.check(&ip.to_canonical()).map_err(|s| Self::refuse("source", s))
+        self.per_source.check(&crate::rate::source_of(ip)).map_err(|s| Self::refuse("source", s))
     }
 
     /// One request with the verified key `key_id`.

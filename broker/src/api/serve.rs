@@ -72,7 +72,8 @@ pub(crate) async fn serve(
             drop(stream);
             continue;
         };
-        let Some(source_slot) = per_source.open(peer.ip(), most_per_source) else {
+        let Some(source_slot) = per_source.open(crate::rate::source_of(peer.ip()), most_per_source)
+        else {
             metrics::counter!(names::HTTP_CONNECTIONS_REFUSED, "limit" => "source").increment(1);
             drop(stream);
             continue;

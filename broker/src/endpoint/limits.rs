@@ -108,7 +108,7 @@ impl IntakeLimits {
             limited("retry");
             return Admission::Retry;
         }
-        if self.per_source.check(&ip.to_canonical()).is_err() {
+        if self.per_source.check(&crate::rate::source_of(ip)).is_err() {
             if validated {
                 limited("source");
                 return Admission::Refuse;
@@ -128,7 +128,7 @@ impl IntakeLimits {
     /// One enrollment attempt from `ip` (after its handshake): a slot among
     /// [`Config::max_enrollments`], held while it runs.
     pub(crate) fn enroll(&self, ip: IpAddr) -> Result<OwnedSemaphorePermit, EnrollBusy> {
-        if let Err(secs) = self.enroll_per_source.check(&ip.to_canonical()) {
+        if let Err(secs) = self.enroll_per_source.check(&crate::rate::source_of(ip)) {
             limited("enroll_rate");
             return Err(EnrollBusy::Rate(secs));
         }
