@@ -69,6 +69,9 @@ impl BrokerProc {
             // it measures the dispatch path, not the rate limiter (BENCHMARKS.md).
             ("--rate-limit-per-source", "0"),
             ("--rate-limit-per-key", "0"),
+            // Its HTTP dispatchers (`-c`, one connection each) may outnumber one source's
+            // default share of connections; the broker's overall cap stays.
+            ("--http-max-connections-per-source", "4096"),
             // Fleets of thousands enroll and connect from this one address (`flood` sets
             // these back to the production defaults).
             ("--enroll-rate-per-source", "0"),
