@@ -68,7 +68,7 @@ pub(crate) const DEFAULT_HTTP_HEADER_TIMEOUT: Duration = Duration::from_secs(10)
 pub(crate) const DEFAULT_HTTP_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default longest a client may leave an answer unread while the broker waits to write
 /// more of it (nginx's `send_timeout` is 60s).
-pub(crate) const DEFAULT_HTTP_SEND_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_API_SEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default cap on open HTTP API connections; beyond it new ones are closed at once.
 pub(crate) const DEFAULT_HTTP_MAX_CONNECTIONS: usize = 4096;
 /// Default cap on one source address's open HTTP API connections.
@@ -224,9 +224,10 @@ pub struct Config {
     pub http_header_timeout: Duration,
     /// Longest wait for a request body.
     pub http_body_timeout: Duration,
-    /// Longest the broker waits, with an answer to write, for the client to take more of
-    /// it off the wire; then the connection is closed (and the answer let go of).
-    pub http_send_timeout: Duration,
+    /// Longest the broker waits, with an answer to write, for an API client (HTTP or
+    /// native) to take more of it off the wire; then the HTTP connection is closed, or the
+    /// native call's stream reset (and the answer let go of).
+    pub api_send_timeout: Duration,
     /// Open HTTP connections at most; more are closed at once.
     pub http_max_connections: usize,
     /// Open HTTP connections from one source address at most; more from it are closed at
@@ -310,7 +311,7 @@ impl Default for Config {
             goaway_window: DEFAULT_GOAWAY_WINDOW,
             http_header_timeout: DEFAULT_HTTP_HEADER_TIMEOUT,
             http_body_timeout: DEFAULT_HTTP_BODY_TIMEOUT,
-            http_send_timeout: DEFAULT_HTTP_SEND_TIMEOUT,
+            api_send_timeout: DEFAULT_API_SEND_TIMEOUT,
             http_max_connections: DEFAULT_HTTP_MAX_CONNECTIONS,
             native_max_connections_per_tenant: DEFAULT_NATIVE_MAX_CONNECTIONS_PER_TENANT,
             http_max_connections_per_source: DEFAULT_HTTP_MAX_CONNECTIONS_PER_SOURCE,
@@ -449,7 +450,7 @@ impl Config {
         }
         if self.http_header_timeout < Duration::from_millis(100)
             || self.http_body_timeout < Duration::from_millis(100)
-            || self.http_send_timeout < Duration::from_millis(100)
+            || self.api_send_timeout < Duration::from_millis(100)
         {
             return invalid("http-header-timeout", "HTTP timeouts must be at least 100ms");
         }
@@ -603,8 +604,8 @@ pub struct FileConfig {
     pub http_header_timeout: Option<String>,
     /// See [`Config::http_body_timeout`].
     pub http_body_timeout: Option<String>,
-    /// See [`Config::http_send_timeout`].
-    pub http_send_timeout: Option<String>,
+    /// See [`Config::api_send_timeout`].
+    pub api_send_timeout: Option<String>,
     /// See [`Config::http_max_connections`].
     pub http_max_connections: Option<usize>,
     /// See [`Config::native_max_connections_per_tenant`].

@@ -36,6 +36,7 @@ mod broker;
 mod cluster;
 mod config;
 mod data_dir;
+mod deadline;
 mod dispatch;
 mod endpoint;
 mod enroll;

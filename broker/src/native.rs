@@ -22,9 +22,11 @@ use runnel_protocol::{
     ApiHello, ApiRequest, ApiWelcome, ErrorCode, LaneAnswer, LaneCall, PROTOCOL_VERSION,
     PeerResponse, encode, encode_append, lane_reader, read_frame, take_end, write_frame,
 };
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::actors::Tenants;
 use crate::api::{ApiError, Caller, authenticate, checked_spec, still_good};
+use crate::deadline::{SendDeadline, is_stalled};
 use crate::homed::{self, Hop, JobAnswer, Output};
 use crate::metrics::names;
 use crate::open_counts::Counted;
@@ -245,7 +247,10 @@ async fn call(
         }
     };
     let (s, t, c) = (&*shared, &*tenants, &*caller);
-    let _ = match req {
+    // A client that stops taking the answer has `--api-send-timeout`, then the stream is
+    // reset and the answer let go of.
+    let mut send = SendDeadline::new(send, s.config.api_send_timeout);
+    let written = match req {
         // The rarer call's future is boxed, so that every call's future stays as small as
         // a plain dispatch needs (it is allocated per call).
         ApiRequest::Dispatch { spec, follow: true } => {
@@ -266,7 +271,12 @@ async fn call(
             }
         }
     };
-    let _ = send.finish();
+    let send = send.get_mut();
+    match written {
+        Ok(()) => drop(send.finish()),
+        // Stalled, or the stream already gone: what quinn still holds for it is let go of.
+        Err(()) => drop(send.reset(ErrorCode::Timeout.as_u32().into())),
+    }
 }
 
 /// A call's answer before it is encoded: the job (this node's lent from its entry, without
@@ -301,7 +311,9 @@ async fn answer(req: ApiRequest, s: &Shared, t: &Tenants, c: &Caller) -> Answere
         }
         ApiRequest::GetJob { id } => homed::get_job(s, c, &id, Hop::Api).await,
         ApiRequest::CancelJob { id } => homed::cancel_job(s, t, c, &id, Hop::Api).await,
-        ApiRequest::WaitJob { id } => Box::pin(until_end(None, s, c, &id)).await,
+        ApiRequest::WaitJob { id } => {
+            Box::pin(until_end(None::<&mut quinn::SendStream>, s, c, &id)).await
+        }
         ApiRequest::Dispatch { follow: true, .. } | ApiRequest::Lane => {
             Err(ApiError::bad_request("a followed dispatch or a lane needs a stream of its own"))
         }
@@ -317,6 +329,9 @@ enum LaneEnd {
     Malformed(runnel_protocol::FrameError),
     /// An answer that could not be encoded, even as a refusal (a bug): the lane is reset.
     Unanswerable(runnel_protocol::FrameError),
+    /// The client took none of its answers within `--api-send-timeout`: the lane is reset
+    /// (`Timeout`) and its answers let go of.
+    Stalled,
 }
 
 /// A lane ([`ApiRequest::Lane`]): [`LaneCall`]s read from `recv` are answered on `send`
@@ -328,13 +343,14 @@ enum LaneEnd {
 /// while fewer than that wait, so the calls already under way hold their jobs lent, not
 /// copies of their output.
 async fn lane(
-    mut send: quinn::SendStream,
+    send: quinn::SendStream,
     recv: quinn::RecvStream,
     s: &Shared,
     t: &Tenants,
     c: &Caller,
 ) {
     counted("lane");
+    let mut send = SendDeadline::new(send, s.config.api_send_timeout);
     let mut calls = Box::pin(futures::stream::unfold(lane_reader(recv), |mut recv| async move {
         let next = read_frame::<LaneCall, _>(&mut recv).await.transpose()?;
         Some((next, recv))
@@ -387,6 +403,9 @@ async fn lane(
                         held_answer_bytes(-i64::try_from(n).unwrap_or(i64::MAX));
                         moved = true;
                     }
+                    Poll::Ready(Err(e)) if is_stalled(&e) => {
+                        return Poll::Ready(LaneEnd::Stalled);
+                    }
                     Poll::Ready(_) => return Poll::Ready(LaneEnd::Done),
                     Poll::Pending => break,
                 }
@@ -410,9 +429,14 @@ async fn lane(
     })
     .await;
     held_answer_bytes(-i64::try_from(out.len() - sent).unwrap_or(i64::MAX));
+    let send = send.get_mut();
     match ended {
         LaneEnd::Done => {
             let _ = send.finish();
+        }
+        LaneEnd::Stalled => {
+            tracing::debug!("a native API lane's client took none of its answers in time");
+            let _ = send.reset(ErrorCode::Timeout.as_u32().into());
         }
         LaneEnd::Malformed(e) => {
             tracing::debug!(error = %e, "malformed call on a native API lane");
@@ -445,8 +469,8 @@ fn append(
 
 /// Follows a job's output until the job ends (sending it on `send` when given), then
 /// answers the ended job: its end is known once its output stream ends.
-async fn until_end(
-    send: Option<&mut quinn::SendStream>,
+async fn until_end<W: AsyncWrite + Unpin>(
+    send: Option<&mut W>,
     s: &Shared,
     c: &Caller,
     id: &str,
@@ -456,8 +480,8 @@ async fn until_end(
 }
 
 /// A followed dispatch: the accepted job, its output live, then the ended job.
-async fn follow(
-    send: &mut quinn::SendStream,
+async fn follow<W: AsyncWrite + Unpin>(
+    send: &mut W,
     s: &Shared,
     t: &Tenants,
     c: &Caller,
@@ -488,7 +512,7 @@ async fn follow(
 
 /// Follows a job's output until the job ends, sending it on `send` when given (else only
 /// waiting). A job on another node is read from there; a gone node has nothing more.
-async fn relay(send: Option<&mut quinn::SendStream>, out: Output) -> Result<(), ApiError> {
+async fn relay<W: AsyncWrite + Unpin>(send: Option<&mut W>, out: Output) -> Result<(), ApiError> {
     let lost = || ApiError::unavailable("the client went away");
     match (out, send) {
         (Output::Here(job), Some(send)) => send_output(send, &job).await.map_err(|()| lost()),

@@ -230,44 +230,61 @@ async fn answer_output(recv: &mut quinn::RecvStream) -> usize {
     }
 }
 
+/// A read of a job whose output is 1 MiB of text, dispatched with `admin`'s key (its
+/// tenant needs a runner of owner alice).
+async fn one_mib_job(b: &TestBroker, admin: &str) -> runnel_protocol::ApiRequest {
+    let (s, job) = b
+        .api
+        .post(
+            "/v1/jobs",
+            admin,
+            exec("sh", &["-c", "yes runnel | head -c 1048576"], json!({"wait": true})),
+        )
+        .await;
+    assert_eq!((s, job["state"].as_str()), (200, Some("succeeded")), "{job}");
+    runnel_protocol::ApiRequest::GetJob { id: job["id"].as_str().unwrap().to_owned() }
+}
+
+/// `calls` reads of `get` on streams of their own, then `calls` on a lane, none read:
+/// the streams' receive halves, and the lane's two halves.
+async fn unread_calls(
+    conn: &quinn::Connection,
+    get: &runnel_protocol::ApiRequest,
+    calls: u32,
+) -> (Vec<quinn::RecvStream>, quinn::SendStream, quinn::RecvStream) {
+    use runnel_protocol::{ApiRequest, LaneCall, encode};
+    let mut streams = Vec::new();
+    for _ in 0..calls {
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        write_frame(&mut send, get).await.unwrap();
+        send.finish().unwrap();
+        streams.push(recv);
+    }
+    let (mut lane_send, lane_recv) = conn.open_bi().await.unwrap();
+    write_frame(&mut lane_send, &ApiRequest::Lane).await.unwrap();
+    let mut lane = Vec::new();
+    for call in 0..calls {
+        lane.extend(encode(&LaneCall { call, request: get }).unwrap());
+    }
+    lane_send.write_all(&lane).await.unwrap();
+    (streams, lane_send, lane_recv)
+}
+
 #[tokio::test]
 async fn a_native_client_that_does_not_read_holds_at_most_its_connections_answer_budget() {
     use runnel_protocol::limits::{ANSWER_BUDGET, LANE_MAX_UNWRITTEN};
-    use runnel_protocol::{ApiRequest, LaneAnswer, LaneCall, encode, read_frame};
+    use runnel_protocol::{LaneAnswer, read_frame};
     const CALLS: u32 = 32;
     const MIB: usize = 1 << 20;
     let b = TestBroker::start().await;
     let admin = b.tenant("acme").await;
     let dir = tempfile::tempdir().unwrap();
     let (_, _runner) = b.runner(&admin, "alice", &dir.path().join("r"), 1).await;
-    let (s, job) = b
-        .api
-        .post(
-            "/v1/jobs",
-            &admin,
-            exec("sh", &["-c", "yes runnel | head -c 1048576"], json!({"wait": true})),
-        )
-        .await;
-    assert_eq!((s, job["state"].as_str()), (200, Some("succeeded")), "{job}");
-    let id = job["id"].as_str().unwrap().to_owned();
-    let get = ApiRequest::GetJob { id };
+    let get = one_mib_job(&b, &admin).await;
 
     // 32 reads of the 1 MiB job on streams of their own and 32 on a lane, none read.
     let (_endpoint, conn) = native_reading_little(&b, &admin).await;
-    let mut streams = Vec::new();
-    for _ in 0..CALLS {
-        let (mut send, recv) = conn.open_bi().await.unwrap();
-        write_frame(&mut send, &get).await.unwrap();
-        send.finish().unwrap();
-        streams.push(recv);
-    }
-    let (mut lane_send, mut lane_recv) = conn.open_bi().await.unwrap();
-    write_frame(&mut lane_send, &ApiRequest::Lane).await.unwrap();
-    let mut calls = Vec::new();
-    for call in 0..CALLS {
-        calls.extend(encode(&LaneCall { call, request: &get }).unwrap());
-    }
-    lane_send.write_all(&calls).await.unwrap();
+    let (streams, _lane_send, mut lane_recv) = unread_calls(&conn, &get, CALLS).await;
 
     // What the broker holds for them settles at the connection's budget: 4 MiB for the
     // streams, 1 MiB and one answer for the lane (64 MiB if every answer were encoded).
@@ -404,7 +421,7 @@ async fn an_http_client_that_does_not_read_holds_at_most_its_tenants_answer_budg
 #[tokio::test]
 async fn a_client_that_stops_taking_its_answer_is_closed_after_the_send_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let b = TestBroker::start_with(|c| c.http_send_timeout = Duration::from_secs(1)).await;
+    let b = TestBroker::start_with(|c| c.api_send_timeout = Duration::from_secs(1)).await;
     let acme = b.tenant("acme").await;
     let dir = tempfile::tempdir().unwrap();
     let (_, _runner) = b.runner(&acme, "alice", &dir.path().join("r"), 1).await;
@@ -438,4 +455,49 @@ async fn a_client_that_stops_taking_its_answer_is_closed_after_the_send_timeout(
         String::from_utf8_lossy(&got[..64.min(got.len())])
     );
     assert!(got.len() < 6 << 20, "the whole answer came: {}", got.len());
+}
+
+#[tokio::test]
+async fn a_native_client_that_stops_taking_its_answers_has_them_reset_after_the_send_timeout() {
+    let b = TestBroker::start_with(|c| c.api_send_timeout = Duration::from_secs(1)).await;
+    let admin = b.tenant("acme").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, _runner) = b.runner(&admin, "alice", &dir.path().join("r"), 1).await;
+    let get = one_mib_job(&b, &admin).await;
+
+    // Four reads on streams of their own and four on a lane, none taken.
+    let (_endpoint, conn) = native_reading_little(&b, &admin).await;
+    let (mut streams, _lane_send, lane_recv) = unread_calls(&conn, &get, 4).await;
+    streams.push(lane_recv);
+    runnel_tests::wait_for(Duration::from_secs(5), "the answers held", || async {
+        (held(&b, "runnel_native_answer_bytes").await > 0).then_some(())
+    })
+    .await;
+
+    // The broker gives up on them after its 1 s: the answers are let go of and every
+    // stream, the lane too, is reset with `Timeout`.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(held(&b, "runnel_native_answer_bytes").await, 0, "the stalled answers let go of");
+    let timeout = quinn::VarInt::from_u32(runnel_protocol::ErrorCode::Timeout.as_u32());
+    for mut recv in streams {
+        let ended = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match recv.read_chunk(1 << 20, true).await {
+                    Ok(Some(_)) => continue, // what was sent before the reset
+                    other => return other,
+                }
+            }
+        })
+        .await
+        .expect("the stream ended");
+        assert!(
+            matches!(ended, Err(quinn::ReadError::Reset(code)) if code == timeout),
+            "{ended:?}"
+        );
+    }
+    // The connection itself still serves.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    write_frame(&mut send, &get).await.unwrap();
+    send.finish().unwrap();
+    drop(recv.read_chunk(1, true).await.expect("a new call is answered"));
 }

@@ -147,10 +147,11 @@ struct ServeArgs {
     /// Longest wait for a request body (default 30s).
     #[arg(long, env = "RUNNEL_HTTP_BODY_TIMEOUT")]
     http_body_timeout: Option<String>,
-    /// Longest a client may leave an answer unread while the broker waits to write more
-    /// of it; then its connection is closed (default 60s).
-    #[arg(long, env = "RUNNEL_HTTP_SEND_TIMEOUT")]
-    http_send_timeout: Option<String>,
+    /// Longest an API client (HTTP or native) may leave an answer untaken while the broker
+    /// waits to write more of it; then its HTTP connection is closed, or its native call's
+    /// stream reset (default 60s).
+    #[arg(long, env = "RUNNEL_API_SEND_TIMEOUT")]
+    api_send_timeout: Option<String>,
     /// Open HTTP API connections at most; more are closed at once (default 4096).
     #[arg(long, env = "RUNNEL_HTTP_MAX_CONNECTIONS")]
     http_max_connections: Option<usize>,
@@ -326,12 +327,12 @@ impl ServeArgs {
                 "http-body-timeout",
             )?
             .unwrap_or(d.http_body_timeout),
-            http_send_timeout: dur(
-                self.http_send_timeout,
-                file.http_send_timeout,
-                "http-send-timeout",
+            api_send_timeout: dur(
+                self.api_send_timeout,
+                file.api_send_timeout,
+                "api-send-timeout",
             )?
-            .unwrap_or(d.http_send_timeout),
+            .unwrap_or(d.api_send_timeout),
             http_max_connections: self
                 .http_max_connections
                 .or(file.http_max_connections)

@@ -5,7 +5,7 @@
 //!   keep-alive connection the same timer runs from the end of one response to the end of
 //!   the next request's headers, so an idle connection is closed after it too.
 //! - A request body must arrive within `--http-body-timeout`.
-//! - A client with an answer to take must take some of it within `--http-send-timeout`
+//! - A client with an answer to take must take some of it within `--api-send-timeout`
 //!   of the socket filling up, or its connection is closed (and the answer, with its
 //!   share of the tenant's answer budget, let go of).
 //! - At most `--http-max-connections` are open, and at most
@@ -16,7 +16,6 @@
 //! - With `--http-tls`, each connection is a TLS 1.3 server handshake (tokio-rustls)
 //!   first, bounded by the header timeout, then HTTP/1.1 inside it.
 
-use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -35,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 use crate::config::Config;
+use crate::deadline::{SendDeadline, Stall};
 use crate::metrics::names;
 use crate::open_counts::OpenCounts;
 
@@ -51,7 +51,7 @@ pub(crate) async fn serve(
     let per_source = Arc::new(OpenCounts::<IpAddr>::default());
     let most_per_source = config.http_max_connections_per_source;
     let (header_timeout, body_timeout) = (config.http_header_timeout, config.http_body_timeout);
-    let send_timeout = config.http_send_timeout;
+    let send_timeout = config.api_send_timeout;
     let mut conns = JoinSet::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -161,32 +161,6 @@ impl BodyDeadline {
     }
 }
 
-/// A timer armed only while something waits: it fires `limit` after a wait began, unless
-/// progress came first. Nothing is armed for what is ready at once.
-struct Stall {
-    limit: Duration,
-    waiting: Option<Pin<Box<tokio::time::Sleep>>>,
-}
-
-impl Stall {
-    fn new(limit: Duration) -> Self {
-        Self { limit, waiting: None }
-    }
-
-    /// After a poll that made progress: the next wait starts afresh.
-    fn progressed(&mut self) {
-        self.waiting = None;
-    }
-
-    /// After a poll that did not: whether `limit` has passed since the wait began (else
-    /// `cx` is woken when it does).
-    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        let limit = self.limit;
-        let waiting = self.waiting.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-        waiting.as_mut().poll(cx).is_ready()
-    }
-}
-
 /// The body did not come within `--http-body-timeout`.
 #[derive(Debug, thiserror::Error)]
 #[error("the request body did not arrive within the body timeout")]
@@ -219,83 +193,5 @@ impl hyper::body::Body for BodyDeadline {
 
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.body.size_hint()
-    }
-}
-
-/// A connection whose writes must make progress: once the socket stops taking bytes, the
-/// client has `limit` (`--http-send-timeout`) to take some, or the write fails and hyper
-/// closes the connection. The timer is armed only while a write waits, so a client that
-/// reads costs none.
-struct SendDeadline<I> {
-    io: I,
-    stall: Stall,
-}
-
-impl<I> SendDeadline<I> {
-    fn new(io: I, limit: Duration) -> Self {
-        Self { io, stall: Stall::new(limit) }
-    }
-
-    /// `polled`, a write's outcome, held to the deadline.
-    fn held<T>(
-        &mut self,
-        cx: &mut Context<'_>,
-        polled: Poll<std::io::Result<T>>,
-    ) -> Poll<std::io::Result<T>> {
-        if polled.is_ready() {
-            self.stall.progressed();
-            return polled;
-        }
-        if self.stall.expired(cx) {
-            return Poll::Ready(Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "the client took none of its answer within the send timeout",
-            )));
-        }
-        Poll::Pending
-    }
-}
-
-impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for SendDeadline<I> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for SendDeadline<I> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
-        self.held(cx, polled)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        self.held(cx, polled)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let polled = Pin::new(&mut self.io).poll_flush(cx);
-        self.held(cx, polled)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let polled = Pin::new(&mut self.io).poll_shutdown(cx);
-        self.held(cx, polled)
     }
 }

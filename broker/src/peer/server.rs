@@ -220,10 +220,11 @@ async fn stream_output(
 }
 
 /// This node's job's output, live until the job ends, in [`PeerResponse::Output`] chunks.
-pub(crate) async fn send_output(
-    send: &mut quinn::SendStream,
+pub(crate) async fn send_output<W: tokio::io::AsyncWrite + Unpin>(
+    send: &mut W,
     job: &crate::jobs::JobEntry,
 ) -> Result<(), ()> {
+    use tokio::io::AsyncWriteExt;
     let mut offset = 0usize;
     loop {
         let (chunk, finished) = job.next_output(offset).await;
