@@ -43,17 +43,19 @@ pub(crate) struct SendDeadline<I> {
     stall: Stall,
 }
 
+/// Why a write past its deadline failed (inside its `TimedOut` I/O error).
+#[derive(Debug, thiserror::Error)]
+#[error("the client took none of its answer within the send timeout")]
+struct SendStalled;
+
 /// The error a write past its deadline fails with.
 fn stalled() -> std::io::Error {
-    std::io::Error::new(
-        std::io::ErrorKind::TimedOut,
-        "the client took none of its answer within the send timeout",
-    )
+    std::io::Error::new(std::io::ErrorKind::TimedOut, SendStalled)
 }
 
-/// Whether `e` is a write past its deadline.
+/// Whether `e` is a write past its deadline (not some other timeout underneath).
 pub(crate) fn is_stalled(e: &std::io::Error) -> bool {
-    e.kind() == std::io::ErrorKind::TimedOut
+    e.get_ref().is_some_and(|inner| inner.is::<SendStalled>())
 }
 
 impl<I> SendDeadline<I> {
@@ -124,5 +126,44 @@ impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for SendDeadline<I>
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let polled = Pin::new(&mut self.io).poll_shutdown(cx);
         self.held(cx, polled)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_write_nobody_takes_fails_after_its_limit_and_one_taken_in_time_does_not() {
+        let limit = Duration::from_millis(300);
+        // A pipe whose reader takes nothing: 64 bytes fit, then writes wait.
+        let (_reader, writer) = tokio::io::duplex(64);
+        let mut w = SendDeadline::new(writer, limit);
+        w.write_all(&[1; 64]).await.expect("fits");
+        let started = std::time::Instant::now();
+        let e = w.write_all(&[2; 64]).await.expect_err("nobody takes it");
+        assert!(is_stalled(&e), "{e}");
+        assert!(started.elapsed() >= limit, "gave up after {:?}", started.elapsed());
+        // Another timeout is not this one.
+        assert!(!is_stalled(&std::io::Error::new(std::io::ErrorKind::TimedOut, "other")));
+
+        // A reader that takes a little every 200 ms keeps the writer going well past the
+        // limit in all: only a wait with no progress counts.
+        let (mut reader, writer) = tokio::io::duplex(64);
+        let mut w = SendDeadline::new(writer, limit);
+        let slow = tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            let mut got = 0;
+            while got < 384 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                got += reader.read(&mut buf).await.expect("read");
+            }
+        });
+        let started = std::time::Instant::now();
+        w.write_all(&[3; 384]).await.expect("taken in time, if slowly");
+        assert!(started.elapsed() > limit);
+        slow.await.expect("reader");
     }
 }

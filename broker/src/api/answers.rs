@@ -87,9 +87,7 @@ impl AnswerBudgets {
         };
         Ok(json_response(status, Body::new(HeldBody::new(body, permit))))
     }
-}
 
-impl AnswerBudgets {
     /// `v` as a 200's JSON, within the budget of `tenant` (an operator's: `None`).
     pub(crate) async fn value(
         &self,
