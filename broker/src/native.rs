@@ -267,14 +267,17 @@ async fn call(
             let Ok(_held) = budget.acquire(answer_size(&answered)).await else { return };
             match job_answer(answered) {
                 Ok(bytes) => send.write_all(&bytes).await.map_err(drop),
-                Err(_) => Err(()),
+                Err(_) => {
+                    drop(send.get_mut().reset(ErrorCode::Internal.as_u32().into()));
+                    return;
+                }
             }
         }
     };
     let send = send.get_mut();
     match written {
         Ok(()) => drop(send.finish()),
-        // Stalled, or the stream already gone: what quinn still holds for it is let go of.
+        // Stalled (or the stream already gone): what quinn still holds for it is let go.
         Err(()) => drop(send.reset(ErrorCode::Timeout.as_u32().into())),
     }
 }
