@@ -450,9 +450,11 @@ impl Config {
         }
         if self.http_header_timeout < Duration::from_millis(100)
             || self.http_body_timeout < Duration::from_millis(100)
-            || self.api_send_timeout < Duration::from_millis(100)
         {
             return invalid("http-header-timeout", "HTTP timeouts must be at least 100ms");
+        }
+        if self.api_send_timeout < Duration::from_millis(100) {
+            return invalid("api-send-timeout", "must be at least 100ms");
         }
         if self.quic_max_handshakes == 0 || self.max_enrollments == 0 {
             return invalid(
@@ -672,6 +674,9 @@ mod tests {
         assert!(bad.validate().is_err());
         let bad = Config { node_advertise: Some("x".into()), ..Config::default() };
         assert!(bad.validate().is_err());
+        let bad = Config { api_send_timeout: Duration::from_millis(99), ..Config::default() };
+        let err = bad.validate().expect_err("a send timeout under 100ms").to_string();
+        assert!(err.contains("api-send-timeout"), "{err}");
         let bad = Config { http_answer_budget_bytes: (1 << 20) - 1, ..Config::default() };
         let err = bad.validate().expect_err("a budget under 1 MiB").to_string();
         assert!(err.contains("http-answer-budget-bytes"), "{err}");

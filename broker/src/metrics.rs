@@ -172,6 +172,25 @@ impl JobMetrics {
     }
 }
 
+/// Whose answers [`answers_held`] counts.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum AnswerApi {
+    /// `runnel_native_answer_bytes`.
+    Native = 0,
+    /// `runnel_http_answer_bytes`.
+    Http = 1,
+}
+
+/// The bytes of `api`'s answers held for their clients to read, moved by `delta`.
+pub(crate) fn answers_held(api: AnswerApi, delta: i64) {
+    static GAUGES: OnceLock<[metrics::Gauge; 2]> = OnceLock::new();
+    let gauges = GAUGES.get_or_init(|| {
+        [metrics::gauge!(names::NATIVE_ANSWER_BYTES), metrics::gauge!(names::HTTP_ANSWER_BYTES)]
+    });
+    #[allow(clippy::cast_precision_loss)] // answer sizes are far below 2^52
+    gauges[api as usize].increment(delta as f64);
+}
+
 /// The process's [`JobMetrics`].
 pub(crate) fn jobs() -> &'static JobMetrics {
     use runnel_protocol::JobState::*;

@@ -28,7 +28,7 @@ use crate::actors::Tenants;
 use crate::api::{ApiError, Caller, authenticate, checked_spec, still_good};
 use crate::deadline::{SendDeadline, is_stalled};
 use crate::homed::{self, Hop, JobAnswer, Output};
-use crate::metrics::names;
+use crate::metrics::{AnswerApi, answers_held, names};
 use crate::open_counts::Counted;
 use crate::peer::{job_answer, refused, send_output, serve_calls};
 use crate::records::Role;
@@ -62,23 +62,15 @@ impl AnswerBudget {
     async fn acquire(&self, bytes: usize) -> Result<HeldAnswer<'_>, tokio::sync::AcquireError> {
         let bytes = u32::try_from(bytes.min(ANSWER_BUDGET)).unwrap_or(u32::MAX);
         let permit = self.0.acquire_many(bytes).await?;
-        held_answer_bytes(i64::from(bytes));
+        answers_held(AnswerApi::Native, i64::from(bytes));
         Ok(HeldAnswer { _permit: permit, bytes })
     }
 }
 
 impl Drop for HeldAnswer<'_> {
     fn drop(&mut self) {
-        held_answer_bytes(-i64::from(self.bytes));
+        answers_held(AnswerApi::Native, -i64::from(self.bytes));
     }
-}
-
-/// `runnel_native_answer_bytes` moved by `delta`.
-fn held_answer_bytes(delta: i64) {
-    static GAUGE: std::sync::OnceLock<metrics::Gauge> = std::sync::OnceLock::new();
-    let gauge = GAUGE.get_or_init(|| metrics::gauge!(names::NATIVE_ANSWER_BYTES));
-    #[allow(clippy::cast_precision_loss)] // answer sizes are far below 2^52
-    gauge.increment(delta as f64);
 }
 
 /// Serves one native API connection (its handshake done). `slot`, the connection's
@@ -377,7 +369,10 @@ async fn lane(
                 if let Err(e) = append(&mut out, call, answered) {
                     return Poll::Ready(LaneEnd::Unanswerable(e));
                 }
-                held_answer_bytes(i64::try_from(out.len() - before).unwrap_or(i64::MAX));
+                answers_held(
+                    AnswerApi::Native,
+                    i64::try_from(out.len() - before).unwrap_or(i64::MAX),
+                );
                 moved = true;
             }
             while reading
@@ -403,7 +398,7 @@ async fn lane(
                 match Pin::new(&mut send).poll_write(cx, &out[sent..]) {
                     Poll::Ready(Ok(n)) if n > 0 => {
                         sent += n;
-                        held_answer_bytes(-i64::try_from(n).unwrap_or(i64::MAX));
+                        answers_held(AnswerApi::Native, -i64::try_from(n).unwrap_or(i64::MAX));
                         moved = true;
                     }
                     Poll::Ready(Err(e)) if is_stalled(&e) => {
@@ -431,7 +426,7 @@ async fn lane(
         }
     })
     .await;
-    held_answer_bytes(-i64::try_from(out.len() - sent).unwrap_or(i64::MAX));
+    answers_held(AnswerApi::Native, -i64::try_from(out.len() - sent).unwrap_or(i64::MAX));
     let send = send.get_mut();
     match ended {
         LaneEnd::Done => {

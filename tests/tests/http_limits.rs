@@ -34,6 +34,13 @@ async fn from(n: u8, addr: std::net::SocketAddr) -> TcpStream {
     socket.connect(addr).await.unwrap()
 }
 
+/// A connection from `127.0.0.<n>` that sent half a request: its headers never end.
+async fn half_sent(n: u8, addr: std::net::SocketAddr) -> TcpStream {
+    let mut s = from(n, addr).await;
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    s
+}
+
 #[tokio::test]
 async fn half_sent_requests_are_closed_after_the_header_timeout_and_the_api_keeps_answering() {
     let b = TestBroker::start_with(|c| c.http_header_timeout = Duration::from_secs(2)).await;
@@ -41,10 +48,7 @@ async fn half_sent_requests_are_closed_after_the_header_timeout_and_the_api_keep
     let mut slow = Vec::new();
     // From five source addresses (one may open 256): the clients of a slowloris.
     for n in 0..500 {
-        let mut s = from(10 + (n % 5) as u8, addr).await;
-        // No final blank line: the headers never end.
-        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.unwrap();
-        slow.push(s);
+        slow.push(half_sent(10 + (n % 5) as u8, addr).await);
     }
     let mut silent = TcpStream::connect(addr).await.unwrap();
     // With all of them open, the API answers.
@@ -82,9 +86,7 @@ async fn connections_past_the_cap_are_closed_at_once_and_a_freed_slot_serves_aga
     let addr = b.handle().http_addr();
     let mut held = Vec::new();
     for _ in 0..4 {
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.unwrap();
-        held.push(s);
+        held.push(half_sent(1, addr).await);
     }
     // Let the accept loop take all four.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -111,9 +113,7 @@ async fn one_source_holds_at_most_its_share_of_connections_and_another_source_st
     // 127.0.0.3 opens three connections and sends half a request on each.
     let mut held = Vec::new();
     for _ in 0..3 {
-        let mut s = from(3, addr).await;
-        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.unwrap();
-        held.push(s);
+        held.push(half_sent(3, addr).await);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Its fourth is closed at once, though the broker has room for thousands.

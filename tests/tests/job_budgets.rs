@@ -357,9 +357,30 @@ async fn read_http_answer(s: &mut tokio::net::TcpStream) -> (u16, Value) {
     (status, serde_json::from_slice(&body).unwrap())
 }
 
+/// A job of 1 MiB of NULs, waited for: ~6 MiB of JSON (`\u0000` each), more than the
+/// kernel's socket buffers take off the broker's hands (up to 4 MiB on loopback). Its id.
+async fn six_mib_answer_job(b: &TestBroker, key: &str) -> String {
+    let big = exec("sh", &["-c", "head -c 1048576 /dev/zero"], json!({"wait": true}));
+    let (s, job) = b.api.post("/v1/jobs", key, big).await;
+    assert_eq!((s, job["state"].as_str()), (200, Some("succeeded")), "{job}");
+    job["id"].as_str().unwrap().to_owned()
+}
+
+/// A raw HTTP/1.1 `GET /v1/jobs/{id}` on a connection that takes almost nothing off the
+/// wire (a 4 KiB receive buffer) and reads nothing yet.
+async fn get_reading_little(b: &TestBroker, key: &str, id: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut s = socket.connect(b.handle().http_addr()).await.unwrap();
+    let get =
+        format!("GET /v1/jobs/{id} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\r\n");
+    s.write_all(get.as_bytes()).await.unwrap();
+    s
+}
+
 #[tokio::test]
 async fn an_http_client_that_does_not_read_holds_at_most_its_tenants_answer_budget() {
-    use tokio::io::AsyncWriteExt;
     const MIB: usize = 1 << 20;
     const BUDGET: usize = 8 * MIB;
     const CALLS: usize = 12;
@@ -368,28 +389,12 @@ async fn an_http_client_that_does_not_read_holds_at_most_its_tenants_answer_budg
     let dir = tempfile::tempdir().unwrap();
     let (_, _ra) = b.runner(&acme, "alice", &dir.path().join("a"), 1).await;
     let (_, _rb) = b.runner(&other, "alice", &dir.path().join("b"), 1).await;
-    // 1 MiB of NULs: ~6 MiB of JSON (`\u0000` each), more than the kernel's socket
-    // buffers take off the broker's hands (up to 4 MiB on loopback).
-    let big = exec("sh", &["-c", "head -c 1048576 /dev/zero"], json!({"wait": true}));
-    let mut ids = Vec::new();
-    for key in [&acme, &other] {
-        let (s, job) = b.api.post("/v1/jobs", key, big.clone()).await;
-        assert_eq!((s, job["state"].as_str()), (200, Some("succeeded")), "{job}");
-        ids.push(job["id"].as_str().unwrap().to_owned());
-    }
+    let ids = [six_mib_answer_job(&b, &acme).await, six_mib_answer_job(&b, &other).await];
 
     // acme reads its job on 12 connections that take almost nothing off the wire.
     let mut conns = Vec::new();
     for _ in 0..CALLS {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(4096).unwrap();
-        let mut s = socket.connect(b.handle().http_addr()).await.unwrap();
-        let get = format!(
-            "GET /v1/jobs/{} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {acme}\r\n\r\n",
-            ids[0]
-        );
-        s.write_all(get.as_bytes()).await.unwrap();
-        conns.push(s);
+        conns.push(get_reading_little(&b, &acme, &ids[0]).await);
     }
 
     // What the broker holds for them settles at the tenant's budget (72 MiB if every
@@ -420,23 +425,13 @@ async fn an_http_client_that_does_not_read_holds_at_most_its_tenants_answer_budg
 
 #[tokio::test]
 async fn a_client_that_stops_taking_its_answer_is_closed_after_the_send_timeout() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     let b = TestBroker::start_with(|c| c.api_send_timeout = Duration::from_secs(1)).await;
     let acme = b.tenant("acme").await;
     let dir = tempfile::tempdir().unwrap();
     let (_, _runner) = b.runner(&acme, "alice", &dir.path().join("r"), 1).await;
-    // ~6 MiB of JSON: more than the kernel's socket buffers take.
-    let big = exec("sh", &["-c", "head -c 1048576 /dev/zero"], json!({"wait": true}));
-    let (s, job) = b.api.post("/v1/jobs", &acme, big).await;
-    assert_eq!((s, job["state"].as_str()), (200, Some("succeeded")), "{job}");
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut s = socket.connect(b.handle().http_addr()).await.unwrap();
-    let get = format!(
-        "GET /v1/jobs/{} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {acme}\r\n\r\n",
-        job["id"].as_str().unwrap()
-    );
-    s.write_all(get.as_bytes()).await.unwrap();
+    let id = six_mib_answer_job(&b, &acme).await;
+    let mut s = get_reading_little(&b, &acme, &id).await;
     runnel_tests::wait_for(Duration::from_secs(5), "the answer held", || async {
         (held(&b, "runnel_http_answer_bytes").await > 0).then_some(())
     })

@@ -25,7 +25,7 @@ use hyper::body::{Frame, SizeHint};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 use super::ApiError;
-use crate::metrics::names;
+use crate::metrics::{AnswerApi, answers_held};
 
 /// Answers up to this size are not counted (one such is all a connection holds beyond
 /// hyper's own write buffer), and larger ones are written in pieces of it.
@@ -55,18 +55,19 @@ impl AnswerBudgets {
             .clone()
     }
 
-    /// The status and JSON `make` answers, within `tenant`'s budget. `make` runs again
-    /// after a wait for room, so the answer is the job as it stands when it can be held.
+    /// The status and JSON `make` answers, within `tenant`'s budget (an operator's:
+    /// `None`). `make` runs again after a wait for room, so the answer is the job as it
+    /// stands when it can be held.
     pub(crate) async fn json(
         &self,
-        tenant: &str,
+        tenant: Option<&str>,
         mut make: impl FnMut() -> Result<(StatusCode, Vec<u8>), serde_json::Error>,
     ) -> Result<Response, ApiError> {
         let (mut status, mut body) = make().map_err(ApiError::internal)?;
         if body.len() <= UNCOUNTED {
             return Ok(json_response(status, Body::from(body)));
         }
-        let room = self.of(tenant);
+        let room = self.of(tenant.unwrap_or_default());
         let permit = loop {
             // One larger than the whole budget takes all of it.
             let want = body.len().min(self.budget);
@@ -88,13 +89,13 @@ impl AnswerBudgets {
         Ok(json_response(status, Body::new(HeldBody::new(body, permit))))
     }
 
-    /// `v` as a 200's JSON, within the budget of `tenant` (an operator's: `None`).
+    /// `v` as a 200's JSON, within the budget of `tenant`.
     pub(crate) async fn value(
         &self,
         tenant: Option<&str>,
         v: &impl serde::Serialize,
     ) -> Result<Response, ApiError> {
-        self.json(tenant.unwrap_or_default(), || Ok((StatusCode::OK, serde_json::to_vec(v)?))).await
+        self.json(tenant, || Ok((StatusCode::OK, serde_json::to_vec(v)?))).await
     }
 }
 
@@ -115,14 +116,14 @@ struct HeldBody {
 impl HeldBody {
     fn new(data: Vec<u8>, permit: OwnedSemaphorePermit) -> Self {
         let held = u32::try_from(permit.num_permits()).unwrap_or(u32::MAX);
-        held_answer_bytes(i64::from(held));
+        answers_held(AnswerApi::Http, i64::from(held));
         Self { data, at: 0, held, _permit: permit }
     }
 }
 
 impl Drop for HeldBody {
     fn drop(&mut self) {
-        held_answer_bytes(-i64::from(self.held));
+        answers_held(AnswerApi::Http, -i64::from(self.held));
     }
 }
 
@@ -154,14 +155,6 @@ impl hyper::body::Body for HeldBody {
     }
 }
 
-/// `runnel_http_answer_bytes` moved by `delta`.
-fn held_answer_bytes(delta: i64) {
-    static GAUGE: std::sync::OnceLock<metrics::Gauge> = std::sync::OnceLock::new();
-    let gauge = GAUGE.get_or_init(|| metrics::gauge!(names::HTTP_ANSWER_BYTES));
-    #[allow(clippy::cast_precision_loss)] // answer sizes are far below 2^52
-    gauge.increment(delta as f64);
-}
-
 #[cfg(test)]
 mod tests {
     use futures::StreamExt;
@@ -173,7 +166,7 @@ mod tests {
         let budgets = AnswerBudgets::new(1 << 20);
         let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
         let answer = budgets
-            .json("acme", || Ok((StatusCode::OK, big.clone())))
+            .json(Some("acme"), || Ok((StatusCode::OK, big.clone())))
             .await
             .unwrap_or_else(|_| panic!("answered"));
         let room = budgets.of("acme");
@@ -198,11 +191,11 @@ mod tests {
     async fn an_answer_past_the_room_waits_for_it_and_is_made_again() {
         let budgets = AnswerBudgets::new(1 << 20);
         let first = budgets
-            .json("acme", || Ok((StatusCode::OK, vec![b'a'; 900_000])))
+            .json(Some("acme"), || Ok((StatusCode::OK, vec![b'a'; 900_000])))
             .await
             .unwrap_or_else(|_| panic!("answered"));
         let made = std::sync::atomic::AtomicUsize::new(0);
-        let second = budgets.json("acme", || {
+        let second = budgets.json(Some("acme"), || {
             made.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Ok((StatusCode::OK, vec![b'b'; 200_000]))
         });

@@ -152,7 +152,6 @@ async fn answered(
     job: &JobAnswer,
     status: impl Fn(&JobInfoRef<'_>) -> StatusCode,
 ) -> Result<Response, ApiError> {
-    let tenant = caller.tenant().unwrap_or_default();
     let write = |view: JobInfoRef<'_>| Ok((status(&view), serde_json::to_vec(&view)?));
     let make = || match job {
         JobAnswer::There(view) => write(view.borrowed()),
@@ -163,7 +162,7 @@ async fn answered(
             .with_view(true, |view| (view.output.len() <= UNCOUNTED).then(|| write(view)))
             .unwrap_or_else(|| write(entry.view().borrowed())),
     };
-    shared.http_answers.json(tenant, make).await
+    shared.http_answers.json(caller.tenant.as_deref(), make).await
 }
 
 /// Whose runners a dispatch is for: a member key's own owner (another is refused), else
