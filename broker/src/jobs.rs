@@ -110,10 +110,14 @@ pub(crate) struct JobEntry {
     /// (1.4% of the broker's CPU per job, BENCHMARKS.md).
     cancelled: AtomicBool,
     inner: Mutex<JobInner>,
-    /// Wakes whoever waits on the job (its end, its output) after each change. One
-    /// `Notify`, not a `watch` channel: a watch allocates 8 of them per channel and locks
-    /// every one at each send, three sends per job (BENCHMARKS.md, 2026-12-05 later).
+    /// Wakes whoever follows the job's output or waits for its cancel: at each output,
+    /// at a cancel and at the end. A `Notify`, not a `watch` channel: a watch allocates 8
+    /// of them per channel and locks every one at each send (BENCHMARKS.md, 2026-12-05
+    /// later).
     changed: Notify,
+    /// Wakes whoever waits only for the job's end ([`JobEntry::until_over`]: every
+    /// dispatch with `wait`), and only then: not at its start nor at each output.
+    ended: Notify,
 }
 
 fn now_ms() -> i64 {
@@ -153,7 +157,7 @@ impl JobEntry {
         let m = crate::metrics::jobs();
         m.queue_wait.record(self.accepted.elapsed().as_secs_f64());
         m.in_flight.increment(1.0);
-        self.bump();
+        // Nobody waits for a start (only for output, a cancel or the end): no wakeup.
         true
     }
 
@@ -260,10 +264,16 @@ impl JobEntry {
         }
     }
 
-    /// Waits until the job is over.
+    /// Waits until the job is over (woken once, at the end).
     pub(crate) async fn until_over(&self) {
-        // No output lies past usize::MAX: this answers only once the job is over.
-        let _ = self.next_output(usize::MAX).await;
+        loop {
+            // Made before the check, as in `next_output`.
+            let ended = self.ended.notified();
+            if self.state().is_terminal() {
+                return;
+            }
+            ended.await;
+        }
     }
 
     /// The API view.
@@ -510,6 +520,7 @@ impl JobTable {
                     output_expired: false,
                 }),
                 changed: Notify::new(),
+                ended: Notify::new(),
             });
             slot.insert(entry.clone());
             break entry;
@@ -621,6 +632,7 @@ impl JobTable {
         let has_output = !g.output.is_empty();
         drop(g);
         entry.bump();
+        entry.ended.notify_waiters();
         tracing::debug!(job = %entry.id, state = f.state.name(), "job finished");
         self.retire(entry, freed, has_output);
         true
@@ -804,6 +816,40 @@ pub(crate) mod tests {
             assert_eq!(got, b"abcde");
             tokio::time::timeout(limit, waiter).await.expect("waiter woke").unwrap();
         }
+    }
+
+    /// A waker that counts its wakes.
+    struct Wakes(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A job's start and output do not wake whoever waits only for its end (every
+    /// dispatch with `wait` does: each wakeup is a poll of its call for nothing); the end
+    /// does, and a follower of its output still hears each output.
+    #[test]
+    fn a_start_and_output_do_not_wake_a_waiter_for_the_end() {
+        let t = table(10, 1 << 30, 100);
+        let j = t.create("t", spec(), None).unwrap();
+        let wakes = Arc::new(Wakes(Default::default()));
+        let waker = std::task::Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let woken = || wakes.0.load(Ordering::SeqCst);
+        let mut waiter = Box::pin(j.until_over());
+        let mut follower = Box::pin(j.next_output(0));
+        assert!(waiter.as_mut().poll(&mut cx).is_pending());
+        assert!(follower.as_mut().poll(&mut cx).is_pending());
+        assert!(j.mark_running(&"r".into()));
+        assert_eq!(woken(), 0, "a start wakes nobody");
+        t.append_output(&j, b"abc".to_vec());
+        assert_eq!(woken(), 1, "output wakes its follower only");
+        assert!(waiter.as_mut().poll(&mut cx).is_pending());
+        t.finish(&j, Finish::new(JobState::Succeeded, ""));
+        assert_eq!(woken(), 2, "the end wakes the waiter");
+        assert!(waiter.as_mut().poll(&mut cx).is_ready());
     }
 
     /// A cancel wakes whoever waits on it and the lane the job is hooked to, and a lane
