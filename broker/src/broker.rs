@@ -557,6 +557,14 @@ impl BrokerHandle {
         self.tenants.get(tenant).is_some_and(|t| t.cast(crate::actors::TenantMsg::Stall(d)).is_ok())
     }
 
+    /// Makes a tenant's actor take `d` over its next dispatch, once that dispatch is its
+    /// to decide (tests only).
+    #[cfg(feature = "fault-injection")]
+    pub fn slow_next_dispatch(&self, tenant: &str, d: std::time::Duration) -> bool {
+        let msg = crate::actors::TenantMsg::SlowNextDispatch(d);
+        self.tenants.get(tenant).is_some_and(|t| t.cast(msg).is_ok())
+    }
+
     /// Makes every store write fail from now on (`true`) or succeed again (tests only).
     #[cfg(feature = "fault-injection")]
     pub fn fail_store_writes(&self, on: bool) {

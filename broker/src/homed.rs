@@ -232,9 +232,14 @@ pub(crate) async fn dispatch(
     // (two timers here were ~2% of a native dispatch's broker CPU: BENCHMARKS.md).
     let limit = tokio::time::sleep(ACTOR_CALL_TIMEOUT);
     tokio::pin!(limit);
+    let sent = job.clone();
+    let call = actor.call(move |reply| TenantMsg::Dispatch(sent, reply), None);
+    tokio::pin!(call);
     let verdict = tokio::select! {
-        v = actor.call(|reply| TenantMsg::Dispatch(job.clone(), reply), None) => v.ok(),
-        () = &mut limit => None,
+        v = &mut call => v.ok(),
+        // Given up only while the dispatch waits in the actor's mailbox; once the actor
+        // has taken it, its verdict (the job may be on a runner already) is the answer.
+        () = &mut limit => if job.give_up_dispatch() { None } else { call.await.ok() },
     };
     let refusal = match verdict {
         Some(ractor::rpc::CallResult::Success(Ok(()))) => None,
@@ -251,6 +256,7 @@ pub(crate) async fn dispatch(
     };
     if let Some(err) = refusal {
         metrics::counter!(crate::metrics::names::DISPATCHES, "outcome" => err.code).increment(1);
+        // A refused job left the table in the actor; one the actor never took leaves now.
         shared.jobs.discard(&job);
         return Err(err);
     }

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Context;
 use std::time::{Duration, Instant};
@@ -109,6 +109,8 @@ pub(crate) struct JobEntry {
     /// every job would allocate and, long after, drop cold when retention forgets it
     /// (1.4% of the broker's CPU per job, BENCHMARKS.md).
     cancelled: AtomicBool,
+    /// Whose the dispatch's verdict is ([`JobEntry::take_dispatch`]).
+    handover: AtomicU8,
     inner: Mutex<JobInner>,
     /// Wakes whoever follows the job's output or waits for its cancel: at each output,
     /// at a cancel and at the end. A `Notify`, not a `watch` channel: a watch allocates 8
@@ -119,6 +121,13 @@ pub(crate) struct JobEntry {
     /// dispatch with `wait`), and only then: not at its start nor at each output.
     ended: Notify,
 }
+
+/// [`JobEntry::handover`]: the dispatch waits in its tenant actor's mailbox.
+const IN_MAILBOX: u8 = 0;
+/// The tenant actor took the dispatch to decide it; its caller waits for the verdict.
+const TAKEN: u8 = 1;
+/// The caller's time limit passed first: it answered and let go of the job.
+const GIVEN_UP: u8 = 2;
 
 fn now_ms() -> i64 {
     (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
@@ -169,6 +178,23 @@ impl JobEntry {
         if let Some(hook) = self.lock().cancel_hook.clone() {
             hook.fire();
         }
+    }
+
+    /// The tenant actor takes the job's dispatch to decide it: false when its caller gave
+    /// up first (the job must not run). Exactly one of this and
+    /// [`JobEntry::give_up_dispatch`] wins.
+    pub(crate) fn take_dispatch(&self) -> bool {
+        self.handover
+            .compare_exchange(IN_MAILBOX, TAKEN, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// The dispatch's caller stops waiting for the tenant actor: false when the actor has
+    /// taken the dispatch already (then its verdict is on the way and must be waited for).
+    pub(crate) fn give_up_dispatch(&self) -> bool {
+        self.handover
+            .compare_exchange(IN_MAILBOX, GIVEN_UP, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
     }
 
     /// Whether the job was cancelled.
@@ -506,6 +532,7 @@ impl JobTable {
                 created_at_ms: now_ms(),
                 accepted: Instant::now(),
                 cancelled: AtomicBool::new(false),
+                handover: AtomicU8::new(IN_MAILBOX),
                 inner: Mutex::new(JobInner {
                     state: JobState::Queued,
                     cancel_hook: None,

@@ -402,3 +402,34 @@ async fn bad_keys_specs_and_frames_get_clear_refusals() {
     assert!(value(r#"runnel_native_calls_total{call="get"}"#) >= 2.0);
     assert!(value("runnel_native_connections") >= 1.0);
 }
+
+/// A client that goes away while its dispatches wait in the tenant actor's mailbox leaves
+/// no job queued for ever: the accepted one runs (as if the client had gone a moment
+/// later) and the refused one leaves the table. Before, the actor skipped both once it
+/// saw their callers gone, and both stayed `queued`, each counting against the tenant's
+/// unfinished jobs until the broker restarted.
+#[tokio::test]
+async fn dispatches_whose_client_left_while_they_waited_for_the_actor_are_not_left_queued() {
+    let b = TestBroker::start().await;
+    let (acme, _other, _runner) = acme_with_a_runner(&b).await;
+    let (endpoint, conn, _) = connect(&b, &acme).await;
+    assert!(b.handle().stall_tenant("acme", Duration::from_secs(2)));
+    let (mut send, _recv) = lane(&conn).await;
+    let calls = [
+        (1, ApiRequest::Dispatch { spec: echo("alice", "left", true), follow: false }),
+        // No runner of nobody's: refused, once the actor reads it.
+        (2, ApiRequest::Dispatch { spec: echo("nobody", "refused", true), follow: false }),
+    ];
+    lane_calls(&mut send, &calls).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    conn.close(0u32.into(), b"gone");
+    endpoint.wait_idle().await;
+    let settled = runnel_tests::wait_for(Duration::from_secs(10), "the jobs settled", || async {
+        let (_, v) = b.api.get("/v1/jobs", &acme).await;
+        let jobs = v["jobs"].as_array().cloned().unwrap_or_default();
+        jobs.iter().all(|j| j["state"] == "succeeded").then_some(jobs)
+    })
+    .await;
+    let owners: Vec<_> = settled.iter().map(|j| j["owner"].as_str().unwrap_or("?")).collect();
+    assert_eq!(owners, ["alice"], "{settled:?}");
+}

@@ -94,6 +94,34 @@ async fn a_dispatch_to_a_stalled_tenant_actor_is_answered_unavailable_and_never_
     assert!(!ghost.exists(), "the job answered 503 ran anyway");
 }
 
+/// A caller whose time limit passes while the tenant actor is deciding its dispatch (the
+/// actor has it, past the mailbox) is told what the actor decided: the job ran and the
+/// answer says so. Before, the caller answered 503 and let go of the job while the actor
+/// sent it to a runner: a job the caller was told was not taken ran anyway.
+#[tokio::test]
+async fn a_dispatch_decided_after_the_callers_limit_is_answered_as_decided() {
+    let b = TestBroker::start().await;
+    let a = b.tenant("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, _runner) = b.runner(&a, "alice", &dir.path().join("a"), 1).await;
+    let made = dir.path().join("made");
+    // Past ACTOR_CALL_TIMEOUT (5 s).
+    assert!(b.handle().slow_next_dispatch("a", Duration::from_secs(6)));
+    let started = std::time::Instant::now();
+    let (status, v) = b.run(&a, "alice", "touch", &[made.to_str().unwrap()]).await;
+    // Whatever was answered, the actor has decided and its runner run the job by then.
+    tokio::time::sleep(Duration::from_secs(7).saturating_sub(started.elapsed())).await;
+    assert_eq!(
+        (status, made.exists()),
+        (200, true),
+        "answered {status} {v}, ran: {}",
+        made.exists()
+    );
+    // The runner's one slot is free again: the next job runs.
+    let (status, v) = b.run(&a, "alice", "echo", &["after"]).await;
+    assert_eq!((status, v["output"].as_str()), (200, Some("after\n")), "{v}");
+}
+
 #[tokio::test]
 async fn certificates_renew_over_the_live_connection() {
     let b = TestBroker::start_with(|c| c.runner_cert_validity = Duration::from_secs(3)).await;

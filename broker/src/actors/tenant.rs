@@ -77,6 +77,10 @@ pub(crate) enum TenantMsg {
     /// time limits only).
     #[cfg(feature = "fault-injection")]
     Stall(Duration),
+    /// Take this long over the next dispatch, once it is this actor's to decide (tests of
+    /// a caller whose time limit passes while the actor decides only).
+    #[cfg(feature = "fault-injection")]
+    SlowNextDispatch(Duration),
 }
 
 impl From<ConnectionEvent> for TenantMsg {
@@ -133,6 +137,9 @@ pub(crate) struct TenantState {
     seq: u64,
     links: HashMap<ConnId, Link>,
     by_actor: HashMap<ActorId, ConnId>,
+    /// [`TenantMsg::SlowNextDispatch`]'s delay, not yet spent.
+    #[cfg(feature = "fault-injection")]
+    slow_dispatch: Option<Duration>,
 }
 
 impl std::fmt::Debug for TenantState {
@@ -170,6 +177,8 @@ impl TenantState {
             seq: 0,
             links: HashMap::new(),
             by_actor: HashMap::new(),
+            #[cfg(feature = "fault-injection")]
+            slow_dispatch: None,
         }
     }
 
@@ -460,11 +469,23 @@ impl Actor for TenantActor {
         match msg {
             TenantMsg::Attach(a) => state.attach(&myself, *a).await,
             // A caller that stopped waiting (its time limit passed while this actor was
-            // busy) has answered 503 and discarded the job: it must not run.
-            TenantMsg::Dispatch(_, reply) if reply.is_closed() => {}
+            // busy) has answered 503 and discarded the job: it must not run. Once taken,
+            // its caller waits for this verdict, however long the limit was.
+            TenantMsg::Dispatch(job, _) if !job.take_dispatch() => {}
             TenantMsg::Dispatch(job, reply) => {
-                let verdict = state.dispatch(job);
+                #[cfg(feature = "fault-injection")]
+                if let Some(d) = state.slow_dispatch.take() {
+                    tokio::time::sleep(d).await;
+                }
+                let verdict = state.dispatch(job.clone());
+                if verdict.is_err() {
+                    // A refused job leaves the table here, before its caller hears: the
+                    // caller may be gone (its client hung up) and would never discard it.
+                    state.shared.jobs.discard(&job);
+                }
                 let _ = reply.send(verdict.as_ref().map(|_| ()).map_err(Clone::clone));
+                // An accepted job runs even when its caller is gone: as if its client had
+                // hung up a moment after the answer.
                 if let Ok(start) = verdict {
                     state.start(start);
                 }
@@ -496,6 +517,8 @@ impl Actor for TenantActor {
             TenantMsg::Crash => return Err("fault injected".into()),
             #[cfg(feature = "fault-injection")]
             TenantMsg::Stall(d) => tokio::time::sleep(d).await,
+            #[cfg(feature = "fault-injection")]
+            TenantMsg::SlowNextDispatch(d) => state.slow_dispatch = Some(d),
         }
         state.queue_depth.set(state.queue.len() as f64);
         Ok(())
