@@ -122,6 +122,36 @@ async fn a_dispatch_decided_after_the_callers_limit_is_answered_as_decided() {
     assert_eq!((status, v["output"].as_str()), (200, Some("after\n")), "{v}");
 }
 
+/// A job cancelled while its dispatch waits for the tenant actor (it is listed, queued,
+/// from the moment it is accepted into the table) ends cancelled without reaching a
+/// runner. Before, the actor placed it anyway: it was sent to the runner and the cancel
+/// right after it.
+#[tokio::test]
+async fn a_job_cancelled_before_the_actor_decides_its_dispatch_never_reaches_a_runner() {
+    let b = TestBroker::start().await;
+    let a = b.tenant("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, _runner) = b.runner(&a, "alice", &dir.path().join("a"), 1).await;
+    let ghost = dir.path().join("ghost");
+    assert!(b.handle().stall_tenant("a", Duration::from_secs(2)));
+    let cancel = async {
+        let id = wait_for(Duration::from_secs(2), "the job listed", || async {
+            let (_, v) = b.api.get("/v1/jobs", &a).await;
+            v["jobs"][0]["id"].as_str().map(str::to_owned)
+        })
+        .await;
+        let (status, v) =
+            b.api.post(&format!("/v1/jobs/{id}/cancel"), &a, serde_json::json!({})).await;
+        assert_eq!(status, 202, "{v}");
+    };
+    let args = [ghost.to_str().unwrap()];
+    let ((status, v), ()) = tokio::join!(b.run(&a, "alice", "touch", &args), cancel);
+    assert_eq!((status, v["state"].as_str()), (200, Some("cancelled")), "{v}");
+    assert!(v["runner_id"].is_null() && v["started_at_ms"].is_null(), "it started: {v}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!ghost.exists(), "the cancelled job ran");
+}
+
 #[tokio::test]
 async fn certificates_renew_over_the_live_connection() {
     let b = TestBroker::start_with(|c| c.runner_cert_validity = Duration::from_secs(3)).await;

@@ -224,6 +224,14 @@ impl TenantState {
 
     /// Picks the best free runner for `job` and marks the job running on it.
     fn place(&mut self, job: &Arc<JobEntry>) -> Placed {
+        if job.is_cancelled() {
+            // Cancelled before this actor placed it (its `Cancel` comes after): it ends
+            // here, without a runner's slot, a start time or a runner named.
+            self.shared
+                .jobs
+                .finish(job, Finish::new(JobState::Cancelled, "cancelled while queued"));
+            return Placed::Settled;
+        }
         let Some(conn) = self.pool.pick(&needs(job)) else { return Placed::Waiting };
         let Some(slot) = self.pool.get(conn) else { return Placed::Waiting };
         if !job.mark_running(&slot.runner_id) {
