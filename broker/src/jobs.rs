@@ -112,14 +112,13 @@ pub(crate) struct JobEntry {
     /// Whose the dispatch's verdict is ([`JobEntry::take_dispatch`]).
     handover: AtomicU8,
     inner: Mutex<JobInner>,
-    /// Wakes whoever follows the job's output or waits for its cancel: at each output,
-    /// at a cancel and at the end. A `Notify`, not a `watch` channel: a watch allocates 8
-    /// of them per channel and locks every one at each send (BENCHMARKS.md, 2026-12-05
-    /// later).
+    /// Wakes whoever waits on the job (its output, its cancel, its end) at each output, at
+    /// a cancel and at the end; not at its start, which nobody waits for. One `Notify`,
+    /// not a `watch` channel: a watch allocates 8 of them per channel and locks every one
+    /// at each send (BENCHMARKS.md, 2026-12-05 later). A second `Notify` for the end alone
+    /// (a waiter for the end is woken by each output too) measured nothing (BENCHMARKS.md,
+    /// ninth session).
     changed: Notify,
-    /// Wakes whoever waits only for the job's end ([`JobEntry::until_over`]: every
-    /// dispatch with `wait`), and only then: not at its start nor at each output.
-    ended: Notify,
 }
 
 /// [`JobEntry::handover`]: the dispatch waits in its tenant actor's mailbox.
@@ -290,16 +289,10 @@ impl JobEntry {
         }
     }
 
-    /// Waits until the job is over (woken once, at the end).
+    /// Waits until the job is over.
     pub(crate) async fn until_over(&self) {
-        loop {
-            // Made before the check, as in `next_output`.
-            let ended = self.ended.notified();
-            if self.state().is_terminal() {
-                return;
-            }
-            ended.await;
-        }
+        // No output lies past usize::MAX: this answers only once the job is over.
+        let _ = self.next_output(usize::MAX).await;
     }
 
     /// The API view.
@@ -547,7 +540,6 @@ impl JobTable {
                     output_expired: false,
                 }),
                 changed: Notify::new(),
-                ended: Notify::new(),
             });
             slot.insert(entry.clone());
             break entry;
@@ -659,7 +651,6 @@ impl JobTable {
         let has_output = !g.output.is_empty();
         drop(g);
         entry.bump();
-        entry.ended.notify_waiters();
         tracing::debug!(job = %entry.id, state = f.state.name(), "job finished");
         self.retire(entry, freed, has_output);
         true
@@ -854,11 +845,11 @@ pub(crate) mod tests {
         }
     }
 
-    /// A job's start and output do not wake whoever waits only for its end (every
-    /// dispatch with `wait` does: each wakeup is a poll of its call for nothing); the end
-    /// does, and a follower of its output still hears each output.
+    /// A job's start wakes nobody (nobody waits for it: each wakeup of a dispatch with
+    /// `wait` is a poll of its call for nothing); output wakes its followers, the end
+    /// every waiter.
     #[test]
-    fn a_start_and_output_do_not_wake_a_waiter_for_the_end() {
+    fn a_start_wakes_nobody_output_and_the_end_do() {
         let t = table(10, 1 << 30, 100);
         let j = t.create("t", spec(), None).unwrap();
         let wakes = Arc::new(Wakes(Default::default()));
@@ -872,10 +863,10 @@ pub(crate) mod tests {
         assert!(j.mark_running(&"r".into()));
         assert_eq!(woken(), 0, "a start wakes nobody");
         t.append_output(&j, b"abc".to_vec());
-        assert_eq!(woken(), 1, "output wakes its follower only");
+        assert_eq!(woken(), 2, "output wakes both");
         assert!(waiter.as_mut().poll(&mut cx).is_pending());
         t.finish(&j, Finish::new(JobState::Succeeded, ""));
-        assert_eq!(woken(), 2, "the end wakes the waiter");
+        assert_eq!(woken(), 3, "the end wakes the waiter");
         assert!(waiter.as_mut().poll(&mut cx).is_ready());
     }
 
