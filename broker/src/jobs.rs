@@ -109,7 +109,8 @@ pub(crate) struct JobEntry {
     /// every job would allocate and, long after, drop cold when retention forgets it
     /// (1.4% of the broker's CPU per job, BENCHMARKS.md).
     cancelled: AtomicBool,
-    /// Whose the dispatch's verdict is ([`JobEntry::take_dispatch`]).
+    /// Who has the job's dispatch: its tenant actor's mailbox, the actor (deciding), or
+    /// its caller, who gave up first ([`JobEntry::take_dispatch`]).
     handover: AtomicU8,
     inner: Mutex<JobInner>,
     /// Wakes whoever waits on the job (its output, its cancel, its end) at each output, at
