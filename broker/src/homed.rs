@@ -243,21 +243,29 @@ pub(crate) async fn dispatch(
     };
     let refusal = match verdict {
         Some(ractor::rpc::CallResult::Success(Ok(()))) => None,
-        Some(ractor::rpc::CallResult::Success(Err(r))) => Some(match r {
-            DispatchRefusal::QueueFull => ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "queue_full",
-                "the tenant's job queue is full; retry later",
-            ),
-            DispatchRefusal::NoRunner(m) => ApiError::conflict("no_runner", m),
-            DispatchRefusal::UnknownRunner => ApiError::not_found("no such runner"),
-        }),
-        _ => Some(ApiError::unavailable("tenant actor did not answer")),
+        // Left the table and counted in the actor.
+        Some(ractor::rpc::CallResult::Success(Err(r))) => {
+            let code = r.code();
+            Some(match r {
+                DispatchRefusal::QueueFull => ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    code,
+                    "the tenant's job queue is full; retry later",
+                ),
+                DispatchRefusal::NoRunner(m) => ApiError::conflict(code, m),
+                DispatchRefusal::UnknownRunner => ApiError::not_found("no such runner"),
+            })
+        }
+        // The actor never took it (or is gone): it leaves the table here.
+        _ => {
+            let err = ApiError::unavailable("tenant actor did not answer");
+            metrics::counter!(crate::metrics::names::DISPATCHES, "outcome" => err.code)
+                .increment(1);
+            shared.jobs.discard(&job);
+            Some(err)
+        }
     };
     if let Some(err) = refusal {
-        metrics::counter!(crate::metrics::names::DISPATCHES, "outcome" => err.code).increment(1);
-        // A refused job left the table in the actor; one the actor never took leaves now.
-        shared.jobs.discard(&job);
         return Err(err);
     }
     if wait {

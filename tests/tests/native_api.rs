@@ -405,9 +405,9 @@ async fn bad_keys_specs_and_frames_get_clear_refusals() {
 
 /// A client that goes away while its dispatches wait in the tenant actor's mailbox leaves
 /// no job queued for ever: the accepted one runs (as if the client had gone a moment
-/// later) and the refused one leaves the table. Before, the actor skipped both once it
-/// saw their callers gone, and both stayed `queued`, each counting against the tenant's
-/// unfinished jobs until the broker restarted.
+/// later) and the refused one leaves the table, counted as refused. Before, the actor
+/// skipped both once it saw their callers gone, and both stayed `queued`, each counting
+/// against the tenant's unfinished jobs until the broker restarted.
 #[tokio::test]
 async fn dispatches_whose_client_left_while_they_waited_for_the_actor_are_not_left_queued() {
     let b = TestBroker::start().await;
@@ -415,10 +415,13 @@ async fn dispatches_whose_client_left_while_they_waited_for_the_actor_are_not_le
     let (endpoint, conn, _) = connect(&b, &acme).await;
     assert!(b.handle().stall_tenant("acme", Duration::from_secs(2)));
     let (mut send, _recv) = lane(&conn).await;
+    // A runner that is not alice's: refused (404), once the actor reads it. The only
+    // dispatch of this test binary refused so, for the metric below.
+    let mut elsewhere = echo("alice", "refused", true);
+    elsewhere.runner_id = Some("r-00000000000000aa".into());
     let calls = [
         (1, ApiRequest::Dispatch { spec: echo("alice", "left", true), follow: false }),
-        // No runner of nobody's: refused, once the actor reads it.
-        (2, ApiRequest::Dispatch { spec: echo("nobody", "refused", true), follow: false }),
+        (2, ApiRequest::Dispatch { spec: elsewhere, follow: false }),
     ];
     lane_calls(&mut send, &calls).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -430,6 +433,10 @@ async fn dispatches_whose_client_left_while_they_waited_for_the_actor_are_not_le
         jobs.iter().all(|j| j["state"] == "succeeded").then_some(jobs)
     })
     .await;
-    let owners: Vec<_> = settled.iter().map(|j| j["owner"].as_str().unwrap_or("?")).collect();
-    assert_eq!(owners, ["alice"], "{settled:?}");
+    let args: Vec<_> = settled.iter().map(|j| j["id"].as_str().unwrap_or("?")).collect();
+    assert_eq!(args.len(), 1, "only the accepted job stays: {settled:?}");
+    // The refusal nobody heard is counted all the same.
+    let text = b.api.raw("/metrics", &b.operator_key).await;
+    let refused = metric_value(&text, r#"runnel_dispatches_total{outcome="not_found"}"#);
+    assert_eq!(refused, Some(1.0), "{text}");
 }

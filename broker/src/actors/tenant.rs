@@ -49,6 +49,17 @@ pub(crate) enum DispatchRefusal {
     UnknownRunner,
 }
 
+impl DispatchRefusal {
+    /// The API's error code for it, also its `runnel_dispatches_total` outcome.
+    pub(crate) fn code(&self) -> &'static str {
+        match self {
+            Self::QueueFull => "queue_full",
+            Self::NoRunner(_) => "no_runner",
+            Self::UnknownRunner => "not_found",
+        }
+    }
+}
+
 /// Messages to [`TenantActor`].
 #[derive(Debug)]
 pub(crate) enum TenantMsg {
@@ -486,10 +497,13 @@ impl Actor for TenantActor {
                     tokio::time::sleep(d).await;
                 }
                 let verdict = state.dispatch(job.clone());
-                if verdict.is_err() {
-                    // A refused job leaves the table here, before its caller hears: the
-                    // caller may be gone (its client hung up) and would never discard it.
+                if let Err(refusal) = &verdict {
+                    // A refused job leaves the table, and is counted, here, before its
+                    // caller hears: the caller may be gone (its client hung up).
                     state.shared.jobs.discard(&job);
+                    let outcome = refusal.code();
+                    metrics::counter!(crate::metrics::names::DISPATCHES, "outcome" => outcome)
+                        .increment(1);
                 }
                 let _ = reply.send(verdict.as_ref().map(|_| ()).map_err(Clone::clone));
                 // An accepted job runs even when its caller is gone: as if its client had
