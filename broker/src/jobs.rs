@@ -184,17 +184,18 @@ impl JobEntry {
     /// up first (the job must not run). Exactly one of this and
     /// [`JobEntry::give_up_dispatch`] wins.
     pub(crate) fn take_dispatch(&self) -> bool {
-        self.handover
-            .compare_exchange(IN_MAILBOX, TAKEN, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
+        self.leave_mailbox(TAKEN)
     }
 
     /// The dispatch's caller stops waiting for the tenant actor: false when the actor has
     /// taken the dispatch already (then its verdict is on the way and must be waited for).
     pub(crate) fn give_up_dispatch(&self) -> bool {
-        self.handover
-            .compare_exchange(IN_MAILBOX, GIVEN_UP, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
+        self.leave_mailbox(GIVEN_UP)
+    }
+
+    /// The dispatch leaves the mailbox to `to`, unless it left already.
+    fn leave_mailbox(&self, to: u8) -> bool {
+        self.handover.compare_exchange(IN_MAILBOX, to, Ordering::AcqRel, Ordering::Acquire).is_ok()
     }
 
     /// Whether the job was cancelled.

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use runnel_runner::{Runner, RunnerError, RunnerStatus};
+use runnel_runner::{Runner, RunnerError, RunnerHandle, RunnerStatus};
 use runnel_tests::{TestBroker, wait_for, wait_runner_status};
 
 #[tokio::test]
@@ -68,15 +68,24 @@ async fn a_crashed_tenant_actor_restarts_without_touching_other_tenants() {
     assert_eq!(v["output"], "other ok\n");
 }
 
+/// A broker with tenant `a` (its admin key) and one runner of alice's with room for
+/// `capacity` jobs, living in the returned directory (where the tests' jobs leave files).
+async fn tenant_a_with_a_runner(
+    capacity: u32,
+) -> (TestBroker, String, tempfile::TempDir, RunnerHandle) {
+    let b = TestBroker::start().await;
+    let a = b.tenant("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_, runner) = b.runner(&a, "alice", &dir.path().join("a"), capacity).await;
+    (b, a, dir, runner)
+}
+
 /// A tenant actor that does not answer (busy, stuck on its store) costs a dispatch 503
 /// after `ACTOR_CALL_TIMEOUT` (5 s), not a call that hangs until the actor wakes; and the
 /// job the caller was told was not taken never runs once the actor does wake.
 #[tokio::test]
 async fn a_dispatch_to_a_stalled_tenant_actor_is_answered_unavailable_and_never_runs() {
-    let b = TestBroker::start().await;
-    let a = b.tenant("a").await;
-    let dir = tempfile::tempdir().unwrap();
-    let (_, _runner) = b.runner(&a, "alice", &dir.path().join("a"), 2).await;
+    let (b, a, dir, _runner) = tenant_a_with_a_runner(2).await;
     let ghost = dir.path().join("ghost");
     assert!(b.handle().stall_tenant("a", Duration::from_secs(7)));
     let started = std::time::Instant::now();
@@ -100,10 +109,7 @@ async fn a_dispatch_to_a_stalled_tenant_actor_is_answered_unavailable_and_never_
 /// sent it to a runner: a job the caller was told was not taken ran anyway.
 #[tokio::test]
 async fn a_dispatch_decided_after_the_callers_limit_is_answered_as_decided() {
-    let b = TestBroker::start().await;
-    let a = b.tenant("a").await;
-    let dir = tempfile::tempdir().unwrap();
-    let (_, _runner) = b.runner(&a, "alice", &dir.path().join("a"), 1).await;
+    let (b, a, dir, _runner) = tenant_a_with_a_runner(1).await;
     let made = dir.path().join("made");
     // Past ACTOR_CALL_TIMEOUT (5 s).
     assert!(b.handle().slow_next_dispatch("a", Duration::from_secs(6)));
@@ -128,10 +134,7 @@ async fn a_dispatch_decided_after_the_callers_limit_is_answered_as_decided() {
 /// right after it.
 #[tokio::test]
 async fn a_job_cancelled_before_the_actor_decides_its_dispatch_never_reaches_a_runner() {
-    let b = TestBroker::start().await;
-    let a = b.tenant("a").await;
-    let dir = tempfile::tempdir().unwrap();
-    let (_, _runner) = b.runner(&a, "alice", &dir.path().join("a"), 1).await;
+    let (b, a, dir, _runner) = tenant_a_with_a_runner(1).await;
     let ghost = dir.path().join("ghost");
     assert!(b.handle().stall_tenant("a", Duration::from_secs(2)));
     let cancel = async {
