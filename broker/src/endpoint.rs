@@ -161,6 +161,7 @@ pub(crate) fn server_config(
         // 10 datagrams (~13 KiB on every idle connection, heaptrack). Runner traffic is small
         // frames, so one datagram per send costs little and saves that memory.
         .enable_segmentation_offload(false)
+        .mtu_discovery_config(Some(runnel_protocol::transport::mtu_discovery()))
         .ack_frequency_config(Some(runnel_protocol::transport::ack_frequency()));
     server.transport_config(Arc::new(transport));
     Ok(server)

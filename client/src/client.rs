@@ -134,6 +134,7 @@ impl Client {
             .max_concurrent_bidi_streams(0u32.into())
             .max_concurrent_uni_streams(0u32.into())
             .keep_alive_interval(Some(options.keep_alive))
+            .mtu_discovery_config(Some(runnel_protocol::transport::mtu_discovery()))
             .ack_frequency_config(Some(runnel_protocol::transport::ack_frequency()));
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         config.transport_config(Arc::new(transport));

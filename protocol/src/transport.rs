@@ -1,5 +1,6 @@
-//! QUIC settings every runnel endpoint (broker, runner, client) asks of its peer, as plain
-//! numbers: this crate has no sockets, so each side builds its own `quinn` config from them.
+//! QUIC settings every runnel endpoint (broker, runner, client) asks of its peer or runs
+//! itself, as plain numbers: this crate has no sockets, so each side builds its own `quinn`
+//! config from them.
 //!
 //! **Acknowledgement frequency** (the QUIC ACK-frequency extension, which quinn speaks on
 //! both ends). By default a QUIC receiver acknowledges every second ack-eliciting packet at
@@ -11,6 +12,8 @@
 //! [`ACK_ELICITING_THRESHOLD`] packets or [`MAX_ACK_DELAY`], whichever comes first. Loss
 //! recovery stays prompt: quinn's loss timer already allows for the peer's ack delay, and a
 //! packet received out of order is still acknowledged at once.
+//!
+//! **Path MTU discovery** probes once each way ([`mtu_discovery`]).
 
 use std::time::Duration;
 
@@ -29,6 +32,34 @@ pub fn ack_frequency() -> quinn_proto::AckFrequencyConfig {
     ack
 }
 
+/// The largest UDP payload a connection probes for: a 1,500-byte Ethernet path less the
+/// IPv6 and UDP headers (quinn's default bound).
+pub const MTU_PROBE_SIZE: u16 = 1452;
+
+/// How far the next probe must be from the last one for quinn's path MTU search to go on.
+/// QUIC starts every connection at 1,200 bytes; with quinn's default (20) the search halves
+/// its way up to [`MTU_PROBE_SIZE`] in four probes each way (1,326, 1,389, 1,420, 1,452
+/// bytes). With this, the first midpoint (1,326) is too close to 1,200, so the search
+/// probes [`MTU_PROBE_SIZE`] at once and stops there: one probe each way.
+pub const MTU_PROBE_MIN_CHANGE: u16 = 200;
+
+/// Path MTU discovery with one probe per direction (feature `quinn`): the broker, the runner
+/// and the client all use this one.
+///
+/// A probe is a PING padded with ~1,400 one-byte PADDING frames, and quinn parses PADDING
+/// one frame per byte. quinn's default search (four probes each way, again every ten
+/// minutes) cost the broker ~20% of its CPU per runner handshake in a reconnect storm:
+/// 0.42 ms → 0.33 ms per handshake with one probe, BENCHMARKS.md. A path of full Ethernet
+/// size gets its 1,452 bytes after one probe, as before; a smaller one (a tunnel, PPPoE)
+/// stays at 1,200 instead of finding the size in between: ~15% more datagrams for bulk
+/// output on such a path, nothing for the small frames a dispatch sends.
+#[cfg(feature = "quinn")]
+pub fn mtu_discovery() -> quinn_proto::MtuDiscoveryConfig {
+    let mut mtu = quinn_proto::MtuDiscoveryConfig::default();
+    mtu.upper_bound(MTU_PROBE_SIZE).minimum_change(MTU_PROBE_MIN_CHANGE);
+    mtu
+}
+
 /// What a QUIC connection has carried, as a runnel client or runner reports it
 /// (`runnel_client::Client::stats`, `runnel_runner::RunnerHandle::stats`). Under load a
 /// busy connection carries fewer datagrams than calls or jobs: frames written together
@@ -43,6 +74,10 @@ pub struct Stats {
     pub bytes_sent: u64,
     /// Bytes of the datagrams received.
     pub bytes_received: u64,
+    /// The largest UDP payload the path is known to carry now (path MTU discovery).
+    pub path_mtu: u16,
+    /// Path MTU probes this side sent that the peer acknowledged.
+    pub mtu_probes: u64,
 }
 
 #[cfg(feature = "quinn")]
@@ -53,6 +88,8 @@ impl From<&quinn_proto::ConnectionStats> for Stats {
             datagrams_received: s.udp_rx.datagrams,
             bytes_sent: s.udp_tx.bytes,
             bytes_received: s.udp_rx.bytes,
+            path_mtu: s.path.current_mtu,
+            mtu_probes: s.path.sent_plpmtud_probes.saturating_sub(s.path.lost_plpmtud_probes),
         }
     }
 }

@@ -34,6 +34,7 @@ fn quic(
         .keep_alive_interval(keep_alive)
         .max_concurrent_bidi_streams(max_streams.into())
         .max_concurrent_uni_streams(0u32.into())
+        .mtu_discovery_config(Some(runnel_protocol::transport::mtu_discovery()))
         .ack_frequency_config(Some(runnel_protocol::transport::ack_frequency()));
     cfg.transport_config(Arc::new(transport));
     Ok(cfg)

@@ -228,3 +228,22 @@ async fn the_client_dials_again_after_the_broker_restarts() {
     .await;
     assert_eq!((j.state, j.output.as_str()), (JobState::Succeeded, "back\n"));
 }
+
+/// The client looks for a larger path MTU with one probe, as the broker and the runner do
+/// (`runnel_protocol::transport::mtu_discovery`; quinn's default took four): on loopback
+/// the one probe, at the full 1,452 bytes, succeeds.
+#[tokio::test]
+async fn the_client_probes_the_path_mtu_once() {
+    use runnel_protocol::transport::MTU_PROBE_SIZE;
+    let b = TestBroker::start().await;
+    let acme = b.tenant("acme").await;
+    let c = client(&b, &acme).await;
+    runnel_tests::wait_for(Duration::from_secs(5), "the probe", || {
+        let mtu = c.stats().path_mtu;
+        async move { (mtu == MTU_PROBE_SIZE).then_some(()) }
+    })
+    .await;
+    // A search that went on would send its next probe as soon as the last was acknowledged.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(c.stats().mtu_probes, 1);
+}
