@@ -26,4 +26,6 @@ mod tenant;
 
 pub(crate) use root::{BrokerRoot, RootArgs, RootMsg, Tenants};
 pub(crate) use runner_connection::Attach;
+#[cfg(feature = "fault-injection")]
+pub(crate) use tenant::DispatchFault;
 pub(crate) use tenant::{DispatchRefusal, TenantMsg};

@@ -561,7 +561,19 @@ impl BrokerHandle {
     /// to decide (tests only).
     #[cfg(feature = "fault-injection")]
     pub fn slow_next_dispatch(&self, tenant: &str, d: std::time::Duration) -> bool {
-        let msg = crate::actors::TenantMsg::SlowNextDispatch(d);
+        self.fault_next_dispatch(tenant, crate::actors::DispatchFault::Slow(d))
+    }
+
+    /// Makes a tenant's actor fail (and its supervisor restart it) on its next dispatch,
+    /// once that dispatch is its to decide (tests only).
+    #[cfg(feature = "fault-injection")]
+    pub fn crash_on_next_dispatch(&self, tenant: &str) -> bool {
+        self.fault_next_dispatch(tenant, crate::actors::DispatchFault::Crash)
+    }
+
+    #[cfg(feature = "fault-injection")]
+    fn fault_next_dispatch(&self, tenant: &str, f: crate::actors::DispatchFault) -> bool {
+        let msg = crate::actors::TenantMsg::FaultNextDispatch(f);
         self.tenants.get(tenant).is_some_and(|t| t.cast(msg).is_ok())
     }
 

@@ -21,14 +21,7 @@ async fn after_a_restart_paired_runners_reconnect_and_revoked_ones_stay_out() {
     b.restart().await;
 
     // Keys, runners and states survived; the paired runner came back by itself.
-    let mut watch = kept_runner.watch();
-    tokio::time::timeout(
-        Duration::from_secs(20),
-        watch.wait_for(|s| matches!(s, RunnerStatus::Connected { session, .. } if *session >= 2)),
-    )
-    .await
-    .expect("runner reconnected after restart")
-    .unwrap();
+    reconnected(&kept_runner).await;
     wait_runner_status(&b, &admin, &kept, "online").await;
     let (s, v) = b.run(&admin, "alice", "echo", &["after restart"]).await;
     assert_eq!((s, v["runner_id"].as_str()), (200, Some(kept.as_str())), "{v}");
@@ -52,20 +45,26 @@ async fn a_crashed_tenant_actor_restarts_without_touching_other_tenants() {
     assert!(b.handle().crash_tenant("a"));
 
     // Tenant a's runner is dropped and comes back to the restarted actor.
-    let mut watch = ha.watch();
-    tokio::time::timeout(
-        Duration::from_secs(20),
-        watch.wait_for(|s| matches!(s, RunnerStatus::Connected { session, .. } if *session >= 2)),
-    )
-    .await
-    .expect("tenant a's runner reconnected")
-    .unwrap();
+    reconnected(&ha).await;
     let (_, v) = b.run(&a, "alice", "echo", &["a ok"]).await;
     assert_eq!(v["output"], "a ok\n", "{v}");
     // The other tenant's runner never noticed: still its first session.
     assert!(matches!(ho.status(), RunnerStatus::Connected { session: 1, .. }), "{:?}", ho.status());
     let (_, v) = b.run(&other, "olga", "echo", &["other ok"]).await;
     assert_eq!(v["output"], "other ok\n");
+}
+
+/// Waits (up to 20 s) for `runner`'s second session: its broker or tenant actor restarted,
+/// which dropped its connection, and it came back.
+async fn reconnected(runner: &RunnerHandle) {
+    let mut watch = runner.watch();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        watch.wait_for(|s| matches!(s, RunnerStatus::Connected { session, .. } if *session >= 2)),
+    )
+    .await
+    .expect("the runner reconnected after the restart")
+    .unwrap();
 }
 
 /// A broker with tenant `a` (its admin key) and one runner of alice's with room for
@@ -126,6 +125,29 @@ async fn a_dispatch_decided_after_the_callers_limit_is_answered_as_decided() {
     // The runner's one slot is free again: the next job runs.
     let (status, v) = b.run(&a, "alice", "echo", &["after"]).await;
     assert_eq!((status, v["output"].as_str()), (200, Some("after\n")), "{v}");
+}
+
+/// A tenant actor that fails while deciding a dispatch it has taken (past the mailbox,
+/// so its caller waits for the verdict) answers that dispatch 503 at once, not after the
+/// caller's limit nor never: the failed actor drops the reply, the caller discards the
+/// job, and nothing of it is left queued or runs. The restarted actor serves the next
+/// dispatch once the runner is back.
+#[tokio::test]
+async fn a_tenant_actor_failing_in_a_dispatch_answers_it_unavailable_and_serves_the_next() {
+    let (b, a, dir, runner) = tenant_a_with_a_runner(1).await;
+    let ghost = dir.path().join("ghost");
+    assert!(b.handle().crash_on_next_dispatch("a"));
+    let started = std::time::Instant::now();
+    let (status, v) = b.run(&a, "alice", "touch", &[ghost.to_str().unwrap()]).await;
+    assert_eq!((status, v["error"]["code"].as_str()), (503, Some("unavailable")), "{v}");
+    // ACTOR_CALL_TIMEOUT is 5 s.
+    assert!(started.elapsed() < Duration::from_secs(4), "answered after {:?}", started.elapsed());
+    let (_, jobs) = b.api.get("/v1/jobs", &a).await;
+    assert_eq!(jobs["jobs"].as_array().map(Vec::len), Some(0), "{jobs}");
+    reconnected(&runner).await;
+    let (status, v) = b.run(&a, "alice", "echo", &["after"]).await;
+    assert_eq!((status, v["output"].as_str()), (200, Some("after\n")), "{v}");
+    assert!(!ghost.exists(), "the job answered 503 ran");
 }
 
 /// A job cancelled while its dispatch waits for the tenant actor (it is listed, queued,

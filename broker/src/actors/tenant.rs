@@ -88,10 +88,20 @@ pub(crate) enum TenantMsg {
     /// time limits only).
     #[cfg(feature = "fault-injection")]
     Stall(Duration),
-    /// Take this long over the next dispatch, once it is this actor's to decide (tests of
-    /// a caller whose time limit passes while the actor decides only).
+    /// Meet this fault in the next dispatch, once it is this actor's to decide (tests of
+    /// what its caller hears only).
     #[cfg(feature = "fault-injection")]
-    SlowNextDispatch(Duration),
+    FaultNextDispatch(DispatchFault),
+}
+
+/// What [`TenantMsg::FaultNextDispatch`] does to the dispatch the actor takes next.
+#[cfg(feature = "fault-injection")]
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum DispatchFault {
+    /// Take this long before deciding (a caller whose time limit passes meanwhile).
+    Slow(Duration),
+    /// Fail (the actor stops, its supervisor restarts it) before deciding.
+    Crash,
 }
 
 impl From<ConnectionEvent> for TenantMsg {
@@ -148,9 +158,9 @@ pub(crate) struct TenantState {
     seq: u64,
     links: HashMap<ConnId, Link>,
     by_actor: HashMap<ActorId, ConnId>,
-    /// [`TenantMsg::SlowNextDispatch`]'s delay, not yet spent.
+    /// [`TenantMsg::FaultNextDispatch`]'s fault, not yet met.
     #[cfg(feature = "fault-injection")]
-    slow_dispatch: Option<Duration>,
+    dispatch_fault: Option<DispatchFault>,
 }
 
 impl std::fmt::Debug for TenantState {
@@ -189,7 +199,7 @@ impl TenantState {
             links: HashMap::new(),
             by_actor: HashMap::new(),
             #[cfg(feature = "fault-injection")]
-            slow_dispatch: None,
+            dispatch_fault: None,
         }
     }
 
@@ -493,8 +503,10 @@ impl Actor for TenantActor {
             TenantMsg::Dispatch(job, _) if !job.take_dispatch() => {}
             TenantMsg::Dispatch(job, reply) => {
                 #[cfg(feature = "fault-injection")]
-                if let Some(d) = state.slow_dispatch.take() {
-                    tokio::time::sleep(d).await;
+                match state.dispatch_fault.take() {
+                    Some(DispatchFault::Slow(d)) => tokio::time::sleep(d).await,
+                    Some(DispatchFault::Crash) => return Err("fault injected in a dispatch".into()),
+                    None => {}
                 }
                 let verdict = state.dispatch(job.clone());
                 if let Err(refusal) = &verdict {
@@ -540,7 +552,7 @@ impl Actor for TenantActor {
             #[cfg(feature = "fault-injection")]
             TenantMsg::Stall(d) => tokio::time::sleep(d).await,
             #[cfg(feature = "fault-injection")]
-            TenantMsg::SlowNextDispatch(d) => state.slow_dispatch = Some(d),
+            TenantMsg::FaultNextDispatch(f) => state.dispatch_fault = Some(f),
         }
         state.queue_depth.set(state.queue.len() as f64);
         Ok(())
