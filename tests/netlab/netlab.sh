@@ -11,7 +11,7 @@
 # digits, at most 8), so that two runs never collide.
 #
 # netlab.sh up P | down P | rebind P | expire P SECS | impair P LOSS% DELAY_MS
-#           | delay-line P PORT | exec P r|n|b CMD...
+#           | mtu P BYTES | delay-line P PORT | exec P r|n|b CMD...
 set -euo pipefail
 
 cmd=${1:?usage: netlab.sh up|down|rebind|expire|impair|exec PREFIX ...}
@@ -79,6 +79,13 @@ case "$cmd" in
     loss=${3:?loss percent} delay=${4:?delay ms}
     nsx "$N" tc qdisc replace dev "${p}nb" root netem loss "${loss}%" delay "${delay}ms"
     nsx "$B" tc qdisc replace dev "${p}bn" root netem loss "${loss}%" delay "${delay}ms"
+    ;;
+  # A link smaller than Ethernet (a tunnel, PPPoE) between the NAT and the broker: IP
+  # packets over BYTES are dropped there, both ways.
+  mtu)
+    bytes=${3:?bytes}
+    nsx "$N" ip link set dev "${p}nb" mtu "$bytes"
+    nsx "$B" ip link set dev "${p}bn" mtu "$bytes"
     ;;
   # Where the kernel has no netem: new UDP flows from the runner side toward the broker's
   # QUIC port go to a user-space delay line listening on PORT in the NAT namespace

@@ -428,6 +428,30 @@ async fn over_a_lossy_slow_path_a_hundred_jobs_succeed() {
     assert!(ms(0.5) >= Duration::from_millis(100), "the path was not slowed: {took:?}");
 }
 
+/// A path smaller than a full Ethernet one (a 1,400-byte link between the NAT and the
+/// broker, as a tunnel or PPPoE makes): each side's one path MTU probe, at 1,452 bytes, is
+/// lost, the connection stays at QUIC's 1,200, and jobs and their bulk output get through
+/// whole. A connection that started above the path's size, or took a lost probe for its
+/// size, would lose every full datagram.
+#[tokio::test]
+async fn behind_a_link_smaller_than_ethernet_jobs_and_their_bulk_output_get_through() {
+    let Some(lab) = Lab::up() else { return };
+    lab.lab("mtu", &["1400"]);
+    let link = lab.command(Ns::Nat, "ip").args(["link"]).output().await.unwrap();
+    assert!(String::from_utf8_lossy(&link.stdout).contains("mtu 1400"), "{link:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let Natted { b: _broker, admin, _runner, .. } = natted(&lab, dir.path()).await;
+    const BYTES: usize = 300_000;
+    for n in 0..3 {
+        let script = format!("echo small-{n}; head -c {BYTES} /dev/zero | tr '\\0' x");
+        let (_, v) = job(&lab, &admin, &script, Duration::from_secs(30)).await;
+        let output = v["output"].as_str().unwrap_or_default();
+        assert!(output.starts_with(&format!("small-{n}\n")), "{}", &output[..output.len().min(80)]);
+        assert_eq!(output.len(), format!("small-{n}\n").len() + BYTES);
+        assert!(output.ends_with('x'));
+    }
+}
+
 /// `fleet-under-test`'s lines as fleet events.
 fn fleet_events(
     stdout: tokio::process::ChildStdout,
