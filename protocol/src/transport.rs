@@ -49,7 +49,7 @@ pub const MTU_PROBE_MIN_CHANGE: u16 = 200;
 /// A probe is a PING padded with ~1,400 one-byte PADDING frames, and quinn parses PADDING
 /// one frame per byte. quinn's default search (four probes each way, again every ten
 /// minutes) cost the broker ~20% of its CPU per runner handshake in a reconnect storm:
-/// 0.42 ms → 0.33 ms per handshake with one probe, BENCHMARKS.md. A path of full Ethernet
+/// 0.43 ms → 0.34 ms per handshake with one probe, BENCHMARKS.md. A path of full Ethernet
 /// size gets its 1,452 bytes after one probe, as before; a smaller one (a tunnel, PPPoE)
 /// stays at 1,200 instead of finding the size in between: ~15% more datagrams for bulk
 /// output on such a path, nothing for the small frames a dispatch sends.
