@@ -41,6 +41,25 @@ async fn half_sent(n: u8, addr: std::net::SocketAddr) -> TcpStream {
     s
 }
 
+/// `n` half-sent connections from `127.0.0.<source>` (the cap being tested), then one more
+/// from there, which must be closed at once; answers the `n` held.
+async fn full_then_refused(source: u8, n: usize, addr: std::net::SocketAddr) -> Vec<TcpStream> {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        held.push(half_sent(source, addr).await);
+    }
+    // Let the accept loop take them all.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut extra = from(source, addr).await;
+    let _ = extra.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(
+        closed_within(&mut extra, Duration::from_secs(2)).await.is_some(),
+        "connection {} from 127.0.0.{source} must be closed at once",
+        n + 1
+    );
+    held
+}
+
 #[tokio::test]
 async fn half_sent_requests_are_closed_after_the_header_timeout_and_the_api_keeps_answering() {
     let b = TestBroker::start_with(|c| c.http_header_timeout = Duration::from_secs(2)).await;
@@ -84,18 +103,7 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
 async fn connections_past_the_cap_are_closed_at_once_and_a_freed_slot_serves_again() {
     let b = TestBroker::start_with(|c| c.http_max_connections = 4).await;
     let addr = b.handle().http_addr();
-    let mut held = Vec::new();
-    for _ in 0..4 {
-        held.push(half_sent(1, addr).await);
-    }
-    // Let the accept loop take all four.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut extra = TcpStream::connect(addr).await.unwrap();
-    let _ = extra.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
-    assert!(
-        closed_within(&mut extra, Duration::from_secs(2)).await.is_some(),
-        "a fifth connection must be closed at once"
-    );
+    let held = full_then_refused(1, 4, addr).await;
     drop(held);
     runnel_tests::wait_for(Duration::from_secs(5), "a slot to free", || async {
         let (s, _) = b.api.try_call(runnel_tests::Method::GET, "/healthz", "", None).await?;
@@ -110,19 +118,9 @@ async fn connections_past_the_cap_are_closed_at_once_and_a_freed_slot_serves_aga
 async fn one_source_holds_at_most_its_share_of_connections_and_another_source_still_gets_in() {
     let b = TestBroker::start_with(|c| c.http_max_connections_per_source = 3).await;
     let addr = b.handle().http_addr();
-    // 127.0.0.3 opens three connections and sends half a request on each.
-    let mut held = Vec::new();
-    for _ in 0..3 {
-        held.push(half_sent(3, addr).await);
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    // Its fourth is closed at once, though the broker has room for thousands.
-    let mut extra = from(3, addr).await;
-    let _ = extra.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
-    assert!(
-        closed_within(&mut extra, Duration::from_secs(2)).await.is_some(),
-        "a fourth connection from one source must be closed at once"
-    );
+    // 127.0.0.3 holds three; its fourth is closed at once, though the broker has room for
+    // thousands.
+    let mut held = full_then_refused(3, 3, addr).await;
     // Another source is served meanwhile.
     let mut other = from(2, addr).await;
     other

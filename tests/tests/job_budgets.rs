@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use runnel_protocol::{ClientControl, Hello, write_frame};
+use runnel_runner::RunnerHandle;
 use runnel_tests::TestBroker;
 use serde_json::{Value, json};
 
@@ -423,13 +424,20 @@ async fn an_http_client_that_does_not_read_holds_at_most_its_tenants_answer_budg
     .await;
 }
 
-#[tokio::test]
-async fn a_client_that_stops_taking_its_answer_is_closed_after_the_send_timeout() {
-    use tokio::io::AsyncReadExt;
+/// A broker whose API gives up on a client after 1 s of taking nothing
+/// (`--api-send-timeout`), tenant `acme` (its admin key) and one runner of alice's.
+async fn send_timeout_of_a_second() -> (TestBroker, String, tempfile::TempDir, RunnerHandle) {
     let b = TestBroker::start_with(|c| c.api_send_timeout = Duration::from_secs(1)).await;
     let acme = b.tenant("acme").await;
     let dir = tempfile::tempdir().unwrap();
-    let (_, _runner) = b.runner(&acme, "alice", &dir.path().join("r"), 1).await;
+    let (_, runner) = b.runner(&acme, "alice", &dir.path().join("r"), 1).await;
+    (b, acme, dir, runner)
+}
+
+#[tokio::test]
+async fn a_client_that_stops_taking_its_answer_is_closed_after_the_send_timeout() {
+    use tokio::io::AsyncReadExt;
+    let (b, acme, _dir, _runner) = send_timeout_of_a_second().await;
     let id = six_mib_answer_job(&b, &acme).await;
     let mut s = get_reading_little(&b, &acme, &id).await;
     runnel_tests::wait_for(Duration::from_secs(5), "the answer held", || async {
@@ -454,10 +462,7 @@ async fn a_client_that_stops_taking_its_answer_is_closed_after_the_send_timeout(
 
 #[tokio::test]
 async fn a_native_client_that_stops_taking_its_answers_has_them_reset_after_the_send_timeout() {
-    let b = TestBroker::start_with(|c| c.api_send_timeout = Duration::from_secs(1)).await;
-    let admin = b.tenant("acme").await;
-    let dir = tempfile::tempdir().unwrap();
-    let (_, _runner) = b.runner(&admin, "alice", &dir.path().join("r"), 1).await;
+    let (b, admin, _dir, _runner) = send_timeout_of_a_second().await;
     let get = one_mib_job(&b, &admin).await;
 
     // Four reads on streams of their own and four on a lane, none taken.
