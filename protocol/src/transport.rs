@@ -76,7 +76,8 @@ pub struct Stats {
     pub bytes_received: u64,
     /// The largest UDP payload the path is known to carry now (path MTU discovery).
     pub path_mtu: u16,
-    /// Path MTU probes this side sent that the peer acknowledged.
+    /// Path MTU probes this side sent and did not count as lost (acknowledged, or still in
+    /// flight).
     pub mtu_probes: u64,
 }
 
