@@ -214,7 +214,7 @@ pub(crate) async fn dispatch(
                 OverBudget::Unfinished(_) => "too_many_jobs",
                 OverBudget::Bytes(_) => "over_byte_budget",
             };
-            metrics::counter!(crate::metrics::names::DISPATCHES, "outcome" => outcome).increment(1);
+            crate::metrics::dispatch_outcome(outcome);
             let message = match over {
                 OverBudget::Unfinished(n) => {
                     format!("the tenant has {n} jobs queued or running (its limit); retry later")
@@ -259,8 +259,7 @@ pub(crate) async fn dispatch(
         // The actor never took it (or is gone): it leaves the table here.
         _ => {
             let err = ApiError::unavailable("tenant actor did not answer");
-            metrics::counter!(crate::metrics::names::DISPATCHES, "outcome" => err.code)
-                .increment(1);
+            crate::metrics::dispatch_outcome(err.code);
             shared.jobs.discard(&job);
             Some(err)
         }

@@ -167,9 +167,15 @@ impl JobMetrics {
     pub(crate) fn ended(&self, state: runnel_protocol::JobState) {
         match self.ended.iter().find(|(s, _)| *s == state) {
             Some((_, c)) => c.increment(1),
-            None => metrics::counter!(names::DISPATCHES, "outcome" => state.name()).increment(1),
+            None => dispatch_outcome(state.name()),
         }
     }
+}
+
+/// `runnel_dispatches_total{outcome}` once more: a dispatch refused (`outcome` is the API's
+/// error code for it) or, past [`JobMetrics`]'s handles, a job that ended so.
+pub(crate) fn dispatch_outcome(outcome: &'static str) {
+    metrics::counter!(names::DISPATCHES, "outcome" => outcome).increment(1);
 }
 
 /// Whose answers [`answers_held`] counts.

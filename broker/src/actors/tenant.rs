@@ -513,9 +513,7 @@ impl Actor for TenantActor {
                     // A refused job leaves the table, and is counted, here, before its
                     // caller hears: the caller may be gone (its client hung up).
                     state.shared.jobs.discard(&job);
-                    let outcome = refusal.code();
-                    metrics::counter!(crate::metrics::names::DISPATCHES, "outcome" => outcome)
-                        .increment(1);
+                    crate::metrics::dispatch_outcome(refusal.code());
                 }
                 let _ = reply.send(verdict.as_ref().map(|_| ()).map_err(Clone::clone));
                 // An accepted job runs even when its caller is gone: as if its client had
