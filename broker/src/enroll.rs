@@ -208,6 +208,8 @@ async fn decide(shared: &Shared, req: EnrollRequest) -> Result<Enrolled, Refusal
         Err(e) => return Err(token_refusal("internal", None, format!("store: {e}"))),
     };
     shared.index.apply(&record);
+    let digest = runnel_certs::digest(&issued.cert_der);
+    shared.index.set_current_cert(&record.id, &issued.serial_hex, digest);
     let detail = format!("certificate serial {}", issued.serial_hex);
     let actor = format!("runner:{}", record.id);
     let ev = AuditEvent::now("enrolled", actor, Some(&record.tenant), Some(&record.id), detail);

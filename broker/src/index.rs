@@ -37,6 +37,10 @@ pub(crate) struct IndexEntry {
     /// Serial (hex) of the runner's one current certificate: the verifier accepts no other,
     /// so a renewal retires the previous certificate at once.
     pub cert_serial: Option<String>,
+    /// SHA-256 of that certificate's DER, once this broker has issued it or verified its
+    /// chain to the CA (memory only): a handshake presenting exactly these bytes skips the
+    /// chain's signature check (see `PairingVerifier::decide`).
+    pub cert_digest: Option<[u8; 32]>,
     /// Live connections right now.
     pub connections: u32,
     /// Whether the runner said it is draining.
@@ -116,6 +120,7 @@ impl RunnerIndex {
                     labels: BTreeMap::new(),
                     state: rec.state,
                     cert_serial: None,
+                    cert_digest: None,
                     connections: 0,
                     draining: false,
                     last_seen: rec.last_seen,
@@ -136,8 +141,9 @@ impl RunnerIndex {
         entry.tenant = rec.tenant.clone();
         entry.owner = rec.owner.clone();
         entry.labels = rec.labels.clone();
-        if rec.cert_serial.is_some() {
+        if rec.cert_serial.is_some() && rec.cert_serial != entry.cert_serial {
             entry.cert_serial = rec.cert_serial.clone();
+            entry.cert_digest = None;
         }
         // Never hold a lock of one map while taking the other's (any_could_match holds
         // `by_owner` while it reads `map`).
@@ -218,10 +224,28 @@ impl RunnerIndex {
         if current.as_deref() == Some(serial_hex) { Ok(()) } else { Err(IndexRefusal::Retired) }
     }
 
-    /// Makes `serial_hex` the runner's current certificate (after a renewal was stored).
-    pub(crate) fn set_current_cert(&self, runner_id: &str, serial_hex: &str) {
+    /// Whether `digest` is the SHA-256 of the runner's current certificate as this broker
+    /// issued it or verified it: bytes it has already seen chain to the CA.
+    pub(crate) fn is_known_cert(&self, runner_id: &str, digest: &[u8; 32]) -> bool {
+        self.map.get(runner_id).is_some_and(|e| e.cert_digest.as_ref() == Some(digest))
+    }
+
+    /// Records the bytes of the runner's current certificate `serial_hex`, whose chain was
+    /// just verified; nothing if the runner's current certificate is another by now.
+    pub(crate) fn remember_cert(&self, runner_id: &str, serial_hex: &str, digest: [u8; 32]) {
+        if let Some(mut e) = self.map.get_mut(runner_id)
+            && e.cert_serial.as_deref() == Some(serial_hex)
+        {
+            e.cert_digest = Some(digest);
+        }
+    }
+
+    /// Makes the certificate this broker just issued (and stored) the runner's current one:
+    /// the verifier accepts no other, and knows these bytes.
+    pub(crate) fn set_current_cert(&self, runner_id: &str, serial_hex: &str, digest: [u8; 32]) {
         if let Some(mut e) = self.map.get_mut(runner_id) {
             e.cert_serial = Some(serial_hex.to_owned());
+            e.cert_digest = Some(digest);
         }
     }
 
@@ -346,6 +370,33 @@ mod tests {
     }
 
     #[test]
+    fn only_the_current_certificates_bytes_are_known() {
+        let idx = RunnerIndex::new();
+        let mut r = rec("r1", RunnerState::Paired);
+        r.cert_serial = Some("aa".into());
+        idx.apply(&r);
+        assert!(!idx.is_known_cert("r1", &[1; 32]), "nothing verified yet");
+        // A digest for a serial that is not the current one is not remembered.
+        idx.remember_cert("r1", "bb", [1; 32]);
+        assert!(!idx.is_known_cert("r1", &[1; 32]));
+        idx.remember_cert("r1", "aa", [1; 32]);
+        assert!(idx.is_known_cert("r1", &[1; 32]));
+        assert!(!idx.is_known_cert("r1", &[3; 32]), "other bytes");
+        assert!(!idx.is_known_cert("r2", &[1; 32]), "another runner");
+        // The same record again (a store watch echo) keeps what is known.
+        idx.apply(&r);
+        assert!(idx.is_known_cert("r1", &[1; 32]));
+        // A renewal stored elsewhere (another serial in the record) forgets the bytes.
+        r.cert_serial = Some("cc".into());
+        idx.apply(&r);
+        assert!(!idx.is_known_cert("r1", &[1; 32]));
+        // A renewal issued here knows its new bytes at once.
+        idx.set_current_cert("r1", "dd", [4; 32]);
+        assert!(idx.is_known_cert("r1", &[4; 32]));
+        assert!(!idx.is_known_cert("r1", &[1; 32]));
+    }
+
+    #[test]
     fn only_the_current_certificate_serial_passes() {
         let idx = RunnerIndex::new();
         let mut r = rec("r1", RunnerState::Paired);
@@ -353,7 +404,7 @@ mod tests {
         idx.apply(&r);
         assert_eq!(idx.check_cert("r1", "t", "o", "aa"), Ok(()));
         assert_eq!(idx.check_cert("r1", "t", "o", "bb"), Err(IndexRefusal::Retired));
-        idx.set_current_cert("r1", "bb");
+        idx.set_current_cert("r1", "bb", [2; 32]);
         assert_eq!(idx.check_cert("r1", "t", "o", "aa"), Err(IndexRefusal::Retired));
         assert_eq!(idx.check_cert("r1", "t", "o", "bb"), Ok(()));
         // Revocation still wins over a current serial.

@@ -3,7 +3,9 @@
 //! rustls calls [`PairingVerifier::verify_client_cert`] synchronously while it processes the
 //! client's certificate. It first checks the chain to the cluster CA (webpki, which also
 //! checks validity and the client-auth key usage), then reads the identity from the URI SAN
-//! and asks the [`RunnerIndex`] whether that runner is paired. Unknown, revoked, expired and
+//! and asks the [`RunnerIndex`] whether that runner is paired. A runner's current
+//! certificate whose exact bytes this broker issued or already verified skips the chain's
+//! signature check; its validity window and pairing are checked on every handshake. Unknown, revoked, expired and
 //! foreign-CA peers get a TLS alert; not one application byte of theirs is read.
 //!
 //! Client certificates are *optional* at the TLS layer because enrollment connections
@@ -121,7 +123,23 @@ impl PairingVerifier {
             Some(Identity::Runner(r)) => Some(r.clone()),
             _ => None,
         };
-        if let Err(e) = self.webpki.verify_client_cert(end_entity, intermediates, now) {
+        // Bytes this broker issued, or whose chain it has verified since it started, are
+        // not checked against the CA again (a signature verification, a tenth of a
+        // handshake's CPU): a SHA-256 match is as binding as the signature. What can have
+        // changed since is checked every time: the validity window here, the pairing below.
+        let digest = runnel_certs::digest(end_entity);
+        let known = parsed.as_ref().filter(|p| match &p.identity {
+            Identity::Runner(r) => {
+                r.cluster == self.cluster && self.index.is_known_cert(&r.runner, &digest)
+            }
+            _ => false,
+        });
+        if let Some(p) = known {
+            let t = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+            if t < p.not_before.unix_timestamp() || t > p.not_after.unix_timestamp() {
+                return Err(self.deny(HandshakeRefusal::Expired, claimed(), true));
+            }
+        } else if let Err(e) = self.webpki.verify_client_cert(end_entity, intermediates, now) {
             let reason = match e {
                 rustls::Error::InvalidCertificate(
                     CertificateError::Expired
@@ -148,6 +166,7 @@ impl PairingVerifier {
             // cluster log, labelled as a claim.
             return Err(self.deny(reason, claimed(), proven));
         }
+        let known = known.is_some();
         let (identity, serial) = match parsed {
             Some(p) => match p.identity {
                 Identity::Runner(r) if r.cluster == self.cluster => (r, p.serial_hex),
@@ -157,6 +176,9 @@ impl PairingVerifier {
         };
         match self.index.check_cert(&identity.runner, &identity.tenant, &identity.owner, &serial) {
             Ok(()) => {
+                if !known {
+                    self.index.remember_cert(&identity.runner, &serial, digest);
+                }
                 metrics::counter!(crate::metrics::names::HANDSHAKES, "result" => "ok").increment(1);
                 Ok(identity)
             }
@@ -233,5 +255,90 @@ impl ClientCertVerifier for PairingVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.webpki.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use runnel_certs::{ClusterCa, key};
+
+    use super::*;
+    use crate::records::{RunnerRecord, RunnerState};
+
+    /// A verifier for CA `ca` whose index holds one paired runner, and that runner's
+    /// current certificate (its serial in the record, as enrollment leaves it).
+    fn paired(ca: &ClusterCa) -> (PairingVerifier, CertificateDer<'static>) {
+        let index = Arc::new(RunnerIndex::new());
+        let id = RunnerIdentity::new("runnel", "t", "o", "r1").expect("identity");
+        let csr = key::csr_pem(&key::generate_key().expect("key")).expect("csr");
+        let issued = ca.issue_runner_cert(&csr, &id, Duration::from_secs(3600)).expect("issue");
+        index.apply(&RunnerRecord {
+            id: "r1".into(),
+            tenant: "t".into(),
+            owner: "o".into(),
+            name: "r1".into(),
+            labels: BTreeMap::new(),
+            state: RunnerState::Paired,
+            created_at: 0,
+            enrolled_at: None,
+            revoked_at: None,
+            cert_serial: Some(issued.serial_hex),
+            cert_not_after: None,
+            last_seen: None,
+        });
+        let v = PairingVerifier::new(ca.cert_der(), "runnel", index, None).expect("verifier");
+        (v, issued.cert_der)
+    }
+
+    fn at(t: UnixTime, shift: i64) -> UnixTime {
+        let secs = t.as_secs().checked_add_signed(shift).expect("in range");
+        UnixTime::since_unix_epoch(Duration::from_secs(secs))
+    }
+
+    #[test]
+    fn a_certificate_whose_chain_was_verified_is_known_by_its_bytes() {
+        let ca = ClusterCa::generate("runnel").expect("ca");
+        let (v, cert) = paired(&ca);
+        let digest = runnel_certs::digest(&cert);
+        assert!(!v.index.is_known_cert("r1", &digest));
+        let now = UnixTime::now();
+        assert!(v.decide(&cert, &[], now).is_ok());
+        assert!(v.index.is_known_cert("r1", &digest), "the verified bytes are remembered");
+        assert!(v.decide(&cert, &[], now).is_ok(), "and pass again");
+    }
+
+    #[test]
+    fn a_known_certificate_is_refused_outside_its_validity_window() {
+        let ca = ClusterCa::generate("runnel").expect("ca");
+        let (v, cert) = paired(&ca);
+        let now = UnixTime::now();
+        assert!(v.decide(&cert, &[], now).is_ok());
+        assert!(v.index.is_known_cert("r1", &runnel_certs::digest(&cert)));
+        assert_eq!(v.decide(&cert, &[], at(now, 7200)).err(), Some(HandshakeRefusal::Expired));
+        assert_eq!(v.decide(&cert, &[], at(now, -7200)).err(), Some(HandshakeRefusal::Expired));
+        assert!(v.decide(&cert, &[], now).is_ok());
+    }
+
+    #[test]
+    fn a_certificate_differing_from_a_known_one_only_in_its_signature_is_refused() {
+        let ca = ClusterCa::generate("runnel").expect("ca");
+        let (v, cert) = paired(&ca);
+        let now = UnixTime::now();
+        assert!(v.decide(&cert, &[], now).is_ok());
+        // Same identity, serial and window as the known certificate; the signature (the
+        // DER's last bytes) no longer the CA's.
+        let mut forged = cert.to_vec();
+        let last = forged.len() - 1;
+        forged[last] ^= 0x01;
+        let forged = CertificateDer::from(forged);
+        assert_eq!(
+            runnel_certs::parse_cert(&forged).expect("still parses").serial_hex,
+            runnel_certs::parse_cert(&cert).expect("parses").serial_hex
+        );
+        assert_eq!(v.decide(&forged, &[], now).err(), Some(HandshakeRefusal::ForeignCa));
+        assert!(v.decide(&cert, &[], now).is_ok());
     }
 }

@@ -61,10 +61,16 @@ pub enum CertError {
     },
 }
 
+/// The SHA-256 of a DER certificate: the bytes [`fingerprint`] prints and a pin compares.
+pub fn digest(der: &[u8]) -> [u8; 32] {
+    let mut out = [0; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, der).as_ref());
+    out
+}
+
 /// `sha256:<hex>` of a DER certificate, as printed in enroll commands.
 pub fn fingerprint(der: &[u8]) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, der);
-    format!("sha256:{}", hex::encode(digest.as_ref()))
+    format!("sha256:{}", hex::encode(digest(der)))
 }
 
 /// Parses `sha256:<64 hex digits>` into the 32 digest bytes.

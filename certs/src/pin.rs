@@ -39,14 +39,11 @@ impl ServerCertVerifier for PinnedCaVerifier {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let ca = intermediates
-            .iter()
-            .find(|c| ring::digest::digest(&ring::digest::SHA256, c).as_ref() == self.pin)
-            .ok_or_else(|| {
-                rustls::Error::General(
-                    "the server's CA does not match the pinned CA fingerprint".into(),
-                )
-            })?;
+        let ca = intermediates.iter().find(|c| crate::digest(c) == self.pin).ok_or_else(|| {
+            rustls::Error::General(
+                "the server's CA does not match the pinned CA fingerprint".into(),
+            )
+        })?;
         let mut roots = rustls::RootCertStore::empty();
         roots.add(ca.clone().into_owned())?;
         let inner =

@@ -569,7 +569,8 @@ impl ConnectionState {
         match updated {
             Ok(Some(_)) => {
                 // From now on only the new certificate passes the handshake.
-                self.shared.index.set_current_cert(&id.runner, &issued.serial_hex);
+                let digest = runnel_certs::digest(&issued.cert_der);
+                self.shared.index.set_current_cert(&id.runner, &issued.serial_hex, digest);
                 let detail = format!("serial {}", issued.serial_hex);
                 let actor = format!("runner:{}", id.runner);
                 let ev =
