@@ -58,6 +58,13 @@ fn record(i: usize, state: RunnerState) -> RunnerRecord {
     }
 }
 
+/// Runner `i`'s record naming `der` as its current certificate.
+fn record_with_cert(i: usize, state: RunnerState, der: &[u8]) -> RunnerRecord {
+    let mut r = record(i, state);
+    r.cert_serial = Some(runnel_certs::parse_cert(der).unwrap().serial_hex);
+    r
+}
+
 fn verifier(c: &mut Criterion) {
     let ca = ClusterCa::generate("runnel").unwrap();
     let index = Arc::new(RunnerIndex::new());
@@ -68,15 +75,15 @@ fn verifier(c: &mut Criterion) {
     let csr = key::csr_pem(&key::generate_key().unwrap()).unwrap();
     // The index accepts only a runner's current certificate: its record carries the serial.
     let issue = |i: usize, state| {
-        let mut r = record(i, state);
+        let r = record(i, state);
         let id = RunnerIdentity::new("runnel", &r.tenant, &r.owner, &r.id).unwrap();
         let der = ca.issue_runner_cert(&csr, &id, Duration::from_secs(3600)).unwrap().cert_der;
-        r.cert_serial = Some(runnel_certs::parse_cert(&der).unwrap().serial_hex);
-        index.apply(&r);
+        index.apply(&record_with_cert(i, state, &der));
         der
     };
     let (paired, revoked) = (issue(1, RunnerState::Paired), issue(7, RunnerState::Revoked));
-    let v = PairingVerifier::new(ca.cert_der(), "runnel", index, None).unwrap();
+    let current = record_with_cert(1, RunnerState::Paired, &paired);
+    let v = PairingVerifier::new(ca.cert_der(), "runnel", index.clone(), None).unwrap();
     let foreign = {
         let other = ClusterCa::generate("runnel").unwrap();
         let r = record(1, RunnerState::Paired);
@@ -85,8 +92,25 @@ fn verifier(c: &mut Criterion) {
     };
     assert!(v.decide(&paired, &[], UnixTime::now()).is_ok());
     assert!(v.decide(&revoked, &[], UnixTime::now()).is_err());
+    // After its first handshake the index knows a certificate's bytes: no chain check.
     c.bench_function("verifier/accept paired (10k index)", |b| {
         b.iter(|| v.decide(black_box(&paired), &[], UnixTime::now()).is_ok())
+    });
+    // A certificate this broker has neither issued nor verified yet (a restarted broker, a
+    // runner enrolled on another node): the chain is checked. A record with another serial
+    // and then the current one again makes the index forget the bytes (not timed; one
+    // setup per iteration, since criterion runs a batch's setups before its routines).
+    let mut other = current.clone();
+    other.cert_serial = Some("00".into());
+    c.bench_function("verifier/accept paired, first handshake (chain checked)", |b| {
+        b.iter_batched(
+            || {
+                index.apply(&other);
+                index.apply(&current);
+            },
+            |()| v.decide(black_box(&paired), &[], UnixTime::now()).is_ok(),
+            criterion::BatchSize::PerIteration,
+        )
     });
     c.bench_function("verifier/refuse revoked", |b| {
         b.iter(|| v.decide(black_box(&revoked), &[], UnixTime::now()).is_err())
