@@ -29,7 +29,8 @@ pub(crate) const MAX_JOB_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// Default QUIC idle timeout; a runner silent this long (killed, unplugged) is lost.
 pub(crate) const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Default heartbeat interval asked of runners.
-pub(crate) const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+pub(crate) const DEFAULT_HEARTBEAT: Duration =
+    runnel_protocol::transport::DEFAULT_HEARTBEAT_INTERVAL;
 /// Default number of finished jobs kept per tenant for `GET /v1/jobs/{id}`.
 pub(crate) const DEFAULT_JOB_RETENTION: usize = 10_000;
 /// Default bytes of payloads and output one tenant's jobs may hold (256 MiB).

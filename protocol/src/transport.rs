@@ -14,6 +14,10 @@
 //! packet received out of order is still acknowledged at once.
 //!
 //! **Path MTU discovery** probes once each way ([`mtu_discovery`]).
+//!
+//! **Keep-alive and heartbeat** ([`DEFAULT_KEEP_ALIVE`], [`DEFAULT_HEARTBEAT_INTERVAL`]):
+//! by default a runner's QUIC keep-alive is a little longer than the heartbeat interval a
+//! broker asks for, so an idle runner sends its heartbeats and nothing else.
 
 use std::time::Duration;
 
@@ -31,6 +35,23 @@ pub fn ack_frequency() -> quinn_proto::AckFrequencyConfig {
     ack.ack_eliciting_threshold(ACK_ELICITING_THRESHOLD.into()).max_ack_delay(Some(MAX_ACK_DELAY));
     ack
 }
+
+/// The heartbeat interval a broker asks of its runners (in Welcome) unless its operator
+/// sets another (`--heartbeat-interval`).
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// A runner's QUIC keep-alive unless its operator sets another (`--keep-alive`): how long
+/// the runner may receive nothing before it sends a PING, which keeps the NAT mapping in
+/// front of it alive and makes the broker answer. quinn restarts that wait at every packet
+/// the runner receives, and the broker acknowledges a heartbeat within [`MAX_ACK_DELAY`];
+/// so a keep-alive longer than the heartbeat interval sends nothing while heartbeats flow
+/// (a shorter one sent a PING between every two heartbeats, and the broker acknowledged
+/// each: twice the packets an idle runner needs, BENCHMARKS.md), and still refreshes the
+/// mapping every 6 s when heartbeats are rarer (a broker asking for a longer interval).
+/// NAT mappings commonly last 30 s, some 10-20 s.
+pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(6);
+
+const _: () = assert!(DEFAULT_KEEP_ALIVE.as_millis() > DEFAULT_HEARTBEAT_INTERVAL.as_millis());
 
 /// The largest UDP payload a connection probes for: a 1,500-byte Ethernet path less the
 /// IPv6 and UDP headers (quinn's default bound).
@@ -79,6 +100,9 @@ pub struct Stats {
     /// Path MTU probes this side sent and did not count as lost (acknowledged, or still in
     /// flight).
     pub mtu_probes: u64,
+    /// PING frames sent: keep-alives, path MTU probes, and loss probes with nothing else to
+    /// carry.
+    pub pings_sent: u64,
 }
 
 #[cfg(feature = "quinn")]
@@ -91,6 +115,7 @@ impl From<&quinn_proto::ConnectionStats> for Stats {
             bytes_received: s.udp_rx.bytes,
             path_mtu: s.path.current_mtu,
             mtu_probes: s.path.sent_plpmtud_probes.saturating_sub(s.path.lost_plpmtud_probes),
+            pings_sent: s.frame_tx.ping,
         }
     }
 }

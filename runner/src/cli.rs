@@ -70,9 +70,11 @@ enum Command {
         /// Serve no `exec` jobs at all (the runner stays connected; such jobs are refused).
         #[arg(long, env = "RUNNEL_NO_EXEC")]
         no_exec: bool,
-        /// QUIC keep-alive from the runner's side (default 4s): it keeps the NAT mapping in
-        /// front of the runner alive, so it must be shorter than that NAT's UDP timeout
-        /// (often 30 s, sometimes less). 100ms to 10m.
+        /// QUIC keep-alive from the runner's side (default 6s): a PING after this long
+        /// without a packet from the broker, which keeps the NAT mapping in front of the
+        /// runner alive, so it must be shorter than that NAT's UDP timeout (often 30 s,
+        /// sometimes less). Heartbeats (every 5 s by default) refresh the mapping too, so
+        /// with the defaults the PING is never needed. 100ms to 10m.
         #[arg(long, env = "RUNNEL_KEEP_ALIVE", value_parser = parse_keep_alive)]
         keep_alive: Option<std::time::Duration>,
     },

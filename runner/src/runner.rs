@@ -20,7 +20,7 @@ use crate::state::StateDir;
 use crate::{Exec, RunnerError};
 
 /// Default QUIC keep-alive.
-const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(4);
+const DEFAULT_KEEP_ALIVE: Duration = runnel_protocol::transport::DEFAULT_KEEP_ALIVE;
 
 /// Where the runner stands.
 #[derive(Debug, Clone, PartialEq, Eq)]

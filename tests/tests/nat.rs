@@ -299,7 +299,7 @@ async fn an_idle_runner_outlives_its_nat_mapping_timeout_because_its_keep_alive_
     let Some(lab) = Lab::up() else { return };
     let dir = tempfile::tempdir().unwrap();
     // UDP mappings die after 10 s of silence. The broker asks for heartbeats only every
-    // 25 s, so only the runner's keep-alive (4 s by default) can keep the mapping.
+    // 25 s, so only the runner's keep-alive (6 s by default) can keep the mapping.
     lab.lab("expire", &["10"]);
     let broker_args = ["--idle-timeout", "60s", "--heartbeat-interval", "25s"];
     let Natted { b, admin, id, _runner } =

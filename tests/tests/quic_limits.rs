@@ -4,7 +4,8 @@
 //! refuses what is past it and frees its slots; one source enrolling too often is told to
 //! try again; one tenant opens at most its cap of native API connections. And the
 //! transport settings both ends ask of each other (acknowledgement frequency) or run
-//! themselves (one path MTU probe each way) are in force on a real connection.
+//! themselves (one path MTU probe each way; an idle runner's heartbeats and no keep-alive
+//! PINGs with the default settings) are in force on a real connection.
 #![allow(missing_docs, clippy::unwrap_used)]
 
 use std::sync::Arc;
@@ -327,6 +328,35 @@ async fn broker_and_runner_each_probe_the_path_mtu_once() {
     assert!(s.frame_rx.ping <= 2, "the broker's probes (PINGs): {}", s.frame_rx.ping);
     let stats = runnel_protocol::transport::Stats::from(&s);
     assert_eq!((stats.path_mtu, stats.mtu_probes), (MTU_PROBE_SIZE, 1));
+}
+
+#[tokio::test]
+async fn an_idle_runner_with_the_default_settings_sends_its_heartbeats_and_no_keep_alives() {
+    use runnel_protocol::transport::DEFAULT_HEARTBEAT_INTERVAL;
+    let b = TestBroker::start_with(|c| {
+        c.heartbeat_interval = DEFAULT_HEARTBEAT_INTERVAL;
+        c.idle_timeout = Duration::from_secs(15);
+    })
+    .await;
+    let admin = b.tenant("acme").await;
+    let dir = tempfile::tempdir().unwrap();
+    // The runner's default keep-alive (the test helper sets none).
+    let (_, h) = b.runner(&admin, "alice", &dir.path().join("r"), 1).await;
+    // Past the handshake's path MTU probe (a PING too).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = h.stats().unwrap();
+    // Two heartbeat periods and then some.
+    tokio::time::sleep(DEFAULT_HEARTBEAT_INTERVAL * 2 + Duration::from_secs(1)).await;
+    let after = h.stats().unwrap();
+    assert!(matches!(h.status(), RunnerStatus::Connected { .. }), "{:?}", h.status());
+    // A keep-alive shorter than the heartbeat interval sent a PING between every two
+    // heartbeats, and the broker acknowledged each.
+    assert_eq!(after.pings_sent - before.pings_sent, 0, "keep-alive PINGs");
+    // Two or three heartbeats out, their acknowledgements in; nothing else.
+    let sent = after.datagrams_sent - before.datagrams_sent;
+    let received = after.datagrams_received - before.datagrams_received;
+    assert!((2..=3).contains(&sent), "datagrams sent: {sent}");
+    assert!(received <= 3, "datagrams received: {received}");
 }
 
 /// A native API client's hello with `key`.
