@@ -227,6 +227,14 @@ struct ConnectArgs {
     /// one phase of each on the same broker and runners.
     #[arg(long, value_enum, default_value_t = Api::Both)]
     api: Api,
+    /// Idle traffic as in production: the broker's default heartbeat interval and the
+    /// runner's default keep-alive (otherwise the fleet heartbeats every 20 s with a 10 s
+    /// keep-alive, so that idle traffic stays out of the dispatch figures).
+    #[arg(long)]
+    production_idle: bool,
+    /// Seconds the idle fleet's broker CPU is measured over, once all are connected.
+    #[arg(long, default_value_t = IDLE_WINDOW.as_secs())]
+    idle_window: u64,
     #[command(flatten)]
     common: Common,
 }
@@ -340,17 +348,28 @@ fn load_label(a: &LoadArgs) -> String {
 async fn connect(a: ConnectArgs) -> anyhow::Result<()> {
     // The fleet is one tenant's, so the per-tenant runner cap (10,000 by default) must
     // allow all of it: `connect -n 20000` had stopped at the 10,001st runner.
-    let cap = ["--max-runners-per-tenant".to_owned(), a.runners.max(1).to_string()];
+    let mut extra = vec!["--max-runners-per-tenant".to_owned(), a.runners.max(1).to_string()];
+    let mut keep_alive = None;
+    if a.production_idle {
+        use runnel_protocol::transport::{DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_KEEP_ALIVE};
+        let heartbeat = format!("{}ms", DEFAULT_HEARTBEAT_INTERVAL.as_millis());
+        extra.extend(["--heartbeat-interval".to_owned(), heartbeat]);
+        keep_alive = Some(DEFAULT_KEEP_ALIVE);
+    }
     let bin = a.common.broker_bin.as_deref();
-    let broker = broker_proc::BrokerProc::start_with(bin, "127.0.0.1:0", &cap, None).await?;
-    let fleet = sim::Fleet::enroll(&broker, 1, a.runners, 64).await?;
+    let broker = broker_proc::BrokerProc::start_with(bin, "127.0.0.1:0", &extra, None).await?;
+    let mut fleet = sim::Fleet::enroll(&broker, 1, a.runners, 64).await?;
+    if let Some(d) = keep_alive {
+        fleet = fleet.keep_alive(d);
+    }
     let idle = broker.usage()?;
     let connected = fleet.connect(a.common.endpoints, a.common.runner_capacity, a.parallel).await?;
     let with_all = broker.usage()?;
     // What the idle fleet alone costs the broker (heartbeats, keep-alives, timers).
-    tokio::time::sleep(IDLE_WINDOW).await;
+    let window = Duration::from_secs(a.idle_window.max(1));
+    tokio::time::sleep(window).await;
     let idle_after = broker.usage()?;
-    let idle_cpu = (idle_after.cpu_secs - with_all.cpu_secs) / IDLE_WINDOW.as_secs_f64();
+    let idle_cpu = (idle_after.cpu_secs - with_all.cpu_secs) / window.as_secs_f64();
     report::connect(&a.runners, &connected, &idle, &with_all, idle_cpu);
     let mut before = idle_after;
     for &api in a.api.phases() {
