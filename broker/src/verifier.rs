@@ -5,8 +5,9 @@
 //! checks validity and the client-auth key usage), then reads the identity from the URI SAN
 //! and asks the [`RunnerIndex`] whether that runner is paired. A runner's current
 //! certificate whose exact bytes this broker issued or already verified skips the chain's
-//! signature check; its validity window and pairing are checked on every handshake. Unknown, revoked, expired and
-//! foreign-CA peers get a TLS alert; not one application byte of theirs is read.
+//! signature check; its validity window and pairing are checked on every handshake.
+//! Unknown, revoked, expired and foreign-CA peers get a TLS alert; not one application
+//! byte of theirs is read.
 //!
 //! Client certificates are *optional* at the TLS layer because enrollment connections
 //! (`runnel-enroll/1`) have none; a `runnel/1` connection without one is closed right after
