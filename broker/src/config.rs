@@ -28,9 +28,6 @@ pub(crate) const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(600);
 pub(crate) const MAX_JOB_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// Default QUIC idle timeout; a runner silent this long (killed, unplugged) is lost.
 pub(crate) const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
-/// Default heartbeat interval asked of runners.
-pub(crate) const DEFAULT_HEARTBEAT: Duration =
-    runnel_protocol::transport::DEFAULT_HEARTBEAT_INTERVAL;
 /// Default number of finished jobs kept per tenant for `GET /v1/jobs/{id}`.
 pub(crate) const DEFAULT_JOB_RETENTION: usize = 10_000;
 /// Default bytes of payloads and output one tenant's jobs may hold (256 MiB).
@@ -290,7 +287,7 @@ impl Default for Config {
             queue_timeout: DEFAULT_QUEUE_TIMEOUT,
             job_timeout: DEFAULT_JOB_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
-            heartbeat_interval: DEFAULT_HEARTBEAT,
+            heartbeat_interval: runnel_protocol::transport::DEFAULT_HEARTBEAT_INTERVAL,
             job_retention: DEFAULT_JOB_RETENTION,
             job_retention_age: DEFAULT_JOB_RETENTION_AGE,
             job_budget_bytes: DEFAULT_JOB_BUDGET_BYTES,

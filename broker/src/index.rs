@@ -220,8 +220,9 @@ impl RunnerIndex {
         serial_hex: &str,
     ) -> Result<(), IndexRefusal> {
         self.check(runner_id, tenant, owner)?;
-        let current = self.map.get(runner_id).and_then(|e| e.cert_serial.clone());
-        if current.as_deref() == Some(serial_hex) { Ok(()) } else { Err(IndexRefusal::Retired) }
+        let current =
+            self.map.get(runner_id).is_some_and(|e| e.cert_serial.as_deref() == Some(serial_hex));
+        if current { Ok(()) } else { Err(IndexRefusal::Retired) }
     }
 
     /// Whether `digest` is the SHA-256 of the runner's current certificate as this broker

@@ -19,9 +19,6 @@ use crate::session::{SessionEnd, session};
 use crate::state::StateDir;
 use crate::{Exec, RunnerError};
 
-/// Default QUIC keep-alive.
-const DEFAULT_KEEP_ALIVE: Duration = runnel_protocol::transport::DEFAULT_KEEP_ALIVE;
-
 /// Where the runner stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RunnerStatus {
@@ -73,7 +70,7 @@ impl Runner {
             handlers,
             capacity,
             labels: BTreeMap::new(),
-            keep_alive: DEFAULT_KEEP_ALIVE,
+            keep_alive: runnel_protocol::transport::DEFAULT_KEEP_ALIVE,
             broker_override: None,
         }
     }
