@@ -6,6 +6,7 @@
 //! Finished jobs are kept for `GET`, per tenant and bounded in count, age and bytes (see
 //! [`Budget`]), so that one tenant's flood never evicts another tenant's results.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -312,8 +313,16 @@ impl JobEntry {
     /// entry's strings first.
     pub(crate) fn with_view<R>(&self, with_output: bool, f: impl FnOnce(JobInfoRef<'_>) -> R) -> R {
         let g = self.lock();
-        // Borrowed when the output is valid UTF-8, as it nearly always is.
-        let output = if with_output { String::from_utf8_lossy(&g.output) } else { "".into() };
+        // Borrowed when the output is valid UTF-8, as it nearly always is. `from_utf8`
+        // checks that a word at a time; `from_utf8_lossy` walks it in chunks even when
+        // valid (its `Utf8Chunks` was ~0.5% of a native job's broker CPU).
+        let output: Cow<'_, str> = if !with_output {
+            "".into()
+        } else if let Ok(valid) = std::str::from_utf8(&g.output) {
+            valid.into()
+        } else {
+            String::from_utf8_lossy(&g.output)
+        };
         f(JobInfoRef {
             id: &self.id,
             owner: &self.spec.owner,
@@ -770,6 +779,23 @@ pub(crate) mod tests {
         assert!(!t.finish(&j, Finish::new(JobState::RunnerLost, "late")));
         assert_eq!(j.view().state, JobState::Succeeded);
         assert_eq!(j.view().runner_id.as_deref(), Some("r1"));
+    }
+
+    /// The view's output: valid UTF-8 exactly as the runner sent it, anything else with
+    /// each bad sequence replaced (U+FFFD), never dropped; a summary has none.
+    #[test]
+    fn the_views_output_is_the_runners_text_with_bad_bytes_replaced() {
+        let t = table(10, 1 << 30, 100);
+        for (sent, shown) in [
+            (&b"plain \xc3\xa9t\xc3\xa9 \xf0\x9f\x99\x82"[..], "plain \u{e9}t\u{e9} \u{1f642}"),
+            (&b"ok \xff\xfe then \xc3"[..], "ok \u{fffd}\u{fffd} then \u{fffd}"),
+        ] {
+            let j = t.create("t", spec(), None).unwrap();
+            assert!(j.mark_running(&"r".into()));
+            t.append_output(&j, sent.to_vec());
+            assert_eq!(j.view().output, shown);
+            assert_eq!(j.summary().output, "");
+        }
     }
 
     /// A follower of a finished job with more output than one piece reads it in pieces,
