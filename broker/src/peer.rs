@@ -45,7 +45,11 @@ fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(PEER_STREAMS.into())
         .max_concurrent_uni_streams(0u32.into())
-        .keep_alive_interval(Some(PEER_KEEP_ALIVE));
+        .keep_alive_interval(Some(PEER_KEEP_ALIVE))
+        // As every other runnel endpoint: one path MTU probe each way, and ACKs asked for
+        // less often than every second packet (calls forwarded together share them).
+        .mtu_discovery_config(Some(runnel_protocol::transport::mtu_discovery()))
+        .ack_frequency_config(Some(runnel_protocol::transport::ack_frequency()));
     if let Ok(idle) = PEER_IDLE.try_into() {
         t.max_idle_timeout(Some(idle));
     }
@@ -102,3 +106,44 @@ impl PeerTls {
 
 /// The server name every peer dials (the identity check is on the URI SAN).
 pub(crate) const SERVER_NAME: &str = PEER_SERVER_NAME;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection between two nodes probes the path MTU once each way and asks for
+    /// ACKs less often, as runner and client connections do: with quinn's defaults a peer
+    /// connection sent four padded probes each way and acknowledged every second packet.
+    #[tokio::test]
+    async fn nodes_probe_the_path_mtu_once_and_ask_for_fewer_acks() {
+        use runnel_protocol::transport::MTU_PROBE_SIZE;
+        let ca = ClusterCa::generate("runnel").expect("ca");
+        let (a, b) = (PeerTls::new(&ca, "a").expect("a"), PeerTls::new(&ca, "b").expect("b"));
+        let server =
+            quinn::Endpoint::server(a.server, "127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let addr = server.local_addr().expect("addr");
+        let accepted = tokio::spawn(async move {
+            let conn = server.accept().await.expect("incoming").await.expect("handshake");
+            (server, conn)
+        });
+        let client = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let conn =
+            client.connect_with(b.client, addr, SERVER_NAME).expect("dial").await.expect("tls");
+        let (_server, theirs) = accepted.await.expect("accepted");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while conn.stats().path.current_mtu != MTU_PROBE_SIZE
+            || theirs.stats().path.current_mtu != MTU_PROBE_SIZE
+        {
+            assert!(tokio::time::Instant::now() < deadline, "no probe: {:?}", conn.stats().path);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // A search that went on would send its next probe as soon as the last was acknowledged.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for (side, c) in [("dialling", &conn), ("accepting", &theirs)] {
+            let s = c.stats();
+            let probes = s.path.sent_plpmtud_probes - s.path.lost_plpmtud_probes;
+            assert_eq!(probes, 1, "the {side} node's acknowledged probes: {:?}", s.path);
+            assert!(s.frame_tx.ack_frequency >= 1, "the {side} node did not ask: {:?}", s.frame_tx);
+        }
+    }
+}
