@@ -436,12 +436,24 @@ impl TenantJobs {
         }
     }
 
+    /// Takes job `seq` out of the tenant's share, its bytes let go of; the caller takes it
+    /// out of the id map too ([`forget_id`]).
+    fn take(&mut self, seq: u64) -> Option<Arc<JobEntry>> {
+        let e = self.by_seq.remove(&seq)?;
+        self.release(e.held_bytes());
+        Some(e)
+    }
+
     fn forget(&mut self, seq: u64, ids: &JobsById) {
-        if let Some(e) = self.by_seq.remove(&seq) {
-            self.release(e.held_bytes());
-            ids.remove_if(&e.key, |_, v| Arc::ptr_eq(v, &e));
+        if let Some(e) = self.take(seq) {
+            forget_id(ids, &e);
         }
     }
+}
+
+/// Takes a job out of the id map (unless its key names another job by now).
+fn forget_id(ids: &JobsById, e: &Arc<JobEntry>) {
+    ids.remove_if(&e.key, |_, v| Arc::ptr_eq(v, e));
 }
 
 /// Every job by its id's random part ([`crate::secret::id_key`]).
@@ -684,17 +696,33 @@ impl JobTable {
         if has_output {
             t.with_output.push_back(entry.seq);
         }
-        self.expire(&mut t, now);
+        let gone = self.expire(&mut t, now);
+        // Out of the id map and dropped after the tenant's lock is let go of: the job
+        // finished long ago, so both miss the cache, and every dispatch and finish of the
+        // tenant waits on this lock.
+        drop(t);
+        if let Some(gone) = gone {
+            forget_id(&self.jobs, &gone);
+        }
     }
 
-    /// Forgets the finished jobs past the count or age of retention.
-    fn expire(&self, t: &mut TenantJobs, now: Instant) {
+    /// Forgets the finished jobs past the count or age of retention. The first is handed
+    /// back still in the id map, for the caller to take out ([`forget_id`]) once it has let
+    /// go of the tenant's lock (each finish forgets one job in the steady state); any more
+    /// are forgotten here.
+    #[must_use]
+    fn expire(&self, t: &mut TenantJobs, now: Instant) -> Option<Arc<JobEntry>> {
+        let mut first = None;
         while let Some(&(at, seq)) = t.finished.front() {
             if t.finished.len() > self.budget.retention
                 || now.duration_since(at) > self.budget.retention_age
             {
                 t.finished.pop_front();
-                t.forget(seq, &self.jobs);
+                if first.is_none() {
+                    first = t.take(seq);
+                } else {
+                    t.forget(seq, &self.jobs);
+                }
             } else {
                 break;
             }
@@ -703,13 +731,16 @@ impl JobTable {
         while t.with_output.front().is_some_and(|s| !t.by_seq.contains_key(s)) {
             t.with_output.pop_front();
         }
+        first
     }
 
     /// Applies the age limit to every tenant (a quiet tenant finishes nothing that would).
     pub(crate) fn sweep(&self) {
         let now = Instant::now();
         for mut t in self.tenants.iter_mut() {
-            self.expire(&mut t, now);
+            if let Some(gone) = self.expire(&mut t, now) {
+                forget_id(&self.jobs, &gone);
+            }
         }
         self.tenants.retain(|_, t| !t.by_seq.is_empty());
     }
