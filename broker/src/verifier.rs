@@ -311,12 +311,18 @@ mod tests {
         assert!(v.decide(&cert, &[], now).is_ok(), "and pass again");
     }
 
-    #[test]
-    fn a_known_certificate_is_refused_outside_its_validity_window() {
-        let ca = ClusterCa::generate("runnel").expect("ca");
-        let (v, cert) = paired(&ca);
+    /// [`paired`], its runner's certificate accepted once (so known by its bytes), and the
+    /// moment it was.
+    fn known() -> (PairingVerifier, CertificateDer<'static>, UnixTime) {
+        let (v, cert) = paired(&ClusterCa::generate("runnel").expect("ca"));
         let now = UnixTime::now();
         assert!(v.decide(&cert, &[], now).is_ok());
+        (v, cert, now)
+    }
+
+    #[test]
+    fn a_known_certificate_is_refused_outside_its_validity_window() {
+        let (v, cert, now) = known();
         assert!(v.index.is_known_cert("r1", &runnel_certs::digest(&cert)));
         assert_eq!(v.decide(&cert, &[], at(now, 7200)).err(), Some(HandshakeRefusal::Expired));
         assert_eq!(v.decide(&cert, &[], at(now, -7200)).err(), Some(HandshakeRefusal::Expired));
@@ -325,10 +331,7 @@ mod tests {
 
     #[test]
     fn a_certificate_differing_from_a_known_one_only_in_its_signature_is_refused() {
-        let ca = ClusterCa::generate("runnel").expect("ca");
-        let (v, cert) = paired(&ca);
-        let now = UnixTime::now();
-        assert!(v.decide(&cert, &[], now).is_ok());
+        let (v, cert, now) = known();
         // Same identity, serial and window as the known certificate; the signature (the
         // DER's last bytes) no longer the CA's.
         let mut forged = cert.to_vec();
