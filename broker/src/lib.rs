@@ -33,6 +33,7 @@ mod actors;
 mod api;
 mod audit;
 mod broker;
+mod call_lane;
 mod cluster;
 mod config;
 mod data_dir;

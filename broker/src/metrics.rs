@@ -66,6 +66,9 @@ pub mod names {
     /// Counter, `kind` (dispatch, get, list, cancel, output, close_runner, release_tenant):
     /// calls this node forwarded to a tenant's home over `runnel-peer/1`.
     pub const CLUSTER_FORWARDED: &str = "runnel_cluster_forwarded_total";
+    /// Gauge: lanes this node has open to its peers (`runnel-peer/2`): with a peer of an
+    /// older build, calls go on streams of their own and no lane opens.
+    pub const CLUSTER_PEER_LANES: &str = "runnel_cluster_peer_lanes";
     /// Gauge: bytes of job payloads and output the job table holds (every tenant; each
     /// tenant within `--job-budget-bytes`).
     pub const JOBS_HELD_BYTES: &str = "runnel_jobs_held_bytes";
@@ -122,6 +125,7 @@ pub mod names {
         CLUSTER_TENANTS_HOMED,
         CLUSTER_REDIRECTS,
         CLUSTER_FORWARDED,
+        CLUSTER_PEER_LANES,
         JOBS_HELD_BYTES,
         HTTP_CONNECTIONS,
         HTTP_CONNECTIONS_REFUSED,

@@ -7,26 +7,22 @@
 //! `api::checked_spec`, and the call itself through `homed`, which checks the tenant and
 //! owner and forwards to the tenant's home in a cluster.
 
-use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::Poll;
 use std::time::Duration;
 
-use futures::stream::FuturesUnordered;
-use futures::{FutureExt, StreamExt};
-use runnel_protocol::limits::{ANSWER_BUDGET, LANE_MAX_CALLS, LANE_MAX_UNWRITTEN};
+use runnel_protocol::limits::{ANSWER_BUDGET, LANE_MAX_CALLS};
 use runnel_protocol::version::MIN_PROTOCOL_VERSION;
 use runnel_protocol::{
-    ApiHello, ApiRequest, ApiWelcome, ErrorCode, LaneAnswer, LaneCall, PROTOCOL_VERSION,
-    PeerResponse, encode, encode_append, lane_reader, read_frame, take_end, write_frame,
+    ApiHello, ApiRequest, ApiWelcome, ErrorCode, PROTOCOL_VERSION, PeerResponse, read_frame,
+    take_end, write_frame,
 };
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::actors::Tenants;
 use crate::api::{ApiError, Caller, authenticate, checked_spec, still_good};
-use crate::deadline::{SendDeadline, is_stalled};
+use crate::call_lane::{self, Answered, LaneEnd, LaneRules};
+use crate::deadline::SendDeadline;
 use crate::homed::{self, Hop, JobAnswer, Output};
 use crate::metrics::{AnswerApi, answers_held, names};
 use crate::open_counts::Counted;
@@ -274,10 +270,6 @@ async fn call(
     }
 }
 
-/// A call's answer before it is encoded: the job (this node's lent from its entry, without
-/// a copy of its output) or why the call was refused.
-type Answered = Result<JobAnswer, ApiError>;
-
 /// About the bytes [`job_answer`] encodes `answered` into: its output and message, and
 /// the rest of a job's view (ids, names, times), which is small.
 fn answer_size(answered: &Answered) -> usize {
@@ -315,28 +307,8 @@ async fn answer(req: ApiRequest, s: &Shared, t: &Tenants, c: &Caller) -> Answere
     }
 }
 
-/// How a lane ended.
-enum LaneEnd {
-    /// The client ended it and every call was answered; or the client or the connection
-    /// went away (nothing more can be said to it).
-    Done,
-    /// A frame that is not a call: the lane is reset with its error code.
-    Malformed(runnel_protocol::FrameError),
-    /// An answer that could not be encoded, even as a refusal (a bug): the lane is reset.
-    Unanswerable(runnel_protocol::FrameError),
-    /// The client took none of its answers within `--api-send-timeout`: the lane is reset
-    /// (`Timeout`) and its answers let go of.
-    Stalled,
-}
-
-/// A lane ([`ApiRequest::Lane`]): [`LaneCall`]s read from `recv` are answered on `send`
-/// as they are ready, each a [`LaneAnswer`] and the call's answer. All of it is driven
-/// here, in the connection's task: answers that come due together are written together.
-/// No more calls are read while [`LANE_MAX_CALLS`] are unanswered or
-/// [`LANE_MAX_UNWRITTEN`] bytes of answers wait for the client to read them, so a client
-/// that sends without reading is held back by its own lane; and answers are encoded only
-/// while fewer than that wait, so the calls already under way hold their jobs lent, not
-/// copies of their output.
+/// A lane ([`ApiRequest::Lane`]): its calls answered as [`answer`] answers them, within
+/// [`LANE_MAX_CALLS`] unanswered (`call_lane::serve`).
 async fn lane(
     send: quinn::SendStream,
     recv: quinn::RecvStream,
@@ -345,124 +317,15 @@ async fn lane(
     c: &Caller,
 ) {
     counted("lane");
-    let mut send = SendDeadline::new(send, s.config.api_send_timeout);
-    let mut calls = Box::pin(futures::stream::unfold(lane_reader(recv), |mut recv| async move {
-        let next = read_frame::<LaneCall, _>(&mut recv).await.transpose()?;
-        Some((next, recv))
-    }));
-    let mut running = FuturesUnordered::new();
-    // Answered calls waiting for room in `out`.
-    let mut ready = std::collections::VecDeque::new();
-    // Answers not yet written, from `out[sent..]`.
-    let (mut out, mut sent) = (Vec::new(), 0usize);
-    let mut reading = true;
-    let ended = std::future::poll_fn(|cx| {
-        loop {
-            let mut moved = false;
-            while let Poll::Ready(Some(answered)) = running.poll_next_unpin(cx) {
-                ready.push_back(answered);
-                moved = true;
-            }
-            while out.len() - sent < LANE_MAX_UNWRITTEN {
-                let Some((call, answered)) = ready.pop_front() else { break };
-                let before = out.len();
-                if let Err(e) = append(&mut out, call, answered) {
-                    return Poll::Ready(LaneEnd::Unanswerable(e));
-                }
-                answers_held(
-                    AnswerApi::Native,
-                    i64::try_from(out.len() - before).unwrap_or(i64::MAX),
-                );
-                moved = true;
-            }
-            while reading
-                && running.len() + ready.len() < LANE_MAX_CALLS
-                && out.len() - sent < LANE_MAX_UNWRITTEN
-            {
-                match calls.poll_next_unpin(cx) {
-                    Poll::Ready(Some(Ok(LaneCall { call, request }))) => {
-                        // A call that panics (a bug) is answered 500; the lane goes on.
-                        let answered = AssertUnwindSafe(answer(request, s, t, c)).catch_unwind();
-                        running.push(answered.map(move |a| (call, a)));
-                        moved = true;
-                    }
-                    Poll::Ready(Some(Err(runnel_protocol::FrameError::Io(_)))) => {
-                        return Poll::Ready(LaneEnd::Done);
-                    }
-                    Poll::Ready(Some(Err(e))) => return Poll::Ready(LaneEnd::Malformed(e)),
-                    Poll::Ready(None) => reading = false,
-                    Poll::Pending => break,
-                }
-            }
-            while sent < out.len() {
-                match Pin::new(&mut send).poll_write(cx, &out[sent..]) {
-                    Poll::Ready(Ok(n)) if n > 0 => {
-                        sent += n;
-                        answers_held(AnswerApi::Native, -i64::try_from(n).unwrap_or(i64::MAX));
-                        moved = true;
-                    }
-                    Poll::Ready(Err(e)) if is_stalled(&e) => {
-                        return Poll::Ready(LaneEnd::Stalled);
-                    }
-                    Poll::Ready(_) => return Poll::Ready(LaneEnd::Done),
-                    Poll::Pending => break,
-                }
-            }
-            if sent == out.len() {
-                // Written: keep the buffer for the next answers, unless a large answer
-                // grew it.
-                if out.capacity() > 64 * 1024 {
-                    out = Vec::new();
-                }
-                out.clear();
-                sent = 0;
-            }
-            if !reading && running.is_empty() && ready.is_empty() && out.is_empty() {
-                return Poll::Ready(LaneEnd::Done);
-            }
-            if !moved {
-                return Poll::Pending;
-            }
-        }
-    })
-    .await;
-    answers_held(AnswerApi::Native, -i64::try_from(out.len() - sent).unwrap_or(i64::MAX));
-    let send = send.get_mut();
-    match ended {
-        LaneEnd::Done => {
-            let _ = send.finish();
-        }
-        LaneEnd::Stalled => {
-            tracing::debug!("a native API lane's client took none of its answers in time");
-            let _ = send.reset(ErrorCode::Timeout.as_u32().into());
-        }
-        LaneEnd::Malformed(e) => {
-            tracing::debug!(error = %e, "malformed call on a native API lane");
-            counted("malformed");
-            let _ = send.reset(e.code().as_u32().into());
-        }
-        LaneEnd::Unanswerable(e) => {
-            tracing::error!(error = %e, "a native API lane's answer could not be encoded");
-            let _ = send.reset(ErrorCode::Internal.as_u32().into());
-        }
-    }
-}
-
-/// One answer on a lane, appended to `out`: its head, then its bytes (an answer that
-/// could not be encoded, or whose call panicked, is answered 500).
-fn append(
-    out: &mut Vec<u8>,
-    call: u32,
-    answered: std::thread::Result<Answered>,
-) -> Result<(), runnel_protocol::FrameError> {
-    let bytes = match answered.map(job_answer) {
-        Ok(Ok(bytes)) => bytes,
-        Ok(Err(e)) => encode(&refused(&ApiError::internal(e)))?,
-        Err(_) => encode(&refused(&ApiError::internal("a lane call panicked")))?,
+    let rules = LaneRules {
+        max_calls: LANE_MAX_CALLS,
+        send_timeout: s.config.api_send_timeout,
+        held: |bytes| answers_held(AnswerApi::Native, bytes),
     };
-    encode_append(out, &LaneAnswer { call })?;
-    out.extend_from_slice(&bytes);
-    Ok(())
+    let ended = call_lane::serve(send, recv, rules, |req: ApiRequest| answer(req, s, t, c)).await;
+    if let LaneEnd::Malformed(_) = ended {
+        counted("malformed");
+    }
 }
 
 /// Follows a job's output until the job ends (sending it on `send` when given), then

@@ -6,7 +6,8 @@
 //!
 //! - `server`: the listener on `--peer-listen`; it answers only with local work (a call is
 //!   never forwarded twice).
-//! - `client`: one cached connection per node, one stream per call.
+//! - `client`: one cached connection per node; a dispatch, get or cancel on the
+//!   connection's lane (`runnel-peer/2`), any other call on a stream of its own.
 
 mod client;
 mod server;
@@ -16,7 +17,7 @@ use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use runnel_certs::{ClusterCa, Identity, PEER_SERVER_NAME, parse_cert, pem};
-use runnel_protocol::ALPN_PEER;
+use runnel_protocol::{ALPN_PEER, ALPN_PEER_LANE};
 use rustls_pki_types::CertificateDer;
 
 pub(crate) use client::{Answer, PeerClient, PeerError};
@@ -83,7 +84,7 @@ impl PeerTls {
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain.clone(), key.clone_key())?;
-        tls.alpn_protocols = vec![ALPN_PEER.to_vec()];
+        tls.alpn_protocols = alpn();
         crate::endpoint::resume_nothing(&mut tls);
         runnel_certs::tls::keep_our_order(&mut tls);
         let crypto = QuicServerConfig::try_from(tls).map_err(|_| SpawnError::NoQuicCipherSuite)?;
@@ -94,7 +95,7 @@ impl PeerTls {
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)?;
-        tls.alpn_protocols = vec![ALPN_PEER.to_vec()];
+        tls.alpn_protocols = alpn();
         // Nothing to resume (peers hand out no tickets): no ticket store either.
         tls.resumption = rustls::client::Resumption::disabled();
         let crypto = QuicClientConfig::try_from(tls).map_err(|_| SpawnError::NoQuicCipherSuite)?;
@@ -102,6 +103,12 @@ impl PeerTls {
         client.transport_config(transport());
         Ok(Self { server, client })
     }
+}
+
+/// What a node offers its peers, best first: a node of an older build agrees on
+/// `runnel-peer/1` (no lane).
+fn alpn() -> Vec<Vec<u8>> {
+    vec![ALPN_PEER_LANE.to_vec(), ALPN_PEER.to_vec()]
 }
 
 /// The server name every peer dials (the identity check is on the URI SAN).

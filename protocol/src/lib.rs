@@ -8,10 +8,12 @@
 //! - `job`: the job frames (Job, Output, Result, Cancel), on a stream per job (protocol 2)
 //!   or on one job lane per connection (protocol 3).
 //! - `enroll`: the single request/response of ALPN `runnel-enroll/1`.
-//! - `peer`: node-to-node calls of ALPN `runnel-peer/1` (a cluster forwards API calls to a
-//!   tenant's home), and the job view and states they carry.
+//! - `peer`: node-to-node calls of ALPN `runnel-peer/1` and `runnel-peer/2` (a cluster
+//!   forwards API calls to a tenant's home; 2 adds a lane of calls), and the job view and
+//!   states they carry.
 //! - `api`: the native API of ALPN `runnel-api/1` (clients dispatch over QUIC with an API
 //!   key; the answers are `peer`'s frames).
+//! - `call_lane`: the calling side of a lane of calls (a native API client's, a node's).
 //! - `outbox`: a stream's last frame written by one task per connection, so that frames
 //!   posted together share datagrams (a client's requests, a runner's results).
 //! - `error`: numeric error and connection-close codes shared by both sides.
@@ -29,6 +31,7 @@
 // as namespaces of the constants both sides agree on.
 mod api;
 mod bytes;
+mod call_lane;
 mod control;
 pub mod duration;
 mod enroll;
@@ -42,6 +45,7 @@ pub mod transport;
 pub mod version;
 
 pub use api::{ApiHello, ApiRequest, ApiWelcome, LaneAnswer, LaneCall};
+pub use call_lane::{CallLane, LaneBroken, LaneFailed};
 pub use control::{ClientControl, GoAway, Heartbeat, Hello, Redirect, ServerControl, Welcome};
 pub use enroll::{EnrollRequest, EnrollResponse, Enrolled};
 pub use error::ErrorCode;
@@ -58,4 +62,6 @@ pub use peer::{
     PeerRequest, PeerResponse, encode_job_answer, encode_output, read_answer, read_job_answer,
     read_job_output, read_lane_answer,
 };
-pub use version::{ALPN_API, ALPN_ENROLL, ALPN_PEER, ALPN_RUNNER, PROTOCOL_VERSION};
+pub use version::{
+    ALPN_API, ALPN_ENROLL, ALPN_PEER, ALPN_PEER_LANE, ALPN_RUNNER, PROTOCOL_VERSION,
+};

@@ -284,6 +284,11 @@ pub enum PeerRequest {
         /// The tenant.
         tenant: String,
     },
+    /// (`runnel-peer/2`) This stream is a lane: [`crate::LaneCall`]s of `Dispatch`,
+    /// `GetJob` and `CancelJob` follow, each answered as on the native API's lane
+    /// (a [`crate::LaneAnswer`], then the job or the refusal). The first frame of a stream
+    /// only; a connection has one lane at a time.
+    Lane,
 }
 
 /// One frame of an answer.

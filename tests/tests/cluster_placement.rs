@@ -95,6 +95,12 @@ async fn calls_through_any_node_reach_the_tenants_home() {
         let (_, list) = n.api.get("/v1/jobs?limit=100", &admin).await;
         assert!(list["jobs"].as_array().unwrap().iter().any(|j| j["id"] == job.as_str()), "{list}");
     }
+    // Each other node forwarded its dispatches, gets and cancels on one lane to the home.
+    for (i, n) in c.nodes.iter().enumerate() {
+        let text = n.api.raw("/metrics", &op).await;
+        let lanes = metric_value(&text, "runnel_cluster_peer_lanes").unwrap_or(0.0);
+        assert_eq!(lanes, if i == home { 0.0 } else { 1.0 }, "node {i}, home {home}");
+    }
     // The native API through each node: forwarded to the home as HTTP calls are, the
     // followed output relayed from there.
     // The CA the runner pinned at enrollment (a cluster's CA lives in etcd).
@@ -281,14 +287,13 @@ async fn joining_nodes_take_no_tenant_until_a_rebalance_moves_them_with_their_ru
     }
 }
 
-/// A node hands its peers no TLS session tickets either: a node certificate that has since
-/// expired could otherwise come back on a kept ticket without its chain checked again
-/// (`endpoint::resume_nothing`, as on the runners' port).
-#[tokio::test]
-async fn a_node_hands_its_peers_no_session_tickets() {
-    use runnel_protocol::{PeerRequest, PeerResponse, read_frame, write_frame};
-    let Some(c) = TestCluster::start(1, |_| {}).await else { return };
-    let node = &c.nodes[0];
+/// A connection to `node`'s peer endpoint with a node certificate of its cluster
+/// (`n9`), offering `alpn`; with `tickets` to count the session tickets handed out.
+async fn peer_connection(
+    node: &runnel_tests::TestBroker,
+    alpn: &[&[u8]],
+    tickets: Option<Arc<runnel_tests::CountingTickets>>,
+) -> (quinn::Endpoint, quinn::Connection) {
     let ca = node.handle().cluster_ca();
     let (cert, key_pem) = ca.issue_node_cert("n9").unwrap();
     let chain = vec![cert.cert_der.clone(), ca.cert_der().clone()];
@@ -302,15 +307,35 @@ async fn a_node_hands_its_peers_no_session_tickets() {
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)
         .unwrap();
-    tls.alpn_protocols = vec![runnel_protocol::ALPN_PEER.to_vec()];
-    let tickets = Arc::new(runnel_tests::CountingTickets::default());
-    tls.resumption = rustls::client::Resumption::store(tickets.clone());
+    tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    if let Some(tickets) = tickets {
+        tls.resumption = rustls::client::Resumption::store(tickets);
+    }
     let cfg = quinn::ClientConfig::new(Arc::new(
         quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
     ));
     let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = node.handle().peer_addr().expect("a cluster node has a peer endpoint");
     let conn = ep.connect_with(cfg, addr, runnel_certs::PEER_SERVER_NAME).unwrap().await.unwrap();
+    (ep, conn)
+}
+
+/// The ALPN `conn` agreed on.
+fn agreed(conn: &quinn::Connection) -> Vec<u8> {
+    let data = conn.handshake_data().unwrap();
+    data.downcast::<quinn::crypto::rustls::HandshakeData>().unwrap().protocol.unwrap()
+}
+
+/// A node hands its peers no TLS session tickets either: a node certificate that has since
+/// expired could otherwise come back on a kept ticket without its chain checked again
+/// (`endpoint::resume_nothing`, as on the runners' port).
+#[tokio::test]
+async fn a_node_hands_its_peers_no_session_tickets() {
+    use runnel_protocol::{PeerRequest, PeerResponse, read_frame, write_frame};
+    let Some(c) = TestCluster::start(1, |_| {}).await else { return };
+    let tickets = Arc::new(runnel_tests::CountingTickets::default());
+    let alpn = [runnel_protocol::ALPN_PEER];
+    let (_ep, conn) = peer_connection(&c.nodes[0], &alpn, Some(tickets.clone())).await;
     // A call answered: the handshake's tickets, if any, came before it.
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     let ask = PeerRequest::RunnersOnline { tenant: "nobody".into(), runner_ids: vec![] };
@@ -321,4 +346,94 @@ async fn a_node_hands_its_peers_no_session_tickets() {
     assert!(matches!(answer.await, Ok(Ok(Some(PeerResponse::Online(_))))), "no answer");
     let given = tickets.given.load(std::sync::atomic::Ordering::SeqCst);
     assert_eq!(given, 0, "the node handed out {given} session tickets");
+}
+
+/// `runnel-peer/2`: a node's calls share one lane, each answered by its number (a refusal
+/// is the call's alone, and a call that needs a stream of its own is refused on the
+/// lane); a second lane on the connection is reset. A node of an older build, which
+/// offers only `runnel-peer/1`, agrees on it and has its calls answered on streams.
+#[tokio::test]
+async fn a_peer_lane_answers_each_call_by_its_number_and_an_older_node_still_gets_streams() {
+    use runnel_protocol::{
+        ALPN_PEER, ALPN_PEER_LANE, LaneCall, PeerCaller, PeerRequest, encode, encode_append,
+        lane_reader, read_job_answer, read_lane_answer,
+    };
+    let Some(c) = TestCluster::start(1, |_| {}).await else { return };
+    let node = &c.nodes[0];
+    node.tenant("acme").await;
+    let caller = |tenant: &str| PeerCaller {
+        key_id: "k1".into(),
+        role: "admin".into(),
+        tenant: Some(tenant.into()),
+        owner: None,
+    };
+    let get = |id: &str| PeerRequest::GetJob { caller: caller("acme"), id: id.into() };
+    let spec = runnel_protocol::DispatchSpec {
+        owner: "alice".into(),
+        runner_id: None,
+        labels: Default::default(),
+        kind: "echo".into(),
+        payload: b"hi".to_vec(),
+        timeout_ms: 10_000,
+        queue_timeout_ms: 0,
+        wait: false,
+    };
+
+    let (_ep, conn) = peer_connection(node, &[ALPN_PEER_LANE, ALPN_PEER], None).await;
+    assert_eq!(agreed(&conn), ALPN_PEER_LANE);
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    let mut out = encode(&PeerRequest::Lane).unwrap();
+    let calls = [
+        (7, get("nope")),
+        (8, PeerRequest::ListJobs { caller: caller("acme"), owner: None, limit: 10, before: None }),
+        (9, PeerRequest::Dispatch { caller: caller("acme"), spec }),
+        (10, PeerRequest::GetJob { caller: caller("globex"), id: "nope".into() }),
+    ];
+    for (call, request) in &calls {
+        encode_append(&mut out, &LaneCall { call: *call, request }).unwrap();
+    }
+    tokio::io::AsyncWriteExt::write_all(&mut send, &out).await.unwrap();
+    let mut recv = lane_reader(recv);
+    let mut answers = HashMap::new();
+    for _ in 0..calls.len() {
+        let read = tokio::time::timeout(Duration::from_secs(5), read_lane_answer(&mut recv));
+        let (call, answer) = read.await.expect("answered in time").unwrap().expect("an answer");
+        let status = match answer {
+            Err(runnel_protocol::AnswerError::Refused { status, .. }) => status,
+            other => panic!("call {call}: {other:?}"),
+        };
+        assert!(answers.insert(call, status).is_none(), "call {call} answered twice");
+    }
+    // Not found; a list needs a stream of its own; no runner of alice; another tenant.
+    assert_eq!(answers, HashMap::from([(7, 404), (8, 400), (9, 409), (10, 404)]));
+
+    // A second lane on the same connection is reset; the first goes on.
+    let (mut second, mut second_recv) = conn.open_bi().await.unwrap();
+    let mut out = encode(&PeerRequest::Lane).unwrap();
+    encode_append(&mut out, &LaneCall { call: 1, request: get("nope") }).unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut second, &out).await.unwrap();
+    let reset = tokio::time::timeout(Duration::from_secs(5), read_lane_answer(&mut second_recv));
+    assert!(reset.await.expect("in time").is_err(), "a second lane was served");
+    let mut out = Vec::new();
+    encode_append(&mut out, &LaneCall { call: 11, request: get("still") }).unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut send, &out).await.unwrap();
+    let (call, answer) = read_lane_answer(&mut recv).await.unwrap().unwrap();
+    assert_eq!(call, 11);
+    assert!(matches!(answer, Err(runnel_protocol::AnswerError::Refused { status: 404, .. })));
+    // Ended by its caller: the node ends its side once every call is answered.
+    send.finish().unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(5), read_lane_answer(&mut recv));
+    assert!(matches!(end.await, Ok(Ok(None))), "the lane did not end");
+
+    let (_ep, old) = peer_connection(node, &[ALPN_PEER], None).await;
+    assert_eq!(agreed(&old), ALPN_PEER);
+    let (mut send, mut recv) = old.open_bi().await.unwrap();
+    runnel_protocol::write_frame(&mut send, &get("nope")).await.unwrap();
+    send.finish().unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(5), read_job_answer(&mut recv));
+    let refused = answer.await.expect("answered in time").unwrap_err();
+    assert!(
+        matches!(refused, runnel_protocol::AnswerError::Refused { status: 404, .. }),
+        "{refused:?}"
+    );
 }

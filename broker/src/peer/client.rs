@@ -1,15 +1,21 @@
-//! The calling side: one cached connection per node, one stream per call. Requests leave
+//! The calling side: one cached connection per node. A call answered as a job (dispatch,
+//! get, cancel) goes on the connection's lane (`runnel_protocol::CallLane`) where both
+//! nodes speak `runnel-peer/2`: no stream to open, track and close per call on either
+//! node, and the calls forwarded at about the same time leave together. Any other call,
+//! and every call to a node of an older build, takes a stream of its own: requests leave
 //! through one outbox (`runnel_protocol::Outbox`), so that calls forwarded at about the
 //! same time (each from its own API request's task) share datagrams; each answer's stream
 //! end is read (`read_answer` after a job answer or a refusal, `take_end` after a
 //! one-frame answer), so that no `STOP_SENDING` follows a call alone.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
+use quinn::crypto::rustls::HandshakeData;
 use runnel_protocol::{
-    AnswerError, JobInfo, Outbox, PeerRequest, PeerResponse, encode, read_answer, read_job_answer,
-    take_end,
+    ALPN_PEER_LANE, AnswerError, CallLane, ErrorCode, JobInfo, LaneBroken, LaneFailed, Outbox,
+    PeerRequest, PeerResponse, encode, read_answer, read_job_answer, take_end,
 };
 
 use super::{SERVER_NAME, peer_node};
@@ -54,8 +60,16 @@ pub(crate) struct PeerClient {
     endpoint: quinn::Endpoint,
     config: quinn::ClientConfig,
     cluster: String,
-    conns: DashMap<String, quinn::Connection>,
+    conns: DashMap<String, Linked>,
     outbox: Outbox<quinn::SendStream>,
+}
+
+/// A cached connection to a node.
+#[derive(Clone)]
+struct Linked {
+    conn: quinn::Connection,
+    /// Its lane, where both nodes speak `runnel-peer/2`.
+    lane: Option<Arc<CallLane<PeerRequest>>>,
 }
 
 impl std::fmt::Debug for PeerClient {
@@ -76,10 +90,14 @@ impl PeerClient {
         Self { endpoint, config, cluster: cluster.into(), conns: DashMap::new(), outbox }
     }
 
-    async fn connection(&self, node: &NodeRecord) -> Result<quinn::Connection, PeerError> {
+    async fn connection(&self, node: &NodeRecord) -> Result<Linked, PeerError> {
         let unreachable = |reason: String| PeerError::Unreachable { node: node.id.clone(), reason };
         if let Some(c) = self.conns.get(&node.id).map(|c| c.clone()) {
-            if c.close_reason().is_none() && c.remote_address().to_string() == node.peer {
+            let lane_ended = c.lane.as_ref().is_some_and(|l| l.broken().is_some());
+            if c.conn.close_reason().is_none()
+                && !lane_ended
+                && c.conn.remote_address().to_string() == node.peer
+            {
                 return Ok(c);
             }
             self.conns.remove(&node.id);
@@ -107,13 +125,18 @@ impl PeerClient {
                 reason: "its certificate names another node".into(),
             });
         }
-        self.conns.insert(node.id.clone(), conn.clone());
-        Ok(conn)
+        let lane = match takes_a_lane(&conn) {
+            true => Some(Arc::new(open_lane(&conn, &node.id).await?)),
+            false => None,
+        };
+        let linked = Linked { conn, lane };
+        self.conns.insert(node.id.clone(), linked.clone());
+        Ok(linked)
     }
 
     /// Sends `req` on a new stream; answers the stream to read the answer from.
     async fn send(&self, node: &NodeRecord, req: &PeerRequest) -> Result<Answer, PeerError> {
-        let conn = self.connection(node).await?;
+        let conn = self.connection(node).await?.conn;
         let broken = |reason: String| PeerError::Unreachable { node: node.id.clone(), reason };
         let frame = encode(req).map_err(|e| PeerError::Protocol {
             node: node.id.clone(),
@@ -125,15 +148,28 @@ impl PeerClient {
         Ok(Answer { node: node.id.clone(), recv, peeked: None })
     }
 
-    /// A call answered as a job (dispatch, get, cancel).
+    /// A call answered as a job (dispatch, get, cancel): on the connection's lane, or on a
+    /// stream of its own with a node of an older build.
     pub(crate) async fn job(
         &self,
         node: &NodeRecord,
         req: PeerRequest,
     ) -> Result<JobInfo, PeerError> {
-        let mut a = self.send(node, &req).await?;
-        let answer = read_job_answer(&mut a.recv).await;
-        answer.map_err(|e| a.error(e))
+        // A lane that had ended sent nothing, and its connection closed with it: the call
+        // is safe to send once more, on a new connection.
+        for _ in 0..2 {
+            let Some(lane) = self.connection(node).await?.lane else {
+                let mut a = self.send(node, &req).await?;
+                let answer = read_job_answer(&mut a.recv).await;
+                return answer.map_err(|e| a.error(e));
+            };
+            match lane.call(&req).await {
+                Ok(job) => return Ok(job),
+                Err(LaneFailed::Unsent) => {}
+                Err(e) => return Err(lane_error(&node.id, e)),
+            }
+        }
+        Err(PeerError::Unreachable { node: node.id.clone(), reason: "its lane ended twice".into() })
     }
 
     /// A call answered with one frame, which `pick` takes apart.
@@ -185,6 +221,59 @@ impl PeerClient {
         req: PeerRequest,
     ) -> Result<Answer, PeerError> {
         self.send(node, &req).await
+    }
+}
+
+/// Whether the node at the other end of `conn` takes a lane (`runnel-peer/2`).
+fn takes_a_lane(conn: &quinn::Connection) -> bool {
+    let alpn = conn.handshake_data().and_then(|d| d.downcast::<HandshakeData>().ok());
+    alpn.and_then(|d| d.protocol).is_some_and(|p| p == ALPN_PEER_LANE)
+}
+
+/// Opens the lane of `conn`, a connection to `node`; counted in `runnel_cluster_peer_lanes`
+/// until it ends. A lane that breaks closes its connection (if it is not already closed);
+/// either way a connection whose lane has ended is not used again.
+async fn open_lane(
+    conn: &quinn::Connection,
+    node: &str,
+) -> Result<CallLane<PeerRequest>, PeerError> {
+    let protocol = |reason: String| PeerError::Protocol { node: node.to_owned(), reason };
+    let (send, recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| PeerError::Unreachable { node: node.to_owned(), reason: e.to_string() })?;
+    let first = encode(&PeerRequest::Lane).map_err(|e| protocol(e.to_string()))?;
+    let lanes = metrics::gauge!(crate::metrics::names::CLUSTER_PEER_LANES);
+    lanes.increment(1.0);
+    let (conn, node) = (conn.clone(), node.to_owned());
+    let ended = move |why: Option<AnswerError>| {
+        lanes.decrement(1.0);
+        match (conn.close_reason(), why) {
+            (Some(closed), _) => LaneBroken::Lost(closed.to_string()),
+            // Every handle of it was let go of (the node ends its side after ours); the
+            // connection may still carry calls on streams of their own.
+            (None, None) => LaneBroken::Lost(format!("the lane to node {node} ended")),
+            (None, Some(e)) => {
+                tracing::warn!(%node, error = %e, "peer lane broke; closing the connection");
+                conn.close(ErrorCode::Protocol.as_u32().into(), b"lane broke");
+                LaneBroken::Protocol(e.to_string())
+            }
+        }
+    };
+    Ok(CallLane::open(send, recv, first, ended))
+}
+
+/// A call's failure on a lane, as a forwarded call's.
+fn lane_error(node: &str, e: LaneFailed) -> PeerError {
+    let node = node.to_owned();
+    match e {
+        LaneFailed::Refused { status, code, message } => {
+            PeerError::Refused { status, code, message }
+        }
+        LaneFailed::Broken(LaneBroken::Lost(reason)) => PeerError::Unreachable { node, reason },
+        LaneFailed::Unsent => PeerError::Unreachable { node, reason: "its lane had ended".into() },
+        LaneFailed::Broken(LaneBroken::Protocol(reason)) => PeerError::Protocol { node, reason },
+        LaneFailed::Request(e) => PeerError::Protocol { node, reason: format!("request: {e}") },
     }
 }
 

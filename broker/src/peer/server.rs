@@ -1,7 +1,9 @@
-//! The answering side: every call is answered with local work only.
+//! The answering side: every call is answered with local work only, on a stream of its
+//! own or (a dispatch, get or cancel) on the connection's lane (`runnel-peer/2`).
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
@@ -14,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::peer_node;
 use crate::actors::Tenants;
 use crate::api::{ApiError, Caller};
+use crate::call_lane::{self, Answered, LaneEnd, LaneRules};
 use crate::homed::{self, Hop, JobAnswer, Output};
 use crate::shared::Shared;
 
@@ -52,7 +55,10 @@ async fn connection(incoming: quinn::Incoming, shared: Arc<Shared>, tenants: Arc
         return conn
             .close(ErrorCode::Unauthenticated.as_u32().into(), b"node certificate required");
     };
-    let ended = serve_calls(&conn, |send, recv| call(send, recv, shared.clone(), tenants.clone()));
+    let lane_open = Arc::new(AtomicBool::new(false));
+    let ended = serve_calls(&conn, |send, recv| {
+        call(send, recv, (shared.clone(), tenants.clone(), lane_open.clone()))
+    });
     let ended = ended.await;
     tracing::debug!(%node, error = %ended, "peer connection ended");
 }
@@ -119,13 +125,34 @@ pub(crate) fn job_answer(
     }
 }
 
+/// Serves one stream of a peer connection: a call, or the connection's lane
+/// (`lane_open`: whether it has one).
 async fn call(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    shared: Arc<Shared>,
-    tenants: Arc<Tenants>,
+    (shared, tenants, lane_open): (Arc<Shared>, Arc<Tenants>, Arc<AtomicBool>),
 ) {
     let req = match read_frame::<PeerRequest, _>(&mut recv).await {
+        Ok(Some(PeerRequest::Lane)) => {
+            // One lane per connection, as on the native API.
+            if lane_open.swap(true, Ordering::AcqRel) {
+                tracing::warn!("a second lane on one peer connection refused");
+                let _ = send.reset(ErrorCode::BadRequest.as_u32().into());
+                return;
+            }
+            let (s, t) = (&*shared, &*tenants);
+            let rules = LaneRules {
+                max_calls: usize::try_from(super::PEER_STREAMS).unwrap_or(usize::MAX),
+                send_timeout: s.config.api_send_timeout,
+                held: |_| {},
+            };
+            let lane = call_lane::serve(send, recv, rules, |req| job_call(req, s, t));
+            if let LaneEnd::Malformed(e) = Box::pin(lane).await {
+                tracing::warn!(error = %e, "malformed call on a peer lane");
+            }
+            lane_open.store(false, Ordering::Release);
+            return;
+        }
         Ok(Some(r)) => {
             // The request is the whole stream; its end came with it.
             take_end(&mut recv);
@@ -138,32 +165,11 @@ async fn call(
             return;
         }
     };
-    let caller_of = |c| {
-        Caller::from_peer(c).ok_or_else(|| ApiError::bad_request("unknown role in forwarded call"))
-    };
     let (s, t) = (&*shared, &*tenants);
     let _ = match req {
-        PeerRequest::Dispatch { caller, spec } => {
-            let r = match caller_of(caller) {
-                Ok(c) => homed::dispatch(s, t, &c, spec, Hop::Peer).await,
-                Err(e) => Err(e),
-            };
-            write_job(&mut send, r).await
-        }
-        PeerRequest::GetJob { caller, id } => {
-            let r = match caller_of(caller) {
-                Ok(c) => homed::get_job(s, &c, &id, Hop::Peer).await,
-                Err(e) => Err(e),
-            };
-            write_job(&mut send, r).await
-        }
-        PeerRequest::CancelJob { caller, id } => {
-            let r = match caller_of(caller) {
-                Ok(c) => homed::cancel_job(s, t, &c, &id, Hop::Peer).await,
-                Err(e) => Err(e),
-            };
-            write_job(&mut send, r).await
-        }
+        req @ (PeerRequest::Dispatch { .. }
+        | PeerRequest::GetJob { .. }
+        | PeerRequest::CancelJob { .. }) => write_job(&mut send, job_call(req, s, t).await).await,
         PeerRequest::ListJobs { caller, owner, limit, before } => {
             let limit = usize::try_from(limit).unwrap_or(usize::MAX);
             let page = crate::jobs::Page { owner, limit, before };
@@ -202,8 +208,32 @@ async fn call(
                 .collect();
             write_frame(&mut send, &PeerResponse::Online(online)).await.map_err(drop)
         }
+        // Read above: only ever a stream's first frame.
+        PeerRequest::Lane => Ok(()),
     };
     let _ = send.finish();
+}
+
+/// The caller a node forwards a call for, checked as the home's own API checks a key's.
+fn caller_of(c: runnel_protocol::PeerCaller) -> Result<Caller, ApiError> {
+    Caller::from_peer(c).ok_or_else(|| ApiError::bad_request("unknown role in forwarded call"))
+}
+
+/// A call answered as a job (a dispatch, get or cancel), on a stream of its own or on the
+/// connection's lane; any other call is refused on a lane (it needs a stream of its own).
+async fn job_call(req: PeerRequest, s: &Shared, t: &Tenants) -> Answered {
+    match req {
+        PeerRequest::Dispatch { caller, spec } => {
+            homed::dispatch(s, t, &caller_of(caller)?, spec, Hop::Peer).await
+        }
+        PeerRequest::GetJob { caller, id } => {
+            homed::get_job(s, &caller_of(caller)?, &id, Hop::Peer).await
+        }
+        PeerRequest::CancelJob { caller, id } => {
+            homed::cancel_job(s, t, &caller_of(caller)?, &id, Hop::Peer).await
+        }
+        _ => Err(ApiError::bad_request("only a dispatch, get or cancel is answered on a lane")),
+    }
 }
 
 /// A job's output, live until it ends, in chunks; then the end.
