@@ -66,6 +66,11 @@ pub(crate) struct PeerTls {
 impl PeerTls {
     /// Issues this node's certificate from the CA and builds both configs.
     pub(crate) fn new(ca: &ClusterCa, node: &str) -> Result<Self, SpawnError> {
+        Self::offering(ca, node, alpn())
+    }
+
+    /// As [`PeerTls::new`], offering `alpn` (a test plays a node of an older build).
+    fn offering(ca: &ClusterCa, node: &str, alpn: Vec<Vec<u8>>) -> Result<Self, SpawnError> {
         let (cert, key_pem) = ca.issue_node_cert(node)?;
         let chain = vec![cert.cert_der.clone(), ca.cert_der().clone()];
         let key = pem::private_key_from_pem(&key_pem)?;
@@ -84,7 +89,7 @@ impl PeerTls {
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain.clone(), key.clone_key())?;
-        tls.alpn_protocols = alpn();
+        tls.alpn_protocols = alpn.clone();
         crate::endpoint::resume_nothing(&mut tls);
         runnel_certs::tls::keep_our_order(&mut tls);
         let crypto = QuicServerConfig::try_from(tls).map_err(|_| SpawnError::NoQuicCipherSuite)?;
@@ -95,7 +100,7 @@ impl PeerTls {
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)?;
-        tls.alpn_protocols = alpn();
+        tls.alpn_protocols = alpn;
         // Nothing to resume (peers hand out no tickets): no ticket store either.
         tls.resumption = rustls::client::Resumption::disabled();
         let crypto = QuicClientConfig::try_from(tls).map_err(|_| SpawnError::NoQuicCipherSuite)?;
@@ -118,6 +123,41 @@ pub(crate) const SERVER_NAME: &str = PEER_SERVER_NAME;
 mod tests {
     use super::*;
 
+    /// A node with `client` connected to a node with `server`, on loopback: both
+    /// endpoints (kept open), the dialling side's connection and the accepting side's.
+    async fn connected(
+        server: quinn::ServerConfig,
+        client: quinn::ClientConfig,
+    ) -> ((quinn::Endpoint, quinn::Endpoint), quinn::Connection, quinn::Connection) {
+        let server =
+            quinn::Endpoint::server(server, "127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let addr = server.local_addr().expect("addr");
+        let accepted = tokio::spawn(async move {
+            let conn = server.accept().await.expect("incoming").await.expect("handshake");
+            (server, conn)
+        });
+        let dialler = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let conn =
+            dialler.connect_with(client, addr, SERVER_NAME).expect("dial").await.expect("tls");
+        let (server, theirs) = accepted.await.expect("accepted");
+        ((server, dialler), conn, theirs)
+    }
+
+    /// Two nodes of this build agree on `runnel-peer/2` (a lane); a node of this build
+    /// calling a node of an older one, which offers only `runnel-peer/1`, agrees on that and
+    /// opens no lane (its calls then take a stream each, as that node expects).
+    #[tokio::test]
+    async fn a_node_opens_a_lane_only_to_a_node_that_offers_one() {
+        let ca = ClusterCa::generate("runnel").expect("ca");
+        let (a, b) = (PeerTls::new(&ca, "a").expect("a"), PeerTls::new(&ca, "b").expect("b"));
+        // A node of an older build: runnel-peer/1 only.
+        let old = PeerTls::offering(&ca, "old", vec![ALPN_PEER.to_vec()]).expect("old").server;
+        for (server, lane) in [(a.server, true), (old, false)] {
+            let (_endpoints, conn, _theirs) = connected(server, b.client.clone()).await;
+            assert_eq!(client::takes_a_lane(&conn), lane);
+        }
+    }
+
     /// A connection between two nodes probes the path MTU once each way and asks for
     /// ACKs less often, as runner and client connections do: with quinn's defaults a peer
     /// connection sent four padded probes each way and acknowledged every second packet.
@@ -126,17 +166,7 @@ mod tests {
         use runnel_protocol::transport::MTU_PROBE_SIZE;
         let ca = ClusterCa::generate("runnel").expect("ca");
         let (a, b) = (PeerTls::new(&ca, "a").expect("a"), PeerTls::new(&ca, "b").expect("b"));
-        let server =
-            quinn::Endpoint::server(a.server, "127.0.0.1:0".parse().expect("addr")).expect("bind");
-        let addr = server.local_addr().expect("addr");
-        let accepted = tokio::spawn(async move {
-            let conn = server.accept().await.expect("incoming").await.expect("handshake");
-            (server, conn)
-        });
-        let client = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("bind");
-        let conn =
-            client.connect_with(b.client, addr, SERVER_NAME).expect("dial").await.expect("tls");
-        let (_server, theirs) = accepted.await.expect("accepted");
+        let (_endpoints, conn, theirs) = connected(a.server, b.client).await;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while conn.stats().path.current_mtu != MTU_PROBE_SIZE
             || theirs.stats().path.current_mtu != MTU_PROBE_SIZE

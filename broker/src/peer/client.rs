@@ -225,7 +225,7 @@ impl PeerClient {
 }
 
 /// Whether the node at the other end of `conn` takes a lane (`runnel-peer/2`).
-fn takes_a_lane(conn: &quinn::Connection) -> bool {
+pub(super) fn takes_a_lane(conn: &quinn::Connection) -> bool {
     let alpn = conn.handshake_data().and_then(|d| d.downcast::<HandshakeData>().ok());
     alpn.and_then(|d| d.protocol).is_some_and(|p| p == ALPN_PEER_LANE)
 }
