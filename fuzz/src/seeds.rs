@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 
 use runnel_protocol::{
     BrokerJobFrame, ClientControl, EnrollRequest, EnrollResponse, ErrorCode, ExecSpec, GoAway,
-    Heartbeat, Hello, JobOutcome, JobRequest, JobResult, LaneFrame, OutputStream, Redirect,
-    RunnerJobFrame, ServerControl, encode,
+    Heartbeat, Hello, JobOutcome, JobRequest, JobResult, LaneCall, LaneFrame, OutputStream,
+    PeerCaller, PeerRequest, Redirect, RunnerJobFrame, ServerControl, encode,
 };
 
 /// A frame's body: the encoding without its 4-byte length prefix.
@@ -85,6 +85,19 @@ pub fn of(name: &str) -> Vec<Vec<u8>> {
                 frame: RunnerJobFrame::Output { stream: OutputStream::Stdout, data: b"x".to_vec() },
             }),
             body(&RunnerJobFrame::Output { stream: OutputStream::Stderr, data: b"out\n".to_vec() }),
+            body(&PeerRequest::Lane),
+            body(&LaneCall {
+                call: 3,
+                request: PeerRequest::GetJob {
+                    caller: PeerCaller {
+                        key_id: "k1".into(),
+                        role: "admin".into(),
+                        tenant: Some("acme".into()),
+                        owner: None,
+                    },
+                    id: "job-00ff-e3-node1".into(),
+                },
+            }),
             body(&RunnerJobFrame::Result(JobResult {
                 outcome: JobOutcome::Succeeded,
                 exit_code: Some(0),

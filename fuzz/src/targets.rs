@@ -135,6 +135,7 @@ fn job(_: &Ctx, bytes: &[u8]) -> Outcome {
     let a = either(a, lane);
     let b = either(roundtrip::<PeerRequest>(&f), roundtrip::<PeerResponse>(&f));
     let api = either(roundtrip::<ApiRequest>(&f), roundtrip::<LaneCall>(&f));
+    let api = either(api, roundtrip::<LaneCall<PeerRequest>>(&f));
     let b = either(b, either(api, roundtrip::<LaneAnswer>(&f)));
     let exec = match postcard::from_bytes::<ExecSpec>(bytes) {
         Ok(spec) => {
