@@ -30,8 +30,15 @@ use crate::broker::SpawnError;
 const PEER_IDLE: Duration = Duration::from_secs(4);
 /// Keep-alive of a cached peer connection (a handful per node: cheap).
 const PEER_KEEP_ALIVE: Duration = Duration::from_secs(1);
-/// Concurrent calls one peer connection carries.
+/// Concurrent calls one peer connection carries on streams of their own (quinn keeps an
+/// entry per stream it allows).
 const PEER_STREAMS: u32 = 1024;
+/// Calls a peer lane may have unanswered. A dispatch that waits holds its place until its
+/// job ends, and one tenant may have thousands of jobs under way
+/// (`--max-jobs-per-tenant`): the lane must not be the bound that one tenant's waiting
+/// calls fill for every call forwarded after them. What a call holds while it waits is
+/// its future (~1.6 KiB) and its job, which the tenant's own limits bound.
+const PEER_LANE_CALLS: usize = 65_536;
 
 /// The node id a verified peer certificate names, if it is a node of `cluster`.
 pub(crate) fn peer_node(conn: &quinn::Connection, cluster: &str) -> Option<String> {

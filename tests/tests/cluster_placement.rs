@@ -437,3 +437,70 @@ async fn a_peer_lane_answers_each_call_by_its_number_and_an_older_node_still_get
         "{refused:?}"
     );
 }
+
+/// A dispatch that waits for its job holds its place on the peer lane until the job ends,
+/// and a tenant may have thousands of jobs under way (`--max-jobs-per-tenant`). 1,100
+/// waiting dispatches forwarded by one node (more than a peer connection's 1,024 streams,
+/// the old bound) must not hold up the next call that node forwards to the same home: a
+/// get is answered at once.
+#[tokio::test]
+async fn waiting_dispatches_do_not_hold_up_the_calls_forwarded_after_them() {
+    const WAITING: usize = 1_100;
+    // The one key sends them all at once: no per-key rate limit here.
+    let flags = ["--queue-limit", "2000", "--rate-limit-per-key", "0"];
+    let Some(c) = ProcessCluster::start(BROKER, 2, &flags).await else {
+        return;
+    };
+    let admin = c.tenant("acme").await;
+    let (s, _) = c.nodes[0].api.post("/v1/jobs", &admin, exec("true", &[], true)).await;
+    assert_eq!(s, 409, "no runner yet; the call placed the tenant");
+    let home = c.home_of("acme").await.unwrap();
+    let other = 1 - home;
+    let dir = tempfile::tempdir().unwrap();
+    let (_id, _r) = runner(&c, home, &admin, "alice", &dir.path().join("r"), None).await;
+    let ca = std::fs::read_to_string(dir.path().join("r").join("ca.pem")).unwrap();
+    let fp = runnel_certs::fingerprint(&runnel_certs::pem::certs_from_pem(&ca).unwrap()[0]);
+
+    // The runner runs 4 of them; the rest wait in the queue, every call waiting on the
+    // forwarder's lane to the home.
+    let mut clients = Vec::new();
+    for _ in 0..WAITING.div_ceil(250) {
+        clients
+            .push(runnel_client::Client::connect(&c.nodes[other].quic, &fp, &admin).await.unwrap());
+    }
+    let mut waiting = tokio::task::JoinSet::new();
+    for i in 0..WAITING {
+        let client = clients[i % clients.len()].clone();
+        waiting.spawn(async move {
+            let mut spec = runnel_client::exec("alice", "sleep", &["60"]);
+            (spec.wait, spec.queue_timeout_ms) = (true, 120_000);
+            client.submit(spec).await
+        });
+    }
+    let depth = || async {
+        let text = c.nodes[home].api.raw("/metrics", &c.operator_key).await;
+        metric_value(&text, "runnel_queue_depth{tenant=\"acme\"}").unwrap_or(0.0) as usize
+    };
+    wait_for(Duration::from_secs(60), "the dispatches queued at the home", || async {
+        (depth().await >= 1_000).then_some(())
+    })
+    .await;
+    // The rest come in now, unless the lane holds them back (they are already sent).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let queued = depth().await;
+    assert!(waiting.try_join_next().is_none(), "a waiting dispatch ended early");
+    // The burst dialled the home once, and its calls share that connection's one lane.
+    let text = c.nodes[other].api.raw("/metrics", &c.operator_key).await;
+    assert_eq!(metric_value(&text, "runnel_cluster_peer_lanes"), Some(1.0));
+
+    // A call forwarded after them: answered at once, not after the jobs ahead of it.
+    let probe = runnel_client::Client::connect(&c.nodes[other].quic, &fp, &admin).await.unwrap();
+    let missing = format!("job-00000000000000000000-e1-{}", c.nodes[home].id);
+    let answer = tokio::time::timeout(Duration::from_secs(5), probe.get(&missing)).await;
+    let status = answer.unwrap_or_else(|_| {
+        panic!("the get was held up behind the waiting dispatches ({queued} of them queued)")
+    });
+    assert_eq!(queued, WAITING - 4, "every waiting dispatch reached the home");
+    assert_eq!(status.unwrap_err().status(), Some(404));
+    waiting.abort_all();
+}

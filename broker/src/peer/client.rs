@@ -61,6 +61,9 @@ pub(crate) struct PeerClient {
     config: quinn::ClientConfig,
     cluster: String,
     conns: DashMap<String, Linked>,
+    /// One dial at a time per node: the calls that find no live connection wait for the
+    /// one being dialled (a burst of calls would otherwise dial, and open a lane, each).
+    dialling: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
     outbox: Outbox<quinn::SendStream>,
 }
 
@@ -87,21 +90,38 @@ impl PeerClient {
         cluster: &str,
     ) -> Self {
         let outbox = Outbox::start();
-        Self { endpoint, config, cluster: cluster.into(), conns: DashMap::new(), outbox }
+        let (conns, dialling) = (DashMap::new(), DashMap::new());
+        Self { endpoint, config, cluster: cluster.into(), conns, dialling, outbox }
     }
 
+    /// The live connection to `node`, dialled if there is none.
     async fn connection(&self, node: &NodeRecord) -> Result<Linked, PeerError> {
-        let unreachable = |reason: String| PeerError::Unreachable { node: node.id.clone(), reason };
-        if let Some(c) = self.conns.get(&node.id).map(|c| c.clone()) {
-            let lane_ended = c.lane.as_ref().is_some_and(|l| l.broken().is_some());
-            if c.conn.close_reason().is_none()
-                && !lane_ended
-                && c.conn.remote_address().to_string() == node.peer
-            {
-                return Ok(c);
-            }
-            self.conns.remove(&node.id);
+        if let Some(c) = self.live(node) {
+            return Ok(c);
         }
+        let dial = self.dialling.entry(node.id.clone()).or_default().clone();
+        let _dialling = dial.lock().await;
+        // Dialled while this call waited for its turn.
+        if let Some(c) = self.live(node) {
+            return Ok(c);
+        }
+        self.conns.remove(&node.id);
+        self.dial(node).await
+    }
+
+    /// The cached connection to `node`, if it is live: open, its lane (if any) going, and
+    /// to the address the node has now.
+    fn live(&self, node: &NodeRecord) -> Option<Linked> {
+        let c = self.conns.get(&node.id).map(|c| c.clone())?;
+        let lane_ended = c.lane.as_ref().is_some_and(|l| l.broken().is_some());
+        (c.conn.close_reason().is_none()
+            && !lane_ended
+            && c.conn.remote_address().to_string() == node.peer)
+            .then_some(c)
+    }
+
+    async fn dial(&self, node: &NodeRecord) -> Result<Linked, PeerError> {
+        let unreachable = |reason: String| PeerError::Unreachable { node: node.id.clone(), reason };
         let addr = tokio::net::lookup_host(&node.peer)
             .await
             .map_err(|e| unreachable(e.to_string()))?

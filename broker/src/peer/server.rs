@@ -142,7 +142,7 @@ async fn call(
             }
             let (s, t) = (&*shared, &*tenants);
             let rules = LaneRules {
-                max_calls: usize::try_from(super::PEER_STREAMS).unwrap_or(usize::MAX),
+                max_calls: super::PEER_LANE_CALLS,
                 send_timeout: s.config.api_send_timeout,
                 held: |_| {},
             };
