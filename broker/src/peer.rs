@@ -165,6 +165,47 @@ mod tests {
         }
     }
 
+    /// Calls to a node that does not answer dial it once: the calls that came meanwhile
+    /// wait for that dial and fail with it, instead of each dialling in turn (3 s each).
+    #[tokio::test]
+    async fn calls_to_a_node_that_does_not_answer_share_one_dial() {
+        let ca = ClusterCa::generate("runnel").expect("ca");
+        let tls = PeerTls::new(&ca, "a").expect("a");
+        // A port where nothing answers: each dial waits out CONNECT_TIMEOUT.
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let node = crate::cluster::NodeRecord {
+            id: "b".into(),
+            quic: String::new(),
+            http: String::new(),
+            peer: silent.local_addr().expect("addr").to_string(),
+            lease: 0,
+            started_at: 0,
+        };
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let client = Arc::new(PeerClient::new(endpoint.clone(), tls.client, "runnel"));
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..5 {
+            let (client, node) = (client.clone(), node.clone());
+            let get = runnel_protocol::PeerRequest::GetJob {
+                caller: runnel_protocol::PeerCaller {
+                    key_id: "k".into(),
+                    role: "admin".into(),
+                    tenant: Some("acme".into()),
+                    owner: None,
+                },
+                id: "job-1".into(),
+            };
+            calls.spawn(async move { client.job(&node, get).await });
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(endpoint.open_connections(), 1, "one dial for all five calls");
+        // Serially, five dials would take 15 s.
+        let all = tokio::time::timeout(client::CONNECT_TIMEOUT * 2, calls.join_all()).await;
+        for call in all.expect("the waiting calls failed with the one dial") {
+            assert!(matches!(call, Err(PeerError::Unreachable { .. })), "{call:?}");
+        }
+    }
+
     /// A connection between two nodes probes the path MTU once each way and asks for
     /// ACKs less often, as runner and client connections do: with quinn's defaults a peer
     /// connection sent four padded probes each way and acknowledged every second packet.

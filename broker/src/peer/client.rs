@@ -9,7 +9,7 @@
 //! one-frame answer), so that no `STOP_SENDING` follows a call alone.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use quinn::crypto::rustls::HandshakeData;
@@ -22,7 +22,7 @@ use super::{SERVER_NAME, peer_node};
 use crate::cluster::NodeRecord;
 
 /// The longest connecting to a node may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Why a forwarded call failed.
 #[derive(Debug, thiserror::Error)]
@@ -63,9 +63,15 @@ pub(crate) struct PeerClient {
     conns: DashMap<String, Linked>,
     /// One dial at a time per node: the calls that find no live connection wait for the
     /// one being dialled (a burst of calls would otherwise dial, and open a lane, each).
-    dialling: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
+    /// It holds the last dial that failed (when it ended, and why): the calls that waited
+    /// for that one fail with it, instead of each dialling a node that does not answer in
+    /// turn.
+    dialling: DashMap<String, Arc<tokio::sync::Mutex<LastFailure>>>,
     outbox: Outbox<quinn::SendStream>,
 }
+
+/// When a node's last dial that failed ended, and why.
+type LastFailure = Option<(Instant, String)>;
 
 /// A cached connection to a node.
 #[derive(Clone)]
@@ -99,14 +105,27 @@ impl PeerClient {
         if let Some(c) = self.live(node) {
             return Ok(c);
         }
+        let asked = Instant::now();
         let dial = self.dialling.entry(node.id.clone()).or_default().clone();
-        let _dialling = dial.lock().await;
-        // Dialled while this call waited for its turn.
+        let mut failed = dial.lock().await;
+        // Dialled while this call waited for its turn, or failed to be.
         if let Some(c) = self.live(node) {
             return Ok(c);
         }
+        if let Some((at, why)) = failed.as_ref().filter(|(at, _)| *at >= asked) {
+            let reason = format!("{why} ({:?} ago)", at.elapsed());
+            return Err(PeerError::Unreachable { node: node.id.clone(), reason });
+        }
         self.conns.remove(&node.id);
-        self.dial(node).await
+        let dialled = self.dial(node).await;
+        *failed = dialled.as_ref().err().map(|e| {
+            let why = match e {
+                PeerError::Unreachable { reason, .. } => reason.clone(),
+                e => e.to_string(),
+            };
+            (Instant::now(), why)
+        });
+        dialled
     }
 
     /// The cached connection to `node`, if it is live: open, its lane (if any) going, and
@@ -175,8 +194,8 @@ impl PeerClient {
         node: &NodeRecord,
         req: PeerRequest,
     ) -> Result<JobInfo, PeerError> {
-        // A lane that had ended sent nothing, and its connection closed with it: the call
-        // is safe to send once more, on a new connection.
+        // A lane that had ended sent nothing: the call is safe to send once more, on a new
+        // connection (one whose lane has ended is not used again).
         for _ in 0..2 {
             let Some(lane) = self.connection(node).await?.lane else {
                 let mut a = self.send(node, &req).await?;
