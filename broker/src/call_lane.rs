@@ -1,8 +1,8 @@
 //! The answering side of a lane of calls (`runnel_protocol::CallLane` is the calling side):
 //! a native API client's lane (`ApiRequest::Lane`) and a node's (`PeerRequest::Lane`,
-//! `runnel-peer/2`). The calls answered once as a job share one stream; each answer is a
-//! `LaneAnswer` naming its call, then the job or the refusal, in the order the answers
-//! are ready.
+//! `runnel-peer/2`). The calls answered at once share one stream; each answer is a
+//! `LaneAnswer` naming its call, then the job, the one frame or the refusal, in the order
+//! the answers are ready.
 
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -21,7 +21,7 @@ use tokio::io::AsyncWrite;
 use crate::api::ApiError;
 use crate::deadline::{SendDeadline, is_stalled};
 use crate::homed::JobAnswer;
-use crate::peer::{job_answer, refused};
+use crate::peer::{Reply, refused, reply_bytes};
 
 /// A call's answer before it is encoded: the job (this node's lent from its entry, without
 /// a copy of its output) or why the call was refused.
@@ -53,8 +53,9 @@ pub(crate) struct LaneRules {
     pub held: fn(i64),
 }
 
-/// Serves a lane: calls of type `R` read from `recv` are answered by `answer` and written
-/// to `send` as they are ready, each a [`LaneAnswer`] and the call's answer. All of it is
+/// Serves a lane: calls of type `R` read from `recv` are answered by `answer` (a job, or
+/// one frame: anything that is a [`Reply`]) and written to `send` as they are ready, each
+/// a [`LaneAnswer`] and the call's answer. All of it is
 /// driven here, in the connection's task: answers that come due together are written
 /// together. No more calls are read while `max_calls` are unanswered or
 /// [`LANE_MAX_UNWRITTEN`] bytes of answers wait for the caller to read them, so a caller
@@ -62,7 +63,7 @@ pub(crate) struct LaneRules {
 /// while fewer than that wait, so the calls already under way hold their jobs lent, not
 /// copies of their output. Ends the stream (finished or reset, as it ended) and answers
 /// how it ended.
-pub(crate) async fn serve<R, F, Fut>(
+pub(crate) async fn serve<R, F, Fut, A>(
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     rules: LaneRules,
@@ -71,7 +72,8 @@ pub(crate) async fn serve<R, F, Fut>(
 where
     R: DeserializeOwned,
     F: Fn(R) -> Fut,
-    Fut: Future<Output = Answered>,
+    Fut: Future<Output = Result<A, ApiError>>,
+    A: Into<Reply>,
 {
     let LaneRules { max_calls, send_timeout, held } = rules;
     let bytes = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
@@ -177,12 +179,12 @@ where
 
 /// One answer on a lane, appended to `out`: its head, then its bytes (an answer that
 /// could not be encoded, or whose call panicked, is answered 500).
-fn append(
+fn append<A: Into<Reply>>(
     out: &mut Vec<u8>,
     call: u32,
-    answered: std::thread::Result<Answered>,
+    answered: std::thread::Result<Result<A, ApiError>>,
 ) -> Result<(), FrameError> {
-    let bytes = match answered.map(job_answer) {
+    let bytes = match answered.map(|a| reply_bytes(a.map(Into::into))) {
         Ok(Ok(bytes)) => bytes,
         Ok(Err(e)) => encode(&refused(&ApiError::internal(e)))?,
         Err(_) => encode(&refused(&ApiError::internal("a lane call panicked")))?,

@@ -21,7 +21,7 @@ use runnel_protocol::{ALPN_PEER, ALPN_PEER_LANE};
 use rustls_pki_types::CertificateDer;
 
 pub(crate) use client::{Answer, PeerClient, PeerError};
-pub(crate) use server::{job_answer, refused, send_output, serve, serve_calls};
+pub(crate) use server::{Reply, job_answer, refused, reply_bytes, send_output, serve, serve_calls};
 
 use crate::broker::SpawnError;
 

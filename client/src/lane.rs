@@ -46,7 +46,7 @@ impl Lane {
 
     /// Sends `request` and waits for its answer.
     pub(crate) async fn call(&self, request: &ApiRequest) -> Result<JobInfo, Failed> {
-        self.0.call(request).await.map_err(|e| match e {
+        self.0.job(request).await.map_err(|e| match e {
             LaneFailed::Unsent => Failed::Unsent,
             LaneFailed::Refused { status, code, message } => {
                 Failed::Sent(Error::Refused { status, code, message })
@@ -54,6 +54,9 @@ impl Lane {
             LaneFailed::Broken(LaneBroken::Lost(why)) => Failed::Sent(Error::Lost(why)),
             LaneFailed::Broken(LaneBroken::Protocol(why)) => Failed::Sent(Error::Protocol(why)),
             LaneFailed::Request(e) => Failed::Sent(Error::Protocol(format!("request: {e}"))),
+            LaneFailed::Unexpected(what) => {
+                Failed::Sent(Error::Protocol(format!("{what} does not answer a call")))
+            }
         })
     }
 }

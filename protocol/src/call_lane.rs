@@ -1,10 +1,10 @@
-//! The calling side of a lane of calls: the calls answered once as a job share one stream
+//! The calling side of a lane of calls: the calls answered at once share one stream
 //! (opened with [`crate::ApiRequest::Lane`] by a native API client,
 //! [`crate::PeerRequest::Lane`] by a node), instead of a stream each: no stream to open,
 //! track, acknowledge and close per call, on either side. Each call is a
 //! [`LaneCall`](crate::LaneCall) numbered by the caller; each answer a
-//! [`LaneAnswer`](crate::LaneAnswer) naming it, then the job or the refusal
-//! ([`crate::read_lane_answer`]).
+//! [`LaneAnswer`](crate::LaneAnswer) naming it, then the job, the one frame, or the
+//! refusal ([`crate::read_lane_answer`]), in the order the answers are ready.
 //!
 //! One task writes the calls (those posted at about the same time together, so that they
 //! share datagrams: [`crate::write_lane`]), one reads the answers and hands each to its
@@ -23,7 +23,9 @@ use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{AnswerError, JobInfo, LaneCall, encode, lane_reader, read_lane_answer, write_lane};
+use crate::{
+    AnswerError, JobInfo, LaneCall, LaneReply, encode, lane_reader, read_lane_answer, write_lane,
+};
 
 /// The calls of one lane, sent as requests of type `R`.
 pub struct CallLane<R> {
@@ -43,7 +45,7 @@ impl<R> std::fmt::Debug for CallLane<R> {
 /// The calls sent and not yet answered.
 #[derive(Default)]
 struct Waiting {
-    calls: HashMap<u32, oneshot::Sender<Result<JobInfo, LaneFailed>>>,
+    calls: HashMap<u32, oneshot::Sender<Result<LaneReply, LaneFailed>>>,
     /// Why the lane ended; once set, no call is taken.
     broken: Option<LaneBroken>,
 }
@@ -77,6 +79,8 @@ pub enum LaneFailed {
     Broken(LaneBroken),
     /// The call could not be encoded (nothing was sent).
     Request(String),
+    /// The call was answered with a frame that does not answer it (named).
+    Unexpected(&'static str),
 }
 
 impl<R: Serialize> CallLane<R> {
@@ -102,8 +106,16 @@ impl<R: Serialize> CallLane<R> {
         Self { queue, waiting, next: AtomicU32::new(0), _requests: PhantomData }
     }
 
+    /// Sends `request`, answered as a job, and waits for its answer.
+    pub async fn job(&self, request: &R) -> Result<JobInfo, LaneFailed> {
+        match self.call(request).await? {
+            LaneReply::Job(job) => Ok(job),
+            LaneReply::Frame(f) => Err(LaneFailed::Unexpected(f.what())),
+        }
+    }
+
     /// Sends `request` and waits for its answer.
-    pub async fn call(&self, request: &R) -> Result<JobInfo, LaneFailed> {
+    pub async fn call(&self, request: &R) -> Result<LaneReply, LaneFailed> {
         let call = self.next.fetch_add(1, Ordering::Relaxed);
         let frame =
             encode(&LaneCall { call, request }).map_err(|e| LaneFailed::Request(e.to_string()))?;
@@ -213,8 +225,8 @@ mod tests {
         }
     }
 
-    /// Answers arrive in any order and each reaches its own caller; a refusal is the
-    /// call's alone; when the other side breaks the lane, the calls still waiting fail
+    /// Answers arrive in any order and each reaches its own caller, a job or one frame; a
+    /// refusal is the call's alone; when the other side breaks the lane, the calls still waiting fail
     /// with `ended`'s words and later calls are not sent.
     #[tokio::test]
     async fn answers_reach_their_own_callers_and_a_broken_lane_fails_the_rest() {
@@ -227,7 +239,7 @@ mod tests {
             |why| LaneBroken::Protocol(format!("broke: {}", why.is_some())),
         ));
         let get = |id: &str| ApiRequest::GetJob { id: id.into() };
-        let calls: Vec<_> = ["a", "b", "c"]
+        let calls: Vec<_> = ["a", "b", "c", "d"]
             .into_iter()
             .map(|id| {
                 let (lane, req) = (lane.clone(), get(id));
@@ -238,12 +250,12 @@ mod tests {
         let first = read_frame::<ApiRequest, _>(&mut their_recv).await.expect("read");
         assert_eq!(first, Some(ApiRequest::Lane));
         let mut numbers = HashMap::new();
-        for _ in 0..3 {
+        for _ in 0..4 {
             let c = read_frame::<LaneCall, _>(&mut their_recv).await.expect("call").expect("one");
             let ApiRequest::GetJob { id } = c.request else { panic!("{:?}", c.request) };
             numbers.insert(id, c.call);
         }
-        // "b" answered first, "a" refused, "c" never: the lane then breaks.
+        // "b" answered first, "a" refused, "d" in one frame, "c" never: the lane then breaks.
         let mut out = Vec::new();
         encode_append(&mut out, &LaneAnswer { call: numbers["b"] }).expect("head");
         out.extend_from_slice(&crate::encode_job_answer(job("b").borrowed()).expect("job"));
@@ -254,6 +266,8 @@ mod tests {
             message: "no such job".into(),
         };
         encode_append(&mut out, &refusal).expect("refusal");
+        encode_append(&mut out, &LaneAnswer { call: numbers["d"] }).expect("head");
+        encode_append(&mut out, &PeerResponse::Closed(2)).expect("one frame");
         out.extend_from_slice(&[0xff; 9]); // not a frame
         tokio::io::AsyncWriteExt::write_all(&mut their_send, &out).await.expect("write");
         let mut answers = Vec::new();
@@ -266,10 +280,11 @@ mod tests {
             message: "no such job".into(),
         };
         assert_eq!(answers[0], Err(refused));
-        assert_eq!(answers[1], Ok(job("b")));
+        assert_eq!(answers[1], Ok(LaneReply::Job(job("b"))));
         let broken = LaneBroken::Protocol("broke: true".into());
         assert_eq!(answers[2], Err(LaneFailed::Broken(broken.clone())));
+        assert_eq!(answers[3], Ok(LaneReply::Frame(PeerResponse::Closed(2))));
         assert_eq!(lane.broken(), Some(broken));
-        assert_eq!(lane.call(&get("d")).await, Err(LaneFailed::Unsent));
+        assert_eq!(lane.call(&get("e")).await, Err(LaneFailed::Unsent));
     }
 }

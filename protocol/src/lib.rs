@@ -58,9 +58,9 @@ pub use job::{
 };
 pub use outbox::{Outbox, Queue, gather, write_lane};
 pub use peer::{
-    AnswerError, DispatchSpec, JobInfo, JobInfoRef, JobState, PEER_OUTPUT_CHUNK, PeerCaller,
-    PeerRequest, PeerResponse, encode_job_answer, encode_output, read_answer, read_job_answer,
-    read_job_output, read_lane_answer,
+    AnswerError, DispatchSpec, JobInfo, JobInfoRef, JobState, LaneReply, PEER_OUTPUT_CHUNK,
+    PeerCaller, PeerRequest, PeerResponse, encode_job_answer, encode_output, read_answer,
+    read_job_answer, read_job_output, read_lane_answer,
 };
 pub use version::{
     ALPN_API, ALPN_ENROLL, ALPN_PEER, ALPN_PEER_LANE, ALPN_RUNNER, PROTOCOL_VERSION,

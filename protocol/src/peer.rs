@@ -284,10 +284,11 @@ pub enum PeerRequest {
         /// The tenant.
         tenant: String,
     },
-    /// (`runnel-peer/2`) This stream is a lane: [`crate::LaneCall`]s of `Dispatch`,
-    /// `GetJob` and `CancelJob` follow, each answered as on the native API's lane
-    /// (a [`crate::LaneAnswer`], then the job or the refusal). The first frame of a stream
-    /// only; a connection has one lane at a time.
+    /// (`runnel-peer/2`) This stream is a lane: [`crate::LaneCall`]s of every request but
+    /// `JobOutput` (which lasts as long as its job) and `Lane` follow, each answered as on
+    /// a stream of its own after a [`crate::LaneAnswer`] naming it, in the order the
+    /// answers are ready ([`LaneReply`]). The first frame of a stream only; a connection
+    /// has one lane at a time.
     Lane,
 }
 
@@ -479,20 +480,38 @@ where
     }
 }
 
-/// The next answer on a lane ([`crate::ApiRequest::Lane`]): which call, and its job or
-/// its refusal (`Err(AnswerError::Refused)`, the lane going on). `Ok(None)`: the lane
-/// ended between answers. Any other error breaks the lane.
+/// One answer on a lane, past its refusals: a job (the calls answered as a job) or, on a
+/// node's lane, the one frame of a call answered in one (`Jobs`, `Closed`, `Online`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum LaneReply {
+    /// A job answer: `Job`, its output, `End`.
+    Job(JobInfo),
+    /// A one-frame answer.
+    Frame(PeerResponse),
+}
+
+/// The next answer on a lane ([`crate::ApiRequest::Lane`], [`PeerRequest::Lane`]): which
+/// call, and its answer or its refusal (`Err(AnswerError::Refused)`, the lane going on).
+/// `Ok(None)`: the lane ended between answers. Any other error breaks the lane.
 pub async fn read_lane_answer<R>(
     recv: &mut R,
-) -> Result<Option<(u32, Result<JobInfo, AnswerError>)>, AnswerError>
+) -> Result<Option<(u32, Result<LaneReply, AnswerError>)>, AnswerError>
 where
     R: tokio::io::AsyncRead + Unpin,
 {
     let Some(crate::LaneAnswer { call }) = crate::read_frame(recv).await? else {
         return Ok(None);
     };
-    match job_answer(recv, Then::More).await {
-        Ok(job) => Ok(Some((call, Ok(job)))),
+    let answer = match next_frame(recv, Then::More).await {
+        Ok(PeerResponse::Job(job)) => job_output(recv, job, Then::More).await.map(LaneReply::Job),
+        Ok(f @ (PeerResponse::Jobs(_) | PeerResponse::Closed(_) | PeerResponse::Online(_))) => {
+            Ok(LaneReply::Frame(f))
+        }
+        Ok(other) => Err(AnswerError::Unexpected(other.what())),
+        Err(e) => Err(e),
+    };
+    match answer {
+        Ok(reply) => Ok(Some((call, Ok(reply)))),
         Err(e @ AnswerError::Refused { .. }) => Ok(Some((call, Err(e)))),
         Err(e) => Err(e),
     }

@@ -19,7 +19,8 @@ pub const ALPN_RUNNER: &[u8] = b"runnel/1";
 pub const ALPN_PEER: &[u8] = b"runnel-peer/1";
 
 /// ALPN of a node-to-node connection whose nodes both take a lane of calls
-/// (`PeerRequest::Lane`): `runnel-peer/1` and the lane. A node offers both and prefers
+/// (`PeerRequest::Lane`: every call answered at once, on one stream): `runnel-peer/1` and
+/// the lane. A node offers both and prefers
 /// this one; a node of an older build agrees on `runnel-peer/1`, and its calls go on
 /// streams of their own as before.
 pub const ALPN_PEER_LANE: &[u8] = b"runnel-peer/2";

@@ -368,12 +368,12 @@ async fn lane_answers_back_to_back_are_read_one_by_one() {
     }
     let mut reader = wire.as_slice();
     let (call, first) = read_lane_answer(&mut reader).await.unwrap().unwrap();
-    assert_eq!((call, first.unwrap()), (3, job.clone()));
+    assert_eq!((call, first.unwrap()), (3, LaneReply::Job(job.clone())));
     let (call, second) = read_lane_answer(&mut reader).await.unwrap().unwrap();
     assert_eq!(call, 1);
     assert!(matches!(second, Err(AnswerError::Refused { status: 404, .. })), "{second:?}");
     let (call, third) = read_lane_answer(&mut reader).await.unwrap().unwrap();
-    assert_eq!((call, third.unwrap()), (2, job));
+    assert_eq!((call, third.unwrap()), (2, LaneReply::Job(job)));
     assert!(read_lane_answer(&mut reader).await.unwrap().is_none());
     // An answer cut short breaks the lane.
     let cut = &wire[..wire.len() - 3];

@@ -348,15 +348,15 @@ async fn a_node_hands_its_peers_no_session_tickets() {
     assert_eq!(given, 0, "the node handed out {given} session tickets");
 }
 
-/// `runnel-peer/2`: a node's calls share one lane, each answered by its number (a refusal
-/// is the call's alone, and a call that needs a stream of its own is refused on the
-/// lane); a second lane on the connection is reset. A node of an older build, which
+/// `runnel-peer/2`: a node's calls share one lane, each answered by its number, a job or
+/// one frame (a refusal is the call's alone, and a followed output, which needs a stream
+/// of its own, is refused on the lane); a second lane on the connection is reset. A node of an older build, which
 /// offers only `runnel-peer/1`, agrees on it and has its calls answered on streams.
 #[tokio::test]
 async fn a_peer_lane_answers_each_call_by_its_number_and_an_older_node_still_gets_streams() {
     use runnel_protocol::{
-        ALPN_PEER, ALPN_PEER_LANE, LaneCall, PeerCaller, PeerRequest, encode, encode_append,
-        lane_reader, read_job_answer, read_lane_answer,
+        ALPN_PEER, ALPN_PEER_LANE, LaneCall, LaneReply, PeerCaller, PeerRequest, PeerResponse,
+        encode, encode_append, lane_reader, read_job_answer, read_lane_answer,
     };
     let Some(c) = TestCluster::start(1, |_| {}).await else { return };
     let node = &c.nodes[0];
@@ -386,6 +386,7 @@ async fn a_peer_lane_answers_each_call_by_its_number_and_an_older_node_still_get
     let calls = [
         (7, get("nope")),
         (8, PeerRequest::ListJobs { caller: caller("acme"), owner: None, limit: 10, before: None }),
+        (12, PeerRequest::JobOutput { caller: caller("acme"), id: "nope".into() }),
         (9, PeerRequest::Dispatch { caller: caller("acme"), spec }),
         (10, PeerRequest::GetJob { caller: caller("globex"), id: "nope".into() }),
     ];
@@ -398,14 +399,19 @@ async fn a_peer_lane_answers_each_call_by_its_number_and_an_older_node_still_get
     for _ in 0..calls.len() {
         let read = tokio::time::timeout(Duration::from_secs(5), read_lane_answer(&mut recv));
         let (call, answer) = read.await.expect("answered in time").unwrap().expect("an answer");
-        let status = match answer {
-            Err(runnel_protocol::AnswerError::Refused { status, .. }) => status,
+        let said = match answer {
+            Err(runnel_protocol::AnswerError::Refused { status, .. }) => status.to_string(),
+            Ok(LaneReply::Frame(PeerResponse::Jobs(jobs))) => format!("{} jobs", jobs.len()),
             other => panic!("call {call}: {other:?}"),
         };
-        assert!(answers.insert(call, status).is_none(), "call {call} answered twice");
+        assert!(answers.insert(call, said).is_none(), "call {call} answered twice");
     }
-    // Not found; a list needs a stream of its own; no runner of alice; another tenant.
-    assert_eq!(answers, HashMap::from([(7, 404), (8, 400), (9, 409), (10, 404)]));
+    // Not found; the (empty) list in one frame; a followed output needs a stream of its
+    // own; no runner of alice; another tenant's caller.
+    let said = |s: &[(u32, &str)]| s.iter().map(|(c, a)| (*c, (*a).to_owned())).collect();
+    let expected: HashMap<u32, String> =
+        said(&[(7, "404"), (8, "0 jobs"), (12, "400"), (9, "409"), (10, "404")]);
+    assert_eq!(answers, expected);
 
     // A second lane on the same connection is reset; the first goes on.
     let (mut second, mut second_recv) = conn.open_bi().await.unwrap();
@@ -438,6 +444,77 @@ async fn a_peer_lane_answers_each_call_by_its_number_and_an_older_node_still_get
     );
 }
 
+/// Two nodes with `acme` homed on one, its one runner (capacity 4) busy, and `calls`
+/// waiting `sleep 60` jobs dispatched through the other node's native API: the rest queue
+/// at the home. Each call waits for its job's end, or (`follow`) follows its output.
+struct BusyHome {
+    c: ProcessCluster,
+    admin: String,
+    home: usize,
+    other: usize,
+    /// The CA fingerprint for native clients.
+    fp: String,
+    calls: tokio::task::JoinSet<()>,
+    /// Jobs queued at the home once the calls came in.
+    queued: usize,
+    runner_id: String,
+    _runner: (RunnerHandle, tempfile::TempDir),
+}
+
+impl BusyHome {
+    async fn start(calls: usize, follow: bool) -> Option<Self> {
+        // The one key sends them all at once: no per-key rate limit here.
+        let flags = ["--queue-limit", "2000", "--rate-limit-per-key", "0"];
+        let c = ProcessCluster::start(BROKER, 2, &flags).await?;
+        let admin = c.tenant("acme").await;
+        let (s, _) = c.nodes[0].api.post("/v1/jobs", &admin, exec("true", &[], true)).await;
+        assert_eq!(s, 409, "no runner yet; the call placed the tenant");
+        let home = c.home_of("acme").await.unwrap();
+        let other = 1 - home;
+        let dir = tempfile::tempdir().unwrap();
+        let (runner_id, r) = runner(&c, home, &admin, "alice", &dir.path().join("r"), None).await;
+        let ca = std::fs::read_to_string(dir.path().join("r").join("ca.pem")).unwrap();
+        let fp = runnel_certs::fingerprint(&runnel_certs::pem::certs_from_pem(&ca).unwrap()[0]);
+        let mut clients = Vec::new();
+        for _ in 0..calls.div_ceil(250) {
+            let client = runnel_client::Client::connect(&c.nodes[other].quic, &fp, &admin).await;
+            clients.push(client.unwrap());
+        }
+        let mut waiting = tokio::task::JoinSet::new();
+        for i in 0..calls {
+            let client = clients[i % clients.len()].clone();
+            waiting.spawn(async move {
+                let mut spec = runnel_client::exec("alice", "sleep", &["60"]);
+                spec.queue_timeout_ms = 120_000;
+                let ended = if follow {
+                    let handle = client.dispatch(spec).await.expect("dispatched");
+                    handle.result().await
+                } else {
+                    spec.wait = true;
+                    client.submit(spec).await
+                };
+                panic!("a call ended early: {ended:?}");
+            });
+        }
+        let depth = || async {
+            let text = c.nodes[home].api.raw("/metrics", &c.operator_key).await;
+            metric_value(&text, "runnel_queue_depth{tenant=\"acme\"}").unwrap_or(0.0) as usize
+        };
+        wait_for(Duration::from_secs(60), "the dispatches queued at the home", || async {
+            (depth().await >= 1_000).then_some(())
+        })
+        .await;
+        // The rest come in now, unless something holds them back.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let queued = depth().await;
+        if let Some(ended) = waiting.try_join_next() {
+            panic!("{ended:?}");
+        }
+        let _runner = (r, dir);
+        Some(Self { c, admin, home, other, fp, calls: waiting, queued, runner_id, _runner })
+    }
+}
+
 /// A dispatch that waits for its job holds its place on the peer lane until the job ends,
 /// and a tenant may have thousands of jobs under way (`--max-jobs-per-tenant`). 1,100
 /// waiting dispatches forwarded by one node (more than a peer connection's 1,024 streams,
@@ -446,61 +523,40 @@ async fn a_peer_lane_answers_each_call_by_its_number_and_an_older_node_still_get
 #[tokio::test]
 async fn waiting_dispatches_do_not_hold_up_the_calls_forwarded_after_them() {
     const WAITING: usize = 1_100;
-    // The one key sends them all at once: no per-key rate limit here.
-    let flags = ["--queue-limit", "2000", "--rate-limit-per-key", "0"];
-    let Some(c) = ProcessCluster::start(BROKER, 2, &flags).await else {
-        return;
-    };
-    let admin = c.tenant("acme").await;
-    let (s, _) = c.nodes[0].api.post("/v1/jobs", &admin, exec("true", &[], true)).await;
-    assert_eq!(s, 409, "no runner yet; the call placed the tenant");
-    let home = c.home_of("acme").await.unwrap();
-    let other = 1 - home;
-    let dir = tempfile::tempdir().unwrap();
-    let (_id, _r) = runner(&c, home, &admin, "alice", &dir.path().join("r"), None).await;
-    let ca = std::fs::read_to_string(dir.path().join("r").join("ca.pem")).unwrap();
-    let fp = runnel_certs::fingerprint(&runnel_certs::pem::certs_from_pem(&ca).unwrap()[0]);
-
-    // The runner runs 4 of them; the rest wait in the queue, every call waiting on the
-    // forwarder's lane to the home.
-    let mut clients = Vec::new();
-    for _ in 0..WAITING.div_ceil(250) {
-        clients
-            .push(runnel_client::Client::connect(&c.nodes[other].quic, &fp, &admin).await.unwrap());
-    }
-    let mut waiting = tokio::task::JoinSet::new();
-    for i in 0..WAITING {
-        let client = clients[i % clients.len()].clone();
-        waiting.spawn(async move {
-            let mut spec = runnel_client::exec("alice", "sleep", &["60"]);
-            (spec.wait, spec.queue_timeout_ms) = (true, 120_000);
-            client.submit(spec).await
-        });
-    }
-    let depth = || async {
-        let text = c.nodes[home].api.raw("/metrics", &c.operator_key).await;
-        metric_value(&text, "runnel_queue_depth{tenant=\"acme\"}").unwrap_or(0.0) as usize
-    };
-    wait_for(Duration::from_secs(60), "the dispatches queued at the home", || async {
-        (depth().await >= 1_000).then_some(())
-    })
-    .await;
-    // The rest come in now, unless the lane holds them back (they are already sent).
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let queued = depth().await;
-    assert!(waiting.try_join_next().is_none(), "a waiting dispatch ended early");
+    let Some(mut b) = BusyHome::start(WAITING, false).await else { return };
+    let c = &b.c;
     // The burst dialled the home once, and its calls share that connection's one lane.
-    let text = c.nodes[other].api.raw("/metrics", &c.operator_key).await;
+    let text = c.nodes[b.other].api.raw("/metrics", &c.operator_key).await;
     assert_eq!(metric_value(&text, "runnel_cluster_peer_lanes"), Some(1.0));
 
     // A call forwarded after them: answered at once, not after the jobs ahead of it.
-    let probe = runnel_client::Client::connect(&c.nodes[other].quic, &fp, &admin).await.unwrap();
-    let missing = format!("job-00000000000000000000-e1-{}", c.nodes[home].id);
-    let answer = tokio::time::timeout(Duration::from_secs(5), probe.get(&missing)).await;
+    let probe = runnel_client::Client::connect(&c.nodes[b.other].quic, &b.fp, &b.admin).await;
+    let missing = format!("job-00000000000000000000-e1-{}", c.nodes[b.home].id);
+    let answer = tokio::time::timeout(Duration::from_secs(5), probe.unwrap().get(&missing)).await;
+    let queued = b.queued;
     let status = answer.unwrap_or_else(|_| {
         panic!("the get was held up behind the waiting dispatches ({queued} of them queued)")
     });
     assert_eq!(queued, WAITING - 4, "every waiting dispatch reached the home");
     assert_eq!(status.unwrap_err().status(), Some(404));
-    waiting.abort_all();
+    b.calls.abort_all();
+}
+
+/// A followed output lasts as long as its job and holds a stream of the peer connection
+/// for it; 1,100 of them (more than its 1,024 streams) must not hold up the calls that are
+/// answered at once, any tenant's: a job list, a runner's status.
+#[tokio::test]
+async fn followed_outputs_do_not_hold_up_the_calls_forwarded_after_them() {
+    const FOLLOWED: usize = 1_100;
+    let Some(mut b) = BusyHome::start(FOLLOWED, true).await else { return };
+    assert_eq!(b.queued, FOLLOWED - 4, "every followed dispatch reached the home");
+    let api = &b.c.nodes[b.other].api;
+    let list = tokio::time::timeout(Duration::from_secs(5), api.get("/v1/jobs?limit=1", &b.admin));
+    let (s, v) = list.await.expect("the list was held up behind the followed outputs");
+    assert_eq!((s, v["jobs"].as_array().map(Vec::len)), (200, Some(1)), "{v}");
+    let runner = format!("/v1/runners/{}", b.runner_id);
+    let status = tokio::time::timeout(Duration::from_secs(5), api.get(&runner, &b.admin));
+    let (s, v) = status.await.expect("the runner's status was held up");
+    assert_eq!((s, v["status"].as_str()), (200, Some("online")), "{v}");
+    b.calls.abort_all();
 }

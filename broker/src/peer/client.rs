@@ -1,8 +1,9 @@
-//! The calling side: one cached connection per node. A call answered as a job (dispatch,
-//! get, cancel) goes on the connection's lane (`runnel_protocol::CallLane`) where both
+//! The calling side: one cached connection per node. A call answered at once (all but a
+//! followed output) goes on the connection's lane (`runnel_protocol::CallLane`) where both
 //! nodes speak `runnel-peer/2`: no stream to open, track and close per call on either
-//! node, and the calls forwarded at about the same time leave together. Any other call,
-//! and every call to a node of an older build, takes a stream of its own: requests leave
+//! node, the calls forwarded at about the same time leave together, and no call waits for
+//! a stream while others' followed outputs hold them. A followed output, and every call to
+//! a node of an older build, takes a stream of its own: requests leave
 //! through one outbox (`runnel_protocol::Outbox`), so that calls forwarded at about the
 //! same time (each from its own API request's task) share datagrams; each answer's stream
 //! end is read (`read_answer` after a job answer or a refusal, `take_end` after a
@@ -14,8 +15,8 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use quinn::crypto::rustls::HandshakeData;
 use runnel_protocol::{
-    ALPN_PEER_LANE, AnswerError, CallLane, ErrorCode, JobInfo, LaneBroken, LaneFailed, Outbox,
-    PeerRequest, PeerResponse, encode, read_answer, read_job_answer, take_end,
+    ALPN_PEER_LANE, AnswerError, CallLane, ErrorCode, JobInfo, LaneBroken, LaneFailed, LaneReply,
+    Outbox, PeerRequest, PeerResponse, encode, read_answer, read_job_answer, take_end,
 };
 
 use super::{SERVER_NAME, peer_node};
@@ -187,28 +188,47 @@ impl PeerClient {
         Ok(Answer { node: node.id.clone(), recv, peeked: None })
     }
 
-    /// A call answered as a job (dispatch, get, cancel): on the connection's lane, or on a
-    /// stream of its own with a node of an older build.
-    pub(crate) async fn job(
+    /// A call answered at once (all but a followed output): on the connection's lane, or
+    /// on a stream of its own with a node of an older build (`one_frame`: how its answer
+    /// is read there, one frame or a job).
+    async fn answered(
         &self,
         node: &NodeRecord,
         req: PeerRequest,
-    ) -> Result<JobInfo, PeerError> {
+        one_frame: bool,
+    ) -> Result<LaneReply, PeerError> {
         // A lane that had ended sent nothing: the call is safe to send once more, on a new
         // connection (one whose lane has ended is not used again).
         for _ in 0..2 {
             let Some(lane) = self.connection(node).await?.lane else {
                 let mut a = self.send(node, &req).await?;
+                if one_frame {
+                    let frame = a.next().await;
+                    take_end(&mut a.recv);
+                    return frame.map(LaneReply::Frame);
+                }
                 let answer = read_job_answer(&mut a.recv).await;
-                return answer.map_err(|e| a.error(e));
+                return answer.map(LaneReply::Job).map_err(|e| a.error(e));
             };
             match lane.call(&req).await {
-                Ok(job) => return Ok(job),
+                Ok(reply) => return Ok(reply),
                 Err(LaneFailed::Unsent) => {}
                 Err(e) => return Err(lane_error(&node.id, e)),
             }
         }
         Err(PeerError::Unreachable { node: node.id.clone(), reason: "its lane ended twice".into() })
+    }
+
+    /// A call answered as a job (dispatch, get, cancel).
+    pub(crate) async fn job(
+        &self,
+        node: &NodeRecord,
+        req: PeerRequest,
+    ) -> Result<JobInfo, PeerError> {
+        match self.answered(node, req, false).await? {
+            LaneReply::Job(job) => Ok(job),
+            LaneReply::Frame(f) => Err(unexpected(&node.id, f.what())),
+        }
     }
 
     /// A call answered with one frame, which `pick` takes apart.
@@ -218,12 +238,13 @@ impl PeerClient {
         req: PeerRequest,
         pick: impl FnOnce(PeerResponse) -> Option<T>,
     ) -> Result<T, PeerError> {
-        let mut a = self.send(node, &req).await?;
-        let frame = a.next().await;
-        take_end(&mut a.recv);
-        let frame = frame?;
-        let what = frame.what();
-        pick(frame).ok_or_else(|| a.unexpected_named(what))
+        match self.answered(node, req, true).await? {
+            LaneReply::Frame(f) => {
+                let what = f.what();
+                pick(f).ok_or_else(|| unexpected(&node.id, what))
+            }
+            LaneReply::Job(_) => Err(unexpected(&node.id, "a job")),
+        }
     }
 
     /// A call answered as a list of jobs.
@@ -302,6 +323,11 @@ async fn open_lane(
     Ok(CallLane::open(send, recv, first, ended))
 }
 
+/// An answer that does not answer the call (`what` it was).
+fn unexpected(node: &str, what: &'static str) -> PeerError {
+    PeerError::Protocol { node: node.to_owned(), reason: format!("unexpected {what}") }
+}
+
 /// A call's failure on a lane, as a forwarded call's.
 fn lane_error(node: &str, e: LaneFailed) -> PeerError {
     let node = node.to_owned();
@@ -313,6 +339,7 @@ fn lane_error(node: &str, e: LaneFailed) -> PeerError {
         LaneFailed::Unsent => PeerError::Unreachable { node, reason: "its lane had ended".into() },
         LaneFailed::Broken(LaneBroken::Protocol(reason)) => PeerError::Protocol { node, reason },
         LaneFailed::Request(e) => PeerError::Protocol { node, reason: format!("request: {e}") },
+        LaneFailed::Unexpected(what) => unexpected(&node, what),
     }
 }
 
@@ -350,16 +377,10 @@ impl Answer {
             AnswerError::Refused { status, code, message } => {
                 PeerError::Refused { status, code, message }
             }
-            AnswerError::Unexpected(what) => {
-                PeerError::Protocol { node, reason: format!("unexpected {what}") }
-            }
+            AnswerError::Unexpected(what) => unexpected(&node, what),
             e @ (AnswerError::Ended | AnswerError::Frame(_)) => {
                 PeerError::Unreachable { node, reason: e.to_string() }
             }
         }
-    }
-
-    fn unexpected_named(&self, what: &'static str) -> PeerError {
-        self.error(AnswerError::Unexpected(what))
     }
 }

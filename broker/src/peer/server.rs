@@ -1,5 +1,6 @@
-//! The answering side: every call is answered with local work only, on a stream of its
-//! own or (a dispatch, get or cancel) on the connection's lane (`runnel-peer/2`).
+//! The answering side: every call is answered with local work only, on the connection's
+//! lane (`runnel-peer/2`) or on a stream of its own (a followed output, and every call of a
+//! node of an older build).
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::peer_node;
 use crate::actors::Tenants;
 use crate::api::{ApiError, Caller};
-use crate::call_lane::{self, Answered, LaneEnd, LaneRules};
+use crate::call_lane::{self, LaneEnd, LaneRules};
 use crate::homed::{self, Hop, JobAnswer, Output};
 use crate::shared::Shared;
 
@@ -98,24 +99,40 @@ pub(crate) fn refused(e: &ApiError) -> PeerResponse {
     }
 }
 
-/// A job answer: the view without output, the output in chunks, the end, all in one write
-/// (`encode_job_answer`).
+/// A call's answer, before it is encoded: a job (this node's lent from its entry, without
+/// a copy of its output; or the home's view) or one frame (`Jobs`, `Closed`, `Online`).
+pub(crate) enum Reply {
+    Job(JobAnswer),
+    Frame(PeerResponse),
+}
+
+impl From<JobAnswer> for Reply {
+    fn from(job: JobAnswer) -> Self {
+        Reply::Job(job)
+    }
+}
+
+/// The bytes of a call's answer, on a stream of its own or after its `LaneAnswer` on a
+/// lane: a job as [`job_answer`] writes it, one frame, or the refusal.
 ///
-/// The job's view is encoded here, before anything is awaited, and the future keeps only
+/// The job's view is encoded before anything is awaited, and the call's future keeps only
 /// bytes: it lives inside every call's future, which is one allocation per call. Holding
 /// the view (and the frame built from it) across the writes had made a native dispatch's
 /// call future 1,696 bytes; it is 1,560 now, most of the rest `homed::dispatch`'s. (Both
 /// were past glibc's per-thread cache, 1,032 bytes; the broker binary now runs on jemalloc,
 /// whose thread caches serve that size: BENCHMARKS.md.)
-pub(crate) fn write_job(
-    send: &mut quinn::SendStream,
-    r: Result<impl Into<JobAnswer>, ApiError>,
-) -> impl std::future::Future<Output = Result<(), ()>> + '_ {
-    let answer = job_answer(r);
-    async move { send.write_all(&answer.map_err(drop)?).await.map_err(drop) }
+pub(crate) fn reply_bytes(
+    r: Result<Reply, ApiError>,
+) -> Result<Vec<u8>, runnel_protocol::FrameError> {
+    match r {
+        Ok(Reply::Job(job)) => job_answer(Ok::<_, ApiError>(job)),
+        Ok(Reply::Frame(frame)) => encode(&frame),
+        Err(e) => encode(&refused(&e)),
+    }
 }
 
-/// A job answer's bytes, as [`write_job`] writes them (a refusal as `Refused`).
+/// A job answer's bytes: the view without output, the output in chunks, the end
+/// (`encode_job_answer`); a refusal as `Refused`.
 pub(crate) fn job_answer(
     r: Result<impl Into<JobAnswer>, ApiError>,
 ) -> Result<Vec<u8>, runnel_protocol::FrameError> {
@@ -146,7 +163,7 @@ async fn call(
                 send_timeout: s.config.api_send_timeout,
                 held: |_| {},
             };
-            let lane = call_lane::serve(send, recv, rules, |req| job_call(req, s, t));
+            let lane = call_lane::serve(send, recv, rules, |req| lane_call(req, s, t));
             if let LaneEnd::Malformed(e) = Box::pin(lane).await {
                 tracing::warn!(error = %e, "malformed call on a peer lane");
             }
@@ -167,22 +184,6 @@ async fn call(
     };
     let (s, t) = (&*shared, &*tenants);
     let _ = match req {
-        req @ (PeerRequest::Dispatch { .. }
-        | PeerRequest::GetJob { .. }
-        | PeerRequest::CancelJob { .. }) => write_job(&mut send, job_call(req, s, t).await).await,
-        PeerRequest::ListJobs { caller, owner, limit, before } => {
-            let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-            let page = crate::jobs::Page { owner, limit, before };
-            let r = match caller_of(caller) {
-                Ok(c) => homed::list_jobs(s, &c, page, Hop::Peer).await,
-                Err(e) => Err(e),
-            };
-            let frame = match r {
-                Ok(jobs) => PeerResponse::Jobs(jobs),
-                Err(e) => refused(&e),
-            };
-            write_frame(&mut send, &frame).await.map_err(drop)
-        }
         PeerRequest::JobOutput { caller, id } => {
             let r = match caller_of(caller) {
                 Ok(c) => homed::job_output(s, &c, &id, Hop::Peer).await,
@@ -190,26 +191,12 @@ async fn call(
             };
             stream_output(&mut send, r).await
         }
-        PeerRequest::CloseRunner { tenant, runner_id } => {
-            let n = homed::close_runner(s, t, &tenant, &runner_id, Hop::Peer).await;
-            write_frame(&mut send, &PeerResponse::Closed(n.unwrap_or(0))).await.map_err(drop)
-        }
-        PeerRequest::ReleaseTenant { tenant } => {
-            let n = homed::release_tenant(s, t, &tenant).await;
-            write_frame(&mut send, &PeerResponse::Closed(n)).await.map_err(drop)
-        }
-        PeerRequest::RunnersOnline { tenant, runner_ids } => {
-            let online = runner_ids
-                .into_iter()
-                .filter_map(|id| {
-                    let e = s.index.get(&id).filter(|e| e.tenant == tenant && e.connections > 0)?;
-                    Some((id, if e.draining { "draining" } else { "online" }.to_owned()))
-                })
-                .collect();
-            write_frame(&mut send, &PeerResponse::Online(online)).await.map_err(drop)
-        }
         // Read above: only ever a stream's first frame.
         PeerRequest::Lane => Ok(()),
+        req => match reply_bytes(lane_call(req, s, t).await) {
+            Ok(bytes) => send.write_all(&bytes).await.map_err(drop),
+            Err(_) => Err(()),
+        },
     };
     let _ = send.finish();
 }
@@ -219,20 +206,48 @@ fn caller_of(c: runnel_protocol::PeerCaller) -> Result<Caller, ApiError> {
     Caller::from_peer(c).ok_or_else(|| ApiError::bad_request("unknown role in forwarded call"))
 }
 
-/// A call answered as a job (a dispatch, get or cancel), on a stream of its own or on the
-/// connection's lane; any other call is refused on a lane (it needs a stream of its own).
-async fn job_call(req: PeerRequest, s: &Shared, t: &Tenants) -> Answered {
+/// A call answered at once (all but a followed output), on a stream of its own or on the
+/// connection's lane; a followed output lasts as long as its job and is refused on a lane
+/// (it takes a stream of its own, so that the calls after it are not held up).
+async fn lane_call(req: PeerRequest, s: &Shared, t: &Tenants) -> Result<Reply, ApiError> {
+    let job = |r: Result<JobAnswer, ApiError>| r.map(Reply::Job);
     match req {
         PeerRequest::Dispatch { caller, spec } => {
-            homed::dispatch(s, t, &caller_of(caller)?, spec, Hop::Peer).await
+            job(homed::dispatch(s, t, &caller_of(caller)?, spec, Hop::Peer).await)
         }
         PeerRequest::GetJob { caller, id } => {
-            homed::get_job(s, &caller_of(caller)?, &id, Hop::Peer).await
+            job(homed::get_job(s, &caller_of(caller)?, &id, Hop::Peer).await)
         }
         PeerRequest::CancelJob { caller, id } => {
-            homed::cancel_job(s, t, &caller_of(caller)?, &id, Hop::Peer).await
+            job(homed::cancel_job(s, t, &caller_of(caller)?, &id, Hop::Peer).await)
         }
-        _ => Err(ApiError::bad_request("only a dispatch, get or cancel is answered on a lane")),
+        PeerRequest::ListJobs { caller, owner, limit, before } => {
+            let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+            let page = crate::jobs::Page { owner, limit, before };
+            let jobs = homed::list_jobs(s, &caller_of(caller)?, page, Hop::Peer).await?;
+            Ok(Reply::Frame(PeerResponse::Jobs(jobs)))
+        }
+        PeerRequest::CloseRunner { tenant, runner_id } => {
+            let n = homed::close_runner(s, t, &tenant, &runner_id, Hop::Peer).await;
+            Ok(Reply::Frame(PeerResponse::Closed(n.unwrap_or(0))))
+        }
+        PeerRequest::ReleaseTenant { tenant } => {
+            let n = homed::release_tenant(s, t, &tenant).await;
+            Ok(Reply::Frame(PeerResponse::Closed(n)))
+        }
+        PeerRequest::RunnersOnline { tenant, runner_ids } => {
+            let online = runner_ids
+                .into_iter()
+                .filter_map(|id| {
+                    let e = s.index.get(&id).filter(|e| e.tenant == tenant && e.connections > 0)?;
+                    Some((id, if e.draining { "draining" } else { "online" }.to_owned()))
+                })
+                .collect();
+            Ok(Reply::Frame(PeerResponse::Online(online)))
+        }
+        PeerRequest::JobOutput { .. } | PeerRequest::Lane => {
+            Err(ApiError::bad_request("a followed output or a lane needs a stream of its own"))
+        }
     }
 }
 
