@@ -445,8 +445,8 @@ pub(crate) async fn job_output(
         }),
         JobRoute::There(peers, node) => {
             forwarded(shared, "output");
-            let req = PeerRequest::JobOutput { caller: caller.to_peer(), id: id.to_owned() };
-            let mut answer = Box::pin(peers.output(&node, req)).await.map_err(peer_error)?;
+            let answer = peers.output(&node, caller.to_peer(), id.to_owned());
+            let mut answer = Box::pin(answer).await.map_err(peer_error)?;
             // A refusal (404, 403) comes first, before any output.
             answer.peek().await.map_err(peer_error)?;
             Ok(Output::There(Box::new(answer)))

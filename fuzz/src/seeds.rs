@@ -86,6 +86,16 @@ pub fn of(name: &str) -> Vec<Vec<u8>> {
             }),
             body(&RunnerJobFrame::Output { stream: OutputStream::Stderr, data: b"out\n".to_vec() }),
             body(&PeerRequest::Lane),
+            body(&PeerRequest::OutputSince {
+                caller: PeerCaller {
+                    key_id: "k1".into(),
+                    role: "member".into(),
+                    tenant: Some("acme".into()),
+                    owner: Some("alice".into()),
+                },
+                id: "job-00ff-e3-node1".into(),
+                offset: 65_536,
+            }),
             body(&LaneCall {
                 call: 3,
                 request: PeerRequest::GetJob {

@@ -290,6 +290,19 @@ pub enum PeerRequest {
     /// answers are ready ([`LaneReply`]). The first frame of a stream only; a connection
     /// has one lane at a time.
     Lane,
+    /// (`runnel-peer/2`) A job's output from byte `offset` on, once there is some or the
+    /// job has ended: answered [`PeerResponse::Output`] (at most [`PEER_OUTPUT_CHUNK`]
+    /// bytes; ask again from past it) or [`PeerResponse::End`] (the job has ended and
+    /// nothing lies past `offset`). How a node follows an output on the lane, piece by
+    /// piece, instead of holding a stream for as long as the job runs.
+    OutputSince {
+        /// For whom.
+        caller: PeerCaller,
+        /// Which.
+        id: String,
+        /// Bytes of output already had.
+        offset: u64,
+    },
 }
 
 /// One frame of an answer.
@@ -481,7 +494,8 @@ where
 }
 
 /// One answer on a lane, past its refusals: a job (the calls answered as a job) or, on a
-/// node's lane, the one frame of a call answered in one (`Jobs`, `Closed`, `Online`).
+/// node's lane, the one frame of a call answered in one (`Jobs`, `Closed`, `Online`, and
+/// `Output` or `End` for `OutputSince`).
 #[derive(Debug, Clone, PartialEq)]
 pub enum LaneReply {
     /// A job answer: `Job`, its output, `End`.
@@ -504,10 +518,8 @@ where
     };
     let answer = match next_frame(recv, Then::More).await {
         Ok(PeerResponse::Job(job)) => job_output(recv, job, Then::More).await.map(LaneReply::Job),
-        Ok(f @ (PeerResponse::Jobs(_) | PeerResponse::Closed(_) | PeerResponse::Online(_))) => {
-            Ok(LaneReply::Frame(f))
-        }
-        Ok(other) => Err(AnswerError::Unexpected(other.what())),
+        // (A refusal is an error here already.)
+        Ok(f) => Ok(LaneReply::Frame(f)),
         Err(e) => Err(e),
     };
     match answer {

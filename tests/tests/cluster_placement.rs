@@ -387,6 +387,7 @@ async fn a_peer_lane_answers_each_call_by_its_number_and_an_older_node_still_get
         (7, get("nope")),
         (8, PeerRequest::ListJobs { caller: caller("acme"), owner: None, limit: 10, before: None }),
         (12, PeerRequest::JobOutput { caller: caller("acme"), id: "nope".into() }),
+        (13, PeerRequest::OutputSince { caller: caller("acme"), id: "nope".into(), offset: 0 }),
         (9, PeerRequest::Dispatch { caller: caller("acme"), spec }),
         (10, PeerRequest::GetJob { caller: caller("globex"), id: "nope".into() }),
     ];
@@ -410,7 +411,7 @@ async fn a_peer_lane_answers_each_call_by_its_number_and_an_older_node_still_get
     // own; no runner of alice; another tenant's caller.
     let said = |s: &[(u32, &str)]| s.iter().map(|(c, a)| (*c, (*a).to_owned())).collect();
     let expected: HashMap<u32, String> =
-        said(&[(7, "404"), (8, "0 jobs"), (12, "400"), (9, "409"), (10, "404")]);
+        said(&[(7, "404"), (8, "0 jobs"), (12, "400"), (13, "404"), (9, "409"), (10, "404")]);
     assert_eq!(answers, expected);
 
     // A second lane on the same connection is reset; the first goes on.
@@ -457,6 +458,8 @@ struct BusyHome {
     calls: tokio::task::JoinSet<()>,
     /// Jobs queued at the home once the calls came in.
     queued: usize,
+    /// A job that ran before them (`echo done`), dispatched through the other node.
+    done: String,
     runner_id: String,
     _runner: (RunnerHandle, tempfile::TempDir),
 }
@@ -475,6 +478,10 @@ impl BusyHome {
         let (runner_id, r) = runner(&c, home, &admin, "alice", &dir.path().join("r"), None).await;
         let ca = std::fs::read_to_string(dir.path().join("r").join("ca.pem")).unwrap();
         let fp = runnel_certs::fingerprint(&runnel_certs::pem::certs_from_pem(&ca).unwrap()[0]);
+        let (s, v) =
+            c.nodes[other].api.post("/v1/jobs", &admin, exec("echo", &["done"], true)).await;
+        assert_eq!((s, v["output"].as_str()), (200, Some("done\n")), "{v}");
+        let done = v["id"].as_str().unwrap().to_owned();
         let mut clients = Vec::new();
         for _ in 0..calls.div_ceil(250) {
             let client = runnel_client::Client::connect(&c.nodes[other].quic, &fp, &admin).await;
@@ -511,7 +518,8 @@ impl BusyHome {
             panic!("{ended:?}");
         }
         let _runner = (r, dir);
-        Some(Self { c, admin, home, other, fp, calls: waiting, queued, runner_id, _runner })
+        let calls = waiting;
+        Some(Self { c, admin, home, other, fp, calls, queued, done, runner_id, _runner })
     }
 }
 
@@ -542,9 +550,10 @@ async fn waiting_dispatches_do_not_hold_up_the_calls_forwarded_after_them() {
     b.calls.abort_all();
 }
 
-/// A followed output lasts as long as its job and holds a stream of the peer connection
-/// for it; 1,100 of them (more than its 1,024 streams) must not hold up the calls that are
-/// answered at once, any tenant's: a job list, a runner's status.
+/// A followed output lasts as long as its job; 1,100 of them forwarded by one node (more
+/// than a peer connection's 1,024 streams, which each held one) must not hold up the
+/// calls forwarded after them, any tenant's: a job list, a runner's status, another
+/// job's output.
 #[tokio::test]
 async fn followed_outputs_do_not_hold_up_the_calls_forwarded_after_them() {
     const FOLLOWED: usize = 1_100;
@@ -558,5 +567,8 @@ async fn followed_outputs_do_not_hold_up_the_calls_forwarded_after_them() {
     let status = tokio::time::timeout(Duration::from_secs(5), api.get(&runner, &b.admin));
     let (s, v) = status.await.expect("the runner's status was held up");
     assert_eq!((s, v["status"].as_str()), (200, Some("online")), "{v}");
+    let output = format!("/v1/jobs/{}/output", b.done);
+    let output = tokio::time::timeout(Duration::from_secs(5), api.raw(&output, &b.admin));
+    assert_eq!(output.await.expect("another job's output was held up"), "done\n");
     b.calls.abort_all();
 }

@@ -1,9 +1,9 @@
-//! The calling side: one cached connection per node. A call answered at once (all but a
-//! followed output) goes on the connection's lane (`runnel_protocol::CallLane`) where both
-//! nodes speak `runnel-peer/2`: no stream to open, track and close per call on either
-//! node, the calls forwarded at about the same time leave together, and no call waits for
-//! a stream while others' followed outputs hold them. A followed output, and every call to
-//! a node of an older build, takes a stream of its own: requests leave
+//! The calling side: one cached connection per node. Every call goes on the connection's
+//! lane (`runnel_protocol::CallLane`) where both nodes speak `runnel-peer/2`, a followed
+//! output asked piece by piece (`OutputSince`): no stream to open, track and close per
+//! call on either node, the calls forwarded at about the same time leave together, and no
+//! call waits for a stream that another tenant's long calls hold. Every call to a node of
+//! an older build takes a stream of its own: requests leave
 //! through one outbox (`runnel_protocol::Outbox`), so that calls forwarded at about the
 //! same time (each from its own API request's task) share datagrams; each answer's stream
 //! end is read (`read_answer` after a job answer or a refusal, `take_end` after a
@@ -16,7 +16,7 @@ use dashmap::DashMap;
 use quinn::crypto::rustls::HandshakeData;
 use runnel_protocol::{
     ALPN_PEER_LANE, AnswerError, CallLane, ErrorCode, JobInfo, LaneBroken, LaneFailed, LaneReply,
-    Outbox, PeerRequest, PeerResponse, encode, read_answer, read_job_answer, take_end,
+    Outbox, PeerCaller, PeerRequest, PeerResponse, encode, read_answer, read_job_answer, take_end,
 };
 
 use super::{SERVER_NAME, peer_node};
@@ -174,9 +174,14 @@ impl PeerClient {
         Ok(linked)
     }
 
-    /// Sends `req` on a new stream; answers the stream to read the answer from.
-    async fn send(&self, node: &NodeRecord, req: &PeerRequest) -> Result<Answer, PeerError> {
-        let conn = self.connection(node).await?.conn;
+    /// Sends `req` on a new stream of `conn`, a connection to `node`; answers the stream to
+    /// read the answer from.
+    async fn send(
+        &self,
+        node: &NodeRecord,
+        conn: &quinn::Connection,
+        req: &PeerRequest,
+    ) -> Result<Answer, PeerError> {
         let broken = |reason: String| PeerError::Unreachable { node: node.id.clone(), reason };
         let frame = encode(req).map_err(|e| PeerError::Protocol {
             node: node.id.clone(),
@@ -185,7 +190,7 @@ impl PeerClient {
         let (send, recv) = conn.open_bi().await.map_err(|e| broken(e.to_string()))?;
         // A write that fails shows as the answer's read failing (the connection broke).
         self.outbox.post(send, frame).map_err(|_| broken("the node is stopping".into()))?;
-        Ok(Answer { node: node.id.clone(), recv, peeked: None })
+        Ok(Answer { node: node.id.clone(), source: Source::Stream(recv), peeked: None })
     }
 
     /// A call answered at once (all but a followed output): on the connection's lane, or
@@ -200,15 +205,10 @@ impl PeerClient {
         // A lane that had ended sent nothing: the call is safe to send once more, on a new
         // connection (one whose lane has ended is not used again).
         for _ in 0..2 {
-            let Some(lane) = self.connection(node).await?.lane else {
-                let mut a = self.send(node, &req).await?;
-                if one_frame {
-                    let frame = a.next().await;
-                    take_end(&mut a.recv);
-                    return frame.map(LaneReply::Frame);
-                }
-                let answer = read_job_answer(&mut a.recv).await;
-                return answer.map(LaneReply::Job).map_err(|e| a.error(e));
+            let linked = self.connection(node).await?;
+            let Some(lane) = linked.lane else {
+                let mut a = self.send(node, &linked.conn, &req).await?;
+                return a.whole(one_frame).await;
             };
             match lane.call(&req).await {
                 Ok(reply) => return Ok(reply),
@@ -274,13 +274,26 @@ impl PeerClient {
         self.one(node, req, |r| if let PeerResponse::Online(v) = r { Some(v) } else { None }).await
     }
 
-    /// A job's output: the answer to read chunks from (refusals come before any chunk).
+    /// A job's output, followed until the job ends: the answer to read chunks from
+    /// (refusals come before any chunk). Asked piece by piece on the lane
+    /// (`OutputSince`), so that a follow, which lasts as long as its job, holds no stream
+    /// that another tenant's calls could be waiting for; on a stream of its own
+    /// (`JobOutput`) with a node of an older build.
     pub(crate) async fn output(
         &self,
         node: &NodeRecord,
-        req: PeerRequest,
+        caller: PeerCaller,
+        id: String,
     ) -> Result<Answer, PeerError> {
-        self.send(node, &req).await
+        let linked = self.connection(node).await?;
+        match linked.lane {
+            Some(lane) => {
+                let following = Following { lane, caller, id, offset: 0, ended: false };
+                let source = Source::Lane(Box::new(following));
+                Ok(Answer { node: node.id.clone(), source, peeked: None })
+            }
+            None => self.send(node, &linked.conn, &PeerRequest::JobOutput { caller, id }).await,
+        }
     }
 }
 
@@ -346,8 +359,25 @@ fn lane_error(node: &str, e: LaneFailed) -> PeerError {
 /// The reading side of one call.
 pub(crate) struct Answer {
     node: String,
-    recv: quinn::RecvStream,
+    source: Source,
     peeked: Option<PeerResponse>,
+}
+
+/// Where an answer is read from.
+enum Source {
+    /// A stream of its own.
+    Stream(quinn::RecvStream),
+    /// A followed output, asked piece by piece on the lane.
+    Lane(Box<Following>),
+}
+
+/// A job's output followed on the lane: the next piece is asked from `offset` on.
+struct Following {
+    lane: Arc<CallLane<PeerRequest>>,
+    caller: PeerCaller,
+    id: String,
+    offset: u64,
+    ended: bool,
 }
 
 impl Answer {
@@ -368,7 +398,48 @@ impl Answer {
     }
 
     async fn read(&mut self) -> Result<PeerResponse, PeerError> {
-        read_answer(&mut self.recv).await.map_err(|e| self.error(e))
+        let following = match &mut self.source {
+            Source::Stream(recv) => {
+                let frame = read_answer(recv).await;
+                return frame.map_err(|e| self.error(e));
+            }
+            Source::Lane(f) => f,
+        };
+        if following.ended {
+            return Ok(PeerResponse::End);
+        }
+        let req = PeerRequest::OutputSince {
+            caller: following.caller.clone(),
+            id: following.id.clone(),
+            offset: following.offset,
+        };
+        match following.lane.call(&req).await {
+            Ok(LaneReply::Frame(PeerResponse::Output(chunk))) if !chunk.is_empty() => {
+                following.offset += chunk.len() as u64;
+                Ok(PeerResponse::Output(chunk))
+            }
+            Ok(LaneReply::Frame(PeerResponse::End)) => {
+                following.ended = true;
+                Ok(PeerResponse::End)
+            }
+            Ok(LaneReply::Frame(f)) => Err(unexpected(&self.node, f.what())),
+            Ok(LaneReply::Job(_)) => Err(unexpected(&self.node, "a job")),
+            Err(e) => Err(lane_error(&self.node, e)),
+        }
+    }
+
+    /// The whole answer of a call on a stream of its own: one frame, or a job.
+    async fn whole(&mut self, one_frame: bool) -> Result<LaneReply, PeerError> {
+        let Source::Stream(recv) = &mut self.source else {
+            return Err(unexpected(&self.node, "a lane"));
+        };
+        if one_frame {
+            let frame = read_answer(recv).await;
+            take_end(recv);
+            return frame.map(LaneReply::Frame).map_err(|e| self.error(e));
+        }
+        let job = read_job_answer(recv).await;
+        job.map(LaneReply::Job).map_err(|e| self.error(e))
     }
 
     fn error(&self, e: AnswerError) -> PeerError {

@@ -207,8 +207,10 @@ fn caller_of(c: runnel_protocol::PeerCaller) -> Result<Caller, ApiError> {
 }
 
 /// A call answered at once (all but a followed output), on a stream of its own or on the
-/// connection's lane; a followed output lasts as long as its job and is refused on a lane
-/// (it takes a stream of its own, so that the calls after it are not held up).
+/// connection's lane; a followed output (`JobOutput`) lasts as long as its job and is
+/// refused on a lane (it takes a stream of its own, so that the calls after it are not
+/// held up): on a lane, an output is followed piece by piece (`OutputSince`), each piece
+/// answered once there is some.
 async fn lane_call(req: PeerRequest, s: &Shared, t: &Tenants) -> Result<Reply, ApiError> {
     let job = |r: Result<JobAnswer, ApiError>| r.map(Reply::Job);
     match req {
@@ -244,6 +246,19 @@ async fn lane_call(req: PeerRequest, s: &Shared, t: &Tenants) -> Result<Reply, A
                 })
                 .collect();
             Ok(Reply::Frame(PeerResponse::Online(online)))
+        }
+        PeerRequest::OutputSince { caller, id, offset } => {
+            let Output::Here(job) =
+                homed::job_output(s, &caller_of(caller)?, &id, Hop::Peer).await?
+            else {
+                return Ok(Reply::Frame(PeerResponse::End));
+            };
+            let (chunk, _) = job.next_output(usize::try_from(offset).unwrap_or(usize::MAX)).await;
+            // Empty only once the job has ended with nothing past `offset`.
+            Ok(Reply::Frame(match chunk.is_empty() {
+                true => PeerResponse::End,
+                false => PeerResponse::Output(chunk),
+            }))
         }
         PeerRequest::JobOutput { .. } | PeerRequest::Lane => {
             Err(ApiError::bad_request("a followed output or a lane needs a stream of its own"))
