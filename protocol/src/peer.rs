@@ -292,8 +292,9 @@ pub enum PeerRequest {
     Lane,
     /// (`runnel-peer/2`) A job's output from byte `offset` on, once there is some or the
     /// job has ended: answered [`PeerResponse::Output`] (at most [`PEER_OUTPUT_CHUNK`]
-    /// bytes; ask again from past it) or [`PeerResponse::End`] (the job has ended and
-    /// nothing lies past `offset`). How a node follows an output on the lane, piece by
+    /// bytes; ask again from past it; empty when nothing came within the home's poll, ten
+    /// seconds: ask again from the same offset) or [`PeerResponse::End`] (the job has
+    /// ended and nothing lies past `offset`). How a node follows an output on the lane, piece by
     /// piece, instead of holding a stream for as long as the job runs.
     OutputSince {
         /// For whom.

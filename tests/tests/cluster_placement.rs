@@ -445,30 +445,21 @@ async fn a_peer_lane_answers_each_call_by_its_number_and_an_older_node_still_get
     );
 }
 
-/// Two nodes with `acme` homed on one, its one runner (capacity 4) busy, and `calls`
-/// waiting `sleep 60` jobs dispatched through the other node's native API: the rest queue
-/// at the home. Each call waits for its job's end, or (`follow`) follows its output.
-struct BusyHome {
+/// Two nodes with `acme` homed on one and one runner of `alice` (capacity 4) there.
+struct TwoNodes {
     c: ProcessCluster,
     admin: String,
     home: usize,
     other: usize,
     /// The CA fingerprint for native clients.
     fp: String,
-    calls: tokio::task::JoinSet<()>,
-    /// Jobs queued at the home once the calls came in.
-    queued: usize,
-    /// A job that ran before them (`echo done`), dispatched through the other node.
-    done: String,
     runner_id: String,
     _runner: (RunnerHandle, tempfile::TempDir),
 }
 
-impl BusyHome {
-    async fn start(calls: usize, follow: bool) -> Option<Self> {
-        // The one key sends them all at once: no per-key rate limit here.
-        let flags = ["--queue-limit", "2000", "--rate-limit-per-key", "0"];
-        let c = ProcessCluster::start(BROKER, 2, &flags).await?;
+impl TwoNodes {
+    async fn start(flags: &[&str]) -> Option<Self> {
+        let c = ProcessCluster::start(BROKER, 2, flags).await?;
         let admin = c.tenant("acme").await;
         let (s, _) = c.nodes[0].api.post("/v1/jobs", &admin, exec("true", &[], true)).await;
         assert_eq!(s, 409, "no runner yet; the call placed the tenant");
@@ -478,13 +469,35 @@ impl BusyHome {
         let (runner_id, r) = runner(&c, home, &admin, "alice", &dir.path().join("r"), None).await;
         let ca = std::fs::read_to_string(dir.path().join("r").join("ca.pem")).unwrap();
         let fp = runnel_certs::fingerprint(&runnel_certs::pem::certs_from_pem(&ca).unwrap()[0]);
+        let _runner = (r, dir);
+        Some(Self { c, admin, home, other, fp, runner_id, _runner })
+    }
+}
+
+/// [`TwoNodes`] with `calls` waiting `sleep 60` jobs dispatched through the other node's
+/// native API: the runner runs 4, the rest queue at the home. Each call waits for its
+/// job's end, or (`follow`) follows its output.
+struct BusyHome {
+    n: TwoNodes,
+    calls: tokio::task::JoinSet<()>,
+    /// Jobs queued at the home once the calls came in.
+    queued: usize,
+    /// A job that ran before them (`echo done`), dispatched through the other node.
+    done: String,
+}
+
+impl BusyHome {
+    async fn start(calls: usize, follow: bool) -> Option<Self> {
+        // The one key sends them all at once: no per-key rate limit here.
+        let n = TwoNodes::start(&["--queue-limit", "2000", "--rate-limit-per-key", "0"]).await?;
+        let (c, admin, home, other) = (&n.c, &n.admin, n.home, n.other);
         let (s, v) =
-            c.nodes[other].api.post("/v1/jobs", &admin, exec("echo", &["done"], true)).await;
+            c.nodes[other].api.post("/v1/jobs", admin, exec("echo", &["done"], true)).await;
         assert_eq!((s, v["output"].as_str()), (200, Some("done\n")), "{v}");
         let done = v["id"].as_str().unwrap().to_owned();
         let mut clients = Vec::new();
         for _ in 0..calls.div_ceil(250) {
-            let client = runnel_client::Client::connect(&c.nodes[other].quic, &fp, &admin).await;
+            let client = runnel_client::Client::connect(&c.nodes[other].quic, &n.fp, admin).await;
             clients.push(client.unwrap());
         }
         let mut waiting = tokio::task::JoinSet::new();
@@ -517,9 +530,7 @@ impl BusyHome {
         if let Some(ended) = waiting.try_join_next() {
             panic!("{ended:?}");
         }
-        let _runner = (r, dir);
-        let calls = waiting;
-        Some(Self { c, admin, home, other, fp, calls, queued, done, runner_id, _runner })
+        Some(Self { n, calls: waiting, queued, done })
     }
 }
 
@@ -532,14 +543,14 @@ impl BusyHome {
 async fn waiting_dispatches_do_not_hold_up_the_calls_forwarded_after_them() {
     const WAITING: usize = 1_100;
     let Some(mut b) = BusyHome::start(WAITING, false).await else { return };
-    let c = &b.c;
+    let (c, n) = (&b.n.c, &b.n);
     // The burst dialled the home once, and its calls share that connection's one lane.
-    let text = c.nodes[b.other].api.raw("/metrics", &c.operator_key).await;
+    let text = c.nodes[n.other].api.raw("/metrics", &c.operator_key).await;
     assert_eq!(metric_value(&text, "runnel_cluster_peer_lanes"), Some(1.0));
 
     // A call forwarded after them: answered at once, not after the jobs ahead of it.
-    let probe = runnel_client::Client::connect(&c.nodes[b.other].quic, &b.fp, &b.admin).await;
-    let missing = format!("job-00000000000000000000-e1-{}", c.nodes[b.home].id);
+    let probe = runnel_client::Client::connect(&c.nodes[n.other].quic, &n.fp, &n.admin).await;
+    let missing = format!("job-00000000000000000000-e1-{}", c.nodes[n.home].id);
     let answer = tokio::time::timeout(Duration::from_secs(5), probe.unwrap().get(&missing)).await;
     let queued = b.queued;
     let status = answer.unwrap_or_else(|_| {
@@ -559,16 +570,73 @@ async fn followed_outputs_do_not_hold_up_the_calls_forwarded_after_them() {
     const FOLLOWED: usize = 1_100;
     let Some(mut b) = BusyHome::start(FOLLOWED, true).await else { return };
     assert_eq!(b.queued, FOLLOWED - 4, "every followed dispatch reached the home");
-    let api = &b.c.nodes[b.other].api;
-    let list = tokio::time::timeout(Duration::from_secs(5), api.get("/v1/jobs?limit=1", &b.admin));
+    let (n, api) = (&b.n, &b.n.c.nodes[b.n.other].api);
+    let list = tokio::time::timeout(Duration::from_secs(5), api.get("/v1/jobs?limit=1", &n.admin));
     let (s, v) = list.await.expect("the list was held up behind the followed outputs");
     assert_eq!((s, v["jobs"].as_array().map(Vec::len)), (200, Some(1)), "{v}");
-    let runner = format!("/v1/runners/{}", b.runner_id);
-    let status = tokio::time::timeout(Duration::from_secs(5), api.get(&runner, &b.admin));
+    let runner = format!("/v1/runners/{}", n.runner_id);
+    let status = tokio::time::timeout(Duration::from_secs(5), api.get(&runner, &n.admin));
     let (s, v) = status.await.expect("the runner's status was held up");
     assert_eq!((s, v["status"].as_str()), (200, Some("online")), "{v}");
     let output = format!("/v1/jobs/{}/output", b.done);
-    let output = tokio::time::timeout(Duration::from_secs(5), api.raw(&output, &b.admin));
+    let output = tokio::time::timeout(Duration::from_secs(5), api.raw(&output, &n.admin));
     assert_eq!(output.await.expect("another job's output was held up"), "done\n");
     b.calls.abort_all();
+}
+
+/// A followed output asked on a lane is answered within the home's poll even while the job
+/// writes nothing: an empty piece (ask again). A follow whose caller went away (an HTTP
+/// client that hung up on a quiet job) so frees its place on the lane, instead of holding
+/// it until the job writes or ends.
+#[tokio::test]
+async fn a_quiet_jobs_output_asked_on_a_lane_is_answered_empty_within_the_poll() {
+    use runnel_protocol::{
+        ALPN_PEER_LANE, LaneCall, LaneReply, PeerCaller, PeerRequest, PeerResponse, encode,
+        encode_append, lane_reader, read_lane_answer,
+    };
+    let Some(c) = TestCluster::start(1, |_| {}).await else { return };
+    let node = &c.nodes[0];
+    let admin = node.tenant("acme").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_id, _runner) = node.runner(&admin, "alice", &dir.path().join("r"), 1).await;
+    let (s, v) = node.api.post("/v1/jobs", &admin, exec("sleep", &["60"], false)).await;
+    assert_eq!(s, 201, "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+
+    let (_ep, conn) = peer_connection(node, &[ALPN_PEER_LANE], None).await;
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    let mut out = encode(&PeerRequest::Lane).unwrap();
+    let caller = PeerCaller {
+        key_id: "k1".into(),
+        role: "admin".into(),
+        tenant: Some("acme".into()),
+        owner: None,
+    };
+    let request = PeerRequest::OutputSince { caller, id, offset: 0 };
+    encode_append(&mut out, &LaneCall { call: 1, request }).unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut send, &out).await.unwrap();
+    let mut recv = lane_reader(recv);
+    // The home polls for 10 s.
+    let answer = tokio::time::timeout(Duration::from_secs(20), read_lane_answer(&mut recv));
+    let (call, answer) = answer.await.expect("answered within the poll").unwrap().unwrap();
+    assert_eq!(call, 1);
+    assert!(
+        matches!(answer, Ok(LaneReply::Frame(PeerResponse::Output(ref piece))) if piece.is_empty()),
+        "{answer:?}"
+    );
+}
+
+/// A job followed through another node that writes nothing for longer than the home's
+/// poll (10 s) still reaches its follower whole: the forwarding node asks again after the
+/// empty piece.
+#[tokio::test]
+async fn a_forwarded_follow_of_a_job_quiet_past_the_poll_gets_its_output() {
+    let Some(n) = TwoNodes::start(&[]).await else { return };
+    let api = &n.c.nodes[n.other].api;
+    let script = "echo early; sleep 11; echo late";
+    let (s, v) = api.post("/v1/jobs", &n.admin, exec("sh", &["-c", script], false)).await;
+    assert_eq!(s, 201, "{v}");
+    let output = format!("/v1/jobs/{}/output", v["id"].as_str().unwrap());
+    let followed = tokio::time::timeout(Duration::from_secs(40), api.raw(&output, &n.admin));
+    assert_eq!(followed.await.expect("the follow ended"), "early\nlate\n");
 }

@@ -408,23 +408,27 @@ impl Answer {
         if following.ended {
             return Ok(PeerResponse::End);
         }
-        let req = PeerRequest::OutputSince {
-            caller: following.caller.clone(),
-            id: following.id.clone(),
-            offset: following.offset,
-        };
-        match following.lane.call(&req).await {
-            Ok(LaneReply::Frame(PeerResponse::Output(chunk))) if !chunk.is_empty() => {
-                following.offset += chunk.len() as u64;
-                Ok(PeerResponse::Output(chunk))
-            }
-            Ok(LaneReply::Frame(PeerResponse::End)) => {
-                following.ended = true;
-                Ok(PeerResponse::End)
-            }
-            Ok(LaneReply::Frame(f)) => Err(unexpected(&self.node, f.what())),
-            Ok(LaneReply::Job(_)) => Err(unexpected(&self.node, "a job")),
-            Err(e) => Err(lane_error(&self.node, e)),
+        loop {
+            let req = PeerRequest::OutputSince {
+                caller: following.caller.clone(),
+                id: following.id.clone(),
+                offset: following.offset,
+            };
+            return match following.lane.call(&req).await {
+                // Nothing new within the home's poll: ask again.
+                Ok(LaneReply::Frame(PeerResponse::Output(chunk))) if chunk.is_empty() => continue,
+                Ok(LaneReply::Frame(PeerResponse::Output(chunk))) => {
+                    following.offset += chunk.len() as u64;
+                    Ok(PeerResponse::Output(chunk))
+                }
+                Ok(LaneReply::Frame(PeerResponse::End)) => {
+                    following.ended = true;
+                    Ok(PeerResponse::End)
+                }
+                Ok(LaneReply::Frame(f)) => Err(unexpected(&self.node, f.what())),
+                Ok(LaneReply::Job(_)) => Err(unexpected(&self.node, "a job")),
+                Err(e) => Err(lane_error(&self.node, e)),
+            };
         }
     }
 

@@ -24,6 +24,11 @@ use crate::shared::Shared;
 /// Longest a peer handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Longest an `OutputSince` waits for output before it is answered with none: a follow
+/// whose caller went away (an HTTP client that hung up on a quiet job) frees its place on
+/// the lane within this, instead of holding it until the job writes or ends.
+pub(crate) const OUTPUT_POLL: Duration = Duration::from_secs(10);
+
 /// Accepts peer connections until `shutdown`.
 pub(crate) async fn serve(
     endpoint: quinn::Endpoint,
@@ -253,7 +258,13 @@ async fn lane_call(req: PeerRequest, s: &Shared, t: &Tenants) -> Result<Reply, A
             else {
                 return Ok(Reply::Frame(PeerResponse::End));
             };
-            let (chunk, _) = job.next_output(usize::try_from(offset).unwrap_or(usize::MAX)).await;
+            let offset = usize::try_from(offset).unwrap_or(usize::MAX);
+            let Ok((chunk, _)) = tokio::time::timeout(OUTPUT_POLL, job.next_output(offset)).await
+            else {
+                // Nothing new: a caller that still follows asks again; one that went away
+                // asks no more, and its place on the lane is free.
+                return Ok(Reply::Frame(PeerResponse::Output(Vec::new())));
+            };
             // Empty only once the job has ended with nothing past `offset`.
             Ok(Reply::Frame(match chunk.is_empty() {
                 true => PeerResponse::End,
