@@ -6,6 +6,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -26,6 +27,27 @@ use crate::peer::{Reply, refused, reply_bytes};
 /// A call's answer before it is encoded: the job (this node's lent from its entry, without
 /// a copy of its output) or why the call was refused.
 pub(crate) type Answered = Result<JobAnswer, ApiError>;
+
+/// A connection's one lane: a second, opened while the first is served, is refused (it
+/// would double what one connection may have under way).
+#[derive(Debug, Default)]
+pub(crate) struct OneLane(AtomicBool);
+
+/// The connection's lane, taken until dropped (also when its call panicked).
+pub(crate) struct LaneTaken<'a>(&'a AtomicBool);
+
+impl OneLane {
+    /// The lane, unless it is taken.
+    pub(crate) fn take(&self) -> Option<LaneTaken<'_>> {
+        (!self.0.swap(true, Ordering::AcqRel)).then_some(LaneTaken(&self.0))
+    }
+}
+
+impl Drop for LaneTaken<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
 
 /// How a lane ended.
 pub(crate) enum LaneEnd {

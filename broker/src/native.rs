@@ -8,7 +8,6 @@
 //! owner and forwards to the tenant's home in a cluster.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use runnel_protocol::limits::{ANSWER_BUDGET, LANE_MAX_CALLS};
@@ -21,7 +20,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::actors::Tenants;
 use crate::api::{ApiError, Caller, authenticate, checked_spec, still_good};
-use crate::call_lane::{self, Answered, LaneEnd, LaneRules};
+use crate::call_lane::{self, Answered, LaneEnd, LaneRules, OneLane};
 use crate::deadline::SendDeadline;
 use crate::homed::{self, Hop, JobAnswer, Output};
 use crate::metrics::{AnswerApi, answers_held, names};
@@ -118,7 +117,7 @@ pub(crate) async fn serve(
     }
     drop(slot);
     let caller = Arc::new(caller);
-    let lane_open = Arc::new(AtomicBool::new(false));
+    let lane_open = Arc::new(OneLane::default());
     let budget = Arc::new(AnswerBudget::new());
     let ended = serve_calls(&conn, |send, recv| {
         let ctx = (shared.clone(), tenants.clone(), caller.clone(), lane_open.clone());
@@ -199,7 +198,7 @@ fn welcome(shared: &Shared, hello: &ApiHello) -> Result<(Caller, TenantConnectio
 
 /// What every call of a connection shares: the broker, the key's caller, and whether the
 /// connection's one lane is open.
-type CallContext = (Arc<Shared>, Arc<Tenants>, Arc<Caller>, Arc<AtomicBool>);
+type CallContext = (Arc<Shared>, Arc<Tenants>, Arc<Caller>, Arc<OneLane>);
 
 async fn call(
     mut send: quinn::SendStream,
@@ -210,15 +209,14 @@ async fn call(
     let req = match read_frame::<ApiRequest, _>(&mut recv).await {
         // Its calls follow on this stream; a second lane would double what one connection
         // may have under way.
-        Ok(Some(ApiRequest::Lane)) if lane_open.swap(true, Ordering::AcqRel) => {
-            tracing::debug!("a second native API lane on one connection refused");
-            counted("malformed");
-            let _ = send.reset(ErrorCode::BadRequest.as_u32().into());
-            return;
-        }
         Ok(Some(ApiRequest::Lane)) => {
+            let Some(_taken) = lane_open.take() else {
+                tracing::debug!("a second native API lane on one connection refused");
+                counted("malformed");
+                let _ = send.reset(ErrorCode::BadRequest.as_u32().into());
+                return;
+            };
             Box::pin(lane(send, recv, &shared, &tenants, &caller)).await;
-            lane_open.store(false, Ordering::Release);
             return;
         }
         Ok(Some(r)) => {

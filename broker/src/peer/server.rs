@@ -1,10 +1,9 @@
 //! The answering side: every call is answered with local work only, on the connection's
-//! lane (`runnel-peer/2`) or on a stream of its own (a followed output, and every call of a
-//! node of an older build).
+//! lane (`runnel-peer/2`) or on a stream of its own (every call of a node of an older
+//! build).
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
@@ -17,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::peer_node;
 use crate::actors::Tenants;
 use crate::api::{ApiError, Caller};
-use crate::call_lane::{self, LaneEnd, LaneRules};
+use crate::call_lane::{self, LaneEnd, LaneRules, OneLane};
 use crate::homed::{self, Hop, JobAnswer, Output};
 use crate::shared::Shared;
 
@@ -61,7 +60,7 @@ async fn connection(incoming: quinn::Incoming, shared: Arc<Shared>, tenants: Arc
         return conn
             .close(ErrorCode::Unauthenticated.as_u32().into(), b"node certificate required");
     };
-    let lane_open = Arc::new(AtomicBool::new(false));
+    let lane_open = Arc::new(OneLane::default());
     let ended = serve_calls(&conn, |send, recv| {
         call(send, recv, (shared.clone(), tenants.clone(), lane_open.clone()))
     });
@@ -105,7 +104,8 @@ pub(crate) fn refused(e: &ApiError) -> PeerResponse {
 }
 
 /// A call's answer, before it is encoded: a job (this node's lent from its entry, without
-/// a copy of its output; or the home's view) or one frame (`Jobs`, `Closed`, `Online`).
+/// a copy of its output; or the home's view) or one frame (`Jobs`, `Closed`, `Online`, or
+/// a piece of output: `Output`, `End`).
 pub(crate) enum Reply {
     Job(JobAnswer),
     Frame(PeerResponse),
@@ -152,16 +152,16 @@ pub(crate) fn job_answer(
 async fn call(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    (shared, tenants, lane_open): (Arc<Shared>, Arc<Tenants>, Arc<AtomicBool>),
+    (shared, tenants, lane_open): (Arc<Shared>, Arc<Tenants>, Arc<OneLane>),
 ) {
     let req = match read_frame::<PeerRequest, _>(&mut recv).await {
         Ok(Some(PeerRequest::Lane)) => {
             // One lane per connection, as on the native API.
-            if lane_open.swap(true, Ordering::AcqRel) {
+            let Some(_taken) = lane_open.take() else {
                 tracing::warn!("a second lane on one peer connection refused");
                 let _ = send.reset(ErrorCode::BadRequest.as_u32().into());
                 return;
-            }
+            };
             let (s, t) = (&*shared, &*tenants);
             let rules = LaneRules {
                 max_calls: super::PEER_LANE_CALLS,
@@ -172,7 +172,6 @@ async fn call(
             if let LaneEnd::Malformed(e) = Box::pin(lane).await {
                 tracing::warn!(error = %e, "malformed call on a peer lane");
             }
-            lane_open.store(false, Ordering::Release);
             return;
         }
         Ok(Some(r)) => {
@@ -217,16 +216,16 @@ fn caller_of(c: runnel_protocol::PeerCaller) -> Result<Caller, ApiError> {
 /// held up): on a lane, an output is followed piece by piece (`OutputSince`), each piece
 /// answered once there is some.
 async fn lane_call(req: PeerRequest, s: &Shared, t: &Tenants) -> Result<Reply, ApiError> {
-    let job = |r: Result<JobAnswer, ApiError>| r.map(Reply::Job);
+    let as_job = |r: Result<JobAnswer, ApiError>| r.map(Reply::Job);
     match req {
         PeerRequest::Dispatch { caller, spec } => {
-            job(homed::dispatch(s, t, &caller_of(caller)?, spec, Hop::Peer).await)
+            as_job(homed::dispatch(s, t, &caller_of(caller)?, spec, Hop::Peer).await)
         }
         PeerRequest::GetJob { caller, id } => {
-            job(homed::get_job(s, &caller_of(caller)?, &id, Hop::Peer).await)
+            as_job(homed::get_job(s, &caller_of(caller)?, &id, Hop::Peer).await)
         }
         PeerRequest::CancelJob { caller, id } => {
-            job(homed::cancel_job(s, t, &caller_of(caller)?, &id, Hop::Peer).await)
+            as_job(homed::cancel_job(s, t, &caller_of(caller)?, &id, Hop::Peer).await)
         }
         PeerRequest::ListJobs { caller, owner, limit, before } => {
             let limit = usize::try_from(limit).unwrap_or(usize::MAX);
