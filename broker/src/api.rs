@@ -90,6 +90,5 @@ pub(crate) fn router(shared: Arc<Shared>, tenants: Arc<Tenants>) -> Router {
         .route("/readyz", get(health::readyz))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .layer(axum::middleware::from_fn_with_state(shared.clone(), limits::per_source))
         .with_state(App { shared, tenants })
 }

@@ -302,7 +302,7 @@ impl Broker {
         let stop = shutdown.clone();
         let api_shared = shared.clone();
         serving.spawn(async move {
-            crate::api::serve(listener, app, &api_shared.config, http_tls, stop).await;
+            crate::api::serve(listener, app, api_shared, http_tls, stop).await;
         });
         let limits_shared = shared.clone();
         background.spawn(async move {

@@ -5,15 +5,11 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, Request, State};
 use axum::http::StatusCode;
-use axum::middleware::Next;
-use axum::response::Response;
 
 use super::ApiError;
 use crate::metrics::names;
 use crate::rate::Keyed;
-use crate::shared::Shared;
 
 /// The broker's two keyed limiters; a rate of 0 turns one off.
 #[derive(Debug)]
@@ -54,19 +50,6 @@ impl RateLimits {
         self.per_source.forget_idle();
         self.per_key.forget_idle();
     }
-}
-
-/// Middleware: the per-source limit, before routing and authentication.
-pub(super) async fn per_source(
-    State(shared): State<Arc<Shared>>,
-    req: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    // Set by the accept loop (`serve`) for every connection.
-    if let Some(ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<std::net::SocketAddr>>() {
-        shared.rate_limits.check_source(peer.ip())?;
-    }
-    Ok(next.run(req).await)
 }
 
 #[cfg(test)]

@@ -12,7 +12,9 @@
 //!   `--http-max-connections-per-source` from one source address; past either a new
 //!   connection is closed at once (and counted by `limit`), so half-sent requests cannot
 //!   take every socket and task, and one client cannot take every place.
-//! - The source address reaches the handlers as `ConnectInfo` (per-source rate limit).
+//! - Each request is checked against its source's rate limit before it reaches the router
+//!   (`Connection`: no middleware, so no boxed future per request for it), and the source
+//!   address reaches the handlers as `ConnectInfo`.
 //! - With `--http-tls`, each connection is a TLS 1.3 server handshake (tokio-rustls)
 //!   first, bounded by the header timeout, then HTTP/1.1 inside it.
 
@@ -24,6 +26,8 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ConnectInfo;
+use axum::response::{IntoResponse, Response};
+use futures::future::{Either, Ready, ready};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -31,22 +35,22 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tower::ServiceExt;
 
-use crate::config::Config;
 use crate::deadline::{SendDeadline, Stall};
 use crate::metrics::names;
 use crate::open_counts::OpenCounts;
+use crate::shared::Shared;
 
 /// Serves `app` on `listener` (through `tls` when set) until `stop`; then lets open
-/// requests finish.
+/// requests finish. `shared` holds the configuration and the per-source rate limit.
 pub(crate) async fn serve(
     listener: TcpListener,
     app: Router,
-    config: &Config,
+    shared: Arc<Shared>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     stop: CancellationToken,
 ) {
+    let config = &shared.config;
     let slots = Arc::new(Semaphore::new(config.http_max_connections));
     let per_source = Arc::new(OpenCounts::<IpAddr>::default());
     let most_per_source = config.http_max_connections_per_source;
@@ -80,11 +84,7 @@ pub(crate) async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let stream = SendDeadline::new(stream, send_timeout);
-        let svc = app.clone().map_request(move |req: hyper::Request<Incoming>| {
-            let mut req = req.map(|b| axum::body::Body::new(BodyDeadline::new(b, body_timeout)));
-            req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
-            req
-        });
+        let svc = Connection { app: app.clone(), shared: shared.clone(), peer, body_timeout };
         let (stop, tls) = (stop.clone(), tls.clone());
         conns.spawn(async move {
             let _slots = (slot, source_slot);
@@ -143,6 +143,40 @@ where
         }
     };
     result.map_err(|e| e.to_string())
+}
+
+/// One connection's requests: each checked against its source's rate limit (429 with
+/// `Retry-After` past it, before routing and authentication), then given its body deadline
+/// and its source (`ConnectInfo`) and handed to the router.
+#[derive(Clone)]
+struct Connection {
+    app: Router,
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    body_timeout: Duration,
+}
+
+impl tower::Service<hyper::Request<Incoming>> for Connection {
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = Either<
+        Ready<Result<Response, Self::Error>>,
+        <Router as tower::Service<axum::extract::Request>>::Future,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        tower::Service::<axum::extract::Request>::poll_ready(&mut self.app, cx)
+    }
+
+    fn call(&mut self, req: hyper::Request<Incoming>) -> Self::Future {
+        if let Err(refused) = self.shared.rate_limits.check_source(self.peer.ip()) {
+            return Either::Left(ready(Ok(refused.into_response())));
+        }
+        let body_timeout = self.body_timeout;
+        let mut req = req.map(|b| axum::body::Body::new(BodyDeadline::new(b, body_timeout)));
+        req.extensions_mut().insert(ConnectInfo::<SocketAddr>(self.peer));
+        Either::Right(self.app.call(req))
+    }
 }
 
 /// A request body that must keep coming: each frame within `limit` of the broker starting
