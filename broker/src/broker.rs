@@ -428,6 +428,11 @@ async fn follow_store(shared: Arc<Shared>, index: Arc<RunnerIndex>, tenants: Arc
                 } else if let Some(c) = &shared.cluster {
                     c.node_changed(&key, None);
                     c.placement_changed(&key, None);
+                    // A node that left: its connection and dial lock go too.
+                    if let (Some(id), Some(peers)) = (key.strip_prefix(NODES_PREFIX), &shared.peers)
+                    {
+                        peers.forget(id);
+                    }
                 }
             }
             Ok(WatchEvent::Put { .. }) => {}
@@ -441,7 +446,11 @@ async fn follow_store(shared: Arc<Shared>, index: Arc<RunnerIndex>, tenants: Arc
                     }
                 }
                 if let Some(c) = &shared.cluster {
-                    let _ = c.rescan_nodes().await;
+                    if c.rescan_nodes().await.is_ok()
+                        && let Some(peers) = &shared.peers
+                    {
+                        peers.forget_all_but(|id| c.nodes.contains_key(id));
+                    }
                     let _ = c.rescan_placement().await;
                 }
             }

@@ -71,7 +71,8 @@ pub(crate) struct LaneRules {
     /// How long the caller may take none of its answers before the lane is reset.
     pub send_timeout: Duration,
     /// Told of the bytes of answers the lane holds for its caller, as they come and go
-    /// (`runnel_native_answer_bytes` for a client's lane).
+    /// (`runnel_native_answer_bytes` for a client's lane, `runnel_cluster_peer_answer_bytes`
+    /// for a node's).
     pub held: fn(i64),
 }
 

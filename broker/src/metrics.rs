@@ -69,6 +69,9 @@ pub mod names {
     /// Gauge: lanes this node has open to its peers (`runnel-peer/2`): with a peer of an
     /// older build, calls go on streams of their own and no lane opens.
     pub const CLUSTER_PEER_LANES: &str = "runnel_cluster_peer_lanes";
+    /// Gauge: bytes of answers this node's peer lanes hold for the nodes that called
+    /// (encoded, not yet taken by the transport; each lane within `LANE_MAX_UNWRITTEN`).
+    pub const CLUSTER_PEER_ANSWER_BYTES: &str = "runnel_cluster_peer_answer_bytes";
     /// Gauge: bytes of job payloads and output the job table holds (every tenant; each
     /// tenant within `--job-budget-bytes`).
     pub const JOBS_HELD_BYTES: &str = "runnel_jobs_held_bytes";
@@ -126,6 +129,7 @@ pub mod names {
         CLUSTER_REDIRECTS,
         CLUSTER_FORWARDED,
         CLUSTER_PEER_LANES,
+        CLUSTER_PEER_ANSWER_BYTES,
         JOBS_HELD_BYTES,
         HTTP_CONNECTIONS,
         HTTP_CONNECTIONS_REFUSED,
@@ -189,13 +193,19 @@ pub(crate) enum AnswerApi {
     Native = 0,
     /// `runnel_http_answer_bytes`.
     Http = 1,
+    /// `runnel_cluster_peer_answer_bytes`.
+    Peer = 2,
 }
 
 /// The bytes of `api`'s answers held for their clients to read, moved by `delta`.
 pub(crate) fn answers_held(api: AnswerApi, delta: i64) {
-    static GAUGES: OnceLock<[metrics::Gauge; 2]> = OnceLock::new();
+    static GAUGES: OnceLock<[metrics::Gauge; 3]> = OnceLock::new();
     let gauges = GAUGES.get_or_init(|| {
-        [metrics::gauge!(names::NATIVE_ANSWER_BYTES), metrics::gauge!(names::HTTP_ANSWER_BYTES)]
+        [
+            metrics::gauge!(names::NATIVE_ANSWER_BYTES),
+            metrics::gauge!(names::HTTP_ANSWER_BYTES),
+            metrics::gauge!(names::CLUSTER_PEER_ANSWER_BYTES),
+        ]
     });
     #[allow(clippy::cast_precision_loss)] // answer sizes are far below 2^52
     gauges[api as usize].increment(delta as f64);

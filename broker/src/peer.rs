@@ -167,6 +167,7 @@ mod tests {
 
     /// Calls to a node that does not answer dial it once: the calls that came meanwhile
     /// wait for that dial and fail with it, instead of each dialling in turn (3 s each).
+    /// What the client keeps for the node goes when the node leaves the cluster.
     #[tokio::test]
     async fn calls_to_a_node_that_does_not_answer_share_one_dial() {
         let ca = ClusterCa::generate("runnel").expect("ca");
@@ -184,17 +185,17 @@ mod tests {
         let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("bind");
         let client = Arc::new(PeerClient::new(endpoint.clone(), tls.client, "runnel"));
         let mut calls = tokio::task::JoinSet::new();
+        let get_job = || runnel_protocol::PeerRequest::GetJob {
+            caller: runnel_protocol::PeerCaller {
+                key_id: "k".into(),
+                role: "admin".into(),
+                tenant: Some("acme".into()),
+                owner: None,
+            },
+            id: "job-1".into(),
+        };
         for _ in 0..5 {
-            let (client, node) = (client.clone(), node.clone());
-            let get = runnel_protocol::PeerRequest::GetJob {
-                caller: runnel_protocol::PeerCaller {
-                    key_id: "k".into(),
-                    role: "admin".into(),
-                    tenant: Some("acme".into()),
-                    owner: None,
-                },
-                id: "job-1".into(),
-            };
+            let (client, node, get) = (client.clone(), node.clone(), get_job());
             calls.spawn(async move { client.job(&node, get).await });
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -204,6 +205,16 @@ mod tests {
         for call in all.expect("the waiting calls failed with the one dial") {
             assert!(matches!(call, Err(PeerError::Unreachable { .. })), "{call:?}");
         }
+        // Its dial lock is kept while it is in the cluster, and let go of when it leaves
+        // (seen in the watch, or missing from a scan of the nodes).
+        assert_eq!(client.nodes_kept(), 1);
+        client.forget_all_but(|id| id == "b");
+        assert_eq!(client.nodes_kept(), 1);
+        client.forget("b");
+        assert_eq!(client.nodes_kept(), 0);
+        let _ = client.job(&node, get_job()).await;
+        client.forget_all_but(|id| id != "b");
+        assert_eq!(client.nodes_kept(), 0);
     }
 
     /// A connection between two nodes probes the path MTU once each way and asks for

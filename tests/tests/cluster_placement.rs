@@ -445,6 +445,66 @@ async fn a_peer_lane_answers_each_call_by_its_number_and_an_older_node_still_get
     );
 }
 
+/// The answers a node's peer lane holds for a node that does not take them show in
+/// `runnel_cluster_peer_answer_bytes` (within the lane's `LANE_MAX_UNWRITTEN`), and are let
+/// go of as they are read.
+#[tokio::test]
+async fn a_peer_lanes_unread_answers_show_in_its_answer_bytes_and_go_when_read() {
+    use runnel_protocol::limits::LANE_MAX_UNWRITTEN;
+    use runnel_protocol::{
+        ALPN_PEER_LANE, LaneCall, PeerCaller, PeerRequest, encode, encode_append, lane_reader,
+        read_lane_answer,
+    };
+    let Some(c) = TestCluster::start(1, |_| {}).await else { return };
+    let node = &c.nodes[0];
+    node.tenant("acme").await;
+    let held = || async {
+        let text = node.api.raw("/metrics", &node.operator_key).await;
+        metric_value(&text, "runnel_cluster_peer_answer_bytes").unwrap_or(0.0)
+    };
+    let (_ep, conn) = peer_connection(node, &[ALPN_PEER_LANE], None).await;
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    // 40,000 refusals of ~60 bytes each: more than the stream lets the node send before
+    // this side reads (quinn's default window, 1.25 MB), so the rest waits at the node.
+    const CALLS: u32 = 40_000;
+    let mut out = encode(&PeerRequest::Lane).unwrap();
+    for call in 0..CALLS {
+        let caller = PeerCaller {
+            key_id: "k1".into(),
+            role: "admin".into(),
+            tenant: Some("acme".into()),
+            owner: None,
+        };
+        let request = PeerRequest::GetJob { caller, id: format!("no-such-job-{call}") };
+        encode_append(&mut out, &LaneCall { call, request }).unwrap();
+    }
+    // The node stops reading calls while its answers wait: the write finishes only once
+    // this side reads.
+    let writing = tokio::spawn(async move {
+        tokio::io::AsyncWriteExt::write_all(&mut send, &out).await.unwrap();
+        send.finish().unwrap();
+        send
+    });
+    let most = wait_for(Duration::from_secs(10), "answers held for the caller", || async {
+        let h = held().await;
+        (h > 0.0).then_some(h)
+    })
+    .await;
+    assert!(most <= LANE_MAX_UNWRITTEN as f64 + 4096.0, "held {most} bytes");
+    let mut recv = lane_reader(recv);
+    let mut answered = 0;
+    while let Some((_, answer)) = read_lane_answer(&mut recv).await.unwrap() {
+        assert!(matches!(answer, Err(runnel_protocol::AnswerError::Refused { status: 404, .. })));
+        answered += 1;
+    }
+    assert_eq!(answered, CALLS);
+    let _send = writing.await.unwrap();
+    wait_for(Duration::from_secs(5), "the held answers let go of", || async {
+        (held().await == 0.0).then_some(())
+    })
+    .await;
+}
+
 /// Two nodes with `acme` homed on one and one runner of `alice` (capacity 4) there.
 struct TwoNodes {
     c: ProcessCluster,

@@ -101,6 +101,31 @@ impl PeerClient {
         Self { endpoint, config, cluster: cluster.into(), conns, dialling, outbox }
     }
 
+    /// Lets go of what this client keeps for `node` (its cached connection, closed once
+    /// the calls on it end, and its dial lock): the node left the cluster. A node that
+    /// comes back is dialled again on its next call.
+    pub(crate) fn forget(&self, node: &str) {
+        self.conns.remove(node);
+        self.dialling.remove(node);
+    }
+
+    /// Lets go of what this client keeps for every node that `live` does not name (after
+    /// the cluster's view of its nodes was scanned anew).
+    pub(crate) fn forget_all_but(&self, live: impl Fn(&str) -> bool) {
+        self.conns.retain(|id, _| live(id));
+        self.dialling.retain(|id, _| live(id));
+    }
+
+    /// How many nodes this client keeps a connection or a dial lock for.
+    #[cfg(test)]
+    pub(crate) fn nodes_kept(&self) -> usize {
+        let mut ids: Vec<String> = self.conns.iter().map(|e| e.key().clone()).collect();
+        ids.extend(self.dialling.iter().map(|e| e.key().clone()));
+        ids.sort();
+        ids.dedup();
+        ids.len()
+    }
+
     /// The live connection to `node`, dialled if there is none.
     async fn connection(&self, node: &NodeRecord) -> Result<Linked, PeerError> {
         if let Some(c) = self.live(node) {

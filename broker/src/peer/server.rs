@@ -18,6 +18,7 @@ use crate::actors::Tenants;
 use crate::api::{ApiError, Caller};
 use crate::call_lane::{self, LaneEnd, LaneRules, OneLane};
 use crate::homed::{self, Hop, JobAnswer, Output};
+use crate::metrics::{AnswerApi, answers_held};
 use crate::shared::Shared;
 
 /// Longest a peer handshake may take.
@@ -166,7 +167,7 @@ async fn call(
             let rules = LaneRules {
                 max_calls: super::PEER_LANE_CALLS,
                 send_timeout: s.config.api_send_timeout,
-                held: |_| {},
+                held: |bytes| answers_held(AnswerApi::Peer, bytes),
             };
             let lane = call_lane::serve(send, recv, rules, |req| lane_call(req, s, t));
             if let LaneEnd::Malformed(e) = Box::pin(lane).await {
