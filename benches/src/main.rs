@@ -38,8 +38,9 @@ enum Command {
     Connect(ConnectArgs),
     /// Revoke N connected runners one by one: DELETE → the runner sees its connection close.
     Revoke(RevokeArgs),
-    /// `load`, then the same targeted request-reply through nats-server (TLS), with one
-    /// connection per requester and with all on one, and the ratio to the better NATS row.
+    /// `load`, and the same targeted request-reply through nats-server (TLS), with one
+    /// connection per requester and with all on one (before and after runnel's rows), and
+    /// the ratio to the best NATS row.
     CompareNats(CompareArgs),
     /// etcd + 3 nodes: dispatch through the home and through another node (forwarding
     /// overhead), revoke every runner through another node (cross-node latency), then
@@ -307,10 +308,13 @@ async fn compare_nats(a: CompareArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One `compare-nats` run: runnel's rows, then both NATS rows, then the ratios.
+/// One `compare-nats` run: NATS's shared-connection row, runnel's rows, then both NATS
+/// rows again, and the ratios against the best NATS row of the three. Measuring NATS at
+/// its best both before and after runnel's rows keeps a slow stretch of a noisy machine
+/// during one of them from making runnel's ratio look better than it is.
 async fn compare_once(a: &CompareArgs) -> anyhow::Result<Vec<report::Ratio>> {
-    let runnel = load_rows(&a.load).await?;
     let Some(bin) = nats::find_bin(a.nats_bin.as_deref())? else {
+        let runnel = load_rows(&a.load).await?;
         let why = "nats-server not found on PATH or in /usr/sbin (Debian: apt-get install \
                    nats-server, or pass --nats-bin)";
         return Ok(report::compare(&runnel, Err(why)));
@@ -324,14 +328,22 @@ async fn compare_once(a: &CompareArgs) -> anyhow::Result<Vec<report::Ratio>> {
         runners.took.as_secs_f64()
     );
     let len = Duration::from_secs(c.duration);
-    let mut rows = Vec::new();
+    let nats_row = |how: nats::Requesters, when: &'static str| {
+        let server = &server;
+        async move {
+            let before = server.usage()?;
+            let d =
+                nats::dispatch(server, l.tenants, l.runners, c.concurrency, len, c.payload, how)
+                    .await?;
+            let after = server.usage()?;
+            let label = format!("{}, {}{when}", load_label(l), how.label());
+            anyhow::Ok(report::print("nats", "load", &label, &d, &before, &after, None))
+        }
+    };
+    let mut rows = vec![nats_row(nats::Requesters::SharedConnection, ", before runnel's").await?];
+    let runnel = load_rows(&a.load).await?;
     for how in [nats::Requesters::OwnConnection, nats::Requesters::SharedConnection] {
-        let before = server.usage()?;
-        let d = nats::dispatch(&server, l.tenants, l.runners, c.concurrency, len, c.payload, how)
-            .await?;
-        let after = server.usage()?;
-        let label = format!("{}, {}", load_label(l), how.label());
-        rows.push(report::print("nats", "load", &label, &d, &before, &after, None));
+        rows.push(nats_row(how, "").await?);
     }
     drop(runners);
     server.stop().await;
