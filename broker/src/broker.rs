@@ -428,10 +428,8 @@ async fn follow_store(shared: Arc<Shared>, index: Arc<RunnerIndex>, tenants: Arc
                 } else if let Some(c) = &shared.cluster {
                     c.node_changed(&key, None);
                     c.placement_changed(&key, None);
-                    // A node that left: its connection and dial lock go too.
-                    if let (Some(id), Some(peers)) = (key.strip_prefix(NODES_PREFIX), &shared.peers)
-                    {
-                        peers.forget(id);
+                    if key.starts_with(NODES_PREFIX) {
+                        forget_departed_nodes(&shared, c);
                     }
                 }
             }
@@ -446,16 +444,22 @@ async fn follow_store(shared: Arc<Shared>, index: Arc<RunnerIndex>, tenants: Arc
                     }
                 }
                 if let Some(c) = &shared.cluster {
-                    if c.rescan_nodes().await.is_ok()
-                        && let Some(peers) = &shared.peers
-                    {
-                        peers.forget_all_but(|id| c.nodes.contains_key(id));
+                    if c.rescan_nodes().await.is_ok() {
+                        forget_departed_nodes(&shared, c);
                     }
                     let _ = c.rescan_placement().await;
                 }
             }
             Err(RecvError::Closed) => return,
         }
+    }
+}
+
+/// The peer client lets go of its connection and dial lock to every node that is no
+/// longer in the cluster's view of its nodes (it kept one of each per node id forever).
+fn forget_departed_nodes(shared: &Shared, cluster: &Cluster) {
+    if let Some(peers) = &shared.peers {
+        peers.forget_all_but(|id| cluster.nodes.contains_key(id));
     }
 }
 

@@ -210,7 +210,7 @@ mod tests {
         assert_eq!(client.nodes_kept(), 1);
         client.forget_all_but(|id| id == "b");
         assert_eq!(client.nodes_kept(), 1);
-        client.forget("b");
+        client.forget_all_but(|_| false);
         assert_eq!(client.nodes_kept(), 0);
         let _ = client.job(&node, get_job()).await;
         client.forget_all_but(|id| id != "b");

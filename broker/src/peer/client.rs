@@ -101,16 +101,9 @@ impl PeerClient {
         Self { endpoint, config, cluster: cluster.into(), conns, dialling, outbox }
     }
 
-    /// Lets go of what this client keeps for `node` (its cached connection, closed once
-    /// the calls on it end, and its dial lock): the node left the cluster. A node that
+    /// Lets go of what this client keeps for every node that `live` does not name: its
+    /// cached connection (closed once the calls on it end) and its dial lock. A node that
     /// comes back is dialled again on its next call.
-    pub(crate) fn forget(&self, node: &str) {
-        self.conns.remove(node);
-        self.dialling.remove(node);
-    }
-
-    /// Lets go of what this client keeps for every node that `live` does not name (after
-    /// the cluster's view of its nodes was scanned anew).
     pub(crate) fn forget_all_but(&self, live: impl Fn(&str) -> bool) {
         self.conns.retain(|id, _| live(id));
         self.dialling.retain(|id, _| live(id));
@@ -433,27 +426,30 @@ impl Answer {
         if following.ended {
             return Ok(PeerResponse::End);
         }
-        loop {
+        let reply = loop {
             let req = PeerRequest::OutputSince {
                 caller: following.caller.clone(),
                 id: following.id.clone(),
                 offset: following.offset,
             };
-            return match following.lane.call(&req).await {
+            match following.lane.call(&req).await {
                 // Nothing new within the home's poll: ask again.
-                Ok(LaneReply::Frame(PeerResponse::Output(chunk))) if chunk.is_empty() => continue,
-                Ok(LaneReply::Frame(PeerResponse::Output(chunk))) => {
-                    following.offset += chunk.len() as u64;
-                    Ok(PeerResponse::Output(chunk))
-                }
-                Ok(LaneReply::Frame(PeerResponse::End)) => {
-                    following.ended = true;
-                    Ok(PeerResponse::End)
-                }
-                Ok(LaneReply::Frame(f)) => Err(unexpected(&self.node, f.what())),
-                Ok(LaneReply::Job(_)) => Err(unexpected(&self.node, "a job")),
-                Err(e) => Err(lane_error(&self.node, e)),
-            };
+                Ok(LaneReply::Frame(PeerResponse::Output(chunk))) if chunk.is_empty() => {}
+                reply => break reply,
+            }
+        };
+        match reply {
+            Ok(LaneReply::Frame(PeerResponse::Output(chunk))) => {
+                following.offset += chunk.len() as u64;
+                Ok(PeerResponse::Output(chunk))
+            }
+            Ok(LaneReply::Frame(PeerResponse::End)) => {
+                following.ended = true;
+                Ok(PeerResponse::End)
+            }
+            Ok(LaneReply::Frame(f)) => Err(unexpected(&self.node, f.what())),
+            Ok(LaneReply::Job(_)) => Err(unexpected(&self.node, "a job")),
+            Err(e) => Err(lane_error(&self.node, e)),
         }
     }
 
