@@ -21,7 +21,6 @@ use runnel_protocol::{
     BrokerJobFrame, ClientControl, ErrorCode, FrameError, Hello, JobOutcome, RunnerJobFrame,
     ServerControl, Welcome, encode_job_request, read_frame, write_frame,
 };
-use tokio::sync::mpsc;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::job_lane::JobLane;
@@ -58,41 +57,78 @@ const CONTROL_WRITE_LIMIT: Duration = Duration::from_secs(10);
 /// the end at the latest rather than alone before it.
 const STREAM_END_DELAY: Duration = Duration::from_millis(4);
 
-/// The jobs a TenantActor hands to one connection's I/O task (at most the runner's
-/// capacity at a time). A lock and a wakeup rather than a tokio channel: a channel
-/// allocates a 32-slot block up front on every connection, idle ones included.
+/// What one connection's I/O task is handed: the jobs its TenantActor places on this runner
+/// (at most the runner's capacity at a time) and the control frames its actor queues for
+/// the runner (at most [`CONTROL_QUEUE`]). A lock and a wakeup rather than tokio channels:
+/// a channel allocates its state and a 32-slot block up front (~0.8 KiB) on every
+/// connection, idle ones included.
 #[derive(Debug)]
-pub(crate) struct JobInbox {
-    /// The jobs not yet taken; None once the I/O task is gone.
-    jobs: std::sync::Mutex<Option<Vec<Arc<JobEntry>>>>,
+pub(crate) struct Inbox {
+    /// What was handed over and not yet taken; None once the I/O task is gone.
+    queued: std::sync::Mutex<Option<Handed>>,
     ready: tokio::sync::Notify,
 }
 
-impl JobInbox {
+/// What [`Inbox::recv`] takes at once.
+#[derive(Debug, Default)]
+struct Handed {
+    jobs: Vec<Arc<JobEntry>>,
+    control: Vec<ServerControl>,
+}
+
+impl Handed {
+    fn is_empty(&self) -> bool {
+        self.jobs.is_empty() && self.control.is_empty()
+    }
+}
+
+impl Inbox {
     pub(crate) fn new() -> Arc<Self> {
-        let jobs = std::sync::Mutex::new(Some(Vec::new()));
-        Arc::new(Self { jobs, ready: tokio::sync::Notify::new() })
+        let queued = std::sync::Mutex::new(Some(Handed::default()));
+        Arc::new(Self { queued, ready: tokio::sync::Notify::new() })
     }
 
     /// Hands `job` over; false when the connection's I/O task is gone.
     pub(crate) fn send(&self, job: Arc<JobEntry>) -> bool {
-        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(jobs) = jobs.as_mut() else { return false };
-        jobs.push(job);
-        // A permit is kept when the task is not waiting: no wakeup is lost.
-        self.ready.notify_one();
-        true
+        self.hand(|h| {
+            h.jobs.push(job);
+            true
+        })
     }
 
-    /// The jobs handed over since the last call, waiting for at least one. Woken, it first
+    /// Queues a control frame for the runner; false when the I/O task is gone or
+    /// [`CONTROL_QUEUE`] frames are waiting already (a runner that does not read its
+    /// control stream is closed by the writer's time limit, not queued for).
+    fn send_control(&self, msg: ServerControl) -> bool {
+        self.hand(|h| {
+            let room = h.control.len() < CONTROL_QUEUE;
+            if room {
+                h.control.push(msg);
+            }
+            room
+        })
+    }
+
+    fn hand(&self, put: impl FnOnce(&mut Handed) -> bool) -> bool {
+        let mut queued = self.queued.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(handed) = queued.as_mut() else { return false };
+        let put = put(handed);
+        if put {
+            // A permit is kept when the task is not waiting: no wakeup is lost.
+            self.ready.notify_one();
+        }
+        put
+    }
+
+    /// What was handed over since the last call, waiting for something. Woken, it first
     /// lets the tasks that are ready run ([`tokio::task::yield_now`]), so that jobs handed
     /// over at about the same time (by the API's connections, or the tenant's actor) are
     /// taken together and their requests share datagrams.
-    async fn recv(&self) -> Vec<Arc<JobEntry>> {
+    async fn recv(&self) -> Handed {
         loop {
-            let taken = match self.jobs.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
-                Some(jobs) => std::mem::take(jobs),
-                None => Vec::new(),
+            let taken = match self.queued.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                Some(handed) => std::mem::take(handed),
+                None => Handed::default(),
             };
             if !taken.is_empty() {
                 return taken;
@@ -102,14 +138,14 @@ impl JobInbox {
         }
     }
 
-    /// No more jobs: the I/O task is gone (what a send answers from now on).
+    /// Nothing more: the I/O task is gone (what a send answers from now on).
     fn close(&self) {
-        *self.jobs.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *self.queued.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 }
 
 /// Closes the inbox when the I/O task ends, however it ends (also when aborted).
-struct InboxGuard(Arc<JobInbox>);
+struct InboxGuard(Arc<Inbox>);
 
 impl Drop for InboxGuard {
     fn drop(&mut self) {
@@ -165,15 +201,17 @@ pub(crate) struct ConnectionArgs {
     pub tenant: DerivedActorRef<ConnectionEvent>,
     /// Shared state.
     pub shared: Arc<Shared>,
-    /// The jobs to run on this runner, from its tenant.
-    pub jobs: Arc<JobInbox>,
+    /// The connection's inbox: jobs to run on this runner, from its tenant.
+    pub inbox: Arc<Inbox>,
 }
 
 /// Messages to [`RunnerConnection`].
 #[derive(Debug)]
 pub(crate) enum ConnectionMsg {
-    /// A control message from the runner.
-    Control(ClientControl),
+    /// A control message from the runner. Boxed, and handled in a boxed future: ractor
+    /// keeps room for a message and its handler's future in every actor's boxed loop, idle
+    /// ones included, and control messages come seldom (a heartbeat per interval).
+    Control(Box<ClientControl>),
     /// Tell the runner to leave (this node drains) and to reconnect after this delay.
     GoAway(u32),
 }
@@ -186,7 +224,8 @@ pub(crate) struct ConnectionState {
     identity: RunnerIdentity,
     tenant: DerivedActorRef<ConnectionEvent>,
     shared: Arc<Shared>,
-    control: mpsc::Sender<Box<ServerControl>>,
+    /// Where control frames for the runner go (the I/O task writes them).
+    inbox: Arc<Inbox>,
     /// The connection's I/O task ([`connection_io`]), which also drives its jobs; aborted
     /// when the state goes, also when the actor is killed without `post_stop` (the tenant
     /// then ends the jobs still running `runner_lost`).
@@ -204,6 +243,14 @@ pub(crate) struct ConnectionState {
     /// The public key of the certificate this connection was verified with: a renewal
     /// must keep it (None when the peer's certificate cannot be read: renewals refused).
     peer_key: Vec<u8>,
+}
+
+/// The connection goes with its actor, also when the actor is killed without `post_stop`
+/// (its tenant crashed): the runner reconnects. Its I/O task is aborted with the state.
+impl Drop for ConnectionState {
+    fn drop(&mut self) {
+        close(&self.conn, ErrorCode::GoingAway, "connection actor stopped");
+    }
 }
 
 fn close(conn: &quinn::Connection, code: ErrorCode, reason: &str) {
@@ -229,9 +276,6 @@ impl Actor for RunnerConnection {
             runner = %identity.runner,
             remote = %conn.remote_address(),
         );
-        // Boxed: tokio allocates a channel's first block of 32 slots up front, and a slot of
-        // `ServerControl` itself would cost ~3 KiB per idle connection.
-        let (tx, rx) = mpsc::channel::<Box<ServerControl>>(CONTROL_QUEUE);
         let welcome = ServerControl::Welcome(Welcome {
             version,
             runner_id: identity.runner.clone(),
@@ -249,9 +293,8 @@ impl Actor for RunnerConnection {
             conn.clone(),
             version,
             (send, recv),
-            welcome,
-            rx,
-            (args.jobs, jobs),
+            Box::new(welcome),
+            (args.inbox.clone(), jobs),
             myself.clone(),
         );
         let io =
@@ -275,7 +318,7 @@ impl Actor for RunnerConnection {
             identity,
             tenant: args.tenant,
             shared: args.shared,
-            control: tx,
+            inbox: args.inbox,
             io,
             span,
             label,
@@ -291,11 +334,11 @@ impl Actor for RunnerConnection {
         state: &mut ConnectionState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            ConnectionMsg::Control(ctl) => state.control_message(ctl).await,
+            ConnectionMsg::Control(ctl) => Box::pin(state.control_message(*ctl)).await,
             ConnectionMsg::GoAway(reconnect_after_ms) => {
                 let go =
                     runnel_protocol::GoAway { reason: "node draining".into(), reconnect_after_ms };
-                let _ = state.control.try_send(Box::new(ServerControl::GoAway(go)));
+                state.inbox.send_control(ServerControl::GoAway(go));
             }
         }
         Ok(())
@@ -354,125 +397,144 @@ impl Jobs {
 /// One task rather than a reader, a writer, a close watcher and a task per job: idle
 /// runners are the common case and each task costs memory (BENCHMARKS.md), and a job
 /// costs no spawn, no span and no hop through the actor's mailbox.
-async fn connection_io(
+///
+/// Not an `async fn`: the task is every idle connection's, and an `async fn`'s future keeps
+/// its arguments apart from the locals they are moved into (~0.2 KiB here). The block below
+/// uses what it captures in place.
+fn connection_io(
     conn: quinn::Connection,
     version: u16,
     (mut send, recv): (quinn::SendStream, quinn::RecvStream),
-    welcome: ServerControl,
-    mut outbox: mpsc::Receiver<Box<ServerControl>>,
-    (incoming, jobs): (Arc<JobInbox>, Jobs),
+    welcome: Box<ServerControl>,
+    (inbox, jobs): (Arc<Inbox>, Jobs),
     me: ActorRef<ConnectionMsg>,
-) {
-    let mut writing = write_frame(&mut send, &welcome).await.is_ok();
-    if !writing {
-        close(&conn, ErrorCode::Protocol, "control stream write failed");
-    }
-    // A stream of frames, so that waiting for the next one is cancel-safe inside select!.
-    let frames = futures::stream::unfold(recv, |mut r| async move {
-        let next = read_frame::<ClientControl, _>(&mut r).await;
-        Some((next, r))
-    });
-    tokio::pin!(frames);
-    let incoming = InboxGuard(incoming);
-    let closed = conn.closed();
-    tokio::pin!(closed);
-    // The close, the actor's messages and the runner's control frames come seldom; the
-    // task wakes several times per job. Behind the gate they are polled only once woken
-    // (each poll of the control stream takes the connection's lock).
+) -> impl Future<Output = ()> + Send {
+    let inbox = InboxGuard(inbox);
+    // The close and the runner's control frames come seldom; the task wakes several times
+    // per job. Behind the gate they are polled only once woken (each poll of the control
+    // stream takes the connection's lock).
     let gate = WakeGate::new();
-    let mut reading = true;
-    // Boxed: FuturesUnordered keeps a stub task with room for one future, on every
-    // connection, idle ones included (~1.5 KiB unboxed).
-    let mut running = futures::stream::FuturesUnordered::<
-        futures::future::BoxFuture<'_, Option<quinn::SendStream>>,
-    >::new();
-    // Send halves of ended jobs, ended (dropped) together with the next jobs' requests or
-    // after STREAM_END_DELAY, whichever comes first. The timer is boxed: an idle
-    // connection holds only a None.
-    let mut ended: Vec<quinn::SendStream> = Vec::new();
-    let mut end_by: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     // Protocol 3: every job on one lane instead (`job_lane.rs`), behind a gate of its own:
     // polling it reads quinn's stream state under the connection's lock, so it is polled
     // only when something of its own woke it or it was handed jobs.
     let mut lane = JobLane::default();
     let lane_gate = WakeGate::new();
-    let mut lane_ok = true;
-    loop {
-        tokio::select! {
-            reason = poll_fn(|cx| gate.poll(0, cx, |cx| closed.as_mut().poll(cx))) => {
-                // Every job still here fails at once on the closed connection: let each
-                // say so, then stop.
-                while running.next().await.is_some() {}
-                lane.lose_all(&jobs, "connection closed");
-                me.stop(Some(format!("connection closed: {reason}")));
-                return;
-            }
-            taken = incoming.0.recv(), if version >= runnel_protocol::version::JOB_LANE => {
-                lane.start(&conn, &jobs, taken);
-                lane_gate.set_due();
-            }
-            broken = poll_fn(|cx| lane_gate.poll(0, cx, |cx| lane.poll(cx, &jobs))), if lane_ok && lane.is_open() => {
-                close(&conn, broken.code, broken.reason);
-                lane_ok = false;
-            }
-            taken = incoming.0.recv(), if version < runnel_protocol::version::JOB_LANE => {
-                for job in taken {
-                    running.push(Box::pin(jobs.run(&conn, job)));
+    async move {
+        let mut writing = write_frame(&mut send, &*welcome).await.is_ok();
+        drop(welcome);
+        if !writing {
+            close(&conn, ErrorCode::Protocol, "control stream write failed");
+        }
+        // A stream of frames, so that waiting for the next one is cancel-safe inside
+        // select!. Made here, not captured: pinned, a captured one would be kept twice.
+        let frames = futures::stream::unfold(recv, |mut r| async move {
+            let next = read_frame::<ClientControl, _>(&mut r).await;
+            Some((next, r))
+        });
+        tokio::pin!(frames);
+        let closed = conn.closed();
+        tokio::pin!(closed);
+        let mut reading = true;
+        // Boxed: FuturesUnordered keeps a stub task with room for one future, on every
+        // connection, idle ones included (~1.5 KiB unboxed).
+        let mut running = futures::stream::FuturesUnordered::<
+            futures::future::BoxFuture<'_, Option<quinn::SendStream>>,
+        >::new();
+        // Send halves of ended jobs, ended (dropped) together with the next jobs' requests
+        // or after STREAM_END_DELAY, whichever comes first. The timer is boxed: an idle
+        // connection holds only a None.
+        let mut ended: Vec<quinn::SendStream> = Vec::new();
+        let mut end_by: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+        let mut lane_ok = true;
+        loop {
+            tokio::select! {
+                reason = poll_fn(|cx| gate.poll(0, cx, |cx| closed.as_mut().poll(cx))) => {
+                    // Every job still here fails at once on the closed connection: let each
+                    // say so, then stop.
+                    while running.next().await.is_some() {}
+                    lane.lose_all(&jobs, "connection closed");
+                    me.stop(Some(format!("connection closed: {reason}")));
+                    return;
                 }
-                // Start the new jobs now (their requests written), then end the ended
-                // jobs' streams: quinn's driver runs after this task, so the ends share the
-                // requests' datagrams.
-                while let Some(Some(done)) = running.next().now_or_never() {
-                    ended.extend(done);
-                }
-                ended.clear();
-                end_by = None;
-            }
-            Some(done) = running.next(), if !running.is_empty() => {
-                if let Some(send) = done {
-                    ended.push(send);
-                    end_by.get_or_insert_with(|| Box::pin(tokio::time::sleep(STREAM_END_DELAY)));
-                }
-            }
-            Some(()) = futures::future::OptionFuture::from(end_by.as_mut()), if end_by.is_some() => {
-                ended.clear();
-                end_by = None;
-            }
-            msg = poll_fn(|cx| gate.poll(1, cx, |cx| outbox.poll_recv(cx))), if writing => match msg {
-                Some(msg) => {
-                    let written =
-                        tokio::time::timeout(CONTROL_WRITE_LIMIT, write_frame(&mut send, &msg));
-                    if !matches!(written.await, Ok(Ok(()))) {
-                        close(&conn, ErrorCode::Protocol, "control stream write failed");
-                        writing = false;
+                handed = inbox.0.recv() => {
+                    if version >= runnel_protocol::version::JOB_LANE {
+                        if !handed.jobs.is_empty() {
+                            lane.start(&conn, &jobs, handed.jobs);
+                            lane_gate.set_due();
+                        }
+                    } else if !handed.jobs.is_empty() {
+                        for job in handed.jobs {
+                            running.push(Box::pin(jobs.run(&conn, job)));
+                        }
+                        // Start the new jobs now (their requests written), then end the
+                        // ended jobs' streams: quinn's driver runs after this task, so the
+                        // ends share the requests' datagrams.
+                        while let Some(Some(done)) = running.next().now_or_never() {
+                            ended.extend(done);
+                        }
+                        ended.clear();
+                        end_by = None;
+                    }
+                    if writing && !handed.control.is_empty() {
+                        // Boxed: control frames come seldom, and the writes' futures would
+                        // otherwise make this task's largest state, every connection's.
+                        writing = Box::pin(write_control(&conn, &mut send, handed.control)).await;
                     }
                 }
-                // The actor is gone (also when its tenant crashed and it was killed without
-                // post_stop): the connection goes with it, so the runner reconnects.
-                None => return close(&conn, ErrorCode::GoingAway, "connection actor stopped"),
-            },
-            next = poll_fn(|cx| gate.poll(2, cx, |cx| frames.as_mut().poll_next(cx))), if reading => match next {
-                Some(Ok(Some(msg))) => {
-                    if me.cast(ConnectionMsg::Control(msg)).is_err() {
-                        return close(&conn, ErrorCode::GoingAway, "connection actor stopped");
+                broken = poll_fn(|cx| lane_gate.poll(0, cx, |cx| lane.poll(cx, &jobs))), if lane_ok && lane.is_open() => {
+                    close(&conn, broken.code, broken.reason);
+                    lane_ok = false;
+                }
+                Some(done) = running.next(), if !running.is_empty() => {
+                    if let Some(send) = done {
+                        ended.push(send);
+                        end_by.get_or_insert_with(|| Box::pin(tokio::time::sleep(STREAM_END_DELAY)));
                     }
                 }
-                Some(Ok(None)) | None => {
-                    close(&conn, ErrorCode::Ok, "control stream closed");
-                    reading = false;
+                Some(()) = futures::future::OptionFuture::from(end_by.as_mut()), if end_by.is_some() => {
+                    ended.clear();
+                    end_by = None;
                 }
-                Some(Err(FrameError::Io(_) | FrameError::Truncated)) => {
-                    close(&conn, ErrorCode::Protocol, "control stream broken");
-                    reading = false;
-                }
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "bad control frame from runner; closing");
-                    close(&conn, e.code(), "bad control frame");
-                    reading = false;
-                }
-            },
+                next = poll_fn(|cx| gate.poll(1, cx, |cx| frames.as_mut().poll_next(cx))), if reading => match next {
+                    Some(Ok(Some(msg))) => {
+                        if me.cast(ConnectionMsg::Control(Box::new(msg))).is_err() {
+                            return close(&conn, ErrorCode::GoingAway, "connection actor stopped");
+                        }
+                    }
+                    Some(Ok(None)) | None => {
+                        close(&conn, ErrorCode::Ok, "control stream closed");
+                        reading = false;
+                    }
+                    Some(Err(FrameError::Io(_) | FrameError::Truncated)) => {
+                        close(&conn, ErrorCode::Protocol, "control stream broken");
+                        reading = false;
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "bad control frame from runner; closing");
+                        close(&conn, e.code(), "bad control frame");
+                        reading = false;
+                    }
+                },
+            }
         }
     }
+}
+
+/// Writes the control frames the actor queued, each within [`CONTROL_WRITE_LIMIT`]; false
+/// when one could not be written (the connection is closed then).
+async fn write_control(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    frames: Vec<ServerControl>,
+) -> bool {
+    for msg in frames {
+        let written = tokio::time::timeout(CONTROL_WRITE_LIMIT, write_frame(send, &msg));
+        if !matches!(written.await, Ok(Ok(()))) {
+            close(conn, ErrorCode::Protocol, "control stream write failed");
+            return false;
+        }
+    }
+    true
 }
 
 impl ConnectionState {
@@ -515,7 +577,7 @@ impl ConnectionState {
                     // by far; a renewal comes once in two thirds of a certificate's life.
                     Box::pin(self.renew(&csr_pem)).await
                 };
-                let _ = self.control.try_send(Box::new(reply));
+                self.inbox.send_control(reply);
             }
             ClientControl::Hello(_) => {
                 close(&self.conn, ErrorCode::Protocol, "second Hello");
@@ -710,7 +772,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_inbox_hands_over_every_job_once_and_refuses_after_close() {
+    async fn the_inbox_hands_over_every_job_and_frame_once_and_refuses_after_close() {
         let budget = Budget {
             retention: 10,
             retention_age: Duration::from_secs(60),
@@ -718,15 +780,16 @@ mod tests {
             unfinished: 10,
         };
         let t = JobTable::new(budget);
-        let inbox = JobInbox::new();
+        let inbox = Inbox::new();
         // Sent before anyone waits: kept, and the wakeup with them.
         let (a, b) = (job(&t), job(&t));
         assert!(inbox.send(a.clone()) && inbox.send(b.clone()));
         let got = inbox.recv().await;
         assert_eq!(
-            got.iter().map(|j| j.id.clone()).collect::<Vec<_>>(),
+            got.jobs.iter().map(|j| j.id.clone()).collect::<Vec<_>>(),
             [a.id.clone(), b.id.clone()]
         );
+        assert!(got.control.is_empty());
         // Sent while the task waits: it wakes.
         let waiter = {
             let inbox = inbox.clone();
@@ -736,10 +799,47 @@ mod tests {
         let c = job(&t);
         assert!(inbox.send(c.clone()));
         let got = tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap();
-        assert_eq!(got.len(), 1);
-        assert_eq!(got[0].id, c.id);
-        // Gone: the tenant is told, so the job goes elsewhere.
+        assert_eq!(got.jobs.len(), 1);
+        assert_eq!(got.jobs[0].id, c.id);
+        // A control frame alone wakes the task too.
+        let waiter = {
+            let inbox = inbox.clone();
+            tokio::spawn(async move { inbox.recv().await })
+        };
+        tokio::task::yield_now().await;
+        let go = |ms| {
+            ServerControl::GoAway(runnel_protocol::GoAway {
+                reason: "node draining".into(),
+                reconnect_after_ms: ms,
+            })
+        };
+        assert!(inbox.send_control(go(0)));
+        let got = tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap();
+        assert!(got.jobs.is_empty());
+        assert!(matches!(got.control[..], [ServerControl::GoAway(_)]));
+        // Control frames are bounded (a runner that reads none is not queued for without
+        // end), in order, and jobs are not.
+        for i in 0..CONTROL_QUEUE {
+            assert!(inbox.send_control(go(i as u32)), "frame {i} of {CONTROL_QUEUE}");
+        }
+        assert!(!inbox.send_control(go(99)), "past CONTROL_QUEUE");
+        assert!(inbox.send(a.clone()));
+        let got = inbox.recv().await;
+        let order: Vec<u32> = got
+            .control
+            .iter()
+            .map(|m| match m {
+                ServerControl::GoAway(g) => g.reconnect_after_ms,
+                _ => u32::MAX,
+            })
+            .collect();
+        assert_eq!(order, (0..CONTROL_QUEUE as u32).collect::<Vec<_>>());
+        assert_eq!(got.jobs.len(), 1);
+        // Taken, there is room again.
+        assert!(inbox.send_control(go(0)));
+        // Gone: the tenant is told, so the job goes elsewhere; frames are refused too.
         drop(InboxGuard(inbox.clone()));
         assert!(!inbox.send(a));
+        assert!(!inbox.send_control(go(0)));
     }
 }

@@ -15,7 +15,7 @@ use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, Supervi
 use runnel_protocol::ErrorCode;
 
 use super::runner_connection::{
-    Attach, ConnectionArgs, ConnectionEvent, ConnectionMsg, JobInbox, RunnerConnection,
+    Attach, ConnectionArgs, ConnectionEvent, ConnectionMsg, Inbox, RunnerConnection,
 };
 use crate::dispatch::{ConnId, Needs, Pool, Slot};
 use crate::jobs::{ByJobKey, Finish, JobEntry, JobState};
@@ -127,7 +127,7 @@ struct Link {
     actor: ActorRef<ConnectionMsg>,
     conn: quinn::Connection,
     /// Straight to the connection's I/O task, which runs its jobs.
-    jobs: Arc<JobInbox>,
+    inbox: Arc<Inbox>,
 }
 
 /// What [`TenantState::place`] did with a job.
@@ -380,7 +380,7 @@ impl TenantState {
     fn send_each(&mut self, starts: impl IntoIterator<Item = Start>) -> Vec<Start> {
         let mut retry = Vec::new();
         for (conn, job) in starts {
-            let sent = self.links.get(&conn).is_some_and(|l| l.jobs.send(job));
+            let sent = self.links.get(&conn).is_some_and(|l| l.inbox.send(job));
             if !sent {
                 // The connection's actor is gone (its exit not yet seen): take the
                 // connection out now, so nothing else is placed on it. Its jobs, this
@@ -452,18 +452,18 @@ impl TenantState {
             last_failed: false,
         };
         let conn = a.conn.clone();
-        let jobs = JobInbox::new();
+        let inbox = Inbox::new();
         let args = ConnectionArgs {
             conn_id,
             attach: a,
             tenant: myself.get_derived(),
             shared: self.shared.clone(),
-            jobs: jobs.clone(),
+            inbox: inbox.clone(),
         };
         match Actor::spawn_linked(None, RunnerConnection, args, myself.get_cell()).await {
             Ok((actor, _)) => {
                 self.by_actor.insert(actor.get_id(), conn_id);
-                self.links.insert(conn_id, Link { actor, conn, jobs });
+                self.links.insert(conn_id, Link { actor, conn, inbox });
                 let starts = self.add_conn(conn_id, slot);
                 self.start(starts);
             }
