@@ -66,6 +66,10 @@ pub mod names {
     /// Counter, `kind` (dispatch, get, list, cancel, output, close_runner, release_tenant):
     /// calls this node forwarded to a tenant's home over `runnel-peer/1`.
     pub const CLUSTER_FORWARDED: &str = "runnel_cluster_forwarded_total";
+    /// Gauge: connections this node keeps to its peers for the calls it forwards, one per
+    /// node at most: one that closed is replaced on the next call to its node, and one to
+    /// a node that left the cluster is let go of.
+    pub const CLUSTER_PEER_CONNECTIONS: &str = "runnel_cluster_peer_connections";
     /// Gauge: lanes this node has open to its peers (`runnel-peer/2`): with a peer of an
     /// older build, calls go on streams of their own and no lane opens.
     pub const CLUSTER_PEER_LANES: &str = "runnel_cluster_peer_lanes";
@@ -128,6 +132,7 @@ pub mod names {
         CLUSTER_TENANTS_HOMED,
         CLUSTER_REDIRECTS,
         CLUSTER_FORWARDED,
+        CLUSTER_PEER_CONNECTIONS,
         CLUSTER_PEER_LANES,
         CLUSTER_PEER_ANSWER_BYTES,
         JOBS_HELD_BYTES,

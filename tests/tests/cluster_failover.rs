@@ -320,3 +320,58 @@ async fn a_draining_home_takes_its_tenants_runner_for_the_job_it_waits_for() {
     assert!(status.success(), "the home drains and exits 0: {status:?}");
     runner.shutdown().await.unwrap();
 }
+
+/// `runnel_cluster_peer_connections` of node `i` (0 before it first moved).
+async fn peer_connections(c: &ProcessCluster, i: usize) -> f64 {
+    let text = c.nodes[i].api.raw("/metrics", &c.operator_key).await;
+    runnel_tests::metric_value(&text, "runnel_cluster_peer_connections").unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn the_nodes_that_called_a_node_let_go_of_their_connection_when_it_leaves() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    runnel_tests::log_from_env();
+    let Some(mut c) = ProcessCluster::start(BROKER, 3, FLAGS).await else { return };
+    let admin = c.tenant("acme").await;
+    let no_runner = |c: &ProcessCluster, i: usize| {
+        let (api, admin) = (c.nodes[i].api.clone(), admin.clone());
+        async move {
+            let (s, v) = api.post("/v1/jobs", &admin, exec("true", &[], true)).await;
+            assert_eq!((s, v["error"]["code"].as_str()), (409, Some("no_runner")), "{v}");
+        }
+    };
+    // Every node asks the tenant's home, so the other two keep a connection to it.
+    for i in 0..3 {
+        no_runner(&c, i).await;
+    }
+    let home = c.home_of("acme").await.expect("a home");
+    for i in 0..3 {
+        let want = if i == home { 0.0 } else { 1.0 };
+        assert_eq!(peer_connections(&c, i).await, want, "node {i}, home {home}");
+    }
+
+    // The home leaves for good (drained, then gone); no call goes to it again.
+    c.nodes[home].signal("TERM");
+    let status = c.nodes[home].wait_exit(Duration::from_secs(20)).await;
+    assert!(status.success(), "{status:?}");
+    let survivors: Vec<usize> = (0..3).filter(|i| *i != home).collect();
+    for &i in &survivors {
+        wait_for(Duration::from_secs(15), "the node gone from the survivors' view", || async {
+            let text = c.nodes[i].api.raw("/metrics", &c.operator_key).await;
+            (runnel_tests::metric_value(&text, "runnel_cluster_nodes") == Some(2.0)).then_some(())
+        })
+        .await;
+        no_runner(&c, i).await;
+    }
+    // Each survivor keeps a connection only to the new home (if it is not that home): the
+    // one to the node that left went with it, although nothing dialled that node again.
+    let new_home = c.home_of("acme").await.expect("a new home");
+    assert_ne!(new_home, home);
+    for &i in &survivors {
+        let want = if i == new_home { 0.0 } else { 1.0 };
+        wait_for(Duration::from_secs(10), "the departed node's connection let go of", || async {
+            (peer_connections(&c, i).await == want).then_some(())
+        })
+        .await;
+    }
+}

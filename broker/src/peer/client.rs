@@ -105,7 +105,13 @@ impl PeerClient {
     /// cached connection (closed once the calls on it end) and its dial lock. A node that
     /// comes back is dialled again on its next call.
     pub(crate) fn forget_all_but(&self, live: impl Fn(&str) -> bool) {
-        self.conns.retain(|id, _| live(id));
+        let mut gone = 0u32;
+        self.conns.retain(|id, _| {
+            let keep = live(id);
+            gone += u32::from(!keep);
+            keep
+        });
+        connections_kept(-f64::from(gone));
         self.dialling.retain(|id, _| live(id));
     }
 
@@ -135,7 +141,9 @@ impl PeerClient {
             let reason = format!("{why} ({:?} ago)", at.elapsed());
             return Err(PeerError::Unreachable { node: node.id.clone(), reason });
         }
-        self.conns.remove(&node.id);
+        if self.conns.remove(&node.id).is_some() {
+            connections_kept(-1.0);
+        }
         let dialled = self.dial(node).await;
         *failed = dialled.as_ref().err().map(|e| {
             let why = match e {
@@ -188,7 +196,9 @@ impl PeerClient {
             false => None,
         };
         let linked = Linked { conn, lane };
-        self.conns.insert(node.id.clone(), linked.clone());
+        if self.conns.insert(node.id.clone(), linked.clone()).is_none() {
+            connections_kept(1.0);
+        }
         Ok(linked)
     }
 
@@ -319,6 +329,11 @@ impl PeerClient {
 pub(super) fn takes_a_lane(conn: &quinn::Connection) -> bool {
     let alpn = conn.handshake_data().and_then(|d| d.downcast::<HandshakeData>().ok());
     alpn.and_then(|d| d.protocol).is_some_and(|p| p == ALPN_PEER_LANE)
+}
+
+/// Moves `runnel_cluster_peer_connections`, the connections this node keeps to its peers.
+fn connections_kept(delta: f64) {
+    metrics::gauge!(crate::metrics::names::CLUSTER_PEER_CONNECTIONS).increment(delta);
 }
 
 /// Opens the lane of `conn`, a connection to `node`; counted in `runnel_cluster_peer_lanes`
