@@ -3,8 +3,9 @@
 //! It owns the control stream (Welcome, heartbeats, renewal, drain) and opens one
 //! bidirectional stream per job. Its one I/O task ([`connection_io`]) drives the control
 //! stream and every job of the connection: the TenantActor hands jobs straight to that
-//! task over a channel, with no task spawned per job. It stops when the connection closes
-//! for any reason; its TenantActor then fails whatever jobs were still on it.
+//! task through the connection's [`Inbox`] (where the actor's control frames for the
+//! runner go too), with no task spawned per job. It stops when the connection closes for
+//! any reason; its TenantActor then fails whatever jobs were still on it.
 //!
 //! It knows nothing of its tenant's actor but a [`DerivedActorRef`] of [`ConnectionEvent`]s,
 //! the way quinn-proto's connection talks back to its endpoint only through
