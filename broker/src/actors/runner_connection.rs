@@ -458,12 +458,12 @@ fn connection_io(
                     return;
                 }
                 handed = inbox.0.recv() => {
-                    if version >= runnel_protocol::version::JOB_LANE {
-                        if !handed.jobs.is_empty() {
-                            lane.start(&conn, &jobs, handed.jobs);
-                            lane_gate.set_due();
-                        }
-                    } else if !handed.jobs.is_empty() {
+                    if handed.jobs.is_empty() {
+                        // Control frames alone: written below.
+                    } else if version >= runnel_protocol::version::JOB_LANE {
+                        lane.start(&conn, &jobs, handed.jobs);
+                        lane_gate.set_due();
+                    } else {
                         for job in handed.jobs {
                             running.push(Box::pin(jobs.run(&conn, job)));
                         }
