@@ -32,11 +32,13 @@ pub(crate) fn histogram() -> Histogram<u64> {
 }
 
 /// Runs `concurrency` workers for `len`. `op(worker, seq)` performs one request and returns
-/// `Err(kind)` when it failed; only successes count toward throughput and latency.
+/// how many jobs it completed (more than one for a batch, each counted with the request's
+/// latency), or `Err(kind)` when it failed; only successes count toward throughput and
+/// latency.
 pub(crate) async fn closed_loop<F, Fut>(concurrency: usize, len: Duration, op: F) -> Dispatched
 where
     F: Fn(usize, u64) -> Fut + Clone + Send + 'static,
-    Fut: Future<Output = Result<(), String>> + Send,
+    Fut: Future<Output = Result<u64, String>> + Send,
 {
     let own_cpu = || usage(std::process::id()).map(|u| u.cpu_secs).unwrap_or(0.0);
     let cpu0 = own_cpu();
@@ -51,9 +53,9 @@ where
             while Instant::now() < deadline {
                 let s = Instant::now();
                 match op(w, seq).await {
-                    Ok(()) => {
-                        let _ = hist.record(s.elapsed().as_micros() as u64);
-                        ok += 1;
+                    Ok(jobs) => {
+                        let _ = hist.record_n(s.elapsed().as_micros() as u64, jobs);
+                        ok += jobs;
                     }
                     Err(kind) => *errors.entry(kind).or_insert(0u64) += 1,
                 }

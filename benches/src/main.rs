@@ -141,6 +141,10 @@ struct Common {
     /// Capacity each simulated runner advertises.
     #[arg(long, default_value_t = 8)]
     runner_capacity: u32,
+    /// Jobs per request of the HTTP batch phase (`--api http-batch` or `all`): the
+    /// concurrency's jobs in flight as concurrency / batch requests.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=32))]
+    batch: u32,
 }
 
 /// The API a dispatch phase goes through.
@@ -152,6 +156,10 @@ enum Api {
     Native,
     /// HTTP, then native.
     Both,
+    /// `POST /v1/jobs/batch` with `wait`, `--batch` jobs a request.
+    HttpBatch,
+    /// HTTP, HTTP batch, then native.
+    All,
 }
 
 impl Api {
@@ -160,6 +168,8 @@ impl Api {
             Api::Http => &[Api::Http],
             Api::Native => &[Api::Native],
             Api::Both => &[Api::Http, Api::Native],
+            Api::HttpBatch => &[Api::HttpBatch],
+            Api::All => &[Api::Http, Api::HttpBatch, Api::Native],
         }
     }
 
@@ -168,11 +178,21 @@ impl Api {
             Api::Http => "HTTP API",
             Api::Native => "native API",
             Api::Both => "both APIs",
+            Api::HttpBatch => "HTTP API, batches",
+            Api::All => "all APIs",
         }
     }
 }
 
 impl Common {
+    /// How a row names the API its phase went through.
+    fn api_label(&self, api: Api) -> String {
+        match api {
+            Api::HttpBatch => format!("HTTP API, batches of {}", self.batch),
+            _ => api.label().to_owned(),
+        }
+    }
+
     /// The dispatch phase these flags describe, through the HTTP API.
     async fn dispatch(
         &self,
@@ -195,7 +215,12 @@ impl Common {
             Api::Native => {
                 sim::dispatch_native(broker, fleet, self.concurrency, len, self.payload).await
             }
-            Api::Http | Api::Both => Ok(self.dispatch(broker, fleet).await),
+            Api::HttpBatch => {
+                let batch = self.batch as usize;
+                Ok(sim::dispatch_batch(broker, fleet, self.concurrency, batch, len, self.payload)
+                    .await)
+            }
+            Api::Http | Api::Both | Api::All => Ok(self.dispatch(broker, fleet).await),
         }
     }
 }
@@ -288,7 +313,7 @@ async fn load_rows(a: &LoadArgs) -> anyhow::Result<Vec<report::Row>> {
         let (before, quic) = (broker.usage()?, connected.quic());
         let d = a.common.dispatch_via(api, &broker, &fleet).await?;
         let after = broker.usage()?;
-        let label = format!("{}, {}", load_label(a), api.label());
+        let label = format!("{}, {}", load_label(a), a.common.api_label(api));
         rows.push(report::print("runnel", "load", &label, &d, &before, &after, runners));
         quic.print_per_job(&connected.quic(), d.ok);
     }
@@ -394,7 +419,7 @@ async fn connect(a: ConnectArgs) -> anyhow::Result<()> {
             c.concurrency,
             c.duration,
             c.payload,
-            api.label()
+            c.api_label(api)
         );
         let runners = Some((connected.conns.len(), connected.failed));
         report::print("runnel", "connect", &label, &d, &before, &after, runners);

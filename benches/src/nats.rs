@@ -221,7 +221,7 @@ pub(crate) async fn dispatch(
             if reply.payload.len() != payload {
                 return Err("wrong_output".to_string());
             }
-            Ok(())
+            Ok(1)
         }
     })
     .await)

@@ -13,7 +13,7 @@ use runnel_protocol::{
     BrokerJobFrame, ClientControl, Heartbeat, Hello, JobOutcome, JobResult, LaneFrame, Outbox,
     OutputStream, RunnerJobFrame, ServerControl, encode_append, read_frame, write_frame,
 };
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio::task::JoinSet;
 
 use crate::broker_proc::BrokerProc;
@@ -368,6 +368,15 @@ async fn lane_jobs(mut send: quinn::SendStream, recv: quinn::RecvStream) {
     tokio::join!(writer, reader);
 }
 
+/// The HTTP dispatchers' clients, one per tenant's admin key on one connection pool, and
+/// the job each dispatches (an echo of `payload` bytes, waited for).
+fn http_dispatchers(b: &BrokerProc, fleet: &Fleet, payload: usize) -> (Arc<[Client]>, Value) {
+    let base = Client::new(&b.http, "");
+    let clients = fleet.tenants.iter().map(|t| base.with_key(&t.admin)).collect();
+    let body = "x".repeat(payload);
+    (clients, json!({ "owner": OWNER, "kind": "echo", "payload": body, "wait": true }))
+}
+
 /// `concurrency` dispatchers, each in a loop of `POST /v1/jobs` with `wait`, for `len`.
 pub(crate) async fn dispatch(
     b: &BrokerProc,
@@ -376,11 +385,8 @@ pub(crate) async fn dispatch(
     len: Duration,
     payload: usize,
 ) -> Dispatched {
-    // One connection pool for all dispatchers, one client per tenant's admin key on it.
-    let base = Client::new(&b.http, "");
-    let body = "x".repeat(payload);
-    let req = Arc::new(json!({ "owner": OWNER, "kind": "echo", "payload": body, "wait": true }));
-    let clients: Arc<[Client]> = fleet.tenants.iter().map(|t| base.with_key(&t.admin)).collect();
+    let (clients, job) = http_dispatchers(b, fleet, payload);
+    let req = Arc::new(job);
     closed_loop(concurrency, len, move |w, _| {
         let (req, clients) = (req.clone(), clients.clone());
         async move {
@@ -399,7 +405,51 @@ pub(crate) async fn dispatch(
             if v["output"].as_str().map(str::len) != Some(payload) {
                 return Err("wrong_output".to_string());
             }
-            Ok(())
+            Ok(1)
+        }
+    })
+    .await
+}
+
+/// The same load through `POST /v1/jobs/batch`: `concurrency` jobs in flight as
+/// `concurrency / batch` dispatchers, each posting `batch` jobs with `wait` and counting
+/// them once the answer says each succeeded with its output.
+pub(crate) async fn dispatch_batch(
+    b: &BrokerProc,
+    fleet: &Fleet,
+    concurrency: usize,
+    batch: usize,
+    len: Duration,
+    payload: usize,
+) -> Dispatched {
+    let (clients, job) = http_dispatchers(b, fleet, payload);
+    let batch = batch.max(1);
+    let req = Arc::new(json!({ "jobs": vec![job; batch] }));
+    closed_loop((concurrency / batch).max(1), len, move |w, _| {
+        let (req, clients) = (req.clone(), clients.clone());
+        async move {
+            let client = &clients[w % clients.len()];
+            let answer = client
+                .call(Method::POST, "/v1/jobs/batch", Some(&req))
+                .await
+                .map_err(|_| "transport".to_string())?;
+            if answer.status != 200 {
+                return Err(format!("http:{}", answer.status));
+            }
+            let jobs = answer.body["jobs"].as_array().cloned().unwrap_or_default();
+            if jobs.len() != batch {
+                return Err("wrong_batch".to_string());
+            }
+            for v in &jobs {
+                if v["state"] != "succeeded" {
+                    let why = v["state"].as_str().or(v["error"]["code"].as_str());
+                    return Err(format!("state:{}", why.unwrap_or("?")));
+                }
+                if v["output"].as_str().map(str::len) != Some(payload) {
+                    return Err("wrong_output".to_string());
+                }
+            }
+            Ok(batch as u64)
         }
     })
     .await
@@ -439,7 +489,7 @@ pub(crate) async fn dispatch_native(
             if job.output.len() != payload {
                 return Err("wrong_output".to_string());
             }
-            Ok(())
+            Ok(1)
         }
     })
     .await;

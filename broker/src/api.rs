@@ -7,7 +7,7 @@
 //! | `POST /v1/tenants/{t}/keys` | operator, or admin of `t` |
 //! | `POST /v1/runners`, `DELETE /v1/runners/{id}` | admin |
 //! | `GET /v1/runners[/{id}]` | admin, dispatcher, member (own owner) |
-//! | `POST/GET /v1/jobs`, `GET /v1/jobs/{id}[/output]`, `POST /v1/jobs/{id}/cancel` | admin, dispatcher, member (own owner) |
+//! | `POST/GET /v1/jobs`, `POST /v1/jobs/batch`, `GET /v1/jobs/{id}[/output]`, `POST /v1/jobs/{id}/cancel` | admin, dispatcher, member (own owner) |
 //! | `GET /v1/audit` | operator (cluster events), admin (tenant events) |
 //! | `GET /v1/cluster` | operator: nodes, addresses, lease state |
 //! | `POST /v1/cluster/rebalance` | operator: move tenants to their rendezvous node (draining) |
@@ -79,6 +79,7 @@ pub(crate) fn router(shared: Arc<Shared>, tenants: Arc<Tenants>) -> Router {
         .route("/v1/runners", post(runners::create).get(runners::list))
         .route("/v1/runners/{id}", get(runners::get).delete(runners::revoke))
         .route("/v1/jobs", post(jobs::create).get(jobs::list))
+        .route("/v1/jobs/batch", post(jobs::create_batch))
         .route("/v1/jobs/{id}", get(jobs::get))
         .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route("/v1/jobs/{id}/output", get(jobs::output))

@@ -40,12 +40,16 @@ pub(crate) fn source_of(ip: IpAddr) -> IpAddr {
 #[derive(Debug)]
 pub(crate) struct Keyed<K: Hash + Eq + Clone> {
     limiter: Option<DefaultKeyedRateLimiter<K>>,
+    /// What a bucket holds when full.
+    burst: u32,
 }
 
 impl<K: Hash + Eq + Clone> Keyed<K> {
     /// `rate` per second per key (0: no limit).
     pub(crate) fn new(rate: u32) -> Self {
-        Self { limiter: quota(rate).map(RateLimiter::keyed) }
+        let quota = quota(rate);
+        let burst = quota.map_or(0, |q| q.burst_size().get());
+        Self { limiter: quota.map(RateLimiter::keyed), burst }
     }
 
     /// Takes one token of `key`'s bucket; Err: the seconds until one is there.
@@ -53,6 +57,23 @@ impl<K: Hash + Eq + Clone> Keyed<K> {
         match &self.limiter {
             Some(l) => l.check_key(key).map_err(|n| wait_secs(&n)),
             None => Ok(()),
+        }
+    }
+
+    /// The rest of `n` requests of `key` whose first already took its token (a batch's
+    /// jobs past the first), taken together or not at all. Err(Some(secs)): there is room
+    /// in `secs`; Err(None): never, `n` is more than the bucket holds.
+    pub(crate) fn check_rest_of(&self, key: &K, n: usize) -> Result<(), Option<u64>> {
+        let Some(l) = &self.limiter else { return Ok(()) };
+        let Ok(n) = u32::try_from(n) else { return Err(None) };
+        if n > self.burst {
+            return Err(None);
+        }
+        let Some(rest) = NonZeroU32::new(n.saturating_sub(1)) else { return Ok(()) };
+        match l.check_key_n(key, rest) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => Err(Some(wait_secs(&not_until))),
+            Err(_) => Err(None),
         }
     }
 
@@ -112,5 +133,23 @@ mod tests {
         assert_eq!((0..7).filter(|_| direct.check()).count(), 6);
         let (off, off_direct) = (Keyed::<u8>::new(0), Direct::new(0));
         assert!((0..10_000).all(|_| off.check(&1).is_ok() && off_direct.check()));
+    }
+
+    #[test]
+    fn the_rest_of_a_batch_is_taken_whole_or_not_at_all_and_past_the_burst_never() {
+        let keyed = Keyed::<u8>::new(5);
+        // More than a full bucket can never pass, whatever is left in it.
+        assert_eq!(keyed.check_rest_of(&1, 11), Err(None));
+        assert_eq!(keyed.check_rest_of(&1, usize::MAX), Err(None));
+        // The first of 7 was taken on its own; the other 6 now, together.
+        keyed.check(&1).expect("the request");
+        keyed.check_rest_of(&1, 7).expect("6 of the 9 left");
+        // The next request leaves 2: the rest of 5 (4) does not fit, and takes none.
+        keyed.check(&1).expect("the next request");
+        assert!(matches!(keyed.check_rest_of(&1, 5), Err(Some(s)) if s >= 1));
+        keyed.check_rest_of(&1, 3).expect("the 2 still there");
+        // A batch of one takes nothing more; a limit of 0 takes nothing at all.
+        keyed.check_rest_of(&1, 1).expect("nothing to take");
+        assert_eq!(Keyed::<u8>::new(0).check_rest_of(&1, 1_000_000), Ok(()));
     }
 }

@@ -95,6 +95,19 @@ async fn calls_through_any_node_reach_the_tenants_home() {
         let (_, list) = n.api.get("/v1/jobs?limit=100", &admin).await;
         assert!(list["jobs"].as_array().unwrap().iter().any(|j| j["id"] == job.as_str()), "{list}");
     }
+    // A batch through each node: every job dispatched at the home, answered in order.
+    for n in &c.nodes {
+        let jobs = json!({ "jobs": [exec("echo", &["a"], true), exec("echo", &["b"], true)] });
+        let (s, v) = n.api.post("/v1/jobs/batch", &admin, jobs).await;
+        assert_eq!(s, 200, "{v}");
+        let outputs: Vec<&str> =
+            v["jobs"].as_array().unwrap().iter().map(|j| j["output"].as_str().unwrap()).collect();
+        assert_eq!(outputs, ["a\n", "b\n"], "{v}");
+        let home_id = &c.nodes[home].id;
+        for j in v["jobs"].as_array().unwrap() {
+            assert!(j["id"].as_str().unwrap().ends_with(&format!("-{home_id}")), "{j}");
+        }
+    }
     // Each other node forwarded its dispatches, gets and cancels on one lane to the home.
     for (i, n) in c.nodes.iter().enumerate() {
         let text = n.api.raw("/metrics", &op).await;

@@ -119,15 +119,30 @@ pub(super) async fn create(
     State(shared): State<Arc<Shared>>,
     State(tenants): State<Arc<Tenants>>,
     caller: Caller,
-    ApiJson(mut body): ApiJson<CreateJob>,
+    ApiJson(body): ApiJson<CreateJob>,
 ) -> Result<Response, ApiError> {
     caller.require(&[Role::Admin, Role::Dispatcher, Role::Member])?;
     caller.tenant()?;
-    let owner = dispatch_owner(&caller, body.owner.take())?;
+    let spec = dispatch_spec(&shared, &caller, body)?;
+    let answer = homed::dispatch(&shared, &tenants, &caller, spec, Hop::Api).await?;
+    answered(&shared, &caller, &answer, |view| {
+        if view.state.is_terminal() { StatusCode::OK } else { StatusCode::CREATED }
+    })
+    .await
+}
+
+/// The [`DispatchSpec`] of a `POST /v1/jobs` body, checked (owner, kind, labels, payload,
+/// timeouts).
+fn dispatch_spec(
+    shared: &Shared,
+    caller: &Caller,
+    mut body: CreateJob,
+) -> Result<DispatchSpec, ApiError> {
+    let owner = dispatch_owner(caller, body.owner.take())?;
     let (payload, timeout, queue_timeout) = body.checked(&shared.config)?;
     // Moved, not copied, out of the body (this runs for every HTTP dispatch).
     let CreateJob { runner_id, labels, kind, wait, .. } = body;
-    let spec = DispatchSpec {
+    Ok(DispatchSpec {
         owner,
         runner_id,
         labels,
@@ -136,12 +151,128 @@ pub(super) async fn create(
         timeout_ms: ms(timeout),
         queue_timeout_ms: ms(queue_timeout),
         wait,
-    };
-    let answer = homed::dispatch(&shared, &tenants, &caller, spec, Hop::Api).await?;
-    answered(&shared, &caller, &answer, |view| {
-        if view.state.is_terminal() { StatusCode::OK } else { StatusCode::CREATED }
     })
-    .await
+}
+
+/// Most jobs in one `POST /v1/jobs/batch`.
+pub(crate) const MAX_BATCH: usize = 32;
+
+/// A batch's job carries its output in the answer up to this many bytes; a larger output
+/// is left out of it (`"output_omitted": true`; `GET /v1/jobs/{id}` has it), so that a
+/// batch's answer stays within [`MAX_BATCH`] times this (escaped: at most 6 bytes a byte).
+pub(crate) const BATCH_OUTPUT: usize = UNCOUNTED;
+
+/// Body of `POST /v1/jobs/batch`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CreateJobs {
+    jobs: Vec<CreateJob>,
+}
+
+/// `POST /v1/jobs/batch`: up to [`MAX_BATCH`] jobs, each the body of a `POST /v1/jobs`
+/// and dispatched as that would dispatch it (the same checks, the same message to the
+/// caller's TenantActor, forwarded to the tenant's home in a cluster), all at once. Every
+/// job is checked before any is dispatched: one bad job refuses the whole batch (400 or
+/// 403, naming it) and nothing runs. Each job counts as a request against the key's rate
+/// limit. The answer (200) lists, in the batch's order, each job as `POST /v1/jobs` would
+/// answer it (waited for where it asked to be), or the error that job met
+/// (`{"error":{"code","message","status"}}`: a full queue, no runner, …).
+pub(super) async fn create_batch(
+    State(shared): State<Arc<Shared>>,
+    State(tenants): State<Arc<Tenants>>,
+    caller: Caller,
+    ApiJson(body): ApiJson<CreateJobs>,
+) -> Result<Response, ApiError> {
+    caller.require(&[Role::Admin, Role::Dispatcher, Role::Member])?;
+    caller.tenant()?;
+    let n = body.jobs.len();
+    if n == 0 || n > MAX_BATCH {
+        return Err(ApiError::bad_request(format!("a batch has 1 to {MAX_BATCH} jobs, not {n}")));
+    }
+    let specs = body
+        .jobs
+        .into_iter()
+        .enumerate()
+        .map(|(i, job)| {
+            dispatch_spec(&shared, &caller, job)
+                .map_err(|e| ApiError { message: format!("jobs[{i}]: {}", e.message), ..e })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    shared.rate_limits.check_key_rest(&caller.key_id, n)?;
+    let answers = futures::future::join_all(
+        specs.into_iter().map(|spec| homed::dispatch(&shared, &tenants, &caller, spec, Hop::Api)),
+    )
+    .await;
+    shared.http_answers.json(caller.tenant.as_deref(), || batch_json(&answers)).await
+}
+
+/// A job of a batch's answer: its view, its output left out past [`BATCH_OUTPUT`].
+#[derive(serde::Serialize)]
+struct BatchJob<'a> {
+    #[serde(flatten)]
+    job: JobInfoRef<'a>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    output_omitted: bool,
+}
+
+/// A job a batch could not dispatch.
+#[derive(serde::Serialize)]
+struct BatchError<'a> {
+    code: &'a str,
+    message: &'a str,
+    status: u16,
+}
+
+/// `{"jobs":[…]}` of a batch's answers, in its order.
+fn batch_json(
+    answers: &[Result<JobAnswer, ApiError>],
+) -> Result<(StatusCode, Vec<u8>), serde_json::Error> {
+    let mut json = Vec::with_capacity(512 * answers.len());
+    serde_json::to_writer(&mut json, &BatchAnswer { jobs: BatchJobs(answers) })?;
+    Ok((StatusCode::OK, json))
+}
+
+#[derive(serde::Serialize)]
+struct BatchAnswer<'a> {
+    jobs: BatchJobs<'a>,
+}
+
+/// A batch's answers, each written from its job's entry under its lock (no copy), as a
+/// single dispatch's answer is.
+struct BatchJobs<'a>(&'a [Result<JobAnswer, ApiError>]);
+
+impl serde::Serialize for BatchJobs<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(Some(self.0.len()))?;
+        for answer in self.0 {
+            match answer {
+                Ok(JobAnswer::Here(entry)) => {
+                    entry.with_view(true, |view| seq.serialize_element(&batch_job(view)))?
+                }
+                Ok(JobAnswer::There(view)) => seq.serialize_element(&batch_job(view.borrowed()))?,
+                Err(e) => {
+                    let error =
+                        BatchError { code: e.code, message: &e.message, status: e.status.as_u16() };
+                    seq.serialize_element(&BatchRefused { error })?
+                }
+            }
+        }
+        seq.end()
+    }
+}
+
+#[derive(serde::Serialize)]
+struct BatchRefused<'a> {
+    error: BatchError<'a>,
+}
+
+fn batch_job(view: JobInfoRef<'_>) -> BatchJob<'_> {
+    if view.output.len() <= BATCH_OUTPUT {
+        BatchJob { job: view, output_omitted: false }
+    } else {
+        BatchJob { job: JobInfoRef { output: "", ..view }, output_omitted: true }
+    }
 }
 
 /// A job's JSON, held to the caller's tenant's budget of unread answers

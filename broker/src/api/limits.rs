@@ -45,6 +45,18 @@ impl RateLimits {
         self.per_key.check(key_id).map_err(|s| Self::refuse("key", s))
     }
 
+    /// The rest of `n` requests with the verified key `key_id` whose first was counted
+    /// when the key was checked (a batch's jobs past the first), taken together or not at
+    /// all; more than the key's burst is refused for good (400), not told to wait.
+    pub(crate) fn check_key_rest(&self, key_id: &Arc<str>, n: usize) -> Result<(), ApiError> {
+        self.per_key.check_rest_of(key_id, n).map_err(|wait| match wait {
+            Some(secs) => Self::refuse("key", secs),
+            None => ApiError::bad_request(format!(
+                "{n} jobs at once are more than this key's rate limit allows; send fewer"
+            )),
+        })
+    }
+
     /// Forgets the buckets that are full again (see [`Keyed::forget_idle`]).
     pub(crate) fn forget_idle(&self) {
         self.per_source.forget_idle();
