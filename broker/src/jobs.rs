@@ -311,18 +311,30 @@ impl JobEntry {
     /// with the output when `with_output`. An answer is encoded from it without copying the
     /// entry's strings first.
     pub(crate) fn with_view<R>(&self, with_output: bool, f: impl FnOnce(JobInfoRef<'_>) -> R) -> R {
+        let most = if with_output { usize::MAX } else { 0 };
+        self.with_view_up_to(most, |view, _| f(view))
+    }
+
+    /// [`JobEntry::with_view`] with the output only when it is at most `most` bytes; `f`
+    /// is told whether it was left out (a larger output is neither copied nor checked).
+    pub(crate) fn with_view_up_to<R>(
+        &self,
+        most: usize,
+        f: impl FnOnce(JobInfoRef<'_>, bool) -> R,
+    ) -> R {
         let g = self.lock();
+        let left_out = g.output.len() > most;
         // Borrowed when the output is valid UTF-8, as it nearly always is. `from_utf8`
         // checks that a word at a time; `from_utf8_lossy` walks it in chunks even when
         // valid (its `Utf8Chunks` was ~0.5% of a native job's broker CPU).
-        let output: Cow<'_, str> = if !with_output {
+        let output: Cow<'_, str> = if left_out {
             "".into()
         } else if let Ok(valid) = std::str::from_utf8(&g.output) {
             valid.into()
         } else {
             String::from_utf8_lossy(&g.output)
         };
-        f(JobInfoRef {
+        let view = JobInfoRef {
             id: &self.id,
             owner: &self.spec.owner,
             kind: &self.spec.kind,
@@ -336,7 +348,8 @@ impl JobEntry {
             output: &output,
             output_truncated: g.output_truncated,
             output_expired: g.output_expired,
-        })
+        };
+        f(view, left_out)
     }
 }
 

@@ -248,9 +248,16 @@ impl serde::Serialize for BatchJobs<'_> {
         for answer in self.0 {
             match answer {
                 Ok(JobAnswer::Here(entry)) => {
-                    entry.with_view(true, |view| seq.serialize_element(&batch_job(view)))?
+                    entry.with_view_up_to(BATCH_OUTPUT, |job, omitted| {
+                        seq.serialize_element(&BatchJob { job, output_omitted: omitted })
+                    })?
                 }
-                Ok(JobAnswer::There(view)) => seq.serialize_element(&batch_job(view.borrowed()))?,
+                Ok(JobAnswer::There(view)) => {
+                    let job = view.borrowed();
+                    let omitted = job.output.len() > BATCH_OUTPUT;
+                    let job = if omitted { JobInfoRef { output: "", ..job } } else { job };
+                    seq.serialize_element(&BatchJob { job, output_omitted: omitted })?
+                }
                 Err(e) => {
                     let error =
                         BatchError { code: e.code, message: &e.message, status: e.status.as_u16() };
@@ -265,14 +272,6 @@ impl serde::Serialize for BatchJobs<'_> {
 #[derive(serde::Serialize)]
 struct BatchRefused<'a> {
     error: BatchError<'a>,
-}
-
-fn batch_job(view: JobInfoRef<'_>) -> BatchJob<'_> {
-    if view.output.len() <= BATCH_OUTPUT {
-        BatchJob { job: view, output_omitted: false }
-    } else {
-        BatchJob { job: JobInfoRef { output: "", ..view }, output_omitted: true }
-    }
 }
 
 /// A job's JSON, held to the caller's tenant's budget of unread answers
