@@ -141,8 +141,8 @@ struct Common {
     /// Capacity each simulated runner advertises.
     #[arg(long, default_value_t = 8)]
     runner_capacity: u32,
-    /// Jobs per request of the HTTP batch phase (`--api http-batch` or `all`): the
-    /// concurrency's jobs in flight as concurrency / batch requests.
+    /// Jobs per request of the HTTP batch phase (`--api http-batch` or `all`), at most the
+    /// concurrency: the concurrency's jobs in flight as concurrency / batch requests.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=32))]
     batch: u32,
 }
@@ -185,10 +185,15 @@ impl Api {
 }
 
 impl Common {
+    /// Jobs per request of the HTTP batch phase: `--batch`, at most the concurrency.
+    fn batch_size(&self) -> usize {
+        (self.batch as usize).clamp(1, self.concurrency.max(1))
+    }
+
     /// How a row names the API its phase went through.
     fn api_label(&self, api: Api) -> String {
         match api {
-            Api::HttpBatch => format!("HTTP API, batches of {}", self.batch),
+            Api::HttpBatch => format!("HTTP API, batches of {}", self.batch_size()),
             _ => api.label().to_owned(),
         }
     }
@@ -216,7 +221,7 @@ impl Common {
                 sim::dispatch_native(broker, fleet, self.concurrency, len, self.payload).await
             }
             Api::HttpBatch => {
-                let batch = self.batch as usize;
+                let batch = self.batch_size();
                 Ok(sim::dispatch_batch(broker, fleet, self.concurrency, batch, len, self.payload)
                     .await)
             }
