@@ -135,6 +135,7 @@ pub fn of(name: &str) -> Vec<Vec<u8>> {
             r#"{"role":"member","owner":"alice","expires_in_secs":3600}"#,
             r#"{"role":"metrics"}"#,
             r#"{"id":"acme"}"#,
+            r#"{"jobs":[{"owner":"alice","kind":"echo","payload":"a","wait":true},{"owner":"bob","kind":"exec","exec":{"program":"true"},"timeout_ms":5}]}"#,
         ]
         .into_iter()
         .map(|s| s.as_bytes().to_vec())

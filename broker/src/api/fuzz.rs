@@ -9,6 +9,8 @@ use super::{jobs, keys, runners, tenants};
 pub enum Body {
     /// `POST /v1/jobs`.
     Job,
+    /// `POST /v1/jobs/batch`.
+    Jobs,
     /// `POST /v1/runners`.
     Runner,
     /// `POST /v1/tenants/{t}/keys`.
@@ -21,8 +23,8 @@ pub enum Body {
 
 impl Body {
     /// Every body.
-    pub const ALL: [Body; 5] =
-        [Body::Job, Body::Runner, Body::Key, Body::OperatorKey, Body::Tenant];
+    pub const ALL: [Body; 6] =
+        [Body::Job, Body::Jobs, Body::Runner, Body::Key, Body::OperatorKey, Body::Tenant];
 }
 
 /// Parses `bytes` as `which` and checks it; Err is the answer the API would give: a parse
@@ -37,6 +39,9 @@ pub fn check_body(which: Body, bytes: &[u8]) -> Result<(), String> {
         Body::Job => parse::<jobs::CreateJob>(bytes)?
             .checked(&crate::config::Config::default())
             .map(drop)
+            .map_err(msg),
+        Body::Jobs => parse::<jobs::CreateJobs>(bytes)?
+            .checked(&crate::config::Config::default())
             .map_err(msg),
         Body::Runner => parse::<runners::CreateRunner>(bytes)?.checked().map(drop).map_err(msg),
         Body::Key => parse::<keys::CreateKey>(bytes)?.checked().map(drop).map_err(msg),
