@@ -184,6 +184,11 @@ enum Jobs {
         /// A specific runner.
         #[arg(long)]
         runner: Option<String>,
+        /// On every online runner (of --owner, with the --label labels) instead of one:
+        /// a job each, dispatched in batches; prints each runner's output and exits with
+        /// the highest job's exit status.
+        #[arg(long, conflicts_with = "runner")]
+        each_runner: bool,
         /// Required label key=value (repeatable).
         #[arg(long = "label", value_parser = parse_kv)]
         labels: Vec<(String, String)>,
@@ -325,6 +330,88 @@ fn job_rows(list: &[Value]) -> String {
     render(&["ID", "OWNER", "STATE", "RUNNER", "EXIT", "MESSAGE"], &rows)
 }
 
+/// Most jobs in one `POST /v1/jobs/batch` (the broker's limit).
+const BATCH: usize = 32;
+
+/// `jobs run --each-runner`: `job` (an exec job with `wait`) on every online runner of
+/// `owner` (all the key may see without one) whose labels include `labels`, each named by
+/// its `runner_id`, through `POST /v1/jobs/batch`. Prints each runner's output under a
+/// header, or with `-o json` the jobs; exits with the highest of their exit statuses.
+async fn run_on_each(
+    c: &Client,
+    json_out: bool,
+    owner: Option<&str>,
+    labels: &BTreeMap<String, String>,
+    job: Value,
+) -> Result<ExitCode, CtlError> {
+    let query = owner.map(|o| format!("?owner={o}")).unwrap_or_default();
+    let list = c.get(&format!("/v1/runners{query}")).await?;
+    let runners: Vec<&Value> = list["runners"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|r| r["status"] == "online")
+                .filter(|r| labels.iter().all(|(k, v)| r["labels"][k] == v.as_str()))
+                .collect()
+        })
+        .unwrap_or_default();
+    if runners.is_empty() {
+        let whose = owner.map(|o| format!(" of {o}")).unwrap_or_default();
+        eprintln!("runnelctl: no online runner{whose} matches");
+        return Ok(ExitCode::from(1));
+    }
+    let mut ended = Vec::new();
+    for chunk in runners.chunks(BATCH) {
+        let jobs: Vec<Value> = chunk
+            .iter()
+            .map(|r| {
+                let mut j = job.clone();
+                j["owner"] = r["owner"].clone();
+                j["runner_id"] = r["id"].clone();
+                j
+            })
+            .collect();
+        let answer = c.post("/v1/jobs/batch", json!({ "jobs": jobs })).await?;
+        for (r, j) in chunk.iter().zip(answer["jobs"].as_array().into_iter().flatten()) {
+            ended.push((r, finished(c, j.clone()).await?));
+        }
+    }
+    let worst = ended.iter().map(|(_, j)| job_exit(j)).max().unwrap_or(0);
+    if json_out {
+        let jobs: Vec<&Value> = ended.iter().map(|(_, j)| j).collect();
+        println!("{}", json!({ "jobs": jobs }));
+    } else {
+        for (r, j) in &ended {
+            let how = match (&j["error"], j["exit_code"].as_i64()) {
+                (e, _) if e.is_object() => format!("not run: {}", s(&e["message"])),
+                (_, Some(code)) => format!("{}, exit {code}", s(&j["state"])),
+                _ => format!("{}: {}", s(&j["state"]), s(&j["message"])),
+            };
+            println!("== {} ({}): {how}", s(&r["name"]), s(&r["id"]));
+            print!("{}", s(&j["output"]));
+        }
+    }
+    Ok(ExitCode::from(worst))
+}
+
+/// A batch's answer for one job, once the job ended (a batch waits at most the broker's
+/// limit; what is still running is then asked for until it ends), with its whole output
+/// (a batch leaves out outputs over 64 KiB). A job the batch refused stays its error.
+async fn finished(c: &Client, mut job: Value) -> Result<Value, CtlError> {
+    if job["error"].is_object() {
+        return Ok(job);
+    }
+    let id = s(&job["id"]);
+    while matches!(job["state"].as_str(), Some("queued" | "running")) {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        job = c.get(&format!("/v1/jobs/{id}")).await?;
+    }
+    if job["output_omitted"] == true {
+        job = c.get(&format!("/v1/jobs/{id}")).await?;
+    }
+    Ok(job)
+}
+
 /// Exit status of `jobs run` when the job ended without an exit code of its own.
 fn job_exit(job: &Value) -> u8 {
     if let Some(code) = job["exit_code"].as_i64() {
@@ -451,17 +538,31 @@ async fn run(cli: Cli) -> Result<ExitCode, CtlError> {
                 format!("revoked {id}; closed {} live connection(s)", s(&v["connections_closed"])),
             );
         }
-        Command::Jobs(Jobs::Run { owner, runner, labels, timeout_ms, env, cwd, command }) => {
+        Command::Jobs(Jobs::Run {
+            owner,
+            runner,
+            each_runner,
+            labels,
+            timeout_ms,
+            env,
+            cwd,
+            command,
+        }) => {
             let (program, args) =
                 command.split_first().ok_or_else(|| CtlError::Config("no program given".into()))?;
             let env: BTreeMap<_, _> = env.into_iter().collect();
             let labels: BTreeMap<_, _> = labels.into_iter().collect();
+            let exec = json!({ "program": program, "args": args, "env": env, "cwd": cwd });
+            if each_runner {
+                let job = json!({ "labels": labels, "kind": "exec", "exec": exec,
+                                  "timeout_ms": timeout_ms, "wait": true });
+                return run_on_each(&c, json_out, owner.as_deref(), &labels, job).await;
+            }
             let job = c
                 .post(
                     "/v1/jobs",
                     json!({ "owner": owner, "runner_id": runner, "labels": labels, "kind": "exec",
-                            "exec": { "program": program, "args": args, "env": env, "cwd": cwd },
-                            "timeout_ms": timeout_ms }),
+                            "exec": exec, "timeout_ms": timeout_ms }),
                 )
                 .await?;
             let id = s(&job["id"]);

@@ -189,3 +189,87 @@ async fn runnelctl_lists_revokes_and_rotates_keys() {
     let ops = op.json(&["keys", "list", "--operator"]).await;
     assert_eq!(ops["keys"].as_array().unwrap().len(), 2, "{ops}");
 }
+
+/// An in-process runner of `owner` with `labels`, online.
+async fn labelled_runner(
+    b: &TestBroker,
+    admin: &str,
+    owner: &str,
+    labels: Value,
+    dir: &std::path::Path,
+) -> (String, runnel_runner::RunnerHandle) {
+    let v = b.create_runner(admin, owner, labels).await;
+    let state = runnel_runner::StateDir::new(dir);
+    let token = v["token"].as_str().unwrap();
+    runnel_runner::enroll(b.handle().advertise(), &b.handle().ca_fingerprint(), token, &state)
+        .await
+        .unwrap();
+    let h = runnel_runner::Runner::builder(state).capacity(2).spawn().unwrap();
+    h.wait_connected(std::time::Duration::from_secs(10)).await.unwrap();
+    (v["runner_id"].as_str().unwrap().to_owned(), h)
+}
+
+#[tokio::test]
+async fn jobs_run_each_runner_runs_once_on_every_matching_online_runner() {
+    let b = TestBroker::start().await;
+    let admin = b.tenant("acme").await;
+    let dir = tempfile::tempdir().unwrap();
+    let linux = serde_json::json!({ "os": "linux" });
+    let (l1, _h1) =
+        labelled_runner(&b, &admin, "alice", linux.clone(), &dir.path().join("1")).await;
+    let (l2, _h2) =
+        labelled_runner(&b, &admin, "alice", linux.clone(), &dir.path().join("2")).await;
+    let mac = serde_json::json!({ "os": "mac" });
+    let (m, _h3) = labelled_runner(&b, &admin, "alice", mac, &dir.path().join("3")).await;
+    let (bob, _h4) = labelled_runner(&b, &admin, "bob", linux, &dir.path().join("4")).await;
+    let ctl = Ctl { url: b.api.base().to_owned(), key: &admin };
+
+    let each = ["jobs", "run", "--owner", "alice", "--each-runner", "--label", "os=linux", "--"];
+    let ok = ctl.run(&[&each[..], &["sh", "-c", "echo ran"]].concat()).await;
+    assert_eq!(ok.code, 0, "{}", ok.stderr);
+    // Each matching runner once, its output under its header; not the mac, not bob's.
+    for id in [&l1, &l2] {
+        let header = ok.stdout.lines().find(|l| l.contains(id.as_str())).unwrap_or_default();
+        assert!(
+            header.starts_with("== ") && header.ends_with("succeeded, exit 0"),
+            "{}",
+            ok.stdout
+        );
+    }
+    assert_eq!(ok.stdout.lines().filter(|l| *l == "ran").count(), 2, "{}", ok.stdout);
+    assert!(!ok.stdout.contains(m.as_str()) && !ok.stdout.contains(bob.as_str()), "{}", ok.stdout);
+
+    // The highest exit status of them all; JSON lists each job.
+    let failed = ctl.run(&[&each[..], &["sh", "-c", "exit 3"]].concat()).await;
+    assert_eq!(failed.code, 3, "{}", failed.stdout);
+    let args = [&["-o", "json"][..], &each[..], &["true"]].concat();
+    let out = ctl.run(&args).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let v: Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    let mut ran: Vec<&str> =
+        v["jobs"].as_array().unwrap().iter().map(|j| j["runner_id"].as_str().unwrap()).collect();
+    ran.sort_unstable();
+    let mut want = [l1.as_str(), l2.as_str()];
+    want.sort_unstable();
+    assert_eq!(ran, want);
+
+    // Nothing matches: told so, exit 1, nothing dispatched.
+    let jobs_before = b.api.get("/v1/jobs", &admin).await.1["jobs"].as_array().unwrap().len();
+    let none = ctl
+        .run(&[
+            "jobs",
+            "run",
+            "--owner",
+            "alice",
+            "--each-runner",
+            "--label",
+            "os=bsd",
+            "--",
+            "true",
+        ])
+        .await;
+    assert_eq!(none.code, 1);
+    assert!(none.stderr.contains("no online runner of alice matches"), "{}", none.stderr);
+    let jobs_after = b.api.get("/v1/jobs", &admin).await.1["jobs"].as_array().unwrap().len();
+    assert_eq!(jobs_before, jobs_after);
+}

@@ -180,7 +180,9 @@ impl CreateJobs {
 
     /// Everything about the batch that needs no state: its size and each job's
     /// [`CreateJob::checked`], a refusal naming its job. The fuzz target `api_json` runs
-    /// exactly this; the handler runs the same checks, with the caller's, job by job.
+    /// exactly this; the handler runs the same checks, with the caller's, job by job
+    /// ([`dispatch_spec`]), so that no job's payload is encoded twice.
+    #[cfg(feature = "bench-internals")]
     pub(super) fn checked(&self, config: &crate::config::Config) -> Result<(), ApiError> {
         self.count()?;
         for (i, job) in self.jobs.iter().enumerate() {
