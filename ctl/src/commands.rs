@@ -388,7 +388,11 @@ async fn run_on_each(
                 _ => format!("{}: {}", s(&j["state"]), s(&j["message"])),
             };
             println!("== {} ({}): {how}", s(&r["name"]), s(&r["id"]));
-            print!("{}", s(&j["output"]));
+            // Each output on lines of its own: the next header never follows an unended line.
+            if let Some(out) = j["output"].as_str().filter(|o| !o.is_empty()) {
+                let end = if out.ends_with('\n') { "" } else { "\n" };
+                print!("{out}{end}");
+            }
         }
     }
     Ok(ExitCode::from(worst))

@@ -239,9 +239,11 @@ async fn jobs_run_each_runner_runs_once_on_every_matching_online_runner() {
     assert_eq!(ok.stdout.lines().filter(|l| *l == "ran").count(), 2, "{}", ok.stdout);
     assert!(!ok.stdout.contains(m.as_str()) && !ok.stdout.contains(bob.as_str()), "{}", ok.stdout);
 
-    // The highest exit status of them all; JSON lists each job.
-    let failed = ctl.run(&[&each[..], &["sh", "-c", "exit 3"]].concat()).await;
+    // The highest exit status of them all; an output without its last newline still ends
+    // before the next header; JSON lists each job.
+    let failed = ctl.run(&[&each[..], &["sh", "-c", "printf no; exit 3"]].concat()).await;
     assert_eq!(failed.code, 3, "{}", failed.stdout);
+    assert_eq!(failed.stdout.lines().filter(|l| *l == "no").count(), 2, "{}", failed.stdout);
     let args = [&["-o", "json"][..], &each[..], &["true"]].concat();
     let out = ctl.run(&args).await;
     assert_eq!(out.code, 0, "{}", out.stderr);
