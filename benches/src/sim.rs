@@ -377,6 +377,29 @@ fn http_dispatchers(b: &BrokerProc, fleet: &Fleet, payload: usize) -> (Arc<[Clie
     (clients, json!({ "owner": OWNER, "kind": "echo", "payload": body, "wait": true }))
 }
 
+/// `req` posted to `path`; its answer's body when it is a 200, else the failure's kind.
+async fn post_ok(client: &Client, path: &str, req: &Value) -> Result<Value, String> {
+    let answer =
+        client.call(Method::POST, path, Some(req)).await.map_err(|_| "transport".to_string())?;
+    if answer.status != 200 {
+        return Err(format!("http:{}", answer.status));
+    }
+    Ok(answer.body)
+}
+
+/// Whether a job's answer `v` says it succeeded echoing `payload` bytes (a batch's job
+/// refused on its own names its error's code).
+fn echoed(v: &Value, payload: usize) -> Result<(), String> {
+    if v["state"] != "succeeded" {
+        let why = v["state"].as_str().or(v["error"]["code"].as_str());
+        return Err(format!("state:{}", why.unwrap_or("?")));
+    }
+    if v["output"].as_str().map(str::len) != Some(payload) {
+        return Err("wrong_output".to_string());
+    }
+    Ok(())
+}
+
 /// `concurrency` dispatchers, each in a loop of `POST /v1/jobs` with `wait`, for `len`.
 pub(crate) async fn dispatch(
     b: &BrokerProc,
@@ -390,21 +413,8 @@ pub(crate) async fn dispatch(
     closed_loop(concurrency, len, move |w, _| {
         let (req, clients) = (req.clone(), clients.clone());
         async move {
-            let client = &clients[w % clients.len()];
-            let answer = client
-                .call(Method::POST, "/v1/jobs", Some(&req))
-                .await
-                .map_err(|_| "transport".to_string())?;
-            if answer.status != 200 {
-                return Err(format!("http:{}", answer.status));
-            }
-            let v = answer.body;
-            if v["state"] != "succeeded" {
-                return Err(format!("state:{}", v["state"].as_str().unwrap_or("?")));
-            }
-            if v["output"].as_str().map(str::len) != Some(payload) {
-                return Err("wrong_output".to_string());
-            }
+            let v = post_ok(&clients[w % clients.len()], "/v1/jobs", &req).await?;
+            echoed(&v, payload)?;
             Ok(1)
         }
     })
@@ -428,27 +438,12 @@ pub(crate) async fn dispatch_batch(
     closed_loop((concurrency / batch).max(1), len, move |w, _| {
         let (req, clients) = (req.clone(), clients.clone());
         async move {
-            let client = &clients[w % clients.len()];
-            let answer = client
-                .call(Method::POST, "/v1/jobs/batch", Some(&req))
-                .await
-                .map_err(|_| "transport".to_string())?;
-            if answer.status != 200 {
-                return Err(format!("http:{}", answer.status));
-            }
-            let jobs = answer.body["jobs"].as_array().cloned().unwrap_or_default();
+            let v = post_ok(&clients[w % clients.len()], "/v1/jobs/batch", &req).await?;
+            let jobs = v["jobs"].as_array().map(Vec::as_slice).unwrap_or_default();
             if jobs.len() != batch {
                 return Err("wrong_batch".to_string());
             }
-            for v in &jobs {
-                if v["state"] != "succeeded" {
-                    let why = v["state"].as_str().or(v["error"]["code"].as_str());
-                    return Err(format!("state:{}", why.unwrap_or("?")));
-                }
-                if v["output"].as_str().map(str::len) != Some(payload) {
-                    return Err("wrong_output".to_string());
-                }
-            }
+            jobs.iter().try_for_each(|v| echoed(v, payload))?;
             Ok(batch as u64)
         }
     })
