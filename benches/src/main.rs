@@ -10,6 +10,7 @@ mod cluster;
 mod drive;
 mod failover;
 mod flood;
+mod http1;
 mod nats;
 mod proc_usage;
 mod reconnect;
@@ -145,6 +146,10 @@ struct Common {
     /// concurrency: the concurrency's jobs in flight as concurrency / batch requests.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=32))]
     batch: u32,
+    /// The client the HTTP phases send their requests with: a lean HTTP/1.1 client with a
+    /// keep-alive connection per dispatcher (as wrk), or reqwest (runnelctl's client).
+    #[arg(long, value_enum, default_value_t = sim::HttpClient::Lean)]
+    http_client: sim::HttpClient,
 }
 
 /// The API a dispatch phase goes through.
@@ -205,7 +210,7 @@ impl Common {
         fleet: &sim::Fleet,
     ) -> drive::Dispatched {
         let len = Duration::from_secs(self.duration);
-        sim::dispatch(broker, fleet, self.concurrency, len, self.payload).await
+        sim::dispatch(broker, fleet, self.http_client, self.concurrency, len, self.payload).await
     }
 
     /// The same phase through `api` (`Http` or `Native`).
@@ -222,7 +227,8 @@ impl Common {
             }
             Api::HttpBatch => {
                 let batch = self.batch_size();
-                Ok(sim::dispatch_batch(broker, fleet, self.concurrency, batch, len, self.payload)
+                let shape = (self.concurrency, batch);
+                Ok(sim::dispatch_batch(broker, fleet, self.http_client, shape, len, self.payload)
                     .await)
             }
             Api::Http | Api::Both | Api::All => Ok(self.dispatch(broker, fleet).await),

@@ -18,6 +18,7 @@ use tokio::task::JoinSet;
 
 use crate::broker_proc::BrokerProc;
 use crate::drive::{Dispatched, closed_loop, histogram};
+use crate::http1::{self, Http1Conn};
 
 pub(crate) const OWNER: &str = "o";
 
@@ -368,23 +369,95 @@ async fn lane_jobs(mut send: quinn::SendStream, recv: quinn::RecvStream) {
     tokio::join!(writer, reader);
 }
 
-/// The HTTP dispatchers' clients, one per tenant's admin key on one connection pool, and
-/// the job each dispatches (an echo of `payload` bytes, waited for).
-fn http_dispatchers(b: &BrokerProc, fleet: &Fleet, payload: usize) -> (Arc<[Client]>, Value) {
-    let base = Client::new(&b.http, "");
-    let clients = fleet.tenants.iter().map(|t| base.with_key(&t.admin)).collect();
-    let body = "x".repeat(payload);
-    (clients, json!({ "owner": OWNER, "kind": "echo", "payload": body, "wait": true }))
+/// Which client the HTTP rows send their requests with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub(crate) enum HttpClient {
+    /// A lean HTTP/1.1 client (`http1.rs`): one keep-alive connection per dispatcher.
+    #[default]
+    Lean,
+    /// reqwest, through `runnelctl`'s client: a pool shared by all dispatchers.
+    Reqwest,
 }
 
-/// `req` posted to `path`; its answer's body when it is a 200, else the failure's kind.
-async fn post_ok(client: &Client, path: &str, req: &Value) -> Result<Value, String> {
-    let answer =
-        client.call(Method::POST, path, Some(req)).await.map_err(|_| "transport".to_string())?;
-    if answer.status != 200 {
-        return Err(format!("http:{}", answer.status));
+/// The HTTP rows' senders: each dispatcher posts one body to one path with its tenant's
+/// admin key (dispatcher `w` uses tenant `w % tenants`).
+enum Posters {
+    /// A connection per dispatcher, and each tenant's request bytes made once.
+    Lean { conns: Vec<tokio::sync::Mutex<Http1Conn>>, requests: Vec<Vec<u8>> },
+    /// A client per tenant's key on one connection pool.
+    Reqwest { clients: Vec<Client>, path: &'static str, body: Value },
+}
+
+impl Posters {
+    fn new(
+        b: &BrokerProc,
+        fleet: &Fleet,
+        client: HttpClient,
+        dispatchers: usize,
+        path: &'static str,
+        body: Value,
+    ) -> Self {
+        match client {
+            HttpClient::Lean => {
+                let host = b.http.trim_start_matches("http://").trim_end_matches('/');
+                let bytes = body.to_string().into_bytes();
+                let requests = fleet
+                    .tenants
+                    .iter()
+                    .map(|t| http1::post_request(host, path, &t.admin, &bytes))
+                    .collect();
+                let conns = (0..dispatchers)
+                    .map(|_| tokio::sync::Mutex::new(Http1Conn::new(host.to_owned())))
+                    .collect();
+                Posters::Lean { conns, requests }
+            }
+            HttpClient::Reqwest => {
+                let base = Client::new(&b.http, "");
+                let clients = fleet.tenants.iter().map(|t| base.with_key(&t.admin)).collect();
+                Posters::Reqwest { clients, path, body }
+            }
+        }
     }
-    Ok(answer.body)
+
+    /// Dispatcher `w`'s request; the answer's body when it is a 200, else the failure's kind.
+    async fn post(&self, w: usize) -> Result<Value, String> {
+        match self {
+            Posters::Lean { conns, requests } => {
+                let mut conn = conns[w % conns.len()].lock().await;
+                let answer = conn.send(&requests[w % requests.len()]).await?;
+                if answer.status != 200 {
+                    return Err(format!("http:{}", answer.status));
+                }
+                serde_json::from_slice(answer.body).map_err(|_| "bad_json".to_string())
+            }
+            Posters::Reqwest { clients, path, body } => {
+                let client = &clients[w % clients.len()];
+                let answer = client
+                    .call(Method::POST, path, Some(body))
+                    .await
+                    .map_err(|_| "transport".to_string())?;
+                if answer.status != 200 {
+                    return Err(format!("http:{}", answer.status));
+                }
+                Ok(answer.body)
+            }
+        }
+    }
+
+    /// What the row's notes say of the client.
+    fn note(&self) -> String {
+        match self {
+            Posters::Lean { .. } => {
+                "  HTTP client: lean HTTP/1.1, a keep-alive connection per dispatcher".to_owned()
+            }
+            Posters::Reqwest { .. } => "  HTTP client: reqwest (runnelctl's), one pool".to_owned(),
+        }
+    }
+}
+
+/// The job each HTTP dispatcher dispatches: an echo of `payload` bytes, waited for.
+fn echo_job(payload: usize) -> Value {
+    json!({ "owner": OWNER, "kind": "echo", "payload": "x".repeat(payload), "wait": true })
 }
 
 /// Whether a job's answer `v` says it succeeded echoing `payload` bytes (a batch's job
@@ -404,21 +477,25 @@ fn echoed(v: &Value, payload: usize) -> Result<(), String> {
 pub(crate) async fn dispatch(
     b: &BrokerProc,
     fleet: &Fleet,
+    client: HttpClient,
     concurrency: usize,
     len: Duration,
     payload: usize,
 ) -> Dispatched {
-    let (clients, job) = http_dispatchers(b, fleet, payload);
-    let req = Arc::new(job);
-    closed_loop(concurrency, len, move |w, _| {
-        let (req, clients) = (req.clone(), clients.clone());
+    let posters =
+        Arc::new(Posters::new(b, fleet, client, concurrency, "/v1/jobs", echo_job(payload)));
+    let note = posters.note();
+    let mut r = closed_loop(concurrency, len, move |w, _| {
+        let posters = posters.clone();
         async move {
-            let v = post_ok(&clients[w % clients.len()], "/v1/jobs", &req).await?;
+            let v = posters.post(w).await?;
             echoed(&v, payload)?;
             Ok(1)
         }
     })
-    .await
+    .await;
+    r.notes.push(note);
+    r
 }
 
 /// The same load through `POST /v1/jobs/batch`: `concurrency` jobs in flight as
@@ -427,18 +504,20 @@ pub(crate) async fn dispatch(
 pub(crate) async fn dispatch_batch(
     b: &BrokerProc,
     fleet: &Fleet,
-    concurrency: usize,
-    batch: usize,
+    client: HttpClient,
+    (concurrency, batch): (usize, usize),
     len: Duration,
     payload: usize,
 ) -> Dispatched {
-    let (clients, job) = http_dispatchers(b, fleet, payload);
     let batch = batch.max(1);
-    let req = Arc::new(json!({ "jobs": vec![job; batch] }));
-    closed_loop((concurrency / batch).max(1), len, move |w, _| {
-        let (req, clients) = (req.clone(), clients.clone());
+    let dispatchers = (concurrency / batch).max(1);
+    let body = json!({ "jobs": vec![echo_job(payload); batch] });
+    let posters = Arc::new(Posters::new(b, fleet, client, dispatchers, "/v1/jobs/batch", body));
+    let note = posters.note();
+    let mut r = closed_loop(dispatchers, len, move |w, _| {
+        let posters = posters.clone();
         async move {
-            let v = post_ok(&clients[w % clients.len()], "/v1/jobs/batch", &req).await?;
+            let v = posters.post(w).await?;
             let jobs = v["jobs"].as_array().map(Vec::as_slice).unwrap_or_default();
             if jobs.len() != batch {
                 return Err("wrong_batch".to_string());
@@ -447,7 +526,9 @@ pub(crate) async fn dispatch_batch(
             Ok(batch as u64)
         }
     })
-    .await
+    .await;
+    r.notes.push(note);
+    r
 }
 
 /// The same dispatch load over the native API (`runnel-client`): `concurrency`
