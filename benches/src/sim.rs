@@ -462,7 +462,7 @@ fn echo_job(payload: usize) -> Value {
 }
 
 /// What the HTTP rows read of a job's answer (the rest is skipped, not built into a
-/// JSON tree: that was a third of the lean client's own CPU per request).
+/// JSON tree: that tree was 12% of the whole harness's CPU in the HTTP row).
 #[derive(serde::Deserialize)]
 struct Echo {
     state: Option<String>,
