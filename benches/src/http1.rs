@@ -9,10 +9,11 @@
 //! load generator should cost as little as it can; `--http-client reqwest` keeps the old
 //! client for comparison.
 //!
-//! It speaks only what the load needs: answers with `Content-Length` (the broker's JSON
-//! answers under 64 KiB all have one). Anything else — chunked answers, a malformed
-//! status line, a closed connection — fails the request with a named error kind, and
-//! the next request opens a new connection.
+//! It speaks only what the load needs: answers with `Content-Length` (every JSON answer
+//! the broker makes has one; those over 64 KiB are written in pieces with an exact size).
+//! Anything else — a chunked answer (the streaming `/output` reads, which the load does
+//! not make), a malformed status line, a closed connection — fails the request with a
+//! named error kind, and the next request opens a new connection.
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -20,8 +21,9 @@ use tokio::net::TcpStream;
 /// The most header lines an answer may have.
 const MAX_HEADERS: usize = 32;
 
-/// The largest answer (head and body) read before giving up on it.
-const MAX_ANSWER: usize = 4 << 20;
+/// The largest answer (head and body) read before giving up on it: above the broker's
+/// largest, a job's 1 MiB of output escaped in JSON (up to 6 bytes a byte).
+const MAX_ANSWER: usize = 8 << 20;
 
 /// One request's bytes, made once: `POST {path}` with a JSON body and a bearer key.
 pub(crate) fn post_request(host: &str, path: &str, key: &str, body: &[u8]) -> Vec<u8> {

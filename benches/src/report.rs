@@ -94,8 +94,6 @@ pub(crate) fn forwarding(home: &Row, via: &Row, forwarder_cpu: f64, elapsed: std
     println!("{line}");
 }
 
-/// Each runnel row's ratios to the better NATS row (the higher throughput), or why there
-/// are none.
 /// One runnel row against the better NATS row of the same run.
 pub(crate) struct Ratio {
     /// The runnel row's label.
@@ -106,6 +104,8 @@ pub(crate) struct Ratio {
     pub(crate) p99: f64,
 }
 
+/// Each runnel row's ratios to the better NATS row (the higher throughput), or why there
+/// are none.
 pub(crate) fn compare(runnel: &[Row], nats: Result<&[Row], &str>) -> Vec<Ratio> {
     let best =
         nats.map(|rows| rows.iter().max_by(|a, b| a.jobs_per_sec.total_cmp(&b.jobs_per_sec)));
