@@ -422,14 +422,11 @@ impl Posters {
     /// Dispatcher `w`'s request; the answer's body read as a `T` when it is a 200, else the
     /// failure's kind.
     async fn post<T: serde::de::DeserializeOwned>(&self, w: usize) -> Result<T, String> {
-        match self {
+        let (status, body) = match self {
             Posters::Lean { conns, requests } => {
                 let mut conn = conns[w % conns.len()].lock().await;
                 let answer = conn.send(&requests[w % requests.len()]).await?;
-                if answer.status != 200 {
-                    return Err(format!("http:{}", answer.status));
-                }
-                serde_json::from_slice(answer.body).map_err(|_| "bad_json".to_string())
+                (answer.status, serde_json::from_slice(answer.body))
             }
             Posters::Reqwest { clients, path, body } => {
                 let client = &clients[w % clients.len()];
@@ -437,12 +434,13 @@ impl Posters {
                     .call(Method::POST, path, Some(body))
                     .await
                     .map_err(|_| "transport".to_string())?;
-                if answer.status != 200 {
-                    return Err(format!("http:{}", answer.status));
-                }
-                serde_json::from_value(answer.body).map_err(|_| "bad_json".to_string())
+                (answer.status, serde_json::from_value(answer.body))
             }
+        };
+        if status != 200 {
+            return Err(format!("http:{status}"));
         }
+        body.map_err(|_| "bad_json".to_string())
     }
 
     /// What the row's notes say of the client.

@@ -344,8 +344,7 @@ async fn run_on_each(
     labels: &BTreeMap<String, String>,
     job: Value,
 ) -> Result<ExitCode, CtlError> {
-    let query = owner.map(|o| format!("?owner={o}")).unwrap_or_default();
-    let list = c.get(&format!("/v1/runners{query}")).await?;
+    let list = c.get(&runners_path(owner)).await?;
     let runners: Vec<&Value> = list["runners"]
         .as_array()
         .map(|a| {
@@ -406,14 +405,26 @@ async fn finished(c: &Client, mut job: Value) -> Result<Value, CtlError> {
         return Ok(job);
     }
     let id = s(&job["id"]);
-    while matches!(job["state"].as_str(), Some("queued" | "running")) {
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        job = c.get(&format!("/v1/jobs/{id}")).await?;
-    }
+    job = until_ended(c, &id, job).await?;
     if job["output_omitted"] == true {
         job = c.get(&format!("/v1/jobs/{id}")).await?;
     }
     Ok(job)
+}
+
+/// Job `id` (last seen as `job`) once it ended: asked for every 100 ms while it is queued
+/// or running.
+async fn until_ended(c: &Client, id: &str, mut job: Value) -> Result<Value, CtlError> {
+    while matches!(job["state"].as_str(), Some("queued" | "running")) {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        job = c.get(&format!("/v1/jobs/{id}")).await?;
+    }
+    Ok(job)
+}
+
+/// `GET /v1/runners`, of `owner` only when given.
+fn runners_path(owner: Option<&str>) -> String {
+    owner.map_or_else(|| "/v1/runners".to_owned(), |o| format!("/v1/runners?owner={o}"))
 }
 
 /// Exit status of `jobs run` when the job ended without an exit code of its own.
@@ -527,8 +538,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CtlError> {
             );
         }
         Command::Runners(Runners::List { owner }) => {
-            let q = owner.map(|o| format!("?owner={o}")).unwrap_or_default();
-            let v = c.get(&format!("/v1/runners{q}")).await?;
+            let v = c.get(&runners_path(owner.as_deref())).await?;
             print(&v, runner_rows(v["runners"].as_array().map(Vec::as_slice).unwrap_or_default()));
         }
         Command::Runners(Runners::Get { id }) => {
@@ -573,11 +583,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CtlError> {
             if !json_out {
                 c.stream_output(&id, &mut tokio::io::stdout()).await?;
             }
-            let mut done = c.get(&format!("/v1/jobs/{id}")).await?;
-            while matches!(done["state"].as_str(), Some("queued" | "running")) {
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                done = c.get(&format!("/v1/jobs/{id}")).await?;
-            }
+            let done = until_ended(&c, &id, c.get(&format!("/v1/jobs/{id}")).await?).await?;
             if json_out {
                 println!("{done}");
             } else if done["state"] != "succeeded" {
