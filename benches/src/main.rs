@@ -7,6 +7,7 @@
 
 mod broker_proc;
 mod cluster;
+mod crypto_floor;
 mod drive;
 mod failover;
 mod flood;
@@ -404,6 +405,9 @@ async fn connect(a: ConnectArgs) -> anyhow::Result<()> {
         extra.extend(["--heartbeat-interval".to_owned(), heartbeat]);
         keep_alive = Some(DEFAULT_KEEP_ALIVE);
     }
+    // The crypto floor is measured before the broker starts and again after the idle
+    // window, and the two averaged: this VM's speed drifts within seconds.
+    let floor_before = tokio::task::spawn_blocking(crypto_floor::per_handshake).await??;
     let bin = a.common.broker_bin.as_deref();
     let broker = broker_proc::BrokerProc::start_with(bin, "127.0.0.1:0", &extra, None).await?;
     let mut fleet = sim::Fleet::enroll(&broker, 1, a.runners, 64).await?;
@@ -418,7 +422,9 @@ async fn connect(a: ConnectArgs) -> anyhow::Result<()> {
     tokio::time::sleep(window).await;
     let idle_after = broker.usage()?;
     let idle_cpu = (idle_after.cpu_secs - with_all.cpu_secs) / window.as_secs_f64();
-    report::connect(&a.runners, &connected, &idle, &with_all, idle_cpu);
+    let floor_after = tokio::task::spawn_blocking(crypto_floor::per_handshake).await??;
+    let floor = [floor_before, floor_after];
+    report::connect(&a.runners, &connected, &idle, &with_all, idle_cpu, floor);
     let mut before = idle_after;
     for &api in a.api.phases() {
         let d = a.common.dispatch_via(api, &broker, &fleet).await?;

@@ -205,7 +205,14 @@ pub(crate) fn failover(samples: &[std::time::Duration]) {
     println!("{line}");
 }
 
-pub(crate) fn connect(n: &usize, c: &Connected, idle: &Usage, with_all: &Usage, idle_cpu: f64) {
+pub(crate) fn connect(
+    n: &usize,
+    c: &Connected,
+    idle: &Usage,
+    with_all: &Usage,
+    idle_cpu: f64,
+    crypto_floor: [std::time::Duration; 2],
+) {
     let took = c.took.as_secs_f64();
     let per = (with_all.rss_kib.saturating_sub(idle.rss_kib)) as f64 * 1024.0
         / c.conns.len().max(1) as f64;
@@ -222,6 +229,14 @@ pub(crate) fn connect(n: &usize, c: &Connected, idle: &Usage, with_all: &Usage, 
     let hs_cpu = with_all.cpu_secs - idle.cpu_secs;
     let per_hs_ms = 1000.0 * hs_cpu / c.conns.len().max(1) as f64;
     println!("  broker cpu       {hs_cpu:.2}s for the handshakes ({per_hs_ms:.3} ms each)");
+    let [before_ms, after_ms] = crypto_floor.map(|d| d.as_secs_f64() * 1000.0);
+    let floor_ms = (before_ms + after_ms) / 2.0;
+    let over_floor = per_hs_ms / floor_ms.max(f64::MIN_POSITIVE);
+    println!(
+        "  crypto floor     {floor_ms:.3} ms per handshake ({before_ms:.3} before, {after_ms:.3} \
+         after; X25519, Ed25519 sign and verify, ring, in this process's CPU time)"
+    );
+    println!("  handshake        {over_floor:.2}x the crypto floor");
     println!(
         "  idle broker cpu  {:.1}% of one core with all connected and no jobs",
         100.0 * idle_cpu
@@ -230,6 +245,7 @@ pub(crate) fn connect(n: &usize, c: &Connected, idle: &Usage, with_all: &Usage, 
         "{}",
         json!({ "bench": "connect_scale", "runners": c.conns.len(), "failed": c.failed, "online_secs": took,
                 "handshakes_per_sec": c.conns.len() as f64 / took, "rss_per_runner_bytes": per,
-                "broker_cpu_per_handshake_ms": per_hs_ms, "idle_cpu_cores": idle_cpu })
+                "broker_cpu_per_handshake_ms": per_hs_ms, "idle_cpu_cores": idle_cpu,
+                "crypto_floor_ms": floor_ms, "handshake_over_crypto_floor": over_floor })
     );
 }
