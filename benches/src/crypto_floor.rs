@@ -1,17 +1,18 @@
 //! The public-key cryptography one runner handshake costs the broker, measured in this
-//! process with the broker's own provider (rustls's ring) on the same machine: the X25519
-//! key exchange (the broker's key share and the shared secret), the Ed25519 signature of
-//! its CertificateVerify, and the verification of the runner's. No TLS 1.3 server can
-//! do less with these algorithms, so `connect` prints the broker's CPU per handshake as a
-//! multiple of it: a figure that, unlike milliseconds, can be compared across machines.
+//! process with the broker's own provider (`runnel_certs::tls::provider`, rustls's ring)
+//! on the same machine: the X25519 key exchange (the broker's key share and the shared
+//! secret), the Ed25519 signature of its CertificateVerify, and the verification of the
+//! runner's. No TLS 1.3 server can do less with these algorithms, so `connect` prints the
+//! broker's CPU per handshake as a multiple of it: a figure that, unlike milliseconds, can
+//! be compared across machines.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use nix::time::{ClockId, clock_gettime};
 use rustls::SignatureScheme;
 use rustls::crypto::CryptoProvider;
-use rustls::crypto::ring::default_provider;
 use rustls::sign::Signer;
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, SignatureVerificationAlgorithm};
 
@@ -22,7 +23,7 @@ const BATCHES: usize = 7;
 
 /// One handshake's public-key operations, with what they need made once.
 struct Handshake {
-    provider: CryptoProvider,
+    provider: Arc<CryptoProvider>,
     /// The runner's X25519 key share.
     peer_share: Vec<u8>,
     /// The broker's signer (its certificate's key is Ed25519).
@@ -56,7 +57,8 @@ fn ed25519_signer(p: &CryptoProvider) -> anyhow::Result<(Box<dyn Signer>, Vec<u8
 
 impl Handshake {
     fn new() -> anyhow::Result<Self> {
-        let provider = default_provider();
+        let provider = runnel_certs::tls::provider();
+        // The group a runner's key share is for: its first (the same provider's).
         let x25519 = provider.kx_groups.first().context("no key exchange group")?;
         anyhow::ensure!(x25519.name() == rustls::NamedGroup::X25519, "first group not X25519");
         let peer_share = x25519.start().context("a runner key share")?.pub_key().to_vec();
