@@ -6,13 +6,12 @@
 //! broker's CPU per handshake as a multiple of it: a figure that, unlike milliseconds, can
 //! be compared across machines.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use nix::time::{ClockId, clock_gettime};
 use rustls::SignatureScheme;
-use rustls::crypto::CryptoProvider;
+use rustls::crypto::{CryptoProvider, SupportedKxGroup};
 use rustls::sign::Signer;
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, SignatureVerificationAlgorithm};
 
@@ -23,9 +22,12 @@ const BATCHES: usize = 7;
 
 /// One handshake's public-key operations, with what they need made once.
 struct Handshake {
-    provider: Arc<CryptoProvider>,
+    /// The group a runner's key share is for: the provider's first (X25519).
+    kx: &'static dyn SupportedKxGroup,
     /// The runner's X25519 key share.
     peer_share: Vec<u8>,
+    /// What both CertificateVerify signatures sign.
+    msg: Vec<u8>,
     /// The broker's signer (its certificate's key is Ed25519).
     signer: Box<dyn Signer>,
     /// The runner's Ed25519 public key, its signature, and the verifier webpki picks.
@@ -58,13 +60,13 @@ fn ed25519_signer(p: &CryptoProvider) -> anyhow::Result<(Box<dyn Signer>, Vec<u8
 impl Handshake {
     fn new() -> anyhow::Result<Self> {
         let provider = runnel_certs::tls::provider();
-        // The group a runner's key share is for: its first (the same provider's).
-        let x25519 = provider.kx_groups.first().context("no key exchange group")?;
-        anyhow::ensure!(x25519.name() == rustls::NamedGroup::X25519, "first group not X25519");
-        let peer_share = x25519.start().context("a runner key share")?.pub_key().to_vec();
+        let kx = *provider.kx_groups.first().context("no key exchange group")?;
+        anyhow::ensure!(kx.name() == rustls::NamedGroup::X25519, "first group not X25519");
+        let peer_share = kx.start().context("a runner key share")?.pub_key().to_vec();
+        let msg = certificate_verify_message();
         let (signer, _) = ed25519_signer(&provider)?;
         let (runner, runner_key) = ed25519_signer(&provider)?;
-        let runner_sig = runner.sign(&certificate_verify_message()).context("runner sign")?;
+        let runner_sig = runner.sign(&msg).context("runner sign")?;
         let verify = provider
             .signature_verification_algorithms
             .mapping
@@ -72,17 +74,15 @@ impl Handshake {
             .find(|(s, _)| *s == SignatureScheme::ED25519)
             .and_then(|(_, algs)| algs.first().copied())
             .context("no Ed25519 verifier")?;
-        Ok(Self { provider, peer_share, signer, runner_key, runner_sig, verify })
+        Ok(Self { kx, peer_share, msg, signer, runner_key, runner_sig, verify })
     }
 
     /// The broker's share of one handshake's public-key work.
     fn once(&self) -> anyhow::Result<()> {
-        let msg = certificate_verify_message();
-        let kx = self.provider.kx_groups.first().context("no key exchange group")?;
-        kx.start_and_complete(&self.peer_share).context("key exchange")?;
-        self.signer.sign(&msg).context("sign")?;
+        self.kx.start_and_complete(&self.peer_share).context("key exchange")?;
+        self.signer.sign(&self.msg).context("sign")?;
         self.verify
-            .verify_signature(&self.runner_key, &msg, &self.runner_sig)
+            .verify_signature(&self.runner_key, &self.msg, &self.runner_sig)
             .map_err(|_| anyhow::anyhow!("the runner's signature did not verify"))
     }
 }
@@ -105,10 +105,10 @@ pub(crate) fn per_handshake() -> anyhow::Result<Duration> {
         for _ in 0..BATCH {
             hs.once()?;
         }
-        batches.push(thread_cpu()?.saturating_sub(t) / BATCH);
+        batches.push((thread_cpu()?.saturating_sub(t) / BATCH).as_secs_f64());
     }
-    batches.sort();
-    Ok(batches[BATCHES / 2])
+    let secs = crate::report::median(&mut batches).context("no batch timed")?;
+    Ok(Duration::from_secs_f64(secs))
 }
 
 #[cfg(test)]

@@ -147,7 +147,7 @@ fn quantile(sorted: &[f64], q: f64) -> Option<f64> {
 }
 
 /// The median of `v` (sorted in place).
-fn median(v: &mut [f64]) -> Option<f64> {
+pub(crate) fn median(v: &mut [f64]) -> Option<f64> {
     v.sort_by(f64::total_cmp);
     quantile(v, 0.5)
 }
